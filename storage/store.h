@@ -1,0 +1,177 @@
+// The .trove store: one file holding a model's expert tables (several PEER layers), their
+// dense tensors and a JSON manifest. Byte layout, checksums and versioning are specified in
+// storage/FORMAT.md; this header is the API.
+//
+// storage knows regions, offsets and checksums, not PEER math: each layer carries an opaque
+// `info` JSON object (config, record layout, quantization error, source) that runtime writes
+// and reads. Record tables are N fixed-stride records whose regions start 4096-aligned, so any
+// record can be read with O_DIRECT.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/status.h"
+#include "storage/file.h"
+
+namespace trove {
+
+inline constexpr uint16_t kStoreVersionMajor = 1;
+inline constexpr uint16_t kStoreVersionMinor = 0;
+
+// ---- writing ---------------------------------------------------------------------------------
+
+struct StoreTableSpec {
+  std::string dtype;      // "int4", "int8", "bf16", ... (recorded, not interpreted)
+  uint64_t count = 0;     // records N
+  uint64_t record_bytes = 0;
+  uint64_t stride = 0;    // >= record_bytes, multiple of 64
+};
+
+// Writes a store through an AtomicFileWriter: nothing appears at `path` until finish()
+// succeeds, and a crash at any point leaves the previous file (or none).
+//
+// Usage:
+//   TROVE_ASSIGN_OR_RETURN(auto w, StoreWriter::create(path, provenance));
+//   for each layer:
+//     w.begin_layer(name, info, table);
+//     w.append_records(...) until `count` records;      // streamed, any chunk size
+//     w.add_dense("query.weight", shape, data); ...      // small fp32 tensors
+//     w.end_layer();
+//   w.finish();
+class StoreWriter {
+ public:
+  StoreWriter(StoreWriter&&) noexcept;
+  StoreWriter& operator=(StoreWriter&&) noexcept;
+  StoreWriter(const StoreWriter&) = delete;
+  StoreWriter& operator=(const StoreWriter&) = delete;
+  ~StoreWriter();
+
+  static Result<StoreWriter> create(const std::string& path, nlohmann::json provenance);
+
+  // REQUIRES: no layer open. Layer names are unique and non-empty.
+  Status begin_layer(const std::string& name, nlohmann::json info, const StoreTableSpec& table);
+  // Whole records: a multiple of table.stride bytes, never past `count` in total.
+  Status append_records(std::span<const uint8_t> records);
+  // Dense tensors of the open layer, stored as fp32 little-endian. Names unique per layer.
+  Status add_dense(const std::string& name, const std::vector<int64_t>& shape,
+                   std::span<const float> data);
+  // Checks that exactly `count` records were appended.
+  Status end_layer();
+  // Writes dense data, checksums, manifest, trailer and header, fsyncs and renames.
+  Status finish();
+
+ private:
+  struct Impl;
+  explicit StoreWriter(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- reading ---------------------------------------------------------------------------------
+
+struct StoreDenseInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  uint64_t offset = 0;  // absolute file offset of fp32 data
+  uint64_t bytes = 0;
+  uint64_t xxh3 = 0;
+};
+
+struct StoreTableInfo {
+  std::string dtype;
+  uint64_t count = 0;
+  uint64_t record_bytes = 0;
+  uint64_t stride = 0;
+  uint64_t offset = 0;  // absolute, 4096-aligned
+  uint64_t bytes = 0;   // count * stride
+};
+
+struct StoreLayerInfo {
+  std::string name;
+  nlohmann::json info;
+  StoreTableInfo table;
+  std::vector<StoreDenseInfo> dense;
+
+  const StoreDenseInfo* find_dense(const std::string& dense_name) const;
+};
+
+struct StoreOpenOptions {
+  // Verify checksums of data read from disk (records, dense tensors). The manifest, header and
+  // trailer are always verified.
+  bool verify_checksums = true;
+  // Open a second descriptor with O_DIRECT for read_records (falls back to buffered reads,
+  // with a debug log, where the filesystem refuses O_DIRECT, e.g. tmpfs).
+  bool direct_io = true;
+};
+
+// One failed check found by verify().
+struct StoreFault {
+  std::string region;      // "header", "trailer", "manifest", "records", "dense", "checksums"
+  std::string layer;       // empty for file-level regions
+  std::string item;        // "expert 1234", "query.weight", ...
+  uint64_t offset = 0;     // absolute file offset of the damaged extent
+  uint64_t bytes = 0;
+  std::string message() const;  // "records of layer L, expert 1234 at offset 8192 (2304 bytes)"
+};
+
+class StoreReader {
+ public:
+  StoreReader(StoreReader&&) noexcept;
+  StoreReader& operator=(StoreReader&&) noexcept;
+  StoreReader(const StoreReader&) = delete;
+  StoreReader& operator=(const StoreReader&) = delete;
+  ~StoreReader();
+
+  // Validates header, trailer, manifest checksum and every manifest field (offsets in bounds,
+  // aligned, non-overlapping; sizes consistent). Any failure is a Status naming the file and
+  // the field; nothing is guessed. Corruption inside record or dense data is found when that
+  // data is read, or by verify().
+  static Result<StoreReader> open(const std::string& path, StoreOpenOptions options = {});
+
+  const std::string& path() const;
+  uint64_t file_size() const;
+  uint16_t version_major() const;
+  uint16_t version_minor() const;
+  uint64_t generation() const;
+  const nlohmann::json& manifest() const;
+  const nlohmann::json& provenance() const;
+  const std::vector<StoreLayerInfo>& layers() const;
+  // nullptr when absent.
+  const StoreLayerInfo* find_layer(const std::string& name) const;
+
+  // A dense tensor as fp32, checksum verified (unless disabled).
+  Result<std::vector<float>> read_dense(const StoreLayerInfo& layer, const std::string& name) const;
+
+  // Copies records `ids` of `layer` into `out` (ids.size() * stride bytes, in the order of ids)
+  // with aligned O_DIRECT reads (buffered when unavailable), verifying each record's checksum.
+  // Errors name the file, offset and expert id; on error `out` is unspecified.
+  Status read_records(const StoreLayerInfo& layer, std::span<const int64_t> ids,
+                      std::span<uint8_t> out) const;
+
+  // The whole record table, memory-mapped, NOT verified (callers verify with
+  // verify_record when the data matters).
+  std::span<const uint8_t> mapped_records(const StoreLayerInfo& layer) const;
+  Status verify_record(const StoreLayerInfo& layer, int64_t id, const uint8_t* record) const;
+  uint64_t record_checksum(const StoreLayerInfo& layer, int64_t id) const;
+
+  // Checks every checksum in the file. Returns OK and no faults, or the list of every damaged
+  // extent found. `progress(done, total)` is called with bytes checked.
+  Result<std::vector<StoreFault>> verify(
+      const std::function<void(uint64_t, uint64_t)>& progress = nullptr) const;
+
+ private:
+  struct Impl;
+  explicit StoreReader(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// XXH3-64 with seed 0, the store's checksum.
+uint64_t store_checksum(std::span<const uint8_t> bytes);
+
+}  // namespace trove
