@@ -59,6 +59,7 @@ void ProgressBar::finish() {
 }
 
 std::string ProgressBar::render(uint64_t done, double seconds, int width) const {
+  done = std::min(done, total_);  // more than the total would draw a bar longer than `width`
   const double frac = total_ == 0 ? 1.0 : static_cast<double>(done) / static_cast<double>(total_);
   const int filled = static_cast<int>(frac * width + 1e-9);
   std::string bar(static_cast<size_t>(filled), '#');

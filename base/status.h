@@ -111,8 +111,9 @@ class [[nodiscard]] Result {
 // Returns the Status of `expr` (a Status or Result) from the enclosing function if not OK.
 #define TROVE_RETURN_IF_ERROR(expr)                                          \
   do {                                                                       \
-    auto&& trove_status_tmp_ = (expr);                                       \
-    if (!trove_status_tmp_.ok()) return ::trove::internal::to_status(trove_status_tmp_); \
+    /* A copy: `expr` may be a reference into a temporary, e.g. f().status(). */ \
+    ::trove::Status trove_status_tmp_ = ::trove::internal::to_status((expr));  \
+    if (!trove_status_tmp_.ok()) return trove_status_tmp_;                   \
   } while (0)
 
 // TROVE_ASSIGN_OR_RETURN(auto x, make_x()): unwraps a Result or returns its error.

@@ -38,8 +38,9 @@ struct RecordLayout {
   static Result<RecordLayout> make(DType dtype, int64_t dim, int64_t dim_out, int64_t width = 1,
                                    size_t stride_align = 64);
 
-  // Average bytes an aligned reader must fetch per record / record_bytes, over all records of
-  // a table whose first record starts `align`-aligned (e.g. 4096 for O_DIRECT).
+  // Average bytes an aligned reader fetches per record / record_bytes, over all records of a
+  // table whose first record starts `align`-aligned (e.g. 4096 for O_DIRECT). The reader
+  // fetches each record's whole stored extent (stride bytes: its checksum covers the padding).
   double read_amplification(uint64_t align) const;
 };
 

@@ -1,19 +1,34 @@
 // Import of PEER checkpoints from safetensors in named layouts (SPEC §2) into the canonical
 // arrangement, and export back in the `trove` layout.
 //
-//   trove       P.query.weight [h*2*dk, D] rows (head, half, j); P.query.bias [h*2*dk];
+//   trove       P.query.weight [h*2*dk, D] rows (head, half, j); optional P.query.bias [h*2*dk];
 //               P.keys [hk, 2, n, dk]; P.down [N, D]; P.up [N, D_out]; P.norm.weight [D];
 //               config in __metadata__["trove.layer.<P>"] as a JSON object (PeerConfig fields).
-//   mikeybeez   P.to_queries.weight [h*2*dk, D] rows (head, half, j); P.keys [h, n, 2, dk];
-//               P.expert_down.weight [N, D]; P.expert_up.weight [N, D_out]; silu, relu gate.
+//   mikeybeez   P.to_queries.weight [h*2*dk, D] rows (head, half, j); optional
+//               P.to_queries.bias; P.keys [h, n, 2, dk]; P.expert_down.weight [N, D];
+//               P.expert_up.weight [N, D_out]; silu, relu gate.
 //   lucidrains  P.to_queries.weight or P.to_queries.0.weight [h*2*dk, D] rows (half, head, j);
-//               P.keys [h, n, 2, dk]; P.weight_down_embed.weight, P.weight_up_embed.weight;
+//               optional P.to_queries[.0].bias; P.keys [h, n, 2, dk];
+//               P.weight_down_embed.weight, P.weight_up_embed.weight;
 //               gelu; optional P.norm.gamma (its RMSNorm scales by (gamma + 1)).
 // P is the --prefix; an empty prefix means names without a leading "P.".
 // Shapes give D, D_out, N, n, dk, h and hk; topk and anything not implied by shapes come from
 // metadata, the layout's defaults, or ImportOverrides (overrides win). Shapes that disagree
 // with each other or with the config are errors naming the tensor, its shape and the
 // expected one.
+//
+// Layout defaults (used when neither metadata nor an override says):
+//   all         topk = topk_per_half = 8 (the background config; 16 for lucidrains, PEER-
+//               pytorch's num_experts_per_head default); an error asking for --topk when
+//               n_keys is smaller. --topk without --topk-per-half sets k' = k.
+//   trove       with metadata: the metadata's config, which must agree with the shapes, the
+//               bias and the norm tensor. Without metadata: relu, softmax gate, input_norm
+//               rms (eps 1e-6) exactly when P.norm.weight is present.
+//   mikeybeez   silu, relu gate, input_norm none (the layout has no norm tensor).
+//   lucidrains  gelu, softmax gate (PEER-pytorch's softmax_on_scores=True default; a model
+//               built with softmax_on_scores=False needs --gate relu), input_norm
+//               rms when P.norm.gamma is present, stored as norm_weight = gamma + 1 with
+//               norm_eps 1e-12 (its eps sits on the L2 norm; see layouts.cc).
 #pragma once
 
 #include <optional>

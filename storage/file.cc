@@ -1,6 +1,8 @@
 #include "storage/file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <libgen.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -8,6 +10,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -38,6 +41,23 @@ Status fsync_dir(const std::string& dir) {
   ::close(fd);
   if (rc != 0) return Status::from_errno("fsync of folder " + dir, err);
   return {};
+}
+
+// Removes ".<name>.tmp-<pid>-<n>" files left in `dir` by writers of `name` whose process is
+// gone (killed in the instant between naming the new file and renaming it).
+void remove_stale_temporaries(const std::string& dir, const std::string& name) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return;
+  const std::string prefix = "." + name + ".tmp-";
+  while (struct dirent* e = ::readdir(d)) {
+    const std::string entry = e->d_name;
+    if (entry.rfind(prefix, 0) != 0) continue;
+    const long pid = std::strtol(entry.c_str() + prefix.size(), nullptr, 10);
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      ::unlink((dir + "/" + entry).c_str());
+    }
+  }
+  ::closedir(d);
 }
 
 }  // namespace
@@ -172,6 +192,7 @@ Result<AtomicFileWriter> AtomicFileWriter::create(const std::string& dest) {
     return Status::invalid_argument(dest + " is a folder; give a file name for the output");
   }
   const std::string dir = dir_of(dest);
+  remove_stale_temporaries(dir, base_of(dest));
   AtomicFileWriter w;
   w.dest_ = dest;
   // An unnamed file vanishes by itself if the process dies before commit: no stray temp.

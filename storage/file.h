@@ -74,7 +74,8 @@ class MappedFile {
 // (or, where the filesystem lacks O_TMPFILE, a hidden ".<name>.tmp-<pid>-<n>" removed on
 // failure). commit() = fsync(file) + link under a temporary name + rename + fsync(folder). A
 // crash at any moment leaves either the old `dest` or the new one; an abandoned writer
-// (destroyed without commit) removes its temporary.
+// (destroyed without commit) removes its temporary. A process killed in the instant between
+// naming and renaming leaves a named temporary; the next writer of the same dest removes it.
 class AtomicFileWriter {
  public:
   AtomicFileWriter() = default;

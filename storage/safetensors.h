@@ -81,7 +81,9 @@ struct StTensorOut {
 };
 
 // Writes a safetensors file atomically (AtomicFileWriter): header padded with spaces to a
-// multiple of 8 bytes, tensors in the given order, 8-byte aligned. Names must be unique and
+// multiple of 8 bytes so the data section starts 8-byte aligned, then the tensors in the given
+// order with no gaps between them (the reference reader rejects gaps and trailing bytes, so a
+// tensor is aligned only as far as the sizes before it allow). Names must be unique and
 // not "__metadata__"; data sizes must match shapes (Status::invalid_argument otherwise).
 Status write_safetensors(const std::string& path, const std::vector<StTensorOut>& tensors,
                          const std::map<std::string, std::string>& metadata);

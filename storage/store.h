@@ -62,6 +62,9 @@ class StoreWriter {
   // Dense tensors of the open layer, stored as fp32 little-endian. Names unique per layer.
   Status add_dense(const std::string& name, const std::vector<int64_t>& shape,
                    std::span<const float> data);
+  // Replaces the open layer's info (for statistics known only after its records, such as
+  // quantization error).
+  Status update_layer_info(nlohmann::json info);
   // Checks that exactly `count` records were appended.
   Status end_layer();
   // Writes dense data, checksums, manifest, trailer and header, fsyncs and renames.

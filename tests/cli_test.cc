@@ -1,1 +1,227 @@
-// placeholder
+// The `trove` binary as a user runs it: exit codes, messages, --json, and the crash safety of
+// `pack` under SIGKILL at random moments.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "runtime/synthetic.h"
+#include "storage/store.h"
+#include "tests/test_util.h"
+
+namespace trove {
+namespace {
+
+using testing::ScratchDir;
+
+const std::string kTrove = std::string(TROVE_BINARY_DIR) + "/trove";
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const std::string& path) {
+  auto bytes = testing::read_all(path);
+  return {bytes.begin(), bytes.end()};
+}
+
+pid_t spawn(const std::vector<std::string>& args, const std::string& out, const std::string& err) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(o, 1);
+    dup2(e, 2);
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(kTrove.c_str()));
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(kTrove.c_str(), argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+RunResult run(const ScratchDir& dir, const std::vector<std::string>& args) {
+  const std::string out = dir.path() + "/.stdout", err = dir.path() + "/.stderr";
+  pid_t pid = spawn(args, out, err);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  RunResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  unlink(out.c_str());
+  unlink(err.c_str());
+  return r;
+}
+
+Status write_checkpoint(const std::string& path, int64_t dim, int64_t n_keys) {
+  SyntheticCheckpoint spec;
+  spec.layout = ImportLayout::kMikeybeez;
+  spec.prefixes = {"model.layers.19.mlp.peer"};
+  spec.config.dim = dim;
+  spec.config.heads = 2;
+  spec.config.n_keys = n_keys;
+  spec.config.dim_key = 8;
+  spec.config.topk = 4;
+  spec.dtype = StDType::kBF16;
+  return write_synthetic_checkpoint(path, spec);
+}
+
+std::vector<std::string> pack_args(const ScratchDir& dir) {
+  return {"pack",     dir.file("in.safetensors"),
+          "-o",       dir.file("m.trove"),
+          "--layout", "mikeybeez",
+          "--prefix", "model.layers.19.mlp.peer",
+          "--quant",  "int4",
+          "-q"};
+}
+
+TEST(Cli, HelpExplainsEveryCommand) {
+  ScratchDir dir;
+  RunResult r = run(dir, {"--help"});
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* cmd : {"pack", "unpack", "inspect", "verify", "demo", "Exit codes"}) {
+    EXPECT_NE(r.out.find(cmd), std::string::npos) << cmd;
+  }
+}
+
+TEST(Cli, DemoRunsEndToEndAndLeavesNoFiles) {
+  ScratchDir dir;
+  setenv("TMPDIR", dir.path().c_str(), 1);
+  RunResult r = run(dir, {"demo", "--dim", "64", "--n-keys", "16", "--json"});
+  unsetenv("TMPDIR");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["verify"], "ok");
+  EXPECT_EQ(j["pack"]["layers"].size(), 2u);
+  EXPECT_GT(j["unpack"]["down_rmse"].get<double>(), 0.0);
+  EXPECT_TRUE(dir.list().empty()) << "demo left files behind";
+}
+
+TEST(Cli, PackInspectVerifyUnpack) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 64, 12).ok());
+  RunResult p = run(dir, pack_args(dir));
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+
+  RunResult i = run(dir, {"inspect", dir.file("m.trove"), "--json", "--host", "16KiB"});
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  auto j = nlohmann::json::parse(i.out);
+  EXPECT_EQ(j["layers"][0]["experts"], 144);
+  EXPECT_EQ(j["tiers"]["host"]["budget"], 16384);
+
+  RunResult v = run(dir, {"verify", dir.file("m.trove")});
+  EXPECT_EQ(v.exit_code, 0) << v.err;
+  EXPECT_NE(v.out.find("OK"), std::string::npos);
+
+  RunResult u = run(dir, {"unpack", dir.file("m.trove"), "-o", dir.file("back.safetensors"), "-q"});
+  EXPECT_EQ(u.exit_code, 0) << u.err;
+  auto back = SafetensorsFile::open(dir.file("back.safetensors"));
+  ASSERT_TRUE(back.ok()) << back.status().to_string();
+  EXPECT_NE(back->find("model.layers.19.mlp.peer.down"), nullptr);
+}
+
+TEST(Cli, VerifyNamesTheDamagedExpertAndExitsThree) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 64, 12).ok());
+  ASSERT_EQ(run(dir, pack_args(dir)).exit_code, 0);
+  auto store = StoreReader::open(dir.file("m.trove"));
+  ASSERT_TRUE(store.ok());
+  const StoreTableInfo table = store->layers()[0].table;
+  auto bytes = testing::read_all(dir.file("m.trove"));
+  bytes[table.offset + 37 * table.stride + 5] ^= 0x10;  // expert 37
+  testing::write_all(dir.file("m.trove"), bytes);
+
+  RunResult v = run(dir, {"verify", dir.file("m.trove")});
+  EXPECT_EQ(v.exit_code, 3);
+  EXPECT_NE(v.err.find("expert 37"), std::string::npos) << v.err;
+}
+
+TEST(Cli, BadInputsGiveClearErrors) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 64, 12).ok());
+  RunResult r = run(dir, {"pack", dir.file("in.safetensors"), "-o", dir.file("m.trove"), "--layout",
+                    "mikeybeez", "--prefix", "model.layers.20.mlp.peer"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("model.layers.20.mlp.peer"), std::string::npos) << r.err;
+
+  testing::write_all(dir.file("junk.trove"), std::vector<uint8_t>(10000, 'x'));
+  RunResult v = run(dir, {"verify", dir.file("junk.trove")});
+  EXPECT_NE(v.exit_code, 0);
+  EXPECT_NE(v.err.find("junk.trove"), std::string::npos) << v.err;
+
+  RunResult b = run(dir, {"inspect", dir.file("junk.trove"), "--host", "12 parsecs"});
+  EXPECT_EQ(b.exit_code, 1);
+  EXPECT_NE(b.err.find("parsecs"), std::string::npos) << b.err;
+
+  RunResult u = run(dir, {"frobnicate"});
+  EXPECT_EQ(u.exit_code, 2);
+}
+
+// Kills `trove pack` at random moments over an existing store: afterwards the destination is
+// always either the previous store, byte for byte, or a complete new one that verifies; no
+// temporary files are left in the folder. TROVE_KILL_ITERATIONS raises the count (soak).
+TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 512, 64).ok());  // ~8 MiB of bf16
+  // The previous store: same layer packed as int8, so old and new differ.
+  std::vector<std::string> old_args = pack_args(dir);
+  old_args[9] = "int8";
+  ASSERT_EQ(run(dir, old_args).exit_code, 0);
+  const std::vector<uint8_t> old_bytes = testing::read_all(dir.file("m.trove"));
+
+  // Time one full pack to spread the kills over its whole life.
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(run(dir, pack_args(dir)).exit_code, 0);
+  const double full_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+
+  const char* env = std::getenv("TROVE_KILL_ITERATIONS");
+  const int iterations = env != nullptr ? std::atoi(env) : 12;
+  std::mt19937 rng(1234);
+  int saw_old = 0, saw_new = 0;
+  for (int it = 0; it < iterations; ++it) {
+    testing::write_all(dir.file("m.trove"), old_bytes);
+    const double delay = std::uniform_real_distribution<double>(0, full_ms * 1.1)(rng);
+    pid_t pid = spawn(pack_args(dir), dir.file(".out"), dir.file(".err"));
+    std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(delay * 1000)));
+    kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    unlink(dir.file(".out").c_str());
+    unlink(dir.file(".err").c_str());
+
+    const std::vector<uint8_t> now = testing::read_all(dir.file("m.trove"));
+    if (now == old_bytes) {
+      ++saw_old;
+    } else {
+      auto store = StoreReader::open(dir.file("m.trove"));
+      ASSERT_TRUE(store.ok()) << "iteration " << it << " after " << delay
+                              << " ms: " << store.status().to_string();
+      auto faults = store->verify();
+      ASSERT_TRUE(faults.ok());
+      ASSERT_TRUE(faults->empty()) << "iteration " << it;
+      ++saw_new;
+    }
+    EXPECT_EQ(dir.list(), (std::vector<std::string>{"in.safetensors", "m.trove"}))
+        << "iteration " << it << " left a temporary behind";
+  }
+  EXPECT_EQ(saw_old + saw_new, iterations);
+  std::printf("pack killed %d times over %.0f ms: old store %d times, new store %d times\n",
+              iterations, full_ms, saw_old, saw_new);
+}
+
+}  // namespace
+}  // namespace trove

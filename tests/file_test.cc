@@ -1,1 +1,238 @@
-// placeholder
+// storage/file: the atomic writer's all-or-nothing contract (checked by listing the folder),
+// and the read side's errors naming the path and offset.
+#include "storage/file.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+namespace trove {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = ::testing::TempDir() + "trove_file_XXXXXX";
+    TROVE_CHECK(::mkdtemp(tmpl.data()) != nullptr);
+    path_ = tmpl;
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  const std::string& path() const { return path_; }
+
+  // Every entry in the folder, hidden ones included, sorted.
+  std::vector<std::string> list() const {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(path_)) {
+      names.push_back(e.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::string path_;
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary) << text;
+}
+
+std::span<const uint8_t> bytes_of(const std::string& s) {
+  return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+}
+
+using Names = std::vector<std::string>;
+
+// ---- AtomicFileWriter ------------------------------------------------------------------------
+
+TEST(AtomicFileWriter, CommitMakesTheFileAppearWithTheBytes) {
+  TempDir dir;
+  const std::string dest = dir.file("out.bin");
+  auto w = AtomicFileWriter::create(dest);
+  ASSERT_TRUE(w.ok()) << w.status().to_string();
+  EXPECT_EQ(w->dest(), dest);
+  ASSERT_TRUE(w->append(bytes_of("hello")).ok());
+  ASSERT_TRUE(w->append_zeros(3).ok());
+  ASSERT_TRUE(w->append(bytes_of("!")).ok());
+  EXPECT_EQ(w->offset(), 9u);
+  EXPECT_FALSE(file_exists(dest)) << "nothing appears before commit";
+  ASSERT_TRUE(w->commit().ok());
+  EXPECT_EQ(read_text(dest), std::string("hello\0\0\0!", 9));
+  EXPECT_EQ(dir.list(), Names{"out.bin"});
+}
+
+TEST(AtomicFileWriter, CommitReplacesAnExistingFile) {
+  TempDir dir;
+  const std::string dest = dir.file("f");
+  write_text(dest, "old contents, longer than the new");
+  ASSERT_TRUE(write_file_atomic(dest, bytes_of("new")).ok());
+  EXPECT_EQ(read_text(dest), "new");
+  EXPECT_EQ(dir.list(), Names{"f"});
+}
+
+TEST(AtomicFileWriter, AbandonedWriterLeavesThePreviousFileAndNoStrays) {
+  TempDir dir;
+  const std::string dest = dir.file("f");
+  write_text(dest, "old");
+  {
+    auto w = AtomicFileWriter::create(dest);
+    ASSERT_TRUE(w.ok()) << w.status().to_string();
+    ASSERT_TRUE(w->append(bytes_of("new bytes that must never be seen")).ok());
+  }  // destroyed without commit
+  EXPECT_EQ(read_text(dest), "old");
+  EXPECT_EQ(dir.list(), Names{"f"});
+
+  {
+    auto w = AtomicFileWriter::create(dir.file("never"));
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE(w->append(bytes_of("x")).ok());
+  }
+  EXPECT_FALSE(file_exists(dir.file("never")));
+  EXPECT_EQ(dir.list(), Names{"f"});
+}
+
+TEST(AtomicFileWriter, MovedWriterCommitsOnceAndTheSourceIsInert) {
+  TempDir dir;
+  auto w = AtomicFileWriter::create(dir.file("m"));
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE(w->append(bytes_of("abc")).ok());
+  AtomicFileWriter moved = std::move(*w);
+  EXPECT_EQ(moved.offset(), 3u);
+  ASSERT_TRUE(moved.commit().ok());
+  EXPECT_EQ(read_text(dir.file("m")), "abc");
+  EXPECT_EQ(dir.list(), Names{"m"});
+}
+
+TEST(AtomicFileWriter, WriteAtAfterAppendPatchesAndExtends) {
+  TempDir dir;
+  const std::string dest = dir.file("h");
+  auto w = AtomicFileWriter::create(dest);
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE(w->append_zeros(4).ok());  // header placeholder
+  ASSERT_TRUE(w->append(bytes_of("payload")).ok());
+  ASSERT_TRUE(w->write_at(0, bytes_of("HDR:")).ok());
+  EXPECT_EQ(w->offset(), 11u) << "write_at does not move the append offset";
+  ASSERT_TRUE(w->write_at(13, bytes_of("T")).ok());  // past the end: a hole of zeros
+  ASSERT_TRUE(w->commit().ok());
+  EXPECT_EQ(read_text(dest), std::string("HDR:payload\0\0T", 14));
+}
+
+TEST(AtomicFileWriter, DestinationThatIsAFolderIsAClearError) {
+  TempDir dir;
+  std::filesystem::create_directory(dir.file("sub"));
+  const Status st = AtomicFileWriter::create(dir.file("sub")).status();
+  EXPECT_TRUE(st.is_invalid_argument()) << st.to_string();
+  EXPECT_THAT(st.message(), AllOf(HasSubstr(dir.file("sub")), HasSubstr("folder")));
+  EXPECT_EQ(dir.list(), Names{"sub"});
+}
+
+TEST(AtomicFileWriter, MissingFolderIsNotFound) {
+  TempDir dir;
+  const std::string dest = dir.file("no/such/folder/out.bin");
+  const Status st = AtomicFileWriter::create(dest).status();
+  EXPECT_TRUE(st.is_not_found()) << st.to_string();
+  EXPECT_THAT(st.message(), HasSubstr(dir.file("no/such/folder")));
+  EXPECT_TRUE(AtomicFileWriter::create("").status().is_invalid_argument());
+}
+
+// ---- File --------------------------------------------------------------------------------------
+
+TEST(File, OpenReadOfAMissingPathIsNotFound) {
+  TempDir dir;
+  const Status st = File::open_read(dir.file("missing")).status();
+  EXPECT_TRUE(st.is_not_found()) << st.to_string();
+  EXPECT_THAT(st.message(), HasSubstr(dir.file("missing")));
+}
+
+TEST(File, ReadExactReadsTheRange) {
+  TempDir dir;
+  write_text(dir.file("r"), "0123456789");
+  auto f = File::open_read(dir.file("r"));
+  ASSERT_TRUE(f.ok());
+  EXPECT_TRUE(f->is_open());
+  EXPECT_EQ(f->path(), dir.file("r"));
+  auto size = f->size();
+  ASSERT_TRUE(size.ok());
+  EXPECT_EQ(*size, 10u);
+  std::vector<uint8_t> buf(4);
+  ASSERT_TRUE(f->read_exact(3, buf).ok());
+  EXPECT_EQ(std::string(buf.begin(), buf.end()), "3456");
+  ASSERT_TRUE(f->read_exact(10, std::span<uint8_t>()).ok()) << "an empty read at the end is fine";
+}
+
+TEST(File, ReadExactPastTheEndIsCorruptionNamingPathAndOffset) {
+  TempDir dir;
+  write_text(dir.file("short"), "0123456789");
+  auto f = File::open_read(dir.file("short"));
+  ASSERT_TRUE(f.ok());
+  std::vector<uint8_t> buf(8);
+  const Status st = f->read_exact(6, buf);
+  EXPECT_TRUE(st.is_corruption()) << st.to_string();
+  EXPECT_THAT(st.message(),
+              AllOf(HasSubstr(dir.file("short")), HasSubstr("offset 6"), HasSubstr("truncated")));
+  EXPECT_TRUE(f->read_exact(100, buf).is_corruption());
+}
+
+TEST(File, MoveTransfersTheDescriptor) {
+  TempDir dir;
+  write_text(dir.file("m"), "x");
+  auto f = File::open_read(dir.file("m"));
+  ASSERT_TRUE(f.ok());
+  const int fd = f->fd();
+  File moved = std::move(*f);
+  EXPECT_EQ(moved.fd(), fd);
+  EXPECT_FALSE(f->is_open());
+  File assigned;
+  assigned = std::move(moved);
+  EXPECT_EQ(assigned.fd(), fd);
+  EXPECT_FALSE(moved.is_open());
+}
+
+// ---- MappedFile
+// ----------------------------------------------------------------------------------
+
+TEST(MappedFile, EmptyFileMapsToAnEmptySpan) {
+  TempDir dir;
+  write_text(dir.file("empty"), "");
+  auto m = MappedFile::open(dir.file("empty"));
+  ASSERT_TRUE(m.ok()) << m.status().to_string();
+  EXPECT_EQ(m->size(), 0u);
+  EXPECT_TRUE(m->bytes().empty());
+  EXPECT_EQ(m->path(), dir.file("empty"));
+}
+
+TEST(MappedFile, MapsTheBytesAndSurvivesAMove) {
+  TempDir dir;
+  write_text(dir.file("m"), "mapped bytes");
+  auto m = MappedFile::open(dir.file("m"));
+  ASSERT_TRUE(m.ok());
+  const uint8_t* data = m->data();
+  MappedFile moved = std::move(*m);
+  EXPECT_EQ(moved.data(), data) << "the mapping does not move";
+  EXPECT_EQ(std::string(moved.bytes().begin(), moved.bytes().end()), "mapped bytes");
+  EXPECT_TRUE(m->bytes().empty());
+}
+
+TEST(MappedFile, MissingFileIsNotFound) {
+  TempDir dir;
+  const Status st = MappedFile::open(dir.file("absent")).status();
+  EXPECT_TRUE(st.is_not_found()) << st.to_string();
+  EXPECT_THAT(st.message(), HasSubstr(dir.file("absent")));
+}
+
+}  // namespace
+}  // namespace trove

@@ -1,1 +1,318 @@
-// placeholder
+// pack -> store -> unpack, end to end through the runtime API: exactness of float formats,
+// bit-exactness of int8/int4 against the _ref oracles, layouts, errors, inspect.
+#include "runtime/pack.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include <gtest/gtest.h>
+
+#include "base/half.h"
+#include "kernels/cpu/ref/quant_ref.h"
+#include "runtime/inspect.h"
+#include "runtime/synthetic.h"
+#include "storage/store.h"
+#include "tests/test_util.h"
+
+namespace trove {
+namespace {
+
+using testing::ScratchDir;
+
+PeerConfig small_config() {
+  PeerConfig c;
+  c.dim = 72;  // not a multiple of 32: records pad the last group
+  c.dim_out = 40;
+  c.heads = 3;
+  c.n_keys = 9;  // N = 81
+  c.dim_key = 6;
+  c.topk = 4;
+  c.activation = Activation::kSilu;
+  c.gate = Gate::kRelu;
+  return c;
+}
+
+SyntheticCheckpoint make_spec(ImportLayout layout, StDType dtype,
+                              std::vector<std::string> prefixes = {"blk.0.peer"}) {
+  SyntheticCheckpoint spec;
+  spec.layout = layout;
+  spec.prefixes = std::move(prefixes);
+  spec.config = small_config();
+  spec.dtype = dtype;
+  spec.seed = 7;
+  return spec;
+}
+
+PackOptions pack_options(const std::string& in, const std::string& out, ImportLayout layout,
+                         DType dtype, std::vector<std::string> prefixes = {"blk.0.peer"}) {
+  PackOptions opt;
+  opt.inputs = {in};
+  opt.output = out;
+  opt.layout = layout;
+  opt.dtype = dtype;
+  for (auto& p : prefixes) opt.layers.push_back({p, p});
+  opt.threads = 2;
+  return opt;
+}
+
+std::vector<uint8_t> tensor_bytes(const SafetensorsFile& f, const std::string& name) {
+  const StTensorView* t = f.find(name);
+  EXPECT_NE(t, nullptr) << name;
+  if (t == nullptr) return {};
+  return {t->bytes.begin(), t->bytes.end()};
+}
+
+struct FloatCase {
+  StDType st;
+  DType dtype;
+};
+
+class FloatRoundTrip : public ::testing::TestWithParam<FloatCase> {};
+
+TEST_P(FloatRoundTrip, UnpackReturnsTheSourceBytesExactly) {
+  const FloatCase c = GetParam();
+  ScratchDir dir;
+  ASSERT_TRUE(
+      write_synthetic_checkpoint(dir.file("in.safetensors"), make_spec(ImportLayout::kTrove, c.st))
+          .ok());
+  auto packed = pack_store(
+      pack_options(dir.file("in.safetensors"), dir.file("m.trove"), ImportLayout::kTrove, c.dtype));
+  ASSERT_TRUE(packed.ok()) << packed.status().to_string();
+  EXPECT_EQ(packed->layers[0].down_error.max_abs, 0.0);
+  EXPECT_EQ(packed->layers[0].up_error.max_abs, 0.0);
+
+  UnpackOptions un;
+  un.input = dir.file("m.trove");
+  un.output = dir.file("back.safetensors");
+  un.dtype = c.st;
+  auto unpacked = unpack_store(un);
+  ASSERT_TRUE(unpacked.ok()) << unpacked.status().to_string();
+
+  auto src = SafetensorsFile::open(dir.file("in.safetensors"));
+  auto back = SafetensorsFile::open(dir.file("back.safetensors"));
+  ASSERT_TRUE(src.ok() && back.ok());
+  for (const char* name : {"down", "up"}) {
+    const std::string full = std::string("blk.0.peer.") + name;
+    EXPECT_EQ(tensor_bytes(*src, full), tensor_bytes(*back, full)) << full;
+  }
+  // Dense tensors come back as fp32 holding exactly the source values.
+  for (const char* name : {"query.weight", "keys"}) {
+    const std::string full = std::string("blk.0.peer.") + name;
+    auto a = src->read_f32(full);
+    auto b = back->read_f32(full);
+    ASSERT_TRUE(a.ok() && b.ok()) << full;
+    EXPECT_EQ(*a, *b) << full;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FloatRoundTrip,
+                         ::testing::Values(FloatCase{StDType::kF32, DType::kF32},
+                                           FloatCase{StDType::kBF16, DType::kBF16},
+                                           FloatCase{StDType::kF16, DType::kF16},
+                                           FloatCase{StDType::kBF16, DType::kF32}));
+
+// The reconstruction a user unpacks equals quantize_ref -> dequantize_ref of each source row,
+// bit for bit, computed here row by row without the record code.
+void expect_matches_ref(DType dtype, const std::vector<float>& src, const std::vector<float>& got,
+                        int64_t rows, int64_t len) {
+  std::vector<uint16_t> scales(static_cast<size_t>(quant_groups(len)));
+  std::vector<uint8_t> codes(row_code_bytes(dtype, len));
+  std::vector<float> want(static_cast<size_t>(len));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = src.data() + r * len;
+    if (dtype == DType::kI8) {
+      quantize_row_int8_ref(x, len, scales.data(), reinterpret_cast<int8_t*>(codes.data()));
+      dequantize_row_int8_ref(scales.data(), reinterpret_cast<int8_t*>(codes.data()), len,
+                              want.data());
+    } else {
+      quantize_row_int4_ref(x, len, scales.data(), codes.data());
+      dequantize_row_int4_ref(scales.data(), codes.data(), len, want.data());
+    }
+    ASSERT_EQ(0, std::memcmp(want.data(), got.data() + r * len, sizeof(float) * len))
+        << "row " << r;
+  }
+}
+
+class QuantRoundTrip : public ::testing::TestWithParam<DType> {};
+
+TEST_P(QuantRoundTrip, UnpackEqualsRefDequantizationBitForBit) {
+  const DType dtype = GetParam();
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kMikeybeez, StDType::kBF16))
+                  .ok());
+  auto packed = pack_store(pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                        ImportLayout::kMikeybeez, dtype));
+  ASSERT_TRUE(packed.ok()) << packed.status().to_string();
+  UnpackOptions un;
+  un.input = dir.file("m.trove");
+  un.output = dir.file("back.safetensors");
+  ASSERT_TRUE(unpack_store(un).ok());
+
+  auto src = SafetensorsFile::open(dir.file("in.safetensors"));
+  auto back = SafetensorsFile::open(dir.file("back.safetensors"));
+  ASSERT_TRUE(src.ok() && back.ok());
+  const PeerConfig c = small_config();
+  auto down_src = src->read_f32("blk.0.peer.expert_down.weight");
+  auto up_src = src->read_f32("blk.0.peer.expert_up.weight");
+  auto down = back->read_f32("blk.0.peer.down");
+  auto up = back->read_f32("blk.0.peer.up");
+  ASSERT_TRUE(down_src.ok() && up_src.ok() && down.ok() && up.ok());
+  expect_matches_ref(dtype, *down_src, *down, c.num_experts(), c.dim);
+  expect_matches_ref(dtype, *up_src, *up, c.num_experts(), c.dim_out);
+
+  // The error pack reports is the error of what unpack returns.
+  QuantError e;
+  e.add(down_src->data(), down->data(), static_cast<int64_t>(down->size()));
+  EXPECT_DOUBLE_EQ(e.rmse(), packed->layers[0].down_error.rmse());
+  EXPECT_GT(e.rmse(), 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, QuantRoundTrip, ::testing::Values(DType::kI8, DType::kI4));
+
+TEST(Pack, RmseOnGaussianExpertsIsWithinFivePercentOfSpec) {
+  ScratchDir dir;
+  SyntheticCheckpoint spec = make_spec(ImportLayout::kTrove, StDType::kF32);
+  spec.config.dim = 256;
+  spec.config.dim_out = 256;
+  spec.config.n_keys = 32;  // 1024 experts x 512 values
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"), spec).ok());
+  struct {
+    DType dtype;
+    double expected;
+  } cases[] = {{DType::kI8, 0.0054}, {DType::kI4, 0.086}};
+  for (const auto& c : cases) {
+    auto packed = pack_store(pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                          ImportLayout::kTrove, c.dtype));
+    ASSERT_TRUE(packed.ok()) << packed.status().to_string();
+    const double rmse = packed->layers[0].down_error.rmse();
+    EXPECT_NEAR(rmse, c.expected, 0.05 * c.expected) << dtype_name(c.dtype);
+  }
+}
+
+TEST(Pack, SeveralLayersWithRenamesGoIntoOneStore) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(
+                  dir.file("in.safetensors"),
+                  make_spec(ImportLayout::kLucidrains, StDType::kF16, {"l.19.peer", "l.21.peer"}))
+                  .ok());
+  PackOptions opt = pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                 ImportLayout::kLucidrains, DType::kI8, {});
+  opt.layers = {{"l.19.peer", "first"}, {"l.21.peer", "second"}};
+  opt.overrides.topk = 4;  // lucidrains files do not record k; its default 16 exceeds n = 9
+  auto packed = pack_store(opt);
+  ASSERT_TRUE(packed.ok()) << packed.status().to_string();
+  auto store = StoreReader::open(dir.file("m.trove"));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  ASSERT_EQ(store->layers().size(), 2u);
+  EXPECT_EQ(store->layers()[0].name, "first");
+  EXPECT_EQ(store->layers()[1].name, "second");
+  auto faults = store->verify();
+  ASSERT_TRUE(faults.ok());
+  EXPECT_TRUE(faults->empty());
+
+  // The lucidrains query rows (half, head, j) were rearranged into canonical (head, half, j).
+  auto q = store->read_dense(store->layers()[1], "query.weight");
+  ASSERT_TRUE(q.ok());
+  const PeerConfig c = small_config();
+  for (int64_t i = 0; i < static_cast<int64_t>(q->size()); i += 17) {
+    const float want = fp16_to_fp32(fp32_to_fp16(
+        synthetic_value(7, "l.21.peer", "query.weight", static_cast<uint64_t>(i), 0.02f)));
+    ASSERT_EQ((*q)[static_cast<size_t>(i)], want) << "element " << i;
+  }
+  EXPECT_EQ(q->size(), static_cast<size_t>(c.query_rows() * c.dim));
+}
+
+TEST(Pack, NanInAnExpertIsAnErrorNamingTensorAndRowAndKeepsTheOldStore) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kTrove, StDType::kF32))
+                  .ok());
+  ASSERT_TRUE(pack_store(pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                      ImportLayout::kTrove, DType::kI4))
+                  .ok());
+  const std::vector<uint8_t> before = testing::read_all(dir.file("m.trove"));
+
+  // Poison row 5 of the down table in a copy of the checkpoint.
+  auto src = SafetensorsFile::open(dir.file("in.safetensors"));
+  ASSERT_TRUE(src.ok());
+  const StTensorView* down = src->find("blk.0.peer.down");
+  ASSERT_NE(down, nullptr);
+  std::vector<uint8_t> image = testing::read_all(dir.file("in.safetensors"));
+  // Locate the tensor's data in the file image by its bytes (unique for random data).
+  const std::vector<uint8_t> needle(down->bytes.begin(), down->bytes.begin() + 64);
+  auto it = std::search(image.begin(), image.end(), needle.begin(), needle.end());
+  ASSERT_NE(it, image.end());
+  const float nan = std::nanf("");
+  std::memcpy(&*it + (5 * small_config().dim + 3) * sizeof(float), &nan, sizeof(float));
+  testing::write_all(dir.file("bad.safetensors"), image);
+
+  auto r = pack_store(pack_options(dir.file("bad.safetensors"), dir.file("m.trove"),
+                                   ImportLayout::kTrove, DType::kI4));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("blk.0.peer.down"), std::string::npos)
+      << r.status().message();
+  EXPECT_NE(r.status().message().find("row 5"), std::string::npos) << r.status().message();
+  EXPECT_EQ(before, testing::read_all(dir.file("m.trove")));
+  EXPECT_EQ(dir.list(), (std::vector<std::string>{"bad.safetensors", "in.safetensors", "m.trove"}));
+}
+
+TEST(Pack, MissingPrefixIsNotFoundAndWritesNothing) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kMikeybeez, StDType::kBF16))
+                  .ok());
+  auto r = pack_store(pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                   ImportLayout::kMikeybeez, DType::kI4, {"blk.9.peer"}));
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().is_not_found()) << r.status().to_string();
+  EXPECT_NE(r.status().message().find("blk.9.peer"), std::string::npos);
+  EXPECT_EQ(dir.list(), std::vector<std::string>{"in.safetensors"});
+}
+
+TEST(Pack, DuplicateLayerNamesAreRejected) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kTrove, StDType::kF32))
+                  .ok());
+  PackOptions opt = pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                 ImportLayout::kTrove, DType::kI4, {"blk.0.peer", "blk.0.peer"});
+  auto r = pack_store(opt);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("given twice"), std::string::npos);
+}
+
+TEST(Inspect, ReportsLayersReadAmplificationAndTierSplit) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kTrove, StDType::kBF16))
+                  .ok());
+  PackOptions opt = pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                 ImportLayout::kTrove, DType::kI4);
+  ASSERT_TRUE(pack_store(opt).ok());
+  auto store = StoreReader::open(dir.file("m.trove"));
+  ASSERT_TRUE(store.ok());
+  const uint64_t table = store->layers()[0].table.bytes;
+  auto j = inspect_store(*store, TierBudgets{table / 4, table / 2});
+  ASSERT_TRUE(j.ok()) << j.status().to_string();
+  const auto& l = (*j)["layers"][0];
+  EXPECT_EQ(l["name"], "blk.0.peer");
+  EXPECT_EQ(l["dtype"], "int4");
+  EXPECT_EQ(l["experts"], 81);
+  EXPECT_EQ(l["config"]["topk"], 4);
+  EXPECT_EQ(l["stride"].get<uint64_t>() % 64, 0u);
+  EXPECT_GE(l["read_amplification"]["4096"].get<double>(), 1.0);
+  EXPECT_GE(l["read_amplification"]["4096"].get<double>(),
+            l["read_amplification"]["512"].get<double>());
+  EXPECT_EQ((*j)["tiers"]["vram"]["bytes"], table / 4);
+  EXPECT_EQ((*j)["tiers"]["host"]["bytes"], table / 2);
+  EXPECT_EQ((*j)["tiers"]["disk"]["bytes"], table - table / 4 - table / 2);
+  EXPECT_EQ((*j)["provenance"]["layout"], "trove");
+  const std::string text = render_inspect(*j);
+  EXPECT_NE(text.find("blk.0.peer"), std::string::npos);
+  EXPECT_NE(text.find("read amp."), std::string::npos);
+}
+
+}  // namespace
+}  // namespace trove

@@ -1,1 +1,43 @@
-int main() { return 0; }
+// trove: pack, inspect, verify and unpack PEER expert stores; `trove demo` shows the whole
+// path on a generated checkpoint.
+#include <cstdio>
+#include <string>
+
+#include "base/progress.h"
+#include "tools/commands.h"
+
+int main(int argc, char** argv) {
+  using namespace trove::cli;
+  GlobalOptions global;
+  for (int i = 0; i < argc; ++i) global.command_line += (i ? " " : "") + std::string(argv[i]);
+
+  CLI::App app{
+      "trove: a tiered, out-of-core runtime for PEER expert layers.\n"
+      "Packs safetensors checkpoints into .trove stores of int4/int8 expert records, checks and\n"
+      "inspects them, and turns them back into safetensors.\n\n"
+      "Exit codes: 0 success, 1 error (message on stderr), 2 bad command line, 3 verify found\n"
+      "damage. Start with `trove demo`."};
+  app.name("trove");
+  app.set_version_flag("--version", "trove " TROVE_VERSION);
+  app.require_subcommand(1);
+  app.fallthrough();
+  app.add_flag("--json", global.json, "Print a machine-readable JSON report on stdout");
+  app.add_flag("-q,--quiet", global.quiet, "No progress bars and no human-readable report");
+
+  add_pack(app, global);
+  add_unpack(app, global);
+  add_inspect(app, global);
+  add_verify(app, global);
+  add_demo(app, global);
+
+  app.parse_complete_callback([&global] {
+    if (global.quiet || global.json) trove::ProgressBar::set_enabled(false);
+  });
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : 2;
+  }
+  return global.exit_code;
+}

@@ -1,0 +1,84 @@
+#include "runtime/store_layer.h"
+
+#include "base/strings.h"
+#include "runtime/peer_config_json.h"
+
+namespace trove {
+
+namespace {
+
+Result<int64_t> get_int(const nlohmann::json& obj, const char* key, const std::string& where) {
+  auto it = obj.find(key);
+  if (it == obj.end() || !it->is_number_integer()) {
+    return Status::corruption(where + "." + key + " is missing or not an integer");
+  }
+  return it->get<int64_t>();
+}
+
+}  // namespace
+
+Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayerInfo& layer) {
+  const std::string where = store.path() + ": layer " + layer.name + ": info";
+  const nlohmann::json& info = layer.info;
+  if (!info.is_object() || !info.contains("config") || !info.contains("record") ||
+      !info["record"].is_object()) {
+    return Status::corruption(where + " lacks 'config' or 'record'; was this store written by "
+                                      "`trove pack`?");
+  }
+  StoredLayer out;
+  out.info = &layer;
+  auto config = peer_config_from_json(info["config"]);
+  if (!config.ok()) return config.status().with_context(where + ".config");
+  out.config = config.value();
+
+  const nlohmann::json& r = info["record"];
+  if (!r.contains("dtype") || !r["dtype"].is_string()) {
+    return Status::corruption(where + ".record.dtype is missing");
+  }
+  TROVE_ASSIGN_OR_RETURN(DType dtype, parse_dtype(r["dtype"].get<std::string>()));
+  TROVE_ASSIGN_OR_RETURN(int64_t dim, get_int(r, "dim", where + ".record"));
+  TROVE_ASSIGN_OR_RETURN(int64_t dim_out, get_int(r, "dim_out", where + ".record"));
+  TROVE_ASSIGN_OR_RETURN(int64_t width, get_int(r, "width", where + ".record"));
+  auto record = RecordLayout::make(dtype, dim, dim_out, width);
+  if (!record.ok()) return record.status().with_context(where + ".record");
+  out.record = record.value();
+
+  const StoreTableInfo& t = layer.table;
+  if (t.dtype != dtype_name(dtype)) {
+    return Status::corruption(str_printf("%s.record.dtype %s disagrees with the table's %s",
+                                         where.c_str(), std::string(dtype_name(dtype)).c_str(),
+                                         t.dtype.c_str()));
+  }
+  if (t.record_bytes != out.record.record_bytes || t.stride < out.record.record_bytes ||
+      t.stride % 64 != 0) {
+    return Status::corruption(str_printf(
+        "%s.record implies %zu-byte records; the table says record_bytes %llu, stride %llu",
+        where.c_str(), out.record.record_bytes, static_cast<unsigned long long>(t.record_bytes),
+        static_cast<unsigned long long>(t.stride)));
+  }
+  out.record.stride = static_cast<size_t>(t.stride);
+  if (dim != out.config.dim || dim_out != out.config.dim_out ||
+      static_cast<int64_t>(t.count) != out.config.num_experts()) {
+    return Status::corruption(str_printf(
+        "%s: config (dim %lld, dim_out %lld, %lld experts) disagrees with the table (dim %lld, "
+        "dim_out %lld, %llu records)",
+        where.c_str(), static_cast<long long>(out.config.dim),
+        static_cast<long long>(out.config.dim_out),
+        static_cast<long long>(out.config.num_experts()), static_cast<long long>(dim),
+        static_cast<long long>(dim_out), static_cast<unsigned long long>(t.count)));
+  }
+  return out;
+}
+
+Result<StoredLayer> load_stored_layer(const StoreReader& store, const std::string& name) {
+  const StoreLayerInfo* layer = store.find_layer(name);
+  if (layer == nullptr) {
+    std::string have;
+    for (const auto& l : store.layers()) have += (have.empty() ? "" : ", ") + l.name;
+    return Status::not_found(store.path() + ": no layer named '" + name + "' (layers: " + have +
+                             ")");
+  }
+  return load_stored_layer(store, *layer);
+}
+
+}  // namespace trove

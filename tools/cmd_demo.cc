@@ -1,0 +1,176 @@
+// trove demo: the whole path on a generated checkpoint, in a scratch folder that is removed
+// afterwards (--keep to look at it). Later issues grow it into the tiered run.
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+
+#include "base/bytes.h"
+#include "base/strings.h"
+#include "runtime/inspect.h"
+#include "runtime/synthetic.h"
+#include "storage/safetensors.h"
+#include "tools/commands.h"
+
+namespace trove::cli {
+
+namespace {
+
+struct DemoArgs {
+  int64_t dim = 256;
+  int64_t n_keys = 128;
+  int64_t layers = 2;
+  std::string quant = "int4";
+  std::string dir;
+  bool keep = false;
+};
+
+int run_demo(const DemoArgs& args, const GlobalOptions& global) {
+  const bool talk = !global.quiet && !global.json;
+  std::string dir = args.dir;
+  bool made_dir = false;
+  if (dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = std::string(tmp != nullptr ? tmp : "/tmp") + "/trove-demo-XXXXXX";
+    if (mkdtemp(templ.data()) == nullptr) {
+      return report_error("demo", Status::from_errno("creating a scratch folder " + templ, errno));
+    }
+    dir = templ;
+    made_dir = true;
+  } else {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) return report_error("demo", Status::io_error("creating " + dir + ": " + ec.message()));
+  }
+  struct Cleanup {
+    std::string dir;
+    bool active;
+    ~Cleanup() {
+      if (active) {
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);
+      }
+    }
+  } cleanup{dir, made_dir && !args.keep};
+
+  SyntheticCheckpoint spec;
+  spec.layout = ImportLayout::kMikeybeez;
+  spec.prefixes.clear();
+  for (int64_t i = 0; i < args.layers; ++i) {
+    spec.prefixes.push_back(str_printf("model.layers.%lld.mlp.peer", static_cast<long long>(19 + 2 * i)));
+  }
+  spec.config.dim = args.dim;
+  spec.config.heads = 4;
+  spec.config.n_keys = args.n_keys;
+  spec.config.dim_key = 32;
+  spec.config.topk = 8;
+  spec.config.activation = Activation::kSilu;
+  spec.config.gate = Gate::kRelu;
+  spec.dtype = StDType::kBF16;
+  const std::string ckpt = dir + "/peer.safetensors";
+  const std::string store = dir + "/peer.trove";
+  const std::string back = dir + "/back.safetensors";
+
+  if (talk) {
+    std::printf("trove demo: %lld PEER layer(s) of %lld experts (D=%lld, h=4, k=8, dk=32, "
+                "silu, relu gate), bf16, in mikeybeez layout\nscratch folder: %s%s\n\n",
+                static_cast<long long>(args.layers),
+                static_cast<long long>(args.n_keys * args.n_keys),
+                static_cast<long long>(args.dim), dir.c_str(),
+                cleanup.active ? " (removed at the end; --keep keeps it)" : "");
+    std::printf("1. writing a synthetic checkpoint %s\n", ckpt.c_str());
+  }
+  Status s = write_synthetic_checkpoint(ckpt, spec);
+  if (!s.ok()) return report_error("demo", s);
+
+  PackOptions pack;
+  pack.inputs = {ckpt};
+  pack.output = store;
+  pack.layout = ImportLayout::kMikeybeez;
+  for (const auto& p : spec.prefixes) pack.layers.push_back({p, p});
+  pack.dtype = parse_dtype(args.quant).value();
+  pack.command_line = global.command_line;
+  if (talk) std::printf("2. trove pack %s -o %s --layout mikeybeez --quant %s\n\n", ckpt.c_str(), store.c_str(), args.quant.c_str());
+  Result<PackReport> packed = pack_store(pack);
+  if (!packed.ok()) return report_error("demo", packed.status());
+  if (talk) print_pack_report(pack, *packed);
+
+  Result<StoreReader> reader = StoreReader::open(store);
+  if (!reader.ok()) return report_error("demo", reader.status());
+  const uint64_t table_bytes = packed->output_bytes;
+  TierBudgets budgets{0, table_bytes / 10};
+  Result<nlohmann::json> inspected = inspect_store(*reader, budgets);
+  if (!inspected.ok()) return report_error("demo", inspected.status());
+  if (talk) {
+    std::printf("\n3. trove inspect %s --host %s\n\n%s", store.c_str(),
+                format_bytes(budgets.host).c_str(), render_inspect(*inspected).c_str());
+    std::printf("\n4. trove verify %s\n", store.c_str());
+  }
+  GlobalOptions quiet_verify = global;
+  quiet_verify.json = false;
+  quiet_verify.quiet = !talk;
+  const int verify_code = run_verify(store, quiet_verify);
+  if (verify_code != kExitOk) return verify_code;
+
+  UnpackOptions unpack;
+  unpack.input = store;
+  unpack.output = back;
+  if (talk) std::printf("\n5. trove unpack %s -o %s\n", store.c_str(), back.c_str());
+  Result<UnpackReport> unpacked = unpack_store(unpack);
+  if (!unpacked.ok()) return report_error("demo", unpacked.status());
+  // The unpacked tables are the store's reconstruction: compare them with the source to show
+  // the error the pack table reported is what a reader gets back.
+  Result<SafetensorsFile> src = SafetensorsFile::open(ckpt);
+  Result<SafetensorsFile> dst = SafetensorsFile::open(back);
+  if (!src.ok()) return report_error("demo", src.status());
+  if (!dst.ok()) return report_error("demo", dst.status());
+  const std::string& p0 = spec.prefixes[0];
+  Result<std::vector<float>> a = src->read_f32(p0 + ".expert_down.weight");
+  Result<std::vector<float>> b = dst->read_f32(p0 + ".down");
+  if (!a.ok()) return report_error("demo", a.status());
+  if (!b.ok()) return report_error("demo", b.status());
+  QuantError err;
+  err.add(a->data(), b->data(), static_cast<int64_t>(a->size()));
+  if (talk) {
+    std::printf("   %s: %lld tensors, %s; %s.down round trip rmse %.3e (pack reported %.3e)\n",
+                back.c_str(), static_cast<long long>(unpacked->tensors),
+                format_bytes(unpacked->output_bytes).c_str(), p0.c_str(), err.rmse(),
+                packed->layers[0].down_error.rmse());
+    std::printf("\nNext: pack your own checkpoint with `trove pack --help`.\n");
+  }
+  if (global.json) {
+    nlohmann::json j = {{"pack", pack_report_json(pack, *packed)},
+                        {"inspect", *inspected},
+                        {"verify", "ok"},
+                        {"unpack", {{"tensors", unpacked->tensors},
+                                    {"bytes", unpacked->output_bytes},
+                                    {"down_rmse", err.rmse()}}}};
+    std::printf("%s\n", j.dump(2).c_str());
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+void add_demo(CLI::App& app, GlobalOptions& global) {
+  auto* cmd = app.add_subcommand(
+      "demo",
+      "Generate a small PEER checkpoint, pack it to int4, inspect, verify and unpack it, in a\n"
+      "scratch folder that is removed afterwards.");
+  auto args = std::make_shared<DemoArgs>();
+  cmd->add_option("--dim", args->dim, "Model dimension D")->capture_default_str();
+  cmd->add_option("--n-keys", args->n_keys, "Sub-keys per half n (N = n^2 experts)")
+      ->capture_default_str();
+  cmd->add_option("--layers", args->layers, "PEER layers")->capture_default_str()->check(CLI::Range(1, 8));
+  cmd->add_option("--quant", args->quant, "Record dtype: int4, int8, bf16, f16 or f32")
+      ->check(CLI::IsMember({"int4", "int8", "bf16", "f16", "f32"}))
+      ->capture_default_str();
+  cmd->add_option("--dir", args->dir, "Work in this folder (kept) instead of a scratch folder");
+  cmd->add_flag("--keep", args->keep, "Keep the scratch folder");
+  cmd->callback([args, &global] { global.exit_code = run_demo(*args, global); });
+}
+
+}  // namespace trove::cli

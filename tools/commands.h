@@ -1,0 +1,45 @@
+// The `trove` subcommands. Each registers its options on the CLI11 app and returns the exit
+// code when run. tools/ is a thin layer: the work happens in runtime/ and storage/.
+#pragma once
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "base/status.h"
+#include "runtime/pack.h"
+
+namespace trove::cli {
+
+// Options every subcommand shares.
+struct GlobalOptions {
+  bool json = false;   // machine-readable output on stdout
+  bool quiet = false;  // no progress bars, no human report
+  std::string command_line;
+  int exit_code = 0;  // set by the subcommand that ran
+};
+
+// Exit codes, documented in `trove --help`.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 1;      // bad input, I/O error, ...
+inline constexpr int kExitCorrupt = 3;    // verify found damage
+
+void add_pack(CLI::App& app, GlobalOptions& global);
+void add_unpack(CLI::App& app, GlobalOptions& global);
+void add_inspect(CLI::App& app, GlobalOptions& global);
+void add_verify(CLI::App& app, GlobalOptions& global);
+void add_demo(CLI::App& app, GlobalOptions& global);
+
+// The --json form of a pack report (shared by pack and demo).
+nlohmann::json pack_report_json(const PackOptions& options, const PackReport& report);
+void print_pack_report(const PackOptions& options, const PackReport& report);
+
+// Verifies the store at `path`, prints the outcome, returns the exit code.
+int run_verify(const std::string& path, const GlobalOptions& global);
+
+// Prints "trove <command>: error: <message>" (and a hint when one helps) to stderr and returns
+// kExitError.
+int report_error(const std::string& command, const Status& status);
+
+}  // namespace trove::cli
