@@ -24,10 +24,10 @@ double unit_multiplier(std::string_view unit_text) {
     const char* name;
     double mult;
   } kUnits[] = {
-      {"k", 0x1p10},   {"kib", 0x1p10}, {"ki", 0x1p10},  {"m", 0x1p20},  {"mib", 0x1p20},
-      {"mi", 0x1p20},  {"g", 0x1p30},   {"gib", 0x1p30}, {"gi", 0x1p30}, {"t", 0x1p40},
-      {"tib", 0x1p40}, {"ti", 0x1p40},  {"kb", 1e3},     {"mb", 1e6},    {"gb", 1e9},
-      {"tb", 1e12},
+      {"k", 0x1p10},   {"kib", 0x1p10}, {"ki", 0x1p10},  {"m", 0x1p20},
+      {"mib", 0x1p20}, {"mi", 0x1p20},  {"g", 0x1p30},   {"gib", 0x1p30},
+      {"gi", 0x1p30},  {"t", 0x1p40},   {"tib", 0x1p40}, {"ti", 0x1p40},
+      {"kb", 1e3},     {"mb", 1e6},     {"gb", 1e9},     {"tb", 1e12},
   };
   for (const auto& unit : kUnits) {
     if (u == unit.name) return unit.mult;
@@ -39,16 +39,20 @@ double unit_multiplier(std::string_view unit_text) {
 
 Result<uint64_t> parse_bytes(std::string_view text) {
   const std::string original(text);
-  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front()))) text.remove_prefix(1);
-  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back()))) text.remove_suffix(1);
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.front())))
+    text.remove_prefix(1);
+  while (!text.empty() && std::isspace(static_cast<unsigned char>(text.back())))
+    text.remove_suffix(1);
   size_t i = 0;
-  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.'))
+    ++i;
   const std::string number(text.substr(0, i));
   std::string_view unit = text.substr(i);
-  while (!unit.empty() && std::isspace(static_cast<unsigned char>(unit.front()))) unit.remove_prefix(1);
+  while (!unit.empty() && std::isspace(static_cast<unsigned char>(unit.front())))
+    unit.remove_prefix(1);
   if (number.empty() || number == "." || number.find('.') != number.rfind('.')) {
-    return Status::invalid_argument(
-        str_printf("'%s' is not a byte size; write e.g. 4096, 512MiB, 12GiB or 1.5GB", original.c_str()));
+    return Status::invalid_argument(str_printf(
+        "'%s' is not a byte size; write e.g. 4096, 512MiB, 12GiB or 1.5GB", original.c_str()));
   }
   const double mult = unit_multiplier(unit);
   if (mult == 0) {

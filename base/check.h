@@ -8,10 +8,10 @@ namespace trove::internal {
     __attribute__((format(printf, 4, 5)));
 }  // namespace trove::internal
 
-#define TROVE_CHECK(cond)                                                      \
-  do {                                                                         \
-    if (__builtin_expect(!(cond), 0))                                          \
-      ::trove::internal::check_failed(__FILE__, __LINE__, #cond, nullptr);     \
+#define TROVE_CHECK(cond)                                                  \
+  do {                                                                     \
+    if (__builtin_expect(!(cond), 0))                                      \
+      ::trove::internal::check_failed(__FILE__, __LINE__, #cond, nullptr); \
   } while (0)
 
 #define TROVE_CHECK_MSG(cond, ...)                                             \

@@ -8,11 +8,16 @@ namespace trove {
 
 std::string_view dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "f32";
-    case DType::kF16: return "f16";
-    case DType::kBF16: return "bf16";
-    case DType::kI8: return "int8";
-    case DType::kI4: return "int4";
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kI8:
+      return "int8";
+    case DType::kI4:
+      return "int4";
   }
   return "?";
 }
@@ -25,21 +30,28 @@ Result<DType> parse_dtype(std::string_view name) {
   if (n == "bf16" || n == "bfloat16") return DType::kBF16;
   if (n == "int8" || n == "i8" || n == "q8" || n == "q8_0") return DType::kI8;
   if (n == "int4" || n == "i4" || n == "q4" || n == "q4_0") return DType::kI4;
-  return Status::invalid_argument(str_printf(
-      "unknown dtype '%s' (expected one of f32, f16, bf16, int8, int4)", std::string(name).c_str()));
+  return Status::invalid_argument(
+      str_printf("unknown dtype '%s' (expected one of f32, f16, bf16, int8, int4)",
+                 std::string(name).c_str()));
 }
 
 int dtype_bits(DType t) {
   switch (t) {
-    case DType::kF32: return 32;
+    case DType::kF32:
+      return 32;
     case DType::kF16:
-    case DType::kBF16: return 16;
-    case DType::kI8: return 8;
-    case DType::kI4: return 4;
+    case DType::kBF16:
+      return 16;
+    case DType::kI8:
+      return 8;
+    case DType::kI4:
+      return 4;
   }
   return 0;
 }
 
-bool dtype_is_quantized(DType t) { return t == DType::kI8 || t == DType::kI4; }
+bool dtype_is_quantized(DType t) {
+  return t == DType::kI8 || t == DType::kI4;
+}
 
 }  // namespace trove

@@ -12,7 +12,7 @@ namespace trove {
 
 enum class DType : uint8_t { kF32, kF16, kBF16, kI8, kI4 };
 
-std::string_view dtype_name(DType t);  // "f32" "f16" "bf16" "int8" "int4"
+std::string_view dtype_name(DType t);              // "f32" "f16" "bf16" "int8" "int4"
 Result<DType> parse_dtype(std::string_view name);  // also accepts "fp32", "fp16", "i8", "q4"...
 // Bits per element of the codes (scales not included): 32, 16, 16, 8, 4.
 int dtype_bits(DType t);

@@ -10,9 +10,9 @@ uint16_t fp32_to_fp16(float f) {
   const uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (abs >= 0x38800000u) {  // normal fp16 (>= 2^-14)
-    uint32_t mant = abs + 0xfffu + ((abs >> 13) & 1u);  // RNE at bit 13
-    mant -= 0x38000000u;                                // rebias exponent 127 -> 15
+  if (abs >= 0x38800000u) {                                              // normal fp16 (>= 2^-14)
+    uint32_t mant = abs + 0xfffu + ((abs >> 13) & 1u);                   // RNE at bit 13
+    mant -= 0x38000000u;  // rebias exponent 127 -> 15
     return static_cast<uint16_t>(sign | (mant >> 13));
   }
   if (abs < 0x33000000u) return sign;  // below half the smallest subnormal: +-0

@@ -38,10 +38,16 @@ ProgressBar::ProgressBar(std::string label, uint64_t total, Unit unit)
       start_(std::chrono::steady_clock::now()),
       last_draw_(start_) {}
 
-ProgressBar::~ProgressBar() { finish(); }
+ProgressBar::~ProgressBar() {
+  finish();
+}
 
-void ProgressBar::set_enabled(bool enabled) { enabled_flag().store(enabled ? 1 : 0); }
-bool ProgressBar::enabled() { return enabled_flag().load() != 0; }
+void ProgressBar::set_enabled(bool enabled) {
+  enabled_flag().store(enabled ? 1 : 0);
+}
+bool ProgressBar::enabled() {
+  return enabled_flag().load() != 0;
+}
 
 void ProgressBar::update(uint64_t done) {
   done_ = std::min(done, total_);
@@ -71,8 +77,10 @@ std::string ProgressBar::render(uint64_t done, double seconds, int width) const 
     const double rate = static_cast<double>(done) / seconds;
     line += "  ";
     line += unit_ == Unit::kBytes ? format_rate(rate) : str_printf("%.0f/s", rate);
-    if (done < total_) line += "  ETA " + format_seconds(static_cast<double>(total_ - done) / rate);
-    else line += "  " + format_seconds(seconds);
+    if (done < total_)
+      line += "  ETA " + format_seconds(static_cast<double>(total_ - done) / rate);
+    else
+      line += "  " + format_seconds(seconds);
   }
   return line;
 }

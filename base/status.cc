@@ -13,15 +13,24 @@ Status Status::from_errno(std::string_view what, int err) {
 
 const char* Status::code_name(Code code) {
   switch (code) {
-    case Code::kOk: return "OK";
-    case Code::kInvalidArgument: return "Invalid argument";
-    case Code::kNotFound: return "Not found";
-    case Code::kCorruption: return "Corruption";
-    case Code::kIOError: return "IO error";
-    case Code::kNotSupported: return "Not supported";
-    case Code::kOutOfRange: return "Out of range";
-    case Code::kResourceExhausted: return "Resource exhausted";
-    case Code::kAborted: return "Aborted";
+    case Code::kOk:
+      return "OK";
+    case Code::kInvalidArgument:
+      return "Invalid argument";
+    case Code::kNotFound:
+      return "Not found";
+    case Code::kCorruption:
+      return "Corruption";
+    case Code::kIOError:
+      return "IO error";
+    case Code::kNotSupported:
+      return "Not supported";
+    case Code::kOutOfRange:
+      return "Out of range";
+    case Code::kResourceExhausted:
+      return "Resource exhausted";
+    case Code::kAborted:
+      return "Aborted";
   }
   return "Unknown";
 }

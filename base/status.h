@@ -21,19 +21,21 @@ class [[nodiscard]] Status {
  public:
   enum class Code : uint8_t {
     kOk = 0,
-    kInvalidArgument,  // the caller's input is wrong (shape, dtype, flag, budget)
-    kNotFound,         // a file, tensor or layer that should exist does not
-    kCorruption,       // stored bytes fail a checksum or a structural check
-    kIOError,          // the OS said no (errno in the message)
-    kNotSupported,     // a valid request this build or version cannot serve
-    kOutOfRange,       // a read past the end, a value outside a format's range
-    kResourceExhausted,// memory, disk or a budget is too small
-    kAborted,          // the user interrupted long work
+    kInvalidArgument,    // the caller's input is wrong (shape, dtype, flag, budget)
+    kNotFound,           // a file, tensor or layer that should exist does not
+    kCorruption,         // stored bytes fail a checksum or a structural check
+    kIOError,            // the OS said no (errno in the message)
+    kNotSupported,       // a valid request this build or version cannot serve
+    kOutOfRange,         // a read past the end, a value outside a format's range
+    kResourceExhausted,  // memory, disk or a budget is too small
+    kAborted,            // the user interrupted long work
   };
 
   Status() = default;  // OK
   static Status ok_status() { return Status(); }
-  static Status invalid_argument(std::string msg) { return {Code::kInvalidArgument, std::move(msg)}; }
+  static Status invalid_argument(std::string msg) {
+    return {Code::kInvalidArgument, std::move(msg)};
+  }
   static Status not_found(std::string msg) { return {Code::kNotFound, std::move(msg)}; }
   static Status corruption(std::string msg) { return {Code::kCorruption, std::move(msg)}; }
   static Status io_error(std::string msg) { return {Code::kIOError, std::move(msg)}; }
@@ -71,7 +73,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT: implicit by design
     TROVE_CHECK_MSG(!std::get<Status>(v_).ok(), "Result constructed from an OK Status");
   }
@@ -109,11 +111,11 @@ class [[nodiscard]] Result {
 #define TROVE_STATUS_CONCAT_(a, b) TROVE_STATUS_CONCAT_INNER_(a, b)
 
 // Returns the Status of `expr` (a Status or Result) from the enclosing function if not OK.
-#define TROVE_RETURN_IF_ERROR(expr)                                          \
-  do {                                                                       \
+#define TROVE_RETURN_IF_ERROR(expr)                                              \
+  do {                                                                           \
     /* A copy: `expr` may be a reference into a temporary, e.g. f().status(). */ \
-    ::trove::Status trove_status_tmp_ = ::trove::internal::to_status((expr));  \
-    if (!trove_status_tmp_.ok()) return trove_status_tmp_;                   \
+    ::trove::Status trove_status_tmp_ = ::trove::internal::to_status((expr));    \
+    if (!trove_status_tmp_.ok()) return trove_status_tmp_;                       \
   } while (0)
 
 // TROVE_ASSIGN_OR_RETURN(auto x, make_x()): unwraps a Result or returns its error.
@@ -125,7 +127,9 @@ class [[nodiscard]] Result {
   lhs = std::move(tmp).value()
 
 namespace trove::internal {
-inline Status to_status(const Status& s) { return s; }
+inline Status to_status(const Status& s) {
+  return s;
+}
 template <typename T>
 Status to_status(const Result<T>& r) {
   return r.status();

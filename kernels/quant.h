@@ -29,7 +29,9 @@ namespace trove {
 inline constexpr int kQuantGroup = 32;
 
 // Number of 32-element groups for a row of n elements (n padded up to a multiple of 32).
-inline int64_t quant_groups(int64_t n) { return (n + kQuantGroup - 1) / kQuantGroup; }
+inline int64_t quant_groups(int64_t n) {
+  return (n + kQuantGroup - 1) / kQuantGroup;
+}
 
 // Bytes of codes for a row of n elements: int8 32 per group, int4 16 per group; float types
 // n * element size (no padding, no scales).

@@ -43,8 +43,8 @@ Result<nlohmann::json> inspect_store(const StoreReader& store, const TierBudgets
     l["stride"] = info.table.stride;
     l["table_bytes"] = info.table.bytes;
     l["table_offset"] = info.table.offset;
-    const uint64_t bf16 = info.table.count *
-                          static_cast<uint64_t>(layer.config.dim + layer.config.dim_out) * 2;
+    const uint64_t bf16 =
+        info.table.count * static_cast<uint64_t>(layer.config.dim + layer.config.dim_out) * 2;
     l["bf16_bytes"] = bf16;
     l["read_amplification"] = {{"512", r.read_amplification(512)},
                                {"4096", r.read_amplification(4096)}};
@@ -61,9 +61,8 @@ Result<nlohmann::json> inspect_store(const StoreReader& store, const TierBudgets
     layers.push_back(std::move(l));
   }
   out["layers"] = layers;
-  out["totals"] = {{"table_bytes", total_table},
-                   {"dense_bytes", total_dense},
-                   {"bf16_bytes", total_bf16}};
+  out["totals"] = {
+      {"table_bytes", total_table}, {"dense_bytes", total_dense}, {"bf16_bytes", total_bf16}};
 
   if (budgets.vram > 0 || budgets.host > 0) {
     const uint64_t t0 = std::min(budgets.vram, total_table);
@@ -94,8 +93,7 @@ std::string render_inspect(const nlohmann::json& j) {
                     p.value("created", "?").c_str());
     if (p.contains("sources")) {
       for (const auto& src : p["sources"]) {
-        s += str_printf("  source     %s (%s, layout %s)\n",
-                        src.value("file", "?").c_str(),
+        s += str_printf("  source     %s (%s, layout %s)\n", src.value("file", "?").c_str(),
                         format_bytes(src.value("bytes", uint64_t{0})).c_str(),
                         p.value("layout", "?").c_str());
       }
@@ -117,31 +115,35 @@ std::string render_inspect(const nlohmann::json& j) {
         c["query_bias"].get<bool>() ? "yes" : "no");
     const uint64_t table = l["table_bytes"].get<uint64_t>();
     const uint64_t bf16 = l["bf16_bytes"].get<uint64_t>();
-    s += str_printf("  records    %s, %llu bytes each, stride %llu; table %s (%.2fx smaller than bf16's %s)\n",
-                    l["dtype"].get<std::string>().c_str(),
-                    static_cast<unsigned long long>(l["record_bytes"].get<uint64_t>()),
-                    static_cast<unsigned long long>(l["stride"].get<uint64_t>()),
-                    format_bytes(table).c_str(),
-                    table == 0 ? 0.0 : static_cast<double>(bf16) / static_cast<double>(table),
-                    format_bytes(bf16).c_str());
-    s += str_printf("  read amp.  %.3f bytes read per useful byte at 4096-byte O_DIRECT alignment, %.3f at 512\n",
-                    l["read_amplification"]["4096"].get<double>(),
-                    l["read_amplification"]["512"].get<double>());
+    s += str_printf(
+        "  records    %s, %llu bytes each, stride %llu; table %s (%.2fx smaller than bf16's %s)\n",
+        l["dtype"].get<std::string>().c_str(),
+        static_cast<unsigned long long>(l["record_bytes"].get<uint64_t>()),
+        static_cast<unsigned long long>(l["stride"].get<uint64_t>()), format_bytes(table).c_str(),
+        table == 0 ? 0.0 : static_cast<double>(bf16) / static_cast<double>(table),
+        format_bytes(bf16).c_str());
+    s += str_printf(
+        "  read amp.  %.3f bytes read per useful byte at 4096-byte O_DIRECT alignment, %.3f at "
+        "512\n",
+        l["read_amplification"]["4096"].get<double>(),
+        l["read_amplification"]["512"].get<double>());
     std::string dense;
     for (const auto& d : l["dense"]) {
       std::string shape;
-      for (const auto& dim : d["shape"]) shape += (shape.empty() ? "" : "x") + std::to_string(dim.get<long long>());
-      dense += str_printf("%s%s [%s]", dense.empty() ? "" : ", ", d["name"].get<std::string>().c_str(), shape.c_str());
+      for (const auto& dim : d["shape"])
+        shape += (shape.empty() ? "" : "x") + std::to_string(dim.get<long long>());
+      dense += str_printf("%s%s [%s]", dense.empty() ? "" : ", ",
+                          d["name"].get<std::string>().c_str(), shape.c_str());
     }
     s += "  dense      " + dense + " (fp32)\n";
     if (l.contains("quant_error")) {
-      s += str_printf("  error      down rmse %.4g max %.4g rel %.4g | up rmse %.4g max %.4g rel %.4g\n",
-                      get_double(l, "quant_error", "down", "rmse"),
-                      get_double(l, "quant_error", "down", "max_abs"),
-                      get_double(l, "quant_error", "down", "rel_fro"),
-                      get_double(l, "quant_error", "up", "rmse"),
-                      get_double(l, "quant_error", "up", "max_abs"),
-                      get_double(l, "quant_error", "up", "rel_fro"));
+      s += str_printf(
+          "  error      down rmse %.4g max %.4g rel %.4g | up rmse %.4g max %.4g rel %.4g\n",
+          get_double(l, "quant_error", "down", "rmse"),
+          get_double(l, "quant_error", "down", "max_abs"),
+          get_double(l, "quant_error", "down", "rel_fro"),
+          get_double(l, "quant_error", "up", "rmse"), get_double(l, "quant_error", "up", "max_abs"),
+          get_double(l, "quant_error", "up", "rel_fro"));
     }
     if (l.contains("source")) {
       const auto& src = l["source"];
@@ -161,10 +163,11 @@ std::string render_inspect(const nlohmann::json& j) {
     s += "\ntier   budget        holds        share of experts\n";
     for (const char* name : {"vram", "host", "disk"}) {
       const auto& tier = tiers[name];
-      s += str_printf("%-6s %-13s %-12s %5.1f%%\n", name,
-                      tier.contains("budget") ? format_bytes(tier["budget"].get<uint64_t>()).c_str() : "-",
-                      format_bytes(tier["bytes"].get<uint64_t>()).c_str(),
-                      100.0 * tier["fraction"].get<double>());
+      s += str_printf(
+          "%-6s %-13s %-12s %5.1f%%\n", name,
+          tier.contains("budget") ? format_bytes(tier["budget"].get<uint64_t>()).c_str() : "-",
+          format_bytes(tier["bytes"].get<uint64_t>()).c_str(),
+          100.0 * tier["fraction"].get<double>());
     }
   }
   return s;

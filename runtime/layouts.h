@@ -61,13 +61,13 @@ struct ImportOverrides {
 struct ImportedLayer {
   std::string prefix;
   PeerConfig config;
-  std::vector<float> query_weight;  // [h*2*dk, D], rows (head, half, j)
-  std::vector<float> query_bias;    // [h*2*dk] or empty
-  std::vector<float> keys;          // [hk, 2, n, dk]
-  std::vector<float> norm_weight;   // [D] or empty: the canonical gamma of rms-norm
+  std::vector<float> query_weight;     // [h*2*dk, D], rows (head, half, j)
+  std::vector<float> query_bias;       // [h*2*dk] or empty
+  std::vector<float> keys;             // [hk, 2, n, dk]
+  std::vector<float> norm_weight;      // [D] or empty: the canonical gamma of rms-norm
   const StTensorView* down = nullptr;  // [N, D], F32/F16/BF16
   const StTensorView* up = nullptr;    // [N, D_out]
-  std::string source_file;          // file holding `down`
+  std::string source_file;             // file holding `down`
 };
 
 // Tensors are looked up across all `files` (sharded checkpoints); a name in two files is an

@@ -37,8 +37,8 @@ std::string iso_time_now() {
 }
 
 nlohmann::json quant_error_json(const QuantError& e) {
-  return {{"rmse", e.rmse()}, {"max_abs", e.max_abs}, {"rel_fro", e.rel_fro()},
-          {"elements", e.count}};
+  return {
+      {"rmse", e.rmse()}, {"max_abs", e.max_abs}, {"rel_fro", e.rel_fro()}, {"elements", e.count}};
 }
 
 nlohmann::json record_layout_json(const RecordLayout& r) {
@@ -67,16 +67,18 @@ Status check_rows(DType dtype, const std::string& tensor, const float* rows, int
   for (int64_t r = 0; r < count; ++r) {
     Status s = quant_check_range(dtype, rows + r * len, len);
     if (!s.ok()) {
-      return Status::invalid_argument(str_printf(
-          "tensor %s row %lld: %s; %s cannot hold it", tensor.c_str(),
-          static_cast<long long>(first + r), s.message().c_str(),
-          std::string(dtype_name(dtype)).c_str()));
+      return Status::invalid_argument(str_printf("tensor %s row %lld: %s; %s cannot hold it",
+                                                 tensor.c_str(), static_cast<long long>(first + r),
+                                                 s.message().c_str(),
+                                                 std::string(dtype_name(dtype)).c_str()));
     }
   }
   return {};
 }
 
-std::string tensor_label(const StTensorView* t) { return t == nullptr ? "?" : t->name; }
+std::string tensor_label(const StTensorView* t) {
+  return t == nullptr ? "?" : t->name;
+}
 
 }  // namespace
 
@@ -111,10 +113,9 @@ Result<PackReport> pack_store(const PackOptions& options) {
     }
     TROVE_ASSIGN_OR_RETURN(ImportedLayer layer,
                            import_layer(file_ptrs, options.layout, req.prefix, options.overrides));
-    TROVE_ASSIGN_OR_RETURN(
-        RecordLayout record,
-        RecordLayout::make(options.dtype, layer.config.dim, layer.config.dim_out,
-                           layer.config.expert_width, options.stride_align));
+    TROVE_ASSIGN_OR_RETURN(RecordLayout record,
+                           RecordLayout::make(options.dtype, layer.config.dim, layer.config.dim_out,
+                                              layer.config.expert_width, options.stride_align));
     PackedLayer packed;
     packed.name = name;
     packed.prefix = req.prefix;
@@ -167,13 +168,12 @@ Result<PackReport> pack_store(const PackOptions& options) {
       const int64_t count = std::min(chunk, n_experts - first);
       TROVE_RETURN_IF_ERROR(read_rows_f32(*layer.down, first, count, down.data()));
       TROVE_RETURN_IF_ERROR(read_rows_f32(*layer.up, first, count, up.data()));
-      TROVE_RETURN_IF_ERROR(check_rows(rec.dtype, tensor_label(layer.down), down.data(), first,
-                                       count, d));
-      TROVE_RETURN_IF_ERROR(check_rows(rec.dtype, tensor_label(layer.up), up.data(), first,
-                                       count, d_out));
+      TROVE_RETURN_IF_ERROR(
+          check_rows(rec.dtype, tensor_label(layer.down), down.data(), first, count, d));
+      TROVE_RETURN_IF_ERROR(
+          check_rows(rec.dtype, tensor_label(layer.up), up.data(), first, count, d_out));
       pack_records(rec, down.data(), up.data(), count, records.data(), options.threads);
-      unpack_records(rec, records.data(), count, down_back.data(), up_back.data(),
-                     options.threads);
+      unpack_records(rec, records.data(), count, down_back.data(), up_back.data(), options.threads);
       packed.down_error.add(down.data(), down_back.data(), count * d);
       packed.up_error.add(up.data(), up_back.data(), count * d_out);
       TROVE_RETURN_IF_ERROR(
@@ -204,9 +204,9 @@ Result<PackReport> pack_store(const PackOptions& options) {
   bar.finish();
 
   struct stat st;
-  if (::stat(options.output.c_str(), &st) == 0) report.output_bytes = static_cast<uint64_t>(st.st_size);
-  report.seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (::stat(options.output.c_str(), &st) == 0)
+    report.output_bytes = static_cast<uint64_t>(st.st_size);
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
 }
 

@@ -58,7 +58,7 @@ Result<PackReport> pack_store(const PackOptions& options);
 struct UnpackOptions {
   std::string input;
   std::string output;
-  StDType dtype = StDType::kF32;   // F32, F16 or BF16
+  StDType dtype = StDType::kF32;    // F32, F16 or BF16
   std::vector<std::string> layers;  // empty: all
 };
 

@@ -22,8 +22,9 @@ Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayer
   const nlohmann::json& info = layer.info;
   if (!info.is_object() || !info.contains("config") || !info.contains("record") ||
       !info["record"].is_object()) {
-    return Status::corruption(where + " lacks 'config' or 'record'; was this store written by "
-                                      "`trove pack`?");
+    return Status::corruption(where +
+                              " lacks 'config' or 'record'; was this store written by "
+                              "`trove pack`?");
   }
   StoredLayer out;
   out.info = &layer;

@@ -38,8 +38,8 @@ void store_value(StDType dtype, float v, uint8_t* out) {
 
 // A tensor whose element at foreign (file) index i holds the canonical element map(i).
 struct TensorPlan {
-  std::string name;        // in the file
-  std::string canonical;   // "down", "keys", ...
+  std::string name;       // in the file
+  std::string canonical;  // "down", "keys", ...
   std::vector<int64_t> shape;
   float std;
   std::function<uint64_t(uint64_t)> to_canonical;
@@ -78,8 +78,11 @@ Status write_synthetic_checkpoint(const std::string& path, const SyntheticCheckp
     };
     switch (spec.layout) {
       case ImportLayout::kTrove:
-        plans.push_back({join(p, "query.weight"), "query.weight", {c.query_rows(), c.dim},
-                         spec.router_std, identity});
+        plans.push_back({join(p, "query.weight"),
+                         "query.weight",
+                         {c.query_rows(), c.dim},
+                         spec.router_std,
+                         identity});
         plans.push_back({join(p, "keys"), "keys", {hk, 2, n, dk}, spec.router_std, identity});
         plans.push_back({join(p, "down"), "down", {big_n, c.dim}, spec.expert_std, identity});
         plans.push_back({join(p, "up"), "up", {big_n, c.dim_out}, spec.expert_std, identity});
@@ -87,13 +90,16 @@ Status write_synthetic_checkpoint(const std::string& path, const SyntheticCheckp
         break;
       case ImportLayout::kMikeybeez:
         if (c.shared_keys) return Status::invalid_argument("mikeybeez layout has per-head keys");
-        plans.push_back({join(p, "to_queries.weight"), "query.weight", {c.query_rows(), c.dim},
-                         spec.router_std, identity});
+        plans.push_back({join(p, "to_queries.weight"),
+                         "query.weight",
+                         {c.query_rows(), c.dim},
+                         spec.router_std,
+                         identity});
         plans.push_back({join(p, "keys"), "keys", {h, n, 2, dk}, spec.router_std, foreign_keys});
-        plans.push_back({join(p, "expert_down.weight"), "down", {big_n, c.dim}, spec.expert_std,
-                         identity});
-        plans.push_back({join(p, "expert_up.weight"), "up", {big_n, c.dim_out}, spec.expert_std,
-                         identity});
+        plans.push_back(
+            {join(p, "expert_down.weight"), "down", {big_n, c.dim}, spec.expert_std, identity});
+        plans.push_back(
+            {join(p, "expert_up.weight"), "up", {big_n, c.dim_out}, spec.expert_std, identity});
         break;
       case ImportLayout::kLucidrains: {
         if (c.shared_keys) return Status::invalid_argument("lucidrains layout has per-head keys");
@@ -104,13 +110,22 @@ Status write_synthetic_checkpoint(const std::string& path, const SyntheticCheckp
           const uint64_t j = row % dk, head = (row / dk) % h, half = row / (dk * h);
           return ((head * 2 + half) * dk + j) * cols + col;
         };
-        plans.push_back({join(p, "to_queries.0.weight"), "query.weight", {c.query_rows(), c.dim},
-                         spec.router_std, queries});
+        plans.push_back({join(p, "to_queries.0.weight"),
+                         "query.weight",
+                         {c.query_rows(), c.dim},
+                         spec.router_std,
+                         queries});
         plans.push_back({join(p, "keys"), "keys", {h, n, 2, dk}, spec.router_std, foreign_keys});
-        plans.push_back({join(p, "weight_down_embed.weight"), "down", {big_n, c.dim},
-                         spec.expert_std, identity});
-        plans.push_back({join(p, "weight_up_embed.weight"), "up", {big_n, c.dim_out},
-                         spec.expert_std, identity});
+        plans.push_back({join(p, "weight_down_embed.weight"),
+                         "down",
+                         {big_n, c.dim},
+                         spec.expert_std,
+                         identity});
+        plans.push_back({join(p, "weight_up_embed.weight"),
+                         "up",
+                         {big_n, c.dim_out},
+                         spec.expert_std,
+                         identity});
         break;
       }
     }
@@ -123,16 +138,20 @@ Status write_synthetic_checkpoint(const std::string& path, const SyntheticCheckp
     const uint64_t seed = spec.seed;
     const StDType dtype = spec.dtype;
     tensors.push_back(
-        {plan.name, spec.dtype, plan.shape, {},
+        {plan.name,
+         spec.dtype,
+         plan.shape,
+         {},
          [plan, prefix, seed, dtype, esize](uint64_t offset, std::span<uint8_t> chunk) -> Status {
            // Any byte range: elements overlapping the range are generated whole and the
            // overlapping bytes copied.
            const uint64_t end = offset + chunk.size();
            for (uint64_t i = offset / esize; i * esize < end; ++i) {
              uint8_t bytes[4];
-             store_value(dtype,
-                         synthetic_value(seed, prefix, plan.canonical, plan.to_canonical(i), plan.std),
-                         bytes);
+             store_value(
+                 dtype,
+                 synthetic_value(seed, prefix, plan.canonical, plan.to_canonical(i), plan.std),
+                 bytes);
              for (uint64_t k = 0; k < esize; ++k) {
                const uint64_t pos = i * esize + k;
                if (pos >= offset && pos < end) chunk[pos - offset] = bytes[k];

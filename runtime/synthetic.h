@@ -18,10 +18,10 @@ namespace trove {
 struct SyntheticCheckpoint {
   ImportLayout layout = ImportLayout::kMikeybeez;
   std::vector<std::string> prefixes = {"model.layers.19.mlp.peer"};
-  PeerConfig config;             // dim, heads, n_keys, dim_key, ... (validated)
+  PeerConfig config;               // dim, heads, n_keys, dim_key, ... (validated)
   StDType dtype = StDType::kBF16;  // F32, F16 or BF16
-  float expert_std = 1.0f;       // std of the expert tables
-  float router_std = 0.02f;      // std of queries and keys
+  float expert_std = 1.0f;         // std of the expert tables
+  float router_std = 0.02f;        // std of queries and keys
   uint64_t seed = 1;
 };
 

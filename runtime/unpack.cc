@@ -1,6 +1,6 @@
+#include <sys/stat.h>
 #include <chrono>
 #include <cstring>
-#include <sys/stat.h>
 
 #include "base/half.h"
 #include "base/progress.h"
@@ -61,8 +61,8 @@ class TableFiller {
     bytes_.resize(static_cast<size_t>(count) * row_bytes);
     const uint8_t* records = table.data() + static_cast<uint64_t>(first) * rec.stride;
     for (int64_t i = 0; i < count; ++i) {
-      TROVE_RETURN_IF_ERROR(
-          store_.verify_record(*layer_.info, first + i, records + static_cast<uint64_t>(i) * rec.stride));
+      TROVE_RETURN_IF_ERROR(store_.verify_record(*layer_.info, first + i,
+                                                 records + static_cast<uint64_t>(i) * rec.stride));
     }
     unpack_records(rec, records, count, down_.data(), upv_.data());
     const std::vector<float>& rows = up_ ? upv_ : down_;
@@ -139,7 +139,8 @@ Result<UnpackReport> unpack_store(const UnpackOptions& options) {
     for (bool up : {false, true}) {
       fillers.push_back(std::make_unique<TableFiller>(store, layer, up, options.dtype, &bar));
       TableFiller* f = fillers.back().get();
-      tensors.push_back({name + (up ? ".up" : ".down"), options.dtype,
+      tensors.push_back({name + (up ? ".up" : ".down"),
+                         options.dtype,
                          {n, up ? layer.config.dim_out : layer.config.dim},
                          {},
                          [f](uint64_t off, std::span<uint8_t> chunk) { return (*f)(off, chunk); }});
@@ -151,7 +152,8 @@ Result<UnpackReport> unpack_store(const UnpackOptions& options) {
   UnpackReport report;
   report.tensors = static_cast<int64_t>(tensors.size());
   struct stat st;
-  if (::stat(options.output.c_str(), &st) == 0) report.output_bytes = static_cast<uint64_t>(st.st_size);
+  if (::stat(options.output.c_str(), &st) == 0)
+    report.output_bytes = static_cast<uint64_t>(st.st_size);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
 }

@@ -2,8 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <libgen.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -101,7 +101,8 @@ Result<uint64_t> File::size() const {
 Status File::read_exact(uint64_t offset, std::span<uint8_t> dst) const {
   size_t done = 0;
   while (done < dst.size()) {
-    ssize_t n = ::pread(fd_, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pread(fd_, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status::from_errno(str_printf("%s: read of %zu bytes at offset %llu", path_.c_str(),
@@ -152,7 +153,9 @@ Result<MappedFile> MappedFile::open(const std::string& path) {
 
 // ---- AtomicFileWriter ------------------------------------------------------------------------
 
-AtomicFileWriter::~AtomicFileWriter() { abandon(); }
+AtomicFileWriter::~AtomicFileWriter() {
+  abandon();
+}
 
 AtomicFileWriter::AtomicFileWriter(AtomicFileWriter&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)),
@@ -217,8 +220,8 @@ Status AtomicFileWriter::write_at(uint64_t offset, std::span<const uint8_t> data
   TROVE_CHECK(fd_ >= 0 && !committed_);
   size_t done = 0;
   while (done < data.size()) {
-    ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
-                         static_cast<off_t>(offset + done));
+    ssize_t n =
+        ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       const int err = errno;

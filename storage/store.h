@@ -28,10 +28,10 @@ inline constexpr uint16_t kStoreVersionMinor = 0;
 // ---- writing ---------------------------------------------------------------------------------
 
 struct StoreTableSpec {
-  std::string dtype;      // "int4", "int8", "bf16", ... (recorded, not interpreted)
-  uint64_t count = 0;     // records N
+  std::string dtype;   // "int4", "int8", "bf16", ... (recorded, not interpreted)
+  uint64_t count = 0;  // records N
   uint64_t record_bytes = 0;
-  uint64_t stride = 0;    // >= record_bytes, multiple of 64
+  uint64_t stride = 0;  // >= record_bytes, multiple of 64
 };
 
 // Writes a store through an AtomicFileWriter: nothing appears at `path` until finish()
@@ -115,10 +115,10 @@ struct StoreOpenOptions {
 
 // One failed check found by verify().
 struct StoreFault {
-  std::string region;      // "header", "trailer", "manifest", "records", "dense", "checksums"
-  std::string layer;       // empty for file-level regions
-  std::string item;        // "expert 1234", "query.weight", ...
-  uint64_t offset = 0;     // absolute file offset of the damaged extent
+  std::string region;   // "header", "trailer", "manifest", "records", "dense", "checksums"
+  std::string layer;    // empty for file-level regions
+  std::string item;     // "expert 1234", "query.weight", ...
+  uint64_t offset = 0;  // absolute file offset of the damaged extent
   uint64_t bytes = 0;
   std::string message() const;  // "records of layer L, expert 1234 at offset 8192 (2304 bytes)"
 };

@@ -153,7 +153,7 @@ TEST(Cli, BadInputsGiveClearErrors) {
   ScratchDir dir;
   ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 64, 12).ok());
   RunResult r = run(dir, {"pack", dir.file("in.safetensors"), "-o", dir.file("m.trove"), "--layout",
-                    "mikeybeez", "--prefix", "model.layers.20.mlp.peer"});
+                          "mikeybeez", "--prefix", "model.layers.20.mlp.peer"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("model.layers.20.mlp.peer"), std::string::npos) << r.err;
 

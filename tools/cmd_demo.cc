@@ -60,7 +60,8 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
   spec.layout = ImportLayout::kMikeybeez;
   spec.prefixes.clear();
   for (int64_t i = 0; i < args.layers; ++i) {
-    spec.prefixes.push_back(str_printf("model.layers.%lld.mlp.peer", static_cast<long long>(19 + 2 * i)));
+    spec.prefixes.push_back(
+        str_printf("model.layers.%lld.mlp.peer", static_cast<long long>(19 + 2 * i)));
   }
   spec.config.dim = args.dim;
   spec.config.heads = 4;
@@ -75,12 +76,12 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
   const std::string back = dir + "/back.safetensors";
 
   if (talk) {
-    std::printf("trove demo: %lld PEER layer(s) of %lld experts (D=%lld, h=4, k=8, dk=32, "
-                "silu, relu gate), bf16, in mikeybeez layout\nscratch folder: %s%s\n\n",
-                static_cast<long long>(args.layers),
-                static_cast<long long>(args.n_keys * args.n_keys),
-                static_cast<long long>(args.dim), dir.c_str(),
-                cleanup.active ? " (removed at the end; --keep keeps it)" : "");
+    std::printf(
+        "trove demo: %lld PEER layer(s) of %lld experts (D=%lld, h=4, k=8, dk=32, "
+        "silu, relu gate), bf16, in mikeybeez layout\nscratch folder: %s%s\n\n",
+        static_cast<long long>(args.layers), static_cast<long long>(args.n_keys * args.n_keys),
+        static_cast<long long>(args.dim), dir.c_str(),
+        cleanup.active ? " (removed at the end; --keep keeps it)" : "");
     std::printf("1. writing a synthetic checkpoint %s\n", ckpt.c_str());
   }
   Status s = write_synthetic_checkpoint(ckpt, spec);
@@ -93,7 +94,9 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
   for (const auto& p : spec.prefixes) pack.layers.push_back({p, p});
   pack.dtype = parse_dtype(args.quant).value();
   pack.command_line = global.command_line;
-  if (talk) std::printf("2. trove pack %s -o %s --layout mikeybeez --quant %s\n\n", ckpt.c_str(), store.c_str(), args.quant.c_str());
+  if (talk)
+    std::printf("2. trove pack %s -o %s --layout mikeybeez --quant %s\n\n", ckpt.c_str(),
+                store.c_str(), args.quant.c_str());
   Result<PackReport> packed = pack_store(pack);
   if (!packed.ok()) return report_error("demo", packed.status());
   if (talk) print_pack_report(pack, *packed);
@@ -145,9 +148,10 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
     nlohmann::json j = {{"pack", pack_report_json(pack, *packed)},
                         {"inspect", *inspected},
                         {"verify", "ok"},
-                        {"unpack", {{"tensors", unpacked->tensors},
-                                    {"bytes", unpacked->output_bytes},
-                                    {"down_rmse", err.rmse()}}}};
+                        {"unpack",
+                         {{"tensors", unpacked->tensors},
+                          {"bytes", unpacked->output_bytes},
+                          {"down_rmse", err.rmse()}}}};
     std::printf("%s\n", j.dump(2).c_str());
   }
   return kExitOk;
@@ -164,7 +168,9 @@ void add_demo(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--dim", args->dim, "Model dimension D")->capture_default_str();
   cmd->add_option("--n-keys", args->n_keys, "Sub-keys per half n (N = n^2 experts)")
       ->capture_default_str();
-  cmd->add_option("--layers", args->layers, "PEER layers")->capture_default_str()->check(CLI::Range(1, 8));
+  cmd->add_option("--layers", args->layers, "PEER layers")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 8));
   cmd->add_option("--quant", args->quant, "Record dtype: int4, int8, bf16, f16 or f32")
       ->check(CLI::IsMember({"int4", "int8", "bf16", "f16", "f32"}))
       ->capture_default_str();

@@ -84,23 +84,23 @@ int run_verify(const std::string& path, const GlobalOptions& global) {
                       {"bytes", f.bytes},
                       {"message", f.message()}});
     }
-    nlohmann::json j = {{"file", path},          {"ok", faults->empty()},
-                        {"faults", list},        {"layers", store->layers().size()},
-                        {"records", records},    {"bytes", store->file_size()},
+    nlohmann::json j = {{"file", path},       {"ok", faults->empty()},
+                        {"faults", list},     {"layers", store->layers().size()},
+                        {"records", records}, {"bytes", store->file_size()},
                         {"seconds", seconds}};
     std::printf("%s\n", j.dump(2).c_str());
   } else if (faults->empty()) {
     if (!global.quiet) {
-      std::printf("%s: OK: header, trailer, manifest, %zu layer%s, %llu records and their dense "
-                  "tensors match their XXH3 checksums (%s in %.2f s, %s)\n",
-                  path.c_str(), store->layers().size(), store->layers().size() == 1 ? "" : "s",
-                  static_cast<unsigned long long>(records),
-                  format_bytes(store->file_size()).c_str(), seconds,
-                  format_rate(seconds > 0 ? store->file_size() / seconds : 0).c_str());
+      std::printf(
+          "%s: OK: header, trailer, manifest, %zu layer%s, %llu records and their dense "
+          "tensors match their XXH3 checksums (%s in %.2f s, %s)\n",
+          path.c_str(), store->layers().size(), store->layers().size() == 1 ? "" : "s",
+          static_cast<unsigned long long>(records), format_bytes(store->file_size()).c_str(),
+          seconds, format_rate(seconds > 0 ? store->file_size() / seconds : 0).c_str());
     }
   } else {
-    std::fprintf(stderr, "trove verify: %s: %zu damaged extent%s:\n", path.c_str(),
-                 faults->size(), faults->size() == 1 ? "" : "s");
+    std::fprintf(stderr, "trove verify: %s: %zu damaged extent%s:\n", path.c_str(), faults->size(),
+                 faults->size() == 1 ? "" : "s");
     for (const StoreFault& f : *faults) std::fprintf(stderr, "  %s\n", f.message().c_str());
     std::fprintf(stderr,
                  "The store is damaged; re-create it with `trove pack` from its source (see "

@@ -32,12 +32,13 @@ void print_pack_report(const PackOptions& opt, const PackReport& r) {
                   e.max_abs, e.rel_fro());
     }
   }
-  std::printf("\nwrote %s: %zu layer%s, %s from %s of expert tables (%.2fx smaller) in %.2f s "
-              "(%s)\n",
-              opt.output.c_str(), r.layers.size(), r.layers.size() == 1 ? "" : "s",
-              format_bytes(r.output_bytes).c_str(), format_bytes(r.source_bytes).c_str(),
-              r.output_bytes ? static_cast<double>(r.source_bytes) / r.output_bytes : 0.0,
-              r.seconds, format_rate(r.seconds > 0 ? r.source_bytes / r.seconds : 0).c_str());
+  std::printf(
+      "\nwrote %s: %zu layer%s, %s from %s of expert tables (%.2fx smaller) in %.2f s "
+      "(%s)\n",
+      opt.output.c_str(), r.layers.size(), r.layers.size() == 1 ? "" : "s",
+      format_bytes(r.output_bytes).c_str(), format_bytes(r.source_bytes).c_str(),
+      r.output_bytes ? static_cast<double>(r.source_bytes) / r.output_bytes : 0.0, r.seconds,
+      format_rate(r.seconds > 0 ? r.source_bytes / r.seconds : 0).c_str());
   std::printf("next: trove inspect %s   |   trove verify %s\n", opt.output.c_str(),
               opt.output.c_str());
 }
@@ -45,14 +46,15 @@ void print_pack_report(const PackOptions& opt, const PackReport& r) {
 nlohmann::json pack_report_json(const PackOptions& opt, const PackReport& r) {
   nlohmann::json layers = nlohmann::json::array();
   for (const PackedLayer& l : r.layers) {
-    layers.push_back({{"name", l.name},
-                      {"prefix", l.prefix},
-                      {"experts", l.config.num_experts()},
-                      {"dtype", dtype_name(opt.dtype)},
-                      {"source_dtype", l.source_dtype},
-                      {"record_bytes", l.record.record_bytes},
-                      {"stride", l.record.stride},
-                      {"error", {{"down", error_json(l.down_error)}, {"up", error_json(l.up_error)}}}});
+    layers.push_back(
+        {{"name", l.name},
+         {"prefix", l.prefix},
+         {"experts", l.config.num_experts()},
+         {"dtype", dtype_name(opt.dtype)},
+         {"source_dtype", l.source_dtype},
+         {"record_bytes", l.record.record_bytes},
+         {"stride", l.record.stride},
+         {"error", {{"down", error_json(l.down_error)}, {"up", error_json(l.up_error)}}}});
   }
   return {{"output", opt.output},
           {"output_bytes", r.output_bytes},
@@ -66,7 +68,8 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
       "pack",
       "Pack PEER layers from safetensors checkpoint(s) into a .trove store.\n"
       "Example: trove pack model.safetensors -o model.trove --layout mikeybeez \\\n"
-      "           --prefix model.layers.19.mlp.peer --prefix model.layers.21.mlp.peer --quant int4");
+      "           --prefix model.layers.19.mlp.peer --prefix model.layers.21.mlp.peer --quant "
+      "int4");
   struct Args {
     std::vector<std::string> inputs;
     std::string output;
@@ -129,9 +132,11 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
     if (args->heads > 0) opt.overrides.heads = args->heads;
     if (args->topk > 0) opt.overrides.topk = args->topk;
     if (args->topk_per_half > 0) opt.overrides.topk_per_half = args->topk_per_half;
-    if (!args->activation.empty()) opt.overrides.activation = parse_activation(args->activation).value();
+    if (!args->activation.empty())
+      opt.overrides.activation = parse_activation(args->activation).value();
     if (!args->gate.empty()) opt.overrides.gate = parse_gate(args->gate).value();
-    if (!args->input_norm.empty()) opt.overrides.input_norm = parse_input_norm(args->input_norm).value();
+    if (!args->input_norm.empty())
+      opt.overrides.input_norm = parse_input_norm(args->input_norm).value();
     if (args->norm_eps > 0) opt.overrides.norm_eps = args->norm_eps;
     opt.stride_align = static_cast<size_t>(args->stride_align);
     opt.threads = args->threads;
@@ -169,8 +174,9 @@ void add_unpack(CLI::App& app, GlobalOptions& global) {
     UnpackOptions opt;
     opt.input = args->input;
     opt.output = args->output;
-    opt.dtype = args->dtype == "f32" ? StDType::kF32 : args->dtype == "f16" ? StDType::kF16
-                                                                            : StDType::kBF16;
+    opt.dtype = args->dtype == "f32"   ? StDType::kF32
+                : args->dtype == "f16" ? StDType::kF16
+                                       : StDType::kBF16;
     opt.layers = args->layers;
     Result<UnpackReport> r = unpack_store(opt);
     if (!r.ok()) {

@@ -22,8 +22,8 @@ struct GlobalOptions {
 
 // Exit codes, documented in `trove --help`.
 inline constexpr int kExitOk = 0;
-inline constexpr int kExitError = 1;      // bad input, I/O error, ...
-inline constexpr int kExitCorrupt = 3;    // verify found damage
+inline constexpr int kExitError = 1;    // bad input, I/O error, ...
+inline constexpr int kExitCorrupt = 3;  // verify found damage
 
 void add_pack(CLI::App& app, GlobalOptions& global);
 void add_unpack(CLI::App& app, GlobalOptions& global);
