@@ -11,9 +11,42 @@ namespace trove {
 
 namespace {
 
-double get_double(const nlohmann::json& j, const char* a, const char* b, const char* c) {
-  if (!j.contains(a) || !j[a].contains(b) || !j[a][b].contains(c)) return -1;
-  return j[a][b][c].is_number() ? j[a][b][c].get<double>() : -1;
+// The manifest's provenance and each layer's `source` and `quant_error` are free-form JSON that
+// pack wrote; a damaged or hand-edited store may hold anything there. The report copies only
+// fields of the expected type, so render_inspect can rely on every type it reads.
+std::string string_or(const nlohmann::json& obj, const char* key, const char* fallback = "?") {
+  if (!obj.is_object()) return fallback;
+  auto it = obj.find(key);
+  return it != obj.end() && it->is_string() ? it->get<std::string>() : fallback;
+}
+
+double number_or(const nlohmann::json& obj, const char* key, double fallback = -1) {
+  if (!obj.is_object()) return fallback;
+  auto it = obj.find(key);
+  return it != obj.end() && it->is_number() ? it->get<double>() : fallback;
+}
+
+nlohmann::json clean_provenance(const nlohmann::json& p) {
+  nlohmann::json out = {{"tool", string_or(p, "tool")},
+                        {"created", string_or(p, "created")},
+                        {"command", string_or(p, "command", "")},
+                        {"layout", string_or(p, "layout")}};
+  nlohmann::json sources = nlohmann::json::array();
+  if (p.is_object() && p.contains("sources") && p["sources"].is_array()) {
+    for (const auto& src : p["sources"]) {
+      const double bytes = number_or(src, "bytes", 0);
+      sources.push_back({{"file", string_or(src, "file")},
+                         {"bytes", bytes > 0 ? static_cast<uint64_t>(bytes) : 0}});
+    }
+  }
+  out["sources"] = sources;
+  return out;
+}
+
+nlohmann::json clean_error(const nlohmann::json& e) {
+  return {{"rmse", number_or(e, "rmse")},
+          {"max_abs", number_or(e, "max_abs")},
+          {"rel_fro", number_or(e, "rel_fro")}};
 }
 
 }  // namespace
@@ -24,8 +57,7 @@ Result<nlohmann::json> inspect_store(const StoreReader& store, const TierBudgets
   out["file_bytes"] = store.file_size();
   out["format_version"] = {store.version_major(), store.version_minor()};
   out["generation"] = store.generation();
-  out["provenance"] = store.provenance();
-  out["checksum"] = store.manifest().value("checksum", nlohmann::json::object());
+  out["provenance"] = clean_provenance(store.provenance());
 
   uint64_t total_table = 0;
   uint64_t total_dense = 0;
@@ -54,8 +86,18 @@ Result<nlohmann::json> inspect_store(const StoreReader& store, const TierBudgets
       total_dense += d.bytes;
     }
     l["dense"] = dense;
-    if (info.info.contains("quant_error")) l["quant_error"] = info.info["quant_error"];
-    if (info.info.contains("source")) l["source"] = info.info["source"];
+    if (info.info.contains("quant_error") && info.info["quant_error"].is_object()) {
+      const nlohmann::json& e = info.info["quant_error"];
+      l["quant_error"] = {{"down", clean_error(e.value("down", nlohmann::json()))},
+                          {"up", clean_error(e.value("up", nlohmann::json()))}};
+    }
+    if (info.info.contains("source")) {
+      const nlohmann::json& src = info.info["source"];
+      l["source"] = {{"file", string_or(src, "file")},
+                     {"prefix", string_or(src, "prefix", "")},
+                     {"layout", string_or(src, "layout")},
+                     {"dtype", string_or(src, "dtype")}};
+    }
     total_table += info.table.bytes;
     total_bf16 += bf16;
     layers.push_back(std::move(l));
@@ -87,17 +129,14 @@ std::string render_inspect(const nlohmann::json& j) {
                   format_bytes(j["file_bytes"].get<uint64_t>()).c_str(),
                   j["format_version"][0].get<int>(), j["format_version"][1].get<int>(),
                   static_cast<unsigned long long>(j["generation"].get<uint64_t>()));
+  // Every field read here was written by inspect_store with its type checked.
   const nlohmann::json& p = j["provenance"];
-  if (p.is_object()) {
-    s += str_printf("  written by %s on %s\n", p.value("tool", "?").c_str(),
-                    p.value("created", "?").c_str());
-    if (p.contains("sources")) {
-      for (const auto& src : p["sources"]) {
-        s += str_printf("  source     %s (%s, layout %s)\n", src.value("file", "?").c_str(),
-                        format_bytes(src.value("bytes", uint64_t{0})).c_str(),
-                        p.value("layout", "?").c_str());
-      }
-    }
+  s += str_printf("  written by %s on %s\n", p["tool"].get<std::string>().c_str(),
+                  p["created"].get<std::string>().c_str());
+  for (const auto& src : p["sources"]) {
+    s += str_printf("  source     %s (%s, layout %s)\n", src["file"].get<std::string>().c_str(),
+                    format_bytes(src["bytes"].get<uint64_t>()).c_str(),
+                    p["layout"].get<std::string>().c_str());
   }
   s += "\n";
   for (const auto& l : j["layers"]) {
@@ -139,17 +178,19 @@ std::string render_inspect(const nlohmann::json& j) {
     if (l.contains("quant_error")) {
       s += str_printf(
           "  error      down rmse %.4g max %.4g rel %.4g | up rmse %.4g max %.4g rel %.4g\n",
-          get_double(l, "quant_error", "down", "rmse"),
-          get_double(l, "quant_error", "down", "max_abs"),
-          get_double(l, "quant_error", "down", "rel_fro"),
-          get_double(l, "quant_error", "up", "rmse"), get_double(l, "quant_error", "up", "max_abs"),
-          get_double(l, "quant_error", "up", "rel_fro"));
+          l["quant_error"]["down"]["rmse"].get<double>(),
+          l["quant_error"]["down"]["max_abs"].get<double>(),
+          l["quant_error"]["down"]["rel_fro"].get<double>(),
+          l["quant_error"]["up"]["rmse"].get<double>(),
+          l["quant_error"]["up"]["max_abs"].get<double>(),
+          l["quant_error"]["up"]["rel_fro"].get<double>());
     }
     if (l.contains("source")) {
       const auto& src = l["source"];
-      s += str_printf("  source     %s prefix '%s' (%s, %s)\n", src.value("file", "?").c_str(),
-                      src.value("prefix", "").c_str(), src.value("layout", "?").c_str(),
-                      src.value("dtype", "?").c_str());
+      s += str_printf(
+          "  source     %s prefix '%s' (%s, %s)\n", src["file"].get<std::string>().c_str(),
+          src["prefix"].get<std::string>().c_str(), src["layout"].get<std::string>().c_str(),
+          src["dtype"].get<std::string>().c_str());
     }
     s += "\n";
   }

@@ -76,15 +76,6 @@ LayoutNames layout_names(ImportLayout layout) {
   return {};
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 bool is_float_dtype(StDType t) {
   return t == StDType::kF32 || t == StDType::kF16 || t == StDType::kBF16;
 }
@@ -207,7 +198,7 @@ class TensorFinder {
 };
 
 Status shape_error(const StTensorView& t, const std::string& expected, const std::string& why) {
-  return Status::invalid_argument("tensor '" + t.name + "' has shape " + shape_string(t.shape) +
+  return Status::invalid_argument("tensor '" + t.name + "' has shape " + shape_to_string(t.shape) +
                                   ", expected " + expected + " (" + why + ")");
 }
 
@@ -238,8 +229,14 @@ Result<std::optional<PeerConfig>> trove_metadata_config(
   }
   if (text == nullptr) return std::optional<PeerConfig>();
   const std::string where = source->path() + ": __metadata__[\"" + key + "\"]";
+  if (const int depth = json_nesting_depth(*text); depth > kMaxJsonDepth) {
+    return Status::invalid_argument(
+        str_printf("%s nests %d levels deep; a config is a flat object", where.c_str(), depth));
+  }
   nlohmann::json j = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return Status::invalid_argument(where + " is not valid JSON: " + *text);
+  if (j.is_discarded()) {
+    return Status::invalid_argument(where + " is not valid JSON: " + clip(*text));
+  }
   Result<PeerConfig> config = peer_config_from_json(j);
   if (!config.ok()) return config.status().with_context(where);
   return std::optional<PeerConfig>(*config);
@@ -349,13 +346,13 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
   const StTensorView& uv = *up.view;
   if (uv.shape.size() != 2 || uv.shape[0] != num_experts || uv.shape[1] < 1) {
     return shape_error(uv, str_printf("[%lld, D_out]", static_cast<long long>(num_experts)),
-                       "one up row per expert of " + dv.name + " " + shape_string(dv.shape));
+                       "one up row per expert of " + dv.name + " " + shape_to_string(dv.shape));
   }
   const int64_t dim_out = uv.shape[1];
 
   const StTensorView& kv = *keys.view;
   const std::string n_why = str_printf("n_keys %lld from %s %s", static_cast<long long>(n_keys),
-                                       dv.name.c_str(), shape_string(dv.shape).c_str());
+                                       dv.name.c_str(), shape_to_string(dv.shape).c_str());
   const bool trove_keys = names.keys_head_major_half_first;
   if (kv.shape.size() != 4 || kv.shape[0] < 1 || kv.shape[3] < 1 ||
       kv.shape[trove_keys ? 1 : 2] != 2 || kv.shape[trove_keys ? 2 : 1] != n_keys) {
@@ -373,17 +370,17 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
   if (qv.shape.size() != 2 || qv.shape[1] != dim) {
     return shape_error(qv, q_expected,
                        str_printf("D = %lld from %s %s", static_cast<long long>(dim),
-                                  dv.name.c_str(), shape_string(dv.shape).c_str()));
+                                  dv.name.c_str(), shape_to_string(dv.shape).c_str()));
   }
   if (qv.shape[0] < 1 || qv.shape[0] % (2 * dim_key) != 0) {
     return shape_error(qv, q_expected,
                        str_printf("rows must be heads * 2 * dim_key with dim_key %lld from %s %s",
                                   static_cast<long long>(dim_key), kv.name.c_str(),
-                                  shape_string(kv.shape).c_str()));
+                                  shape_to_string(kv.shape).c_str()));
   }
   const int64_t heads = qv.shape[0] / (2 * dim_key);
   const std::string h_why = str_printf("heads %lld from %s %s", static_cast<long long>(heads),
-                                       qv.name.c_str(), shape_string(qv.shape).c_str());
+                                       qv.name.c_str(), shape_to_string(qv.shape).c_str());
   bool shared_keys = false;
   if (trove_keys) {
     if (key_heads != heads && key_heads != 1) {
@@ -402,12 +399,12 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
   }
   if (bias && (bias.view->shape.size() != 1 || bias.view->shape[0] != qv.shape[0])) {
     return shape_error(*bias.view, str_printf("[%lld]", static_cast<long long>(qv.shape[0])),
-                       "one bias per row of " + qv.name + " " + shape_string(qv.shape));
+                       "one bias per row of " + qv.name + " " + shape_to_string(qv.shape));
   }
   if (norm && (norm.view->shape.size() != 1 || norm.view->shape[0] != dim)) {
     return shape_error(*norm.view, str_printf("[%lld]", static_cast<long long>(dim)),
                        str_printf("D = %lld from %s %s", static_cast<long long>(dim),
-                                  dv.name.c_str(), shape_string(dv.shape).c_str()));
+                                  dv.name.c_str(), shape_to_string(dv.shape).c_str()));
   }
   if (overrides.heads && *overrides.heads != heads) {
     return Status::invalid_argument(str_printf("--heads %lld disagrees with the tensors: %s",
@@ -424,20 +421,20 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
   }
   if (meta) {
     const std::string key = trove_layout_config_key(prefix);
-    TROVE_RETURN_IF_ERROR(
-        check_metadata_field(key, "dim", meta->dim, dim, dv.name + " " + shape_string(dv.shape)));
+    TROVE_RETURN_IF_ERROR(check_metadata_field(key, "dim", meta->dim, dim,
+                                               dv.name + " " + shape_to_string(dv.shape)));
     TROVE_RETURN_IF_ERROR(check_metadata_field(key, "dim_out", meta->dim_out, dim_out,
-                                               uv.name + " " + shape_string(uv.shape)));
+                                               uv.name + " " + shape_to_string(uv.shape)));
     TROVE_RETURN_IF_ERROR(check_metadata_field(key, "n_keys", meta->n_keys, n_keys,
-                                               dv.name + " " + shape_string(dv.shape)));
+                                               dv.name + " " + shape_to_string(dv.shape)));
     TROVE_RETURN_IF_ERROR(check_metadata_field(key, "dim_key", meta->dim_key, dim_key,
-                                               kv.name + " " + shape_string(kv.shape)));
+                                               kv.name + " " + shape_to_string(kv.shape)));
     TROVE_RETURN_IF_ERROR(check_metadata_field(key, "heads", meta->heads, heads,
-                                               qv.name + " " + shape_string(qv.shape)));
+                                               qv.name + " " + shape_to_string(qv.shape)));
     // With one head, hk = 1 is both shared and per-head keys: the metadata decides.
     TROVE_RETURN_IF_ERROR(check_metadata_field(key, "key heads (shared_keys ? 1 : heads)",
                                                meta->key_heads(), key_heads,
-                                               kv.name + " " + shape_string(kv.shape)));
+                                               kv.name + " " + shape_to_string(kv.shape)));
     if (meta->query_bias != static_cast<bool>(bias)) {
       return Status::invalid_argument(
           "__metadata__[\"" + key +
@@ -545,7 +542,7 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
 Status read_rows_f32(const StTensorView& table, int64_t first, int64_t count, float* out) {
   if (table.shape.size() != 2) {
     return Status::invalid_argument("tensor '" + table.name + "' has shape " +
-                                    shape_string(table.shape) + ", expected [rows, row_len]");
+                                    shape_to_string(table.shape) + ", expected [rows, row_len]");
   }
   if (!is_float_dtype(table.dtype)) {
     return Status::invalid_argument("tensor '" + table.name + "' has dtype " +
@@ -564,7 +561,7 @@ Status read_rows_f32(const StTensorView& table, int64_t first, int64_t count, fl
   if (table.bytes.size() != static_cast<size_t>(rows) * static_cast<size_t>(row_len) * elem) {
     return Status::corruption(str_printf("tensor '%s' has %zu bytes for shape %s",
                                          table.name.c_str(), table.bytes.size(),
-                                         shape_string(table.shape).c_str()));
+                                         shape_to_string(table.shape).c_str()));
   }
   if (count == 0) return Status::ok_status();
   TROVE_CHECK(out != nullptr);

@@ -1,3 +1,4 @@
+// pack: checkpoint(s) -> .trove store, streamed in chunks of experts (runtime/pack.h).
 #include "runtime/pack.h"
 
 #include <sys/stat.h>

@@ -9,6 +9,8 @@
 #include <limits>
 #include <string>
 
+#include "base/strings.h"
+
 namespace trove {
 namespace {
 
@@ -31,9 +33,10 @@ bool is_known_field(const std::string& key) {
   return false;
 }
 
-// dump() that cannot throw: strings built in memory (not parsed) may hold invalid UTF-8.
+// dump() for error messages: cannot throw (strings built in memory, not parsed, may hold
+// invalid UTF-8) and is clipped. Callers bound the nesting depth of what they parse.
 std::string safe_dump(const json& value) {
-  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+  return clip(value.dump(-1, ' ', false, json::error_handler_t::replace));
 }
 
 Status wrong_type(const char* field, const char* expected, const json& value) {

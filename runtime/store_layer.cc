@@ -15,6 +15,40 @@ Result<int64_t> get_int(const nlohmann::json& obj, const char* key, const std::s
   return it->get<int64_t>();
 }
 
+// The dense tensors the config implies, with exactly these shapes. Other dense tensors (from a
+// newer minor format version) are left alone.
+Status check_dense_shapes(const StoreLayerInfo& layer, const PeerConfig& c,
+                          const std::string& where) {
+  struct Expected {
+    const char* name;
+    bool present;
+    std::vector<int64_t> shape;
+  };
+  const Expected expected[] = {
+      {"query.weight", true, {c.query_rows(), c.dim}},
+      {"query.bias", c.query_bias, {c.query_rows()}},
+      {"keys", true, {c.key_heads(), 2, c.n_keys, c.dim_key}},
+      {"norm.weight", c.input_norm == InputNorm::kRms, {c.dim}},
+  };
+  for (const Expected& e : expected) {
+    const StoreDenseInfo* d = layer.find_dense(e.name);
+    if (d == nullptr && e.present) {
+      return Status::corruption(where + ": the config needs dense tensor '" + e.name +
+                                "', which the store lacks");
+    }
+    if (d != nullptr && !e.present) {
+      return Status::corruption(where + ": dense tensor '" + e.name +
+                                "' is present but the config does not use it");
+    }
+    if (d != nullptr && d->shape != e.shape) {
+      return Status::corruption(where + ": dense tensor '" + e.name + "' has shape " +
+                                shape_to_string(d->shape) + ", the config implies " +
+                                shape_to_string(e.shape));
+    }
+  }
+  return {};
+}
+
 }  // namespace
 
 Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayerInfo& layer) {
@@ -29,7 +63,10 @@ Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayer
   StoredLayer out;
   out.info = &layer;
   auto config = peer_config_from_json(info["config"]);
-  if (!config.ok()) return config.status().with_context(where + ".config");
+  if (!config.ok()) {
+    // A config that pack wrote and that no longer parses is damage, not a caller's mistake.
+    return Status::corruption(where + ".config: " + config.status().message());
+  }
   out.config = config.value();
 
   const nlohmann::json& r = info["record"];
@@ -58,7 +95,7 @@ Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayer
         static_cast<unsigned long long>(t.stride)));
   }
   out.record.stride = static_cast<size_t>(t.stride);
-  if (dim != out.config.dim || dim_out != out.config.dim_out ||
+  if (dim != out.config.dim || dim_out != out.config.dim_out || width != out.config.expert_width ||
       static_cast<int64_t>(t.count) != out.config.num_experts()) {
     return Status::corruption(str_printf(
         "%s: config (dim %lld, dim_out %lld, %lld experts) disagrees with the table (dim %lld, "
@@ -68,6 +105,7 @@ Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayer
         static_cast<long long>(out.config.num_experts()), static_cast<long long>(dim),
         static_cast<long long>(dim_out), static_cast<unsigned long long>(t.count)));
   }
+  TROVE_RETURN_IF_ERROR(check_dense_shapes(layer, out.config, where));
   return out;
 }
 

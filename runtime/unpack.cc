@@ -1,11 +1,15 @@
+// unpack: a store's layers back to safetensors in the trove layout, streamed table by table.
 #include <sys/stat.h>
+
 #include <chrono>
 #include <cstring>
+#include <map>
+#include <memory>
 
-#include "base/half.h"
 #include "base/progress.h"
 #include "base/strings.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/ref/quant_ref.h"
 #include "runtime/layouts.h"
 #include "runtime/pack.h"
 #include "runtime/peer_config_json.h"
@@ -15,28 +19,6 @@ namespace trove {
 
 namespace {
 
-void convert_f32(StDType dtype, const float* x, size_t n, uint8_t* out) {
-  switch (dtype) {
-    case StDType::kF32:
-      std::memcpy(out, x, n * sizeof(float));
-      return;
-    case StDType::kF16:
-      for (size_t i = 0; i < n; ++i) {
-        const uint16_t h = fp32_to_fp16(x[i]);
-        std::memcpy(out + 2 * i, &h, 2);
-      }
-      return;
-    case StDType::kBF16:
-      for (size_t i = 0; i < n; ++i) {
-        const uint16_t h = fp32_to_bf16(x[i]);
-        std::memcpy(out + 2 * i, &h, 2);
-      }
-      return;
-    default:
-      TROVE_CHECK_MSG(false, "unpack: unsupported output dtype");
-  }
-}
-
 // Streams one expert table (down or up) of a stored layer as a safetensors tensor: the
 // writer asks for byte ranges, and each range is served by verifying and dequantizing just
 // the records it covers.
@@ -44,7 +26,14 @@ class TableFiller {
  public:
   TableFiller(const StoreReader& store, const StoredLayer& layer, bool up, StDType dtype,
               ProgressBar* bar)
-      : store_(store), layer_(layer), up_(up), dtype_(dtype), bar_(bar) {}
+      : store_(store),
+        layer_(layer),
+        up_(up),
+        dtype_(dtype),
+        out_dtype_(dtype == StDType::kF32   ? DType::kF32
+                   : dtype == StDType::kF16 ? DType::kF16
+                                            : DType::kBF16),
+        bar_(bar) {}
 
   Status operator()(uint64_t offset, std::span<uint8_t> chunk) {
     const RecordLayout& rec = layer_.record;
@@ -56,17 +45,15 @@ class TableFiller {
     const int64_t last = static_cast<int64_t>((end + row_bytes - 1) / row_bytes);  // exclusive
     const int64_t count = last - first;
     const std::span<const uint8_t> table = store_.mapped_records(*layer_.info);
-    down_.resize(static_cast<size_t>(count * rec.dim));
-    upv_.resize(static_cast<size_t>(count * rec.dim_out));
+    rows_.resize(static_cast<size_t>(count) * row_len);
     bytes_.resize(static_cast<size_t>(count) * row_bytes);
     const uint8_t* records = table.data() + static_cast<uint64_t>(first) * rec.stride;
     for (int64_t i = 0; i < count; ++i) {
       TROVE_RETURN_IF_ERROR(store_.verify_record(*layer_.info, first + i,
                                                  records + static_cast<uint64_t>(i) * rec.stride));
     }
-    unpack_records(rec, records, count, down_.data(), upv_.data());
-    const std::vector<float>& rows = up_ ? upv_ : down_;
-    convert_f32(dtype_, rows.data(), static_cast<size_t>(count) * row_len, bytes_.data());
+    unpack_records(rec, records, count, up_ ? nullptr : rows_.data(), up_ ? rows_.data() : nullptr);
+    convert_row_ref(out_dtype_, rows_.data(), count * static_cast<int64_t>(row_len), bytes_.data());
     std::memcpy(chunk.data(), bytes_.data() + (offset - static_cast<uint64_t>(first) * row_bytes),
                 chunk.size());
     if (bar_ != nullptr) bar_->add(chunk.size());
@@ -78,8 +65,9 @@ class TableFiller {
   const StoredLayer& layer_;
   bool up_;
   StDType dtype_;
+  DType out_dtype_;  // the same type, as the kernels name it
   ProgressBar* bar_;
-  std::vector<float> down_, upv_;
+  std::vector<float> rows_;
   std::vector<uint8_t> bytes_;
 };
 

@@ -194,7 +194,10 @@ TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
   int saw_old = 0, saw_new = 0;
   for (int it = 0; it < iterations; ++it) {
     testing::write_all(dir.file("m.trove"), old_bytes);
-    const double delay = std::uniform_real_distribution<double>(0, full_ms * 1.1)(rng);
+    // Kill times spread evenly (with jitter) over 0 .. 2x a full run: the early ones land
+    // before the rename, the late ones after it, so both outcomes must be seen.
+    const double slot = full_ms * 2.0 / iterations;
+    const double delay = slot * (it + std::uniform_real_distribution<double>(0, 1)(rng));
     pid_t pid = spawn(pack_args(dir), dir.file(".out"), dir.file(".err"));
     std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(delay * 1000)));
     kill(pid, SIGKILL);
@@ -219,6 +222,8 @@ TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
         << "iteration " << it << " left a temporary behind";
   }
   EXPECT_EQ(saw_old + saw_new, iterations);
+  EXPECT_GT(saw_old, 0) << "no kill landed before the new store was in place";
+  EXPECT_GT(saw_new, 0) << "no kill landed after the new store was in place";
   std::printf("pack killed %d times over %.0f ms: old store %d times, new store %d times\n",
               iterations, full_ms, saw_old, saw_new);
 }

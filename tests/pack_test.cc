@@ -11,6 +11,8 @@
 #include "base/half.h"
 #include "kernels/cpu/ref/quant_ref.h"
 #include "runtime/inspect.h"
+#include "runtime/peer_config_json.h"
+#include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
@@ -312,6 +314,131 @@ TEST(Inspect, ReportsLayersReadAmplificationAndTierSplit) {
   const std::string text = render_inspect(*j);
   EXPECT_NE(text.find("blk.0.peer"), std::string::npos);
   EXPECT_NE(text.find("read amp."), std::string::npos);
+}
+
+}  // namespace
+}  // namespace trove
+
+namespace trove {
+namespace {
+
+// A store written directly with StoreWriter, so a test can give it any layer info: what a
+// damaged or hand-edited (but checksum-valid) store looks like to the runtime.
+struct HandMadeStore {
+  PeerConfig config;
+  nlohmann::json info;
+  nlohmann::json provenance = {{"tool", "test"}};
+  std::vector<int64_t> keys_shape;
+
+  HandMadeStore() {
+    config.dim = 40;
+    config.heads = 2;
+    config.n_keys = 3;
+    config.dim_key = 4;
+    config.topk = 2;
+    EXPECT_TRUE(config.validate_and_fill().ok());
+    info = {{"config", peer_config_to_json(config)},
+            {"record", {{"dtype", "int8"}, {"dim", 40}, {"dim_out", 40}, {"width", 1}}}};
+    keys_shape = {2, 2, 3, 4};
+  }
+
+  Status write(const std::string& path) const {
+    auto record = RecordLayout::make(DType::kI8, 40, 40);
+    if (!record.ok()) return record.status();
+    auto w = StoreWriter::create(path, provenance);
+    if (!w.ok()) return w.status();
+    StoreTableSpec table{"int8", 9, record->record_bytes, record->stride};
+    TROVE_RETURN_IF_ERROR(w->begin_layer("L", info, table));
+    std::vector<uint8_t> records(9 * record->stride, 0);
+    TROVE_RETURN_IF_ERROR(w->append_records(records));
+    std::vector<float> q(static_cast<size_t>(config.query_rows() * config.dim), 0.5f);
+    TROVE_RETURN_IF_ERROR(w->add_dense("query.weight", {config.query_rows(), config.dim}, q));
+    int64_t keys = 1;
+    for (int64_t d : keys_shape) keys *= d;
+    std::vector<float> k(static_cast<size_t>(keys), 0.25f);
+    TROVE_RETURN_IF_ERROR(w->add_dense("keys", keys_shape, k));
+    TROVE_RETURN_IF_ERROR(w->end_layer());
+    return w->finish();
+  }
+};
+
+TEST(StoredLayer, AHandMadeValidStoreLoads) {
+  ScratchDir dir;
+  ASSERT_TRUE(HandMadeStore().write(dir.file("s.trove")).ok());
+  auto store = StoreReader::open(dir.file("s.trove"));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto layer = load_stored_layer(*store, "L");
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  EXPECT_EQ(layer->record.stride, store->layers()[0].table.stride);
+}
+
+TEST(StoredLayer, RecordWidthDisagreeingWithConfigIsCorruptionAndUnpackRefuses) {
+  ScratchDir dir;
+  HandMadeStore h;
+  h.info["record"]["width"] = 2;  // records of two rows each, config says one
+  // Keep the table consistent with the record it claims, so only the config check can catch it.
+  h.info["record"]["dim"] = 20;
+  h.info["record"]["dim_out"] = 20;
+  ASSERT_TRUE(RecordLayout::make(DType::kI8, 20, 20, 2)->record_bytes ==
+              RecordLayout::make(DType::kI8, 40, 40, 1)->record_bytes);
+  ASSERT_TRUE(h.write(dir.file("s.trove")).ok());
+  auto store = StoreReader::open(dir.file("s.trove"));
+  ASSERT_TRUE(store.ok());
+  auto layer = load_stored_layer(*store, "L");
+  ASSERT_FALSE(layer.ok());
+  EXPECT_TRUE(layer.status().is_corruption()) << layer.status().to_string();
+
+  UnpackOptions un;
+  un.input = dir.file("s.trove");
+  un.output = dir.file("out.safetensors");
+  EXPECT_FALSE(unpack_store(un).ok());
+  EXPECT_FALSE(file_exists(dir.file("out.safetensors")));
+}
+
+TEST(StoredLayer, DenseShapeDisagreeingWithConfigIsCorruptionNamingTheTensor) {
+  ScratchDir dir;
+  HandMadeStore h;
+  h.keys_shape = {2, 2, 4, 4};  // n = 4 keys, config says 3
+  ASSERT_TRUE(h.write(dir.file("s.trove")).ok());
+  auto store = StoreReader::open(dir.file("s.trove"));
+  ASSERT_TRUE(store.ok());
+  auto layer = load_stored_layer(*store, "L");
+  ASSERT_FALSE(layer.ok());
+  EXPECT_TRUE(layer.status().is_corruption());
+  EXPECT_NE(layer.status().message().find("'keys' has shape [2, 2, 4, 4]"), std::string::npos)
+      << layer.status().message();
+}
+
+TEST(StoredLayer, UnparsableConfigIsCorruption) {
+  ScratchDir dir;
+  HandMadeStore h;
+  h.info["config"]["activation"] = "swish";
+  ASSERT_TRUE(h.write(dir.file("s.trove")).ok());
+  auto store = StoreReader::open(dir.file("s.trove"));
+  ASSERT_TRUE(store.ok());
+  auto layer = load_stored_layer(*store, "L");
+  ASSERT_FALSE(layer.ok());
+  EXPECT_TRUE(layer.status().is_corruption()) << layer.status().to_string();
+  EXPECT_NE(layer.status().message().find("swish"), std::string::npos);
+}
+
+TEST(Inspect, MalformedProvenanceSourceAndErrorsAreShownAsUnknownNotFatal) {
+  ScratchDir dir;
+  HandMadeStore h;
+  h.provenance = {{"tool", 7}, {"created", nullptr}, {"sources", 3}, {"layout", {1, 2}}};
+  h.info["source"] = "not an object";
+  h.info["quant_error"] = {{"down", 5}, {"up", {{"rmse", "x"}}}};
+  ASSERT_TRUE(h.write(dir.file("s.trove")).ok());
+  auto store = StoreReader::open(dir.file("s.trove"));
+  ASSERT_TRUE(store.ok());
+  auto j = inspect_store(*store, TierBudgets{});
+  ASSERT_TRUE(j.ok()) << j.status().to_string();
+  EXPECT_EQ((*j)["provenance"]["tool"], "?");
+  EXPECT_TRUE((*j)["provenance"]["sources"].empty());
+  EXPECT_EQ((*j)["layers"][0]["source"]["file"], "?");
+  EXPECT_EQ((*j)["layers"][0]["quant_error"]["up"]["rmse"], -1.0);
+  const std::string text = render_inspect(*j);  // must not throw
+  EXPECT_NE(text.find("written by ? on ?"), std::string::npos) << text;
 }
 
 }  // namespace

@@ -152,7 +152,7 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
                          {{"tensors", unpacked->tensors},
                           {"bytes", unpacked->output_bytes},
                           {"down_rmse", err.rmse()}}}};
-    std::printf("%s\n", j.dump(2).c_str());
+    print_json(j);
   }
   return kExitOk;
 }

@@ -45,7 +45,7 @@ void add_inspect(CLI::App& app, GlobalOptions& global) {
       return;
     }
     if (global.json) {
-      std::printf("%s\n", report->dump(2).c_str());
+      print_json(*report);
     } else {
       std::printf("%s", render_inspect(*report).c_str());
     }
@@ -60,7 +60,7 @@ int run_verify(const std::string& path, const GlobalOptions& global) {
   if (!store.ok()) {
     if (global.json) {
       nlohmann::json j = {{"file", path}, {"ok", false}, {"error", store.status().to_string()}};
-      std::printf("%s\n", j.dump(2).c_str());
+      print_json(j);
     }
     report_error("verify", store.status());
     return store.status().is_corruption() ? kExitCorrupt : kExitError;
@@ -88,7 +88,7 @@ int run_verify(const std::string& path, const GlobalOptions& global) {
                         {"faults", list},     {"layers", store->layers().size()},
                         {"records", records}, {"bytes", store->file_size()},
                         {"seconds", seconds}};
-    std::printf("%s\n", j.dump(2).c_str());
+    print_json(j);
   } else if (faults->empty()) {
     if (!global.quiet) {
       std::printf(
@@ -117,6 +117,10 @@ void add_verify(CLI::App& app, GlobalOptions& global) {
   auto path = std::make_shared<std::string>();
   cmd->add_option("store", *path, "The .trove store")->required()->check(CLI::ExistingFile);
   cmd->callback([path, &global] { global.exit_code = run_verify(*path, global); });
+}
+
+void print_json(const nlohmann::json& j) {
+  std::printf("%s\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
 }
 
 int report_error(const std::string& command, const Status& status) {

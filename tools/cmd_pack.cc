@@ -100,22 +100,28 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--quant", args->quant, "Record dtype: int4, int8, bf16, f16 or f32")
       ->check(CLI::IsMember({"int4", "int8", "bf16", "f16", "f32"}))
       ->capture_default_str();
-  cmd->add_option("--heads", args->heads, "Override the number of heads h (else from shapes)");
-  cmd->add_option("--topk", args->topk, "Experts per head k (else metadata, else 8)");
-  cmd->add_option("--topk-per-half", args->topk_per_half, "Candidates per half k' (default k)");
+  cmd->add_option("--heads", args->heads, "Override the number of heads h (else from shapes)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--topk", args->topk,
+                  "Experts per head k (else the checkpoint's metadata, else 8; 16 for lucidrains)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--topk-per-half", args->topk_per_half, "Candidates per half k' (default k)")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--activation", args->activation, "relu, gelu, gelu_tanh or silu")
       ->check(CLI::IsMember({"relu", "gelu", "gelu_tanh", "silu"}));
   cmd->add_option("--gate", args->gate, "softmax, relu or sigmoid")
       ->check(CLI::IsMember({"softmax", "relu", "sigmoid"}));
   cmd->add_option("--input-norm", args->input_norm, "none or rms")
       ->check(CLI::IsMember({"none", "rms"}));
-  cmd->add_option("--norm-eps", args->norm_eps, "epsilon of the rms input norm");
+  cmd->add_option("--norm-eps", args->norm_eps, "Epsilon of the rms input norm")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--stride-align", args->stride_align,
                   "Pad records to a multiple of this many bytes: 64 (compact), 512 or 4096 "
                   "(O_DIRECT reads with no read amplification)")
       ->check(CLI::IsMember({64, 512, 4096}))
       ->capture_default_str();
   cmd->add_option("--threads", args->threads, "Worker threads (0: all cores)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cmd->callback([args, &global] {
     PackOptions opt;
@@ -147,7 +153,7 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
       return;
     }
     if (global.json) {
-      std::printf("%s\n", pack_report_json(opt, *r).dump(2).c_str());
+      print_json(pack_report_json(opt, *r));
     } else if (!global.quiet) {
       print_pack_report(opt, *r);
     }
@@ -188,7 +194,7 @@ void add_unpack(CLI::App& app, GlobalOptions& global) {
                           {"output_bytes", r->output_bytes},
                           {"tensors", r->tensors},
                           {"seconds", r->seconds}};
-      std::printf("%s\n", j.dump(2).c_str());
+      print_json(j);
     } else if (!global.quiet) {
       std::printf("wrote %s: %lld tensors, %s in %.2f s\n", opt.output.c_str(),
                   static_cast<long long>(r->tensors), format_bytes(r->output_bytes).c_str(),

@@ -38,6 +38,10 @@ void print_pack_report(const PackOptions& options, const PackReport& report);
 // Verifies the store at `path`, prints the outcome, returns the exit code.
 int run_verify(const std::string& path, const GlobalOptions& global);
 
+// Prints `j` indented on stdout; strings that are not valid UTF-8 (paths can be any bytes)
+// are printed with replacement characters rather than failing.
+void print_json(const nlohmann::json& j);
+
 // Prints "trove <command>: error: <message>" (and a hint when one helps) to stderr and returns
 // kExitError.
 int report_error(const std::string& command, const Status& status);

@@ -22,7 +22,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.fallthrough();
   app.add_flag("--json", global.json, "Print a machine-readable JSON report on stdout");
-  app.add_flag("-q,--quiet", global.quiet, "No progress bars and no human-readable report");
+  app.add_flag("-q,--quiet", global.quiet,
+               "No progress bars, and no summary from pack, unpack, verify and demo (errors are "
+               "always printed)");
 
   add_pack(app, global);
   add_unpack(app, global);
@@ -38,6 +40,11 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e);
     return code == 0 ? 0 : 2;
+  } catch (const std::exception& e) {
+    // The libraries report errors as Status; this is a last line of defence so that a bug
+    // surfaces as a message and exit code 1, not as std::terminate.
+    std::fprintf(stderr, "trove: internal error: %s\n", e.what());
+    return kExitError;
   }
   return global.exit_code;
 }

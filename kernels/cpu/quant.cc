@@ -217,12 +217,16 @@ void unpack_records(const RecordLayout& layout, const uint8_t* records, int64_t 
       const uint8_t* record = records + static_cast<size_t>(e) * layout.stride;
       for (int64_t r = 0; r < layout.width; ++r) {
         const auto ur = static_cast<size_t>(r);
-        unpack_row(t, record + layout.down_scales_offset + ur * down_scale_bytes,
-                   record + layout.down_codes_offset + ur * layout.down_row_code_bytes, layout.dim,
-                   down + e * down_floats + r * layout.dim, scratch);
-        unpack_row(t, record + layout.up_scales_offset + ur * up_scale_bytes,
-                   record + layout.up_codes_offset + ur * layout.up_row_code_bytes, layout.dim_out,
-                   up + e * up_floats + r * layout.dim_out, scratch);
+        if (down != nullptr) {
+          unpack_row(t, record + layout.down_scales_offset + ur * down_scale_bytes,
+                     record + layout.down_codes_offset + ur * layout.down_row_code_bytes,
+                     layout.dim, down + e * down_floats + r * layout.dim, scratch);
+        }
+        if (up != nullptr) {
+          unpack_row(t, record + layout.up_scales_offset + ur * up_scale_bytes,
+                     record + layout.up_codes_offset + ur * layout.up_row_code_bytes,
+                     layout.dim_out, up + e * up_floats + r * layout.dim_out, scratch);
+        }
       }
     }
   });

@@ -23,7 +23,8 @@ void quantize_row_int4(const float* x, int64_t n, uint16_t* scales, uint8_t* cod
 void dequantize_row_int4(const uint16_t* scales, const uint8_t* codes, int64_t n, float* y);
 
 // Records: `down` is [count][width][dim], `up` is [count][width][dim_out]; `records` holds
-// count * layout.stride bytes. Threads: 0 means hardware concurrency; results do not depend
+// count * layout.stride bytes. unpack_records skips `down` or `up` when it is nullptr (to
+// decode one table of a record). Threads: 0 means hardware concurrency; results do not depend
 // on the thread count.
 void pack_records(const RecordLayout& layout, const float* down, const float* up, int64_t count,
                   uint8_t* records, int threads = 0);
