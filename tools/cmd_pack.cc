@@ -117,7 +117,7 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--stride-align", args->stride_align,
                   "Pad records to a multiple of this many bytes: 64 (compact), 512 or 4096 "
-                  "(O_DIRECT reads with no read amplification)")
+                  "(each O_DIRECT read fetches one record and none of its neighbours)")
       ->check(CLI::IsMember({64, 512, 4096}))
       ->capture_default_str();
   cmd->add_option("--threads", args->threads, "Worker threads (0: all cores)")
