@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -34,26 +35,61 @@ std::string base_of(const std::string& path) {
 }
 
 Status fsync_dir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return Status::from_errno("opening folder " + dir, errno);
-  int rc = ::fsync(fd);
-  int err = errno;
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    return Status::from_errno("opening " + dir, err);
+  }
+  const int rc = ::fsync(fd);
+  const int err = errno;
   ::close(fd);
-  if (rc != 0) return Status::from_errno("fsync of folder " + dir, err);
+  if (rc != 0) return Status::from_errno(dir, err);
   return {};
 }
 
+// ".<name>.tmp-": the start of every temporary name for destination `name`.
+std::string temp_prefix(const std::string& name) {
+  return "." + name + ".tmp-";
+}
+
+// A fresh "<dir>/.<name>.tmp-<pid>-<n>". One counter for the whole process, so no two writers
+// in it (named fallback or O_TMPFILE being linked) ever pick the same name.
+std::string next_temp_path(const std::string& dir, const std::string& name) {
+  static std::atomic<int> counter{0};
+  return str_printf("%s/%s%d-%d", dir.c_str(), temp_prefix(name).c_str(),
+                    static_cast<int>(::getpid()), counter.fetch_add(1));
+}
+
+// The pid in a temporary's name "<prefix><pid>-<n>", or 0 when `entry` is not exactly that
+// shape (another destination's temporary, such as ".a.tmp-1-0.tmp-<pid>-<n>" for dest
+// "a.tmp-1-0", shares the prefix of dest "a" but not the shape).
+long temp_owner_pid(const std::string& entry, const std::string& prefix) {
+  if (entry.rfind(prefix, 0) != 0) return 0;
+  const char* p = entry.c_str() + prefix.size();
+  auto digits = [](const char* q) {
+    const char* start = q;
+    while (*q >= '0' && *q <= '9') ++q;
+    return q == start ? nullptr : q;
+  };
+  const char* pid_end = digits(p);
+  if (pid_end == nullptr || *pid_end != '-') return 0;
+  const char* n_end = digits(pid_end + 1);
+  if (n_end == nullptr || *n_end != '\0') return 0;
+  return std::strtol(p, nullptr, 10);
+}
+
 // Removes ".<name>.tmp-<pid>-<n>" files left in `dir` by writers of `name` whose process is
-// gone (killed in the instant between naming the new file and renaming it).
+// gone: killed before it renamed its named temporary, or between linking its O_TMPFILE and
+// renaming it. A live process's temporaries (this one's included) are left alone.
 void remove_stale_temporaries(const std::string& dir, const std::string& name) {
   DIR* d = ::opendir(dir.c_str());
   if (d == nullptr) return;
-  const std::string prefix = "." + name + ".tmp-";
+  const std::string prefix = temp_prefix(name);
   while (struct dirent* e = ::readdir(d)) {
     const std::string entry = e->d_name;
-    if (entry.rfind(prefix, 0) != 0) continue;
-    const long pid = std::strtol(entry.c_str() + prefix.size(), nullptr, 10);
-    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+    const long pid = temp_owner_pid(entry, prefix);
+    if (pid <= 0 || pid > std::numeric_limits<pid_t>::max()) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
       ::unlink((dir + "/" + entry).c_str());
     }
   }
@@ -94,8 +130,25 @@ Result<File> File::open_read(const std::string& path, bool direct) {
 
 Result<uint64_t> File::size() const {
   struct stat st;
-  if (::fstat(fd_, &st) != 0) return Status::from_errno("stat of " + path_, errno);
+  if (::fstat(fd_, &st) != 0) {
+    const int err = errno;
+    return Status::from_errno("stat of " + path_, err);
+  }
   return static_cast<uint64_t>(st.st_size);
+}
+
+Result<bool> File::is_same_file(const File& other) const {
+  struct stat a;
+  struct stat b;
+  if (::fstat(fd_, &a) != 0) {
+    const int err = errno;
+    return Status::from_errno("stat of " + path_, err);
+  }
+  if (::fstat(other.fd_, &b) != 0) {
+    const int err = errno;
+    return Status::from_errno("stat of " + other.path_, err);
+  }
+  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
 Status File::read_exact(uint64_t offset, std::span<uint8_t> dst) const {
@@ -104,10 +157,11 @@ Status File::read_exact(uint64_t offset, std::span<uint8_t> dst) const {
     ssize_t n =
         ::pread(fd_, dst.data() + done, dst.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
-      if (errno == EINTR) continue;
+      const int err = errno;
+      if (err == EINTR) continue;
       return Status::from_errno(str_printf("%s: read of %zu bytes at offset %llu", path_.c_str(),
                                            dst.size(), static_cast<unsigned long long>(offset)),
-                                errno);
+                                err);
     }
     if (n == 0) {
       return Status::corruption(str_printf(
@@ -140,13 +194,21 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
 
 Result<MappedFile> MappedFile::open(const std::string& path) {
   TROVE_ASSIGN_OR_RETURN(File file, File::open_read(path));
+  return map(file);
+}
+
+Result<MappedFile> MappedFile::map(const File& file) {
+  TROVE_CHECK_MSG(file.is_open(), "MappedFile::map of a closed File");
   TROVE_ASSIGN_OR_RETURN(uint64_t size, file.size());
   MappedFile m;
-  m.path_ = path;
+  m.path_ = file.path();
   m.size_ = size;
   if (size == 0) return m;
   void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, file.fd(), 0);
-  if (p == MAP_FAILED) return Status::from_errno("mmap of " + path, errno);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    return Status::from_errno("mmap of " + file.path(), err);
+  }
   m.data_ = static_cast<const uint8_t*>(p);
   return m;
 }
@@ -162,7 +224,8 @@ AtomicFileWriter::AtomicFileWriter(AtomicFileWriter&& other) noexcept
       dest_(std::move(other.dest_)),
       temp_path_(std::move(other.temp_path_)),
       offset_(other.offset_),
-      committed_(other.committed_) {
+      committed_(other.committed_),
+      sync_folder_(std::move(other.sync_folder_)) {
   other.temp_path_.clear();
 }
 
@@ -175,6 +238,7 @@ AtomicFileWriter& AtomicFileWriter::operator=(AtomicFileWriter&& other) noexcept
     other.temp_path_.clear();
     offset_ = other.offset_;
     committed_ = other.committed_;
+    sync_folder_ = std::move(other.sync_folder_);
   }
   return *this;
 }
@@ -188,30 +252,39 @@ void AtomicFileWriter::abandon() {
   temp_path_.clear();
 }
 
-Result<AtomicFileWriter> AtomicFileWriter::create(const std::string& dest) {
+Result<AtomicFileWriter> AtomicFileWriter::create(const std::string& dest,
+                                                  AtomicFileWriterOptions options) {
   if (dest.empty()) return Status::invalid_argument("output path is empty");
   struct stat st;
   if (::stat(dest.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     return Status::invalid_argument(dest + " is a folder; give a file name for the output");
   }
   const std::string dir = dir_of(dest);
-  remove_stale_temporaries(dir, base_of(dest));
+  const std::string name = base_of(dest);
+  remove_stale_temporaries(dir, name);
   AtomicFileWriter w;
   w.dest_ = dest;
-  // An unnamed file vanishes by itself if the process dies before commit: no stray temp.
-  w.fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+  w.sync_folder_ = std::move(options.sync_folder);
+  auto folder_error = [&dir](int err) -> Status {
+    if (err == ENOENT) return Status::not_found("output folder " + dir + " does not exist");
+    return Status::from_errno("writing into " + dir, err);
+  };
+  if (options.use_tmpfile) {
+    // An unnamed file vanishes by itself if the process dies before commit: no stray temp.
+    w.fd_ = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    if (w.fd_ >= 0) return w;
+    const int err = errno;
+    if (err == ENOENT || err == EACCES || err == EROFS) return folder_error(err);
+    // Anything else (EOPNOTSUPP, EISDIR or EINVAL from a filesystem or kernel without
+    // O_TMPFILE): fall back to a named temporary.
+  }
+  w.temp_path_ = next_temp_path(dir, name);
+  w.fd_ = ::open(w.temp_path_.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
   if (w.fd_ < 0) {
-    if (errno == ENOENT) return Status::not_found("output folder " + dir + " does not exist");
-    if (errno == EACCES || errno == EROFS) return Status::from_errno("writing into " + dir, errno);
-    static std::atomic<int> counter{0};
-    w.temp_path_ = str_printf("%s/.%s.tmp-%d-%d", dir.c_str(), base_of(dest).c_str(),
-                              static_cast<int>(::getpid()), counter.fetch_add(1));
-    w.fd_ = ::open(w.temp_path_.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0644);
-    if (w.fd_ < 0) {
-      const int err = errno;
-      w.temp_path_.clear();
-      return Status::from_errno("creating a temporary file in " + dir, err);
-    }
+    const int err = errno;
+    w.temp_path_.clear();
+    if (err == ENOENT || err == EACCES || err == EROFS) return folder_error(err);
+    return Status::from_errno("creating a temporary file in " + dir, err);
   }
   return w;
 }
@@ -223,8 +296,8 @@ Status AtomicFileWriter::write_at(uint64_t offset, std::span<const uint8_t> data
     ssize_t n =
         ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
     if (n < 0) {
-      if (errno == EINTR) continue;
       const int err = errno;
+      if (err == EINTR) continue;
       abandon();
       return Status::from_errno(str_printf("writing %s at offset %llu", dest_.c_str(),
                                            static_cast<unsigned long long>(offset + done)),
@@ -253,6 +326,14 @@ Status AtomicFileWriter::append_zeros(uint64_t n) {
 
 Status AtomicFileWriter::commit() {
   TROVE_CHECK_MSG(fd_ >= 0 && !committed_, "commit() on an abandoned or committed writer");
+  // Replacing a file keeps its permission bits (the new file was created 0644 less umask).
+  struct stat old;
+  if (::stat(dest_.c_str(), &old) == 0 && S_ISREG(old.st_mode) &&
+      ::fchmod(fd_, old.st_mode & 0777) != 0) {
+    const int err = errno;
+    abandon();
+    return Status::from_errno("giving the new " + dest_ + " the permissions of the old", err);
+  }
   if (::fsync(fd_) != 0) {
     const int err = errno;
     abandon();
@@ -261,10 +342,8 @@ Status AtomicFileWriter::commit() {
   const std::string dir = dir_of(dest_);
   if (temp_path_.empty()) {
     // Give the unnamed file a temporary name, then rename it over dest (linkat cannot replace).
-    static std::atomic<int> counter{0};
-    std::string named = str_printf("%s/.%s.tmp-%d-%d", dir.c_str(), base_of(dest_).c_str(),
-                                   static_cast<int>(::getpid()), counter.fetch_add(1));
-    std::string proc = str_printf("/proc/self/fd/%d", fd_);
+    const std::string named = next_temp_path(dir, base_of(dest_));
+    const std::string proc = str_printf("/proc/self/fd/%d", fd_);
     if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, named.c_str(), AT_SYMLINK_FOLLOW) != 0) {
       const int err = errno;
       abandon();
@@ -281,7 +360,14 @@ Status AtomicFileWriter::commit() {
   temp_path_.clear();
   ::close(fd_);
   fd_ = -1;
-  return fsync_dir(dir);
+  // From here on dest names the new file whatever happens: an error must not suggest that the
+  // old one is still there.
+  const Status synced = sync_folder_ ? sync_folder_(dir) : fsync_dir(dir);
+  if (!synced.ok()) {
+    return Status::io_error(dest_ + " was replaced, but fsync of its folder failed: " +
+                            synced.message() + "; the replacement may not survive a power loss");
+  }
+  return {};
 }
 
 Status write_file_atomic(const std::string& path, std::span<const uint8_t> data) {

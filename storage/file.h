@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 
@@ -32,6 +33,9 @@ class File {
   bool is_open() const { return fd_ >= 0; }
 
   Result<uint64_t> size() const;
+  // Whether `other` is open on the same file (device and inode) as this one. Reopening a path
+  // can reach a different file when something renamed another over it in between.
+  Result<bool> is_same_file(const File& other) const;
   // Reads exactly dst.size() bytes at `offset`, retrying on EINTR and short reads. A read
   // that hits end of file is Status::corruption ("truncated") naming path, offset and length.
   Status read_exact(uint64_t offset, std::span<uint8_t> dst) const;
@@ -57,6 +61,9 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
 
   static Result<MappedFile> open(const std::string& path);
+  // Maps the file `file` is open on, whatever its path names now. The mapping outlives `file`.
+  // REQUIRES: file.is_open().
+  static Result<MappedFile> map(const File& file);
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   const uint8_t* data() const { return data_; }
@@ -69,13 +76,30 @@ class MappedFile {
   std::string path_;
 };
 
+struct AtomicFileWriterOptions {
+  // Hold the bytes in an unnamed O_TMPFILE. False uses the named ".<name>.tmp-<pid>-<n>"
+  // temporary from the start, as on filesystems without O_TMPFILE (tests force that path).
+  bool use_tmpfile = true;
+  // Test seam: replaces the fsync of dest's folder in commit() (given the folder's path), so
+  // a test can make it fail. Empty: the real fsync.
+  std::function<Status(const std::string& folder)> sync_folder;
+};
+
 // Writes a new file that appears at `dest` only when commit() succeeds, replacing what was
-// there in one rename. Until then the bytes live in an unnamed O_TMPFILE in dest's folder
-// (or, where the filesystem lacks O_TMPFILE, a hidden ".<name>.tmp-<pid>-<n>" removed on
-// failure). commit() = fsync(file) + link under a temporary name + rename + fsync(folder). A
-// crash at any moment leaves either the old `dest` or the new one; an abandoned writer
-// (destroyed without commit) removes its temporary. A process killed in the instant between
-// naming and renaming leaves a named temporary; the next writer of the same dest removes it.
+// there in one rename. Until then the bytes live in an unnamed O_TMPFILE in dest's folder or,
+// where the filesystem lacks O_TMPFILE, in a hidden ".<name>.tmp-<pid>-<n>" there.
+// commit() = fsync(file) + (O_TMPFILE: link under such a name) + rename + fsync(folder).
+//
+// After a crash at any moment `dest` names either the complete old file (or nothing) or the
+// complete new one. What else a killed process can leave behind:
+//   - O_TMPFILE: nothing, except when killed in the instant between the link and the rename;
+//   - named temporary: ".<name>.tmp-<pid>-<n>" when killed at any moment before the rename.
+// Such a leftover stays until the next AtomicFileWriter for the same dest is created, which
+// removes every one whose process is gone. A writer destroyed without commit (an abandoned
+// one, including after a failed call) removes its temporary itself.
+//
+// The new file gets the permission bits (rwx, not setuid/setgid/sticky) of the file it
+// replaces; a file that did not exist gets 0644 less the umask.
 class AtomicFileWriter {
  public:
   AtomicFileWriter() = default;
@@ -85,7 +109,8 @@ class AtomicFileWriter {
   AtomicFileWriter(const AtomicFileWriter&) = delete;
   AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
 
-  static Result<AtomicFileWriter> create(const std::string& dest);
+  static Result<AtomicFileWriter> create(const std::string& dest,
+                                         AtomicFileWriterOptions options = {});
 
   // Appends at the current end.
   Status append(std::span<const uint8_t> data);
@@ -97,7 +122,10 @@ class AtomicFileWriter {
   uint64_t offset() const { return offset_; }
   const std::string& dest() const { return dest_; }
 
-  // REQUIRES: not yet committed. After an error the writer is abandoned.
+  // REQUIRES: not yet committed. After an error the writer is abandoned, and `dest` still
+  // names the previous file, except when only the final fsync of the folder failed: then
+  // `dest` already names the new file (the error says so) but the rename may not survive a
+  // power loss.
   Status commit();
 
  private:
@@ -107,6 +135,7 @@ class AtomicFileWriter {
   std::string temp_path_;  // non-empty when a named temporary is in use
   uint64_t offset_ = 0;
   bool committed_ = false;
+  std::function<Status(const std::string& folder)> sync_folder_;
 };
 
 // Writes `data` to `path` atomically (AtomicFileWriter in one call).

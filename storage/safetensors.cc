@@ -414,29 +414,28 @@ const StTensorView* SafetensorsFile::find(const std::string& name) const {
 Result<std::vector<float>> SafetensorsFile::read_f32(const std::string& name) const {
   const StTensorView* t = find(name);
   if (t == nullptr) return Status::not_found(path_ + ": no tensor named '" + name + "'");
+  // The dtype first: an I8 tensor of n bytes would otherwise cost 4n bytes of floats before
+  // being refused.
+  if (t->dtype != StDType::kF32 && t->dtype != StDType::kF16 && t->dtype != StDType::kBF16) {
+    return Status::invalid_argument(path_ + ": tensor '" + name + "' is " +
+                                    st_dtype_name(t->dtype) +
+                                    "; read_f32 converts F32, F16 and BF16 only");
+  }
   // The view's byte count was checked against numel * dtype size when the header was parsed.
   const size_t n = static_cast<size_t>(t->numel());
   std::vector<float> out(n);
   const uint8_t* src = t->bytes.data();
-  switch (t->dtype) {
-    case StDType::kF32:
-      if (n > 0) std::memcpy(out.data(), src, n * sizeof(float));
-      return out;
-    case StDType::kF16:
-    case StDType::kBF16: {
-      const bool f16 = t->dtype == StDType::kF16;
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);  // the data may be unaligned
-        out[i] = f16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
-      }
-      return out;
-    }
-    default:
-      return Status::invalid_argument(path_ + ": tensor '" + name + "' is " +
-                                      st_dtype_name(t->dtype) +
-                                      "; read_f32 converts F32, F16 and BF16 only");
+  if (t->dtype == StDType::kF32) {
+    if (n > 0) std::memcpy(out.data(), src, n * sizeof(float));
+    return out;
   }
+  const bool f16 = t->dtype == StDType::kF16;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);  // the data may be unaligned
+    out[i] = f16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+  }
+  return out;
 }
 
 // ---- write_safetensors ---------------------------------------------------------------------

@@ -134,7 +134,8 @@ class StoreReader {
   // Validates header, trailer, manifest checksum and every manifest field (offsets in bounds,
   // aligned, non-overlapping; sizes consistent). Any failure is a Status naming the file and
   // the field; nothing is guessed. Corruption inside record or dense data is found when that
-  // data is read, or by verify().
+  // data is read, or by verify(). A file renamed over `path` while open runs is
+  // Status::aborted ("changed while being opened; retry").
   static Result<StoreReader> open(const std::string& path, StoreOpenOptions options = {});
 
   const std::string& path() const;
@@ -159,8 +160,16 @@ class StoreReader {
 
   // The whole record table, memory-mapped, NOT verified (callers verify with
   // verify_record when the data matters).
+  // REQUIRES: `layer` belongs to this reader (one of layers(), or a copy of one: it is found
+  // by name). Violations abort.
   std::span<const uint8_t> mapped_records(const StoreLayerInfo& layer) const;
+  // Checks the table.stride bytes at `record` against expert `id`'s stored checksum; a
+  // mismatch is Status::corruption naming the file, layer, expert and offset.
+  // REQUIRES: `record` points at table.stride readable bytes. A layer not of this reader is
+  // Status::invalid_argument and an id outside [0, table.count) Status::out_of_range.
   Status verify_record(const StoreLayerInfo& layer, int64_t id, const uint8_t* record) const;
+  // Expert `id`'s stored checksum (XXH3-64 of its full stride).
+  // REQUIRES: `layer` belongs to this reader; 0 <= id < layer.table.count. Violations abort.
   uint64_t record_checksum(const StoreLayerInfo& layer, int64_t id) const;
 
   // Checks every checksum in the file. Returns OK and no faults, or the list of every damaged

@@ -118,6 +118,13 @@ StoreHeader decode_store_header(std::span<const uint8_t> bytes);
 void encode_store_trailer(const StoreTrailer& trailer, std::span<uint8_t, kStoreTrailerBytes> out);
 StoreTrailer decode_store_trailer(std::span<const uint8_t> bytes);
 
+// ---- messages ---------------------------------------------------------------------------------
+
+// For printf's %llu: uint64_t is unsigned long on LP64 Linux, which %llu does not accept.
+constexpr unsigned long long ull(uint64_t v) {
+  return static_cast<unsigned long long>(v);
+}
+
 // ---- alignment and read amplification ---------------------------------------------------------
 
 constexpr uint64_t store_align_down(uint64_t x, uint64_t a) {

@@ -32,10 +32,6 @@ constexpr uint64_t kMaxCoalescedReadBytes = uint64_t{1} << 20;
 // verify() checks records in chunks of about this many bytes between progress calls.
 constexpr uint64_t kVerifyChunkBytes = uint64_t{8} << 20;
 
-unsigned long long ull(uint64_t v) {
-  return static_cast<unsigned long long>(v);
-}
-
 std::string hex(uint64_t v) {
   return str_printf("0x%016llx", ull(v));
 }
@@ -537,11 +533,12 @@ struct StoreReader::Impl {
     while (done < needed) {
       const ssize_t n = ::pread(fd, buf + done, len - done, static_cast<off_t>(offset + done));
       if (n < 0) {
-        if (errno == EINTR) continue;
+        const int err = errno;
+        if (err == EINTR) continue;
         return Status::from_errno(
             str_printf("%s: read of %llu bytes at offset %llu%s", path.c_str(), ull(len - done),
                        ull(offset + done), direct ? " (O_DIRECT)" : ""),
-            errno);
+            err);
       }
       if (n == 0) break;  // end of file
       uint64_t next = done + static_cast<uint64_t>(n);
@@ -596,6 +593,13 @@ Result<StoreReader> StoreReader::open(const std::string& path, StoreOpenOptions 
         path.c_str(), ull(h.manifest_offset), ull(h.manifest_bytes), hex(h.manifest_xxh3).c_str(),
         hex(manifest_xxh3).c_str()));
   }
+  // nlohmann parses iteratively but copies, compares and dumps recursively: a deep document
+  // (300,000 nested [ in a layer's info) would overflow the stack later, so refuse it here.
+  const int depth = json_nesting_depth(text);
+  if (depth > kMaxJsonDepth) {
+    return Status::corruption(
+        str_printf("%s: manifest nesting depth %d exceeds %d", path.c_str(), depth, kMaxJsonDepth));
+  }
   try {
     r.manifest = json::parse(text);
   } catch (const json::exception& e) {
@@ -624,7 +628,10 @@ Result<StoreReader> StoreReader::open(const std::string& path, StoreOpenOptions 
     r.record_checksums.push_back(std::move(sums));
   }
 
-  TROVE_ASSIGN_OR_RETURN(r.map, MappedFile::open(path));
+  // Everything below must reach the file validated above. The mapping comes from the same
+  // descriptor; the O_DIRECT one has to be opened by path again, and a file renamed over the
+  // path in between would pair this manifest with another file's bytes.
+  TROVE_ASSIGN_OR_RETURN(r.map, MappedFile::map(r.file));
   if (r.map.size() != h.file_size) {
     return Status::corruption(
         str_printf("%s: the file changed size while it was opened", path.c_str()));
@@ -632,6 +639,10 @@ Result<StoreReader> StoreReader::open(const std::string& path, StoreOpenOptions 
   if (options.direct_io) {
     Result<File> direct = File::open_read(path, /*direct=*/true);
     if (direct.ok()) {
+      TROVE_ASSIGN_OR_RETURN(bool same, r.file.is_same_file(*direct));
+      if (!same) {
+        return Status::aborted(path + ": changed while being opened; retry");
+      }
       r.direct_file = std::move(direct).value();
     } else if (direct.status().code() == Status::Code::kNotSupported) {
       TROVE_LOG_DEBUG("%s: O_DIRECT refused by the filesystem; records are read buffered",

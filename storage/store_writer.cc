@@ -14,18 +14,29 @@ namespace {
 
 using nlohmann::json;
 
-unsigned long long ull(uint64_t v) {
-  return static_cast<unsigned long long>(v);
+// Serialises `j` to the manifest's text form. Strings that are not valid UTF-8 (a provenance
+// path from a non-UTF-8 file system, say) are written with U+FFFD in place of each bad byte
+// sequence rather than failing a pack that may have run for an hour; see FORMAT.md. With
+// error_handler_t::replace, dump() does not throw.
+std::string dump_json(const json& j) {
+  return j.dump(1, ' ', false, json::error_handler_t::replace);
 }
 
-// Serialises `j` to the manifest's text form. nlohmann throws on invalid UTF-8; that is the
-// caller's bad input, so it becomes a Status here and no exception leaves the library.
-Result<std::string> dump_json(const json& j, const std::string& what) {
-  try {
-    return j.dump(1, ' ', false, json::error_handler_t::strict);
-  } catch (const json::exception& e) {
-    return Status::invalid_argument(what + " cannot be written as JSON: " + e.what());
+// Nesting levels around provenance and around a layer's info in the manifest:
+// {"provenance": ...} and {"layers": [{"info": ...}]}.
+constexpr int kProvenanceLevels = 1;
+constexpr int kInfoLevels = 3;
+
+// Refuses a value that would make the manifest deeper than readers accept (kMaxJsonDepth),
+// so that the writer never produces a store that StoreReader::open rejects.
+Status check_depth(const json& j, int enclosing_levels, const std::string& what) {
+  const int depth = enclosing_levels + json_nesting_depth(dump_json(j));
+  if (depth > kMaxJsonDepth) {
+    return Status::invalid_argument(
+        str_printf("%s nests too deeply: the manifest would be %d levels deep; readers accept %d",
+                   what.c_str(), depth, kMaxJsonDepth));
   }
+  return {};
 }
 
 struct DenseTensor {
@@ -91,7 +102,7 @@ StoreWriter& StoreWriter::operator=(StoreWriter&&) noexcept = default;
 StoreWriter::~StoreWriter() = default;
 
 Result<StoreWriter> StoreWriter::create(const std::string& path, nlohmann::json provenance) {
-  TROVE_RETURN_IF_ERROR(dump_json(provenance, path + ": provenance"));
+  TROVE_RETURN_IF_ERROR(check_depth(provenance, kProvenanceLevels, path + ": provenance"));
   auto impl = std::make_unique<Impl>();
   TROVE_ASSIGN_OR_RETURN(impl->file, AtomicFileWriter::create(path));
   impl->path = path;
@@ -132,7 +143,7 @@ Status StoreWriter::begin_layer(const std::string& name, nlohmann::json info,
     return w.misuse(op, where + str_printf("table of %llu records of %llu bytes is too large",
                                            ull(table.count), ull(table.stride)));
   }
-  TROVE_RETURN_IF_ERROR(dump_json(info, w.path + ": layer '" + name + "' info"));
+  TROVE_RETURN_IF_ERROR(check_depth(info, kInfoLevels, w.path + ": layer '" + name + "' info"));
 
   TROVE_RETURN_IF_ERROR(w.pad_to(kStoreTableAlignment));
   LayerState layer;
@@ -212,7 +223,8 @@ Status StoreWriter::update_layer_info(nlohmann::json info) {
   const char* op = "update_layer_info";
   TROVE_RETURN_IF_ERROR(w.open_layer_required(op));
   LayerState& layer = w.layers.back();
-  TROVE_RETURN_IF_ERROR(dump_json(info, w.path + ": layer '" + layer.name + "' info"));
+  TROVE_RETURN_IF_ERROR(
+      check_depth(info, kInfoLevels, w.path + ": layer '" + layer.name + "' info"));
   layer.info = std::move(info);
   return {};
 }
@@ -294,13 +306,11 @@ Status StoreWriter::finish() {
       {"checksum", {{"algorithm", "xxh3-64"}, {"records", "per-record"}, {"verify_on_read", true}}},
       {"provenance", std::move(w.provenance)},
       {"layers", std::move(layers_json)}};
-  Result<std::string> text = dump_json(manifest, w.path + ": manifest");
-  if (!text.ok()) {
-    w.failed = true;  // provenance and info were moved into the manifest
-    return text.status();
-  }
-  std::span<const uint8_t> manifest_bytes(reinterpret_cast<const uint8_t*>(text->data()),
-                                          text->size());
+  const std::string text = dump_json(manifest);
+  // begin_layer, update_layer_info and create checked the parts; the whole must agree.
+  TROVE_CHECK(json_nesting_depth(text) <= kMaxJsonDepth);
+  std::span<const uint8_t> manifest_bytes(reinterpret_cast<const uint8_t*>(text.data()),
+                                          text.size());
 
   const uint64_t manifest_offset = w.file.offset();
   TROVE_RETURN_IF_ERROR(w.io(w.file.append(manifest_bytes)));

@@ -6,6 +6,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <random>
 
 #include "base/half.h"
+#include "base/strings.h"
 
 namespace trove {
 namespace {
@@ -161,6 +163,31 @@ TEST(SafetensorsRoundTrip, ReadF32ConvertsFloatDtypes) {
   const Status missing = file->read_f32("nope").status();
   EXPECT_TRUE(missing.is_not_found());
   EXPECT_THAT(missing.message(), AllOf(HasSubstr(path), HasSubstr("'nope'")));
+}
+
+// A 1 TiB I8 tensor (a sparse file, mapped, never read): read_f32 refuses the dtype before
+// it would allocate 4 TiB of floats (which threw std::bad_alloc, or under ASan aborted).
+TEST(SafetensorsRoundTrip, ReadF32RefusesOtherDtypesBeforeAllocating) {
+  TempDir dir;
+  const std::string path = dir.file("huge_i8.safetensors");
+  const uint64_t n = uint64_t{1} << 40;
+  std::string header =
+      str_printf(R"({"w": {"dtype": "I8", "shape": [%llu], "data_offsets": [0, %llu]}})",
+                 static_cast<unsigned long long>(n), static_cast<unsigned long long>(n));
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const std::vector<uint8_t> image = make_image(header);  // the data is the sparse tail
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(image.data()),
+             static_cast<std::streamsize>(image.size()));
+  if (::truncate(path.c_str(), static_cast<off_t>(8 + header.size() + n)) != 0) {
+    GTEST_SKIP() << "the temporary folder's filesystem cannot hold a 1 TiB sparse file";
+  }
+  auto file = SafetensorsFile::open(path);
+  ASSERT_TRUE(file.ok()) << file.status().to_string();
+  ASSERT_EQ(file->find("w")->bytes.size(), n);
+  const Status st = file->read_f32("w").status();
+  EXPECT_TRUE(st.is_invalid_argument()) << st.to_string();
+  EXPECT_THAT(st.message(), AllOf(HasSubstr(path), HasSubstr("tensor 'w' is I8")));
 }
 
 TEST(SafetensorsRoundTrip, FillCallbackWritesTheSameBytesAsData) {
