@@ -86,15 +86,6 @@ std::string describe(const Json& j) {
   }
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 // Reads a JSON value that must be an integer in [0, 2^63). `what` names the field.
 Status read_nonnegative(const Json& j, const std::string& what, uint64_t* out) {
   if (j.is_number_unsigned()) {
@@ -200,8 +191,8 @@ Status parse_entry(const std::string& name, const Json& j, uint64_t data_size, E
   }
   uint64_t bytes = 0;
   if (numel_overflow || __builtin_mul_overflow(numel, st_dtype_size(out->dtype), &bytes)) {
-    return Status::corruption(tensor + ": shape " + shape_string(out->shape) + " of " + dtype_name +
-                              " overflows: its byte count exceeds 2^64");
+    return Status::corruption(tensor + ": shape " + shape_to_string(out->shape) + " of " +
+                              dtype_name + " overflows: its byte count exceeds 2^64");
   }
 
   const auto offsets_it = j.find("data_offsets");
@@ -228,7 +219,7 @@ Status parse_entry(const std::string& name, const Json& j, uint64_t data_size, E
   }
   if (out->end - out->begin != bytes) {
     return Status::corruption(
-        tensor + ": shape " + shape_string(out->shape) + " of " + dtype_name +
+        tensor + ": shape " + shape_to_string(out->shape) + " of " + dtype_name +
         str_printf(" needs %llu bytes but ", static_cast<unsigned long long>(bytes)) + offsets() +
         str_printf(" hold %llu", static_cast<unsigned long long>(out->end - out->begin)));
   }
@@ -458,16 +449,16 @@ Status write_safetensors(const std::string& path, const std::vector<StTensorOut>
     uint64_t bytes = st_dtype_size(t.dtype);
     for (int64_t d : t.shape) {
       if (d < 0)
-        return invalid(tensor + ": shape " + shape_string(t.shape) + " has a negative dim");
+        return invalid(tensor + ": shape " + shape_to_string(t.shape) + " has a negative dim");
       if (__builtin_mul_overflow(bytes, static_cast<uint64_t>(d), &bytes)) {
-        return invalid(tensor + ": shape " + shape_string(t.shape) + " overflows 2^64 bytes");
+        return invalid(tensor + ": shape " + shape_to_string(t.shape) + " overflows 2^64 bytes");
       }
     }
     if (t.fill) {
       if (!t.data.empty()) return invalid(tensor + ": give data or fill, not both");
     } else if (t.data.size() != bytes) {
       return invalid(tensor + str_printf(": shape %s of %s needs %llu bytes, data holds %zu",
-                                         shape_string(t.shape).c_str(), st_dtype_name(t.dtype),
+                                         shape_to_string(t.shape).c_str(), st_dtype_name(t.dtype),
                                          static_cast<unsigned long long>(bytes), t.data.size()));
     }
     uint64_t end = 0;

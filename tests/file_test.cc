@@ -1,6 +1,7 @@
 // storage/file: the atomic writer's all-or-nothing contract (checked by listing the folder),
 // and the read side's errors naming the path and offset.
 #include "storage/file.h"
+#include "tests/test_util.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -22,30 +23,7 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "trove_file_XXXXXX";
-    TROVE_CHECK(::mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  const std::string& path() const { return path_; }
-
-  // Every entry in the folder, hidden ones included, sorted.
-  std::vector<std::string> list() const {
-    std::vector<std::string> names;
-    for (const auto& e : std::filesystem::directory_iterator(path_)) {
-      names.push_back(e.path().filename().string());
-    }
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-
- private:
-  std::string path_;
-};
+using testing::ScratchDir;
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -83,7 +61,7 @@ const AtomicFileWriterOptions kNamedTemporary = {.use_tmpfile = false};
 // ---- AtomicFileWriter ------------------------------------------------------------------------
 
 TEST(AtomicFileWriter, CommitMakesTheFileAppearWithTheBytes) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("out.bin");
   auto w = AtomicFileWriter::create(dest);
   ASSERT_TRUE(w.ok()) << w.status().to_string();
@@ -99,7 +77,7 @@ TEST(AtomicFileWriter, CommitMakesTheFileAppearWithTheBytes) {
 }
 
 TEST(AtomicFileWriter, CommitReplacesAnExistingFile) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("f");
   write_text(dest, "old contents, longer than the new");
   ASSERT_TRUE(write_file_atomic(dest, bytes_of("new")).ok());
@@ -108,7 +86,7 @@ TEST(AtomicFileWriter, CommitReplacesAnExistingFile) {
 }
 
 TEST(AtomicFileWriter, AbandonedWriterLeavesThePreviousFileAndNoStrays) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("f");
   write_text(dest, "old");
   {
@@ -129,7 +107,7 @@ TEST(AtomicFileWriter, AbandonedWriterLeavesThePreviousFileAndNoStrays) {
 }
 
 TEST(AtomicFileWriter, MovedWriterCommitsOnceAndTheSourceIsInert) {
-  TempDir dir;
+  ScratchDir dir;
   auto w = AtomicFileWriter::create(dir.file("m"));
   ASSERT_TRUE(w.ok());
   ASSERT_TRUE(w->append(bytes_of("abc")).ok());
@@ -141,7 +119,7 @@ TEST(AtomicFileWriter, MovedWriterCommitsOnceAndTheSourceIsInert) {
 }
 
 TEST(AtomicFileWriter, WriteAtAfterAppendPatchesAndExtends) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("h");
   auto w = AtomicFileWriter::create(dest);
   ASSERT_TRUE(w.ok());
@@ -156,7 +134,7 @@ TEST(AtomicFileWriter, WriteAtAfterAppendPatchesAndExtends) {
 
 // The named ".<name>.tmp-<pid>-<n>" path, used where the filesystem lacks O_TMPFILE.
 TEST(AtomicFileWriter, NamedTemporaryFallbackCommitsAndLeavesNoStrays) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("out.bin");
   write_text(dest, "old");
   auto w = AtomicFileWriter::create(dest, kNamedTemporary);
@@ -173,7 +151,7 @@ TEST(AtomicFileWriter, NamedTemporaryFallbackCommitsAndLeavesNoStrays) {
 }
 
 TEST(AtomicFileWriter, AbandonedNamedTemporaryIsRemoved) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("f");
   write_text(dest, "old");
   {
@@ -189,7 +167,7 @@ TEST(AtomicFileWriter, AbandonedNamedTemporaryIsRemoved) {
 // What a SIGKILLed writer leaves is removed by the next writer of the same destination; what
 // belongs to a live process or to another destination is not.
 TEST(AtomicFileWriter, StaleTemporaryOfADeadProcessIsRemovedByTheNextCreate) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dead = std::to_string(dead_pid());
   const std::string live = std::to_string(::getpid());
   const Names leftovers = {
@@ -214,7 +192,7 @@ TEST(AtomicFileWriter, StaleTemporaryOfADeadProcessIsRemovedByTheNextCreate) {
 }
 
 TEST(AtomicFileWriter, ReplacingAFileKeepsItsPermissionBits) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("f");
   for (const AtomicFileWriterOptions& options : {AtomicFileWriterOptions{}, kNamedTemporary}) {
     for (mode_t mode : {mode_t{0600}, mode_t{0755}, mode_t{0640}}) {
@@ -233,7 +211,7 @@ TEST(AtomicFileWriter, ReplacingAFileKeepsItsPermissionBits) {
 }
 
 TEST(AtomicFileWriter, NewFileGets0644LessTheUmask) {
-  TempDir dir;
+  ScratchDir dir;
   struct UmaskGuard {
     mode_t saved = ::umask(027);
     ~UmaskGuard() { ::umask(saved); }
@@ -250,7 +228,7 @@ TEST(AtomicFileWriter, NewFileGets0644LessTheUmask) {
 // Once the rename is done the destination names the new file: an error from the folder fsync
 // must say so rather than read like a failed write that left the old file in place.
 TEST(AtomicFileWriter, FolderFsyncFailureAfterTheRenameSaysTheFileWasReplaced) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("f");
   write_text(dest, "old");
   for (const AtomicFileWriterOptions& base : {AtomicFileWriterOptions{}, kNamedTemporary}) {
@@ -276,7 +254,7 @@ TEST(AtomicFileWriter, FolderFsyncFailureAfterTheRenameSaysTheFileWasReplaced) {
 }
 
 TEST(AtomicFileWriter, DestinationThatIsAFolderIsAClearError) {
-  TempDir dir;
+  ScratchDir dir;
   std::filesystem::create_directory(dir.file("sub"));
   const Status st = AtomicFileWriter::create(dir.file("sub")).status();
   EXPECT_TRUE(st.is_invalid_argument()) << st.to_string();
@@ -285,7 +263,7 @@ TEST(AtomicFileWriter, DestinationThatIsAFolderIsAClearError) {
 }
 
 TEST(AtomicFileWriter, MissingFolderIsNotFound) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string dest = dir.file("no/such/folder/out.bin");
   const Status st = AtomicFileWriter::create(dest).status();
   EXPECT_TRUE(st.is_not_found()) << st.to_string();
@@ -299,14 +277,14 @@ TEST(AtomicFileWriter, MissingFolderIsNotFound) {
 // ---- File --------------------------------------------------------------------------------------
 
 TEST(File, OpenReadOfAMissingPathIsNotFound) {
-  TempDir dir;
+  ScratchDir dir;
   const Status st = File::open_read(dir.file("missing")).status();
   EXPECT_TRUE(st.is_not_found()) << st.to_string();
   EXPECT_THAT(st.message(), HasSubstr(dir.file("missing")));
 }
 
 TEST(File, ReadExactReadsTheRange) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("r"), "0123456789");
   auto f = File::open_read(dir.file("r"));
   ASSERT_TRUE(f.ok());
@@ -322,7 +300,7 @@ TEST(File, ReadExactReadsTheRange) {
 }
 
 TEST(File, ReadExactPastTheEndIsCorruptionNamingPathAndOffset) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("short"), "0123456789");
   auto f = File::open_read(dir.file("short"));
   ASSERT_TRUE(f.ok());
@@ -335,7 +313,7 @@ TEST(File, ReadExactPastTheEndIsCorruptionNamingPathAndOffset) {
 }
 
 TEST(File, IsSameFileComparesTheFilesNotThePaths) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("a"), "first");
   auto first = File::open_read(dir.file("a"));
   auto again = File::open_read(dir.file("a"));
@@ -354,7 +332,7 @@ TEST(File, IsSameFileComparesTheFilesNotThePaths) {
 }
 
 TEST(File, MoveTransfersTheDescriptor) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("m"), "x");
   auto f = File::open_read(dir.file("m"));
   ASSERT_TRUE(f.ok());
@@ -372,7 +350,7 @@ TEST(File, MoveTransfersTheDescriptor) {
 // ----------------------------------------------------------------------------------
 
 TEST(MappedFile, EmptyFileMapsToAnEmptySpan) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("empty"), "");
   auto m = MappedFile::open(dir.file("empty"));
   ASSERT_TRUE(m.ok()) << m.status().to_string();
@@ -382,7 +360,7 @@ TEST(MappedFile, EmptyFileMapsToAnEmptySpan) {
 }
 
 TEST(MappedFile, MapsTheBytesAndSurvivesAMove) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("m"), "mapped bytes");
   auto m = MappedFile::open(dir.file("m"));
   ASSERT_TRUE(m.ok());
@@ -395,7 +373,7 @@ TEST(MappedFile, MapsTheBytesAndSurvivesAMove) {
 
 // A file renamed over the path after it was opened does not change what map() shows.
 TEST(MappedFile, MapShowsTheOpenFileNotWhatThePathNamesNow) {
-  TempDir dir;
+  ScratchDir dir;
   write_text(dir.file("m"), "validated bytes");
   auto file = File::open_read(dir.file("m"));
   ASSERT_TRUE(file.ok());
@@ -414,7 +392,7 @@ TEST(MappedFile, MapShowsTheOpenFileNotWhatThePathNamesNow) {
 }
 
 TEST(MappedFile, MissingFileIsNotFound) {
-  TempDir dir;
+  ScratchDir dir;
   const Status st = MappedFile::open(dir.file("absent")).status();
   EXPECT_TRUE(st.is_not_found()) << st.to_string();
   EXPECT_THAT(st.message(), HasSubstr(dir.file("absent")));

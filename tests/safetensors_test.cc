@@ -18,6 +18,7 @@
 
 #include "base/half.h"
 #include "base/strings.h"
+#include "tests/test_util.h"
 
 namespace trove {
 namespace {
@@ -25,20 +26,7 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = ::testing::TempDir() + "trove_st_XXXXXX";
-    TROVE_CHECK(::mkdtemp(tmpl.data()) != nullptr);
-    path_ = tmpl;
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using testing::ScratchDir;
 
 std::vector<uint8_t> read_all(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -102,7 +90,7 @@ struct Sample {
 // ---- round trips ----------------------------------------------------------------------------
 
 TEST(SafetensorsRoundTrip, EveryDtypeScalarEmptyAndMetadataSurvive) {
-  TempDir dir;
+  ScratchDir dir;
   const Sample s;
   const std::string path = dir.file("rt.safetensors");
   ASSERT_TRUE(write_safetensors(path, s.tensors(), s.metadata()).ok());
@@ -132,7 +120,7 @@ TEST(SafetensorsRoundTrip, EveryDtypeScalarEmptyAndMetadataSurvive) {
 }
 
 TEST(SafetensorsRoundTrip, ReadF32ConvertsFloatDtypes) {
-  TempDir dir;
+  ScratchDir dir;
   const Sample s;
   const std::string path = dir.file("f.safetensors");
   ASSERT_TRUE(write_safetensors(path, s.tensors(), {}).ok());
@@ -168,7 +156,7 @@ TEST(SafetensorsRoundTrip, ReadF32ConvertsFloatDtypes) {
 // A 1 TiB I8 tensor (a sparse file, mapped, never read): read_f32 refuses the dtype before
 // it would allocate 4 TiB of floats (which threw std::bad_alloc, or under ASan aborted).
 TEST(SafetensorsRoundTrip, ReadF32RefusesOtherDtypesBeforeAllocating) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string path = dir.file("huge_i8.safetensors");
   const uint64_t n = uint64_t{1} << 40;
   std::string header =
@@ -191,7 +179,7 @@ TEST(SafetensorsRoundTrip, ReadF32RefusesOtherDtypesBeforeAllocating) {
 }
 
 TEST(SafetensorsRoundTrip, FillCallbackWritesTheSameBytesAsData) {
-  TempDir dir;
+  ScratchDir dir;
   const Sample s;
   // A tensor larger than one fill chunk (4 MiB) and not a multiple of it.
   std::vector<float> big(1048579 + 3);
@@ -233,7 +221,7 @@ TEST(SafetensorsRoundTrip, FillCallbackWritesTheSameBytesAsData) {
 }
 
 TEST(SafetensorsRoundTrip, WritingTwiceGivesIdenticalBytes) {
-  TempDir dir;
+  ScratchDir dir;
   const Sample s;
   ASSERT_TRUE(write_safetensors(dir.file("a"), s.tensors(), s.metadata()).ok());
   ASSERT_TRUE(write_safetensors(dir.file("b"), s.tensors(), s.metadata()).ok());
@@ -241,7 +229,7 @@ TEST(SafetensorsRoundTrip, WritingTwiceGivesIdenticalBytes) {
 }
 
 TEST(SafetensorsRoundTrip, EmptyFileListIsValid) {
-  TempDir dir;
+  ScratchDir dir;
   ASSERT_TRUE(write_safetensors(dir.file("e"), {}, {}).ok());
   auto file = SafetensorsFile::open(dir.file("e"));
   ASSERT_TRUE(file.ok()) << file.status().to_string();
@@ -252,7 +240,7 @@ TEST(SafetensorsRoundTrip, EmptyFileListIsValid) {
 // length, space-padded JSON, offsets contiguous from 0 to the end of the file (the reference
 // reader rejects gaps and trailing bytes).
 TEST(SafetensorsFormat, WriterOutputFollowsTheReferenceLayout) {
-  TempDir dir;
+  ScratchDir dir;
   const Sample s;
   const std::string path = dir.file("std.safetensors");
   ASSERT_TRUE(write_safetensors(path, s.tensors(), s.metadata()).ok());
@@ -298,7 +286,7 @@ TEST(SafetensorsFormat, WriterOutputFollowsTheReferenceLayout) {
 // ---- writer argument checks ------------------------------------------------------------------
 
 TEST(SafetensorsWriter, RejectsBadArgumentsWithoutCreatingTheFile) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string path = dir.file("bad.safetensors");
   const std::vector<uint8_t> eight(8);
   const auto fill = [](uint64_t, std::span<uint8_t>) { return Status(); };
@@ -323,7 +311,7 @@ TEST(SafetensorsWriter, RejectsBadArgumentsWithoutCreatingTheFile) {
 }
 
 TEST(SafetensorsWriter, FillErrorAbandonsTheFile) {
-  TempDir dir;
+  ScratchDir dir;
   const std::string path = dir.file("f.safetensors");
   std::vector<StTensorOut> tensors = {
       {"t", StDType::kU8, {16}, {}, [](uint64_t, std::span<uint8_t>) {
@@ -337,7 +325,7 @@ TEST(SafetensorsWriter, FillErrorAbandonsTheFile) {
 }
 
 TEST(SafetensorsWriter, InvalidUtf8NameIsAnError) {
-  TempDir dir;
+  ScratchDir dir;
   const std::vector<uint8_t> one(1);
   const Status st = write_safetensors(dir.file("u"), {{"bad\xff", StDType::kU8, {1}, one, {}}}, {});
   EXPECT_TRUE(st.is_invalid_argument()) << st.to_string();
@@ -354,7 +342,7 @@ void expect_corrupt(const std::vector<uint8_t>& image, const std::vector<std::st
 }
 
 std::vector<uint8_t> valid_image() {
-  TempDir dir;
+  ScratchDir dir;
   const Sample s;
   TROVE_CHECK(write_safetensors(dir.file("v"), s.tensors(), s.metadata()).ok());
   return read_all(dir.file("v"));
@@ -372,7 +360,7 @@ TEST(SafetensorsHostile, HeaderCut) {
 }
 
 TEST(SafetensorsHostile, DataCut) {
-  TempDir dir;
+  ScratchDir dir;
   const std::vector<uint8_t> a(16), b(3);
   ASSERT_TRUE(write_safetensors(dir.file("v"),
                                 {{"a", StDType::kF32, {4}, a, {}}, {"b", StDType::kU8, {3}, b, {}}},
@@ -533,7 +521,7 @@ TEST(SafetensorsHostile, DeepNestingNeitherRecursesNorDumps) {
 }
 
 TEST(SafetensorsHostile, OpenOfMissingOrEmptyFile) {
-  TempDir dir;
+  ScratchDir dir;
   const Status missing = SafetensorsFile::open(dir.file("nope")).status();
   EXPECT_TRUE(missing.is_not_found()) << missing.to_string();
   EXPECT_THAT(missing.message(), HasSubstr(dir.file("nope")));
