@@ -7,6 +7,7 @@
 #include <chrono>
 #include <ctime>
 #include <set>
+#include <thread>
 
 #include "base/bytes.h"
 #include "base/half.h"
@@ -79,6 +80,53 @@ Status check_rows(DType dtype, const std::string& tensor, const float* rows, int
 
 std::string tensor_label(const StTensorView* t) {
   return t == nullptr ? "?" : t->name;
+}
+
+// Converts, checks, packs and measures experts [first, first + count) of a layer into
+// `records`, on `threads` workers. The work is cut into fixed blocks of experts whose error
+// sums are merged in block order, so the result (bytes and statistics) does not depend on
+// the thread count; the first failing block's error is returned.
+Status pack_chunk(const ImportedLayer& layer, const RecordLayout& rec, int64_t first, int64_t count,
+                  int threads, float* down, float* up, float* down_back, float* up_back,
+                  uint8_t* records, QuantError* down_error, QuantError* up_error) {
+  constexpr int64_t kBlock = 64;
+  const int64_t d = rec.dim;
+  const int64_t d_out = rec.dim_out;
+  const int64_t blocks = (count + kBlock - 1) / kBlock;
+  std::vector<Status> status(static_cast<size_t>(blocks));
+  std::vector<QuantError> down_err(status.size()), up_err(status.size());
+  auto run_block = [&](int64_t b) {
+    const int64_t lo = b * kBlock;
+    const int64_t n = std::min(kBlock, count - lo);
+    float* block_down = down + lo * d;
+    float* block_up = up + lo * d_out;
+    Status& st = status[static_cast<size_t>(b)];
+    st = read_rows_f32(*layer.down, first + lo, n, block_down);
+    if (st.ok()) st = read_rows_f32(*layer.up, first + lo, n, block_up);
+    if (st.ok()) st = check_rows(rec.dtype, tensor_label(layer.down), block_down, first + lo, n, d);
+    if (st.ok()) st = check_rows(rec.dtype, tensor_label(layer.up), block_up, first + lo, n, d_out);
+    if (!st.ok()) return;
+    uint8_t* out = records + static_cast<size_t>(lo) * rec.stride;
+    pack_records(rec, block_down, block_up, n, out, /*threads=*/1);
+    unpack_records(rec, out, n, down_back + lo * d, up_back + lo * d_out, /*threads=*/1);
+    down_err[static_cast<size_t>(b)].add(block_down, down_back + lo * d, n * d);
+    up_err[static_cast<size_t>(b)].add(block_up, up_back + lo * d_out, n * d_out);
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < workers; ++w) {
+    pool.emplace_back([&, w] {
+      for (int64_t b = w; b < blocks; b += workers) run_block(b);
+    });
+  }
+  for (int64_t b = 0; b < blocks; b += workers) run_block(b);
+  for (std::thread& t : pool) t.join();
+  for (size_t b = 0; b < status.size(); ++b) {
+    TROVE_RETURN_IF_ERROR(status[b]);
+    down_error->merge(down_err[b]);
+    up_error->merge(up_err[b]);
+  }
+  return {};
 }
 
 }  // namespace
@@ -160,6 +208,9 @@ Result<PackReport> pack_store(const PackOptions& options) {
     TROVE_RETURN_IF_ERROR(writer.begin_layer(packed.name, info, table));
 
     const int64_t chunk = chunk_experts(d + d_out);
+    const int threads = options.threads > 0
+                            ? options.threads
+                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     std::vector<float> down(static_cast<size_t>(chunk * d));
     std::vector<float> up(static_cast<size_t>(chunk * d_out));
     std::vector<float> down_back(down.size());
@@ -167,16 +218,9 @@ Result<PackReport> pack_store(const PackOptions& options) {
     std::vector<uint8_t> records(static_cast<size_t>(chunk) * rec.stride);
     for (int64_t first = 0; first < n_experts; first += chunk) {
       const int64_t count = std::min(chunk, n_experts - first);
-      TROVE_RETURN_IF_ERROR(read_rows_f32(*layer.down, first, count, down.data()));
-      TROVE_RETURN_IF_ERROR(read_rows_f32(*layer.up, first, count, up.data()));
-      TROVE_RETURN_IF_ERROR(
-          check_rows(rec.dtype, tensor_label(layer.down), down.data(), first, count, d));
-      TROVE_RETURN_IF_ERROR(
-          check_rows(rec.dtype, tensor_label(layer.up), up.data(), first, count, d_out));
-      pack_records(rec, down.data(), up.data(), count, records.data(), options.threads);
-      unpack_records(rec, records.data(), count, down_back.data(), up_back.data(), options.threads);
-      packed.down_error.add(down.data(), down_back.data(), count * d);
-      packed.up_error.add(up.data(), up_back.data(), count * d_out);
+      TROVE_RETURN_IF_ERROR(pack_chunk(layer, rec, first, count, threads, down.data(), up.data(),
+                                       down_back.data(), up_back.data(), records.data(),
+                                       &packed.down_error, &packed.up_error));
       TROVE_RETURN_IF_ERROR(
           writer.append_records({records.data(), static_cast<size_t>(count) * rec.stride}));
       done_bytes += static_cast<uint64_t>(count) *
