@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <random>
@@ -171,8 +172,9 @@ TEST(Cli, BadInputsGiveClearErrors) {
 }
 
 // Kills `trove pack` at random moments over an existing store: afterwards the destination is
-// always either the previous store, byte for byte, or a complete new one that verifies; no
-// temporary files are left in the folder. TROVE_KILL_ITERATIONS raises the count (soak).
+// always either the previous store, byte for byte, or a complete new one that verifies;
+// nothing else is left in the folder but, rarely, the documented named temporary, which the
+// next pack removes. TROVE_KILL_ITERATIONS raises the count (soak).
 TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
   ScratchDir dir;
   ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 512, 64).ok());  // ~8 MiB of bf16
@@ -191,7 +193,8 @@ TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
   const char* env = std::getenv("TROVE_KILL_ITERATIONS");
   const int iterations = env != nullptr ? std::atoi(env) : 12;
   std::mt19937 rng(1234);
-  int saw_old = 0, saw_new = 0;
+  int saw_old = 0, saw_new = 0, leftovers = 0;
+  std::vector<pid_t> killed;
   for (int it = 0; it < iterations; ++it) {
     testing::write_all(dir.file("m.trove"), old_bytes);
     // Kill times spread evenly (with jitter) over 0 .. 2x a full run: the early ones land
@@ -218,14 +221,31 @@ TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
       ASSERT_TRUE(faults->empty()) << "iteration " << it;
       ++saw_new;
     }
-    EXPECT_EQ(dir.list(), (std::vector<std::string>{"in.safetensors", "m.trove"}))
-        << "iteration " << it << " left a temporary behind";
+    // A kill in the instant between naming the finished file and renaming it over the
+    // destination leaves one hidden ".m.trove.tmp-<pid>-<n>" (storage/file.h); anything else
+    // left behind is a bug. The next pack removes such a leftover (checked after the loop).
+    killed.push_back(pid);
+    for (const std::string& name : dir.list()) {
+      if (name == "in.safetensors" || name == "m.trove") continue;
+      const std::string prefix = ".m.trove.tmp-";
+      const bool from_a_killed_pack =
+          name.rfind(prefix, 0) == 0 &&
+          std::find(killed.begin(), killed.end(), std::atoi(name.c_str() + prefix.size())) !=
+              killed.end();
+      ASSERT_TRUE(from_a_killed_pack) << "iteration " << it << " left " << name;
+      ++leftovers;
+    }
   }
+  ASSERT_EQ(run(dir, pack_args(dir)).exit_code, 0);
+  EXPECT_EQ(dir.list(), (std::vector<std::string>{"in.safetensors", "m.trove"}))
+      << "a complete pack did not remove what killed ones left";
   EXPECT_EQ(saw_old + saw_new, iterations);
   EXPECT_GT(saw_old, 0) << "no kill landed before the new store was in place";
   EXPECT_GT(saw_new, 0) << "no kill landed after the new store was in place";
-  std::printf("pack killed %d times over %.0f ms: old store %d times, new store %d times\n",
-              iterations, full_ms, saw_old, saw_new);
+  std::printf(
+      "pack killed %d times over %.0f ms: old store %d times, new store %d times, a named "
+      "temporary seen (then removed) %d times\n",
+      iterations, full_ms, saw_old, saw_new, leftovers);
 }
 
 }  // namespace
