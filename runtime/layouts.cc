@@ -4,25 +4,21 @@
 //   2. derive the sizes from their shapes and check that every shape agrees with them;
 //   3. build the config (layout defaults < trove metadata < overrides) and copy the dense
 //      tensors into the canonical arrangement. Expert tables are never copied: they stay
-//      views into the mapped files, read later a row range at a time (read_rows_f32).
+//      views into the mapped files, read later a row range at a time (read_rows_f32 in
+//      storage/safetensors.h).
 #include "runtime/layouts.h"
 
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <set>
 #include <string>
 #include <utility>
 
-#include "base/half.h"
 #include "base/strings.h"
 #include "runtime/peer_config_json.h"
 
 namespace trove {
 namespace {
-
-static_assert(std::endian::native == std::endian::little,
-              "safetensors data is little-endian; read_rows_f32 copies it as is");
 
 // topk when neither metadata nor --topk says: the background documents' PEER config uses
 // k = k' = 8 (mikeybeez, and trove files without metadata); PEER-pytorch's module defaults
@@ -76,10 +72,6 @@ LayoutNames layout_names(ImportLayout layout) {
   return {};
 }
 
-bool is_float_dtype(StDType t) {
-  return t == StDType::kF32 || t == StDType::kF16 || t == StDType::kBF16;
-}
-
 // A tensor found in one of the files.
 struct Located {
   const SafetensorsFile* file = nullptr;
@@ -122,7 +114,7 @@ class TensorFinder {
       }
     }
     if (found) {
-      if (!is_float_dtype(found.view->dtype)) {
+      if (!st_dtype_is_float(found.view->dtype)) {
         return Status::invalid_argument("tensor '" + found_name + "' has dtype " +
                                         st_dtype_name(found.view->dtype) +
                                         "; layouts accept F32, F16 and BF16");
@@ -537,58 +529,6 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
   out.up = up.view;
   out.source_file = down.file->path();
   return out;
-}
-
-Status read_rows_f32(const StTensorView& table, int64_t first, int64_t count, float* out) {
-  if (table.shape.size() != 2) {
-    return Status::invalid_argument("tensor '" + table.name + "' has shape " +
-                                    shape_to_string(table.shape) + ", expected [rows, row_len]");
-  }
-  if (!is_float_dtype(table.dtype)) {
-    return Status::invalid_argument("tensor '" + table.name + "' has dtype " +
-                                    st_dtype_name(table.dtype) +
-                                    "; expert tables must be F32, F16 or BF16");
-  }
-  const int64_t rows = table.shape[0];
-  const int64_t row_len = table.shape[1];
-  if (first < 0 || count < 0 || first > rows || count > rows - first) {
-    return Status::out_of_range(str_printf(
-        "rows [%lld, %lld + %lld) are outside tensor '%s' with %lld rows",
-        static_cast<long long>(first), static_cast<long long>(first), static_cast<long long>(count),
-        table.name.c_str(), static_cast<long long>(rows)));
-  }
-  const size_t elem = st_dtype_size(table.dtype);
-  if (table.bytes.size() != static_cast<size_t>(rows) * static_cast<size_t>(row_len) * elem) {
-    return Status::corruption(str_printf("tensor '%s' has %zu bytes for shape %s",
-                                         table.name.c_str(), table.bytes.size(),
-                                         shape_to_string(table.shape).c_str()));
-  }
-  if (count == 0) return Status::ok_status();
-  TROVE_CHECK(out != nullptr);
-  const size_t n = static_cast<size_t>(count) * static_cast<size_t>(row_len);
-  const uint8_t* src = table.bytes.data() + static_cast<size_t>(first) * row_len * elem;
-  switch (table.dtype) {
-    case StDType::kF32:
-      std::memcpy(out, src, n * sizeof(float));
-      break;
-    case StDType::kF16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = fp16_to_fp32(h);
-      }
-      break;
-    case StDType::kBF16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = bf16_to_fp32(h);
-      }
-      break;
-    default:
-      TROVE_CHECK_MSG(false, "unreachable dtype %s", st_dtype_name(table.dtype));
-  }
-  return Status::ok_status();
 }
 
 }  // namespace trove

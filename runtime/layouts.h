@@ -76,10 +76,6 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
                                    ImportLayout layout, const std::string& prefix,
                                    const ImportOverrides& overrides);
 
-// Converts `count` expert rows starting at `first` of a source table view to fp32 into `out`
-// ([count, row_len]).
-Status read_rows_f32(const StTensorView& table, int64_t first, int64_t count, float* out);
-
 // Metadata key of a layer's config in the trove layout: "trove.layer.<prefix>".
 std::string trove_layout_config_key(const std::string& prefix);
 

@@ -3,7 +3,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "base/half.h"
+#include "kernels/cpu/ref/quant_ref.h"
 #include "runtime/peer_config_json.h"
 
 namespace trove {
@@ -25,15 +25,6 @@ uint64_t name_hash(const std::string& s) {
 
 std::string join(const std::string& prefix, const std::string& suffix) {
   return prefix.empty() ? suffix : prefix + "." + suffix;
-}
-
-void store_value(StDType dtype, float v, uint8_t* out) {
-  if (dtype == StDType::kF32) {
-    std::memcpy(out, &v, 4);
-  } else {
-    const uint16_t h = dtype == StDType::kF16 ? fp32_to_fp16(v) : fp32_to_bf16(v);
-    std::memcpy(out, &h, 2);
-  }
 }
 
 // A tensor whose element at foreign (file) index i holds the canonical element map(i).
@@ -136,29 +127,27 @@ Status write_synthetic_checkpoint(const std::string& path, const SyntheticCheckp
     const TensorPlan& plan = plans[t];
     const std::string prefix = spec.prefixes[t / 4];
     const uint64_t seed = spec.seed;
-    const StDType dtype = spec.dtype;
-    tensors.push_back(
-        {plan.name,
-         spec.dtype,
-         plan.shape,
-         {},
-         [plan, prefix, seed, dtype, esize](uint64_t offset, std::span<uint8_t> chunk) -> Status {
-           // Any byte range: elements overlapping the range are generated whole and the
-           // overlapping bytes copied.
-           const uint64_t end = offset + chunk.size();
-           for (uint64_t i = offset / esize; i * esize < end; ++i) {
-             uint8_t bytes[4];
-             store_value(
-                 dtype,
-                 synthetic_value(seed, prefix, plan.canonical, plan.to_canonical(i), plan.std),
-                 bytes);
-             for (uint64_t k = 0; k < esize; ++k) {
-               const uint64_t pos = i * esize + k;
-               if (pos >= offset && pos < end) chunk[pos - offset] = bytes[k];
-             }
-           }
-           return {};
-         }});
+    tensors.push_back({plan.name,
+                       spec.dtype,
+                       plan.shape,
+                       {},
+                       [plan, prefix, seed, dtype = st_float_dtype(spec.dtype), esize](
+                           uint64_t offset, std::span<uint8_t> chunk) -> Status {
+                         // Any byte range: elements overlapping the range are generated whole and
+                         // the overlapping bytes copied.
+                         const uint64_t end = offset + chunk.size();
+                         for (uint64_t i = offset / esize; i * esize < end; ++i) {
+                           uint8_t bytes[4];
+                           const float v = synthetic_value(seed, prefix, plan.canonical,
+                                                           plan.to_canonical(i), plan.std);
+                           convert_row_ref(dtype, &v, 1, bytes);
+                           for (uint64_t k = 0; k < esize; ++k) {
+                             const uint64_t pos = i * esize + k;
+                             if (pos >= offset && pos < end) chunk[pos - offset] = bytes[k];
+                           }
+                         }
+                         return {};
+                       }});
   }
   metadata["trove.synthetic"] = "true";
   return write_safetensors(path, tensors, metadata);

@@ -1,6 +1,7 @@
 // unpack: a store's layers back to safetensors in the trove layout, streamed table by table.
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -21,18 +22,19 @@ namespace {
 
 // Streams one expert table (down or up) of a stored layer as a safetensors tensor: the
 // writer asks for byte ranges, and each range is served by verifying and dequantizing just
-// the records it covers.
+// the records it covers. The down and up fillers of a layer share `verified_end`: records
+// [0, verified_end) have passed their checksum, so the up table (written after the down
+// table) does not check them again.
 class TableFiller {
  public:
   TableFiller(const StoreReader& store, const StoredLayer& layer, bool up, StDType dtype,
-              ProgressBar* bar)
+              int64_t* verified_end, ProgressBar* bar)
       : store_(store),
         layer_(layer),
         up_(up),
+        verified_end_(verified_end),
         dtype_(dtype),
-        out_dtype_(dtype == StDType::kF32   ? DType::kF32
-                   : dtype == StDType::kF16 ? DType::kF16
-                                            : DType::kBF16),
+        out_dtype_(st_float_dtype(dtype)),
         bar_(bar) {}
 
   Status operator()(uint64_t offset, std::span<uint8_t> chunk) {
@@ -48,10 +50,11 @@ class TableFiller {
     rows_.resize(static_cast<size_t>(count) * row_len);
     bytes_.resize(static_cast<size_t>(count) * row_bytes);
     const uint8_t* records = table.data() + static_cast<uint64_t>(first) * rec.stride;
-    for (int64_t i = 0; i < count; ++i) {
-      TROVE_RETURN_IF_ERROR(store_.verify_record(*layer_.info, first + i,
-                                                 records + static_cast<uint64_t>(i) * rec.stride));
+    for (int64_t id = std::max(first, *verified_end_); id < last; ++id) {
+      TROVE_RETURN_IF_ERROR(store_.verify_record(
+          *layer_.info, id, records + static_cast<uint64_t>(id - first) * rec.stride));
     }
+    if (first <= *verified_end_) *verified_end_ = std::max(*verified_end_, last);
     unpack_records(rec, records, count, up_ ? nullptr : rows_.data(), up_ ? rows_.data() : nullptr);
     convert_row_ref(out_dtype_, rows_.data(), count * static_cast<int64_t>(row_len), bytes_.data());
     std::memcpy(chunk.data(), bytes_.data() + (offset - static_cast<uint64_t>(first) * row_bytes),
@@ -64,6 +67,7 @@ class TableFiller {
   const StoreReader& store_;
   const StoredLayer& layer_;
   bool up_;
+  int64_t* verified_end_;
   StDType dtype_;
   DType out_dtype_;  // the same type, as the kernels name it
   ProgressBar* bar_;
@@ -79,8 +83,7 @@ std::span<const uint8_t> as_bytes(const std::vector<float>& v) {
 
 Result<UnpackReport> unpack_store(const UnpackOptions& options) {
   const auto start = std::chrono::steady_clock::now();
-  if (options.dtype != StDType::kF32 && options.dtype != StDType::kF16 &&
-      options.dtype != StDType::kBF16) {
+  if (!st_dtype_is_float(options.dtype)) {
     return Status::invalid_argument(std::string("unpack: output dtype ") +
                                     st_dtype_name(options.dtype) + " is not one of F32, F16, BF16");
   }
@@ -121,11 +124,14 @@ Result<UnpackReport> unpack_store(const UnpackOptions& options) {
 
   ProgressBar bar("unpacking", table_bytes, ProgressBar::Unit::kBytes);
   std::vector<std::unique_ptr<TableFiller>> fillers;
-  for (const StoredLayer& layer : layers) {
+  std::vector<int64_t> verified_end(layers.size(), 0);
+  for (size_t li = 0; li < layers.size(); ++li) {
+    const StoredLayer& layer = layers[li];
     const std::string& name = layer.info->name;
     const int64_t n = layer.config.num_experts();
     for (bool up : {false, true}) {
-      fillers.push_back(std::make_unique<TableFiller>(store, layer, up, options.dtype, &bar));
+      fillers.push_back(
+          std::make_unique<TableFiller>(store, layer, up, options.dtype, &verified_end[li], &bar));
       TableFiller* f = fillers.back().get();
       tensors.push_back({name + (up ? ".up" : ".down"),
                          options.dtype,

@@ -364,6 +364,35 @@ size_t st_dtype_size(StDType t) {
   return 0;
 }
 
+bool st_dtype_is_float(StDType t) {
+  return t == StDType::kF32 || t == StDType::kF16 || t == StDType::kBF16;
+}
+
+DType st_float_dtype(StDType t) {
+  TROVE_CHECK_MSG(st_dtype_is_float(t), "%s is not a float dtype", st_dtype_name(t));
+  return t == StDType::kF32 ? DType::kF32 : t == StDType::kF16 ? DType::kF16 : DType::kBF16;
+}
+
+namespace {
+
+// n elements of a float dtype at `src` (little-endian, possibly unaligned) as fp32.
+void widen_to_f32(StDType dtype, const uint8_t* src, size_t n, float* out) {
+  static_assert(std::endian::native == std::endian::little, "safetensors data is little-endian");
+  if (dtype == StDType::kF32) {
+    if (n > 0) std::memcpy(out, src, n * sizeof(float));
+    return;
+  }
+  TROVE_CHECK(dtype == StDType::kF16 || dtype == StDType::kBF16);
+  const bool f16 = dtype == StDType::kF16;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    out[i] = f16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+  }
+}
+
+}  // namespace
+
 int64_t StTensorView::numel() const {
   uint64_t n = 1;
   for (int64_t d : shape) n *= static_cast<uint64_t>(d);
@@ -407,26 +436,47 @@ Result<std::vector<float>> SafetensorsFile::read_f32(const std::string& name) co
   if (t == nullptr) return Status::not_found(path_ + ": no tensor named '" + name + "'");
   // The dtype first: an I8 tensor of n bytes would otherwise cost 4n bytes of floats before
   // being refused.
-  if (t->dtype != StDType::kF32 && t->dtype != StDType::kF16 && t->dtype != StDType::kBF16) {
+  if (!st_dtype_is_float(t->dtype)) {
     return Status::invalid_argument(path_ + ": tensor '" + name + "' is " +
                                     st_dtype_name(t->dtype) +
                                     "; read_f32 converts F32, F16 and BF16 only");
   }
   // The view's byte count was checked against numel * dtype size when the header was parsed.
-  const size_t n = static_cast<size_t>(t->numel());
-  std::vector<float> out(n);
-  const uint8_t* src = t->bytes.data();
-  if (t->dtype == StDType::kF32) {
-    if (n > 0) std::memcpy(out.data(), src, n * sizeof(float));
-    return out;
-  }
-  const bool f16 = t->dtype == StDType::kF16;
-  for (size_t i = 0; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, src + 2 * i, 2);  // the data may be unaligned
-    out[i] = f16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
-  }
+  std::vector<float> out(static_cast<size_t>(t->numel()));
+  widen_to_f32(t->dtype, t->bytes.data(), out.size(), out.data());
   return out;
+}
+
+Status read_rows_f32(const StTensorView& table, int64_t first, int64_t count, float* out) {
+  if (table.shape.size() != 2) {
+    return Status::invalid_argument("tensor '" + table.name + "' has shape " +
+                                    shape_to_string(table.shape) + ", expected [rows, row_len]");
+  }
+  if (!st_dtype_is_float(table.dtype)) {
+    return Status::invalid_argument("tensor '" + table.name + "' has dtype " +
+                                    st_dtype_name(table.dtype) +
+                                    "; expert tables must be F32, F16 or BF16");
+  }
+  const int64_t rows = table.shape[0];
+  const int64_t row_len = table.shape[1];
+  if (first < 0 || count < 0 || first > rows || count > rows - first) {
+    return Status::out_of_range(str_printf(
+        "rows [%lld, %lld + %lld) are outside tensor '%s' with %lld rows",
+        static_cast<long long>(first), static_cast<long long>(first), static_cast<long long>(count),
+        table.name.c_str(), static_cast<long long>(rows)));
+  }
+  const size_t elem = st_dtype_size(table.dtype);
+  if (table.bytes.size() != static_cast<size_t>(rows) * static_cast<size_t>(row_len) * elem) {
+    return Status::corruption(str_printf("tensor '%s' has %zu bytes for shape %s",
+                                         table.name.c_str(), table.bytes.size(),
+                                         shape_to_string(table.shape).c_str()));
+  }
+  if (count == 0) return Status::ok_status();
+  TROVE_CHECK(out != nullptr);
+  const size_t n = static_cast<size_t>(count) * static_cast<size_t>(row_len);
+  const uint8_t* src = table.bytes.data() + static_cast<size_t>(first) * row_len * elem;
+  widen_to_f32(table.dtype, src, n, out);
+  return Status::ok_status();
 }
 
 // ---- write_safetensors ---------------------------------------------------------------------

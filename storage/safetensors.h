@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "base/dtype.h"
 #include "base/status.h"
 #include "storage/file.h"
 
@@ -29,6 +30,9 @@ enum class StDType : uint8_t { kF32, kF16, kBF16, kI8, kU8, kI32, kI64 };
 
 const char* st_dtype_name(StDType t);  // "F32", "F16", "BF16", "I8", "U8", "I32", "I64"
 size_t st_dtype_size(StDType t);
+bool st_dtype_is_float(StDType t);  // F32, F16, BF16
+// The trove DType of a float safetensors dtype. REQUIRES: st_dtype_is_float(t).
+DType st_float_dtype(StDType t);
 
 struct StTensorView {
   std::string name;
@@ -79,6 +83,10 @@ struct StTensorOut {
   std::span<const uint8_t> data;
   std::function<Status(uint64_t offset, std::span<uint8_t> chunk)> fill;
 };
+
+// Converts rows [first, first + count) of a 2-D F32/F16/BF16 tensor (an expert table) to fp32
+// into `out` ([count, row_len]), straight from the mapped file. Errors name the tensor.
+Status read_rows_f32(const StTensorView& table, int64_t first, int64_t count, float* out);
 
 // Writes a safetensors file atomically (AtomicFileWriter): header padded with spaces to a
 // multiple of 8 bytes so the data section starts 8-byte aligned, then the tensors in the given

@@ -296,6 +296,35 @@ TEST(Pack, RecordsAndStatisticsDoNotDependOnTheThreadCount) {
   EXPECT_EQ(rmse[0], rmse[1]);  // exactly: the same sums in the same order
 }
 
+TEST(Unpack, ADamagedRecordIsAnErrorNamingTheExpertAndWritesNothing) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kTrove, StDType::kF32))
+                  .ok());
+  ASSERT_TRUE(pack_store(pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                      ImportLayout::kTrove, DType::kI8))
+                  .ok());
+  StoreTableInfo table;
+  {
+    auto store = StoreReader::open(dir.file("m.trove"));
+    ASSERT_TRUE(store.ok());
+    table = store->layers()[0].table;
+  }
+  // The last byte of expert 70's up codes: only the up table's rows read it.
+  std::vector<uint8_t> bytes = testing::read_all(dir.file("m.trove"));
+  bytes[table.offset + 70 * table.stride + table.record_bytes - 1] ^= 0x01;
+  testing::write_all(dir.file("m.trove"), bytes);
+
+  UnpackOptions un;
+  un.input = dir.file("m.trove");
+  un.output = dir.file("back.safetensors");
+  auto r = unpack_store(un);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().is_corruption()) << r.status().to_string();
+  EXPECT_NE(r.status().message().find("expert 70"), std::string::npos) << r.status().message();
+  EXPECT_FALSE(file_exists(dir.file("back.safetensors")));
+}
+
 TEST(Pack, DuplicateLayerNamesAreRejected) {
   ScratchDir dir;
   ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
