@@ -19,6 +19,7 @@
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/ref/quant_ref.h"
 #include "kernels/quant.h"
+#include "tests/cpu_path_test.h"
 
 namespace trove {
 
@@ -515,17 +516,7 @@ TEST(QuantAccuracy, Int4RmseOnStandardNormalMatchesSpec) {
 
 // ---- every CPU path equals the oracle, bit for bit ---------------------------------------
 
-class QuantPathTest : public ::testing::TestWithParam<CpuPath> {
- protected:
-  void SetUp() override {
-    set_cpu_path(CpuPath::kAuto);
-    if (GetParam() == CpuPath::kAvx2 && active_cpu_path() != CpuPath::kAvx2) {
-      GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C; the AVX2 path cannot run here";
-    }
-    set_cpu_path(GetParam());
-  }
-  void TearDown() override { set_cpu_path(CpuPath::kAuto); }
-};
+class QuantPathTest : public testing::CpuPathTest {};
 
 TEST_P(QuantPathTest, Int8CodesAndScalesEqualTheOracle) {
   uint32_t seed = 100;

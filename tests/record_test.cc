@@ -17,6 +17,7 @@
 #include "kernels/cpu/ref/quant_ref.h"
 #include "kernels/quant.h"
 #include "kernels/record.h"
+#include "tests/cpu_path_test.h"
 
 namespace trove {
 
@@ -339,17 +340,7 @@ TEST(RecordPackRef, RoundTripEqualsTheRowOracles) {
 
 // ---- pack_records / unpack_records: every path and thread count equals the oracle --------
 
-class RecordPathTest : public ::testing::TestWithParam<CpuPath> {
- protected:
-  void SetUp() override {
-    set_cpu_path(CpuPath::kAuto);
-    if (GetParam() == CpuPath::kAvx2 && active_cpu_path() != CpuPath::kAvx2) {
-      GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C; the AVX2 path cannot run here";
-    }
-    set_cpu_path(GetParam());
-  }
-  void TearDown() override { set_cpu_path(CpuPath::kAuto); }
-};
+class RecordPathTest : public testing::CpuPathTest {};
 
 struct Table {
   std::vector<float> down;  // [count][width][dim]
