@@ -1,5 +1,6 @@
 // trove demo: the whole path on a generated checkpoint, in a scratch folder that is removed
-// afterwards (--keep to look at it). Later issues grow it into the tiered run.
+// afterwards (--keep to look at it): write, pack, inspect, verify, unpack, and run the layer.
+// Later issues grow it into the tiered run.
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -11,6 +12,8 @@
 #include "base/bytes.h"
 #include "base/strings.h"
 #include "runtime/inspect.h"
+#include "runtime/peer_layer.h"
+#include "runtime/routing_stats.h"
 #include "runtime/synthetic.h"
 #include "storage/safetensors.h"
 #include "tools/commands.h"
@@ -27,6 +30,80 @@ struct DemoArgs {
   std::string dir;
   bool keep = false;
 };
+
+constexpr int64_t kDemoTokens = 2048;
+
+// Runs the packed layer and the same layer with the checkpoint's own (unquantized) tables on
+// one batch of gaussian tokens: throughput, routing statistics, and how far the packed
+// layer's output is from the source's.
+Result<nlohmann::json> demo_forward(const StoreReader& store, const SafetensorsFile& ckpt,
+                                    const SyntheticCheckpoint& spec, bool talk) {
+  const std::string& name = spec.prefixes[0];
+  TROVE_ASSIGN_OR_RETURN(PeerLayer packed, PeerLayer::open(store, name));
+  const PeerConfig& c = packed.config();
+
+  ImportOverrides overrides;
+  overrides.topk = c.topk;
+  overrides.topk_per_half = c.topk_per_half;
+  TROVE_ASSIGN_OR_RETURN(ImportedLayer imported,
+                         import_layer({&ckpt}, spec.layout, name, overrides));
+  std::vector<float> down(static_cast<size_t>(c.num_experts() * c.dim));
+  std::vector<float> up(static_cast<size_t>(c.num_experts() * c.dim_out));
+  TROVE_RETURN_IF_ERROR(read_rows_f32(*imported.down, 0, c.num_experts(), down.data()));
+  TROVE_RETURN_IF_ERROR(read_rows_f32(*imported.up, 0, c.num_experts(), up.data()));
+  TROVE_ASSIGN_OR_RETURN(RecordLayout f32, RecordLayout::make(DType::kF32, c.dim, c.dim_out));
+  TROVE_ASSIGN_OR_RETURN(auto source, MemoryExpertSource::pack(f32, down, up));
+  PeerDenseParams dense = packed.params();
+  TROVE_ASSIGN_OR_RETURN(PeerLayer exact, PeerLayer::create(c, dense, std::move(source)));
+
+  std::vector<float> x(static_cast<size_t>(kDemoTokens * c.dim));
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  for (size_t i = 0; i < x.size(); i += 2) {  // Box-Muller on a splitmix64 stream
+    auto uniform = [&state] {
+      uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      return ((z ^ (z >> 31)) >> 11) * 0x1.0p-53 + 0x1.0p-54;
+    };
+    const double r = std::sqrt(-2 * std::log(uniform())), a = 2 * M_PI * uniform();
+    x[i] = static_cast<float>(r * std::cos(a));
+    if (i + 1 < x.size()) x[i + 1] = static_cast<float>(r * std::sin(a));
+  }
+  std::vector<float> y(static_cast<size_t>(kDemoTokens * c.dim_out)), y_exact(y.size());
+  PeerRouting routing;
+  PeerBatchStats stats;
+  TROVE_RETURN_IF_ERROR(packed.forward(x, kDemoTokens, y, &routing));  // warm: first-touch checks
+  TROVE_RETURN_IF_ERROR(packed.forward(x, kDemoTokens, y, &routing, &stats));
+  TROVE_RETURN_IF_ERROR(exact.forward(x, kDemoTokens, y_exact));
+  QuantError out_err;
+  out_err.add(y_exact.data(), y.data(), static_cast<int64_t>(y.size()));
+  RoutingStats rs(c.num_experts());
+  rs.add(routing);
+  const double seconds = stats.route_seconds + stats.acquire_seconds + stats.expert_seconds;
+  if (talk) {
+    std::printf(
+        "   %lld tokens in %.1f ms: %.0f tokens/s (route %.1f ms, experts %.1f ms at %s "
+        "of %s records)\n",
+        static_cast<long long>(kDemoTokens), 1e3 * seconds, kDemoTokens / seconds,
+        1e3 * stats.route_seconds, 1e3 * stats.expert_seconds,
+        format_rate(stats.record_bytes_used / stats.expert_seconds).c_str(),
+        std::string(dtype_name(packed.record_layout().dtype)).c_str());
+    std::printf(
+        "   %lld unique experts of %lld selections; usage %.1f%% of %lld experts, KL from "
+        "uniform %.3f nats\n",
+        static_cast<long long>(stats.unique_experts), static_cast<long long>(stats.slots),
+        100 * rs.usage(), static_cast<long long>(c.num_experts()), rs.kl_from_uniform());
+    std::printf("   output vs the unquantized layer: relative error %.4f (rmse %.3e)\n",
+                out_err.rel_fro(), out_err.rmse());
+  }
+  return nlohmann::json{{"tokens", kDemoTokens},
+                        {"seconds", seconds},
+                        {"tokens_per_second", kDemoTokens / seconds},
+                        {"unique_experts", stats.unique_experts},
+                        {"usage", rs.usage()},
+                        {"kl_from_uniform", rs.kl_from_uniform()},
+                        {"output_rel_error_vs_source", out_err.rel_fro()}};
+}
 
 int run_demo(const DemoArgs& args, const GlobalOptions& global) {
   const bool talk = !global.quiet && !global.json;
@@ -142,7 +219,17 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
                 back.c_str(), static_cast<long long>(unpacked->tensors),
                 format_bytes(unpacked->output_bytes).c_str(), p0.c_str(), err.rmse(),
                 packed->layers[0].down_error.rmse());
-    std::printf("\nNext: pack your own checkpoint with `trove pack --help`.\n");
+  }
+  if (talk) {
+    std::printf("\n6. trove forward %s --layer %s on %lld gaussian tokens\n", store.c_str(),
+                p0.c_str(), static_cast<long long>(kDemoTokens));
+  }
+  Result<nlohmann::json> forward = demo_forward(*reader, *src, spec, talk);
+  if (!forward.ok()) return report_error("demo", forward.status());
+  if (talk) {
+    std::printf(
+        "\nNext: pack your own checkpoint with `trove pack --help`, run it with "
+        "`trove forward --help`.\n");
   }
   if (global.json) {
     nlohmann::json j = {{"pack", pack_report_json(pack, *packed)},
@@ -151,7 +238,8 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
                         {"unpack",
                          {{"tensors", unpacked->tensors},
                           {"bytes", unpacked->output_bytes},
-                          {"down_rmse", err.rmse()}}}};
+                          {"down_rmse", err.rmse()}}},
+                        {"forward", *forward}};
     print_json(j);
   }
   return kExitOk;
@@ -162,8 +250,9 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
 void add_demo(CLI::App& app, GlobalOptions& global) {
   auto* cmd = app.add_subcommand(
       "demo",
-      "Generate a small PEER checkpoint, pack it to int4, inspect, verify and unpack it, in a\n"
-      "scratch folder that is removed afterwards.");
+      "Generate a small PEER checkpoint, pack it to int4, inspect, verify and unpack it, and run\n"
+      "the packed layer against the unquantized one, in a scratch folder that is removed\n"
+      "afterwards.");
   auto args = std::make_shared<DemoArgs>();
   cmd->add_option("--dim", args->dim, "Model dimension D")->capture_default_str();
   cmd->add_option("--n-keys", args->n_keys, "Sub-keys per half n (N = n^2 experts)")

@@ -30,6 +30,7 @@ void add_unpack(CLI::App& app, GlobalOptions& global);
 void add_inspect(CLI::App& app, GlobalOptions& global);
 void add_verify(CLI::App& app, GlobalOptions& global);
 void add_demo(CLI::App& app, GlobalOptions& global);
+void add_forward(CLI::App& app, GlobalOptions& global);
 
 // The --json form of a pack report (shared by pack and demo).
 nlohmann::json pack_report_json(const PackOptions& options, const PackReport& report);

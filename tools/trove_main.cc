@@ -13,7 +13,8 @@ int main(int argc, char** argv) {
 
   CLI::App app{
       "trove: a tiered, out-of-core runtime for PEER expert layers.\n"
-      "Packs safetensors checkpoints into .trove stores of int4/int8 expert records, checks and\n"
+      "Packs safetensors checkpoints into .trove stores of int4/int8 expert records, runs their\n"
+      "PEER layers on activations (forward), checks and "
       "inspects them, and turns them back into safetensors.\n\n"
       "Exit codes: 0 success, 1 error (message on stderr), 2 bad command line, 3 verify found\n"
       "damage. Start with `trove demo`."};
@@ -30,6 +31,7 @@ int main(int argc, char** argv) {
   add_unpack(app, global);
   add_inspect(app, global);
   add_verify(app, global);
+  add_forward(app, global);
   add_demo(app, global);
 
   app.parse_complete_callback([&global] {

@@ -1,0 +1,663 @@
+// The optimized CPU PEER layer: the one dispatch point between the AVX2 inner loops
+// (peer_avx2.cc) and their portable scalar versions below, the thread partitioning, and the
+// routing and backward logic both paths share.
+//
+// Thread-count independence, step by step: every parallel loop is a base/thread_pool.h
+// parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
+//   norm, query, route, experts: chunks of tokens; each token's row by one thread. Query and
+//     route block up to 4 tokens per weight row, and dot_block computes each token's dot with
+//     the same operations whatever the block, so chunk boundaries change no bit.
+//   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
+//     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
+//     columns of gamma, key rows, unique experts), each row adding its terms in token order.
+//     The row-sparse expert gradients come from sorting (expert id, slot) pairs: no dense
+//     [N, D] buffer and no atomics.
+#include "kernels/cpu/peer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "base/check.h"
+#include "base/half.h"
+#include "base/thread_pool.h"
+#include "kernels/cpu/peer_avx2.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/quant.h"
+
+namespace trove {
+
+namespace {
+
+using peer_internal::kMaxDotBlock;
+using peer_internal::PeerKernels;
+
+// ---- scalar inner loops --------------------------------------------------------------------
+
+template <DType kType>
+float scalar_float_code(const uint8_t* codes, int64_t i) {
+  if constexpr (kType == DType::kF32) {
+    float v;
+    std::memcpy(&v, codes + 4 * i, sizeof(v));
+    return v;
+  } else {
+    static_assert(kType == DType::kF16 || kType == DType::kBF16);
+    uint16_t h;
+    std::memcpy(&h, codes + 2 * i, sizeof(h));
+    return kType == DType::kF16 ? fp16_to_fp32(h) : bf16_to_fp32(h);
+  }
+}
+
+template <DType kType>
+float scalar_float_dot(const uint8_t* codes, int64_t n, const float* x) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += scalar_float_code<kType>(codes, i) * x[i];
+  return s;
+}
+
+template <DType kType>
+void scalar_float_axpy(const uint8_t* codes, int64_t n, float alpha, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * scalar_float_code<kType>(codes, i);
+}
+
+// Code j (0..31, unscaled) of the group starting at `group`.
+int scalar_quant_code(DType t, const uint8_t* group, int64_t j) {
+  if (t == DType::kI8) return static_cast<int8_t>(group[j]);
+  return j < kQuantGroup / 2 ? (group[j] & 0x0f) - 8 : (group[j - kQuantGroup / 2] >> 4) - 8;
+}
+
+float scalar_scale(const uint8_t* scales, int64_t g) {
+  uint16_t h;
+  std::memcpy(&h, scales + 2 * g, sizeof(h));
+  return fp16_to_fp32(h);
+}
+
+int64_t group_code_bytes(DType t) {
+  return t == DType::kI8 ? kQuantGroup : kQuantGroup / 2;
+}
+
+// Eight running sums (what one AVX2 vector holds), added pairwise at the end.
+float scalar_dot_f32(const float* a, const float* b, int64_t n) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float scalar_coded_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+                       const float* x) {
+  switch (t) {
+    case DType::kF32:
+      return scalar_float_dot<DType::kF32>(codes, n, x);
+    case DType::kF16:
+      return scalar_float_dot<DType::kF16>(codes, n, x);
+    case DType::kBF16:
+      return scalar_float_dot<DType::kBF16>(codes, n, x);
+    case DType::kI8:
+    case DType::kI4:
+      break;
+  }
+  float acc = 0.0f;
+  for (int64_t g = 0; g < quant_groups(n); ++g) {
+    const uint8_t* group = codes + g * group_code_bytes(t);
+    const int64_t base = g * kQuantGroup;
+    const int64_t len = std::min<int64_t>(kQuantGroup, n - base);
+    float partial = 0.0f;
+    for (int64_t j = 0; j < len; ++j) {
+      partial += static_cast<float>(scalar_quant_code(t, group, j)) * x[base + j];
+    }
+    acc += partial * scalar_scale(scales, g);
+  }
+  return acc;
+}
+
+void scalar_coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha,
+                       float* y) {
+  switch (t) {
+    case DType::kF32:
+      return scalar_float_axpy<DType::kF32>(codes, n, alpha, y);
+    case DType::kF16:
+      return scalar_float_axpy<DType::kF16>(codes, n, alpha, y);
+    case DType::kBF16:
+      return scalar_float_axpy<DType::kBF16>(codes, n, alpha, y);
+    case DType::kI8:
+    case DType::kI4:
+      break;
+  }
+  for (int64_t g = 0; g < quant_groups(n); ++g) {
+    const uint8_t* group = codes + g * group_code_bytes(t);
+    const int64_t base = g * kQuantGroup;
+    const int64_t len = std::min<int64_t>(kQuantGroup, n - base);
+    const float alpha_d = alpha * scalar_scale(scales, g);
+    for (int64_t j = 0; j < len; ++j) {
+      y[base + j] += alpha_d * static_cast<float>(scalar_quant_code(t, group, j));
+    }
+  }
+}
+
+void scalar_dot_block(const float* w, const float* const* x, int m, int64_t n, float* out) {
+  for (int j = 0; j < m; ++j) out[j] = scalar_dot_f32(w, x[j], n);
+}
+
+void scalar_axpy(float alpha, const float* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_dot_block,
+                                        scalar_axpy};
+
+const PeerKernels& kernels() {
+  return active_cpu_path() == CpuPath::kAvx2 ? avx2::peer_kernels() : kScalarKernels;
+}
+
+// ---- shared helpers ------------------------------------------------------------------------
+
+void check_common(const PeerConfig& c, const RecordLayout* layout) {
+  TROVE_CHECK(c.dim > 0 && c.dim_out > 0 && c.n_keys > 0 && c.topk > 0 && c.topk_per_half > 0);
+  TROVE_CHECK(c.topk_per_half <= c.n_keys && c.topk <= c.topk_per_half * c.topk_per_half);
+  TROVE_CHECK(c.expert_width == 1);
+  if (layout != nullptr) {
+    TROVE_CHECK(layout->dim == c.dim && layout->dim_out == c.dim_out && layout->width == 1);
+  }
+}
+
+void check_routing(const PeerConfig& c, const PeerRouting& routing) {
+  TROVE_CHECK(routing.heads == c.heads && routing.topk == c.topk);
+  TROVE_CHECK(routing.slots() == static_cast<size_t>(routing.tokens * c.heads * c.topk));
+}
+
+// A record's down row and up row as coded rows.
+struct CodedRow {
+  const uint8_t* scales;
+  const uint8_t* codes;
+};
+CodedRow down_row(const RecordLayout& l, const uint8_t* record) {
+  return {record + l.down_scales_offset, record + l.down_codes_offset};
+}
+CodedRow up_row(const RecordLayout& l, const uint8_t* record) {
+  return {record + l.up_scales_offset, record + l.up_codes_offset};
+}
+
+// 1 / sqrt(mean(x^2) + eps), in double as the oracle computes it.
+double inverse_rms(const float* x, int64_t D, float eps) {
+  double ss = 0;
+  for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
+  return 1.0 / std::sqrt(ss / static_cast<double>(D) + eps);
+}
+
+struct Candidate {
+  float score;
+  int64_t id;
+};
+
+// Score descending, then id ascending: the order of routing slots.
+bool better(const Candidate& a, const Candidate& b) {
+  return a.score != b.score ? a.score > b.score : a.id < b.id;
+}
+
+// Indices of the kp largest of s[0..n), best first; ties: lower index first. Keeps a sorted
+// list and scans ascending, so an element enters only when strictly greater than the list's
+// last (an equal score has a higher index) and goes after every element not smaller.
+void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = s[i];
+    if (size == kp && !(v > s[out[kp - 1]])) continue;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && s[out[pos - 1]] < v) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = i;
+  }
+}
+
+// The k best of the kp^2 sums s0[top0[a]] + s1[top1[b]], best first, into `best` (a heap whose
+// front is the worst kept). Rows and columns are scanned best first and a scan stops at the
+// first sum strictly below the worst kept: fp32 addition is monotone, so nothing later in that
+// row (or, for the first column, in any later row) can enter, ties included.
+void merge_halves(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
+                  int64_t kp, int64_t n, int64_t k, std::vector<Candidate>* best) {
+  best->clear();
+  for (int64_t a = 0; a < kp; ++a) {
+    const float si = s0[top0[a]];
+    if (static_cast<int64_t>(best->size()) == k && si + s1[top1[0]] < best->front().score) break;
+    for (int64_t b = 0; b < kp; ++b) {
+      const Candidate c{si + s1[top1[b]], top0[a] * n + top1[b]};
+      if (static_cast<int64_t>(best->size()) < k) {
+        best->push_back(c);
+        std::push_heap(best->begin(), best->end(), better);
+        continue;
+      }
+      if (c.score < best->front().score) break;
+      if (better(c, best->front())) {
+        std::pop_heap(best->begin(), best->end(), better);
+        best->back() = c;
+        std::push_heap(best->begin(), best->end(), better);
+      }
+    }
+  }
+  std::sort_heap(best->begin(), best->end(), better);
+}
+
+// Same expressions as the oracle's gates (double, one rounding).
+void compute_gates(Gate gate, const float* scores, int64_t k, float* gates) {
+  switch (gate) {
+    case Gate::kSoftmax: {
+      double mx = scores[0];
+      for (int64_t s = 1; s < k; ++s) mx = std::max(mx, static_cast<double>(scores[s]));
+      double sum = 0;
+      for (int64_t s = 0; s < k; ++s) sum += std::exp(scores[s] - mx);
+      for (int64_t s = 0; s < k; ++s) gates[s] = static_cast<float>(std::exp(scores[s] - mx) / sum);
+      break;
+    }
+    case Gate::kRelu:
+      for (int64_t s = 0; s < k; ++s) gates[s] = scores[s] > 0 ? scores[s] : 0.0f;
+      break;
+    case Gate::kSigmoid:
+      for (int64_t s = 0; s < k; ++s) {
+        gates[s] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(scores[s]))));
+      }
+      break;
+  }
+}
+
+// d loss / d score of each of a head's k slots, given dg = d loss / d gate.
+void gate_backward(Gate gate, const float* scores, const float* gates, const double* dg, int64_t k,
+                   double* dscore) {
+  double g_dg = 0;
+  if (gate == Gate::kSoftmax) {
+    for (int64_t s = 0; s < k; ++s) g_dg += gates[s] * dg[s];
+  }
+  for (int64_t s = 0; s < k; ++s) {
+    switch (gate) {
+      case Gate::kSoftmax:
+        dscore[s] = gates[s] * (dg[s] - g_dg);
+        break;
+      case Gate::kRelu:
+        dscore[s] = scores[s] > 0 ? dg[s] : 0.0;
+        break;
+      case Gate::kSigmoid:
+        dscore[s] = dg[s] * gates[s] * (1.0 - gates[s]);
+        break;
+    }
+  }
+}
+
+// q rows [rows] of tokens [begin, end): W_q row blocks that stay in L2 across the tokens,
+// up to kMaxDotBlock tokens sharing each row load.
+void query_tokens(const PeerKernels& kr, const PeerConfig& c, const PeerRouterParams& p,
+                  const float* xhat, int64_t begin, int64_t end, float* q) {
+  const int64_t D = c.dim, rows = c.query_rows();
+  const int64_t row_block = std::max<int64_t>(1, (int64_t{64} << 10) / D);  // ~256 KiB of W_q
+  for (int64_t r0 = 0; r0 < rows; r0 += row_block) {
+    const int64_t r1 = std::min(rows, r0 + row_block);
+    for (int64_t t0 = begin; t0 < end; t0 += kMaxDotBlock) {
+      const int m = static_cast<int>(std::min<int64_t>(kMaxDotBlock, end - t0));
+      const float* xs[kMaxDotBlock];
+      for (int j = 0; j < m; ++j) xs[j] = xhat + (t0 + j) * D;
+      for (int64_t r = r0; r < r1; ++r) {
+        float out[kMaxDotBlock];
+        kr.dot_block(p.query_weight + r * D, xs, m, D, out);
+        const float b = p.query_bias != nullptr ? p.query_bias[r] : 0.0f;
+        for (int j = 0; j < m; ++j) q[(t0 + j) * rows + r] = out[j] + b;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ---- public entry points ---------------------------------------------------------------------
+
+float record_down_dot(const RecordLayout& layout, const uint8_t* record, const float* x) {
+  const CodedRow row = down_row(layout, record);
+  return kernels().coded_dot(layout.dtype, row.scales, row.codes, layout.dim, x);
+}
+
+void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y) {
+  const CodedRow row = up_row(layout, record);
+  kernels().coded_axpy(layout.dtype, row.scales, row.codes, layout.dim_out, alpha, y);
+}
+
+void peer_norm(const PeerConfig& config, const float* norm_weight, const float* x, int64_t T,
+               float* xhat, int threads) {
+  check_common(config, nullptr);
+  const int64_t D = config.dim;
+  if (config.input_norm == InputNorm::kNone) {
+    if (xhat != x) std::memmove(xhat, x, static_cast<size_t>(T * D) * sizeof(float));
+    return;
+  }
+  TROVE_CHECK(norm_weight != nullptr);
+  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xt = x + t * D;
+      float* out = xhat + t * D;
+      const double r = inverse_rms(xt, D, config.norm_eps);
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(xt[d] * r * norm_weight[d]);
+    }
+  });
+}
+
+void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
+                int64_t T, float* q, int threads) {
+  check_common(config, nullptr);
+  const PeerKernels& kr = kernels();
+  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
+    query_tokens(kr, config, params, xhat, begin, end, q);
+  });
+}
+
+void peer_route(const PeerConfig& config, const PeerRouterParams& params, const float* q, int64_t T,
+                PeerRouting* routing, int threads) {
+  check_common(config, nullptr);
+  const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
+  const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
+  routing->resize(T, h, k);
+  const PeerKernels& kr = kernels();
+  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
+    // Sub-scores [token in block][half][n], per-half selections, the merge heap.
+    std::vector<float> scores(static_cast<size_t>(kMaxDotBlock * 2 * n));
+    std::vector<int64_t> top(static_cast<size_t>(2 * kp));
+    std::vector<Candidate> best;
+    best.reserve(static_cast<size_t>(k));
+    for (int64_t t0 = begin; t0 < end; t0 += kMaxDotBlock) {
+      const int m = static_cast<int>(std::min<int64_t>(kMaxDotBlock, end - t0));
+      for (int64_t head = 0; head < h; ++head) {
+        const int64_t hk = config.shared_keys ? 0 : head;
+        for (int half = 0; half < 2; ++half) {
+          const float* qs[kMaxDotBlock];
+          for (int j = 0; j < m; ++j) qs[j] = q + (t0 + j) * rows + (head * 2 + half) * dk;
+          const float* keys = params.keys + (hk * 2 + half) * n * dk;
+          for (int64_t i = 0; i < n; ++i) {
+            float out[kMaxDotBlock];
+            kr.dot_block(keys + i * dk, qs, m, dk, out);
+            for (int j = 0; j < m; ++j)
+              scores[static_cast<size_t>((j * 2 + half) * n + i)] = out[j];
+          }
+        }
+        for (int j = 0; j < m; ++j) {
+          const float* s0 = &scores[static_cast<size_t>(j * 2 * n)];
+          const float* s1 = s0 + n;
+          top_indices(s0, n, kp, top.data());
+          top_indices(s1, n, kp, top.data() + kp);
+          merge_halves(s0, s1, top.data(), top.data() + kp, kp, n, k, &best);
+          const size_t base = static_cast<size_t>(((t0 + j) * h + head) * k);
+          for (int64_t s = 0; s < k; ++s) {
+            routing->ids[base + s] = best[s].id;
+            routing->scores[base + s] = best[s].score;
+          }
+          compute_gates(config.gate, &routing->scores[base], k, &routing->gates[base]);
+        }
+      }
+    }
+  });
+}
+
+// How many slots ahead peer_experts prefetches records, and the prefetch itself (every cache
+// line of the record's useful bytes).
+constexpr size_t kPrefetchSlots = 2;
+inline void prefetch_record(const uint8_t* record, size_t bytes) {
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 0);
+}
+
+void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                  const PeerRouting& routing, const uint8_t* const* records, float* y,
+                  int threads) {
+  check_common(config, &layout);
+  check_routing(config, routing);
+  const int64_t D = config.dim, Dout = config.dim_out;
+  const int64_t per_token = routing.heads * routing.topk;
+  const PeerKernels& kr = kernels();
+  parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    // Records sit at random addresses, so each one starts a fresh stream of cache misses that
+    // the hardware prefetcher learns too late: fetch the records kPrefetchSlots ahead.
+    const size_t first = static_cast<size_t>(begin * per_token);
+    const size_t last = static_cast<size_t>(end * per_token);
+    for (size_t s = first; s < std::min(last, first + kPrefetchSlots); ++s) {
+      prefetch_record(records[s], layout.record_bytes);
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      float* yt = y + t * Dout;
+      std::fill(yt, yt + Dout, 0.0f);
+      for (int64_t s = 0; s < per_token; ++s) {
+        const size_t slot = static_cast<size_t>(t * per_token + s);
+        if (slot + kPrefetchSlots < last) {
+          prefetch_record(records[slot + kPrefetchSlots], layout.record_bytes);
+        }
+        const CodedRow down = down_row(layout, records[slot]);
+        const float z = kr.coded_dot(layout.dtype, down.scales, down.codes, D, xhat + t * D);
+        const auto ga =
+            static_cast<float>(routing.gates[slot] * activation_ref(config.activation, z));
+        if (ga == 0.0f) continue;  // relu's zeros and zero gates add nothing
+        const CodedRow up = up_row(layout, records[slot]);
+        kr.coded_axpy(layout.dtype, up.scales, up.codes, Dout, ga, yt);
+      }
+    }
+  });
+}
+
+void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
+                   const RecordLayout& layout, const float* x, int64_t T,
+                   const PeerRouting& routing, const uint8_t* const* records, const float* dy,
+                   PeerGrads* grads, int threads) {
+  check_common(config, &layout);
+  check_routing(config, routing);
+  TROVE_CHECK(routing.tokens == T);
+  const int64_t D = config.dim, Dout = config.dim_out, h = config.heads, k = config.topk;
+  const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
+  const int64_t key_rows = config.key_heads() * 2 * n;
+  const int64_t slots = T * h * k;
+  const bool rms = config.input_norm == InputNorm::kRms;
+  const PeerKernels& kr = kernels();
+  const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
+
+  // The forward intermediates, recomputed.
+  std::vector<float> xhat(sz(T * D)), q(sz(T * rows));
+  peer_norm(config, params.norm_weight, x, T, xhat.data(), threads);
+  peer_query(config, params, xhat.data(), T, q.data(), threads);
+
+  // Per-token pass: per slot g*a (d_up's coefficient) and dz (d_down's), per token dq and dx,
+  // and the key-gradient terms (key row, q row, ds) each token produces, at most 2k per head.
+  struct KeyTerm {
+    int64_t key_row;   // (hk*2 + half)*n + i
+    int64_t q_offset;  // t*rows + (head*2 + half)*dk
+    double ds;
+  };
+  const int64_t terms_per_token = h * 2 * k;
+  std::vector<KeyTerm> key_terms(sz(T * terms_per_token));
+  std::vector<int64_t> key_term_count(sz(T), 0);
+  std::vector<float> slot_ga(sz(slots)), slot_dz(sz(slots));
+  std::vector<float> dq(sz(T * rows), 0.0f);
+  std::vector<float> dxhat_all(rms ? sz(T * D) : 0);
+  std::vector<double> inv_rms(rms ? sz(T) : 0);
+  grads->dx.assign(sz(T * D), 0.0f);
+
+  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> dxhat(sz(D));
+    std::vector<double> dg(sz(k)), dscore(sz(k));
+    std::vector<std::pair<int64_t, double>> ds(sz(k));  // (sub-key index, ds) of one half
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xh = &xhat[sz(t * D)];
+      const float* dyt = dy + t * Dout;
+      float* dqt = &dq[sz(t * rows)];
+      std::fill(dxhat.begin(), dxhat.end(), 0.0f);
+      for (int64_t head = 0; head < h; ++head) {
+        const size_t base = sz((t * h + head) * k);
+        for (int64_t s = 0; s < k; ++s) {
+          const CodedRow down = down_row(layout, records[base + s]);
+          const CodedRow up = up_row(layout, records[base + s]);
+          const double g = routing.gates[base + s];
+          const double z = kr.coded_dot(layout.dtype, down.scales, down.codes, D, xh);
+          const double v_dy = kr.coded_dot(layout.dtype, up.scales, up.codes, Dout, dyt);
+          const double a = activation_ref(config.activation, z);
+          const double dz = g * v_dy * activation_grad_ref(config.activation, z);
+          dg[sz(s)] = a * v_dy;
+          slot_ga[base + s] = static_cast<float>(g * a);
+          slot_dz[base + s] = static_cast<float>(dz);
+          if (slot_dz[base + s] != 0.0f) {
+            kr.coded_axpy(layout.dtype, down.scales, down.codes, D, slot_dz[base + s],
+                          dxhat.data());
+          }
+        }
+        gate_backward(config.gate, &routing.scores[base], &routing.gates[base], dg.data(), k,
+                      dscore.data());
+        // score = s_0[i] + s_1[j] with e = i*n + j: each half's sub-score gets the sum of its
+        // slots' dscore, summed in slot order per sub-key.
+        const int64_t hk = config.shared_keys ? 0 : head;
+        for (int half = 0; half < 2; ++half) {
+          for (int64_t s = 0; s < k; ++s) {
+            const int64_t e = routing.ids[base + s];
+            ds[sz(s)] = {half == 0 ? e / n : e % n, dscore[sz(s)]};
+          }
+          std::stable_sort(ds.begin(), ds.end(),
+                           [](const auto& a, const auto& b) { return a.first < b.first; });
+          const int64_t q_offset = t * rows + (head * 2 + half) * dk;
+          for (size_t s = 0; s < ds.size();) {
+            const int64_t i = ds[s].first;
+            double sum = 0;
+            for (; s < ds.size() && ds[s].first == i; ++s) sum += ds[s].second;
+            if (sum == 0.0) continue;
+            const int64_t key_row = (hk * 2 + half) * n + i;
+            kr.axpy(static_cast<float>(sum), params.keys + key_row * dk, dk,
+                    dqt + (head * 2 + half) * dk);
+            key_terms[sz(t * terms_per_token + key_term_count[sz(t)]++)] = {key_row, q_offset, sum};
+          }
+        }
+      }
+      // q = W_q xhat + b: dxhat += W_q^T dq.
+      for (int64_t r = 0; r < rows; ++r) {
+        if (dqt[r] != 0.0f) kr.axpy(dqt[r], params.query_weight + r * D, D, dxhat.data());
+      }
+      // xhat = x r gamma: dx = r gamma dxhat - x r^3 / D * sum(gamma dxhat x).
+      float* dxt = &grads->dx[sz(t * D)];
+      if (!rms) {
+        std::copy(dxhat.begin(), dxhat.end(), dxt);
+        continue;
+      }
+      const float* xt = x + t * D;
+      const double r = inverse_rms(xt, D, config.norm_eps);
+      double wx = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        wx += static_cast<double>(params.norm_weight[d]) * dxhat[sz(d)] * xt[d];
+      }
+      const double c = r * r * r * wx / static_cast<double>(D);
+      for (int64_t d = 0; d < D; ++d) {
+        dxt[d] = static_cast<float>(r * params.norm_weight[d] * dxhat[sz(d)] - xt[d] * c);
+      }
+      std::copy(dxhat.begin(), dxhat.end(), &dxhat_all[sz(t * D)]);
+      inv_rms[sz(t)] = r;
+    }
+  });
+
+  // d W_q and d b_q: rows of W_q partitioned, tokens summed in order; four rows share each
+  // xhat row load.
+  grads->d_query_weight.assign(sz(rows * D), 0.0f);
+  std::vector<double> d_bias(sz(rows), 0.0);
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += 4) {
+      const int64_t r1 = std::min(end, r0 + 4);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xh = &xhat[sz(t * D)];
+        for (int64_t r = r0; r < r1; ++r) {
+          const float g = dq[sz(t * rows + r)];
+          if (g == 0.0f) continue;
+          d_bias[sz(r)] += g;
+          kr.axpy(g, xh, D, &grads->d_query_weight[sz(r * D)]);
+        }
+      }
+    }
+  });
+  if (config.query_bias) {
+    grads->d_query_bias.assign(d_bias.begin(), d_bias.end());
+  } else {
+    grads->d_query_bias.clear();
+  }
+
+  // d gamma: columns partitioned, tokens summed in order.
+  grads->d_norm_weight.clear();
+  if (rms) {
+    grads->d_norm_weight.assign(sz(D), 0.0f);
+    parallel_for(D, threads, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc(sz(end - begin), 0.0);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* dxh = &dxhat_all[sz(t * D)];
+        const float* xt = x + t * D;
+        for (int64_t d = begin; d < end; ++d) {
+          acc[sz(d - begin)] += static_cast<double>(dxh[d]) * xt[d] * inv_rms[sz(t)];
+        }
+      }
+      for (int64_t d = begin; d < end; ++d) {
+        grads->d_norm_weight[sz(d)] = static_cast<float>(acc[sz(d - begin)]);
+      }
+    });
+  }
+
+  // d keys: the terms bucketed by key row (counting sort, token order kept), rows partitioned.
+  std::vector<int64_t> key_start(sz(key_rows + 1), 0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < key_term_count[sz(t)]; ++j) {
+      ++key_start[sz(key_terms[sz(t * terms_per_token + j)].key_row + 1)];
+    }
+  }
+  for (int64_t r = 0; r < key_rows; ++r) key_start[sz(r + 1)] += key_start[sz(r)];
+  std::vector<KeyTerm> by_key(sz(key_start[sz(key_rows)]));
+  {
+    std::vector<int64_t> fill(key_start.begin(), key_start.end() - 1);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < key_term_count[sz(t)]; ++j) {
+        const KeyTerm& term = key_terms[sz(t * terms_per_token + j)];
+        by_key[sz(fill[sz(term.key_row)]++)] = term;
+      }
+    }
+  }
+  grads->d_keys.assign(sz(key_rows * dk), 0.0f);
+  parallel_for(key_rows, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = key_start[sz(r)]; j < key_start[sz(r + 1)]; ++j) {
+        kr.axpy(static_cast<float>(by_key[sz(j)].ds), &q[sz(by_key[sz(j)].q_offset)], dk,
+                &grads->d_keys[sz(r * dk)]);
+      }
+    }
+  });
+
+  // d down / d up, one row per unique expert: (expert id, slot) pairs sorted, unique experts
+  // partitioned, each summing its slots in slot order.
+  std::vector<std::pair<int64_t, int64_t>> by_expert(sz(slots));
+  for (int64_t s = 0; s < slots; ++s) by_expert[sz(s)] = {routing.ids[sz(s)], s};
+  std::sort(by_expert.begin(), by_expert.end());
+  std::vector<int64_t> expert_start;  // index into by_expert of each unique expert's first slot
+  grads->expert_ids.clear();
+  for (int64_t s = 0; s < slots; ++s) {
+    if (s == 0 || by_expert[sz(s)].first != by_expert[sz(s - 1)].first) {
+      grads->expert_ids.push_back(by_expert[sz(s)].first);
+      expert_start.push_back(s);
+    }
+  }
+  expert_start.push_back(slots);
+  const auto unique = static_cast<int64_t>(grads->expert_ids.size());
+  grads->d_down.assign(sz(unique * D), 0.0f);
+  grads->d_up.assign(sz(unique * Dout), 0.0f);
+  const int64_t per_token = h * k;
+  parallel_for(unique, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      float* d_down = &grads->d_down[sz(u * D)];
+      float* d_up = &grads->d_up[sz(u * Dout)];
+      for (int64_t j = expert_start[sz(u)]; j < expert_start[sz(u + 1)]; ++j) {
+        const int64_t slot = by_expert[sz(j)].second;
+        const int64_t t = slot / per_token;
+        if (slot_dz[sz(slot)] != 0.0f) kr.axpy(slot_dz[sz(slot)], &xhat[sz(t * D)], D, d_down);
+        if (slot_ga[sz(slot)] != 0.0f) kr.axpy(slot_ga[sz(slot)], dy + t * Dout, Dout, d_up);
+      }
+    }
+  });
+}
+
+}  // namespace trove

@@ -1,0 +1,44 @@
+// The optimized CPU PEER layer: the steps of kernels/cpu/ref/peer_ref.h with threads over
+// tokens and SIMD dot products and axpys straight on the int4/int8/bf16/f16 codes of a record
+// (per-group fp16 scales applied to the group's partial sum; no dequantized copy of a record).
+// AVX2 (+FMA/F16C) when the CPU has it (kernels/cpu/quant.h's CpuPath chooses, so tests can
+// force the scalar path), portable scalar code otherwise.
+//
+// Results match the _ref oracle within the tolerances written in tests/peer_parity_test.cc
+// (fp32 accumulation in a different order), and do not depend on the thread count: each
+// output row is computed by one thread in a fixed order.
+//
+// Same shapes and REQUIRES as the _ref functions. `threads`: 0 means hardware concurrency.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/peer.h"
+#include "kernels/record.h"
+
+namespace trove {
+
+void peer_norm(const PeerConfig& config, const float* norm_weight, const float* x, int64_t T,
+               float* xhat, int threads = 0);
+
+void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
+                int64_t T, float* q, int threads = 0);
+
+void peer_route(const PeerConfig& config, const PeerRouterParams& params, const float* q, int64_t T,
+                PeerRouting* routing, int threads = 0);
+
+void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                  const PeerRouting& routing, const uint8_t* const* records, float* y,
+                  int threads = 0);
+
+void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
+                   const RecordLayout& layout, const float* x, int64_t T,
+                   const PeerRouting& routing, const uint8_t* const* records, const float* dy,
+                   PeerGrads* grads, int threads = 0);
+
+// <u, x> for the down row of one record, and y += alpha * v for its up row, on the codes
+// (exposed for the benchmarks and the parity tests; width 1).
+float record_down_dot(const RecordLayout& layout, const uint8_t* record, const float* x);
+void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y);
+
+}  // namespace trove

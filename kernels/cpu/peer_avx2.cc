@@ -1,0 +1,263 @@
+// AVX2/FMA/F16C inner loops of the CPU PEER layer, straight on record codes. Only this file is
+// compiled with -mavx2 -mfma -mf16c; kernels/cpu/peer.cc calls it after checking the CPU.
+//
+// int8/int4: a group's 32 codes are widened to 4 x 8 fp32 lanes (int4: the low nibbles give
+// elements 0..15 and the high nibbles 16..31, so both halves unpack as contiguous vectors),
+// multiplied with x and summed in fp32; the group's sum is then scaled by its fp16 scale into
+// one of two running accumulators (even and odd groups, to halve the dependency chain). A
+// partial last group runs on a zero-padded copy of x (dot) or of y (axpy), so nothing past n
+// is read or written; its padding codes are zero and add nothing.
+#include "kernels/cpu/peer_avx2.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/quant.h"
+
+namespace trove::avx2 {
+
+namespace {
+
+using peer_internal::kMaxDotBlock;
+using peer_internal::PeerKernels;
+
+constexpr int kHalf = kQuantGroup / 2;
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float load_scale(const uint8_t* scales, int64_t g) {
+  uint16_t h;
+  std::memcpy(&h, scales + 2 * g, sizeof(h));
+  return _cvtsh_ss(h);
+}
+
+// The 32 codes of one group as four vectors of fp32 (code values, scale not applied).
+struct GroupCodes {
+  __m256 v[4];
+};
+
+inline GroupCodes widen_int8(const uint8_t* codes) {
+  GroupCodes g;
+  for (int k = 0; k < 4; ++k) {
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
+    g.v[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+  }
+  return g;
+}
+
+inline GroupCodes widen_int4(const uint8_t* codes) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  const __m128i eight = _mm_set1_epi8(8);
+  const __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, nibble), eight);
+  const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), eight);
+  GroupCodes g;
+  g.v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low));
+  g.v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8)));
+  g.v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high));
+  g.v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(high, 8)));
+  return g;
+}
+
+inline __m256 group_dot(const GroupCodes& c, const float* x) {
+  const __m256 p =
+      _mm256_fmadd_ps(c.v[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(c.v[0], _mm256_loadu_ps(x)));
+  const __m256 q = _mm256_fmadd_ps(c.v[3], _mm256_loadu_ps(x + 24),
+                                   _mm256_mul_ps(c.v[2], _mm256_loadu_ps(x + 16)));
+  return _mm256_add_ps(p, q);
+}
+
+inline void group_axpy(const GroupCodes& c, __m256 alpha_d, float* y) {
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(y + 8 * k, _mm256_fmadd_ps(c.v[k], alpha_d, _mm256_loadu_ps(y + 8 * k)));
+  }
+}
+
+// Widen(codes of group g) -> GroupCodes, for int8 (32 bytes a group) or int4 (16).
+template <int kBytesPerGroup, GroupCodes (*Widen)(const uint8_t*)>
+float quantized_dot(const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
+  const int64_t full = n / kQuantGroup;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < full; ++g) {
+    const __m256 s = group_dot(Widen(codes + g * kBytesPerGroup), x + g * kQuantGroup);
+    acc[g & 1] = _mm256_fmadd_ps(s, _mm256_set1_ps(load_scale(scales, g)), acc[g & 1]);
+  }
+  if (const int64_t rest = n - full * kQuantGroup; rest > 0) {
+    float padded[kQuantGroup] = {};
+    std::memcpy(padded, x + full * kQuantGroup, static_cast<size_t>(rest) * sizeof(float));
+    const __m256 s = group_dot(Widen(codes + full * kBytesPerGroup), padded);
+    acc[full & 1] = _mm256_fmadd_ps(s, _mm256_set1_ps(load_scale(scales, full)), acc[full & 1]);
+  }
+  return horizontal_sum(_mm256_add_ps(acc[0], acc[1]));
+}
+
+template <int kBytesPerGroup, GroupCodes (*Widen)(const uint8_t*)>
+void quantized_axpy(const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha, float* y) {
+  const int64_t full = n / kQuantGroup;
+  for (int64_t g = 0; g < full; ++g) {
+    group_axpy(Widen(codes + g * kBytesPerGroup), _mm256_set1_ps(alpha * load_scale(scales, g)),
+               y + g * kQuantGroup);
+  }
+  if (const int64_t rest = n - full * kQuantGroup; rest > 0) {
+    float padded[kQuantGroup] = {};
+    float* tail = y + full * kQuantGroup;
+    const size_t bytes = static_cast<size_t>(rest) * sizeof(float);
+    std::memcpy(padded, tail, bytes);
+    group_axpy(Widen(codes + full * kBytesPerGroup),
+               _mm256_set1_ps(alpha * load_scale(scales, full)), padded);
+    std::memcpy(tail, padded, bytes);
+  }
+}
+
+// Float codes: Load8(codes, i) gives elements i..i+7, Load1(codes, i) element i.
+inline __m256 load8_f32(const uint8_t* c, int64_t i) {
+  return _mm256_loadu_ps(reinterpret_cast<const float*>(c) + i);
+}
+inline float load1_f32(const uint8_t* c, int64_t i) {
+  float v;
+  std::memcpy(&v, c + 4 * i, sizeof(v));
+  return v;
+}
+inline __m256 load8_f16(const uint8_t* c, int64_t i) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 2 * i)));
+}
+inline float load1_f16(const uint8_t* c, int64_t i) {
+  uint16_t h;
+  std::memcpy(&h, c + 2 * i, sizeof(h));
+  return _cvtsh_ss(h);
+}
+inline __m256 load8_bf16(const uint8_t* c, int64_t i) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 2 * i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float load1_bf16(const uint8_t* c, int64_t i) {
+  uint16_t h;
+  std::memcpy(&h, c + 2 * i, sizeof(h));
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+template <__m256 (*Load8)(const uint8_t*, int64_t), float (*Load1)(const uint8_t*, int64_t)>
+float float_dot(const uint8_t* codes, int64_t n, const float* x) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int k = 0; k < 4; ++k) {
+      acc[k] = _mm256_fmadd_ps(Load8(codes, i + 8 * k), _mm256_loadu_ps(x + i + 8 * k), acc[k]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc[0] = _mm256_fmadd_ps(Load8(codes, i), _mm256_loadu_ps(x + i), acc[0]);
+  }
+  float s =
+      horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < n; ++i) s = std::fma(Load1(codes, i), x[i], s);
+  return s;
+}
+
+template <__m256 (*Load8)(const uint8_t*, int64_t), float (*Load1)(const uint8_t*, int64_t)>
+void float_axpy(const uint8_t* codes, int64_t n, float alpha, float* y) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(Load8(codes, i), a, _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] = std::fma(Load1(codes, i), alpha, y[i]);
+}
+
+float coded_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
+  switch (t) {
+    case DType::kF32:
+      return float_dot<load8_f32, load1_f32>(codes, n, x);
+    case DType::kF16:
+      return float_dot<load8_f16, load1_f16>(codes, n, x);
+    case DType::kBF16:
+      return float_dot<load8_bf16, load1_bf16>(codes, n, x);
+    case DType::kI8:
+      return quantized_dot<kQuantGroup, widen_int8>(scales, codes, n, x);
+    case DType::kI4:
+      return quantized_dot<kHalf, widen_int4>(scales, codes, n, x);
+  }
+  return 0.0f;
+}
+
+void coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha,
+                float* y) {
+  switch (t) {
+    case DType::kF32:
+      return float_axpy<load8_f32, load1_f32>(codes, n, alpha, y);
+    case DType::kF16:
+      return float_axpy<load8_f16, load1_f16>(codes, n, alpha, y);
+    case DType::kBF16:
+      return float_axpy<load8_bf16, load1_bf16>(codes, n, alpha, y);
+    case DType::kI8:
+      return quantized_axpy<kQuantGroup, widen_int8>(scales, codes, n, alpha, y);
+    case DType::kI4:
+      return quantized_axpy<kHalf, widen_int4>(scales, codes, n, alpha, y);
+  }
+}
+
+// Every out[j] follows the same sequence of operations for any M (two accumulators over 16
+// elements a step, one more 8-wide step, horizontal sum, scalar fma tail).
+template <int M>
+void dot_block_m(const float* w, const float* const* x, int64_t n, float* out) {
+  __m256 acc[M][2];
+  for (int j = 0; j < M; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + i);
+    const __m256 w1 = _mm256_loadu_ps(w + i + 8);
+    for (int j = 0; j < M; ++j) {
+      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[j] + i + 8), acc[j][1]);
+    }
+  }
+  if (i + 8 <= n) {
+    const __m256 w0 = _mm256_loadu_ps(w + i);
+    for (int j = 0; j < M; ++j)
+      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc[j][0]);
+    i += 8;
+  }
+  for (int j = 0; j < M; ++j) {
+    float s = horizontal_sum(_mm256_add_ps(acc[j][0], acc[j][1]));
+    for (int64_t r = i; r < n; ++r) s = std::fma(w[r], x[j][r], s);
+    out[j] = s;
+  }
+}
+
+void dot_block(const float* w, const float* const* x, int m, int64_t n, float* out) {
+  static_assert(kMaxDotBlock == 4);
+  switch (m) {
+    case 1:
+      return dot_block_m<1>(w, x, n, out);
+    case 2:
+      return dot_block_m<2>(w, x, n, out);
+    case 3:
+      return dot_block_m<3>(w, x, n, out);
+    default:
+      return dot_block_m<4>(w, x, n, out);
+  }
+}
+
+void axpy(float alpha, const float* x, int64_t n, float* y) {
+  float_axpy<load8_f32, load1_f32>(reinterpret_cast<const uint8_t*>(x), n, alpha, y);
+}
+
+}  // namespace
+
+const PeerKernels& peer_kernels() {
+  static constexpr PeerKernels kKernels = {coded_dot, coded_axpy, dot_block, axpy};
+  return kKernels;
+}
+
+}  // namespace trove::avx2

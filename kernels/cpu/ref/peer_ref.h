@@ -1,0 +1,47 @@
+// The oracle of the PEER layer (SPEC §2): every step written as plainly as possible, one token
+// at a time, accumulating in double and rounding once to fp32 where a result is stored. The
+// optimized CPU path (kernels/cpu/peer.h) and the CUDA path are tested against these.
+//
+// Shapes follow kernels/peer.h. `records` holds one pointer per routing slot, [T, h, k] in the
+// order of routing.ids: records[(t*h + head)*k + s] points at the layout.stride bytes of
+// expert routing.ids[...] (any dtype of kernels/record.h; width 1). Records are dequantized
+// with the _ref dequantizers.
+//
+// REQUIRES (all functions): `config` validated (PeerConfig::validate_and_fill), width 1,
+// buffers of the stated sizes, finite inputs. Callers (runtime/peer_layer.h) check these and
+// return a Status; kernels only TROVE_CHECK them.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/peer.h"
+#include "kernels/record.h"
+
+namespace trove {
+
+// Step 1: xhat [T, D] = x, or rms-norm(x) * gamma.
+void peer_norm_ref(const PeerConfig& config, const float* norm_weight, const float* x, int64_t T,
+                   float* xhat);
+
+// Step 2: q [T, h*2*dk] = W_q xhat (+ b_q).
+void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
+                    int64_t T, float* q);
+
+// Steps 3-5: sub-key scores, per-half top-k', k'^2 merge, final top-k and gates.
+// `routing` is resized to [T, h, k].
+void peer_route_ref(const PeerConfig& config, const PeerRouterParams& params, const float* q,
+                    int64_t T, PeerRouting* routing);
+
+// Step 6: y [T, D_out] = sum over heads and slots of g * act(<u, xhat>) * v.
+void peer_experts_ref(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                      const PeerRouting& routing, const uint8_t* const* records, float* y);
+
+// Gradients of sum(dy * y) for the forward pass on x with the given routing (as produced by
+// peer_route_ref from the same x; the selection is piecewise constant, so gradients flow
+// through the selected scores only). dy is [T, D_out]. Every field of `grads` is resized.
+void peer_backward_ref(const PeerConfig& config, const PeerRouterParams& params,
+                       const RecordLayout& layout, const float* x, int64_t T,
+                       const PeerRouting& routing, const uint8_t* const* records, const float* dy,
+                       PeerGrads* grads);
+
+}  // namespace trove

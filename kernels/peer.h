@@ -1,0 +1,111 @@
+// The PEER layer's math on buffers (SPEC §2), shared by every backend: the router parameters,
+// the routing a forward pass produces, the gradients a backward pass returns, and the scalar
+// activation and gate functions. Kernels know nothing of files or tiers: expert records
+// arrive as one pointer per (token, head, slot), handed out by the runtime's ExpertSource.
+//
+// Per token x (fp32, length D):
+//   xhat = x, or x / sqrt(mean(x^2) + eps) * gamma          (input_norm rms)
+//   q    = W_q xhat (+ b_q), viewed as [h][2][dk]
+//   s_c[i] = <q[head][c], K[hk][c][i]>                       hk = 0 for shared keys, else head
+//   top-k' of s_0 and of s_1 (ties: lower index), k'^2 candidates e = i*n + j with score
+//   s_0[i] + s_1[j], final top-k by score (ties: lower expert id), best first. Scores are the
+//   fp32 sub-scores added in fp32, and ties are ties of those fp32 values, so every backend
+//   orders the same numbers the same way.
+//   g = gate(scores of the head's k experts)                 softmax | relu | sigmoid
+//   z_e = <u_e, xhat>, a_e = act(z_e), y = sum_heads sum_e g_e a_e v_e
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/peer_config.h"
+
+namespace trove {
+
+// Router parameters in the canonical arrangement, fp32, borrowed from the caller.
+struct PeerRouterParams {
+  const float* query_weight = nullptr;  // [h*2*dk, D], row (head*2 + half)*dk + j
+  const float* query_bias = nullptr;    // [h*2*dk], or nullptr when !config.query_bias
+  const float* keys = nullptr;          // [hk, 2, n, dk]
+  const float* norm_weight = nullptr;   // [D] gamma, or nullptr when input_norm = none
+};
+
+// The routing of T tokens: per (token, head) the k selected experts, best first (score
+// descending, ties lower id first). Arrays are [T, h, k], row-major.
+struct PeerRouting {
+  int64_t tokens = 0;
+  int64_t heads = 0;
+  int64_t topk = 0;
+  std::vector<int64_t> ids;
+  std::vector<float> scores;  // s_0[i] + s_1[j]
+  std::vector<float> gates;
+
+  void resize(int64_t t, int64_t h, int64_t k) {
+    tokens = t;
+    heads = h;
+    topk = k;
+    const size_t n = static_cast<size_t>(t * h * k);
+    ids.assign(n, 0);
+    scores.assign(n, 0.0f);
+    gates.assign(n, 0.0f);
+  }
+  size_t slots() const { return ids.size(); }
+};
+
+// Gradients of sum(dy * y) with respect to the input and every parameter. The expert tables'
+// gradients are row-sparse: one row per unique expert the batch touched, never [N, D].
+struct PeerGrads {
+  std::vector<float> dx;              // [T, D]
+  std::vector<float> d_query_weight;  // [h*2*dk, D]
+  std::vector<float> d_query_bias;    // [h*2*dk], empty when the layer has no bias
+  std::vector<float> d_keys;          // [hk, 2, n, dk]
+  std::vector<float> d_norm_weight;   // [D], empty when input_norm = none
+  std::vector<int64_t> expert_ids;    // U unique experts, ascending
+  std::vector<float> d_down;          // [U, D], row r is expert expert_ids[r]
+  std::vector<float> d_up;            // [U, D_out]
+};
+
+// ---- scalar math shared by the backends --------------------------------------------------------
+
+inline double activation_ref(Activation a, double z) {
+  switch (a) {
+    case Activation::kRelu:
+      return z > 0 ? z : 0.0;
+    case Activation::kGelu:
+      return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752440));
+    case Activation::kGeluTanh: {
+      const double u = 0.79788456080286535588 * (z + 0.044715 * z * z * z);
+      return 0.5 * z * (1.0 + std::tanh(u));
+    }
+    case Activation::kSilu:
+      return z / (1.0 + std::exp(-z));
+  }
+  return 0.0;
+}
+
+// d act / dz. relu'(0) = 0.
+inline double activation_grad_ref(Activation a, double z) {
+  switch (a) {
+    case Activation::kRelu:
+      return z > 0 ? 1.0 : 0.0;
+    case Activation::kGelu: {
+      const double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752440));
+      const double pdf = 0.39894228040143267794 * std::exp(-0.5 * z * z);
+      return cdf + z * pdf;
+    }
+    case Activation::kGeluTanh: {
+      const double c = 0.79788456080286535588;
+      const double u = c * (z + 0.044715 * z * z * z);
+      const double t = std::tanh(u);
+      return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z);
+    }
+    case Activation::kSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-z));
+      return s * (1.0 + z * (1.0 - s));
+    }
+  }
+  return 0.0;
+}
+
+}  // namespace trove

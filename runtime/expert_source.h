@@ -1,0 +1,103 @@
+// ExpertSource: where a PEER layer's expert records come from. The layer asks for the unique
+// experts of a batch, computes with the records it is handed, then releases them; between
+// acquire and release a record may not move or be evicted (a lease). The kernels only ever see
+// record pointers, so a tiered source (device, pinned host, disk) slots in without touching
+// them.
+//
+// Sources here: MemoryExpertSource (records in an owned buffer, e.g. packed from fp32 tensors)
+// and MappedStoreExpertSource (the store's record table memory-mapped, each record's checksum
+// verified the first time it is acquired).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "kernels/record.h"
+#include "storage/store.h"
+
+namespace trove {
+
+class ExpertSource {
+ public:
+  ExpertSource() = default;
+  ExpertSource(const ExpertSource&) = delete;
+  ExpertSource& operator=(const ExpertSource&) = delete;
+  virtual ~ExpertSource() = default;
+
+  virtual const RecordLayout& layout() const = 0;
+  virtual int64_t num_experts() const = 0;
+  // "store model.trove, layer L (mapped)": for error messages and reports.
+  virtual std::string describe() const = 0;
+
+  // Makes the records of `ids` readable: on success records[i] points at the layout().stride
+  // bytes of expert ids[i], valid until release(ids). Errors name the expert (a record that
+  // fails its checksum, an I/O error); on error nothing stays acquired.
+  // REQUIRES: ids ascending and unique, each in [0, num_experts()); records.size() == ids.size().
+  virtual Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) = 0;
+  // REQUIRES: exactly the ids of one successful acquire() not yet released.
+  virtual void release(std::span<const int64_t> ids) = 0;
+};
+
+// Records in memory, owned.
+class MemoryExpertSource final : public ExpertSource {
+ public:
+  // Takes `records` (num_experts * layout.stride bytes).
+  // REQUIRES: records.size() is a multiple of layout.stride.
+  MemoryExpertSource(const RecordLayout& layout, std::vector<uint8_t> records);
+
+  // Packs fp32 tables `down` [N, D] and `up` [N, D_out] into records of `layout` (any dtype;
+  // values must be finite and in range for it, see kernels/quant.h). Errors name the table and
+  // the expert of a value that cannot be packed.
+  static Result<std::unique_ptr<MemoryExpertSource>> pack(const RecordLayout& layout,
+                                                          std::span<const float> down,
+                                                          std::span<const float> up,
+                                                          int threads = 0);
+
+  const RecordLayout& layout() const override { return layout_; }
+  int64_t num_experts() const override { return num_experts_; }
+  std::string describe() const override;
+  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
+  void release(std::span<const int64_t>) override {}
+
+  std::span<const uint8_t> records() const { return records_; }
+
+ private:
+  RecordLayout layout_;
+  std::vector<uint8_t> records_;
+  int64_t num_experts_ = 0;
+};
+
+// The record table of one store layer, memory-mapped. Each record's checksum is verified the
+// first time it is acquired (unless `verify` is false); a mismatch is Status::corruption
+// naming the file, layer, expert and offset, and that record is never handed out.
+// Not thread-safe: one batch at a time (the tiered store of SPEC §5 is the concurrent one).
+class MappedStoreExpertSource final : public ExpertSource {
+ public:
+  // REQUIRES: `store` outlives this source; `layer` is one of store.layers() and `layout` its
+  // record layout (runtime/store_layer.h).
+  MappedStoreExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
+                          const RecordLayout& layout, bool verify = true);
+
+  const RecordLayout& layout() const override { return layout_; }
+  int64_t num_experts() const override { return static_cast<int64_t>(layer_.table.count); }
+  std::string describe() const override;
+  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
+  void release(std::span<const int64_t>) override {}
+
+  int64_t verified_records() const { return verified_count_; }
+
+ private:
+  const StoreReader& store_;
+  const StoreLayerInfo& layer_;
+  RecordLayout layout_;
+  std::span<const uint8_t> table_;
+  bool verify_;
+  std::vector<uint64_t> verified_;  // one bit per expert
+  int64_t verified_count_ = 0;
+};
+
+}  // namespace trove

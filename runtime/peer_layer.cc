@@ -1,0 +1,317 @@
+#include "runtime/peer_layer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "base/strings.h"
+#include "kernels/cpu/peer.h"
+#include "kernels/cpu/ref/peer_ref.h"
+#include "runtime/store_layer.h"
+
+namespace trove {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+Status check_size(const char* what, size_t got, int64_t want, const std::string& shape) {
+  if (got != static_cast<size_t>(want)) {
+    return Status::invalid_argument(str_printf("%s has %zu values, expected %lld (%s)", what, got,
+                                               static_cast<long long>(want), shape.c_str()));
+  }
+  return Status::ok_status();
+}
+
+// Releases what it acquired when it goes out of scope.
+class Lease {
+ public:
+  explicit Lease(ExpertSource& source) : source_(source) {}
+  ~Lease() {
+    if (held_) source_.release(ids_);
+  }
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  // REQUIRES: `ids` outlives the lease.
+  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) {
+    TROVE_CHECK(!held_);
+    TROVE_RETURN_IF_ERROR(source_.acquire(ids, records));
+    ids_ = ids;
+    held_ = true;
+    return Status::ok_status();
+  }
+
+ private:
+  ExpertSource& source_;
+  std::span<const int64_t> ids_;
+  bool held_ = false;
+};
+
+}  // namespace
+
+Status check_finite_rows(const char* what, std::span<const float> v, int64_t row_len,
+                         int64_t first_row) {
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!std::isfinite(v[i])) {
+      return Status::invalid_argument(str_printf(
+          "%s: token %lld, element %lld is %s; the PEER layer needs finite inputs (routing by "
+          "NaN or infinite scores is undefined); check the producer of this tensor",
+          what, static_cast<long long>(first_row + static_cast<int64_t>(i) / row_len),
+          static_cast<long long>(static_cast<int64_t>(i) % row_len),
+          std::isnan(v[i]) ? "nan" : (v[i] > 0 ? "inf" : "-inf")));
+    }
+  }
+  return Status::ok_status();
+}
+
+std::string_view peer_backend_name(PeerBackend b) {
+  return b == PeerBackend::kRef ? "ref" : "cpu";
+}
+
+Result<PeerBackend> parse_peer_backend(std::string_view s) {
+  if (s == "cpu") return PeerBackend::kCpu;
+  if (s == "ref") return PeerBackend::kRef;
+  return Status::invalid_argument("unknown backend '" + clip(s) + "' (expected cpu or ref)");
+}
+
+struct PeerLayer::Impl {
+  PeerConfig config;
+  PeerDenseParams params;
+  std::unique_ptr<ExpertSource> experts;
+  PeerLayerOptions options;
+
+  // Scratch reused across batches.
+  std::vector<float> xhat, q;
+  PeerRouting routing;
+  std::vector<int64_t> unique_ids;
+  std::vector<const uint8_t*> unique_records;
+  std::vector<const uint8_t*> slot_records;
+  std::vector<int32_t> slot_index;
+  std::vector<int32_t> index_of_expert;  // see lease_experts
+
+  PeerRouterParams router() const {
+    PeerRouterParams p;
+    p.query_weight = params.query_weight.data();
+    p.query_bias = params.query_bias.empty() ? nullptr : params.query_bias.data();
+    p.keys = params.keys.data();
+    p.norm_weight = params.norm_weight.empty() ? nullptr : params.norm_weight.data();
+    return p;
+  }
+  bool ref() const { return options.backend == PeerBackend::kRef; }
+
+  Status check_input(std::span<const float> x, int64_t T) const {
+    if (T < 0) return Status::invalid_argument(str_printf("batch of %lld tokens", (long long)T));
+    TROVE_RETURN_IF_ERROR(
+        check_size("input", x.size(), T * config.dim,
+                   str_printf("%lld tokens x dim %lld", (long long)T, (long long)config.dim)));
+    return check_finite_rows("input", x, config.dim);
+  }
+
+  // Norm, query and routing of x into xhat, q and `out`.
+  void route(const float* x, int64_t T, PeerRouting* out) {
+    xhat.resize(static_cast<size_t>(T * config.dim));
+    q.resize(static_cast<size_t>(T * config.query_rows()));
+    const PeerRouterParams p = router();
+    if (ref()) {
+      peer_norm_ref(config, p.norm_weight, x, T, xhat.data());
+      peer_query_ref(config, p, xhat.data(), T, q.data());
+      peer_route_ref(config, p, q.data(), T, out);
+    } else {
+      peer_norm(config, p.norm_weight, x, T, xhat.data(), options.threads);
+      peer_query(config, p, xhat.data(), T, q.data(), options.threads);
+      peer_route(config, p, q.data(), T, out, options.threads);
+    }
+  }
+
+  // Leases the unique experts of `r` (ascending, in unique_ids) and points slot_records at
+  // each slot's record. Dedupe goes through a flat id -> index array (4 bytes per expert,
+  // all -1 between calls) instead of a search per slot: a batch has tens of thousands of
+  // slots, and this runs on the critical path of every layer call.
+  Status lease_experts(const PeerRouting& r, Lease* lease) {
+    if (index_of_expert.empty())
+      index_of_expert.assign(static_cast<size_t>(config.num_experts()), -1);
+    unique_ids.clear();
+    for (int64_t id : r.ids) {
+      int32_t& mark = index_of_expert[static_cast<size_t>(id)];
+      if (mark < 0) {
+        mark = 0;
+        unique_ids.push_back(id);
+      }
+    }
+    std::sort(unique_ids.begin(), unique_ids.end());
+    for (size_t u = 0; u < unique_ids.size(); ++u) {
+      index_of_expert[static_cast<size_t>(unique_ids[u])] = static_cast<int32_t>(u);
+    }
+    slot_index.resize(r.ids.size());
+    for (size_t s = 0; s < r.ids.size(); ++s) {
+      slot_index[s] = index_of_expert[static_cast<size_t>(r.ids[s])];
+    }
+    for (int64_t id : unique_ids) index_of_expert[static_cast<size_t>(id)] = -1;
+
+    unique_records.resize(unique_ids.size());
+    TROVE_RETURN_IF_ERROR(lease->acquire(unique_ids, unique_records));
+    slot_records.resize(r.ids.size());
+    for (size_t s = 0; s < r.ids.size(); ++s) {
+      slot_records[s] = unique_records[static_cast<size_t>(slot_index[s])];
+    }
+    return Status::ok_status();
+  }
+};
+
+PeerLayer::PeerLayer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+PeerLayer::PeerLayer(PeerLayer&&) noexcept = default;
+PeerLayer& PeerLayer::operator=(PeerLayer&&) noexcept = default;
+PeerLayer::~PeerLayer() = default;
+
+const PeerConfig& PeerLayer::config() const {
+  return impl_->config;
+}
+const RecordLayout& PeerLayer::record_layout() const {
+  return impl_->experts->layout();
+}
+const PeerDenseParams& PeerLayer::params() const {
+  return impl_->params;
+}
+ExpertSource& PeerLayer::experts() {
+  return *impl_->experts;
+}
+const PeerLayerOptions& PeerLayer::options() const {
+  return impl_->options;
+}
+
+Result<PeerLayer> PeerLayer::create(PeerConfig config, PeerDenseParams params,
+                                    std::unique_ptr<ExpertSource> experts,
+                                    PeerLayerOptions options) {
+  TROVE_RETURN_IF_ERROR(config.validate_and_fill());
+  if (experts == nullptr) return Status::invalid_argument("PEER layer: no expert source");
+  const PeerConfig& c = config;
+  const std::string qshape =
+      str_printf("[%lld, %lld]", (long long)c.query_rows(), (long long)c.dim);
+  TROVE_RETURN_IF_ERROR(
+      check_size("query.weight", params.query_weight.size(), c.query_rows() * c.dim, qshape));
+  if (c.query_bias) {
+    TROVE_RETURN_IF_ERROR(check_size("query.bias", params.query_bias.size(), c.query_rows(),
+                                     str_printf("[%lld]", (long long)c.query_rows())));
+  } else if (!params.query_bias.empty()) {
+    return Status::invalid_argument("query.bias given but the config has query_bias = false");
+  }
+  TROVE_RETURN_IF_ERROR(check_size("keys", params.keys.size(),
+                                   c.key_heads() * 2 * c.n_keys * c.dim_key,
+                                   str_printf("[%lld, 2, %lld, %lld]", (long long)c.key_heads(),
+                                              (long long)c.n_keys, (long long)c.dim_key)));
+  if (c.input_norm == InputNorm::kRms) {
+    TROVE_RETURN_IF_ERROR(check_size("norm.weight", params.norm_weight.size(), c.dim,
+                                     str_printf("[%lld]", (long long)c.dim)));
+  } else if (!params.norm_weight.empty()) {
+    return Status::invalid_argument("norm.weight given but the config has input_norm = none");
+  }
+  const RecordLayout& l = experts->layout();
+  if (l.dim != c.dim || l.dim_out != c.dim_out || l.width != c.expert_width ||
+      experts->num_experts() != c.num_experts()) {
+    return Status::invalid_argument(str_printf(
+        "PEER layer: the expert source (%s: dim %lld, dim_out %lld, width %lld, %lld experts) "
+        "does not match the config (dim %lld, dim_out %lld, width %lld, %lld experts)",
+        experts->describe().c_str(), (long long)l.dim, (long long)l.dim_out, (long long)l.width,
+        (long long)experts->num_experts(), (long long)c.dim, (long long)c.dim_out,
+        (long long)c.expert_width, (long long)c.num_experts()));
+  }
+  if (options.threads < 0) {
+    return Status::invalid_argument(str_printf("threads must be >= 0, got %d", options.threads));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  impl->params = std::move(params);
+  impl->experts = std::move(experts);
+  impl->options = options;
+  return PeerLayer(std::move(impl));
+}
+
+Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& name,
+                                  PeerLayerOptions options) {
+  TROVE_ASSIGN_OR_RETURN(StoredLayer stored, load_stored_layer(store, name));
+  const StoreLayerInfo& info = *stored.info;
+  PeerDenseParams params;
+  TROVE_ASSIGN_OR_RETURN(params.query_weight, store.read_dense(info, "query.weight"));
+  TROVE_ASSIGN_OR_RETURN(params.keys, store.read_dense(info, "keys"));
+  if (stored.config.query_bias) {
+    TROVE_ASSIGN_OR_RETURN(params.query_bias, store.read_dense(info, "query.bias"));
+  }
+  if (stored.config.input_norm == InputNorm::kRms) {
+    TROVE_ASSIGN_OR_RETURN(params.norm_weight, store.read_dense(info, "norm.weight"));
+  }
+  auto source = std::make_unique<MappedStoreExpertSource>(store, info, stored.record,
+                                                          options.verify_checksums);
+  auto layer = create(stored.config, std::move(params), std::move(source), options);
+  if (!layer.ok()) return layer.status().with_context(store.path() + ": layer " + name);
+  return layer;
+}
+
+Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> y,
+                          PeerRouting* routing, PeerBatchStats* stats) {
+  Impl& m = *impl_;
+  const PeerConfig& c = m.config;
+  TROVE_RETURN_IF_ERROR(m.check_input(x, T));
+  TROVE_RETURN_IF_ERROR(
+      check_size("output", y.size(), T * c.dim_out,
+                 str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
+  PeerRouting& r = routing != nullptr ? *routing : m.routing;
+  auto start = Clock::now();
+  m.route(x.data(), T, &r);
+  const double route_seconds = seconds_since(start);
+
+  start = Clock::now();
+  Lease lease(*m.experts);
+  TROVE_RETURN_IF_ERROR(m.lease_experts(r, &lease));
+  const double acquire_seconds = seconds_since(start);
+
+  start = Clock::now();
+  if (T > 0) {
+    if (m.ref()) {
+      peer_experts_ref(c, m.experts->layout(), m.xhat.data(), r, m.slot_records.data(), y.data());
+    } else {
+      peer_experts(c, m.experts->layout(), m.xhat.data(), r, m.slot_records.data(), y.data(),
+                   m.options.threads);
+    }
+  }
+  if (stats != nullptr) {
+    const uint64_t rec = m.experts->layout().record_bytes;
+    stats->tokens = T;
+    stats->slots = static_cast<int64_t>(r.ids.size());
+    stats->unique_experts = static_cast<int64_t>(m.unique_ids.size());
+    stats->record_bytes_used = rec * r.ids.size();
+    stats->record_bytes_unique = rec * m.unique_ids.size();
+    stats->route_seconds = route_seconds;
+    stats->acquire_seconds = acquire_seconds;
+    stats->expert_seconds = seconds_since(start);
+  }
+  return Status::ok_status();
+}
+
+Status PeerLayer::backward(std::span<const float> x, int64_t T, std::span<const float> dy,
+                           PeerGrads* grads) {
+  Impl& m = *impl_;
+  const PeerConfig& c = m.config;
+  TROVE_RETURN_IF_ERROR(m.check_input(x, T));
+  TROVE_RETURN_IF_ERROR(
+      check_size("output gradient", dy.size(), T * c.dim_out,
+                 str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
+  TROVE_RETURN_IF_ERROR(check_finite_rows("output gradient", dy, c.dim_out));
+  m.route(x.data(), T, &m.routing);
+  Lease lease(*m.experts);
+  TROVE_RETURN_IF_ERROR(m.lease_experts(m.routing, &lease));
+  const PeerRouterParams p = m.router();
+  if (m.ref()) {
+    peer_backward_ref(c, p, m.experts->layout(), x.data(), T, m.routing, m.slot_records.data(),
+                      dy.data(), grads);
+  } else {
+    peer_backward(c, p, m.experts->layout(), x.data(), T, m.routing, m.slot_records.data(),
+                  dy.data(), grads, m.options.threads);
+  }
+  return Status::ok_status();
+}
+
+}  // namespace trove

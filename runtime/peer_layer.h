@@ -1,0 +1,109 @@
+// PeerLayer: one PEER layer (SPEC §2) ready to run on the CPU: its config, its router
+// parameters (fp32, always resident) and an ExpertSource for its records. forward() routes the
+// batch, dedupes the selected experts, leases them from the source, runs the expert kernels on
+// the record pointers and releases them; backward() returns the gradients of every parameter,
+// the expert tables' as row-sparse rows per unique expert.
+//
+//   auto store = StoreReader::open("model.trove");
+//   auto layer = PeerLayer::open(*store, "model.layers.19.mlp.peer");
+//   layer->forward(x, T, y);                 // x [T, D] fp32, y [T, D_out]
+//
+// Non-finite inputs are rejected (Status::invalid_argument naming the token and element):
+// routing by NaN scores is undefined, and a silent NaN output would hide the fault upstream.
+// An empty batch (T = 0) is valid and produces nothing. A PeerLayer is not thread-safe; run one
+// batch at a time per layer.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "kernels/peer.h"
+#include "kernels/record.h"
+#include "runtime/expert_source.h"
+#include "storage/store.h"
+
+namespace trove {
+
+enum class PeerBackend : uint8_t {
+  kCpu,  // kernels/cpu/peer.h: SIMD + threads
+  kRef,  // kernels/cpu/ref/peer_ref.h: the oracle (slow; for checking)
+};
+std::string_view peer_backend_name(PeerBackend b);  // "cpu" "ref"
+Result<PeerBackend> parse_peer_backend(std::string_view s);
+
+// OK when every value of `v` (rows of `row_len`) is finite; else Status::invalid_argument
+// "<what>: token <first_row + row>, element <col> is nan; ...".
+Status check_finite_rows(const char* what, std::span<const float> v, int64_t row_len,
+                         int64_t first_row = 0);
+
+struct PeerLayerOptions {
+  PeerBackend backend = PeerBackend::kCpu;
+  int threads = 0;               // 0: all cores
+  bool verify_checksums = true;  // verify each record read from a store the first time
+};
+
+// Router parameters, canonical arrangement (runtime/layouts.h), owned.
+struct PeerDenseParams {
+  std::vector<float> query_weight;  // [h*2*dk, D]
+  std::vector<float> query_bias;    // [h*2*dk] or empty
+  std::vector<float> keys;          // [hk, 2, n, dk]
+  std::vector<float> norm_weight;   // [D] or empty
+};
+
+// What one forward() did, for reports and benchmarks.
+struct PeerBatchStats {
+  int64_t tokens = 0;
+  int64_t slots = 0;                 // T * h * k expert uses
+  int64_t unique_experts = 0;        // distinct experts among them
+  uint64_t record_bytes_used = 0;    // slots * record bytes: what the expert kernels read
+  uint64_t record_bytes_unique = 0;  // unique * record bytes
+  double route_seconds = 0;          // norm, query, sub-key scores, top-k, gates
+  double acquire_seconds = 0;        // dedupe and leasing from the source
+  double expert_seconds = 0;         // the expert kernels
+};
+
+class PeerLayer {
+ public:
+  PeerLayer(PeerLayer&&) noexcept;
+  PeerLayer& operator=(PeerLayer&&) noexcept;
+  PeerLayer(const PeerLayer&) = delete;
+  PeerLayer& operator=(const PeerLayer&) = delete;
+  ~PeerLayer();
+
+  // Layer `name` of `store` (which must outlive the layer): config and record layout from the
+  // manifest, router parameters read and verified, records through a MappedStoreExpertSource.
+  // A missing layer is Status::not_found listing the store's layers.
+  static Result<PeerLayer> open(const StoreReader& store, const std::string& name,
+                                PeerLayerOptions options = {});
+  // From tensors in memory. `config` is validated (and its defaults filled); every tensor's size
+  // and the source's layout are checked against it, errors naming the tensor.
+  static Result<PeerLayer> create(PeerConfig config, PeerDenseParams params,
+                                  std::unique_ptr<ExpertSource> experts,
+                                  PeerLayerOptions options = {});
+
+  const PeerConfig& config() const;
+  const RecordLayout& record_layout() const;
+  const PeerDenseParams& params() const;
+  ExpertSource& experts();
+  const PeerLayerOptions& options() const;
+
+  // y [T, D_out] for x [T, D] (row-major fp32). `routing`, when given, receives the routing;
+  // `stats`, when given, what the batch cost. Errors: sizes that disagree with T and the
+  // config, non-finite inputs, and whatever the expert source reports.
+  Status forward(std::span<const float> x, int64_t T, std::span<float> y,
+                 PeerRouting* routing = nullptr, PeerBatchStats* stats = nullptr);
+
+  // Gradients of sum(dy * y) at x (routing recomputed from x). dy is [T, D_out].
+  Status backward(std::span<const float> x, int64_t T, std::span<const float> dy, PeerGrads* grads);
+
+ private:
+  struct Impl;
+  explicit PeerLayer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace trove

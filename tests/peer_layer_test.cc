@@ -1,0 +1,300 @@
+// PeerLayer through the runtime API: the same layer from a store and from memory, backends
+// against each other, the checks on every input, corrupt records, and RoutingStats.
+#include "runtime/peer_layer.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "runtime/pack.h"
+#include "runtime/routing_stats.h"
+#include "runtime/synthetic.h"
+#include "storage/store.h"
+#include "tests/test_util.h"
+
+namespace trove {
+namespace {
+
+using testing::ScratchDir;
+
+PeerConfig small_config() {
+  PeerConfig c;
+  c.dim = 72;  // not a multiple of 32
+  c.dim_out = 72;
+  c.heads = 3;
+  c.n_keys = 9;  // N = 81
+  c.dim_key = 6;
+  c.topk = 4;
+  c.topk_per_half = 3;
+  c.activation = Activation::kSilu;
+  c.gate = Gate::kRelu;
+  return c;
+}
+
+std::vector<float> gaussian(size_t n, uint32_t seed, float std = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, std);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// A packed int4 store of one synthetic layer "blk.0.peer" in `dir`.
+std::string make_store(const ScratchDir& dir, DType dtype = DType::kI4) {
+  SyntheticCheckpoint spec;
+  spec.layout = ImportLayout::kMikeybeez;
+  spec.prefixes = {"blk.0.peer"};
+  spec.config = small_config();
+  spec.dtype = StDType::kF32;
+  spec.router_std = 0.3f;
+  EXPECT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"), spec).ok());
+  PackOptions opt;
+  opt.inputs = {dir.file("in.safetensors")};
+  opt.output = dir.file("m.trove");
+  opt.layout = ImportLayout::kMikeybeez;
+  opt.dtype = dtype;
+  opt.layers = {{"blk.0.peer", "blk.0.peer"}};
+  opt.overrides.topk = 4;
+  opt.overrides.topk_per_half = 3;
+  EXPECT_TRUE(pack_store(opt).ok());
+  return opt.output;
+}
+
+// The same layer with its records copied into memory.
+PeerLayer memory_copy(PeerLayer& from, const StoreReader& store, PeerLayerOptions options) {
+  const StoreLayerInfo* info = store.find_layer("blk.0.peer");
+  std::span<const uint8_t> table = store.mapped_records(*info);
+  auto source = std::make_unique<MemoryExpertSource>(
+      from.record_layout(), std::vector<uint8_t>(table.begin(), table.end()));
+  return std::move(PeerLayer::create(from.config(), from.params(), std::move(source), options))
+      .value();
+}
+
+TEST(PeerLayer, StoreAndMemorySourcesGiveIdenticalOutputs) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto layer = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  PeerLayer mem = memory_copy(*layer, *store, {});
+
+  const int64_t T = 33;
+  const std::vector<float> x = gaussian(T * 72, 1);
+  std::vector<float> y1(T * 72), y2(T * 72);
+  PeerRouting r1, r2;
+  ASSERT_TRUE(layer->forward(x, T, y1, &r1).ok());
+  ASSERT_TRUE(mem.forward(x, T, y2, &r2).ok());
+  EXPECT_EQ(r1.ids, r2.ids);
+  EXPECT_EQ(0, std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)));
+  // Every record the batch used was verified against its checksum, once.
+  auto* mapped = dynamic_cast<MappedStoreExpertSource*>(&layer->experts());
+  ASSERT_NE(mapped, nullptr);
+  std::vector<int64_t> ids = r1.ids;
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  EXPECT_EQ(mapped->verified_records(), static_cast<int64_t>(ids.size()));
+}
+
+TEST(PeerLayer, CpuBackendMatchesTheReferenceBackend) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok());
+  auto cpu = PeerLayer::open(*store, "blk.0.peer", {PeerBackend::kCpu, 2});
+  auto ref = PeerLayer::open(*store, "blk.0.peer", {PeerBackend::kRef, 1});
+  ASSERT_TRUE(cpu.ok() && ref.ok());
+  const int64_t T = 20;
+  const std::vector<float> x = gaussian(T * 72, 2);
+  std::vector<float> y_cpu(T * 72), y_ref(T * 72);
+  PeerRouting r_cpu, r_ref;
+  ASSERT_TRUE(cpu->forward(x, T, y_cpu, &r_cpu).ok());
+  ASSERT_TRUE(ref->forward(x, T, y_ref, &r_ref).ok());
+  ASSERT_EQ(r_cpu.ids, r_ref.ids);  // random data: no near-ties at this size
+  for (size_t i = 0; i < y_cpu.size(); ++i) {
+    EXPECT_NEAR(y_cpu[i], y_ref[i], 1e-4 + 1e-4 * std::abs(y_ref[i])) << i;
+  }
+  const std::vector<float> dy = gaussian(T * 72, 3);
+  PeerGrads g_cpu, g_ref;
+  ASSERT_TRUE(cpu->backward(x, T, dy, &g_cpu).ok());
+  ASSERT_TRUE(ref->backward(x, T, dy, &g_ref).ok());
+  EXPECT_EQ(g_cpu.expert_ids, g_ref.expert_ids);
+  ASSERT_EQ(g_cpu.d_down.size(), g_ref.d_down.size());
+  for (size_t i = 0; i < g_cpu.d_down.size(); ++i) {
+    EXPECT_NEAR(g_cpu.d_down[i], g_ref.d_down[i], 1e-4 + 1e-4 * std::abs(g_ref.d_down[i]));
+  }
+  for (size_t i = 0; i < g_cpu.dx.size(); ++i) {
+    EXPECT_NEAR(g_cpu.dx[i], g_ref.dx[i], 1e-4 + 1e-4 * std::abs(g_ref.dx[i]));
+  }
+}
+
+TEST(PeerLayer, RejectsInputsOfTheWrongSizeNamingTheShape) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir));
+  auto layer = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> x(5 * 71), y(5 * 72);
+  Status s = layer->forward(x, 5, y);
+  EXPECT_TRUE(s.is_invalid_argument());
+  EXPECT_NE(s.message().find("5 tokens x dim 72"), std::string::npos) << s.message();
+  x.resize(5 * 72);
+  y.resize(5 * 72 + 1);
+  s = layer->forward(x, 5, y);
+  EXPECT_TRUE(s.is_invalid_argument());
+  EXPECT_NE(s.message().find("output"), std::string::npos) << s.message();
+  EXPECT_TRUE(layer->forward(x, -1, y).is_invalid_argument());
+}
+
+TEST(PeerLayer, RejectsNonFiniteInputsNamingTokenAndElement) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir));
+  auto layer = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(layer.ok());
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    std::vector<float> x = gaussian(4 * 72, 4), y(4 * 72, 7.0f);
+    x[2 * 72 + 17] = bad;
+    Status s = layer->forward(x, 4, y);
+    EXPECT_TRUE(s.is_invalid_argument());
+    EXPECT_NE(s.message().find("token 2, element 17"), std::string::npos) << s.message();
+    EXPECT_EQ(y[0], 7.0f);  // nothing written
+  }
+  std::vector<float> x = gaussian(2 * 72, 5), dy(2 * 72, 0.0f);
+  dy[72 + 3] = std::numeric_limits<float>::quiet_NaN();
+  PeerGrads g;
+  Status s = layer->backward(x, 2, dy, &g);
+  EXPECT_TRUE(s.is_invalid_argument());
+  EXPECT_NE(s.message().find("output gradient: token 1, element 3"), std::string::npos)
+      << s.message();
+}
+
+TEST(PeerLayer, EmptyBatchIsValidAndProducesNothing) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir));
+  auto layer = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(layer.ok());
+  PeerRouting r;
+  PeerBatchStats stats;
+  ASSERT_TRUE(layer->forward({}, 0, {}, &r, &stats).ok());
+  EXPECT_EQ(r.tokens, 0);
+  EXPECT_TRUE(r.ids.empty());
+  EXPECT_EQ(stats.unique_experts, 0);
+  PeerGrads g;
+  ASSERT_TRUE(layer->backward({}, 0, {}, &g).ok());
+  EXPECT_TRUE(g.expert_ids.empty());
+  EXPECT_TRUE(g.dx.empty());
+}
+
+TEST(PeerLayer, UnknownLayerListsTheStoresLayers) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir));
+  auto layer = PeerLayer::open(*store, "blk.7.peer");
+  ASSERT_FALSE(layer.ok());
+  EXPECT_TRUE(layer.status().is_not_found());
+  EXPECT_NE(layer.status().message().find("blk.0.peer"), std::string::npos);
+}
+
+TEST(PeerLayer, CreateChecksEveryTensorAgainstTheConfig) {
+  PeerConfig c = small_config();
+  ASSERT_TRUE(c.validate_and_fill().ok());
+  auto layout = RecordLayout::make(DType::kF32, c.dim, c.dim_out).value();
+  auto source = [&] {
+    return std::make_unique<MemoryExpertSource>(
+        layout, std::vector<uint8_t>(static_cast<size_t>(c.num_experts()) * layout.stride));
+  };
+  PeerDenseParams good;
+  good.query_weight.resize(static_cast<size_t>(c.query_rows() * c.dim));
+  good.keys.resize(static_cast<size_t>(c.key_heads() * 2 * c.n_keys * c.dim_key));
+  EXPECT_TRUE(PeerLayer::create(c, good, source()).ok());
+
+  PeerDenseParams p = good;
+  p.query_weight.pop_back();
+  auto r = PeerLayer::create(c, p, source());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("query.weight"), std::string::npos);
+  EXPECT_NE(r.status().message().find("[36, 72]"), std::string::npos) << r.status().message();
+
+  p = good;
+  p.keys.push_back(0);
+  r = PeerLayer::create(c, p, source());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("keys"), std::string::npos);
+
+  p = good;
+  p.norm_weight.assign(72, 1.0f);
+  EXPECT_FALSE(PeerLayer::create(c, p, source()).ok());  // no rms norm in the config
+
+  PeerConfig wrong = c;
+  wrong.dim_out = 40;
+  r = PeerLayer::create(wrong, good, source());
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("does not match the config"), std::string::npos);
+}
+
+TEST(PeerLayer, CorruptRecordFailsTheBatchNamingTheExpertAndLeavesTheStoreAlone) {
+  ScratchDir dir;
+  const std::string path = make_store(dir);
+  const int64_t T = 6;
+  const std::vector<float> x = gaussian(T * 72, 6);
+  PeerRouting routing;
+  uint64_t record_offset = 0;
+  int64_t victim = 0;
+  {
+    auto store = StoreReader::open(path);
+    auto layer = PeerLayer::open(*store, "blk.0.peer");
+    std::vector<float> y(T * 72);
+    ASSERT_TRUE(layer->forward(x, T, y, &routing).ok());
+    victim = routing.ids[0];
+    const StoreLayerInfo* info = store->find_layer("blk.0.peer");
+    record_offset = info->table.offset + static_cast<uint64_t>(victim) * info->table.stride;
+  }
+  std::vector<uint8_t> bytes = testing::read_all(path);
+  bytes[record_offset + 5] ^= 0x10;
+  testing::write_all(path, bytes);
+
+  auto store = StoreReader::open(path);
+  ASSERT_TRUE(store.ok());
+  auto layer = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> y(T * 72);
+  Status s = layer->forward(x, T, y);
+  EXPECT_TRUE(s.is_corruption()) << s.to_string();
+  EXPECT_NE(s.message().find("expert " + std::to_string(victim)), std::string::npos) << s.message();
+  EXPECT_EQ(testing::read_all(path), bytes);
+  // Without checksums the same batch runs (the caller asked for it).
+  auto unchecked = PeerLayer::open(*store, "blk.0.peer", {PeerBackend::kCpu, 0, false});
+  EXPECT_TRUE(unchecked->forward(x, T, y).ok());
+}
+
+TEST(RoutingStats, UsageUnevennessAndUniquePerBatch) {
+  RoutingStats even(4);
+  PeerRouting r;
+  r.resize(2, 1, 2);
+  r.ids = {0, 1, 2, 3};
+  even.add(r);
+  EXPECT_DOUBLE_EQ(even.usage(), 1.0);
+  EXPECT_NEAR(even.kl_from_uniform(), 0.0, 1e-12);
+  EXPECT_EQ(even.unique_per_batch(), std::vector<int64_t>{4});
+
+  RoutingStats skewed(4);
+  r.ids = {2, 2, 2, 2};
+  skewed.add(r);
+  r.ids = {2, 2, 2, 1};
+  skewed.add(r);
+  EXPECT_DOUBLE_EQ(skewed.usage(), 0.5);
+  EXPECT_EQ(skewed.selections(), 8);
+  EXPECT_EQ(skewed.tokens(), 4);
+  EXPECT_DOUBLE_EQ(skewed.max_share(), 7.0 / 8.0);
+  const double kl = 7.0 / 8 * std::log(7.0 / 8 * 4) + 1.0 / 8 * std::log(1.0 / 8 * 4);
+  EXPECT_NEAR(skewed.kl_from_uniform(), kl, 1e-12);
+  EXPECT_EQ(skewed.unique_per_batch(), (std::vector<int64_t>{1, 2}));
+
+  RoutingStats one(1000);
+  r.ids = {5, 5, 5, 5};
+  one.add(r);
+  EXPECT_NEAR(one.kl_from_uniform(), std::log(1000.0), 1e-12);  // everything on one expert
+}
+
+}  // namespace
+}  // namespace trove

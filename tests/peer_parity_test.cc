@@ -1,0 +1,588 @@
+// The optimized CPU PEER layer (kernels/cpu/peer.h) against its oracle
+// (kernels/cpu/ref/peer_ref.h), on both CPU paths: every step and the backward pass on many
+// shapes (nothing a power of two but one D = 2048), every activation, gate and record dtype;
+// routing compared faiss-compareIndices style (tie swaps allowed at the k-th position);
+// the code-level dot/axpy against the dequantizers; exact ties; all tokens on one expert;
+// N = 1; and bit-identical results for any thread count.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <ostream>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "base/check.h"
+#include "kernels/cpu/peer.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/cpu/ref/peer_ref.h"
+#include "kernels/cpu/ref/quant_ref.h"
+#include "kernels/peer.h"
+#include "kernels/quant.h"
+#include "kernels/record.h"
+#include "tests/cpu_path_test.h"
+
+namespace trove {
+
+inline void PrintTo(CpuPath path, std::ostream* os) {
+  *os << cpu_path_name(path);
+}
+
+namespace {
+
+// ---- tolerances --------------------------------------------------------------------------------
+// The oracle accumulates in double and rounds once; the optimized path accumulates in fp32 in
+// another order (8 SIMD lanes, per-group partials times the group scale). Both read the same
+// codes and scales, so the only difference is fp32 rounding in the sums, about
+// eps32 * sqrt(terms) * sum|term|. sum|term| can exceed a result many times over (a dot of
+// N(0,1) vectors, a sum over tokens with cancellation), so each array's tolerance is relative
+// to its largest magnitude (abs term) plus a small per-element relative term. With D <= 2048
+// and up to 1000 tokens, eps32 * sqrt(2048) ~ 5e-6; the largest errors seen on these shapes
+// are below 1/10 of each tolerance.
+constexpr double kForwardAbs = 1e-5;  // xhat, q, y: <= one D-long dot + h*k terms
+constexpr double kForwardRel = 1e-5;
+constexpr double kScoreAbs = 1e-5;  // router scores: dk-long dots of O(1) values, relative to
+constexpr double kScoreRel = 1e-5;  // the largest |score| of the (token, head)
+constexpr double kGateAbs = 2e-5;   // gates: functions of the scores above, in [0, 1] or ~score
+constexpr double kGradAbs = 3e-5;   // gradients: sums over tokens and slots of products of
+constexpr double kGradRel = 1e-5;   // forward quantities, so forward errors compound
+// Code-level dot / axpy of one row against the dequantized row in double.
+constexpr double kRowAbs = 1e-5;
+constexpr double kRowRel = 1e-5;
+
+constexpr DType kAllDTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kI8, DType::kI4};
+constexpr Activation kAllActivations[] = {Activation::kRelu, Activation::kGelu,
+                                          Activation::kGeluTanh, Activation::kSilu};
+constexpr Gate kAllGates[] = {Gate::kSoftmax, Gate::kRelu, Gate::kSigmoid};
+constexpr int kThreads = 3;  // not a divisor of most token counts below
+
+RecordLayout layout_of(DType dtype, int64_t dim, int64_t dim_out) {
+  Result<RecordLayout> l = RecordLayout::make(dtype, dim, dim_out);
+  TROVE_CHECK_MSG(l.ok(), "%s", l.status().to_string().c_str());
+  return *l;
+}
+
+std::vector<float> normal_values(size_t n, double stddev, std::mt19937* rng) {
+  std::normal_distribution<double> dist(0.0, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(dist(*rng));
+  return v;
+}
+
+// Uniform with the given standard deviation: ~10x cheaper than normal_values, for the expert
+// tables (n = 128 gives 16384 experts).
+std::vector<float> uniform_values(size_t n, double stddev, std::mt19937* rng) {
+  const double half_width = std::sqrt(3.0) * stddev;
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(((*rng)() * 0x1p-32 * 2.0 - 1.0) * half_width);
+  return v;
+}
+
+size_t sz(int64_t v) {
+  return static_cast<size_t>(v);
+}
+
+// One parity case: the config, the record dtype and the batch size.
+struct Shape {
+  int64_t tokens;
+  PeerConfig config;
+  DType dtype;
+};
+
+std::string describe(const Shape& s) {
+  const PeerConfig& c = s.config;
+  std::ostringstream o;
+  o << "T=" << s.tokens << " D=" << c.dim << " Dout=" << c.dim_out << " h=" << c.heads
+    << " n=" << c.n_keys << " dk=" << c.dim_key << " k=" << c.topk << " k'=" << c.topk_per_half
+    << (c.shared_keys ? " shared" : "") << " " << activation_name(c.activation) << " "
+    << gate_name(c.gate) << " " << dtype_name(s.dtype) << (c.query_bias ? " bias" : "")
+    << (c.input_norm == InputNorm::kRms ? " rms" : "");
+  return o.str();
+}
+
+// A layer's fp32 parameters, its expert table packed as records, and an input batch.
+struct Layer {
+  PeerConfig config;
+  RecordLayout layout;
+  int64_t tokens = 0;
+  std::vector<float> query_weight, query_bias, keys, norm_weight, down, up;
+  std::vector<uint8_t> table;
+  std::vector<float> x, dy;
+
+  PeerRouterParams router() const {
+    PeerRouterParams p;
+    p.query_weight = query_weight.data();
+    p.query_bias = config.query_bias ? query_bias.data() : nullptr;
+    p.keys = keys.data();
+    p.norm_weight = config.input_norm == InputNorm::kRms ? norm_weight.data() : nullptr;
+    return p;
+  }
+  std::vector<const uint8_t*> slot_records(const PeerRouting& routing) const {
+    std::vector<const uint8_t*> records(routing.slots());
+    for (size_t s = 0; s < records.size(); ++s) {
+      records[s] = table.data() + sz(routing.ids[s]) * layout.stride;
+    }
+    return records;
+  }
+};
+
+// Scales keep every stage O(1): q ~ N(0, 1), z = <u, xhat> ~ N(0, 1), v ~ N(0, 1).
+Layer random_layer(const Shape& shape, uint32_t seed) {
+  Layer l;
+  l.config = shape.config;
+  const Status st = l.config.validate_and_fill();
+  TROVE_CHECK_MSG(st.ok(), "%s", st.to_string().c_str());
+  const PeerConfig& c = l.config;
+  l.layout = layout_of(shape.dtype, c.dim, c.dim_out);
+  l.tokens = shape.tokens;
+  std::mt19937 rng(seed);
+  const double row_scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  const size_t experts = sz(c.num_experts());
+  l.query_weight = normal_values(sz(c.query_rows() * c.dim), row_scale, &rng);
+  l.query_bias = normal_values(sz(c.query_rows()), 0.5, &rng);
+  l.keys = normal_values(sz(c.key_heads() * 2 * c.n_keys * c.dim_key), 1.0, &rng);
+  l.norm_weight = normal_values(sz(c.dim), 0.3, &rng);
+  for (float& g : l.norm_weight) g += 1.0f;
+  l.down = uniform_values(experts * sz(c.dim), row_scale, &rng);
+  l.up = uniform_values(experts * sz(c.dim_out), 1.0, &rng);
+  l.table.assign(experts * l.layout.stride, 0);
+  pack_records(l.layout, l.down.data(), l.up.data(), c.num_experts(), l.table.data());
+  l.x = normal_values(sz(shape.tokens * c.dim), 1.0, &rng);
+  l.dy = normal_values(sz(shape.tokens * c.dim_out), 1.0, &rng);
+  return l;
+}
+
+// ---- comparisons -------------------------------------------------------------------------------
+
+// |got - want| <= abs_tol * max|want| + rel_tol * |want| for every element; reports the worst.
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, double abs_tol,
+                  double rel_tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (float w : want) scale = std::max(scale, std::abs(static_cast<double>(w)));
+  size_t bad = 0, worst = 0;
+  double worst_excess = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+    const double tol = abs_tol * scale + rel_tol * std::abs(static_cast<double>(want[i]));
+    if (!(err <= tol)) {
+      if (bad == 0 || err - tol > worst_excess) {
+        worst = i;
+        worst_excess = err - tol;
+      }
+      ++bad;
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << want.size()
+                     << " elements out of tolerance; worst at " << worst << ": got "
+                     << (bad ? got[worst] : 0.0f) << " want " << (bad ? want[worst] : 0.0f)
+                     << " (array max " << scale << ")";
+}
+
+// faiss compareIndices style, per (token, head): scores equal position by position within
+// tolerance; an id both sides selected has the same score on both; an id only one side
+// selected sits at a tie with the k-th score (a swap at the boundary). Gates position by
+// position (they are functions of the positional scores).
+void expect_routing_close(const PeerRouting& got, const PeerRouting& want,
+                          const std::string& what) {
+  ASSERT_EQ(got.tokens, want.tokens) << what;
+  ASSERT_EQ(got.heads, want.heads) << what;
+  ASSERT_EQ(got.topk, want.topk) << what;
+  const int64_t k = want.topk;
+  int reported = 0;
+  for (int64_t row = 0; row < want.tokens * want.heads && reported < 5; ++row) {
+    const size_t base = sz(row * k);
+    double scale = 1.0;
+    for (int64_t s = 0; s < k; ++s)
+      scale = std::max(scale, std::abs(double{want.scores[base + s]}));
+    const double tol = kScoreAbs * scale;
+    std::ostringstream fail;
+    for (int64_t s = 0; s < k; ++s) {
+      const double ds = std::abs(double{got.scores[base + s]} - want.scores[base + s]);
+      if (ds > tol + kScoreRel * std::abs(double{want.scores[base + s]})) {
+        fail << " score[" << s << "] " << got.scores[base + s] << " vs " << want.scores[base + s];
+      }
+      if (std::abs(double{got.gates[base + s]} - want.gates[base + s]) > kGateAbs * scale) {
+        fail << " gate[" << s << "] " << got.gates[base + s] << " vs " << want.gates[base + s];
+      }
+      // The same id on both sides must have the same score; an id selected by one side only
+      // must tie with the k-th score.
+      const int64_t id = got.ids[base + s];
+      const auto* begin = &want.ids[base];
+      const auto* at = std::find(begin, begin + k, id);
+      const double kth = want.scores[base + sz(k - 1)];
+      if (at != begin + k) {
+        if (std::abs(double{want.scores[base + sz(at - begin)]} - got.scores[base + s]) > tol) {
+          fail << " id " << id << " scored " << got.scores[base + s] << " vs "
+               << want.scores[base + sz(at - begin)];
+        }
+      } else if (std::abs(double{got.scores[base + s]} - kth) > tol) {
+        fail << " id " << id << " (score " << got.scores[base + s]
+             << ") selected by the optimized path only, not a tie with the k-th score " << kth;
+      }
+      const int64_t want_id = want.ids[base + s];
+      const auto* got_begin = &got.ids[base];
+      if (std::find(got_begin, got_begin + k, want_id) == got_begin + k &&
+          std::abs(double{want.scores[base + s]} - kth) > tol) {
+        fail << " id " << want_id << " (score " << want.scores[base + s]
+             << ") missed by the optimized path, not a tie with the k-th score " << kth;
+      }
+      if (std::set<int64_t>(got_begin, got_begin + k).size() != sz(k)) fail << " duplicate ids";
+    }
+    if (!fail.str().empty()) {
+      ADD_FAILURE() << what << ": token " << row / want.heads << " head " << row % want.heads
+                    << fail.str();
+      ++reported;
+    }
+  }
+}
+
+void expect_bits_equal(const std::vector<float>& a, const std::vector<float>& b,
+                       const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << what;
+}
+
+// ---- the steps on both implementations
+// -----------------------------------------------------------
+
+// Oracle forward, whose intermediates feed both implementations step by step.
+struct RefForward {
+  std::vector<float> xhat, q, y;
+  PeerRouting routing;
+};
+
+RefForward ref_forward(const Layer& l) {
+  const PeerConfig& c = l.config;
+  const PeerRouterParams p = l.router();
+  RefForward f;
+  f.xhat.resize(sz(l.tokens * c.dim));
+  f.q.resize(sz(l.tokens * c.query_rows()));
+  f.y.resize(sz(l.tokens * c.dim_out));
+  peer_norm_ref(c, p.norm_weight, l.x.data(), l.tokens, f.xhat.data());
+  peer_query_ref(c, p, f.xhat.data(), l.tokens, f.q.data());
+  peer_route_ref(c, p, f.q.data(), l.tokens, &f.routing);
+  const std::vector<const uint8_t*> records = l.slot_records(f.routing);
+  peer_experts_ref(c, l.layout, f.xhat.data(), f.routing, records.data(), f.y.data());
+  return f;
+}
+
+// The optimized steps, each fed the oracle's input to that step.
+struct OptSteps {
+  std::vector<float> xhat, q, y;
+  PeerRouting routing;
+  PeerGrads grads;
+};
+
+OptSteps opt_steps(const Layer& l, const RefForward& ref, int threads, bool backward) {
+  const PeerConfig& c = l.config;
+  const PeerRouterParams p = l.router();
+  OptSteps o;
+  o.xhat.assign(sz(l.tokens * c.dim), -1.0f);
+  o.q.assign(sz(l.tokens * c.query_rows()), -1.0f);
+  o.y.assign(sz(l.tokens * c.dim_out), -1.0f);
+  peer_norm(c, p.norm_weight, l.x.data(), l.tokens, o.xhat.data(), threads);
+  peer_query(c, p, ref.xhat.data(), l.tokens, o.q.data(), threads);
+  peer_route(c, p, ref.q.data(), l.tokens, &o.routing, threads);
+  const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
+  peer_experts(c, l.layout, ref.xhat.data(), ref.routing, records.data(), o.y.data(), threads);
+  if (backward) {
+    peer_backward(c, p, l.layout, l.x.data(), l.tokens, ref.routing, records.data(), l.dy.data(),
+                  &o.grads, threads);
+  }
+  return o;
+}
+
+void expect_grads_close(const PeerGrads& got, const PeerGrads& want, const std::string& what) {
+  EXPECT_EQ(got.expert_ids, want.expert_ids) << what;
+  expect_close(got.dx, want.dx, kGradAbs, kGradRel, what + " dx");
+  expect_close(got.d_query_weight, want.d_query_weight, kGradAbs, kGradRel, what + " dW_q");
+  expect_close(got.d_query_bias, want.d_query_bias, kGradAbs, kGradRel, what + " db_q");
+  expect_close(got.d_keys, want.d_keys, kGradAbs, kGradRel, what + " dK");
+  expect_close(got.d_norm_weight, want.d_norm_weight, kGradAbs, kGradRel, what + " dgamma");
+  expect_close(got.d_down, want.d_down, kGradAbs, kGradRel, what + " d_down");
+  expect_close(got.d_up, want.d_up, kGradAbs, kGradRel, what + " d_up");
+}
+
+// Every step and the backward of one shape against the oracle.
+void check_parity(const Shape& shape, uint32_t seed) {
+  const std::string what = describe(shape);
+  SCOPED_TRACE(what);
+  const Layer l = random_layer(shape, seed);
+  const RefForward ref = ref_forward(l);
+  const OptSteps got = opt_steps(l, ref, kThreads, /*backward=*/true);
+  expect_close(got.xhat, ref.xhat, kForwardAbs, kForwardRel, "xhat");
+  expect_close(got.q, ref.q, kForwardAbs, kForwardRel, "q");
+  expect_routing_close(got.routing, ref.routing, "routing");
+  expect_close(got.y, ref.y, kForwardAbs, kForwardRel, "y");
+  PeerGrads want;
+  const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
+  peer_backward_ref(l.config, l.router(), l.layout, l.x.data(), l.tokens, ref.routing,
+                    records.data(), l.dy.data(), &want);
+  expect_grads_close(got.grads, want, "backward");
+}
+
+PeerConfig make_config(int64_t dim, int64_t dim_out, int64_t heads, int64_t n, int64_t dk,
+                       int64_t k, int64_t kp) {
+  PeerConfig c;
+  c.dim = dim;
+  c.dim_out = dim_out;
+  c.heads = heads;
+  c.n_keys = n;
+  c.dim_key = dk;
+  c.topk = k;
+  c.topk_per_half = kp;
+  return c;
+}
+
+class PeerParityTest : public testing::CpuPathTest {};
+
+// ---- code-level dot and axpy -------------------------------------------------------------------
+
+TEST_P(PeerParityTest, RecordDotAndAxpyMatchTheDequantizedRowOnEveryLength) {
+  std::mt19937 rng(7);
+  std::vector<int64_t> lengths;
+  for (int64_t n = 1; n <= 200; ++n) lengths.push_back(n);
+  lengths.push_back(2048);
+  for (DType t : kAllDTypes) {
+    for (int64_t n : lengths) {
+      const RecordLayout l = layout_of(t, n, n);
+      const std::vector<float> down = normal_values(sz(n), 1.0, &rng);
+      const std::vector<float> up = normal_values(sz(n), 1.0, &rng);
+      std::vector<uint8_t> record(l.stride);
+      pack_record_ref(l, down.data(), up.data(), record.data());
+      std::vector<float> u(sz(n)), v(sz(n));
+      unpack_record_ref(l, record.data(), u.data(), v.data());
+
+      // x is followed by NaNs: reading past n into a padding lane would poison the sum.
+      std::vector<float> x = normal_values(sz(n) + kQuantGroup, 1.0, &rng);
+      std::fill(x.begin() + n, x.end(), std::numeric_limits<float>::quiet_NaN());
+      double want = 0, sum_abs = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        want += static_cast<double>(u[sz(i)]) * x[sz(i)];
+        sum_abs += std::abs(static_cast<double>(u[sz(i)]) * x[sz(i)]);
+      }
+      const float got = record_down_dot(l, record.data(), x.data());
+      EXPECT_NEAR(got, want, kRowAbs * sum_abs + kRowRel * std::abs(want))
+          << dtype_name(t) << " n " << n;
+
+      // y has sentinels after n that must survive.
+      constexpr float kAlpha = -0.75f;
+      constexpr float kSentinel = 12345.0f;
+      std::vector<float> y = normal_values(sz(n) + kQuantGroup, 1.0, &rng);
+      std::fill(y.begin() + n, y.end(), kSentinel);
+      std::vector<float> want_y(y);
+      for (int64_t i = 0; i < n; ++i) want_y[sz(i)] += kAlpha * v[sz(i)];
+      record_up_axpy(l, record.data(), kAlpha, y.data());
+      expect_close(y, want_y, kRowAbs, kRowRel,
+                   std::string(dtype_name(t)) + " axpy n " + std::to_string(n));
+      EXPECT_TRUE(std::all_of(y.begin() + n, y.end(), [](float s) { return s == kSentinel; }))
+          << dtype_name(t) << " n " << n << ": axpy wrote past the row";
+    }
+  }
+}
+
+// ---- every step against the oracle
+// ---------------------------------------------------------------
+
+// Activations x gates x dtypes, each once, with the other settings cycled so that every token
+// count, D, n, h, key sharing, bias and norm setting meets many of them.
+TEST_P(PeerParityTest, EveryStepMatchesTheOracleAcrossShapesActivationsGatesAndDTypes) {
+  struct Router {
+    int64_t n, k, kp, dk;
+  };
+  // n = 1: N = 1, k = 1; n = 3: k = n^2 = N; k' < k throughout where k > 1.
+  const Router routers[] = {
+      {1, 1, 1, 5}, {3, 9, 3, 6}, {3, 4, 2, 4}, {11, 6, 3, 7}, {128, 8, 4, 12}};
+  const int64_t token_counts[] = {1, 7, 40, 7, 128};
+  const int64_t dims[][2] = {{37, 37}, {100, 45}, {200, 200}, {45, 100}};
+  int i = 0;
+  for (Activation a : kAllActivations) {
+    for (Gate g : kAllGates) {
+      for (DType t : kAllDTypes) {
+        const Router& r = routers[(i + i / 5) % 5];  // every router meets every dtype
+        const int64_t* d = dims[(i / 5) % 4];
+        PeerConfig c = make_config(d[0], d[1], (i / 2) % 2 == 0 ? 4 : 1, r.n, r.dk, r.k, r.kp);
+        c.activation = a;
+        c.gate = g;
+        c.shared_keys = (i / 3) % 2 == 1;
+        c.query_bias = i % 2 == 0;
+        c.input_norm = (i / 7) % 2 == 0 ? InputNorm::kRms : InputNorm::kNone;
+        int64_t tokens = token_counts[(i / 4) % 5];
+        if (r.n == 128) {  // 16384 experts: keep the table and the oracle's time small
+          c.dim = std::min<int64_t>(c.dim, 45);
+          tokens = std::min<int64_t>(tokens, 40);
+        }
+        check_parity({tokens, c, t}, 100 + static_cast<uint32_t>(i));
+        ++i;
+      }
+    }
+  }
+}
+
+TEST_P(PeerParityTest, ManyTokensAndTheBackgroundWidthMatchTheOracle) {
+  PeerConfig many = make_config(24, 40, 4, 9, 8, 5, 3);
+  many.input_norm = InputNorm::kRms;
+  many.activation = Activation::kSilu;
+  many.gate = Gate::kRelu;
+  check_parity({1000, many, DType::kI4}, 11);
+
+  // D = 2048 as in the background documents, every dtype.
+  PeerConfig wide = make_config(2048, 2048, 4, 6, 16, 8, 4);
+  wide.activation = Activation::kSilu;
+  wide.gate = Gate::kSoftmax;
+  wide.query_bias = true;
+  for (DType t : kAllDTypes) check_parity({5, wide, t}, 12);
+}
+
+// ---- nasty cases -------------------------------------------------------------------------------
+
+TEST_P(PeerParityTest, OneExpertOneTokenMatchesTheOracle) {
+  PeerConfig c = make_config(33, 31, 1, 1, 3, 1, 1);
+  for (Gate g : kAllGates) {
+    c.gate = g;
+    check_parity({1, c, DType::kI8}, 21);
+  }
+}
+
+TEST_P(PeerParityTest, EmptyBatchGivesEmptyResultsAndZeroGradients) {
+  PeerConfig c = make_config(20, 30, 2, 4, 3, 3, 2);
+  c.input_norm = InputNorm::kRms;
+  c.query_bias = true;
+  const Layer l = random_layer({0, c, DType::kI8}, 61);
+  const RefForward ref = ref_forward(l);
+  const OptSteps got = opt_steps(l, ref, kThreads, /*backward=*/true);
+  EXPECT_EQ(got.routing.tokens, 0);
+  EXPECT_EQ(got.routing.slots(), 0u);
+  PeerGrads want;
+  peer_backward_ref(l.config, l.router(), l.layout, l.x.data(), 0, ref.routing, nullptr,
+                    l.dy.data(), &want);
+  EXPECT_TRUE(got.grads.dx.empty());
+  EXPECT_TRUE(got.grads.expert_ids.empty());
+  EXPECT_EQ(got.grads.d_query_weight, want.d_query_weight);
+  EXPECT_EQ(got.grads.d_query_bias, want.d_query_bias);
+  EXPECT_EQ(got.grads.d_keys, want.d_keys);
+  EXPECT_EQ(got.grads.d_norm_weight, want.d_norm_weight);
+}
+
+// Equal keys make every sub-score of a head equal: every token picks the same experts (the
+// k lowest ids of the k'^2 candidates), so the backward's row-sparse gradients sum all tokens
+// onto a few rows.
+TEST_P(PeerParityTest, AllTokensRoutedToTheSameExpertsFollowTheLowerIdRule) {
+  for (const int64_t k : {int64_t{1}, int64_t{5}}) {
+    PeerConfig c = make_config(50, 70, 2, 7, 5, k, 3);
+    c.shared_keys = true;
+    c.input_norm = InputNorm::kRms;
+    c.activation = Activation::kGelu;
+    // Not softmax: with equal keys its dscore sums to 0 over a head's slots, so dq, dW_q and
+    // db_q are pure rounding noise on both sides, nothing to compare.
+    c.gate = Gate::kSigmoid;
+    const Shape shape{300, c, DType::kI4};
+    SCOPED_TRACE(describe(shape));
+    Layer l = random_layer(shape, 31);
+    // Every key row is (0, 0.25, 0.5, 0.75, 1): dk = 5.
+    for (size_t j = 0; j < l.keys.size(); ++j) l.keys[j] = 0.25f * static_cast<float>(j % 5);
+    const RefForward ref = ref_forward(l);
+    const OptSteps got = opt_steps(l, ref, kThreads, /*backward=*/true);
+    // Expert ids by the lower-id rule among (i, j) in [0, 3)^2: i*7 + j ascending.
+    const std::vector<int64_t> lowest = {0, 1, 2, 7, 8, 9, 14, 15, 16};
+    for (int64_t row = 0; row < l.tokens * c.heads; ++row) {
+      for (int64_t s = 0; s < k; ++s) {
+        ASSERT_EQ(ref.routing.ids[sz(row * k + s)], lowest[sz(s)]) << "oracle, row " << row;
+        ASSERT_EQ(got.routing.ids[sz(row * k + s)], lowest[sz(s)]) << "optimized, row " << row;
+      }
+    }
+    expect_routing_close(got.routing, ref.routing, "routing");
+    expect_close(got.y, ref.y, kForwardAbs, kForwardRel, "y");
+    PeerGrads want;
+    const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
+    peer_backward_ref(l.config, l.router(), l.layout, l.x.data(), l.tokens, ref.routing,
+                      records.data(), l.dy.data(), &want);
+    EXPECT_EQ(got.grads.expert_ids, std::vector<int64_t>(lowest.begin(), lowest.begin() + k));
+    expect_grads_close(got.grads, want, "backward");
+  }
+}
+
+// Integer queries and keys make every sub-score an exact small integer on both paths, with
+// many exact ties between distinct sub-keys and between candidate sums: ids and scores must
+// then be identical, ties broken by lower index per half and lower expert id overall.
+TEST_P(PeerParityTest, ExactTiesAreBrokenByLowerIdIdenticallyOnBothPaths) {
+  PeerConfig c = make_config(10, 10, 3, 12, 4, 7, 5);
+  c.gate = Gate::kSigmoid;
+  ASSERT_TRUE(c.validate_and_fill().ok());
+  constexpr int64_t kTokens = 50;
+  std::mt19937 rng(41);
+  std::uniform_int_distribution<int> small(-2, 2);
+  std::vector<float> q(sz(kTokens * c.query_rows())), keys(sz(c.key_heads() * 2 * 12 * 4));
+  for (float& v : q) v = static_cast<float>(small(rng));
+  for (float& v : keys) v = static_cast<float>(small(rng));
+  PeerRouterParams p;
+  p.keys = keys.data();
+  PeerRouting want, got;
+  peer_route_ref(c, p, q.data(), kTokens, &want);
+  peer_route(c, p, q.data(), kTokens, &got, kThreads);
+  EXPECT_EQ(got.ids, want.ids);
+  EXPECT_EQ(got.scores, want.scores);
+  EXPECT_EQ(got.gates, want.gates);
+  // The lower-id rule, checked directly on the oracle's output: equal scores ascend by id.
+  int ties = 0;
+  for (size_t s = 0; s + 1 < want.ids.size(); ++s) {
+    if ((s + 1) % sz(c.topk) == 0) continue;
+    ASSERT_GE(want.scores[s], want.scores[s + 1]);
+    if (want.scores[s] == want.scores[s + 1]) {
+      ++ties;
+      EXPECT_LT(want.ids[s], want.ids[s + 1]);
+    }
+  }
+  EXPECT_GT(ties, 50) << "the integer scores should tie often";
+}
+
+// ---- threads -----------------------------------------------------------------------------------
+
+TEST_P(PeerParityTest, ThreadCountDoesNotChangeAnyBit) {
+  for (DType t : {DType::kI4, DType::kF16}) {
+    PeerConfig c = make_config(77, 50, 4, 10, 9, 6, 3);
+    c.input_norm = InputNorm::kRms;
+    c.query_bias = true;
+    c.gate = Gate::kSoftmax;
+    c.activation = Activation::kGeluTanh;
+    const Shape shape{203, c, t};
+    SCOPED_TRACE(describe(shape));
+    const Layer l = random_layer(shape, 51);
+    const RefForward ref = ref_forward(l);
+    const OptSteps one = opt_steps(l, ref, 1, /*backward=*/true);
+    for (int threads : {3, 8}) {
+      const OptSteps many = opt_steps(l, ref, threads, /*backward=*/true);
+      const std::string what = "threads " + std::to_string(threads);
+      expect_bits_equal(many.xhat, one.xhat, what + " xhat");
+      expect_bits_equal(many.q, one.q, what + " q");
+      EXPECT_EQ(many.routing.ids, one.routing.ids) << what;
+      expect_bits_equal(many.routing.scores, one.routing.scores, what + " scores");
+      expect_bits_equal(many.routing.gates, one.routing.gates, what + " gates");
+      expect_bits_equal(many.y, one.y, what + " y");
+      EXPECT_EQ(many.grads.expert_ids, one.grads.expert_ids) << what;
+      expect_bits_equal(many.grads.dx, one.grads.dx, what + " dx");
+      expect_bits_equal(many.grads.d_query_weight, one.grads.d_query_weight, what + " dW_q");
+      expect_bits_equal(many.grads.d_query_bias, one.grads.d_query_bias, what + " db_q");
+      expect_bits_equal(many.grads.d_keys, one.grads.d_keys, what + " dK");
+      expect_bits_equal(many.grads.d_norm_weight, one.grads.d_norm_weight, what + " dgamma");
+      expect_bits_equal(many.grads.d_down, one.grads.d_down, what + " d_down");
+      expect_bits_equal(many.grads.d_up, one.grads.d_up, what + " d_up");
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(CpuPaths, PeerParityTest,
+                         ::testing::Values(CpuPath::kScalar, CpuPath::kAvx2),
+                         [](const ::testing::TestParamInfo<CpuPath>& param_info) {
+                           return std::string(cpu_path_name(param_info.param));
+                         });
+
+}  // namespace
+}  // namespace trove

@@ -1,0 +1,192 @@
+// trove forward.
+#include <cstdio>
+
+#include "base/bytes.h"
+#include "base/progress.h"
+#include "base/strings.h"
+#include "runtime/forward.h"
+#include "tools/commands.h"
+
+namespace trove::cli {
+
+namespace {
+
+nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardReport& r) {
+  const RoutingStats& s = r.stats;
+  nlohmann::json j = {
+      {"store", opt.store},
+      {"layer", opt.layer},
+      {"backend", peer_backend_name(opt.layer_options.backend)},
+      {"input",
+       {{"file", opt.input},
+        {"tensor", r.input_tensor},
+        {"shape", r.input_shape},
+        {"dtype", r.input_dtype}}},
+      {"output", {{"file", opt.output}, {"shape", r.output_shape}, {"dtype", r.output_dtype}}},
+      {"record_dtype", r.record_dtype},
+      {"experts", r.config.num_experts()},
+      {"tokens", r.tokens},
+      {"batches", r.batches},
+      {"seconds", r.seconds},
+      {"tokens_per_second", r.seconds > 0 ? r.tokens / r.seconds : 0.0},
+      {"stage_seconds",
+       {{"route", r.route_seconds}, {"acquire", r.acquire_seconds}, {"experts", r.expert_seconds}}},
+      {"record_bytes_used", r.record_bytes_used},
+      {"record_bytes_unique", r.record_bytes_unique},
+      {"record_gb_per_second",
+       r.expert_seconds > 0 ? r.record_bytes_used / r.expert_seconds / 1e9 : 0.0},
+  };
+  if (!opt.routing_output.empty()) j["routing"] = opt.routing_output;
+  if (s.batches() > 0) {
+    const auto& u = s.unique_per_batch();
+    double mean = 0;
+    for (int64_t v : u) mean += static_cast<double>(v);
+    j["stats"] = {{"selections", s.selections()},
+                  {"experts_used", s.experts_used()},
+                  {"usage", s.usage()},
+                  {"kl_from_uniform", s.kl_from_uniform()},
+                  {"max_share", s.max_share()},
+                  {"unique_per_batch",
+                   {{"min", *std::min_element(u.begin(), u.end())},
+                    {"mean", mean / static_cast<double>(u.size())},
+                    {"max", *std::max_element(u.begin(), u.end())}}}};
+  }
+  return j;
+}
+
+void print_forward_report(const nlohmann::json& j, bool stats) {
+  std::printf("%s: %lld tokens through %s (%s records, %lld experts) in %.3f s: %.0f tokens/s\n",
+              j["output"]["file"].get<std::string>().c_str(), j["tokens"].get<long long>(),
+              j["layer"].get<std::string>().c_str(), j["record_dtype"].get<std::string>().c_str(),
+              j["experts"].get<long long>(), j["seconds"].get<double>(),
+              j["tokens_per_second"].get<double>());
+  const auto& st = j["stage_seconds"];
+  std::printf("  stages: route %.3f s, acquire %.3f s, experts %.3f s (%s of records read)\n",
+              st["route"].get<double>(), st["acquire"].get<double>(), st["experts"].get<double>(),
+              format_rate(j["record_gb_per_second"].get<double>() * 1e9).c_str());
+  if (stats && j.contains("stats")) {
+    const auto& s = j["stats"];
+    std::printf(
+        "  expert usage %.2f%% (%lld of %lld), KL from uniform %.3f nats, top expert "
+        "%.2f%% of selections\n",
+        100 * s["usage"].get<double>(), s["experts_used"].get<long long>(),
+        j["experts"].get<long long>(), s["kl_from_uniform"].get<double>(),
+        100 * s["max_share"].get<double>());
+    const auto& u = s["unique_per_batch"];
+    std::printf(
+        "  unique experts per batch: min %lld, mean %.1f, max %lld (of %lld selections "
+        "per batch of up to %lld tokens)\n",
+        u["min"].get<long long>(), u["mean"].get<double>(), u["max"].get<long long>(),
+        s["selections"].get<long long>() / std::max<long long>(1, j["batches"]),
+        j["batch_tokens"].get<long long>());
+  }
+  if (j.contains("routing")) {
+    std::printf("  routing: %s\n", j["routing"].get<std::string>().c_str());
+  }
+}
+
+}  // namespace
+
+void add_forward(CLI::App& app, GlobalOptions& global) {
+  auto* cmd = app.add_subcommand(
+      "forward",
+      "Run a stored PEER layer on activations: y = PEER(x) for x [..., D] from a safetensors\n"
+      "file (F32, F16 or BF16), written as tensor 'y' [..., D_out].\n"
+      "Example: trove forward model.trove --layer model.layers.19.mlp.peer --input x.safetensors "
+      "\\\n           -o y.safetensors --dump-routing r.safetensors --stats");
+  struct Args {
+    std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
+    int64_t batch = 4096;
+    int threads = 0;
+    bool stats = false, no_verify = false;
+  };
+  auto args = std::make_shared<Args>();
+  cmd->add_option("store", args->store, "The .trove store")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--layer", args->layer,
+                  "Layer name in the store (`trove inspect` lists them); may be left out when "
+                  "the store has one layer");
+  cmd->add_option("-i,--input", args->input, "safetensors file with the activations")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--input-tensor", args->input_tensor,
+                  "Tensor to read (default: the file's only tensor, else 'x')");
+  cmd->add_option("-o,--output", args->output, "safetensors file to write (tensor 'y')")
+      ->required();
+  cmd->add_option("--dtype", args->dtype, "Output dtype: F32, F16 or BF16 (default: the input's)")
+      ->check(CLI::IsMember({"F32", "F16", "BF16", "f32", "f16", "bf16"}));
+  cmd->add_option("--dump-routing", args->routing,
+                  "Also write the routing: 'ids' (I64), 'scores', 'gates' (F32), each "
+                  "[..., heads, topk], best first (input for `trove bench --routing trace:FILE`)");
+  cmd->add_flag("--stats", args->stats,
+                "Print expert usage, KL unevenness from uniform and unique experts per batch");
+  cmd->add_option("--batch", args->batch, "Tokens per layer call")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--threads", args->threads, "Worker threads (0: all cores)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--backend", args->backend,
+                  "cpu (SIMD + threads) or ref (the plain reference kernels, slow; for checking)")
+      ->check(CLI::IsMember({"cpu", "ref"}))
+      ->capture_default_str();
+  cmd->add_flag("--no-verify", args->no_verify,
+                "Skip the checksum of each record on its first use (not recommended)");
+  cmd->callback([args, &global] {
+    ForwardOptions opt;
+    opt.store = args->store;
+    opt.layer = args->layer;
+    opt.input = args->input;
+    opt.input_tensor = args->input_tensor;
+    opt.output = args->output;
+    opt.routing_output = args->routing;
+    opt.batch = args->batch;
+    opt.layer_options.threads = args->threads;
+    opt.layer_options.backend = parse_peer_backend(args->backend).value();
+    opt.layer_options.verify_checksums = !args->no_verify;
+    if (!args->dtype.empty()) {
+      std::string d = args->dtype;
+      for (char& ch : d) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+      opt.out_dtype = d == "F32" ? StDType::kF32 : d == "F16" ? StDType::kF16 : StDType::kBF16;
+    }
+    if (opt.layer.empty()) {
+      // The store's only layer, when it has one; the error lists them otherwise.
+      Result<StoreReader> store = StoreReader::open(opt.store);
+      if (!store.ok()) {
+        global.exit_code = report_error("forward", store.status());
+        return;
+      }
+      if (store->layers().size() != 1) {
+        std::string names;
+        for (const auto& l : store->layers()) names += (names.empty() ? "" : ", ") + l.name;
+        global.exit_code = report_error(
+            "forward",
+            Status::invalid_argument(opt.store + " has " + std::to_string(store->layers().size()) +
+                                     " layers; choose one with --layer (" + names + ")"));
+        return;
+      }
+      opt.layer = store->layers()[0].name;
+    }
+    std::unique_ptr<ProgressBar> progress;
+    opt.progress = [&progress](int64_t done, int64_t total) {
+      if (!progress) {
+        progress = std::make_unique<ProgressBar>("forward", static_cast<uint64_t>(total));
+      }
+      progress->update(static_cast<uint64_t>(done));
+    };
+    Result<ForwardReport> r = run_forward(opt);
+    if (progress) progress->finish();
+    if (!r.ok()) {
+      global.exit_code = report_error("forward", r.status());
+      return;
+    }
+    nlohmann::json j = forward_report_json(opt, *r);
+    j["batch_tokens"] = opt.batch;
+    if (global.json) {
+      print_json(j);
+    } else if (!global.quiet) {
+      print_forward_report(j, args->stats);
+    }
+  });
+}
+
+}  // namespace trove::cli
