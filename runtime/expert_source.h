@@ -21,6 +21,16 @@
 
 namespace trove {
 
+// What fetching one batch's records cost (sources without a slower tier report zeros).
+struct ExpertFetchStats {
+  int64_t hits = 0;            // unique experts already resident
+  int64_t misses = 0;          // unique experts read from the tier below
+  uint64_t bytes_read = 0;     // bytes read from the tier below (aligned extents included)
+  double resolve_seconds = 0;  // residency lookup, leases, issuing the reads
+  double disk_seconds = 0;     // from issuing the reads to the last one verified in memory
+  double stall_seconds = 0;    // the caller blocked in finish_acquire() waiting for them
+};
+
 class ExpertSource {
  public:
   ExpertSource() = default;
@@ -40,6 +50,22 @@ class ExpertSource {
   virtual Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) = 0;
   // REQUIRES: exactly the ids of one successful acquire() not yet released.
   virtual void release(std::span<const int64_t> ids) = 0;
+
+  // acquire() in two halves, so the caller can compute on the records that are here while the
+  // rest are read: begin_acquire() leases every id and sets records[i] for the experts readable
+  // now and nullptr for those on their way; finish_acquire() waits for those and sets them.
+  // After finish_acquire() returns OK, the batch is as after acquire(). An error from either
+  // leaves nothing acquired (no release). The defaults: everything is here at once.
+  // REQUIRES: as for acquire(); finish_acquire() with the ids and records of the
+  // begin_acquire() just before it.
+  virtual Status begin_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) {
+    return acquire(ids, records);
+  }
+  virtual Status finish_acquire(std::span<const int64_t>, std::span<const uint8_t*>) {
+    return Status::ok_status();
+  }
+  // What the last (begin_acquire, finish_acquire) or acquire() cost.
+  virtual ExpertFetchStats last_fetch() const { return {}; }
 };
 
 // Records in memory, owned.

@@ -44,6 +44,21 @@ class Lease {
     held_ = true;
     return Status::ok_status();
   }
+  // The two halves of acquire() (ExpertSource::begin_acquire); an error from either ends the
+  // lease (the source has let go of everything).
+  Status begin(std::span<const int64_t> ids, std::span<const uint8_t*> records) {
+    TROVE_CHECK(!held_);
+    TROVE_RETURN_IF_ERROR(source_.begin_acquire(ids, records));
+    ids_ = ids;
+    held_ = true;
+    return Status::ok_status();
+  }
+  Status finish(std::span<const uint8_t*> records) {
+    TROVE_CHECK(held_);
+    Status s = source_.finish_acquire(ids_, records);
+    if (!s.ok()) held_ = false;
+    return s;
+  }
 
  private:
   ExpertSource& source_;
@@ -91,7 +106,8 @@ struct PeerLayer::Impl {
   std::vector<const uint8_t*> unique_records;
   std::vector<const uint8_t*> slot_records;
   std::vector<int32_t> slot_index;
-  std::vector<int32_t> index_of_expert;  // see lease_experts
+  std::vector<int32_t> index_of_expert;  // see dedupe
+  PeerExpertProgress progress;
 
   PeerRouterParams router() const {
     PeerRouterParams p;
@@ -127,11 +143,11 @@ struct PeerLayer::Impl {
     }
   }
 
-  // Leases the unique experts of `r` (ascending, in unique_ids) and points slot_records at
-  // each slot's record. Dedupe goes through a flat id -> index array (4 bytes per expert,
-  // all -1 between calls) instead of a search per slot: a batch has tens of thousands of
-  // slots, and this runs on the critical path of every layer call.
-  Status lease_experts(const PeerRouting& r, Lease* lease) {
+  // The unique experts of `r` into unique_ids (ascending) and each slot's index among them
+  // into slot_index. Dedupe goes through a flat id -> index array (4 bytes per expert, all -1
+  // between calls) instead of a search per slot: a batch has tens of thousands of slots, and
+  // this runs on the critical path of every layer call.
+  void dedupe(const PeerRouting& r) {
     if (index_of_expert.empty())
       index_of_expert.assign(static_cast<size_t>(config.num_experts()), -1);
     unique_ids.clear();
@@ -151,12 +167,70 @@ struct PeerLayer::Impl {
       slot_index[s] = index_of_expert[static_cast<size_t>(r.ids[s])];
     }
     for (int64_t id : unique_ids) index_of_expert[static_cast<size_t>(id)] = -1;
-
     unique_records.resize(unique_ids.size());
-    TROVE_RETURN_IF_ERROR(lease->acquire(unique_ids, unique_records));
     slot_records.resize(r.ids.size());
-    for (size_t s = 0; s < r.ids.size(); ++s) {
+  }
+
+  // slot_records from unique_records (nullptr for a record not here yet).
+  void point_slots() {
+    for (size_t s = 0; s < slot_records.size(); ++s) {
       slot_records[s] = unique_records[static_cast<size_t>(slot_index[s])];
+    }
+  }
+
+  // Leases the unique experts of `r` and points slot_records at each slot's record.
+  Status lease_experts(const PeerRouting& r, Lease* lease) {
+    dedupe(r);
+    TROVE_RETURN_IF_ERROR(lease->acquire(unique_ids, unique_records));
+    point_slots();
+    return Status::ok_status();
+  }
+
+  // The expert pass of forward() over routing `r` into y, with the source's records fetched
+  // while it computes (runtime/tiered_source.h has the timeline): wave 1 on the records that
+  // are here, wave 2 on the rest once they land. The result does not depend on which records
+  // came late (kernels/cpu/peer.h: peer_experts_resume).
+  Status run_experts(const PeerRouting& r, float* y, PeerBatchStats* stats) {
+    auto start = Clock::now();
+    dedupe(r);
+    Lease lease(*experts);
+    TROVE_RETURN_IF_ERROR(lease.begin(unique_ids, unique_records));
+    const double acquire_seconds = seconds_since(start);
+    start = Clock::now();
+    const PeerConfig& c = config;
+    const RecordLayout& layout = experts->layout();
+    const bool pending =
+        std::find(unique_records.begin(), unique_records.end(), nullptr) != unique_records.end();
+    if (!pending || ref()) {
+      TROVE_RETURN_IF_ERROR(lease.finish(unique_records));
+      point_slots();
+      if (r.tokens > 0 && ref()) {
+        peer_experts_ref(c, layout, xhat.data(), r, slot_records.data(), y);
+      } else if (r.tokens > 0) {
+        peer_experts(c, layout, xhat.data(), r, slot_records.data(), y, options.threads);
+      }
+    } else {
+      point_slots();
+      progress.reset(r.tokens, r.heads * r.topk);
+      peer_experts_resume(c, layout, xhat.data(), r, slot_records.data(), y, &progress,
+                          options.threads);
+      TROVE_RETURN_IF_ERROR(lease.finish(unique_records));
+      point_slots();
+      peer_experts_resume(c, layout, xhat.data(), r, slot_records.data(), y, &progress,
+                          options.threads);
+      TROVE_CHECK(progress.done());
+    }
+    if (stats != nullptr) {
+      const uint64_t rec = layout.record_bytes;
+      stats->tokens = r.tokens;
+      stats->slots = static_cast<int64_t>(r.ids.size());
+      stats->unique_experts = static_cast<int64_t>(unique_ids.size());
+      stats->record_bytes_used = rec * r.ids.size();
+      stats->record_bytes_unique = rec * unique_ids.size();
+      stats->fetch = experts->last_fetch();
+      stats->acquire_seconds = acquire_seconds;
+      // Time blocked on the disk is the fetch's, not the kernels'.
+      stats->expert_seconds = std::max(0.0, seconds_since(start) - stats->fetch.stall_seconds);
     }
     return Status::ok_status();
   }
@@ -243,8 +317,17 @@ Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& n
   if (stored.config.input_norm == InputNorm::kRms) {
     TROVE_ASSIGN_OR_RETURN(params.norm_weight, store.read_dense(info, "norm.weight"));
   }
-  auto source = std::make_unique<MappedStoreExpertSource>(store, info, stored.record,
-                                                          options.verify_checksums);
+  std::unique_ptr<ExpertSource> source;
+  if (options.tiers.has_value()) {
+    TieredSourceOptions tiers = *options.tiers;
+    tiers.io.verify = options.verify_checksums;
+    auto tiered = TieredExpertSource::open(store, info, stored.record, tiers);
+    if (!tiered.ok()) return tiered.status();
+    source = std::move(tiered).value();
+  } else {
+    source = std::make_unique<MappedStoreExpertSource>(store, info, stored.record,
+                                                       options.verify_checksums);
+  }
   auto layer = create(stored.config, std::move(params), std::move(source), options);
   if (!layer.ok()) return layer.status().with_context(store.path() + ": layer " + name);
   return layer;
@@ -263,31 +346,48 @@ Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> 
   m.route(x.data(), T, &r);
   const double route_seconds = seconds_since(start);
 
-  start = Clock::now();
-  Lease lease(*m.experts);
-  TROVE_RETURN_IF_ERROR(m.lease_experts(r, &lease));
-  const double acquire_seconds = seconds_since(start);
+  TROVE_RETURN_IF_ERROR(m.run_experts(r, y.data(), stats));
+  if (stats != nullptr) stats->route_seconds = route_seconds;
+  return Status::ok_status();
+}
 
-  start = Clock::now();
-  if (T > 0) {
-    if (m.ref()) {
-      peer_experts_ref(c, m.experts->layout(), m.xhat.data(), r, m.slot_records.data(), y.data());
-    } else {
-      peer_experts(c, m.experts->layout(), m.xhat.data(), r, m.slot_records.data(), y.data(),
-                   m.options.threads);
+Status PeerLayer::forward_routed(std::span<const float> x, int64_t T, const PeerRouting& routing,
+                                 std::span<float> y, PeerBatchStats* stats) {
+  Impl& m = *impl_;
+  const PeerConfig& c = m.config;
+  TROVE_RETURN_IF_ERROR(m.check_input(x, T));
+  TROVE_RETURN_IF_ERROR(
+      check_size("output", y.size(), T * c.dim_out,
+                 str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
+  if (routing.tokens != T || routing.heads != c.heads || routing.topk != c.topk ||
+      routing.ids.size() != static_cast<size_t>(T * c.heads * c.topk) ||
+      routing.gates.size() != routing.ids.size()) {
+    return Status::invalid_argument(str_printf(
+        "routing: %lld tokens x %lld heads x %lld (%zu ids, %zu gates), expected %lld x %lld x "
+        "%lld",
+        (long long)routing.tokens, (long long)routing.heads, (long long)routing.topk,
+        routing.ids.size(), routing.gates.size(), (long long)T, (long long)c.heads,
+        (long long)c.topk));
+  }
+  for (size_t s = 0; s < routing.ids.size(); ++s) {
+    if (routing.ids[s] < 0 || routing.ids[s] >= c.num_experts() ||
+        !std::isfinite(routing.gates[s])) {
+      return Status::invalid_argument(str_printf(
+          "routing: slot %zu has expert %lld (of %lld) and gate %g", s, (long long)routing.ids[s],
+          (long long)c.num_experts(), static_cast<double>(routing.gates[s])));
     }
   }
-  if (stats != nullptr) {
-    const uint64_t rec = m.experts->layout().record_bytes;
-    stats->tokens = T;
-    stats->slots = static_cast<int64_t>(r.ids.size());
-    stats->unique_experts = static_cast<int64_t>(m.unique_ids.size());
-    stats->record_bytes_used = rec * r.ids.size();
-    stats->record_bytes_unique = rec * m.unique_ids.size();
-    stats->route_seconds = route_seconds;
-    stats->acquire_seconds = acquire_seconds;
-    stats->expert_seconds = seconds_since(start);
+  auto start = Clock::now();
+  m.xhat.resize(static_cast<size_t>(T * c.dim));
+  const PeerRouterParams p = m.router();
+  if (m.ref()) {
+    peer_norm_ref(c, p.norm_weight, x.data(), T, m.xhat.data());
+  } else {
+    peer_norm(c, p.norm_weight, x.data(), T, m.xhat.data(), m.options.threads);
   }
+  const double route_seconds = seconds_since(start);
+  TROVE_RETURN_IF_ERROR(m.run_experts(routing, y.data(), stats));
+  if (stats != nullptr) stats->route_seconds = route_seconds;
   return Status::ok_status();
 }
 

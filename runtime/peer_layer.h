@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "kernels/peer.h"
 #include "kernels/record.h"
 #include "runtime/expert_source.h"
+#include "runtime/tiered_source.h"
 #include "storage/store.h"
 
 namespace trove {
@@ -44,6 +46,9 @@ struct PeerLayerOptions {
   PeerBackend backend = PeerBackend::kCpu;
   int threads = 0;               // 0: all cores
   bool verify_checksums = true;  // verify each record read from a store the first time
+  // open(): with a host budget, records come through a TieredExpertSource (host tier over the
+  // store file, runtime/tiered_source.h); without, the whole table is memory-mapped.
+  std::optional<TieredSourceOptions> tiers;
 };
 
 // Router parameters, canonical arrangement (runtime/layouts.h), owned.
@@ -63,7 +68,8 @@ struct PeerBatchStats {
   uint64_t record_bytes_unique = 0;  // unique * record bytes
   double route_seconds = 0;          // norm, query, sub-key scores, top-k, gates
   double acquire_seconds = 0;        // dedupe and leasing from the source
-  double expert_seconds = 0;         // the expert kernels
+  double expert_seconds = 0;         // the expert kernels (both waves, see runtime/tiered_source.h)
+  ExpertFetchStats fetch;            // what the source did (tiers: hits, misses, disk, stall)
 };
 
 class PeerLayer {
@@ -96,6 +102,12 @@ class PeerLayer {
   // config, non-finite inputs, and whatever the expert source reports.
   Status forward(std::span<const float> x, int64_t T, std::span<float> y,
                  PeerRouting* routing = nullptr, PeerBatchStats* stats = nullptr);
+
+  // forward() with the routing given instead of computed (benchmarks replay synthetic or
+  // recorded routings through the same expert path): `routing` must hold T tokens of h x k
+  // ids in [0, N) and finite gates. x is still normalized (the experts read x-hat).
+  Status forward_routed(std::span<const float> x, int64_t T, const PeerRouting& routing,
+                        std::span<float> y, PeerBatchStats* stats = nullptr);
 
   // Gradients of sum(dy * y) at x (routing recomputed from x). dy is [T, D_out].
   Status backward(std::span<const float> x, int64_t T, std::span<const float> dy, PeerGrads* grads);

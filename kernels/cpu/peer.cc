@@ -15,6 +15,7 @@
 #include "kernels/cpu/peer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -408,6 +409,23 @@ inline void prefetch_record(const uint8_t* record, size_t bytes) {
   for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 0);
 }
 
+// gate * activation of one slot: the down-row dot. Shared by both expert passes so a slot
+// computes to the same bits in either.
+inline float slot_gated_activation(const PeerConfig& config, const RecordLayout& layout,
+                                   const PeerKernels& kr, const float* xhat_t, float gate,
+                                   const uint8_t* record) {
+  const CodedRow down = down_row(layout, record);
+  const float z = kr.coded_dot(layout.dtype, down.scales, down.codes, config.dim, xhat_t);
+  return static_cast<float>(gate * activation_ref(config.activation, z));
+}
+
+inline void slot_accumulate(const RecordLayout& layout, const PeerKernels& kr, float ga,
+                            const uint8_t* record, int64_t dim_out, float* yt) {
+  if (ga == 0.0f) return;  // relu's zeros and zero gates add nothing
+  const CodedRow up = up_row(layout, record);
+  kr.coded_axpy(layout.dtype, up.scales, up.codes, dim_out, ga, yt);
+}
+
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y,
                   int threads) {
@@ -432,16 +450,63 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
         if (slot + kPrefetchSlots < last) {
           prefetch_record(records[slot + kPrefetchSlots], layout.record_bytes);
         }
-        const CodedRow down = down_row(layout, records[slot]);
-        const float z = kr.coded_dot(layout.dtype, down.scales, down.codes, D, xhat + t * D);
-        const auto ga =
-            static_cast<float>(routing.gates[slot] * activation_ref(config.activation, z));
-        if (ga == 0.0f) continue;  // relu's zeros and zero gates add nothing
-        const CodedRow up = up_row(layout, records[slot]);
-        kr.coded_axpy(layout.dtype, up.scales, up.codes, Dout, ga, yt);
+        const float ga = slot_gated_activation(config, layout, kr, xhat + t * D,
+                                               routing.gates[slot], records[slot]);
+        slot_accumulate(layout, kr, ga, records[slot], Dout, yt);
       }
     }
   });
+}
+
+void PeerExpertProgress::reset(int64_t tokens, int64_t slots_per_token) {
+  next_slot.assign(static_cast<size_t>(tokens), 0);
+  ga.assign(static_cast<size_t>(tokens * slots_per_token), 0.0f);
+  has_ga.assign(static_cast<size_t>(tokens * slots_per_token), 0);
+  pending_tokens = tokens;
+}
+
+void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                         const PeerRouting& routing, const uint8_t* const* records, float* y,
+                         PeerExpertProgress* progress, int threads) {
+  check_common(config, &layout);
+  check_routing(config, routing);
+  const int64_t D = config.dim, Dout = config.dim_out;
+  const int64_t per_token = routing.heads * routing.topk;
+  PeerExpertProgress& p = *progress;
+  TROVE_CHECK(static_cast<int64_t>(p.next_slot.size()) == routing.tokens);
+  TROVE_CHECK(static_cast<int64_t>(p.ga.size()) == routing.tokens * per_token);
+  const PeerKernels& kr = kernels();
+  std::atomic<int64_t> pending{0};
+  parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    int64_t unfinished = 0;
+    for (int64_t t = begin; t < end; ++t) {
+      int32_t& next = p.next_slot[static_cast<size_t>(t)];
+      if (next == per_token) continue;
+      float* yt = y + t * Dout;
+      if (next == 0) std::fill(yt, yt + Dout, 0.0f);  // nothing accumulated yet
+      bool blocked = false;
+      for (int64_t s = next; s < per_token; ++s) {
+        const size_t slot = static_cast<size_t>(t * per_token + s);
+        const uint8_t* record = records[slot];
+        if (record == nullptr) {
+          blocked = true;
+          continue;
+        }
+        if (p.has_ga[slot] == 0) {
+          p.ga[slot] =
+              slot_gated_activation(config, layout, kr, xhat + t * D, routing.gates[slot], record);
+          p.has_ga[slot] = 1;
+        }
+        if (!blocked) {
+          slot_accumulate(layout, kr, p.ga[slot], record, Dout, yt);
+          next = static_cast<int32_t>(s + 1);
+        }
+      }
+      if (next != per_token) ++unfinished;
+    }
+    pending.fetch_add(unfinished, std::memory_order_relaxed);
+  });
+  p.pending_tokens = pending.load();
 }
 
 void peer_backward(const PeerConfig& config, const PeerRouterParams& params,

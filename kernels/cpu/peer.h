@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels/peer.h"
 #include "kernels/record.h"
@@ -30,6 +31,30 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y,
                   int threads = 0);
+
+// The expert pass in waves, for records that arrive while it runs (runtime's tiered source
+// computes on resident experts while the disk reads the rest). records[slot] == nullptr means
+// "not here yet". Each call continues every token from where the previous call stopped: it
+// accumulates the token's slots in order up to its first slot not ready, and computes the
+// gated activation of every ready slot beyond it for later (the down-row dot is half of a
+// slot's work). Once every record has been ready in some call, y equals peer_experts()'s bit
+// for bit: the same operations in the same order, whatever the waves.
+struct PeerExpertProgress {
+  std::vector<int32_t> next_slot;  // per token: its first slot not yet accumulated into y
+  std::vector<float> ga;           // per slot: gate * activation, once computed
+  std::vector<uint8_t> has_ga;     // per slot: whether ga is computed
+  int64_t pending_tokens = 0;      // after a call: tokens not finished
+
+  // Before the first wave of a batch of `tokens` tokens with `slots_per_token` slots each.
+  void reset(int64_t tokens, int64_t slots_per_token);
+  bool done() const { return pending_tokens == 0; }
+};
+
+// REQUIRES: as for peer_experts; `progress` reset for this routing before the first call, y
+// untouched by the caller between calls (a token's row is zeroed by its first call).
+void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                         const PeerRouting& routing, const uint8_t* const* records, float* y,
+                         PeerExpertProgress* progress, int threads = 0);
 
 void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
                    const RecordLayout& layout, const float* x, int64_t T,

@@ -1,0 +1,328 @@
+// The PEER layer over the tiered store (host tier over the store file): outputs equal the
+// all-resident (mapped) layer's bit for bit at every budget from one batch's working set up,
+// on both I/O engines and every policy; budgets too small are clear errors before any work;
+// disk faults surface as documented errors or correct results, never a wrong output, and the
+// store file is never touched.
+#include "runtime/tiered_source.h"
+
+#include <cstring>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "runtime/pack.h"
+#include "runtime/peer_layer.h"
+#include "runtime/synthetic.h"
+#include "storage/fault_injection.h"
+#include "storage/store.h"
+#include "tests/test_util.h"
+
+namespace trove {
+namespace {
+
+using testing::ScratchDir;
+using Engine = RecordReaderOptions::Engine;
+
+constexpr int64_t kTokens = 16;  // per batch
+constexpr int64_t kBatches = 12;
+
+PeerConfig tiered_config() {
+  PeerConfig c;
+  c.dim = 72;  // not a multiple of 32
+  c.dim_out = 40;
+  c.heads = 3;
+  c.n_keys = 24;  // N = 576
+  c.dim_key = 6;
+  c.topk = 4;
+  c.topk_per_half = 4;
+  c.activation = Activation::kGelu;
+  c.gate = Gate::kSoftmax;
+  return c;
+}
+
+// One batch's working set can be every selection: T * h * k.
+constexpr int64_t kWorkingSet = kTokens * 3 * 4;
+
+std::string make_store(const ScratchDir& dir, DType dtype) {
+  SyntheticCheckpoint spec;
+  spec.layout = ImportLayout::kTrove;
+  spec.prefixes = {"blk.0.peer"};
+  spec.config = tiered_config();
+  spec.dtype = StDType::kF32;
+  spec.router_std = 0.5f;
+  EXPECT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"), spec).ok());
+  PackOptions opt;
+  opt.inputs = {dir.file("in.safetensors")};
+  opt.output = dir.file(std::string("m-") + std::string(dtype_name(dtype)) + ".trove");
+  opt.layout = ImportLayout::kTrove;
+  opt.dtype = dtype;
+  opt.layers = {{"blk.0.peer", "blk.0.peer"}};
+  const auto packed = pack_store(opt);
+  EXPECT_TRUE(packed.ok()) << packed.status().to_string();
+  return opt.output;
+}
+
+// Batches of gaussian tokens, with every other batch repeating an earlier one (so later
+// batches hit what earlier ones loaded).
+std::vector<std::vector<float>> batches(uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::vector<float>> out;
+  for (int64_t b = 0; b < kBatches; ++b) {
+    if (b % 2 == 1) {
+      out.push_back(out[static_cast<size_t>(b / 2)]);
+      continue;
+    }
+    std::vector<float> x(static_cast<size_t>(kTokens * tiered_config().dim));
+    for (float& v : x) v = normal(rng);
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+std::vector<std::vector<float>> run(PeerLayer& layer, const std::vector<std::vector<float>>& xs,
+                                    std::vector<PeerBatchStats>* stats = nullptr) {
+  std::vector<std::vector<float>> ys;
+  for (const auto& x : xs) {
+    std::vector<float> y(static_cast<size_t>(kTokens * layer.config().dim_out));
+    PeerBatchStats st;
+    const Status s = layer.forward(x, kTokens, y, nullptr, &st);
+    EXPECT_TRUE(s.ok()) << s.to_string();
+    ys.push_back(std::move(y));
+    if (stats != nullptr) stats->push_back(st);
+  }
+  return ys;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+PeerLayerOptions tiered(uint64_t budget_slots, size_t stride, Engine engine = Engine::kPread,
+                        EvictionPolicy policy = EvictionPolicy::kFrequency,
+                        std::shared_ptr<FileOps> ops = nullptr) {
+  PeerLayerOptions o;
+  o.threads = 2;
+  TieredSourceOptions t;
+  t.host_budget_bytes = budget_slots * stride;
+  t.policy = policy;
+  t.io.engine = engine;
+  t.io.queue_depth = 8;
+  t.io.pread_threads = 3;
+  t.io.file_ops = std::move(ops);
+  o.tiers = t;
+  return o;
+}
+
+bool io_uring_refused(const Result<PeerLayer>& layer) {
+  return !layer.ok() && layer.status().code() == Status::Code::kNotSupported;
+}
+
+TEST(TieredSource, OutputsEqualTheResidentLayerBitForBitAtEveryBudget) {
+  ScratchDir dir;
+  for (DType dtype : {DType::kI4, DType::kI8, DType::kBF16}) {
+    auto store = StoreReader::open(make_store(dir, dtype));
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    PeerLayerOptions resident_options;
+    resident_options.threads = 2;
+    auto resident = PeerLayer::open(*store, "blk.0.peer", resident_options);
+    ASSERT_TRUE(resident.ok()) << resident.status().to_string();
+    const auto xs = batches(5);
+    const auto want = run(*resident, xs);
+    const size_t stride = resident->record_layout().stride;
+    const int64_t n = resident->config().num_experts();
+    for (Engine engine : {Engine::kPread, Engine::kIoUring}) {
+      for (EvictionPolicy policy :
+           {EvictionPolicy::kLru, EvictionPolicy::kClock, EvictionPolicy::kFrequency}) {
+        for (int64_t slots : {kWorkingSet, kWorkingSet + 7, 2 * kWorkingSet, n / 2, n}) {
+          SCOPED_TRACE(std::string(dtype_name(dtype)) + " " +
+                       (engine == Engine::kPread ? "pread" : "io_uring") + " " +
+                       eviction_policy_name(policy) + " " + std::to_string(slots) + " slots");
+          auto layer = PeerLayer::open(*store, "blk.0.peer", tiered(slots, stride, engine, policy));
+          if (engine == Engine::kIoUring && io_uring_refused(layer)) continue;
+          ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+          std::vector<PeerBatchStats> stats;
+          const auto got = run(*layer, xs, &stats);
+          ASSERT_EQ(got.size(), want.size());
+          for (size_t b = 0; b < got.size(); ++b) {
+            EXPECT_TRUE(same_bits(got[b], want[b])) << "batch " << b;
+            const ExpertFetchStats& f = stats[b].fetch;
+            EXPECT_EQ(f.hits + f.misses, stats[b].unique_experts) << "batch " << b;
+          }
+          // The first batch starts cold; a repeated batch finds what it needs when the tier
+          // can hold both it and its predecessor.
+          EXPECT_EQ(stats[0].fetch.hits, 0);
+          EXPECT_EQ(stats[0].fetch.misses, stats[0].unique_experts);
+          if (slots >= n) {
+            EXPECT_EQ(stats[1].fetch.misses, 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(TieredSource, AllHitBatchReadsNothingAndReportsNoStall) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok());
+  auto layer = PeerLayer::open(*store, "blk.0.peer", tiered(1000, 4096));
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  const auto xs = batches(9);
+  std::vector<PeerBatchStats> stats;
+  run(*layer, {xs[0], xs[0]}, &stats);
+  EXPECT_GT(stats[0].fetch.misses, 0);
+  EXPECT_GT(stats[0].fetch.bytes_read, 0u);
+  EXPECT_EQ(stats[1].fetch.misses, 0);
+  EXPECT_EQ(stats[1].fetch.hits, stats[1].unique_experts);
+  EXPECT_EQ(stats[1].fetch.bytes_read, 0u);
+  auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+  ASSERT_NE(source, nullptr);
+  const CacheMetrics m = source->host().metrics();
+  EXPECT_EQ(m.hits, stats[1].unique_experts);
+  EXPECT_EQ(m.misses, stats[0].unique_experts);
+  EXPECT_EQ(m.leased_slots, 0);  // every batch released its experts
+}
+
+TEST(TieredSource, BudgetBelowOneBatchIsAClearErrorBeforeAnyWork) {
+  ScratchDir dir;
+  const std::string path = make_store(dir, DType::kI4);
+  auto store = StoreReader::open(path);
+  ASSERT_TRUE(store.ok());
+  const std::vector<uint8_t> before = testing::read_all(path);
+  auto probe = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(probe.ok());
+  const size_t stride = probe->record_layout().stride;
+  auto layer = PeerLayer::open(*store, "blk.0.peer", tiered(kWorkingSet - 1, stride));
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+  ASSERT_NE(source, nullptr);
+  const Status s = source->check_batch(kWorkingSet, "16 tokens x 12 selections");
+  EXPECT_EQ(s.code(), Status::Code::kResourceExhausted);
+  EXPECT_NE(s.message().find("raise --host"), std::string::npos) << s.to_string();
+  EXPECT_NE(s.message().find("16 tokens x 12 selections"), std::string::npos) << s.to_string();
+  EXPECT_TRUE(source->check_batch(kWorkingSet - 1, "a smaller batch").ok());
+
+  // A budget below one record cannot make a tier at all.
+  auto none = PeerLayer::open(*store, "blk.0.peer", tiered(0, stride));
+  EXPECT_FALSE(none.ok());
+
+  // A batch that selects more distinct experts than the tier holds fails as a whole, leaves
+  // the tier usable, and the next batch that fits is still exact.
+  const auto xs = batches(11);
+  std::vector<float> y(static_cast<size_t>(kTokens * layer->config().dim_out));
+  std::vector<float> big(xs[0]);
+  big.insert(big.end(), xs[2].begin(), xs[2].end());
+  std::vector<float> ybig(2 * y.size());
+  const Status too_big = layer->forward(big, 2 * kTokens, ybig);
+  EXPECT_EQ(too_big.code(), Status::Code::kResourceExhausted) << too_big.to_string();
+  std::vector<float> y_small(static_cast<size_t>(layer->config().dim_out));
+  std::vector<float> y_want(y_small.size());
+  const std::vector<float> one(xs[0].begin(), xs[0].begin() + layer->config().dim);
+  ASSERT_TRUE(layer->forward(one, 1, y_small).ok());
+  ASSERT_TRUE(probe->forward(one, 1, y_want).ok());
+  EXPECT_TRUE(same_bits(y_small, y_want));
+  EXPECT_EQ(testing::read_all(path), before);
+}
+
+// Runs the batches over a faulty disk and checks each against the resident layer: a batch
+// either matches it to the bit or fails with an error (never a wrong output).
+struct FaultRun {
+  int ok = 0, failed = 0;
+  std::vector<Status> errors;
+};
+
+FaultRun run_with_faults(const StoreReader& store, const std::shared_ptr<FileOps>& ops,
+                         Engine engine, int64_t slots) {
+  FaultRun out;
+  auto resident = PeerLayer::open(store, "blk.0.peer");
+  EXPECT_TRUE(resident.ok());
+  auto layer = PeerLayer::open(
+      store, "blk.0.peer",
+      tiered(slots, resident->record_layout().stride, engine, EvictionPolicy::kLru, ops));
+  if (engine == Engine::kIoUring && io_uring_refused(layer)) return out;
+  EXPECT_TRUE(layer.ok()) << layer.status().to_string();
+  for (const auto& x : batches(13)) {
+    std::vector<float> want(static_cast<size_t>(kTokens * resident->config().dim_out));
+    std::vector<float> got(want.size(), 12345.0f);
+    EXPECT_TRUE(resident->forward(x, kTokens, want).ok());
+    const Status s = layer->forward(x, kTokens, got);
+    if (s.ok()) {
+      ++out.ok;
+      EXPECT_TRUE(same_bits(got, want));
+    } else {
+      ++out.failed;
+      out.errors.push_back(s);
+    }
+  }
+  return out;
+}
+
+class TieredFaults : public ::testing::TestWithParam<Engine> {};
+
+TEST_P(TieredFaults, EioNamesTheFileExpertAndOffsetAndLaterBatchesStayExact) {
+  ScratchDir dir;
+  const std::string path = make_store(dir, DType::kI4);
+  auto store = StoreReader::open(path);
+  ASSERT_TRUE(store.ok());
+  const std::vector<uint8_t> before = testing::read_all(path);
+  auto faults = std::make_shared<FaultyFileOps>();
+  faults->fail_nth_read(5);
+  const FaultRun r = run_with_faults(*store, faults, GetParam(), kWorkingSet);
+  if (r.ok + r.failed == 0) GTEST_SKIP() << "io_uring refused by this kernel";
+  ASSERT_EQ(r.failed, 1);
+  EXPECT_EQ(r.ok, kBatches - 1);
+  const Status& e = r.errors[0];
+  EXPECT_EQ(e.code(), Status::Code::kIOError) << e.to_string();
+  EXPECT_NE(e.message().find(path), std::string::npos) << e.to_string();
+  EXPECT_NE(e.message().find("expert"), std::string::npos) << e.to_string();
+  EXPECT_NE(e.message().find("offset"), std::string::npos) << e.to_string();
+  EXPECT_EQ(testing::read_all(path), before);
+}
+
+TEST_P(TieredFaults, FlippedByteOnDiskIsCorruptionAndNeverReachesAnOutput) {
+  ScratchDir dir;
+  const std::string path = make_store(dir, DType::kI4);
+  auto store = StoreReader::open(path);
+  ASSERT_TRUE(store.ok());
+  const std::vector<uint8_t> before = testing::read_all(path);
+  const StoreLayerInfo* info = store->find_layer("blk.0.peer");
+  ASSERT_NE(info, nullptr);
+  auto faults = std::make_shared<FaultyFileOps>();
+  // A byte in the middle of every record: whichever the batches need, the first read fails.
+  for (uint64_t e = 0; e < info->table.count; ++e) {
+    faults->flip_byte(info->table.offset + e * info->table.stride + 17);
+  }
+  const FaultRun r = run_with_faults(*store, faults, GetParam(), 2 * kWorkingSet);
+  if (r.ok + r.failed == 0) GTEST_SKIP() << "io_uring refused by this kernel";
+  EXPECT_EQ(r.ok, 0);
+  ASSERT_EQ(r.failed, kBatches);
+  for (const Status& e : r.errors) {
+    EXPECT_EQ(e.code(), Status::Code::kCorruption) << e.to_string();
+    EXPECT_NE(e.message().find("checksum"), std::string::npos) << e.to_string();
+  }
+  EXPECT_EQ(testing::read_all(path), before);
+}
+
+TEST_P(TieredFaults, ShortReadsEagainAndASlowDiskGiveExactOutputs) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok());
+  auto faults = std::make_shared<FaultyFileOps>();
+  faults->short_read_every(3);
+  faults->eagain_every(4);
+  faults->delay_each_read(std::chrono::microseconds(200));
+  const FaultRun r = run_with_faults(*store, faults, GetParam(), kWorkingSet + 20);
+  if (r.ok + r.failed == 0) GTEST_SKIP() << "io_uring refused by this kernel";
+  EXPECT_EQ(r.failed, 0) << (r.errors.empty() ? "" : r.errors[0].to_string());
+  EXPECT_EQ(r.ok, kBatches);
+  EXPECT_GT(faults->faults_injected(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Engines, TieredFaults, ::testing::Values(Engine::kPread, Engine::kIoUring),
+                         [](const ::testing::TestParamInfo<Engine>& p) {
+                           return std::string(p.param == Engine::kPread ? "Pread" : "IoUring");
+                         });
+
+}  // namespace
+}  // namespace trove
