@@ -90,6 +90,14 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
   const int64_t T = x->numel() / c.dim;
   rows.shape = {T, c.dim};
   report.tokens = T;
+  // A host budget that cannot hold one batch's experts fails here, before any work.
+  if (auto* tiered = dynamic_cast<TieredExpertSource*>(&layer.experts()); tiered != nullptr) {
+    const int64_t batch = std::min(opt.batch, T);
+    TROVE_RETURN_IF_ERROR(tiered->check_batch(
+        batch * c.heads * c.topk,
+        str_printf("%lld tokens x %lld selections", static_cast<long long>(batch),
+                   static_cast<long long>(c.heads * c.topk))));
+  }
 
   const DType out_type = st_float_dtype(out_dtype);
   const size_t out_elem = st_dtype_size(out_dtype);
@@ -131,6 +139,11 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     report.expert_seconds += bs.expert_seconds;
     report.record_bytes_used += bs.record_bytes_used;
     report.record_bytes_unique += bs.record_bytes_unique;
+    report.hits += bs.fetch.hits;
+    report.misses += bs.fetch.misses;
+    report.bytes_read += bs.fetch.bytes_read;
+    report.disk_seconds += bs.fetch.disk_seconds;
+    report.stall_seconds += bs.fetch.stall_seconds;
     if (opt.progress) opt.progress(first + n, T);
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

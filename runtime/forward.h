@@ -52,6 +52,13 @@ struct ForwardReport {
   double expert_seconds = 0;
   uint64_t record_bytes_used = 0;  // summed over batches (see PeerBatchStats)
   uint64_t record_bytes_unique = 0;
+  // With a host budget (layer_options.tiers): the host tier's unique hits and misses, bytes
+  // read from the store file, the disk's busy time and the time the layer waited for it.
+  int64_t hits = 0;
+  int64_t misses = 0;
+  uint64_t bytes_read = 0;
+  double disk_seconds = 0;
+  double stall_seconds = 0;
   RoutingStats stats{0};
 };
 

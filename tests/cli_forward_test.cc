@@ -26,6 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include "storage/safetensors.h"
+#include "storage/store.h"
 #include "tests/test_util.h"
 
 namespace trove {
@@ -722,6 +723,39 @@ TEST_F(CliForwardStore, SeveralTensorsAndNoneNamedXNeedInputTensor) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_TRUE(
       near_reference(read_tensor(y_path(), "y").values, reference_forward(layer_, b, kTokens).y));
+}
+
+TEST_F(CliForwardStore, HostBudgetGivesTheResidentOutputBitForBitOrAClearErrorFirst) {
+  const int64_t D = layer_.dim;
+  std::mt19937 rng(111);
+  const std::vector<float> x = normal(rng, static_cast<size_t>(kTokens * D), 1.0);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(write_f32(xin, "x", {kTokens, D}, x));
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  const uint64_t stride = store->find_layer(kPrefix)->table.stride;
+  // A batch of 4 tokens selects at most 4 * h * k = 32 distinct experts (of 36).
+  const int64_t per_batch = 4 * layer_.heads * layer_.topk;
+  ASSERT_EQ(forward(xin, {"--batch", "4"}).exit_code, 0);
+  const std::string resident = slurp(y_path());
+  for (const char* io : {"pread", "auto"}) {
+    for (int64_t slots : {per_batch, per_batch + 3, layer_.num_experts()}) {
+      SCOPED_TRACE(std::string(io) + " " + std::to_string(slots) + " slots");
+      std::remove(y_path().c_str());
+      RunResult r = forward(xin, {"--batch", "4", "--io", io, "--host",
+                                  std::to_string(static_cast<uint64_t>(slots) * stride)});
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      EXPECT_EQ(slurp(y_path()), resident) << "tiered output differs from the resident one";
+    }
+  }
+  // One slot short of a batch's working set: refused before anything runs or is written.
+  std::remove(y_path().c_str());
+  expect_rejected(xin, {"host budget", "raise --host to at least", "or lower --batch"},
+                  {"--batch", "4", "--host", std::to_string((per_batch - 1) * stride)});
+  // Not a size at all.
+  RunResult bad = forward(xin, {"--host", "lots"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--host"), std::string::npos) << bad.err;
 }
 
 TEST(CliForward, TwoLayerStoreNeedsLayerAndRunsTheOneNamed) {

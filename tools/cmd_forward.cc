@@ -4,6 +4,7 @@
 #include "base/bytes.h"
 #include "base/progress.h"
 #include "base/strings.h"
+#include "runtime/cache_policy.h"
 #include "runtime/forward.h"
 #include "tools/commands.h"
 
@@ -32,6 +33,19 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
       {"stage_seconds",
        {{"route", r.route_seconds}, {"acquire", r.acquire_seconds}, {"experts", r.expert_seconds}}},
       {"record_bytes_used", r.record_bytes_used},
+      {"tiers",
+       opt.layer_options.tiers.has_value()
+           ? nlohmann::json{{"host_budget_bytes", opt.layer_options.tiers->host_budget_bytes},
+                            {"policy", eviction_policy_name(opt.layer_options.tiers->policy)},
+                            {"hits", r.hits},
+                            {"misses", r.misses},
+                            {"hit_rate", r.hits + r.misses > 0
+                                             ? static_cast<double>(r.hits) / (r.hits + r.misses)
+                                             : 0.0},
+                            {"bytes_read", r.bytes_read},
+                            {"disk_seconds", r.disk_seconds},
+                            {"stall_seconds", r.stall_seconds}}
+           : nlohmann::json(nullptr)},
       {"record_bytes_unique", r.record_bytes_unique},
       {"record_gb_per_second",
        r.expert_seconds > 0 ? r.record_bytes_used / r.expert_seconds / 1e9 : 0.0},
@@ -64,6 +78,16 @@ void print_forward_report(const nlohmann::json& j, bool stats) {
   std::printf("  stages: route %.3f s, acquire %.3f s, experts %.3f s (%s of records read)\n",
               st["route"].get<double>(), st["acquire"].get<double>(), st["experts"].get<double>(),
               format_rate(j["record_gb_per_second"].get<double>() * 1e9).c_str());
+  if (const auto& t = j["tiers"]; !t.is_null()) {
+    std::printf(
+        "  host tier %s (%s): hit rate %.1f%% of unique experts (%lld hits, %lld misses), %s "
+        "read from disk in %.3f s busy, layer stalled %.3f s\n",
+        format_bytes(t["host_budget_bytes"].get<uint64_t>()).c_str(),
+        t["policy"].get<std::string>().c_str(), 100 * t["hit_rate"].get<double>(),
+        t["hits"].get<long long>(), t["misses"].get<long long>(),
+        format_bytes(t["bytes_read"].get<uint64_t>()).c_str(), t["disk_seconds"].get<double>(),
+        t["stall_seconds"].get<double>());
+  }
   if (stats && j.contains("stats")) {
     const auto& s = j["stats"];
     std::printf(
@@ -96,6 +120,8 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       "\\\n           -o y.safetensors --dump-routing r.safetensors --stats");
   struct Args {
     std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
+    std::string host, policy = "frequency", io = "auto";
+    int queue_depth = 64;
     int64_t batch = 4096;
     int threads = 0;
     bool stats = false, no_verify = false;
@@ -131,6 +157,22 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       ->capture_default_str();
   cmd->add_flag("--no-verify", args->no_verify,
                 "Skip the checksum of each record on its first use (not recommended)");
+  cmd->add_option("--host", args->host,
+                  "Host memory budget for expert records (e.g. 2GiB): records are read from the\n"
+                  "store file on demand into a cache of this size. Default: map the whole table")
+      ->check(valid_bytes);
+  cmd->add_option("--policy", args->policy,
+                  "Host-tier eviction policy with --host: lru, clock or frequency")
+      ->check(CLI::IsMember({"lru", "clock", "frequency"}))
+      ->capture_default_str();
+  cmd->add_option("--io", args->io,
+                  "Disk reads with --host: auto (io_uring where the kernel allows, else pread\n"
+                  "threads), io_uring or pread")
+      ->check(CLI::IsMember({"auto", "io_uring", "pread"}))
+      ->capture_default_str();
+  cmd->add_option("--queue-depth", args->queue_depth, "Disk reads in flight with --host")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
   cmd->callback([args, &global] {
     ForwardOptions opt;
     opt.store = args->store;
@@ -143,6 +185,17 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.layer_options.threads = args->threads;
     opt.layer_options.backend = parse_peer_backend(args->backend).value();
     opt.layer_options.verify_checksums = !args->no_verify;
+    if (!args->host.empty()) {
+      TieredSourceOptions t;
+      t.host_budget_bytes = parse_bytes(args->host).value();
+      t.policy = parse_eviction_policy(args->policy).value();
+      t.io.engine = args->io == "pread"      ? RecordReaderOptions::Engine::kPread
+                    : args->io == "io_uring" ? RecordReaderOptions::Engine::kIoUring
+                                             : RecordReaderOptions::Engine::kAuto;
+      t.io.queue_depth = args->queue_depth;
+      t.io.pread_threads = std::min(args->queue_depth, 64);
+      opt.layer_options.tiers = t;
+    }
     if (!args->dtype.empty()) {
       std::string d = args->dtype;
       for (char& ch : d) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));

@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "base/bytes.h"
 #include "base/status.h"
 #include "runtime/pack.h"
 
@@ -31,6 +32,14 @@ void add_inspect(CLI::App& app, GlobalOptions& global);
 void add_verify(CLI::App& app, GlobalOptions& global);
 void add_demo(CLI::App& app, GlobalOptions& global);
 void add_forward(CLI::App& app, GlobalOptions& global);
+
+// A CLI11 check for byte sizes ("2GiB", "512 MiB", "4096"; base/bytes.h).
+inline const CLI::Validator valid_bytes(
+    [](std::string& text) {
+      Result<uint64_t> b = parse_bytes(text);
+      return b.ok() ? std::string() : b.status().message();
+    },
+    "SIZE");
 
 // The --json form of a pack report (shared by pack and demo).
 nlohmann::json pack_report_json(const PackOptions& options, const PackReport& report);
