@@ -1,0 +1,97 @@
+// Calibration: what this machine's memory and disk can do, measured the way the tiers use
+// them, for `trove bench` to print next to trove's own figures (a benchmark reports its
+// figure beside its physical limit).
+//
+//   host read bandwidth  the ceiling for work streaming over resident records (T1)
+//   disk IOPS (ours)     RecordReader, the disk tier's reader, on random record-sized reads
+//   disk IOPS (fio)      the same block size, queue depth and region read by fio, the raw
+//                        disk's figure without trove in the way
+//
+// Comparing ours with fio: give both the same block size, queue depth and region. Our reader
+// reads each record as its 4096-aligned enclosing extent under O_DIRECT, so a record of B
+// bytes at any stride costs the device one request of at least B bytes; fio needs aligned
+// blocks under --direct=1, so run_fio_randread rounds B up to 4096 there (FioResult::
+// block_bytes says what it ran). With stride = B = a multiple of 4096 the two issue identical
+// requests; otherwise ours may read more (RecordReaderStats::read_amplification, reported in
+// DiskCalibration).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "base/status.h"
+#include "storage/record_io.h"
+
+namespace trove {
+
+// Bytes per second of a streaming read (a sum of 64-bit words, vectorized) over `bytes` of
+// host memory by `threads` threads (0: every core), each summing a contiguous slice. The
+// buffer is allocated and written once before timing (pages are faulted in on the threads
+// that read them); then whole passes are timed until at least `min_seconds` have passed (and
+// at least two passes ran), and the best pass counts. Use a buffer several times the last
+// level cache, or this measures the cache. Errors: invalid_argument for bytes < 4096,
+// threads < 0 or a negative/non-finite min_seconds; resource_exhausted when the buffer
+// cannot be allocated.
+Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double min_seconds);
+
+struct DiskCalibration {
+  double iops = 0;                // records delivered per second of wall time
+  double mb_per_s = 0;            // record bytes delivered per second, in 10^6 bytes
+  double latency_p50_us = 0;      // per request, issue to completion (from the reader's
+  double latency_p99_us = 0;      //   log-bucketed histogram: approximate)
+  std::string engine;             // "io_uring" or "pread" (what kAuto chose)
+  bool direct_io = false;         // O_DIRECT; false where the filesystem refused it (tmpfs): then
+                                  // the page cache answered and the figures are not the disk's
+  uint64_t reads = 0;             // records read
+  double seconds = 0;             // wall time measured
+  int queue_depth = 0;            // asked for (io_uring SQ depth, or pread threads)
+  uint32_t max_in_flight = 0;     // reached (the io_uring engine caps it by its bounce memory)
+  double mean_in_flight = 0;      // while busy (Little's law)
+  double read_amplification = 0;  // bytes the device returned per record byte (>= 1)
+};
+
+// Random-read IOPS of trove's RecordReader (verify off, direct_io on) on `path`: records of
+// `block_bytes` at offsets region_offset + k * stride, k uniform over the records that fit in
+// [region_offset, region_offset + region_bytes) (as expert ids index a table), with
+// `queue_depth` reads in flight (the io_uring queue depth, or that many pread threads), for
+// about `seconds`. Reads go in batches of many records, and the next batch is drawn while
+// one is in flight, so the device sees a steady queue but for the drain at each batch's end.
+// Seeded: the same arguments read the same offsets. Errors: not_found naming a missing path;
+// invalid_argument for a region outside the file or too small for one block, block_bytes 0
+// or over 1 GiB, stride 0, queue_depth < 1, seconds <= 0 or over a day; not_supported for
+// kIoUring where the kernel refuses io_uring; the reader's I/O errors.
+Result<DiskCalibration> measure_disk_iops(const std::string& path, uint64_t region_offset,
+                                          uint64_t region_bytes, uint32_t block_bytes,
+                                          uint64_t stride, int queue_depth,
+                                          RecordReaderOptions::Engine engine, double seconds);
+
+struct FioResult {
+  double iops = 0;
+  double bw_mb_per_s = 0;    // 10^6 bytes per second
+  double clat_p50_us = 0;    // completion latency percentiles as fio reports them: from
+  double clat_p99_us = 0;    //   submission to completion, so a little below our issue-to-
+                             //   completion latencies for the same device time
+  uint64_t ios = 0;          // reads fio completed
+  double seconds = 0;        // fio's runtime
+  std::string engine;        // "io_uring", "libaio" or "psync" (psync: one read at a time
+                             // whatever queue_depth says)
+  uint32_t block_bytes = 0;  // what fio read (rounded up to 4096 when direct)
+  uint64_t offset = 0;       // the region fio read (aligned to 4096 inward when direct)
+  uint64_t size = 0;
+  std::string command_line;  // the exact command, shell-quoted, for reports
+};
+
+// Runs `fio` (found on PATH) for a random-read job on the region: --readonly --rw=randread
+// --bs --iodepth --direct --offset --size --time_based --runtime --numjobs=1
+// --output-format=json, with ioengine io_uring, falling back to libaio and then psync when fio
+// fails with one (not built in, refused by the kernel). fio runs without a shell
+// (posix_spawn), in its own process group, which is killed if it overruns `seconds` by more
+// than a minute. Errors: not_found "fio not found on PATH: ..." when there is none, not_found
+// naming a missing path, invalid_argument as for measure_disk_iops (and for a region with no
+// aligned block when direct), io_error naming the command and the tail of fio's stderr when
+// every engine failed or its output is not the JSON expected.
+Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offset,
+                                   uint64_t region_bytes, uint32_t block_bytes, int queue_depth,
+                                   bool direct, double seconds);
+
+}  // namespace trove

@@ -1,0 +1,264 @@
+// Calibration (runtime/calibrate.h): host bandwidth is a sane positive number; our reader's
+// random-read IOPS on a scratch file with both engines, counted reads and sane latencies;
+// fio's figures parsed from its JSON when fio is installed (skipped with a message
+// otherwise); and bad arguments, a missing file and a missing fio are errors that say so.
+// Each measurement runs for a fraction of a second.
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "runtime/calibrate.h"
+#include "tests/test_util.h"
+
+namespace trove {
+namespace {
+
+using ::testing::HasSubstr;
+using Engine = RecordReaderOptions::Engine;
+
+constexpr uint64_t kFileBytes = uint64_t{8} << 20;
+
+// A scratch file of random bytes (not sparse: reads reach the disk or the page cache).
+class CalibrateTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::mt19937 rng(7);
+    std::vector<uint8_t> bytes(kFileBytes);
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(rng());
+    testing::write_all(path_, bytes);
+  }
+  testing::ScratchDir dir_;
+  const std::string path_ = dir_.file("region.bin");
+};
+
+bool fio_installed() {
+  return std::system("command -v fio >/dev/null 2>&1") == 0;
+}
+
+TEST(HostBandwidth, IsPositiveAndFinite) {
+  Result<double> bw = measure_host_read_bandwidth(uint64_t{32} << 20, 0, 0.05);
+  ASSERT_TRUE(bw.ok()) << bw.status().to_string();
+  EXPECT_TRUE(std::isfinite(*bw));
+  EXPECT_GT(*bw, 1e8) << "any machine streams more than 100 MB/s from memory";
+  EXPECT_LT(*bw, 1e13);
+
+  Result<double> one = measure_host_read_bandwidth(uint64_t{4} << 20, 1, 0);
+  ASSERT_TRUE(one.ok()) << one.status().to_string();
+  EXPECT_GT(*one, 0);
+}
+
+TEST(HostBandwidth, RejectsBadArguments) {
+  EXPECT_TRUE(measure_host_read_bandwidth(100, 0, 0.01).status().is_invalid_argument());
+  EXPECT_TRUE(measure_host_read_bandwidth(1 << 20, -1, 0.01).status().is_invalid_argument());
+  EXPECT_TRUE(measure_host_read_bandwidth(1 << 20, 1, NAN).status().is_invalid_argument());
+}
+
+TEST_F(CalibrateTest, OurReaderCountsRandomReadsWithEitherEngine) {
+  for (Engine engine : {Engine::kAuto, Engine::kPread}) {
+    // Records of 2304 bytes (an int4 PEER record) at a 2304 stride, like a table's layout.
+    Result<DiskCalibration> c =
+        measure_disk_iops(path_, 4096, kFileBytes - 8192, 2304, 2304, 4, engine, 0.1);
+    ASSERT_TRUE(c.ok()) << c.status().to_string();
+    EXPECT_GT(c->reads, 0u);
+    EXPECT_GT(c->iops, 0);
+    EXPECT_NEAR(c->iops, static_cast<double>(c->reads) / c->seconds, 1e-6 * c->iops);
+    EXPECT_NEAR(c->mb_per_s, c->iops * 2304 / 1e6, 1e-6 * c->mb_per_s);
+    EXPECT_GE(c->seconds, 0.1);
+    EXPECT_GT(c->latency_p50_us, 0);
+    EXPECT_GE(c->latency_p99_us, c->latency_p50_us);
+    EXPECT_EQ(c->queue_depth, 4);
+    EXPECT_GE(c->max_in_flight, 1u);
+    EXPECT_LE(c->max_in_flight, 4u);
+    EXPECT_GE(c->read_amplification, 1.0);
+    if (engine == Engine::kPread) {
+      EXPECT_EQ(c->engine, "pread");
+    }
+    EXPECT_TRUE(c->engine == "pread" || c->engine == "io_uring") << c->engine;
+  }
+}
+
+TEST_F(CalibrateTest, IoUringAtQueueDepth16ReachesTheDepth) {
+  Result<DiskCalibration> c =
+      measure_disk_iops(path_, 0, kFileBytes, 4096, 4096, 16, Engine::kIoUring, 0.1);
+  if (!c.ok() && c.status().code() == Status::Code::kNotSupported) {
+    GTEST_SKIP() << "io_uring refused here: " << c.status().to_string();
+  }
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->engine, "io_uring");
+  EXPECT_GT(c->iops, 0);
+  EXPECT_GT(c->max_in_flight, 1u);
+  EXPECT_LE(c->max_in_flight, 16u);
+  if (c->direct_io) {
+    EXPECT_DOUBLE_EQ(c->read_amplification, 1.0) << "aligned 4096-byte records";
+  }
+}
+
+TEST_F(CalibrateTest, BadRegionsAndArgumentsAreInvalid) {
+  auto status = [&](uint64_t off, uint64_t len, uint32_t block, uint64_t stride, int qd, double s) {
+    return measure_disk_iops(path_, off, len, block, stride, qd, Engine::kPread, s).status();
+  };
+  Status s = status(kFileBytes - 4096, 8192, 4096, 4096, 1, 0.01);
+  EXPECT_TRUE(s.is_invalid_argument()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr("past the end of the file"));
+  EXPECT_THAT(s.message(), HasSubstr(path_));
+  EXPECT_THAT(status(0, 1000, 4096, 4096, 1, 0.01).message(), HasSubstr("smaller than one"));
+  EXPECT_TRUE(status(0, kFileBytes, 0, 4096, 1, 0.01).is_invalid_argument());
+  EXPECT_TRUE(status(0, kFileBytes, 4096, 0, 1, 0.01).is_invalid_argument());
+  EXPECT_TRUE(status(0, kFileBytes, 4096, 4096, 0, 0.01).is_invalid_argument());
+  EXPECT_TRUE(status(0, kFileBytes, 4096, 4096, 1, 0).is_invalid_argument());
+  EXPECT_TRUE(
+      run_fio_randread(path_, 0, kFileBytes, 4096, 0, true, 0.1).status().is_invalid_argument());
+  // Under O_DIRECT fio needs a whole aligned block inside the region.
+  s = run_fio_randread(path_, 100, 5000, 2304, 1, true, 0.1).status();
+  EXPECT_TRUE(s.is_invalid_argument()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr("no aligned 4096-byte block"));
+}
+
+TEST(Calibrate, AMissingFileIsNotFoundNamingThePath) {
+  const std::string missing = "/nonexistent-trove-dir/store.trove";
+  Status s = measure_disk_iops(missing, 0, 4096, 4096, 4096, 1, Engine::kAuto, 0.01).status();
+  EXPECT_TRUE(s.is_not_found()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr(missing));
+  s = run_fio_randread(missing, 0, 4096, 4096, 1, true, 0.01).status();
+  EXPECT_TRUE(s.is_not_found()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr(missing));
+}
+
+TEST_F(CalibrateTest, FioRandomReadsAreParsed) {
+  if (!fio_installed()) GTEST_SKIP() << "fio is not installed (apt install fio)";
+  // 2304-byte records: fio reads whole 4096-byte blocks under O_DIRECT.
+  Result<FioResult> f = run_fio_randread(path_, 100, kFileBytes - 100, 2304, 8, true, 0.2);
+  ASSERT_TRUE(f.ok()) << f.status().to_string();
+  EXPECT_GT(f->iops, 0);
+  EXPECT_GT(f->ios, 0u);
+  EXPECT_GT(f->seconds, 0);
+  EXPECT_NEAR(f->iops * f->seconds, static_cast<double>(f->ios), 0.05 * f->ios + 2);
+  EXPECT_NEAR(f->bw_mb_per_s, f->iops * 4096 / 1e6, 0.05 * f->bw_mb_per_s + 0.01);
+  EXPECT_GT(f->clat_p50_us, 0);
+  EXPECT_GE(f->clat_p99_us, f->clat_p50_us);
+  EXPECT_TRUE(f->engine == "io_uring" || f->engine == "libaio" || f->engine == "psync");
+  EXPECT_EQ(f->block_bytes, 4096u);
+  EXPECT_EQ(f->offset, 4096u);
+  EXPECT_EQ(f->size % 4096, 0u);
+  EXPECT_LE(f->offset + f->size, kFileBytes);
+  EXPECT_THAT(f->command_line, HasSubstr("--filename=" + path_));
+  EXPECT_THAT(f->command_line, HasSubstr("--rw=randread --bs=4096 --iodepth=8"));
+  EXPECT_THAT(f->command_line, HasSubstr("--ioengine=" + f->engine));
+  EXPECT_THAT(f->command_line, HasSubstr("--direct=1 --offset=4096"));
+  EXPECT_THAT(f->command_line, HasSubstr("--readonly"));
+}
+
+TEST_F(CalibrateTest, FioBufferedKeepsTheBlockSizeAndReadsAPathWithAColon) {
+  if (!fio_installed()) GTEST_SKIP() << "fio is not installed (apt install fio)";
+  const std::string colon = dir_.file("a:b.bin");  // fio splits --filename at unescaped ':'
+  ASSERT_EQ(rename(path_.c_str(), colon.c_str()), 0);
+  Result<FioResult> f = run_fio_randread(colon, 0, kFileBytes, 2304, 1, false, 0.1);
+  ASSERT_TRUE(f.ok()) << f.status().to_string();
+  EXPECT_GT(f->ios, 0u);
+  EXPECT_GT(f->iops, 0);
+  EXPECT_EQ(f->block_bytes, 2304u);
+  EXPECT_THAT(f->command_line, HasSubstr("--bs=2304"));
+  EXPECT_THAT(f->command_line, HasSubstr("--direct=0"));
+}
+
+// Puts only `dir` on PATH for its lifetime.
+class ScopedPath {
+ public:
+  explicit ScopedPath(const std::string& dir) {
+    const char* old = std::getenv("PATH");
+    had_ = old != nullptr;
+    if (had_) saved_ = old;
+    setenv("PATH", dir.c_str(), 1);
+  }
+  ~ScopedPath() {
+    if (had_) {
+      setenv("PATH", saved_.c_str(), 1);
+    } else {
+      unsetenv("PATH");
+    }
+  }
+  ScopedPath(const ScopedPath&) = delete;
+  ScopedPath& operator=(const ScopedPath&) = delete;
+
+ private:
+  bool had_ = false;
+  std::string saved_;
+};
+
+// A stand-in `fio` (a shell script) in a scratch folder: `body` runs with the arguments.
+void write_fake_fio(const testing::ScratchDir& dir, const std::string& body) {
+  const std::string path = dir.file("fio");
+  const std::string script = "#!/bin/sh\n" + body;
+  testing::write_all(path, std::vector<uint8_t>(script.begin(), script.end()));
+  ASSERT_EQ(chmod(path.c_str(), 0755), 0);
+}
+
+constexpr const char* kFakeReport =
+    R"({"fio version": "fake", "jobs": [{"jobname": "trove", "error": 0, "read": {)"
+    R"("iops": 1234.5, "bw_bytes": 5056512, "total_ios": 617, "runtime": 500, "clat_ns": {)"
+    R"("percentile": {"50.000000": 80000, "99.000000": 250000}}}}]})";
+
+TEST_F(CalibrateTest, NoFioOnPathIsNotFoundSayingHowToInstallIt) {
+  testing::ScratchDir empty;
+  ScopedPath only(empty.path());
+  const Status s = run_fio_randread(path_, 0, kFileBytes, 4096, 1, true, 0.1).status();
+  EXPECT_TRUE(s.is_not_found()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr("fio not found on PATH"));
+  EXPECT_THAT(s.message(), HasSubstr("apt install fio"));
+}
+
+TEST_F(CalibrateTest, FioFallsBackToTheNextEngineWhenOneIsRejected) {
+  testing::ScratchDir bin;
+  ASSERT_NO_FATAL_FAILURE(write_fake_fio(bin, std::string(R"(
+case "$*" in
+  *--ioengine=io_uring*) echo "fio: engine io_uring not loadable" >&2; exit 1 ;;
+esac
+echo "note: a line before the report"
+echo ')") + kFakeReport + "'\n"));
+  ScopedPath only(bin.path());
+  Result<FioResult> f = run_fio_randread(path_, 0, kFileBytes, 4096, 32, true, 0.5);
+  ASSERT_TRUE(f.ok()) << f.status().to_string();
+  EXPECT_EQ(f->engine, "libaio");
+  EXPECT_DOUBLE_EQ(f->iops, 1234.5);
+  EXPECT_DOUBLE_EQ(f->bw_mb_per_s, 5.056512);
+  EXPECT_EQ(f->ios, 617u);
+  EXPECT_DOUBLE_EQ(f->seconds, 0.5);
+  EXPECT_DOUBLE_EQ(f->clat_p50_us, 80);
+  EXPECT_DOUBLE_EQ(f->clat_p99_us, 250);
+  EXPECT_EQ(f->command_line,
+            bin.file("fio") + " --name=trove --filename=" + path_ +
+                " --readonly --rw=randread --bs=4096 --iodepth=32 --ioengine=libaio --direct=1"
+                " --offset=0 --size=8388608 --time_based --runtime=500ms"
+                " --output-format=json --numjobs=1");
+}
+
+TEST_F(CalibrateTest, FioFailingWithEveryEngineIsAnIoErrorQuotingItsStderr) {
+  testing::ScratchDir bin;
+  ASSERT_NO_FATAL_FAILURE(write_fake_fio(bin, "echo \"fio: failed with $7\" >&2; exit 1\n"));
+  ScopedPath only(bin.path());
+  const Status s = run_fio_randread(path_, 0, kFileBytes, 4096, 1, true, 0.1).status();
+  EXPECT_TRUE(s.is_io_error()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr("--ioengine=io_uring --direct=1"));
+  EXPECT_THAT(s.message(), HasSubstr("--ioengine=psync"));
+  EXPECT_THAT(s.message(), HasSubstr("exited with 1: fio: failed with --ioengine=psync"));
+}
+
+TEST_F(CalibrateTest, FioOutputThatIsNotItsReportIsAnIoError) {
+  testing::ScratchDir bin;
+  ASSERT_NO_FATAL_FAILURE(write_fake_fio(bin, "echo '{\"jobs\": [{\"error\": 0}]}'\n"));
+  ScopedPath only(bin.path());
+  const Status s = run_fio_randread(path_, 0, kFileBytes, 4096, 1, true, 0.1).status();
+  EXPECT_TRUE(s.is_io_error()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr("fio's JSON has no jobs[0].read"));
+  EXPECT_THAT(s.message(), HasSubstr("--ioengine=io_uring"));
+}
+
+}  // namespace
+}  // namespace trove
