@@ -43,24 +43,6 @@ nlohmann::json quant_error_json(const QuantError& e) {
       {"rmse", e.rmse()}, {"max_abs", e.max_abs}, {"rel_fro", e.rel_fro()}, {"elements", e.count}};
 }
 
-nlohmann::json record_layout_json(const RecordLayout& r) {
-  nlohmann::json j = {{"dtype", dtype_name(r.dtype)},
-                      {"dim", r.dim},
-                      {"dim_out", r.dim_out},
-                      {"width", r.width},
-                      {"record_bytes", r.record_bytes},
-                      {"stride", r.stride},
-                      {"down_codes_offset", r.down_codes_offset},
-                      {"up_codes_offset", r.up_codes_offset}};
-  if (dtype_is_quantized(r.dtype)) {
-    j["group"] = kQuantGroup;
-    j["scale_dtype"] = "f16";
-    j["down_scales_offset"] = r.down_scales_offset;
-    j["up_scales_offset"] = r.up_scales_offset;
-    if (r.dtype == DType::kI4) j["nibble_order"] = "ggml_q4_0";
-  }
-  return j;
-}
 
 // Checks every row of a chunk before it is quantized, so a NaN or an out-of-range value is
 // reported with the tensor and the row instead of producing an infinite scale.
@@ -130,6 +112,25 @@ Status pack_chunk(const ImportedLayer& layer, const RecordLayout& rec, int64_t f
 }
 
 }  // namespace
+
+nlohmann::json record_layout_json(const RecordLayout& r) {
+  nlohmann::json j = {{"dtype", dtype_name(r.dtype)},
+                      {"dim", r.dim},
+                      {"dim_out", r.dim_out},
+                      {"width", r.width},
+                      {"record_bytes", r.record_bytes},
+                      {"stride", r.stride},
+                      {"down_codes_offset", r.down_codes_offset},
+                      {"up_codes_offset", r.up_codes_offset}};
+  if (dtype_is_quantized(r.dtype)) {
+    j["group"] = kQuantGroup;
+    j["scale_dtype"] = "f16";
+    j["down_scales_offset"] = r.down_scales_offset;
+    j["up_scales_offset"] = r.up_scales_offset;
+    if (r.dtype == DType::kI4) j["nibble_order"] = "ggml_q4_0";
+  }
+  return j;
+}
 
 Result<PackReport> pack_store(const PackOptions& options) {
   const auto start = std::chrono::steady_clock::now();

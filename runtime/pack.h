@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "base/dtype.h"
 #include "base/status.h"
 #include "kernels/quant.h"
@@ -69,5 +71,8 @@ struct UnpackReport {
 };
 
 Result<UnpackReport> unpack_store(const UnpackOptions& options);
+
+// The "record" object of a stored layer's info (what runtime/store_layer.h reads back).
+nlohmann::json record_layout_json(const RecordLayout& record);
 
 }  // namespace trove

@@ -228,8 +228,20 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
   if (!forward.ok()) return report_error("demo", forward.status());
   if (talk) {
     std::printf(
+        "\n7. trove bench --experts 256K --dim 1024 --dim-key 32 --batch 512 --routing zipf:1.09 "
+        "--host 10%% --store %s\n   (the layer from disk through a host budget of a tenth of its "
+        "table)\n",
+        dir.c_str());
+    std::fflush(stdout);
+  }
+  nlohmann::json bench;
+  const int bench_code = run_demo_bench(dir, global, &bench);
+  if (bench_code != kExitOk) return bench_code;
+  if (talk) {
+    std::printf(
         "\nNext: pack your own checkpoint with `trove pack --help`, run it with "
-        "`trove forward --help`.\n");
+        "`trove forward --help`,\n"
+        "measure your disk and budgets with `trove bench --help`.\n");
   }
   if (global.json) {
     nlohmann::json j = {{"pack", pack_report_json(pack, *packed)},
@@ -239,7 +251,8 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
                          {{"tensors", unpacked->tensors},
                           {"bytes", unpacked->output_bytes},
                           {"down_rmse", err.rmse()}}},
-                        {"forward", *forward}};
+                        {"forward", *forward},
+                        {"bench", bench}};
     print_json(j);
   }
   return kExitOk;

@@ -1,0 +1,454 @@
+#include "runtime/bench.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "base/strings.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/record.h"
+#include "runtime/cache_sim.h"
+#include "runtime/pack.h"
+#include "runtime/peer_config_json.h"
+#include "runtime/peer_layer.h"
+#include "runtime/store_layer.h"
+#include "storage/safetensors.h"
+#include "storage/store.h"
+
+namespace trove {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+size_t sz(int64_t v) {
+  return static_cast<size_t>(v);
+}
+
+std::vector<float> gaussian(size_t n, double stddev, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, static_cast<float>(stddev));
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+uint64_t mix(uint64_t x) {  // splitmix64's finalizer
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Makes the copy of a pool record for expert `id` its own: quantized codes take any byte, so
+// eight of them are xored with a hash of the id; float codes get sign flips (still finite).
+void vary_record(const RecordLayout& layout, int64_t id, uint8_t* record) {
+  uint8_t* codes = record + layout.down_codes_offset;
+  const uint64_t h = mix(static_cast<uint64_t>(id));
+  if (dtype_is_quantized(layout.dtype)) {
+    const size_t n = std::min<size_t>(8, layout.down_row_code_bytes);
+    for (size_t i = 0; i < n; ++i) codes[i] ^= static_cast<uint8_t>(h >> (8 * i));
+    return;
+  }
+  const size_t elem = static_cast<size_t>(dtype_bits(layout.dtype) / 8);
+  const size_t n = std::min<size_t>(64, static_cast<size_t>(layout.dim));
+  for (size_t i = 0; i < n; ++i) {
+    if ((h >> i) & 1) codes[i * elem + elem - 1] ^= 0x80;  // the sign bit (little-endian)
+  }
+}
+
+// Popularity rank -> expert id: a bijection of [0, N) that scatters neighbouring ranks.
+struct RankScatter {
+  int64_t n;
+  uint64_t a;
+  explicit RankScatter(int64_t n_in) : n(n_in), a(1) {
+    // An odd multiplier near N / golden ratio, coprime with N.
+    uint64_t m = static_cast<uint64_t>(static_cast<double>(n) * 0.6180339887) | 1;
+    while (std::gcd(m, static_cast<uint64_t>(n)) != 1) m += 2;
+    m %= static_cast<uint64_t>(n);
+    a = m;
+  }
+  int64_t operator()(int64_t rank) const {
+    // a < n <= 2^32 (ZipfSampler's limit), so the product fits 64 bits.
+    return static_cast<int64_t>((static_cast<uint64_t>(rank) * a + 12345) %
+                                static_cast<uint64_t>(n));
+  }
+};
+
+void softmax_gates(const float* scores, int64_t k, float* gates) {
+  float mx = scores[0];
+  for (int64_t i = 1; i < k; ++i) mx = std::max(mx, scores[i]);
+  float sum = 0;
+  for (int64_t i = 0; i < k; ++i) sum += gates[i] = std::exp(scores[i] - mx);
+  for (int64_t i = 0; i < k; ++i) gates[i] /= sum;
+}
+
+// The routing of each batch, the same for the tiered and the resident runs.
+class RoutingSource {
+ public:
+  static Result<RoutingSource> make(const BenchWorkload& w, const PeerConfig& c, int64_t batch,
+                                    uint64_t seed) {
+    RoutingSource r(w, c, batch, seed);
+    if (w.kind == BenchWorkload::Kind::kZipf) {
+      r.zipf_ = std::make_unique<ZipfSampler>(c.num_experts(), w.exponent, seed);
+    }
+    if (w.kind == BenchWorkload::Kind::kTrace) TROVE_RETURN_IF_ERROR(r.load_trace());
+    return r;
+  }
+
+  bool routes_itself() const { return w_.kind == BenchWorkload::Kind::kProductKey; }
+
+  // The input of batch b (pk: fresh gaussian tokens; otherwise one fixed batch, since x does
+  // not change the cost of a given routing).
+  const std::vector<float>& x(int64_t b) {
+    if (routes_itself() || x_.empty()) {
+      x_ = gaussian(sz(batch_ * c_.dim), 1.0, mix(seed_ * 1000003 + static_cast<uint64_t>(b)));
+    }
+    return x_;
+  }
+
+  // Batch b's routing. Zipf draws are sequential: call with b = 0, 1, 2, ... once each per run,
+  // or reset() to replay.
+  void routing(int64_t b, PeerRouting* r) {
+    const int64_t per_token = c_.heads * c_.topk;
+    r->tokens = batch_;
+    r->heads = c_.heads;
+    r->topk = c_.topk;
+    r->ids.resize(sz(batch_ * per_token));
+    r->scores.resize(r->ids.size());
+    r->gates.resize(r->ids.size());
+    if (w_.kind == BenchWorkload::Kind::kTrace) {
+      for (int64_t t = 0; t < batch_; ++t) {
+        const int64_t src = (b * batch_ + t) % trace_tokens_;
+        std::copy_n(&trace_ids_[sz(src * per_token)], per_token, &r->ids[sz(t * per_token)]);
+        std::copy_n(&trace_gates_[sz(src * per_token)], per_token, &r->gates[sz(t * per_token)]);
+      }
+      return;
+    }
+    std::mt19937_64 rng(mix(seed_ ^ (static_cast<uint64_t>(b) << 20)));
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& s : r->scores) s = normal(rng);
+    for (size_t s = 0; s < r->ids.size(); s += sz(c_.topk)) {
+      softmax_gates(&r->scores[s], c_.topk, &r->gates[s]);
+    }
+    const int64_t n = c_.num_experts();
+    if (w_.kind == BenchWorkload::Kind::kUniform) {
+      std::uniform_int_distribution<int64_t> pick(0, n - 1);
+      for (int64_t& id : r->ids) id = pick(rng);
+    } else {
+      for (int64_t& id : r->ids) id = scatter_(zipf_->next());
+    }
+  }
+
+  void reset() {
+    if (zipf_) zipf_ = std::make_unique<ZipfSampler>(c_.num_experts(), w_.exponent, seed_);
+  }
+
+ private:
+  RoutingSource(const BenchWorkload& w, const PeerConfig& c, int64_t batch, uint64_t seed)
+      : w_(w), c_(c), batch_(batch), seed_(seed), scatter_(c.num_experts()) {}
+
+  Status load_trace() {
+    TROVE_ASSIGN_OR_RETURN(SafetensorsFile f, SafetensorsFile::open(w_.trace));
+    const StTensorView* ids = f.find("ids");
+    const StTensorView* gates = f.find("gates");
+    if (ids == nullptr || gates == nullptr || ids->dtype != StDType::kI64 ||
+        gates->dtype != StDType::kF32 || ids->shape != gates->shape || ids->shape.size() < 2) {
+      return Status::invalid_argument(
+          w_.trace +
+          ": not a routing dump (tensors 'ids' I64 and 'gates' F32 [..., h, k], as "
+          "`trove forward --dump-routing` writes)");
+    }
+    const auto& s = ids->shape;
+    if (s[s.size() - 2] != c_.heads || s.back() != c_.topk) {
+      return Status::invalid_argument(str_printf(
+          "%s: routing of %lld heads x top-%lld; the benchmark layer has %lld x %lld (set "
+          "--heads and --topk to match)",
+          w_.trace.c_str(), (long long)s[s.size() - 2], (long long)s.back(), (long long)c_.heads,
+          (long long)c_.topk));
+    }
+    trace_ids_.resize(sz(ids->numel()));
+    trace_gates_.resize(trace_ids_.size());
+    std::memcpy(trace_ids_.data(), ids->bytes.data(), trace_ids_.size() * sizeof(int64_t));
+    std::memcpy(trace_gates_.data(), gates->bytes.data(), trace_gates_.size() * sizeof(float));
+    trace_tokens_ = ids->numel() / (c_.heads * c_.topk);
+    for (size_t i = 0; i < trace_ids_.size(); ++i) {
+      if (trace_ids_[i] < 0 || trace_ids_[i] >= c_.num_experts() ||
+          !std::isfinite(trace_gates_[i])) {
+        return Status::invalid_argument(str_printf(
+            "%s: selection %zu is expert %lld with gate %g; the benchmark layer has %lld experts "
+            "(set --experts to at least the trace's)",
+            w_.trace.c_str(), i, (long long)trace_ids_[i], (double)trace_gates_[i],
+            (long long)c_.num_experts()));
+      }
+    }
+    if (trace_tokens_ == 0) return Status::invalid_argument(w_.trace + ": the trace is empty");
+    return Status::ok_status();
+  }
+
+  BenchWorkload w_;
+  PeerConfig c_;
+  int64_t batch_;
+  uint64_t seed_;
+  RankScatter scatter_;
+  std::unique_ptr<ZipfSampler> zipf_;
+  std::vector<float> x_;
+  std::vector<int64_t> trace_ids_;
+  std::vector<float> trace_gates_;
+  int64_t trace_tokens_ = 0;
+};
+
+StageTimes stage_times(std::vector<double> v) {
+  StageTimes t;
+  if (v.empty()) return t;
+  std::sort(v.begin(), v.end());
+  auto at = [&](double q) {
+    return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+  };
+  t.p50 = at(0.50);
+  t.p90 = at(0.90);
+  t.p99 = at(0.99);
+  for (double x : v) t.mean += x;
+  t.mean /= static_cast<double>(v.size());
+  return t;
+}
+
+std::vector<int64_t> unique_ids(const PeerRouting& r) {
+  std::vector<int64_t> u(r.ids);
+  std::sort(u.begin(), u.end());
+  u.erase(std::unique(u.begin(), u.end()), u.end());
+  return u;
+}
+
+// Runs one batch: the layer's own routing (pk) or the given one.
+Status run_batch(PeerLayer& layer, RoutingSource& src, int64_t b, int64_t T, PeerRouting* r,
+                 std::vector<float>* y, PeerBatchStats* stats) {
+  const std::vector<float>& x = src.x(b);
+  if (src.routes_itself()) return layer.forward(x, T, *y, r, stats);
+  src.routing(b, r);
+  return layer.forward_routed(x, T, *r, *y, stats);
+}
+
+}  // namespace
+
+Result<BenchWorkload> BenchWorkload::parse(const std::string& text) {
+  BenchWorkload w;
+  if (text == "uniform") {
+    w.kind = Kind::kUniform;
+  } else if (text == "pk") {
+    w.kind = Kind::kProductKey;
+  } else if (text.rfind("zipf:", 0) == 0) {
+    w.kind = Kind::kZipf;
+    char* end = nullptr;
+    const std::string a = text.substr(5);
+    w.exponent = std::strtod(a.c_str(), &end);
+    if (a.empty() || *end != '\0' || !(w.exponent >= 0) || w.exponent > 10) {
+      return Status::invalid_argument("workload " + text +
+                                      ": the zipf exponent must be a number in [0, 10]");
+    }
+  } else if (text.rfind("trace:", 0) == 0 && text.size() > 6) {
+    w.kind = Kind::kTrace;
+    w.trace = text.substr(6);
+  } else {
+    return Status::invalid_argument("unknown workload '" + text +
+                                    "': use uniform, zipf:A (e.g. zipf:1.09), pk or trace:FILE");
+  }
+  return w;
+}
+
+std::string BenchWorkload::name() const {
+  switch (kind) {
+    case Kind::kUniform:
+      return "uniform";
+    case Kind::kZipf:
+      return str_printf("zipf:%g", exponent);
+    case Kind::kProductKey:
+      return "pk";
+    case Kind::kTrace:
+      return "trace:" + trace;
+  }
+  return "?";
+}
+
+Status write_bench_store(const std::string& path, const PeerConfig& config_in, DType dtype,
+                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress) {
+  PeerConfig c = config_in;
+  TROVE_RETURN_IF_ERROR(c.validate_and_fill());
+  TROVE_ASSIGN_OR_RETURN(RecordLayout layout,
+                         RecordLayout::make(dtype, c.dim, c.dim_out, c.expert_width));
+  const int64_t n = c.num_experts();
+  const int64_t pool = std::min<int64_t>(n, 2048);
+  std::vector<uint8_t> pool_records(sz(pool) * layout.stride);
+  {
+    const auto down = gaussian(sz(pool * c.dim), 1.0 / std::sqrt(static_cast<double>(c.dim)), seed);
+    const auto up = gaussian(sz(pool * c.dim_out), 1.0, seed + 1);
+    pack_records(layout, down.data(), up.data(), pool, pool_records.data());
+  }
+  nlohmann::json provenance = {{"tool", "trove bench"}, {"synthetic", true}, {"seed", seed}};
+  TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(path, provenance));
+  nlohmann::json info = {{"config", peer_config_to_json(c)},
+                         {"record", record_layout_json(layout)},
+                         {"source", {{"synthetic", "trove bench"}, {"seed", seed}}}};
+  StoreTableSpec table{std::string(dtype_name(dtype)), static_cast<uint64_t>(n),
+                       layout.record_bytes, layout.stride};
+  TROVE_RETURN_IF_ERROR(w.begin_layer("bench", info, table));
+  const int64_t chunk =
+      std::max<int64_t>(1, (int64_t{16} << 20) / static_cast<int64_t>(layout.stride));
+  std::vector<uint8_t> buf(sz(chunk) * layout.stride);
+  for (int64_t first = 0; first < n; first += chunk) {
+    const int64_t count = std::min(chunk, n - first);
+    for (int64_t i = 0; i < count; ++i) {
+      uint8_t* rec = buf.data() + sz(i) * layout.stride;
+      std::memcpy(rec, pool_records.data() + sz((first + i) % pool) * layout.stride, layout.stride);
+      if (first + i >= pool) vary_record(layout, first + i, rec);
+    }
+    TROVE_RETURN_IF_ERROR(w.append_records({buf.data(), sz(count) * layout.stride}));
+    if (progress) progress(first + count, n);
+  }
+  const double qstd = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  TROVE_RETURN_IF_ERROR(w.add_dense("query.weight", {c.query_rows(), c.dim},
+                                    gaussian(sz(c.query_rows() * c.dim), qstd, seed + 2)));
+  if (c.query_bias) {
+    TROVE_RETURN_IF_ERROR(
+        w.add_dense("query.bias", {c.query_rows()}, std::vector<float>(sz(c.query_rows()), 0.0f)));
+  }
+  TROVE_RETURN_IF_ERROR(
+      w.add_dense("keys", {c.key_heads(), 2, c.n_keys, c.dim_key},
+                  gaussian(sz(c.key_heads() * 2 * c.n_keys * c.dim_key), 1.0, seed + 3)));
+  if (c.input_norm == InputNorm::kRms) {
+    TROVE_RETURN_IF_ERROR(w.add_dense("norm.weight", {c.dim}, std::vector<float>(sz(c.dim), 1.0f)));
+  }
+  TROVE_RETURN_IF_ERROR(w.end_layer());
+  return w.finish();
+}
+
+Result<BenchResult> run_bench(const BenchOptions& opt) {
+  if (opt.batch < 1 || opt.batches < 1 || opt.warmup_batches < 0) {
+    return Status::invalid_argument(
+        str_printf("bench: batch %lld, batches %lld and warm-up %lld must be >= 1, >= 1 and >= 0",
+                   (long long)opt.batch, (long long)opt.batches, (long long)opt.warmup_batches));
+  }
+  TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(opt.store));
+  TROVE_ASSIGN_OR_RETURN(StoredLayer stored, load_stored_layer(store, "bench"));
+  PeerLayerOptions lo;
+  lo.threads = opt.threads;
+  TieredSourceOptions tiers;
+  tiers.host_budget_bytes = opt.host_budget_bytes;
+  tiers.policy = opt.policy;
+  tiers.io = opt.io;
+  lo.tiers = tiers;
+  TROVE_ASSIGN_OR_RETURN(PeerLayer layer, PeerLayer::open(store, "bench", lo));
+  auto& tiered = dynamic_cast<TieredExpertSource&>(layer.experts());
+  const PeerConfig& c = layer.config();
+  const int64_t per_token = c.heads * c.topk;
+  TROVE_RETURN_IF_ERROR(tiered.check_batch(
+      opt.batch * per_token,
+      str_printf("%lld tokens x %lld selections", (long long)opt.batch, (long long)per_token)));
+  TROVE_ASSIGN_OR_RETURN(RoutingSource src,
+                         RoutingSource::make(opt.workload, c, opt.batch, opt.seed));
+
+  BenchResult res;
+  res.config = c;
+  res.record_dtype = std::string(dtype_name(stored.record.dtype));
+  res.record_bytes = stored.record.record_bytes;
+  res.record_stride = stored.record.stride;
+  res.table_bytes = stored.info->table.bytes;
+  res.capacity_slots = tiered.host().capacity_slots();
+  res.engine = tiered.disk().engine_name();
+  res.direct_io = tiered.disk().direct_io();
+
+  const int64_t total = opt.warmup_batches + opt.batches;
+  std::vector<std::vector<int64_t>> trace;  // unique ids per batch, for Belady
+  std::vector<double> route, resolve, disk, compute, stall, wall;
+  std::vector<float> y(sz(opt.batch * c.dim_out));
+  PeerRouting r;
+  int64_t hits_all = 0, unique_all = 0;
+  double measured = 0;
+  for (int64_t b = 0; b < total; ++b) {
+    PeerBatchStats st;
+    const auto start = Clock::now();
+    TROVE_RETURN_IF_ERROR(run_batch(layer, src, b, opt.batch, &r, &y, &st)
+                              .with_context(str_printf("bench batch %lld", (long long)b)));
+    const double seconds = seconds_since(start);
+    if (opt.oracle) trace.push_back(unique_ids(r));
+    hits_all += st.fetch.hits;
+    unique_all += st.unique_experts;
+    if (b >= opt.warmup_batches) {
+      measured += seconds;
+      wall.push_back(seconds);
+      route.push_back(st.route_seconds);
+      resolve.push_back(st.acquire_seconds);
+      disk.push_back(st.fetch.disk_seconds);
+      compute.push_back(st.expert_seconds);
+      stall.push_back(st.fetch.stall_seconds);
+      res.requested += st.slots;
+      res.unique += st.unique_experts;
+      res.hits += st.fetch.hits;
+      res.misses += st.fetch.misses;
+      res.bytes_read += st.fetch.bytes_read;
+      res.disk_busy_seconds += st.fetch.disk_seconds;
+      res.record_bytes_used += st.record_bytes_used;
+      res.compute_seconds += st.expert_seconds;
+    }
+    if (opt.progress) opt.progress(b + 1, total);
+  }
+  res.batches = opt.batches;
+  res.tokens = opt.batch * opt.batches;
+  res.seconds = measured;
+  res.tokens_per_second = measured > 0 ? static_cast<double>(res.tokens) / measured : 0;
+  res.hit_rate =
+      res.unique > 0 ? static_cast<double>(res.hits) / static_cast<double>(res.unique) : 0;
+  res.iops =
+      res.disk_busy_seconds > 0 ? static_cast<double>(res.misses) / res.disk_busy_seconds : 0;
+  res.route = stage_times(route);
+  res.resolve = stage_times(resolve);
+  res.disk = stage_times(disk);
+  res.compute = stage_times(compute);
+  res.stall = stage_times(stall);
+  res.total = stage_times(wall);
+  if (opt.oracle) {
+    // Over every batch from a cold tier, as the policy saw them, beside the policy's own.
+    TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.capacity_slots));
+    res.oracle_hit_rate = best.hit_rate();
+    res.achieved_hit_rate_all =
+        unique_all > 0 ? static_cast<double>(hits_all) / static_cast<double>(unique_all) : 0;
+  }
+
+  if (opt.resident_baseline) {
+    // The same measured batches with the whole table in memory (when it fits in half of RAM).
+    const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
+                         static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    if (res.table_bytes <= ram / 2) {
+      std::span<const uint8_t> table = store.mapped_records(*stored.info);
+      auto source = std::make_unique<MemoryExpertSource>(
+          stored.record, std::vector<uint8_t>(table.begin(), table.end()));
+      PeerLayerOptions ro;
+      ro.threads = opt.threads;
+      TROVE_ASSIGN_OR_RETURN(PeerLayer resident,
+                             PeerLayer::create(c, layer.params(), std::move(source), ro));
+      src.reset();
+      for (int64_t b = 0; b < opt.warmup_batches; ++b) {
+        if (!src.routes_itself()) src.routing(b, &r);  // keep the zipf stream in step
+      }
+      double seconds = 0;
+      for (int64_t b = opt.warmup_batches; b < total; ++b) {
+        const auto start = Clock::now();
+        TROVE_RETURN_IF_ERROR(run_batch(resident, src, b, opt.batch, &r, &y, nullptr));
+        seconds += seconds_since(start);
+      }
+      res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
+    }
+  }
+  return res;
+}
+
+}  // namespace trove

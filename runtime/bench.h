@@ -1,0 +1,107 @@
+// The benchmark behind `trove bench` (SPEC §8): one PEER layer of a synthetic store run batch
+// after batch over the tiered store (host budget over the store file), with the routing drawn
+// from a workload, every stage of every batch timed, and the same batches run all-resident and
+// through the optimal offline policy (Belady) for comparison.
+//
+// Workloads:
+//   uniform     ids uniform over [0, N)
+//   zipf:A      ids by popularity rank r with P(r) ~ 1/(r+1)^A, ranks scattered over the table
+//               (a hot expert is not next to the next-hottest on disk)
+//   pk          the layer's own product-key routing of gaussian tokens
+//   trace:FILE  the routing in a `trove forward --dump-routing` file, batch after batch
+// Gates are the softmax of gaussian scores for synthetic ids (their values do not change the
+// cost) and the router's own for pk and trace.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "base/dtype.h"
+#include "base/status.h"
+#include "kernels/peer_config.h"
+#include "runtime/cache_policy.h"
+#include "storage/record_io.h"
+
+namespace trove {
+
+struct BenchWorkload {
+  enum class Kind { kUniform, kZipf, kProductKey, kTrace };
+  Kind kind = Kind::kZipf;
+  double exponent = 1.09;  // zipf
+  std::string trace;       // trace: the routing file
+
+  // "uniform", "zipf:1.09", "pk", "trace:r.safetensors"; errors list the forms.
+  static Result<BenchWorkload> parse(const std::string& text);
+  std::string name() const;
+};
+
+// A synthetic store for benchmarks: one layer "bench" of `config` with random records of
+// `dtype` and a gaussian router, written atomically. Records are distinct (each has its own
+// bytes and checksum) but cheap to make: a pool of packed experts with each copy's codes
+// varied by its id. `progress` gets (records written, records in all).
+Status write_bench_store(const std::string& path, const PeerConfig& config, DType dtype,
+                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress);
+
+struct BenchOptions {
+  std::string store;  // written by write_bench_store (or any store with one layer "bench")
+  BenchWorkload workload;
+  int64_t batch = 2048;        // tokens per batch
+  int64_t batches = 32;        // measured
+  int64_t warmup_batches = 8;  // run first, not measured (the host tier fills)
+  uint64_t host_budget_bytes = 0;
+  EvictionPolicy policy = EvictionPolicy::kFrequency;
+  RecordReaderOptions io;
+  bool resident_baseline = true;  // also run the same batches with the table in memory
+  bool oracle = true;             // Belady's hit rate on the same batches
+  int threads = 0;
+  uint64_t seed = 1;
+  std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
+};
+
+// Percentiles of per-batch seconds.
+struct StageTimes {
+  double p50 = 0, p90 = 0, p99 = 0, mean = 0;
+};
+
+struct BenchResult {
+  PeerConfig config;
+  std::string record_dtype;
+  uint64_t record_bytes = 0;
+  uint64_t record_stride = 0;
+  uint64_t table_bytes = 0;
+  int64_t capacity_slots = 0;  // the host tier's records
+  std::string engine;          // io_uring or pread
+  bool direct_io = false;
+
+  int64_t batches = 0;  // measured
+  int64_t tokens = 0;
+  double seconds = 0;  // wall time of the measured batches
+  double tokens_per_second = 0;
+  int64_t requested = 0;  // expert selections (T * h * k summed)
+  int64_t unique = 0;     // distinct experts per batch, summed
+  int64_t hits = 0;
+  int64_t misses = 0;
+  double hit_rate = 0;  // hits / unique
+  // Over every batch from a cold tier (warm-up included): Belady's hit rate and the policy's,
+  // side by side (-1: not run).
+  double oracle_hit_rate = -1;
+  double achieved_hit_rate_all = -1;
+  uint64_t bytes_read = 0;  // from the store file
+  double disk_busy_seconds = 0;
+  double iops = 0;                 // misses / disk busy time
+  uint64_t record_bytes_used = 0;  // what the expert kernels read
+  double compute_seconds = 0;
+  // Per batch, in seconds.
+  StageTimes route, resolve, disk, compute, stall, total;
+
+  double resident_tokens_per_second = 0;  // 0: not run
+};
+
+// Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then
+// (when asked) the same measured batches all-resident. Errors: a store without layer "bench",
+// a budget below one batch's working set (before any work), a trace that does not fit the layer.
+Result<BenchResult> run_bench(const BenchOptions& options);
+
+}  // namespace trove

@@ -1,0 +1,562 @@
+// trove bench: the PEER layer over the tiered store on a synthetic table, per-tier figures
+// beside the limits calibrated in the same run (runtime/bench.h, runtime/calibrate.h).
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+
+#include "base/bytes.h"
+#include "base/plot.h"
+#include "base/progress.h"
+#include "base/strings.h"
+#include "runtime/bench.h"
+#include "runtime/calibrate.h"
+#include "runtime/store_layer.h"
+#include "storage/store.h"
+#include "tools/commands.h"
+
+namespace trove::cli {
+
+namespace {
+
+struct BenchArgs {
+  std::string experts = "1M", batch = "2048", host = "10%", routing = "zipf:1.09";
+  int64_t dim = 2048, dim_out = 0, heads = 4, topk = 8, topk_per_half = 0, dim_key = 64;
+  std::string quant = "int4", policy = "frequency", io = "auto", store, plot;
+  int queue_depth = 64, threads = 0;
+  int64_t batches = 32, warmup = 8;
+  double calibrate_seconds = 2.0;
+  bool no_resident = false, no_calibrate = false, no_fio = false;
+  uint64_t seed = 1;
+};
+
+// 4194304 -> "4,194,304".
+std::string with_commas(int64_t v) {
+  std::string digits = std::to_string(v), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0 && digits[i - 1] != '-') out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t comma = s.find(',', start);
+    const size_t end = comma == std::string::npos ? s.size() : comma;
+    if (end > start) out.push_back(s.substr(start, end - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+// "4M" = 4 * 2^20 experts, "262144", "256K".
+Result<int64_t> parse_count(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  double mult = 1;
+  const std::string unit(end);
+  if (unit == "K" || unit == "k")
+    mult = 1024;
+  else if (unit == "M" || unit == "m")
+    mult = 1024.0 * 1024;
+  else if (unit == "G" || unit == "g")
+    mult = 1024.0 * 1024 * 1024;
+  else if (!unit.empty())
+    mult = -1;
+  if (end == text.c_str() || mult < 0 || !(v > 0)) {
+    return Status::invalid_argument(flag + " " + text +
+                                    ": expected a positive count such as 2048, 256K or 4M");
+  }
+  return static_cast<int64_t>(std::llround(v * mult));
+}
+
+struct Point {
+  int64_t experts = 0;
+  int64_t batch = 0;
+  std::string host;  // as given: "2GiB" or "10%"
+  BenchWorkload workload;
+  uint64_t host_bytes = 0;
+  BenchResult result;
+};
+
+std::string store_name(const BenchArgs& a, int64_t experts) {
+  return str_printf("bench-N%lld-D%lld-Do%lld-h%lld-k%lld-dk%lld-%s.trove", (long long)experts,
+                    (long long)a.dim, (long long)(a.dim_out > 0 ? a.dim_out : a.dim),
+                    (long long)a.heads, (long long)a.topk, (long long)a.dim_key, a.quant.c_str());
+}
+
+// The store for `experts` in `dir`: reused when a previous run wrote it (and it verifies as a
+// store with layer "bench" of this config), written otherwise.
+Result<std::string> ensure_store(const BenchArgs& a, const std::string& dir, int64_t experts,
+                                 const PeerConfig& config, DType dtype, bool talk) {
+  const std::string path = dir + "/" + store_name(a, experts);
+  if (std::filesystem::exists(path)) {
+    Result<StoreReader> s = StoreReader::open(path);
+    if (s.ok()) {
+      Result<StoredLayer> l = load_stored_layer(*s, "bench");
+      if (l.ok() && l->config.num_experts() == experts && l->record.dtype == dtype) return path;
+    }
+  }
+  std::unique_ptr<ProgressBar> bar;
+  if (talk) bar = std::make_unique<ProgressBar>("writing " + path, static_cast<uint64_t>(experts));
+  TROVE_RETURN_IF_ERROR(write_bench_store(path, config, dtype, 1, [&](int64_t done, int64_t) {
+    if (bar) bar->update(static_cast<uint64_t>(done));
+  }));
+  if (bar) bar->finish();
+  return path;
+}
+
+nlohmann::json stage_json(const StageTimes& t) {
+  return {{"p50_ms", t.p50 * 1e3},
+          {"p90_ms", t.p90 * 1e3},
+          {"p99_ms", t.p99 * 1e3},
+          {"mean_ms", t.mean * 1e3}};
+}
+
+nlohmann::json point_json(const Point& p) {
+  const BenchResult& r = p.result;
+  nlohmann::json j = {
+      {"experts", p.experts},
+      {"batch", p.batch},
+      {"workload", p.workload.name()},
+      {"host_budget_bytes", p.host_bytes},
+      {"host_budget_share", static_cast<double>(p.host_bytes) / static_cast<double>(r.table_bytes)},
+      {"record_dtype", r.record_dtype},
+      {"record_bytes", r.record_bytes},
+      {"record_stride", r.record_stride},
+      {"table_bytes", r.table_bytes},
+      {"host_capacity_records", r.capacity_slots},
+      {"engine", r.engine},
+      {"direct_io", r.direct_io},
+      {"batches", r.batches},
+      {"tokens_per_second", r.tokens_per_second},
+      {"resident_tokens_per_second", r.resident_tokens_per_second},
+      {"requested_per_batch", static_cast<double>(r.requested) / r.batches},
+      {"unique_per_batch", static_cast<double>(r.unique) / r.batches},
+      {"host_hit_rate", r.hit_rate},
+      {"misses_per_batch", static_cast<double>(r.misses) / r.batches},
+      {"bytes_read_per_batch", static_cast<double>(r.bytes_read) / r.batches},
+      {"disk_iops", r.iops},
+      {"compute_record_gb_per_second",
+       r.compute_seconds > 0 ? r.record_bytes_used / r.compute_seconds / 1e9 : 0.0},
+      {"stages",
+       {{"route", stage_json(r.route)},
+        {"resolve", stage_json(r.resolve)},
+        {"disk", stage_json(r.disk)},
+        {"compute", stage_json(r.compute)},
+        {"stall", stage_json(r.stall)},
+        {"batch", stage_json(r.total)}}},
+  };
+  if (r.oracle_hit_rate >= 0) {
+    j["cold_run_hit_rate"] = r.achieved_hit_rate_all;
+    j["belady_hit_rate"] = r.oracle_hit_rate;
+  }
+  return j;
+}
+
+void print_point(const Point& p, const nlohmann::json& calib) {
+  const BenchResult& r = p.result;
+  const PeerConfig& c = r.config;
+  std::printf(
+      "\nexperts %s (D=%lld h=%lld k=%lld dk=%lld, %s records of %s, table %s), batch %lld, "
+      "%s, host %s (%.1f%% of the table, %s records), %s%s\n",
+      with_commas(p.experts).c_str(), (long long)c.dim, (long long)c.heads, (long long)c.topk,
+      (long long)c.dim_key, r.record_dtype.c_str(), format_bytes(r.record_stride).c_str(),
+      format_bytes(r.table_bytes).c_str(), (long long)p.batch, p.workload.name().c_str(),
+      format_bytes(p.host_bytes).c_str(),
+      100.0 * static_cast<double>(p.host_bytes) / static_cast<double>(r.table_bytes),
+      with_commas(r.capacity_slots).c_str(), r.engine.c_str(), r.direct_io ? " O_DIRECT" : "");
+  std::printf("  tokens/s      %12.0f", r.tokens_per_second);
+  if (r.resident_tokens_per_second > 0) {
+    std::printf("   all-resident %.0f (tiered = %.2f of it)", r.resident_tokens_per_second,
+                r.tokens_per_second / r.resident_tokens_per_second);
+  }
+  std::printf("\n");
+  const double nb = static_cast<double>(r.batches);
+  std::printf("  experts/batch %12.0f requested, %.0f unique (%.2f selections per expert)\n",
+              static_cast<double>(r.requested) / nb, static_cast<double>(r.unique) / nb,
+              static_cast<double>(r.requested) / std::max<double>(1, r.unique));
+  std::printf("  host tier     %11.1f%% hit of unique experts (warm)", 100 * r.hit_rate);
+  if (r.oracle_hit_rate >= 0) {
+    std::printf("; from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)",
+                100 * r.achieved_hit_rate_all, 100 * r.oracle_hit_rate,
+                r.oracle_hit_rate > 0 ? r.achieved_hit_rate_all / r.oracle_hit_rate : 0.0);
+  }
+  std::printf("\n");
+  std::printf("  disk          %12.0f misses/batch, %s/batch read, %.0f IOPS while busy",
+              static_cast<double>(r.misses) / nb,
+              format_bytes(static_cast<uint64_t>(static_cast<double>(r.bytes_read) / nb)).c_str(),
+              r.iops);
+  if (calib.contains("disk_iops_ours")) {
+    std::printf(" (calibrated: ours %.0f", calib["disk_iops_ours"].get<double>());
+    if (calib.contains("disk_iops_fio")) {
+      std::printf(", fio %.0f", calib["disk_iops_fio"].get<double>());
+    }
+    std::printf(")");
+  }
+  std::printf("\n");
+  const double gbs = r.compute_seconds > 0 ? r.record_bytes_used / r.compute_seconds : 0;
+  std::printf("  compute       %12s of records read by the expert kernels",
+              format_rate(gbs).c_str());
+  if (calib.contains("host_read_bandwidth")) {
+    const double bw = calib["host_read_bandwidth"].get<double>();
+    std::printf(" (%.2f of the host's %s)", gbs / bw, format_rate(bw).c_str());
+  }
+  std::printf("\n  stage ms            p50      p90      p99\n");
+  const std::pair<const char*, const StageTimes*> stages[] = {
+      {"route", &r.route},     {"resolve", &r.resolve}, {"disk", &r.disk},
+      {"compute", &r.compute}, {"stall", &r.stall},     {"batch", &r.total}};
+  for (const auto& [name, t] : stages) {
+    std::printf("    %-10s %9.2f %8.2f %8.2f\n", name, t->p50 * 1e3, t->p90 * 1e3, t->p99 * 1e3);
+  }
+}
+
+// Runs the benchmark of `a`. The --json document goes to `json` when given, else to stdout
+// (with --json).
+int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann::json* json) {
+  const bool talk = !global.json && !global.quiet;
+  auto fail = [](const Status& s) { return report_error("bench", s); };
+  Result<DType> dtype = parse_dtype(a.quant);
+  if (!dtype.ok()) return fail(dtype.status());
+  Result<EvictionPolicy> policy = parse_eviction_policy(a.policy);
+  if (!policy.ok()) return fail(policy.status());
+
+  std::vector<int64_t> experts, batches;
+  for (const auto& s : split_list(a.experts)) {
+    Result<int64_t> v = parse_count("--experts", s);
+    if (!v.ok()) return fail(v.status());
+    const auto n = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(*v))));
+    if (n * n != *v) {
+      return fail(Status::invalid_argument(str_printf(
+          "--experts %s = %lld is not a square (N = n_keys^2); try %lld or %lld", s.c_str(),
+          (long long)*v, (long long)(n * n), (long long)((n + 1) * (n + 1)))));
+    }
+    experts.push_back(*v);
+  }
+  for (const auto& s : split_list(a.batch)) {
+    Result<int64_t> v = parse_count("--batch", s);
+    if (!v.ok()) return fail(v.status());
+    batches.push_back(*v);
+  }
+  std::vector<BenchWorkload> workloads;
+  for (const auto& s : split_list(a.routing)) {
+    Result<BenchWorkload> w = BenchWorkload::parse(s);
+    if (!w.ok()) return fail(w.status());
+    workloads.push_back(*w);
+  }
+  const std::vector<std::string> hosts = split_list(a.host);
+  if (experts.empty() || batches.empty() || workloads.empty() || hosts.empty()) {
+    return fail(Status::invalid_argument("--experts, --batch, --routing and --host need a value"));
+  }
+
+  // Where the stores live: --store (kept, reused by later runs) or a scratch folder.
+  std::string dir = a.store;
+  bool scratch = false;
+  if (dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = std::string(tmp != nullptr ? tmp : "/var/tmp") + "/trove-bench-XXXXXX";
+    if (mkdtemp(templ.data()) == nullptr) {
+      return fail(Status::from_errno("creating a scratch folder " + templ, errno));
+    }
+    dir = templ;
+    scratch = true;
+  } else {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) return fail(Status::io_error("--store " + dir + ": " + ec.message()));
+  }
+  struct Cleanup {
+    std::string dir;
+    bool active;
+    ~Cleanup() {
+      std::error_code ec;
+      if (active) std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{dir, scratch};
+
+  RecordReaderOptions io;
+  io.engine = a.io == "pread"      ? RecordReaderOptions::Engine::kPread
+              : a.io == "io_uring" ? RecordReaderOptions::Engine::kIoUring
+                                   : RecordReaderOptions::Engine::kAuto;
+  io.queue_depth = a.queue_depth;
+  io.pread_threads = std::min(a.queue_depth, 64);
+
+  nlohmann::json calib = nlohmann::json::object();
+  if (!a.no_calibrate) {
+    if (talk) {
+      std::printf("calibrating host memory bandwidth ...\n");
+      std::fflush(stdout);
+    }
+    Result<double> bw =
+        measure_host_read_bandwidth(uint64_t{1} << 30, a.threads, a.calibrate_seconds / 2);
+    if (bw.ok()) calib["host_read_bandwidth"] = *bw;
+  }
+
+  std::vector<Point> points;
+  for (int64_t n : experts) {
+    PeerConfig c;
+    c.dim = a.dim;
+    c.dim_out = a.dim_out > 0 ? a.dim_out : a.dim;
+    c.heads = a.heads;
+    c.n_keys = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(n))));
+    c.dim_key = a.dim_key;
+    c.topk = a.topk;
+    c.topk_per_half = a.topk_per_half > 0 ? a.topk_per_half : a.topk;
+    c.activation = Activation::kSilu;
+    c.gate = Gate::kRelu;
+    Result<std::string> path = ensure_store(a, dir, n, c, *dtype, talk);
+    if (!path.ok()) return fail(path.status());
+
+    // The disk's limit at this record size and queue depth: our reader alone, and fio.
+    Result<StoreReader> store = StoreReader::open(*path);
+    if (!store.ok()) return fail(store.status());
+    const StoreLayerInfo& table = store->layers()[0];
+    nlohmann::json disk = nlohmann::json::object();
+    if (!a.no_calibrate) {
+      Result<DiskCalibration> ours = measure_disk_iops(
+          *path, table.table.offset, table.table.bytes, static_cast<uint32_t>(table.table.stride),
+          table.table.stride, a.queue_depth, io.engine, a.calibrate_seconds);
+      if (ours.ok()) {
+        disk["disk_iops_ours"] = ours->iops;
+        disk["disk_ours"] = {{"iops", ours->iops},
+                             {"engine", ours->engine},
+                             {"direct_io", ours->direct_io},
+                             {"queue_depth", ours->queue_depth},
+                             {"block_bytes", table.table.stride},
+                             {"read_amplification", ours->read_amplification},
+                             {"latency_p50_us", ours->latency_p50_us},
+                             {"latency_p99_us", ours->latency_p99_us}};
+      } else if (talk) {
+        std::printf("  (disk calibration failed: %s)\n", ours.status().to_string().c_str());
+      }
+      if (!a.no_fio) {
+        Result<FioResult> fio = run_fio_randread(
+            *path, table.table.offset, table.table.bytes, static_cast<uint32_t>(table.table.stride),
+            a.queue_depth, /*direct=*/true, a.calibrate_seconds);
+        if (fio.ok()) {
+          disk["disk_iops_fio"] = fio->iops;
+          disk["disk_fio"] = {{"iops", fio->iops},
+                              {"engine", fio->engine},
+                              {"block_bytes", fio->block_bytes},
+                              {"command", fio->command_line},
+                              {"latency_p50_us", fio->clat_p50_us},
+                              {"latency_p99_us", fio->clat_p99_us}};
+          if (disk.contains("disk_iops_ours") && fio->iops > 0) {
+            disk["ours_over_fio"] = disk["disk_iops_ours"].get<double>() / fio->iops;
+          }
+        } else if (talk) {
+          std::printf("  (fio peer skipped: %s)\n", fio.status().message().c_str());
+        }
+      }
+      if (talk && disk.contains("disk_iops_ours")) {
+        std::printf("disk limit at %s reads, queue depth %d: ours %.0f IOPS (%s%s)",
+                    format_bytes(table.table.stride).c_str(), a.queue_depth,
+                    disk["disk_iops_ours"].get<double>(),
+                    disk["disk_ours"]["engine"].get<std::string>().c_str(),
+                    disk["disk_ours"]["direct_io"].get<bool>() ? ", O_DIRECT" : ", page cache");
+        if (disk.contains("disk_iops_fio")) {
+          std::printf(", fio %.0f IOPS at %s blocks (ours = %.2f of fio)",
+                      disk["disk_iops_fio"].get<double>(),
+                      format_bytes(disk["disk_fio"]["block_bytes"].get<uint64_t>()).c_str(),
+                      disk["ours_over_fio"].get<double>());
+        }
+        std::printf("\n");
+        std::fflush(stdout);
+      }
+    }
+    for (auto it = disk.begin(); it != disk.end(); ++it) calib[it.key()] = it.value();
+
+    for (int64_t batch : batches) {
+      for (const BenchWorkload& w : workloads) {
+        for (const std::string& h : hosts) {
+          Point p;
+          p.experts = n;
+          p.batch = batch;
+          p.workload = w;
+          p.host = h;
+          if (!h.empty() && h.back() == '%') {
+            const double share = std::strtod(h.c_str(), nullptr) / 100.0;
+            if (!(share > 0 && share <= 1)) {
+              return fail(
+                  Status::invalid_argument("--host " + h + ": a share must be in (0%, 100%]"));
+            }
+            p.host_bytes = static_cast<uint64_t>(share * static_cast<double>(table.table.bytes));
+          } else {
+            Result<uint64_t> b = parse_bytes(h);
+            if (!b.ok()) return fail(b.status().with_context("--host"));
+            p.host_bytes = *b;
+          }
+          BenchOptions o;
+          o.store = *path;
+          o.workload = w;
+          o.batch = batch;
+          o.batches = a.batches;
+          o.warmup_batches = a.warmup;
+          o.host_budget_bytes = p.host_bytes;
+          o.policy = *policy;
+          o.io = io;
+          o.resident_baseline = !a.no_resident;
+          o.threads = a.threads;
+          o.seed = a.seed;
+          std::unique_ptr<ProgressBar> bar;
+          if (talk) {
+            bar = std::make_unique<ProgressBar>(
+                str_printf("N=%s batch=%lld %s host=%s", with_commas(n).c_str(), (long long)batch,
+                           w.name().c_str(), h.c_str()),
+                static_cast<uint64_t>(a.warmup + a.batches));
+            o.progress = [&bar](int64_t done, int64_t) {
+              bar->update(static_cast<uint64_t>(done));
+            };
+          }
+          Result<BenchResult> r = run_bench(o);
+          if (bar) bar->finish();
+          if (!r.ok()) return fail(r.status());
+          p.result = std::move(r).value();
+          if (talk) {
+            print_point(p, calib);
+            std::fflush(stdout);
+          }
+          points.push_back(std::move(p));
+        }
+      }
+    }
+  }
+
+  // The sweep: tokens/s against whichever of experts, batch and host budget took several values.
+  if (!a.plot.empty() && points.size() > 1) {
+    PlotSpec plot;
+    plot.title = "trove bench: " + workloads[0].name();
+    plot.y_label = "tokens/s";
+    auto x_of = [&](const Point& p) -> double {
+      if (experts.size() > 1) return static_cast<double>(p.experts);
+      if (batches.size() > 1) return static_cast<double>(p.batch);
+      return static_cast<double>(p.host_bytes) / static_cast<double>(p.result.table_bytes) * 100;
+    };
+    plot.x_label = experts.size() > 1   ? "experts"
+                   : batches.size() > 1 ? "batch (tokens)"
+                                        : "host budget (% of table)";
+    plot.log_x = experts.size() > 1 || batches.size() > 1;
+    for (const BenchWorkload& w : workloads) {
+      PlotSeries tiered{"tiered " + w.name(), {}, {}}, resident{"all-resident " + w.name(), {}, {}};
+      for (const Point& p : points) {
+        if (p.workload.name() != w.name()) continue;
+        tiered.x.push_back(x_of(p));
+        tiered.y.push_back(p.result.tokens_per_second);
+        if (p.result.resident_tokens_per_second > 0) {
+          resident.x.push_back(x_of(p));
+          resident.y.push_back(p.result.resident_tokens_per_second);
+        }
+      }
+      plot.series.push_back(tiered);
+      if (!resident.x.empty()) plot.series.push_back(resident);
+    }
+    const Status s = write_plot_png(a.plot, plot);
+    if (!s.ok()) return fail(s);
+    if (talk) std::printf("\nplot: %s\n", a.plot.c_str());
+  } else if (!a.plot.empty() && talk) {
+    std::printf(
+        "\n(no plot: --plot draws a sweep; give several values to --experts, --batch or "
+        "--host)\n");
+  }
+
+  nlohmann::json j = {{"calibration", calib}, {"points", nlohmann::json::array()}};
+  for (const Point& p : points) j["points"].push_back(point_json(p));
+  if (!a.plot.empty() && points.size() > 1) j["plot"] = a.plot;
+  if (json != nullptr) {
+    *json = std::move(j);
+  } else if (global.json) {
+    print_json(j);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+int run_demo_bench(const std::string& dir, const GlobalOptions& global, nlohmann::json* json) {
+  BenchArgs a;
+  a.experts = "256K";
+  a.dim = 1024;
+  a.heads = 4;
+  a.topk = 8;
+  a.dim_key = 32;
+  a.batch = "512";
+  a.host = "10%";
+  a.routing = "zipf:1.09";
+  a.store = dir;
+  a.batches = 24;
+  a.warmup = 8;
+  a.calibrate_seconds = 1.0;
+  return run_bench_command(a, global, json);
+}
+
+void add_bench(CLI::App& app, GlobalOptions& global) {
+  auto* cmd = app.add_subcommand(
+      "bench",
+      "Benchmark a PEER layer over the tiered store: a synthetic table of --experts records in\n"
+      "--store, run batch after batch through a --host budget with routing from --routing, with\n"
+      "per-tier hit rates, bytes, IOPS and per-stage latency percentiles, each beside the limit\n"
+      "measured in the same run (host memory bandwidth; disk IOPS of our reader and of fio at\n"
+      "the record size and queue depth), the all-resident run and Belady's optimal hit rate.\n"
+      "--experts, --batch, --host and --routing take comma lists: the run sweeps their product.\n"
+      "Example: trove bench --experts 4M --dim 2048 --heads 4 --topk 8 --routing zipf:1.09 \\\n"
+      "           --batch 2048 --host 2GiB --store /nvme/bench");
+  auto a = std::make_shared<BenchArgs>();
+  cmd->add_option("--experts", a->experts,
+                  "Experts N (a square: 1M, 4M, 262144, ...); a list sweeps")
+      ->capture_default_str();
+  cmd->add_option("--dim", a->dim, "Model dimension D")->capture_default_str();
+  cmd->add_option("--dim-out", a->dim_out, "Output dimension (default: D)");
+  cmd->add_option("--heads", a->heads, "Heads h")->capture_default_str();
+  cmd->add_option("--topk", a->topk, "Experts per head k")->capture_default_str();
+  cmd->add_option("--topk-per-half", a->topk_per_half, "Sub-keys per half k' (default: k)");
+  cmd->add_option("--dim-key", a->dim_key, "Sub-key dimension")->capture_default_str();
+  cmd->add_option("--quant", a->quant, "Record dtype: int4, int8, bf16, f16 or f32")
+      ->check(CLI::IsMember({"int4", "int8", "bf16", "f16", "f32"}))
+      ->capture_default_str();
+  cmd->add_option("--routing", a->routing,
+                  "Workload: uniform, zipf:A, pk (product-key routing of gaussian tokens) or\n"
+                  "trace:FILE (a `trove forward --dump-routing` file); a list sweeps")
+      ->capture_default_str();
+  cmd->add_option("--batch", a->batch, "Tokens per batch; a list sweeps")->capture_default_str();
+  cmd->add_option("--host", a->host,
+                  "Host budget for records: a size (2GiB) or a share of the table (10%); a list "
+                  "sweeps")
+      ->capture_default_str();
+  cmd->add_option("--policy", a->policy, "Host-tier eviction: lru, clock or frequency")
+      ->check(CLI::IsMember({"lru", "clock", "frequency"}))
+      ->capture_default_str();
+  cmd->add_option("--io", a->io, "Disk reads: auto, io_uring or pread")
+      ->check(CLI::IsMember({"auto", "io_uring", "pread"}))
+      ->capture_default_str();
+  cmd->add_option("--queue-depth", a->queue_depth, "Disk reads in flight")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  cmd->add_option("--store", a->store,
+                  "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"
+                  "disk to measure). Default: a scratch folder in $TMPDIR, removed afterwards");
+  cmd->add_option("--batches", a->batches, "Measured batches per point")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
+      ->capture_default_str();
+  cmd->add_option("--warmup", a->warmup, "Batches run before measuring (the host tier fills)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
+      ->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Compute threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--calibrate-seconds", a->calibrate_seconds,
+                  "Seconds for each calibration (host bandwidth, our disk IOPS, fio)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_flag("--no-resident", a->no_resident, "Skip the all-resident comparison run");
+  cmd->add_flag("--no-calibrate", a->no_calibrate, "Skip the calibrations (and fio)");
+  cmd->add_flag("--no-fio", a->no_fio, "Skip the fio peer");
+  cmd->add_option("--plot", a->plot, "Write the sweep's tokens/s curve to this PNG file");
+  cmd->add_option("--seed", a->seed, "Workload seed")->capture_default_str();
+  cmd->callback([a, &global] { global.exit_code = run_bench_command(*a, global, nullptr); });
+}
+
+}  // namespace trove::cli
