@@ -93,7 +93,8 @@ TEST(Cli, HelpExplainsEveryCommand) {
   ScratchDir dir;
   RunResult r = run(dir, {"--help"});
   EXPECT_EQ(r.exit_code, 0);
-  for (const char* cmd : {"pack", "unpack", "inspect", "verify", "demo", "Exit codes"}) {
+  for (const char* cmd :
+       {"pack", "unpack", "inspect", "verify", "demo", "forward", "bench", "Exit codes"}) {
     EXPECT_NE(r.out.find(cmd), std::string::npos) << cmd;
   }
 }
@@ -101,11 +102,20 @@ TEST(Cli, HelpExplainsEveryCommand) {
 TEST(Cli, DemoRunsEndToEndAndLeavesNoFiles) {
   ScratchDir dir;
   setenv("TMPDIR", dir.path().c_str(), 1);
-  RunResult r = run(dir, {"demo", "--dim", "64", "--n-keys", "16", "--json"});
+  RunResult r = run(dir, {"demo", "--dim", "64", "--n-keys", "16", "--bench-experts", "16K",
+                          "--bench-dim", "256", "--json"});
   unsetenv("TMPDIR");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["verify"], "ok");
+  // Step 7: the layer from disk through a tenth of its table.
+  ASSERT_EQ(j["bench"]["points"].size(), 1u) << r.out;
+  const auto& p = j["bench"]["points"][0];
+  EXPECT_EQ(p["experts"], 16384);
+  EXPECT_NEAR(p["host_budget_share"].get<double>(), 0.1, 0.01);
+  EXPECT_GT(p["tokens_per_second"].get<double>(), 0.0);
+  EXPECT_GT(p["misses_per_batch"].get<double>(), 0.0);
+  EXPECT_LE(p["cold_run_hit_rate"].get<double>(), p["belady_hit_rate"].get<double>() + 1e-12);
   EXPECT_EQ(j["pack"]["layers"].size(), 2u);
   EXPECT_GT(j["unpack"]["down_rmse"].get<double>(), 0.0);
   EXPECT_TRUE(dir.list().empty()) << "demo left files behind";

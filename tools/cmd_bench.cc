@@ -478,20 +478,35 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
 
 }  // namespace
 
-int run_demo_bench(const std::string& dir, const GlobalOptions& global, nlohmann::json* json) {
+int run_demo_bench(const std::string& dir, const std::string& experts, int64_t dim,
+                   const GlobalOptions& global, nlohmann::json* json) {
   BenchArgs a;
-  a.experts = "256K";
-  a.dim = 1024;
+  a.experts = experts;
+  a.dim = dim;
   a.heads = 4;
   a.topk = 8;
   a.dim_key = 32;
-  a.batch = "512";
   a.host = "10%";
   a.routing = "zipf:1.09";
   a.store = dir;
   a.batches = 24;
   a.warmup = 8;
   a.calibrate_seconds = 1.0;
+  // The largest power-of-two batch (up to 512 tokens) whose worst case, every selection a
+  // different expert, fits the 10% budget.
+  Result<int64_t> n = parse_count("--bench-experts", experts);
+  if (!n.ok()) return report_error("demo", n.status());
+  int64_t batch = 512;
+  while (batch > 1 && batch * a.heads * a.topk > *n / 10) batch /= 2;
+  a.batch = std::to_string(batch);
+  if (!global.json && !global.quiet) {
+    std::printf(
+        "\n7. trove bench --experts %s --dim %lld --dim-key 32 --batch %lld --routing zipf:1.09 "
+        "--host 10%% --store %s\n   (the layer from disk through a host budget of a tenth of its "
+        "table)\n",
+        experts.c_str(), static_cast<long long>(dim), static_cast<long long>(batch), dir.c_str());
+    std::fflush(stdout);
+  }
   return run_bench_command(a, global, json);
 }
 

@@ -29,6 +29,8 @@ struct DemoArgs {
   std::string quant = "int4";
   std::string dir;
   bool keep = false;
+  std::string bench_experts = "256K";  // step 7
+  int64_t bench_dim = 1024;
 };
 
 constexpr int64_t kDemoTokens = 2048;
@@ -226,16 +228,8 @@ int run_demo(const DemoArgs& args, const GlobalOptions& global) {
   }
   Result<nlohmann::json> forward = demo_forward(*reader, *src, spec, talk);
   if (!forward.ok()) return report_error("demo", forward.status());
-  if (talk) {
-    std::printf(
-        "\n7. trove bench --experts 256K --dim 1024 --dim-key 32 --batch 512 --routing zipf:1.09 "
-        "--host 10%% --store %s\n   (the layer from disk through a host budget of a tenth of its "
-        "table)\n",
-        dir.c_str());
-    std::fflush(stdout);
-  }
   nlohmann::json bench;
-  const int bench_code = run_demo_bench(dir, global, &bench);
+  const int bench_code = run_demo_bench(dir, args.bench_experts, args.bench_dim, global, &bench);
   if (bench_code != kExitOk) return bench_code;
   if (talk) {
     std::printf(
@@ -278,6 +272,12 @@ void add_demo(CLI::App& app, GlobalOptions& global) {
       ->capture_default_str();
   cmd->add_option("--dir", args->dir, "Work in this folder (kept) instead of a scratch folder");
   cmd->add_flag("--keep", args->keep, "Keep the scratch folder");
+  cmd->add_option("--bench-experts", args->bench_experts,
+                  "Step 7: experts in the table benchmarked from disk (a square)")
+      ->capture_default_str();
+  cmd->add_option("--bench-dim", args->bench_dim, "Step 7: model dimension of that table")
+      ->check(CLI::Range(int64_t{32}, int64_t{65536}))
+      ->capture_default_str();
   cmd->callback([args, &global] { global.exit_code = run_demo(*args, global); });
 }
 

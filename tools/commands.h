@@ -34,9 +34,11 @@ void add_demo(CLI::App& app, GlobalOptions& global);
 void add_forward(CLI::App& app, GlobalOptions& global);
 void add_bench(CLI::App& app, GlobalOptions& global);
 
-// `trove demo`'s last step: `trove bench` on a 256K-expert int4 table (288 MiB, written in
-// `dir`) through a host budget of 10% of it. The --json document goes to `json`.
-int run_demo_bench(const std::string& dir, const GlobalOptions& global, nlohmann::json* json);
+// `trove demo`'s last step: `trove bench` on an int4 table of `experts` (e.g. "256K") records
+// of `dim` (written in `dir`) through a host budget of 10% of it. The --json document goes to
+// `json`.
+int run_demo_bench(const std::string& dir, const std::string& experts, int64_t dim,
+                   const GlobalOptions& global, nlohmann::json* json);
 
 // A CLI11 check for byte sizes ("2GiB", "512 MiB", "4096"; base/bytes.h).
 inline const CLI::Validator valid_bytes(
