@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <random>
 #include <thread>
 
@@ -256,6 +258,73 @@ TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
       "pack killed %d times over %.0f ms: old store %d times, new store %d times, a named "
       "temporary seen (then removed) %d times\n",
       iterations, full_ms, saw_old, saw_new, leftovers);
+}
+
+TEST(Cli, BenchSweepsWritesJsonAndAPlotAndRefusesBadSizes) {
+  ScratchDir dir;
+  const std::string plot = dir.file("sweep.png");
+  RunResult r = run(dir, {"bench",
+                          "--experts",
+                          "4096",
+                          "--dim",
+                          "64",
+                          "--heads",
+                          "2",
+                          "--topk",
+                          "4",
+                          "--dim-key",
+                          "8",
+                          "--batch",
+                          "16",
+                          "--host",
+                          "5%,20%",
+                          "--routing",
+                          "zipf:1.09",
+                          "--batches",
+                          "4",
+                          "--warmup",
+                          "2",
+                          "--store",
+                          dir.file("stores"),
+                          "--calibrate-seconds",
+                          "0.1",
+                          "--no-fio",
+                          "--plot",
+                          plot,
+                          "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["points"].size(), 2u);
+  EXPECT_LT(j["points"][0]["host_budget_bytes"].get<uint64_t>(),
+            j["points"][1]["host_budget_bytes"].get<uint64_t>());
+  for (const auto& p : j["points"]) {
+    EXPECT_EQ(p["requested_per_batch"].get<double>(), 16 * 2 * 4);
+    for (const char* stage : {"route", "resolve", "disk", "compute", "stall", "batch"}) {
+      EXPECT_TRUE(p["stages"].contains(stage)) << stage;
+    }
+    EXPECT_LE(p["cold_run_hit_rate"].get<double>(), p["belady_hit_rate"].get<double>() + 1e-12);
+  }
+  EXPECT_GT(j["calibration"]["host_read_bandwidth"].get<double>(), 0.0);
+  EXPECT_GT(j["calibration"]["disk_iops_ours"].get<double>(), 0.0);
+  const auto png = testing::read_all(plot);
+  ASSERT_GT(png.size(), 8u);
+  EXPECT_EQ(0, std::memcmp(png.data(), "\x89PNG\r\n\x1a\n", 8));
+  // One store for the sweep, kept in --store for later runs.
+  const auto stores = std::filesystem::directory_iterator(dir.file("stores"));
+  int count = 0;
+  for (const auto& e : stores) count += e.path().extension() == ".trove" ? 1 : 0;
+  EXPECT_EQ(count, 1);
+
+  RunResult square = run(dir, {"bench", "--experts", "1000", "--store", dir.file("stores")});
+  EXPECT_EQ(square.exit_code, 1);
+  EXPECT_NE(square.err.find("not a square"), std::string::npos) << square.err;
+  RunResult share = run(dir, {"bench", "--experts", "4096", "--dim", "64", "--host", "0%",
+                              "--store", dir.file("stores")});
+  EXPECT_EQ(share.exit_code, 1);
+  EXPECT_NE(share.err.find("--host 0%"), std::string::npos) << share.err;
+  RunResult routing = run(dir, {"bench", "--routing", "normal", "--store", dir.file("stores")});
+  EXPECT_EQ(routing.exit_code, 1);
+  EXPECT_NE(routing.err.find("zipf:A"), std::string::npos) << routing.err;
 }
 
 }  // namespace
