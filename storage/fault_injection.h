@@ -55,6 +55,12 @@ class FaultyFileOps : public FileOps {
     std::lock_guard<std::mutex> lock(mu_);
     flips_.push_back(offset);
   }
+  // Every read whose offset, length or buffer address is not a multiple of `align` fails with
+  // -EINVAL, as O_DIRECT does on a device whose logical blocks are `align` bytes.
+  void refuse_unaligned(uint64_t align) {
+    std::lock_guard<std::mutex> lock(mu_);
+    refuse_unaligned_ = align;
+  }
   // Each read takes `delay` longer (outside the lock: concurrent reads overlap).
   void delay_each_read(std::chrono::microseconds delay) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -78,8 +84,8 @@ class FaultyFileOps : public FileOps {
   }
 
   // Applies the faults to the result `res` of read number reads_seen() + 1, of up to `len`
-  // bytes at `offset` into `buf`: delay, then the first matching of fail_nth_read,
-  // fail_offset, eagain_every; else short_read_every, then flip_byte.
+  // bytes at `offset` into `buf`: delay, then the first matching of refuse_unaligned,
+  // fail_nth_read, fail_offset, eagain_every; else short_read_every, then flip_byte.
   int64_t inject(uint64_t offset, uint8_t* buf, size_t len, int64_t res) {
     std::chrono::microseconds delay{0};
     {
@@ -100,6 +106,10 @@ class FaultyFileOps : public FileOps {
 
   // REQUIRES: mu_ held.
   int64_t apply(uint64_t n, uint64_t offset, uint8_t* buf, size_t len, int64_t res) {
+    if (refuse_unaligned_ > 0 && (offset % refuse_unaligned_ != 0 || len % refuse_unaligned_ != 0 ||
+                                  reinterpret_cast<uintptr_t>(buf) % refuse_unaligned_ != 0)) {
+      return injected(-EINVAL);
+    }
     for (const Fail& f : fail_nth_) {
       if (f.key == n) return injected(-f.err);
     }
@@ -136,6 +146,7 @@ class FaultyFileOps : public FileOps {
   std::vector<uint64_t> flips_;
   uint64_t eagain_every_ = 0;
   uint64_t short_every_ = 0;
+  uint64_t refuse_unaligned_ = 0;
   bool short_retries_too_ = false;
   std::set<uint64_t> shortened_;  // offsets of shortened reads whose retry is left whole
   std::chrono::microseconds delay_{0};

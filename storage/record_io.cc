@@ -2,8 +2,12 @@
 // io_uring engine is in storage/record_io_uring.cc.
 #include "storage/record_io.h"
 
+#include <fcntl.h>
+#include <linux/fs.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <xxhash.h>
@@ -11,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -53,14 +58,76 @@ constexpr int kMaxStalledShortReads = 8;
 // EAGAIN/EINTR in a row before a read is given up: a transient condition clears long before.
 constexpr int kMaxAgainInARow = 1000;
 
-uint64_t align_down(uint64_t x) {
-  return x / kDirectAlignment * kDirectAlignment;
+// The smallest alignment used: no block device has smaller logical blocks.
+constexpr uint32_t kMinDirectAlignment = 512;
+
+bool is_power_of_two(uint64_t x) {
+  return x != 0 && (x & (x - 1)) == 0;
 }
-uint64_t align_up(uint64_t x) {
-  return (x + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
+
+// `bytes` raised to kMinDirectAlignment, or 0 when it is no usable alignment.
+uint32_t usable_alignment(uint64_t bytes) {
+  if (!is_power_of_two(bytes) || bytes > kMaxDirectAlignment) return 0;
+  return std::max(static_cast<uint32_t>(bytes), kMinDirectAlignment);
+}
+
+// The logical block size of block device `dev` from BLKSSZGET on its node (udev's
+// /dev/block/M:m link), or 0 where the node is missing or not ours to open (containers).
+uint32_t blkszget_of(dev_t dev) {
+  char node[64];
+  std::snprintf(node, sizeof node, "/dev/block/%u:%u", major(dev), minor(dev));
+  const int fd = ::open(node, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return 0;
+  int bytes = 0;
+  const int rc = ::ioctl(fd, BLKSSZGET, &bytes);
+  ::close(fd);
+  return rc == 0 && bytes > 0 ? usable_alignment(static_cast<uint64_t>(bytes)) : 0;
+}
+
+// The same from sysfs: queue/logical_block_size of the device or, for a partition, of the
+// whole disk above it. 0 when unreadable.
+uint32_t sysfs_logical_block_size(dev_t dev) {
+  for (const char* rel : {"queue/logical_block_size", "../queue/logical_block_size"}) {
+    char file[96];
+    std::snprintf(file, sizeof file, "/sys/dev/block/%u:%u/%s", major(dev), minor(dev), rel);
+    std::FILE* f = std::fopen(file, "re");
+    if (f == nullptr) continue;
+    unsigned long long bytes = 0;
+    const int n = std::fscanf(f, "%llu", &bytes);
+    std::fclose(f);
+    if (n == 1) return usable_alignment(bytes);
+  }
+  return 0;
 }
 
 }  // namespace
+
+DirectAlignment detect_direct_alignment(int fd) {
+#ifdef STATX_DIOALIGN
+  struct statx sx {};
+  if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 &&
+      (sx.stx_mask & STATX_DIOALIGN) != 0 && sx.stx_dio_offset_align != 0) {
+    // Offsets, lengths and buffers all at the larger of the two, so a buffer offset by a
+    // multiple of the offset alignment is still aligned for memory.
+    const uint32_t bytes =
+        usable_alignment(std::max(sx.stx_dio_offset_align, sx.stx_dio_mem_align));
+    if (bytes != 0) return {bytes, "statx"};
+  }
+#endif
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && major(st.st_dev) != 0) {  // major 0: no block device (btrfs)
+    if (const uint32_t bytes = blkszget_of(st.st_dev)) return {bytes, "BLKSSZGET"};
+    if (const uint32_t bytes = sysfs_logical_block_size(st.st_dev)) return {bytes, "sysfs"};
+  }
+  // Nothing to ask: try a 512-byte read at offset 512 into memory aligned to 512 but not
+  // 1024. Only a read that returns bytes is proof; EINVAL, EOF or anything else is not.
+  Result<AlignedBuffer> buf = AlignedBuffer::allocate(kDirectAlignment);
+  if (buf.ok() && ::pread(fd, buf->data() + kMinDirectAlignment, kMinDirectAlignment,
+                          kMinDirectAlignment) > 0) {
+    return {kMinDirectAlignment, "probe"};
+  }
+  return {};
+}
 
 // ---- AlignedBuffer --------------------------------------------------------------------------
 
@@ -68,10 +135,10 @@ void AlignedBuffer::Free::operator()(uint8_t* p) const {
   std::free(p);
 }
 
-Result<AlignedBuffer> AlignedBuffer::allocate(uint64_t bytes) {
-  const uint64_t rounded = std::max(align_up(bytes), kDirectAlignment);
+Result<AlignedBuffer> AlignedBuffer::allocate(uint64_t bytes, uint64_t alignment) {
+  const uint64_t rounded = std::max(align_up(bytes, alignment), alignment);
   AlignedBuffer b;
-  b.data_.reset(static_cast<uint8_t*>(std::aligned_alloc(kDirectAlignment, rounded)));
+  b.data_.reset(static_cast<uint8_t*>(std::aligned_alloc(alignment, rounded)));
   if (b.data_ == nullptr) {
     return Status::resource_exhausted(
         str_printf("allocating %llu bytes of aligned read buffers failed", ull(rounded)));
@@ -144,6 +211,7 @@ RecordReaderStats StatsCounters::snapshot() const {
   s.short_read_retries = get(short_read_retries);
   s.checksum_failures = get(checksum_failures);
   s.io_errors = get(io_errors);
+  s.alignment_fallbacks = get(alignment_fallbacks);
   s.submit_calls = get(submit_calls);
   s.max_in_flight = max_in_flight.load(std::memory_order_relaxed);
   s.busy_seconds = static_cast<double>(get(busy_ns)) * 1e-9;
@@ -160,11 +228,22 @@ RecordReaderStats StatsCounters::snapshot() const {
 
 // ---- Core -----------------------------------------------------------------------------------
 
-Core::Core(File file, bool direct, const RecordReaderOptions& options)
+Core::Core(File file, bool direct, DirectAlignment alignment, const RecordReaderOptions& options)
     : file_(std::move(file)),
       direct_(direct),
+      alignment_(direct ? alignment.bytes : 0),
+      initial_source_(direct ? alignment.source : "buffered"),
+      max_alignment_(direct ? std::max<uint64_t>(alignment.bytes, kDirectAlignment)
+                            : kDirectAlignment),
       verify_(options.verify),
-      file_ops_(options.file_ops) {}
+      file_ops_(options.file_ops) {
+  TROVE_CHECK(!direct_ ||
+              (is_power_of_two(alignment.bytes) && alignment.bytes <= kMaxDirectAlignment));
+}
+
+const char* Core::alignment_source() const {
+  return fell_back_.load(std::memory_order_relaxed) ? "fallback" : initial_source_;
+}
 
 std::string Core::describe(const RecordRead& r) const {
   return str_printf("%s: expert %lld at offset %llu (%u bytes)", path().c_str(),
@@ -175,7 +254,7 @@ Status Core::check_request(const RecordRead& r) const {
   if (r.bytes == 0) return Status::invalid_argument(describe(r) + ": a record has no bytes");
   if (r.dest == nullptr) return Status::invalid_argument(describe(r) + ": dest is null");
   // The aligned extent's end must not wrap.
-  if (r.offset > UINT64_MAX - r.bytes - 2 * kDirectAlignment) {
+  if (r.offset > UINT64_MAX - r.bytes - 2 * kMaxDirectAlignment) {
     return Status::invalid_argument(describe(r) + ": the extent runs past 2^64");
   }
   return {};
@@ -183,16 +262,36 @@ Status Core::check_request(const RecordRead& r) const {
 
 uint64_t Core::extent_bytes(const RecordRead& r) const {
   if (!direct_) return r.bytes;
-  return align_up(r.offset + r.bytes) - align_down(r.offset);
+  return align_up(r.offset + r.bytes, max_alignment_) - align_down(r.offset, max_alignment_);
 }
 
 ExtentRead Core::extent_of(size_t index, const RecordRead& r) const {
+  return cut_extent(index, r, direct_ ? alignment_.load(std::memory_order_relaxed) : 1);
+}
+
+ExtentRead Core::cut_extent(size_t index, const RecordRead& r, uint64_t align) {
   ExtentRead x;
   x.index = index;
-  x.begin = direct_ ? align_down(r.offset) : r.offset;
-  x.len = extent_bytes(r);
+  x.align = align;
+  x.begin = align_down(r.offset, align);
+  x.len = align_up(r.offset + r.bytes, align) - x.begin;
   x.needed = r.offset + r.bytes - x.begin;
   return x;
+}
+
+void Core::fall_back_to_page_alignment(ExtentRead& x, const RecordRead& r) {
+  stats_.alignment_fallbacks.fetch_add(1, std::memory_order_relaxed);
+  // Every read in flight at the smaller alignment may get here; the first one switches.
+  uint32_t was = static_cast<uint32_t>(x.align);
+  if (alignment_.compare_exchange_strong(was, static_cast<uint32_t>(kDirectAlignment),
+                                         std::memory_order_relaxed)) {
+    fell_back_.store(true, std::memory_order_relaxed);
+    TROVE_LOG_DEBUG(
+        "%s: an O_DIRECT read at %llu-byte alignment was refused (EINVAL); reading "
+        "at %llu-byte alignment from now on",
+        path().c_str(), ull(x.align), ull(kDirectAlignment));
+  }
+  x = cut_extent(x.index, r, kDirectAlignment);
 }
 
 Status Core::truncated(const RecordRead& r) const {
@@ -225,6 +324,12 @@ Step Core::on_result(Batch& batch, ExtentRead& x, int64_t res) {
     return Step::kFailed;
   }
   x.again = 0;
+  // A kernel or device that wants more alignment than statx or the block size said: once per
+  // extent, recut at the page size and read again from its start.
+  if (res == -EINVAL && direct_ && x.align < kDirectAlignment) {
+    fall_back_to_page_alignment(x, r);
+    return Step::kReissue;
+  }
   if (res < 0) {
     stats_.io_errors.fetch_add(1, std::memory_order_relaxed);
     fail(batch, Status::from_errno(describe(r), static_cast<int>(-res)));
@@ -251,7 +356,7 @@ Step Core::on_result(Batch& batch, ExtentRead& x, int64_t res) {
   }
   // A short read: ask again for the rest. O_DIRECT resumes only at a block boundary.
   stats_.short_read_retries.fetch_add(1, std::memory_order_relaxed);
-  if (direct_) next = align_down(next);
+  if (direct_) next = align_down(next, x.align);
   if (next > x.done) {
     x.done = next;
     x.stalled = 0;
@@ -333,7 +438,7 @@ class PreadEngine final : public Engine {
   Status reserve(uint64_t extent_bytes) override {
     for (AlignedBuffer& b : buffers_) {
       if (b.size() < extent_bytes) {
-        TROVE_ASSIGN_OR_RETURN(b, AlignedBuffer::allocate(extent_bytes));
+        TROVE_ASSIGN_OR_RETURN(b, AlignedBuffer::allocate(extent_bytes, core_.max_alignment()));
       }
     }
     return {};
@@ -446,6 +551,12 @@ Result<std::unique_ptr<RecordReader>> RecordReader::open(const std::string& path
     return Status::invalid_argument(str_printf("%s: pread_threads = %d is outside [1, 1024]",
                                                path.c_str(), options.pread_threads));
   }
+  if (options.direct_alignment != 0 &&
+      record_io::usable_alignment(options.direct_alignment) != options.direct_alignment) {
+    return Status::invalid_argument(
+        str_printf("%s: direct_alignment = %u is not a power of two in [512, %u]", path.c_str(),
+                   options.direct_alignment, record_io::kMaxDirectAlignment));
+  }
   bool direct = options.direct_io;
   Result<File> file = File::open_read(path, direct);
   if (!file.ok() && direct && file.status().code() == Status::Code::kNotSupported) {
@@ -456,8 +567,14 @@ Result<std::unique_ptr<RecordReader>> RecordReader::open(const std::string& path
   }
   if (!file.ok()) return file.status();
 
+  record_io::DirectAlignment alignment;
+  if (direct) {
+    alignment = options.direct_alignment != 0
+                    ? record_io::DirectAlignment{options.direct_alignment, "option"}
+                    : record_io::detect_direct_alignment(file->fd());
+  }
   auto impl = std::make_unique<Impl>();
-  impl->core = std::make_unique<Core>(std::move(file).value(), direct, options);
+  impl->core = std::make_unique<Core>(std::move(file).value(), direct, alignment, options);
   static std::once_flag logged;
   if (options.engine != Choice::kPread) {
     Result<std::unique_ptr<record_io::Engine>> uring =
@@ -466,7 +583,10 @@ Result<std::unique_ptr<RecordReader>> RecordReader::open(const std::string& path
       impl->engine = std::move(uring).value();
       std::call_once(logged, [&] {
         TROVE_LOG_INFO("record reads use io_uring (queue depth %d%s)", options.queue_depth,
-                       direct ? ", O_DIRECT" : "");
+                       direct ? str_printf(", O_DIRECT at %u-byte alignment from %s",
+                                           impl->core->alignment(), alignment.source)
+                                    .c_str()
+                              : "");
       });
     } else if (options.engine == Choice::kIoUring ||
                uring.status().code() != Status::Code::kNotSupported) {
@@ -530,6 +650,12 @@ const char* RecordReader::engine_name() const {
 }
 bool RecordReader::direct_io() const {
   return impl_->core->direct();
+}
+uint32_t RecordReader::direct_alignment() const {
+  return impl_->core->alignment();
+}
+const char* RecordReader::direct_alignment_source() const {
+  return impl_->core->alignment_source();
 }
 RecordReaderStats RecordReader::stats() const {
   return impl_->core->stats().snapshot();

@@ -83,10 +83,18 @@ struct RecordReaderOptions {
   int queue_depth = 64;
   // pread: worker threads = the most reads in flight at once (>= 1).
   int pread_threads = 8;
-  // Open with O_DIRECT and read each record as its kDirectAlignment-aligned enclosing extent.
-  // Falls back to buffered reads of the exact record bytes where the filesystem refuses
-  // O_DIRECT (tmpfs), with a debug log.
+  // Open with O_DIRECT and read each record as its enclosing extent aligned to the file's
+  // direct-I/O alignment (RecordReader::direct_alignment()). Falls back to buffered reads of
+  // the exact record bytes where the filesystem refuses O_DIRECT (tmpfs), with a debug log.
   bool direct_io = true;
+  // The O_DIRECT alignment (offsets, lengths and buffers), in bytes. 0: the file's own, found
+  // at open: statx(STATX_DIOALIGN) (Linux >= 6.1), else the logical block size of the device
+  // holding the file (BLKSSZGET on its node, or sysfs), else 512 if a probe read at 512
+  // succeeds, else kDirectAlignment. Otherwise a power of two in [512, 1 MiB] to use instead.
+  // Whichever it is, a read the kernel refuses with EINVAL at an alignment below
+  // kDirectAlignment switches the reader to kDirectAlignment for good (debug log) and is
+  // reissued; bytes read at the smaller alignment before that were read correctly and stand.
+  uint32_t direct_alignment = 0;
   // Check every record's XXH3-64 against RecordRead::xxh3 before copying it to dest.
   bool verify = true;
   // The io_uring engine keeps fewer than queue_depth reads in flight when queue_depth bounce
@@ -106,19 +114,22 @@ struct RecordReaderStats {
   uint64_t eagain_retries = 0;      // requests reissued after EAGAIN or EINTR
   uint64_t short_read_retries = 0;  // requests reissued for the rest of a short read
   uint64_t checksum_failures = 0;
-  uint64_t io_errors = 0;      // reads failed by the OS, truncation or a stalled short read
-  uint64_t submit_calls = 0;   // io_uring_submit calls (one syscall each); 0 for pread
-  uint32_t max_in_flight = 0;  // the most requests ever in flight at once
-  double mean_in_flight = 0;   // requests in flight on average while busy (Little's law)
-  double busy_seconds = 0;     // wall time from each start() to its last completion, summed
-  double verify_seconds = 0;   // time spent computing checksums (the cost of verify)
+  uint64_t io_errors = 0;            // reads failed by the OS, truncation or a stalled short read
+  uint64_t alignment_fallbacks = 0;  // reads refused (EINVAL) below kDirectAlignment, reissued
+  uint64_t submit_calls = 0;         // io_uring_submit calls (one syscall each); 0 for pread
+  uint32_t max_in_flight = 0;        // the most requests ever in flight at once
+  double mean_in_flight = 0;         // requests in flight on average while busy (Little's law)
+  double busy_seconds = 0;           // wall time from each start() to its last completion, summed
+  double verify_seconds = 0;         // time spent computing checksums (the cost of verify)
   // Per request, from issue to completion (log-bucketed: within ~19%).
   double latency_p50_us = 0;
   double latency_p90_us = 0;
   double latency_p99_us = 0;
 
   double iops() const { return busy_seconds > 0 ? static_cast<double>(reads) / busy_seconds : 0; }
-  // Bytes read per useful byte (>= 1 with aligned extents).
+  // Bytes read per useful byte: >= 1 with O_DIRECT, where each record costs its extent aligned
+  // to RecordReader::direct_alignment() (a 1152-byte record: 1536 bytes at 512, 4096 or 8192
+  // at 4096); 1 when buffered.
   double read_amplification() const {
     return bytes_useful > 0 ? static_cast<double>(bytes_read) / static_cast<double>(bytes_useful)
                             : 0;
@@ -166,6 +177,13 @@ class RecordReader {
   const char* engine_name() const;
   // Whether the file is read with O_DIRECT (false where the filesystem refused it).
   bool direct_io() const;
+  // The alignment O_DIRECT reads use now (RecordReaderOptions::direct_alignment): a power of
+  // two, the file's own unless the kernel refused it (then kDirectAlignment); 0 when buffered.
+  uint32_t direct_alignment() const;
+  // Where direct_alignment() came from: "statx", "BLKSSZGET", "sysfs", "probe", "default"
+  // (nothing answered: kDirectAlignment), "option" (RecordReaderOptions), "fallback" (the
+  // kernel refused the smaller one) or "buffered".
+  const char* direct_alignment_source() const;
   RecordReaderStats stats() const;
 
  private:

@@ -32,8 +32,9 @@ inline uint64_t elapsed_ns(Clock::time_point since) {
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
-  // Rounds `bytes` up to kDirectAlignment. Fails only when memory is exhausted.
-  static Result<AlignedBuffer> allocate(uint64_t bytes);
+  // Rounds `bytes` up to `alignment` (a power of two >= kDirectAlignment), which is also the
+  // alignment of data(). Fails only when memory is exhausted.
+  static Result<AlignedBuffer> allocate(uint64_t bytes, uint64_t alignment = kDirectAlignment);
   uint8_t* data() const { return data_.get(); }
   uint64_t size() const { return size_; }
 
@@ -62,7 +63,7 @@ class LatencyHistogram {
 struct StatsCounters {
   std::atomic<uint64_t> batches{0}, reads{0}, requests{0}, bytes_read{0}, bytes_useful{0};
   std::atomic<uint64_t> eagain_retries{0}, short_read_retries{0}, checksum_failures{0};
-  std::atomic<uint64_t> io_errors{0}, submit_calls{0};
+  std::atomic<uint64_t> io_errors{0}, submit_calls{0}, alignment_fallbacks{0};
   std::atomic<uint32_t> max_in_flight{0};
   std::atomic<uint64_t> latency_ns{0};  // summed over requests
   std::atomic<uint64_t> busy_ns{0}, verify_ns{0};
@@ -93,10 +94,11 @@ struct Batch {
 // the end of the file).
 struct ExtentRead {
   size_t index = 0;     // into Batch::reads
-  uint64_t begin = 0;   // file offset of the extent (kDirectAlignment-aligned with O_DIRECT)
+  uint64_t begin = 0;   // file offset of the extent (a multiple of `align` with O_DIRECT)
   uint64_t len = 0;     // extent bytes = the bounce bytes used
   uint64_t needed = 0;  // record end - begin
   uint64_t done = 0;    // bytes [begin, begin + done) have arrived; aligned with O_DIRECT
+  uint64_t align = 1;   // the O_DIRECT alignment the extent was cut at; 1 when buffered
   int stalled = 0;      // consecutive short reads that brought no whole block
   int again = 0;        // consecutive EAGAIN or EINTR results
 };
@@ -108,21 +110,46 @@ enum class Step {
   kFailed,    // the batch has failed (recorded in it)
 };
 
+// The O_DIRECT alignment of a file and how it was found (RecordReader::direct_alignment()).
+struct DirectAlignment {
+  uint32_t bytes = static_cast<uint32_t>(kDirectAlignment);
+  const char* source = "default";
+};
+
+// The largest alignment the reader accepts from the kernel or the options.
+inline constexpr uint32_t kMaxDirectAlignment = uint32_t{1} << 20;
+
+// The file's O_DIRECT alignment, from the first source that answers: statx(STATX_DIOALIGN),
+// BLKSSZGET on the device node of the file's st_dev, that device's logical_block_size in
+// sysfs, a 512-byte probe read at offset 512 into a buffer at a 512-byte (not 4096) boundary;
+// else kDirectAlignment. Values below 512 are raised to 512. REQUIRES: fd open with O_DIRECT.
+DirectAlignment detect_direct_alignment(int fd);
+
 // The file and the rules both engines share.
 class Core {
  public:
-  Core(File file, bool direct, const RecordReaderOptions& options);
+  // `alignment` is ignored unless `direct`.
+  Core(File file, bool direct, DirectAlignment alignment, const RecordReaderOptions& options);
 
   const std::string& path() const { return file_.path(); }
   int fd() const { return file_.fd(); }
   bool direct() const { return direct_; }
+  // The alignment extents are cut at now: the file's, or kDirectAlignment after a fallback;
+  // 0 when buffered.
+  uint32_t alignment() const { return direct_ ? alignment_.load(std::memory_order_relaxed) : 0; }
+  const char* alignment_source() const;
+  // The largest alignment extents may ever be cut at, max(alignment(), kDirectAlignment): bounce
+  // slots are sized and aligned for it.
+  uint64_t max_alignment() const { return max_alignment_; }
   FileOps* file_ops() const { return file_ops_.get(); }
   StatsCounters& stats() { return stats_; }
   const StatsCounters& stats() const { return stats_; }
 
-  // The extent read for record `r` (at `index` in the batch). REQUIRES: r was checked by
-  // check_request.
+  // The extent read for record `r` (at `index` in the batch), at the current alignment.
+  // REQUIRES: r was checked by check_request.
   ExtentRead extent_of(size_t index, const RecordRead& r) const;
+  // The bounce bytes record `r` may need: its extent at max_alignment(), so a fallback to
+  // kDirectAlignment in the middle of a batch never outgrows a slot.
   uint64_t extent_bytes(const RecordRead& r) const;
   // invalid_argument naming the record when it cannot be read (no bytes, no dest, offsets
   // past 2^64).
@@ -132,7 +159,8 @@ class Core {
   // kMaxRequestBytes.
   static uint64_t request_bytes(const ExtentRead& x);
   // Acts on `res` (bytes read, or -errno) for the request of request_bytes(x) bytes at
-  // x.begin + x.done. Updates x.done, the stats and, on failure, the batch.
+  // x.begin + x.done. Updates x (done; or the whole extent, recut at kDirectAlignment when
+  // EINVAL refused a smaller alignment), the stats and, on failure, the batch.
   Step on_result(Batch& batch, ExtentRead& x, int64_t res);
   // Verifies the record in `extent` (x.len bounce bytes holding file bytes from x.begin) and
   // copies it to its dest. A mismatch fails the batch and leaves dest alone.
@@ -147,8 +175,17 @@ class Core {
  private:
   Status truncated(const RecordRead& r) const;
 
+  // EINVAL for `x` cut at a smaller alignment than kDirectAlignment: switches the reader to
+  // kDirectAlignment (logged once) and recuts x there.
+  void fall_back_to_page_alignment(ExtentRead& x, const RecordRead& r);
+  static ExtentRead cut_extent(size_t index, const RecordRead& r, uint64_t align);
+
   File file_;
   bool direct_ = false;
+  std::atomic<uint32_t> alignment_{0};
+  const char* initial_source_ = "buffered";
+  std::atomic<bool> fell_back_{false};
+  uint64_t max_alignment_ = kDirectAlignment;
   bool verify_ = true;
   std::shared_ptr<FileOps> file_ops_;
   StatsCounters stats_;
@@ -181,5 +218,12 @@ inline constexpr uint64_t kMaxRequestBytes = uint64_t{1} << 30;
 
 // Bounce bytes a fresh engine reserves (a record of up to 4 KiB + 1 straddles two blocks).
 inline constexpr uint64_t kInitialExtentBytes = 2 * kDirectAlignment;
+
+inline uint64_t align_down(uint64_t x, uint64_t align) {
+  return x / align * align;
+}
+inline uint64_t align_up(uint64_t x, uint64_t align) {
+  return (x + align - 1) / align * align;
+}
 
 }  // namespace trove::record_io

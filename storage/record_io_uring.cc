@@ -74,8 +74,7 @@ class UringEngine final : public Engine {
     // A broken ring may still write into the bounce memory: keep it until queue_exit.
     if (!broken_.ok()) return broken_;
     if (extent_bytes <= slot_bytes_) return {};
-    const uint64_t slot_bytes =
-        (extent_bytes + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
+    const uint64_t slot_bytes = align_up(extent_bytes, core_.max_alignment());
     const uint64_t slots = std::clamp<uint64_t>(max_bounce_bytes_ / slot_bytes, 1,
                                                 static_cast<uint64_t>(queue_depth_));
     if (registered_) {
@@ -84,7 +83,8 @@ class UringEngine final : public Engine {
     }
     bounce_ = AlignedBuffer();
     slot_bytes_ = 0;
-    TROVE_ASSIGN_OR_RETURN(bounce_, AlignedBuffer::allocate(slots * slot_bytes));
+    TROVE_ASSIGN_OR_RETURN(bounce_,
+                           AlignedBuffer::allocate(slots * slot_bytes, core_.max_alignment()));
     slot_bytes_ = slot_bytes;
     slots_.assign(slots, Slot{});
     iovec iov{bounce_.data(), bounce_.size()};

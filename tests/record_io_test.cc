@@ -3,6 +3,7 @@
 // (EIO, EAGAIN, short reads, a flipped byte, a slow disk) and a truncated file surface as the
 // documented errors or are retried; the file is never written. The io_uring cases skip with a
 // message where the kernel refuses io_uring.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -283,15 +284,134 @@ TEST_P(RecordReaderTest, MatchesStoreReaderReadRecords) {
 }
 
 TEST_P(RecordReaderTest, ReadsWholeAlignedExtentsWithDirectIo) {
+  for (uint32_t align : {0u, 512u, 4096u}) {  // the file's own, then forced
+    RecordReaderOptions o = options();
+    o.direct_alignment = align;
+    OPEN_OR_SKIP(reader, o);
+    const uint64_t a = reader->direct_alignment();
+    if (align != 0) {
+      EXPECT_EQ(a, align);
+      EXPECT_STREQ(reader->direct_alignment_source(), "option");
+    }
+    // "small" record 1 sits at table offset + 2304: bytes [2304, 4608) of the table (which
+    // starts 4096-aligned): 2560 bytes at 512, two blocks at 4096.
+    ReadBatch b = batch_of("small", {1});
+    ASSERT_TRUE(reader->read(b.reads()).ok());
+    EXPECT_TRUE(b.holds_record(0));
+    const RecordReaderStats st = reader->stats();
+    if (st.alignment_fallbacks > 0) continue;  // the kernel refused `a`: covered below
+    const uint64_t extent = (4608 + a - 1) / a * a - 2304 / a * a;
+    EXPECT_EQ(st.bytes_useful, kSmallStride);
+    EXPECT_EQ(st.bytes_read, extent) << "alignment " << a;
+    EXPECT_DOUBLE_EQ(st.read_amplification(), static_cast<double>(extent) / kSmallStride);
+  }
+}
+
+// The file's O_DIRECT alignment is what the kernel says it is where statx knows it.
+TEST_P(RecordReaderTest, DirectAlignmentIsTheFilesOwn) {
   OPEN_OR_SKIP(reader, options());
-  // "small" record 1 sits at table offset + 2304: bytes [2304, 4608) of the table, two blocks.
-  ReadBatch b = batch_of("small", {1});
-  ASSERT_TRUE(reader->read(b.reads()).ok());
-  EXPECT_TRUE(b.holds_record(0));
-  const RecordReaderStats st = reader->stats();
-  EXPECT_EQ(st.bytes_useful, kSmallStride);
-  EXPECT_EQ(st.bytes_read, 2 * 4096u);
-  EXPECT_DOUBLE_EQ(st.read_amplification(), 8192.0 / kSmallStride);
+  const uint32_t a = reader->direct_alignment();
+  EXPECT_GE(a, 512u);
+  EXPECT_LE(a, 1u << 20);
+  EXPECT_EQ(a & (a - 1), 0u) << a << " is not a power of two";
+  const std::string source = reader->direct_alignment_source();
+  EXPECT_THAT(source, ::testing::AnyOf("statx", "BLKSSZGET", "sysfs", "probe", "default"));
+#ifdef STATX_DIOALIGN
+  struct statx sx {};
+  if (::statx(AT_FDCWD, StoreFile::get().path().c_str(), 0, STATX_DIOALIGN, &sx) == 0 &&
+      (sx.stx_mask & STATX_DIOALIGN) != 0 && sx.stx_dio_offset_align != 0) {
+    EXPECT_EQ(source, "statx");
+    EXPECT_EQ(a, std::max({sx.stx_dio_offset_align, sx.stx_dio_mem_align, 512u}));
+  }
+#endif
+}
+
+// Records at strides that are not multiples of the alignment (and one not even of 64) from a
+// 4096-aligned table start: each is read as its own aligned extent and arrives intact, and
+// the bytes read are exactly those extents.
+TEST_P(RecordReaderTest, OddStridesReadCorrectlyAtEachAlignment) {
+  testing::ScratchDir dir;
+  const std::string path = dir.file("strides.bin");
+  constexpr uint64_t kTable = 12288;
+  // A whole number of pages past the last record: every extent is read whole.
+  const std::vector<uint8_t> bytes = random_bytes((kTable + 700 * 2368) / 4096 * 4096 + 8192, 31);
+  testing::write_all(path, bytes);
+  for (uint32_t align : {0u, 512u, 4096u}) {
+    RecordReaderOptions o = options(8);
+    o.direct_alignment = align;
+    OPEN_OR_SKIP(reader, o, path);
+    const uint64_t a = reader->direct_alignment();
+    std::mt19937 rng(align + 1);
+    for (uint32_t stride : {1152u, 2368u, 1000u, 4160u}) {
+      const uint64_t count = (bytes.size() - kTable) / stride;
+      std::vector<uint8_t> dest(300 * stride + 1);  // +1: each dest at an odd address
+      std::vector<RecordRead> reads;
+      uint64_t extents = 0;
+      for (int i = 0; i < 300; ++i) {
+        const uint64_t k = rng() % count;
+        const uint64_t at = kTable + k * stride;
+        reads.push_back({static_cast<int64_t>(k), at, stride, dest.data() + 1 + i * stride,
+                         store_checksum({bytes.data() + at, stride})});
+        extents += (at + stride + a - 1) / a * a - at / a * a;
+      }
+      const RecordReaderStats before = reader->stats();
+      const Status s = reader->read(reads);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      for (const RecordRead& r : reads) {
+        ASSERT_EQ(std::memcmp(r.dest, bytes.data() + r.offset, stride), 0)
+            << "stride " << stride << ", record " << r.id << ", alignment " << a;
+      }
+      const RecordReaderStats after = reader->stats();
+      ASSERT_EQ(after.alignment_fallbacks, 0u) << "the kernel refused " << a;
+      EXPECT_EQ(after.bytes_read - before.bytes_read, extents)
+          << "stride " << stride << ", alignment " << a;
+    }
+  }
+}
+
+// A device that wants 4096-byte alignment behind a filesystem that claimed 512: the first
+// refused read switches the reader to 4096 and every record still arrives whole and verified.
+TEST_P(RecordReaderTest, EinvalAtASmallerAlignmentFallsBackToThePageSize) {
+  RecordReaderOptions o = options(8);
+  o.direct_alignment = 512;
+  o.file_ops = faults_;
+  OPEN_OR_SKIP(reader, o);
+  EXPECT_EQ(reader->direct_alignment(), 512u);
+  faults_->refuse_unaligned(4096);
+  ReadBatch b = random_batch(200, 21);
+  Status s = reader->read(b.reads());
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  for (size_t i = 0; i < b.size(); ++i) ASSERT_TRUE(b.holds_record(i)) << i;
+  EXPECT_TRUE(b.gaps_untouched());
+  EXPECT_EQ(reader->direct_alignment(), 4096u);
+  EXPECT_STREQ(reader->direct_alignment_source(), "fallback");
+  const RecordReaderStats first = reader->stats();
+  EXPECT_GE(first.alignment_fallbacks, 1u);
+  EXPECT_LE(first.alignment_fallbacks, 8u) << "only reads issued before the switch fall back";
+  EXPECT_EQ(first.io_errors, 0u);
+  // From now on every read is cut at 4096: no more refusals.
+  ReadBatch again = random_batch(200, 22);
+  s = reader->read(again.reads());
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  for (size_t i = 0; i < again.size(); ++i) ASSERT_TRUE(again.holds_record(i)) << i;
+  EXPECT_EQ(reader->stats().alignment_fallbacks, first.alignment_fallbacks);
+}
+
+// The fallback happens once per read: EINVAL at 4096 as well is the error it is.
+TEST_P(RecordReaderTest, EinvalAtThePageSizeIsAnError) {
+  RecordReaderOptions o = options(2);
+  o.direct_alignment = 512;
+  o.file_ops = faults_;
+  OPEN_OR_SKIP(reader, o);
+  ReadBatch b = batch_of("small", {77});
+  faults_->fail_offset(b[0].offset, EINVAL);
+  const Status s = reader->read(b.reads());
+  ASSERT_TRUE(s.is_io_error()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr(": expert 77 at offset " + std::to_string(b[0].offset) +
+                                     " (2304 bytes): Invalid argument"));
+  EXPECT_TRUE(b.untouched(0));
+  EXPECT_EQ(reader->stats().alignment_fallbacks, 1u);
+  EXPECT_EQ(reader->stats().requests, 2u);
 }
 
 TEST_P(RecordReaderTest, BufferedReadsReadExactlyTheRecord) {
@@ -401,6 +521,7 @@ TEST_P(RecordReaderTest, ShortReadsThatNeverBringABlockAreAnError) {
   }
   // O_DIRECT resumes only at block boundaries: half blocks forever are given up on.
   RecordReaderOptions o = options(2);
+  o.direct_alignment = 4096;  // a block stays whole longer at 512: where halving stalls differs
   o.file_ops = faults_;
   OPEN_OR_SKIP(reader, o);
   ReadBatch b = batch_of("small", {0});
@@ -618,6 +739,13 @@ TEST(RecordReaderEngine, BadOptionsAreInvalidArgument) {
   o.queue_depth = 8;
   o.pread_threads = 0;
   EXPECT_TRUE(RecordReader::open(StoreFile::get().path(), o).status().is_invalid_argument());
+  o.pread_threads = 8;
+  for (uint32_t align : {256u, 1000u, 3072u, 2u << 20}) {
+    o.direct_alignment = align;
+    const Status s = RecordReader::open(StoreFile::get().path(), o).status();
+    EXPECT_TRUE(s.is_invalid_argument()) << align << ": " << s.to_string();
+    EXPECT_THAT(s.message(), HasSubstr("direct_alignment"));
+  }
 }
 
 }  // namespace
