@@ -547,6 +547,11 @@ Result<std::unique_ptr<RecordReader>> RecordReader::open(const std::string& path
     return Status::invalid_argument(str_printf("%s: queue_depth = %d is outside [1, 32768]",
                                                path.c_str(), options.queue_depth));
   }
+  if (options.submit_batch < 1 || options.submit_batch > options.queue_depth) {
+    return Status::invalid_argument(str_printf("%s: submit_batch = %d is outside [1, %d]",
+                                               path.c_str(), options.submit_batch,
+                                               options.queue_depth));
+  }
   if (options.pread_threads < 1 || options.pread_threads > 1024) {
     return Status::invalid_argument(str_printf("%s: pread_threads = %d is outside [1, 1024]",
                                                path.c_str(), options.pread_threads));

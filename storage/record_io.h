@@ -16,9 +16,9 @@
 //   kernel/NVMe                                 └─ ████ ≤ queue_depth reads in flight ████
 //
 // io_uring engine: one I/O thread owns the ring; it keeps the submission queue full (each
-// completion is verified, copied and its slot refilled before the next submit), so the device
-// sees a steady queue_depth. pread engine: pread_threads workers each take the next record,
-// pread it into their own bounce buffer, verify and copy it.
+// completion is verified, copied and its slot refilled, and each refill submitted at once), so
+// the device sees a steady queue_depth. pread engine: pread_threads workers each take the next
+// record, pread it into their own bounce buffer, verify and copy it.
 //
 // LevelDB's Env/fault_injection is the model for the FileOps seam: tests swap in
 // FaultyFileOps (storage/fault_injection.h) to turn reads into EIO, EAGAIN, short reads,
@@ -81,6 +81,13 @@ struct RecordReaderOptions {
   // io_uring: submission queue depth = the most reads in flight at once (>= 1). The bounce
   // memory is about queue_depth * (largest aligned extent), capped by max_bounce_bytes.
   int queue_depth = 64;
+  // io_uring: reads queued before one io_uring_enter hands them to the kernel, in [1,
+  // queue_depth]. 1 (fio's default, iodepth_batch_submit=1): each read goes out as soon as it
+  // is prepared, one syscall each. Larger values save syscalls (about 2 us of CPU per read)
+  // but the kernel passes each group to the device at once (a block plug); on a virtio disk
+  // that made every read wait for its group: at queue depth 16, 0.29 ms per read at the
+  // device instead of 0.21, and 42K IOPS instead of fio's 52K.
+  int submit_batch = 1;
   // pread: worker threads = the most reads in flight at once (>= 1).
   int pread_threads = 8;
   // Open with O_DIRECT and read each record as its enclosing extent aligned to the file's
