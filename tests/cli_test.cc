@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
@@ -325,6 +326,84 @@ TEST(Cli, BenchSweepsWritesJsonAndAPlotAndRefusesBadSizes) {
   RunResult routing = run(dir, {"bench", "--routing", "normal", "--store", dir.file("stores")});
   EXPECT_EQ(routing.exit_code, 1);
   EXPECT_NE(routing.err.find("zipf:A"), std::string::npos) << routing.err;
+}
+
+TEST(Cli, BenchCountsAreWholeAndBoundedAndAStoreIsReusedOnlyForItsOwnConfig) {
+  ScratchDir dir;
+  const std::string stores = dir.file("stores");
+  // A fraction is not rounded to 0 or 2, and inf or 1e30 is refused, not wrapped.
+  for (const auto& [flag, value] :
+       std::vector<std::pair<std::string, std::string>>{{"--experts", "inf"},
+                                                        {"--experts", "1e30"},
+                                                        {"--experts", "0.3"},
+                                                        {"--experts", "1.5"},
+                                                        {"--batch", "inf"},
+                                                        {"--batch", "0.3"},
+                                                        {"--batch", "1e300"}}) {
+    SCOPED_TRACE(flag + " " + value);
+    std::vector<std::string> args = {"bench", "--dim",          "64",      flag,
+                                     value,   "--no-calibrate", "--store", stores};
+    if (flag != "--experts") args.insert(args.end(), {"--experts", "4096"});
+    RunResult r = run(dir, args);
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find(flag + " " + value), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(stores) && !std::filesystem::is_empty(stores))
+        << "a store was written before the bad count was refused";
+  }
+
+  // The same config reuses its store; another k' gets its own.
+  const std::vector<std::string> base = {"bench",
+                                         "--experts",
+                                         "4096",
+                                         "--dim",
+                                         "64",
+                                         "--heads",
+                                         "2",
+                                         "--topk",
+                                         "4",
+                                         "--dim-key",
+                                         "8",
+                                         "--batch",
+                                         "16",
+                                         "--batches",
+                                         "2",
+                                         "--warmup",
+                                         "1",
+                                         "--routing",
+                                         "pk",
+                                         "--no-calibrate",
+                                         "--no-resident",
+                                         "--store",
+                                         stores,
+                                         "-q"};
+  auto list_stores = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(stores)) {
+      names.push_back(e.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  ASSERT_EQ(run(dir, base).exit_code, 0);
+  const std::vector<std::string> first = list_stores();
+  ASSERT_EQ(first.size(), 1u);
+  const auto written = std::filesystem::last_write_time(stores + "/" + first[0]);
+  ASSERT_EQ(run(dir, base).exit_code, 0);
+  EXPECT_EQ(list_stores(), first);
+  EXPECT_EQ(std::filesystem::last_write_time(stores + "/" + first[0]), written)
+      << "the store of the same config was written again";
+  std::vector<std::string> kp8 = base;
+  kp8.insert(kp8.end(), {"--topk-per-half", "8"});
+  ASSERT_EQ(run(dir, kp8).exit_code, 0);
+  const std::vector<std::string> both = list_stores();
+  ASSERT_EQ(both.size(), 2u);
+  for (const std::string& name : both) {
+    auto store = StoreReader::open(stores + "/" + name);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    auto layer = load_stored_layer(*store, "bench");
+    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+    EXPECT_EQ(layer->config.topk_per_half, name.find("-kp8") != std::string::npos ? 8 : 4) << name;
+  }
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "base/strings.h"
 #include "runtime/bench.h"
 #include "runtime/calibrate.h"
+#include "runtime/peer_config_json.h"
 #include "runtime/store_layer.h"
 #include "storage/store.h"
 #include "tools/commands.h"
@@ -55,8 +56,13 @@ std::vector<std::string> split_list(const std::string& s) {
   return out;
 }
 
-// "4M" = 4 * 2^20 experts, "262144", "256K".
-Result<int64_t> parse_count(const std::string& flag, const std::string& text) {
+// The most experts (PeerConfig's n_keys <= 2^20) and tokens per batch a count may give.
+constexpr int64_t kMaxExperts = int64_t{1} << 40;
+constexpr int64_t kMaxBatchTokens = int64_t{1} << 20;
+
+// "4M" = 4 * 2^20 experts, "262144", "256K", "1.5K". A whole number in [1, max]: a fraction
+// ("0.3", "1.5") or a value past `max` ("inf", "1e30") is an error, never rounded or wrapped.
+Result<int64_t> parse_count(const std::string& flag, const std::string& text, int64_t max) {
   char* end = nullptr;
   const double v = std::strtod(text.c_str(), &end);
   double mult = 1;
@@ -69,11 +75,16 @@ Result<int64_t> parse_count(const std::string& flag, const std::string& text) {
     mult = 1024.0 * 1024 * 1024;
   else if (!unit.empty())
     mult = -1;
-  if (end == text.c_str() || mult < 0 || !(v > 0)) {
+  const double count = v * mult;
+  if (end == text.c_str() || mult < 0 || !(count >= 1) || count != std::floor(count)) {
     return Status::invalid_argument(flag + " " + text +
-                                    ": expected a positive count such as 2048, 256K or 4M");
+                                    ": expected a positive whole count such as 2048, 256K or 4M");
   }
-  return static_cast<int64_t>(std::llround(v * mult));
+  if (!(count <= static_cast<double>(max))) {
+    return Status::invalid_argument(
+        str_printf("%s %s: at most %lld", flag.c_str(), text.c_str(), static_cast<long long>(max)));
+  }
+  return static_cast<int64_t>(count);
 }
 
 struct Point {
@@ -85,22 +96,32 @@ struct Point {
   BenchResult result;
 };
 
+// Every config field the flags set is in the name (k' only when it is not k, so the names of
+// stores written before k' was a flag still match).
 std::string store_name(const BenchArgs& a, int64_t experts) {
-  return str_printf("bench-N%lld-D%lld-Do%lld-h%lld-k%lld-dk%lld-%s.trove", (long long)experts,
+  const std::string kp = a.topk_per_half > 0 && a.topk_per_half != a.topk
+                             ? str_printf("-kp%lld", (long long)a.topk_per_half)
+                             : std::string();
+  return str_printf("bench-N%lld-D%lld-Do%lld-h%lld-k%lld%s-dk%lld-%s.trove", (long long)experts,
                     (long long)a.dim, (long long)(a.dim_out > 0 ? a.dim_out : a.dim),
-                    (long long)a.heads, (long long)a.topk, (long long)a.dim_key, a.quant.c_str());
+                    (long long)a.heads, (long long)a.topk, kp.c_str(), (long long)a.dim_key,
+                    a.quant.c_str());
 }
 
-// The store for `experts` in `dir`: reused when a previous run wrote it (and it verifies as a
-// store with layer "bench" of this config), written otherwise.
+// The store for `experts` in `dir`: reused when a previous run wrote it (and it opens as a
+// store with layer "bench" of exactly this config and record dtype), written otherwise.
 Result<std::string> ensure_store(const BenchArgs& a, const std::string& dir, int64_t experts,
                                  const PeerConfig& config, DType dtype, bool talk) {
   const std::string path = dir + "/" + store_name(a, experts);
   if (std::filesystem::exists(path)) {
+    PeerConfig want = config;
     Result<StoreReader> s = StoreReader::open(path);
-    if (s.ok()) {
+    if (s.ok() && want.validate_and_fill().ok()) {
       Result<StoredLayer> l = load_stored_layer(*s, "bench");
-      if (l.ok() && l->config.num_experts() == experts && l->record.dtype == dtype) return path;
+      if (l.ok() && peer_config_to_json(l->config) == peer_config_to_json(want) &&
+          l->record.dtype == dtype) {
+        return path;
+      }
     }
   }
   std::unique_ptr<ProgressBar> bar;
@@ -229,7 +250,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
 
   std::vector<int64_t> experts, batches;
   for (const auto& s : split_list(a.experts)) {
-    Result<int64_t> v = parse_count("--experts", s);
+    Result<int64_t> v = parse_count("--experts", s, kMaxExperts);
     if (!v.ok()) return fail(v.status());
     const auto n = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(*v))));
     if (n * n != *v) {
@@ -240,7 +261,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     experts.push_back(*v);
   }
   for (const auto& s : split_list(a.batch)) {
-    Result<int64_t> v = parse_count("--batch", s);
+    Result<int64_t> v = parse_count("--batch", s, kMaxBatchTokens);
     if (!v.ok()) return fail(v.status());
     batches.push_back(*v);
   }
@@ -501,7 +522,7 @@ int run_demo_bench(const std::string& dir, const std::string& experts, int64_t d
   a.calibrate_seconds = 1.0;
   // The largest power-of-two batch (up to 512 tokens) whose worst case, every selection a
   // different expert, fits the 10% budget.
-  Result<int64_t> n = parse_count("--bench-experts", experts);
+  Result<int64_t> n = parse_count("--bench-experts", experts, kMaxExperts);
   if (!n.ok()) return report_error("demo", n.status());
   int64_t batch = 512;
   while (batch > 1 && batch * a.heads * a.topk > *n / 10) batch /= 2;
