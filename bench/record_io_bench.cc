@@ -3,11 +3,15 @@
 // io_uring against the pread pool at queue depths 1, 16 and 64. O_DIRECT bypasses the page
 // cache, so these are device figures; the buffered (direct:0) runs read the page cache once the
 // file sits there and show the engines' own cost. Compare with the raw device limit from fio at the
-// same depth and the same mix of sizes (with O_DIRECT a 2304-byte record at a multiple of 2304 is
-// read as one 4 KiB block or two, half the time each: amplification 6144 / 2304 = 2.67):
+// same depth and the same requests. With O_DIRECT a 2304-byte record at a multiple of 2304 is
+// read as its extent aligned to the file's direct-I/O alignment (the "alignment" counter): at
+// 512 always 2560 bytes (amplification 1.11), at 4096 one 4 KiB block or two, half the time
+// each (6144 / 2304 = 2.67). runtime/calibrate.h's run_fio_randread with FioOptions{.alignment,
+// .record_stride = 2304} builds the matching fio command; by hand:
 //
-//   fio --name=r --filename=$FILE --rw=randread --bssplit=4k/50:8k/50 --direct=1
-//       --ioengine=io_uring --iodepth=16 --runtime=5 --time_based
+//   fio --name=r --filename=$FILE --rw=randread --bs=2560 --blockalign=512 --direct=1
+//       --ioengine=io_uring --iodepth=16 --runtime=5 --time_based        # alignment 512
+//   fio ... --bssplit=4k/50:8k/50 ...                                      # alignment 4096
 //
 //   record_io_bench                            # 1 GiB temporary file, removed at exit
 //   TROVE_BENCH_FILE=/nvme/x.bin record_io_bench   # kept and reused (for fio too)
@@ -150,6 +154,7 @@ void BM_RandomRecordReads(benchmark::State& state) {
   state.counters["p50_us"] = st.latency_p50_us;
   state.counters["p99_us"] = st.latency_p99_us;
   state.counters["amplification"] = st.read_amplification();
+  state.counters["alignment"] = reader.direct_alignment();
   state.counters["cpu_us_per_read"] = st.reads > 0 ? 1e6 * cpu / static_cast<double>(st.reads) : 0;
   state.counters["verify_pct"] =
       st.busy_seconds > 0 ? 100 * st.verify_seconds / st.busy_seconds : 0;

@@ -19,7 +19,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <map>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <utility>
 #include <vector>
@@ -119,6 +121,70 @@ Result<uint64_t> check_region(const std::string& path, uint64_t region_offset,
 }
 
 // ---- fio --------------------------------------------------------------------------------------
+
+// One request size of a mix and its share in whole percents.
+struct BlockShare {
+  uint64_t bytes = 0;
+  int percent = 0;
+};
+
+// The requests RecordReader makes of records of `block` bytes at `stride` from
+// `region_offset` (those that fit in the region) at O_DIRECT alignment `align`.
+struct ExtentShape {
+  // Extent sizes, smallest first, with their shares in whole percents summing to 100 (at most
+  // two sizes: ceil(block / align) or one more alignment unit).
+  std::vector<BlockShare> sizes;
+  // The largest power of two (from `align` to 1 MiB) dividing every extent's offset from the
+  // region's aligned start (fio's blocks are aligned relative to its --offset).
+  uint64_t offset_align = 0;
+};
+
+// Offsets modulo 1 MiB (and so sizes) repeat every 1 MiB / gcd(stride, 1 MiB) records, so one
+// such period (or the region, when shorter) is counted.
+ExtentShape extent_shape(uint64_t region_offset, uint64_t region_bytes, uint32_t block,
+                         uint64_t stride, uint64_t align) {
+  constexpr uint64_t kPeriodBytes = uint64_t{1} << 20;
+  const uint64_t records = (region_bytes - block) / stride + 1;
+  const uint64_t counted = std::min(records, kPeriodBytes / std::gcd(stride, kPeriodBytes));
+  std::map<uint64_t, uint64_t> counts;  // extent bytes -> records
+  const uint64_t start = align_down(region_offset, align);
+  uint64_t offsets = 0;  // every extent's offset from `start`, or-ed: its lowest bit decides
+  for (uint64_t k = 0; k < counted; ++k) {
+    const uint64_t at = region_offset + k * stride;
+    ++counts[align_up(at + block, align) - align_down(at, align)];
+    offsets |= align_down(at, align) - start;
+  }
+  ExtentShape shape;
+  shape.offset_align = align;
+  while (shape.offset_align < kPeriodBytes && (offsets & shape.offset_align) == 0) {
+    shape.offset_align *= 2;
+  }
+  // Whole percents by largest remainders.
+  int total = 0;
+  for (const auto& [bytes, count] : counts) {
+    shape.sizes.push_back({bytes, static_cast<int>(count * 100 / counted)});
+    total += shape.sizes.back().percent;
+  }
+  std::vector<size_t> by_remainder(shape.sizes.size());
+  std::iota(by_remainder.begin(), by_remainder.end(), size_t{0});
+  auto remainder = [&](size_t i) { return counts[shape.sizes[i].bytes] * 100 % counted; };
+  std::stable_sort(by_remainder.begin(), by_remainder.end(),
+                   [&](size_t a, size_t b) { return remainder(a) > remainder(b); });
+  for (size_t i = 0; total < 100; ++i, ++total) {
+    ++shape.sizes[by_remainder[i % by_remainder.size()]].percent;
+  }
+  std::erase_if(shape.sizes, [](const BlockShare& b) { return b.percent == 0; });
+  return shape;
+}
+
+// fio's --bssplit value for `sizes`: "4096/75:8192/25".
+std::string bssplit(const std::vector<BlockShare>& sizes) {
+  std::string s;
+  for (const BlockShare& b : sizes) {
+    s += str_printf("%s%llu/%d", s.empty() ? "" : ":", llu(b.bytes), b.percent);
+  }
+  return s;
+}
 
 // The executable `name` in the first PATH folder that has one (an empty entry is the current
 // folder, as execvp reads it); empty when none does.
@@ -399,11 +465,12 @@ Result<DiskCalibration> measure_disk_iops(const std::string& path, uint64_t regi
                                                   options.max_bounce_bytes, uint64_t{1} << 30);
   TROVE_ASSIGN_OR_RETURN(std::unique_ptr<RecordReader> reader, RecordReader::open(path, options));
 
-  // Batches of 16 x queue depth (at least 64) keep the batch-end drain to a few percent of the
-  // time; destinations are capped at 64 MiB.
+  // The queue drains at each batch's end (the reader takes one batch at a time): for about one
+  // request latency it runs below queue_depth, costing about queue_depth / 2 reads' time. At
+  // 256 x queue_depth reads a batch that is under 0.2%; destinations are capped at 64 MiB.
   const uint64_t max_batch_by_memory = std::max<uint64_t>(1, (uint64_t{64} << 20) / block_bytes);
   const size_t batch = static_cast<size_t>(std::min<uint64_t>(
-      std::max<uint64_t>(64, uint64_t{16} * static_cast<uint64_t>(queue_depth)),
+      std::max<uint64_t>(1024, uint64_t{256} * static_cast<uint64_t>(queue_depth)),
       std::max<uint64_t>(static_cast<uint64_t>(queue_depth), max_batch_by_memory)));
   std::vector<uint8_t> dest(batch * block_bytes);
   std::mt19937_64 rng(0x74726f7665ULL);  // "trove"
@@ -444,6 +511,9 @@ Result<DiskCalibration> measure_disk_iops(const std::string& path, uint64_t regi
   c.max_in_flight = stats.max_in_flight;
   c.mean_in_flight = stats.mean_in_flight;
   c.read_amplification = stats.read_amplification();
+  c.direct_alignment = reader->direct_alignment();
+  c.alignment_source = reader->direct_alignment_source();
+  c.batch_reads = batch;
   return c;
 }
 
@@ -452,23 +522,49 @@ Result<DiskCalibration> measure_disk_iops(const std::string& path, uint64_t regi
 Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offset,
                                    uint64_t region_bytes, uint32_t block_bytes, int queue_depth,
                                    bool direct, double seconds) {
+  FioOptions options;
+  options.direct = direct;
+  return run_fio_randread(path, region_offset, region_bytes, block_bytes, queue_depth, options,
+                          seconds);
+}
+
+Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offset,
+                                   uint64_t region_bytes, uint32_t block_bytes, int queue_depth,
+                                   const FioOptions& options, double seconds) {
   TROVE_RETURN_IF_ERROR(
       check_region(path, region_offset, region_bytes, block_bytes, queue_depth, seconds));
+  const bool direct = options.direct;
+  const uint64_t align = options.alignment;
+  if (direct && (align < 512 || (align & (align - 1)) != 0 || align > kMaxBlockBytes)) {
+    return Status::invalid_argument(
+        str_printf("fio alignment %llu must be a power of two >= 512", llu(align)));
+  }
   FioResult r;
   r.block_bytes = block_bytes;
   r.offset = region_offset;
   r.size = region_bytes;
+  uint64_t blockalign = 0;  // fio's --blockalign where its default (the smallest block) differs
   if (direct) {
-    // O_DIRECT wants aligned offsets and lengths: whole 4096-byte blocks inside the region.
-    const uint64_t end = align_down(region_offset + region_bytes, kDirectAlignment);
-    r.block_bytes = static_cast<uint32_t>(align_up(block_bytes, kDirectAlignment));
-    r.offset = align_up(region_offset, kDirectAlignment);
-    if (end < r.offset || end - r.offset < r.block_bytes) {
-      return Status::invalid_argument(
-          str_printf("%s: region [%llu, +%llu) holds no aligned %u-byte block for fio --direct=1",
-                     path.c_str(), llu(region_offset), llu(region_bytes), r.block_bytes));
+    std::vector<BlockShare> sizes = {{align_up(block_bytes, align), 100}};
+    if (options.record_stride > 0) {
+      ExtentShape shape =
+          extent_shape(region_offset, region_bytes, block_bytes, options.record_stride, align);
+      sizes = std::move(shape.sizes);
+      if (shape.offset_align != sizes.front().bytes) blockalign = shape.offset_align;
     }
-    r.size = align_down(end - r.offset, r.block_bytes);
+    r.block_bytes = static_cast<uint32_t>(sizes.front().bytes);
+    if (sizes.size() > 1) r.block_split = bssplit(sizes);
+    // O_DIRECT wants aligned offsets and lengths: whole blocks inside the region.
+    const uint64_t largest = sizes.back().bytes;
+    const uint64_t end = align_down(region_offset + region_bytes, align);
+    r.offset = align_up(region_offset, align);
+    if (end < r.offset || end - r.offset < largest) {
+      return Status::invalid_argument(
+          str_printf("%s: region [%llu, +%llu) holds no aligned %llu-byte block for fio "
+                     "--direct=1",
+                     path.c_str(), llu(region_offset), llu(region_bytes), llu(largest)));
+    }
+    r.size = align_down(end - r.offset, r.block_split.empty() ? r.block_bytes : align);
   }
 
   const std::string fio = find_on_path("fio");
@@ -479,23 +575,26 @@ Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offs
   const long long runtime_ms = std::max(1LL, std::llround(seconds * 1000));
   std::string failures;
   for (const char* engine : {"io_uring", "libaio", "psync"}) {
-    const std::vector<std::string> argv = {
+    std::vector<std::string> argv = {
         fio,
         "--name=trove",
         "--filename=" + fio_filename(path),
         "--readonly",
         "--rw=randread",
-        str_printf("--bs=%u", r.block_bytes),
-        str_printf("--iodepth=%d", queue_depth),
-        std::string("--ioengine=") + engine,
-        direct ? "--direct=1" : "--direct=0",
-        str_printf("--offset=%llu", llu(r.offset)),
-        str_printf("--size=%llu", llu(r.size)),
-        "--time_based",
-        str_printf("--runtime=%lldms", runtime_ms),
-        "--output-format=json",
-        "--numjobs=1",
+        r.block_split.empty() ? str_printf("--bs=%u", r.block_bytes) : "--bssplit=" + r.block_split,
     };
+    if (blockalign > 0) argv.push_back(str_printf("--blockalign=%llu", llu(blockalign)));
+    argv.insert(argv.end(), {
+                                str_printf("--iodepth=%d", queue_depth),
+                                std::string("--ioengine=") + engine,
+                                direct ? "--direct=1" : "--direct=0",
+                                str_printf("--offset=%llu", llu(r.offset)),
+                                str_printf("--size=%llu", llu(r.size)),
+                                "--time_based",
+                                str_printf("--runtime=%lldms", runtime_ms),
+                                "--output-format=json",
+                                "--numjobs=1",
+                            });
     const std::string command = join_command(argv);
     TROVE_ASSIGN_OR_RETURN(ChildOutput child, run_child(argv, seconds + 60));
     if (child.timed_out) {

@@ -7,19 +7,30 @@
 //   disk IOPS (fio)      the same block size, queue depth and region read by fio, the raw
 //                        disk's figure without trove in the way
 //
-// Comparing ours with fio: give both the same block size, queue depth and region. Our reader
-// reads each record as its 4096-aligned enclosing extent under O_DIRECT, so a record of B
-// bytes at any stride costs the device one request of at least B bytes; fio needs aligned
-// blocks under --direct=1, so run_fio_randread rounds B up to 4096 there (FioResult::
-// block_bytes says what it ran). With stride = B = a multiple of 4096 the two issue identical
-// requests; otherwise ours may read more (RecordReaderStats::read_amplification, reported in
-// DiskCalibration).
+// Comparing ours with fio: give both the same region, queue depth and requests. Under O_DIRECT
+// our reader reads each record of B bytes as its enclosing extent aligned to the file's
+// direct-I/O alignment A (DiskCalibration::direct_alignment: 512 on most disks, 4096 on 4Kn
+// ones), one request per record. Whichever way the two are asked:
+//
+//   block = stride = a multiple of 4096   identical requests (one block each) for any A: the
+//                                         fair comparison of the two engines, and the one to
+//                                         judge "ours / fio" by
+//   records of B at stride S              FioOptions{.alignment = A, .record_stride = S}: fio
+//                                         reads the extent sizes our reader reads, in the same
+//                                         proportions (--bssplit), at offsets aligned alike
+//   the old form (bool direct)            fio reads B rounded up to 4096: the same request
+//                                         count but not the same bytes once A < 4096 or
+//                                         records straddle pages
+//
+// Both report requests per second; DiskCalibration::read_amplification says how many bytes
+// ours moved per record byte.
 #pragma once
 
 #include <cstdint>
 #include <string>
 
 #include "base/status.h"
+#include "storage/file.h"
 #include "storage/record_io.h"
 
 namespace trove {
@@ -48,14 +59,20 @@ struct DiskCalibration {
   uint32_t max_in_flight = 0;     // reached (the io_uring engine caps it by its bounce memory)
   double mean_in_flight = 0;      // while busy (Little's law)
   double read_amplification = 0;  // bytes the device returned per record byte (>= 1)
+  uint32_t direct_alignment = 0;  // the O_DIRECT alignment the reader used (0 when buffered)
+  std::string alignment_source;   // where it came from (RecordReader::direct_alignment_source)
+  size_t batch_reads = 0;         // reads per RecordReader batch
 };
 
 // Random-read IOPS of trove's RecordReader (verify off, direct_io on) on `path`: records of
 // `block_bytes` at offsets region_offset + k * stride, k uniform over the records that fit in
 // [region_offset, region_offset + region_bytes) (as expert ids index a table), with
 // `queue_depth` reads in flight (the io_uring queue depth, or that many pread threads), for
-// about `seconds`. Reads go in batches of many records, and the next batch is drawn while
-// one is in flight, so the device sees a steady queue but for the drain at each batch's end.
+// about `seconds`, at the file's own O_DIRECT alignment. Reads go in batches of 256 x
+// queue_depth records (at least 1024; destinations capped at 64 MiB), and the next batch is
+// drawn while one is in flight, so the device sees a steady queue but for the drain at each
+// batch's end (under 1% of the time where the cap does not bite). The last batch runs to its
+// end, so a measurement may last up to one batch longer than `seconds`.
 // Seeded: the same arguments read the same offsets. Errors: not_found naming a missing path;
 // invalid_argument for a region outside the file or too small for one block, block_bytes 0
 // or over 1 GiB, stride 0, queue_depth < 1, seconds <= 0 or over a day; not_supported for
@@ -75,21 +92,46 @@ struct FioResult {
   double seconds = 0;        // fio's runtime
   std::string engine;        // "io_uring", "libaio" or "psync" (psync: one read at a time
                              // whatever queue_depth says)
-  uint32_t block_bytes = 0;  // what fio read (rounded up to 4096 when direct)
-  uint64_t offset = 0;       // the region fio read (aligned to 4096 inward when direct)
+  uint32_t block_bytes = 0;  // what fio read (rounded up to the alignment when direct); the
+                             // smallest size of a mix
+  std::string block_split;   // the mix of sizes when there is one: fio's --bssplit value
+  uint64_t offset = 0;       // the region fio read (aligned inward when direct)
   uint64_t size = 0;
   std::string command_line;  // the exact command, shell-quoted, for reports
 };
 
+// How run_fio_randread shapes its requests.
+struct FioOptions {
+  bool direct = true;  // --direct=1
+  // When direct: fio's block sizes are rounded up to this and its offsets are multiples of it.
+  // A power of two >= 512; pass DiskCalibration::direct_alignment to match our reader.
+  uint32_t alignment = static_cast<uint32_t>(kDirectAlignment);
+  // When direct and > 0: the region holds records of block_bytes at this stride from
+  // region_offset, and fio reads what RecordReader reads for them: each record's extent
+  // aligned to `alignment` (--bs, or --bssplit in whole percents where records straddle
+  // alignment boundaries), at offsets aligned as those extents' are (--blockalign where that
+  // is not fio's default, the smallest block). 1152-byte records at 4096: "4096/75:8192/25";
+  // at 512: --bs=1536 --blockalign=512; 4096 at 4096 for any alignment: --bs=4096, the old
+  // command. 0: block_bytes rounded up to the alignment.
+  uint64_t record_stride = 0;
+};
+
 // Runs `fio` (found on PATH) for a random-read job on the region: --readonly --rw=randread
-// --bs --iodepth --direct --offset --size --time_based --runtime --numjobs=1
-// --output-format=json, with ioengine io_uring, falling back to libaio and then psync when fio
-// fails with one (not built in, refused by the kernel). fio runs without a shell
-// (posix_spawn), in its own process group, which is killed if it overruns `seconds` by more
-// than a minute. Errors: not_found "fio not found on PATH: ..." when there is none, not_found
-// naming a missing path, invalid_argument as for measure_disk_iops (and for a region with no
-// aligned block when direct), io_error naming the command and the tail of fio's stderr when
-// every engine failed or its output is not the JSON expected.
+// --bs (or --bssplit) [--blockalign] --iodepth --direct --offset --size --time_based
+// --runtime --numjobs=1 --output-format=json, with ioengine io_uring, falling back to libaio
+// and then psync when fio fails with one (not built in, refused by the kernel). When direct,
+// the region is narrowed inward to the alignment. fio runs without a shell (posix_spawn), in
+// its own process group, which is killed if it overruns `seconds` by more than a minute.
+// Errors: not_found "fio not found on PATH: ..." when there is none, not_found naming a
+// missing path, invalid_argument as for measure_disk_iops (and for a region with no aligned
+// block when direct, or an alignment that is no power of two >= 512), io_error naming the
+// command and the tail of fio's stderr when every engine failed or its output is not the JSON
+// expected.
+Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offset,
+                                   uint64_t region_bytes, uint32_t block_bytes, int queue_depth,
+                                   const FioOptions& options, double seconds);
+
+// The same with FioOptions{.direct = direct}: blocks of block_bytes rounded up to 4096.
 Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offset,
                                    uint64_t region_bytes, uint32_t block_bytes, int queue_depth,
                                    bool direct, double seconds);

@@ -1,12 +1,17 @@
 // Calibration (runtime/calibrate.h): host bandwidth is a sane positive number; our reader's
 // random-read IOPS on a scratch file with both engines, counted reads and sane latencies;
 // fio's figures parsed from its JSON when fio is installed (skipped with a message
-// otherwise); and bad arguments, a missing file and a missing fio are errors that say so.
-// Each measurement runs for a fraction of a second.
+// otherwise); fio asked for the requests our reader makes (a fake fio shows the command);
+// and bad arguments, a missing file and a missing fio are errors that say so. Each
+// measurement runs for a fraction of a second. OursAgainstFio.Table, run by hand on a real
+// disk, prints the comparison the calibration exists for.
 #include <stdlib.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -77,6 +82,19 @@ TEST_F(CalibrateTest, OurReaderCountsRandomReadsWithEitherEngine) {
     EXPECT_GE(c->max_in_flight, 1u);
     EXPECT_LE(c->max_in_flight, 4u);
     EXPECT_GE(c->read_amplification, 1.0);
+    EXPECT_GE(c->batch_reads, 1024u);
+    if (c->direct_io) {
+      EXPECT_GE(c->direct_alignment, 512u);
+      EXPECT_EQ(c->direct_alignment & (c->direct_alignment - 1), 0u);
+      EXPECT_FALSE(c->alignment_source.empty());
+      // 2304 bytes from a page boundary at a 2304 stride: 2560 bytes at 512, 4 or 8 KiB at
+      // 4096 (6144 on average).
+      if (c->direct_alignment == 512) {
+        EXPECT_NEAR(c->read_amplification, 2560.0 / 2304, 1e-9);
+      }
+    } else {
+      EXPECT_EQ(c->direct_alignment, 0u);
+    }
     if (engine == Engine::kPread) {
       EXPECT_EQ(c->engine, "pread");
     }
@@ -205,6 +223,64 @@ constexpr const char* kFakeReport =
     R"("iops": 1234.5, "bw_bytes": 5056512, "total_ios": 617, "runtime": 500, "clat_ns": {)"
     R"("percentile": {"50.000000": 80000, "99.000000": 250000}}}}]})";
 
+// With the records' stride and our reader's alignment, fio is asked for the requests our reader
+// makes: the aligned extents' sizes in their proportions, at offsets aligned as theirs.
+TEST_F(CalibrateTest, FioReadsTheExtentsOurReaderReads) {
+  testing::ScratchDir bin;
+  ASSERT_NO_FATAL_FAILURE(write_fake_fio(bin, std::string("echo '") + kFakeReport + "'\n"));
+  ScopedPath only(bin.path());
+  struct Case {
+    uint32_t block;
+    uint64_t stride;
+    uint32_t alignment;
+    const char* requests;  // what the command line must say
+    uint32_t block_bytes;
+    const char* block_split;
+  };
+  for (const Case& c : {
+           // 1152-byte records straddle a page boundary 8 times in 32 at 4096.
+           Case{1152, 1152, 4096, "--bssplit=4096/75:8192/25 --iodepth=4", 4096, "4096/75:8192/25"},
+           // At 512 every one is three sectors, at 512-aligned offsets.
+           Case{1152, 1152, 512, "--bs=1536 --blockalign=512 --iodepth=4", 1536, ""},
+           // 2368 at 4096: 28 of every 64 records fit one page (43.75%, rounded up).
+           Case{2368, 2368, 4096, "--bssplit=4096/44:8192/56 --iodepth=4", 4096, "4096/44:8192/56"},
+           Case{2368, 2368, 512, "--bssplit=2560/50:3072/50 --blockalign=512 --iodepth=4", 2560,
+                "2560/50:3072/50"},
+           // Whole pages: the same command at any alignment.
+           Case{4096, 4096, 512, "--bs=4096 --iodepth=4", 4096, ""},
+           // Every other page: 4096-byte reads at 8192-aligned offsets.
+           Case{4096, 8192, 4096, "--bs=4096 --blockalign=8192 --iodepth=4", 4096, ""},
+       }) {
+    FioOptions o;
+    o.alignment = c.alignment;
+    o.record_stride = c.stride;
+    Result<FioResult> f = run_fio_randread(path_, 4096, kFileBytes - 8192, c.block, 4, o, 0.5);
+    ASSERT_TRUE(f.ok()) << f.status().to_string();
+    EXPECT_THAT(f->command_line, HasSubstr(std::string("--rw=randread ") + c.requests))
+        << c.block << " at " << c.stride << ", alignment " << c.alignment;
+    EXPECT_EQ(f->block_bytes, c.block_bytes);
+    EXPECT_EQ(f->block_split, c.block_split);
+    EXPECT_THAT(f->command_line, HasSubstr("--offset=4096 "));
+  }
+  FioOptions bad;
+  bad.alignment = 1000;
+  const Status s = run_fio_randread(path_, 0, kFileBytes, 4096, 4, bad, 0.1).status();
+  EXPECT_TRUE(s.is_invalid_argument()) << s.to_string();
+}
+
+TEST_F(CalibrateTest, FioReadsAMixOfBlocksAtSmallAlignment) {
+  if (!fio_installed()) GTEST_SKIP() << "fio is not installed (apt install fio)";
+  // fio takes --bssplit with --blockalign (which turns off its random map, as it says).
+  FioOptions o;
+  o.alignment = 512;
+  o.record_stride = 2368;
+  Result<FioResult> f = run_fio_randread(path_, 4096, kFileBytes - 8192, 2368, 4, o, 0.2);
+  ASSERT_TRUE(f.ok()) << f.status().to_string();
+  EXPECT_GT(f->ios, 0u) << f->command_line;
+  EXPECT_EQ(f->block_split, "2560/50:3072/50");
+  EXPECT_THAT(f->command_line, HasSubstr("--blockalign=512"));
+}
+
 TEST_F(CalibrateTest, NoFioOnPathIsNotFoundSayingHowToInstallIt) {
   testing::ScratchDir empty;
   ScopedPath only(empty.path());
@@ -258,6 +334,87 @@ TEST_F(CalibrateTest, FioOutputThatIsNotItsReportIsAnIoError) {
   EXPECT_TRUE(s.is_io_error()) << s.to_string();
   EXPECT_THAT(s.message(), HasSubstr("fio's JSON has no jobs[0].read"));
   EXPECT_THAT(s.message(), HasSubstr("--ioengine=io_uring"));
+}
+
+// Not a unit test: ours against fio on a real disk at equal requests and queue depths, as a
+// table of medians over repeats (ours and fio alternate, so a busy neighbour hurts both).
+// Runs only when TROVE_CALIBRATE_FILE names a large file on the disk to measure, e.g.
+//
+//   fio --name=fill --filename=/var/tmp/cal.bin --rw=write --bs=1M --size=4G --direct=1
+//   TROVE_CALIBRATE_FILE=/var/tmp/cal.bin TROVE_CALIBRATE_SECONDS=3 TROVE_CALIBRATE_REPEATS=3
+//       build/tests/calibrate_test --gtest_filter='OursAgainstFio.*'    (one line)
+TEST(OursAgainstFio, Table) {
+  const char* file = std::getenv("TROVE_CALIBRATE_FILE");
+  if (file == nullptr) GTEST_SKIP() << "set TROVE_CALIBRATE_FILE to a large file on the disk";
+  if (!fio_installed()) GTEST_SKIP() << "fio is not installed (apt install fio)";
+  auto env = [](const char* name, double fallback) {
+    const char* v = std::getenv(name);
+    return v != nullptr ? std::atof(v) : fallback;
+  };
+  const double secs = env("TROVE_CALIBRATE_SECONDS", 3);
+  const int repeats = static_cast<int>(env("TROVE_CALIBRATE_REPEATS", 3));
+  // Comma-separated lists narrow the table.
+  auto list = [](const char* name, const char* fallback) {
+    const char* v = std::getenv(name);
+    std::vector<std::string> items;
+    std::string item;
+    for (const char* c = v != nullptr ? v : fallback;; ++c) {
+      if (*c == ',' || *c == '\0') {
+        items.push_back(item);
+        item.clear();
+        if (*c == '\0') break;
+      } else {
+        item += *c;
+      }
+    }
+    return items;
+  };
+  struct stat st;
+  ASSERT_EQ(::stat(file, &st), 0) << file;
+  const uint64_t region = static_cast<uint64_t>(st.st_size) / 4096 * 4096;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::string last_fio_command;
+  std::printf("%6s %6s %3s %-8s %9s %9s %6s %5s %5s %6s %6s  %s\n", "block", "stride", "qd",
+              "engine", "ours", "fio", "ratio", "align", "ampl", "meanqd", "p50us", "fio blocks");
+  for (const std::string& block_item : list("TROVE_CALIBRATE_BLOCKS", "4096,1152")) {
+    const auto block = static_cast<uint32_t>(std::stoul(block_item));
+    for (const std::string& qd_item : list("TROVE_CALIBRATE_DEPTHS", "1,16,64")) {
+      const int qd = std::stoi(qd_item);
+      for (const std::string& engine_name : list("TROVE_CALIBRATE_ENGINES", "io_uring,pread")) {
+        const Engine engine = engine_name == "pread" ? Engine::kPread : Engine::kIoUring;
+        std::vector<double> ours_iops, fio_iops, ratios;
+        DiskCalibration ours;
+        FioResult fio;
+        for (int rep = 0; rep < repeats; ++rep) {
+          Result<DiskCalibration> o =
+              measure_disk_iops(file, 0, region, block, block, qd, engine, secs);
+          ASSERT_TRUE(o.ok()) << o.status().to_string();
+          FioOptions fo;
+          fo.alignment = std::max(o->direct_alignment, 512u);
+          fo.record_stride = block;
+          Result<FioResult> f = run_fio_randread(file, 0, region, block, qd, fo, secs);
+          ASSERT_TRUE(f.ok()) << f.status().to_string();
+          ours_iops.push_back(o->iops);
+          fio_iops.push_back(f->iops);
+          ratios.push_back(o->iops / f->iops);
+          ours = *o;
+          fio = *f;
+        }
+        std::printf("%6u %6u %3d %-8s %9.0f %9.0f %6.3f %5u %5.2f %6.1f %6.0f  %s\n", block, block,
+                    qd, ours.engine.c_str(), median(ours_iops), median(fio_iops), median(ratios),
+                    ours.direct_alignment, ours.read_amplification, ours.mean_in_flight,
+                    ours.latency_p50_us,
+                    fio.block_split.empty() ? std::to_string(fio.block_bytes).c_str()
+                                            : fio.block_split.c_str());
+        std::fflush(stdout);
+        last_fio_command = fio.command_line;
+      }
+    }
+    std::printf("  fio: %s\n", last_fio_command.c_str());
+  }
 }
 
 }  // namespace
