@@ -4,13 +4,13 @@
 //
 // One batch, as PeerLayer::forward drives it (the prefetch pipeline):
 //
-//   layer          route ──┬─ begin_acquire ─┬─ compute wave 1 ─────────── finish_acquire ─┬─ wave
-//   2 ─ release
-//                          │  dedupe (layer) │  ready slots: dots of all,      (stall: the  │  the
-//                          rest of │  admit: hits,   │  each token accumulated up to   disk is
-//                          still│  every token │  leases, miss   │  its first missing slot busy) │
-//   I/O thread             │  slots ─ start ─┴─ read misses: verify XXH3, copy into slots ───┘
-//   disk (T2)              │                  ████ queue_depth reads in flight ████
+//   layer     route ─ begin_acquire ─┬─ wave 1 ─────────────── finish_acquire ─┬─ wave 2 ─ release
+//                     admit: hits    │  every slot whose record  (stall while   │  the rest of
+//                     leased, misses │  is here; each token      the disk is    │  every token
+//                     get "filling"  │  accumulated up to its    busy), commit  │
+//                     slots          │  first missing slot       the fills      │
+//   I/O thread               start ──┴─ read misses: verify XXH3, copy to slots ─┘
+//   disk (T2)                           ████ queue_depth reads in flight ████
 //
 // Hits of the batch are computed while its misses are read; when the reads land, each token
 // resumes where it stopped, so the output equals the all-resident output bit for bit

@@ -331,10 +331,12 @@ TEST(Cli, BenchSweepsWritesJsonAndAPlotAndRefusesBadSizes) {
 TEST(Cli, BenchCountsAreWholeAndBoundedAndAStoreIsReusedOnlyForItsOwnConfig) {
   ScratchDir dir;
   const std::string stores = dir.file("stores");
-  // A fraction is not rounded to 0 or 2, and inf or 1e30 is refused, not wrapped.
+  // A fraction is not rounded to 0 or 2, inf or 1e30 is refused, not wrapped, and a table past
+  // what the host tier can index (4G = 65536^2) is refused before its store is written.
   for (const auto& [flag, value] :
        std::vector<std::pair<std::string, std::string>>{{"--experts", "inf"},
                                                         {"--experts", "1e30"},
+                                                        {"--experts", "4G"},
                                                         {"--experts", "0.3"},
                                                         {"--experts", "1.5"},
                                                         {"--batch", "inf"},

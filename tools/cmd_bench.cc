@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -56,8 +57,10 @@ std::vector<std::string> split_list(const std::string& s) {
   return out;
 }
 
-// The most experts (PeerConfig's n_keys <= 2^20) and tokens per batch a count may give.
-constexpr int64_t kMaxExperts = int64_t{1} << 40;
+// The most experts and tokens per batch a count may give. The host tier indexes at most
+// INT32_MAX experts (runtime/expert_cache.h): a larger table is refused here, not after its
+// store has been written.
+constexpr int64_t kMaxExperts = INT32_MAX;
 constexpr int64_t kMaxBatchTokens = int64_t{1} << 20;
 
 // "4M" = 4 * 2^20 experts, "262144", "256K", "1.5K". A whole number in [1, max]: a fraction
