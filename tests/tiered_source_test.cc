@@ -225,6 +225,66 @@ TEST(TieredSource, BudgetBelowOneBatchIsAClearErrorBeforeAnyWork) {
   EXPECT_EQ(testing::read_all(path), before);
 }
 
+TEST(TieredSource, EmptyBatchOneHotExpertAndBackwardMatchTheResidentLayer) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok());
+  PeerLayerOptions resident_options;
+  resident_options.threads = 2;
+  auto resident = PeerLayer::open(*store, "blk.0.peer", resident_options);
+  ASSERT_TRUE(resident.ok()) << resident.status().to_string();
+  const size_t stride = resident->record_layout().stride;
+  auto layer = PeerLayer::open(*store, "blk.0.peer", tiered(kWorkingSet, stride));
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  const PeerConfig& c = layer->config();
+
+  // T = 0: nothing to lease, nothing read, nothing left leased.
+  std::vector<float> none;
+  PeerBatchStats empty;
+  ASSERT_TRUE(layer->forward(none, 0, none, nullptr, &empty).ok());
+  EXPECT_EQ(empty.unique_experts, 0);
+  EXPECT_EQ(empty.fetch.misses, 0);
+
+  // Every selection of every token is one expert (duplicates within a head too), then every
+  // other slot is a second one: one or two unique experts, each read once.
+  const auto xs = batches(17);
+  PeerRouting r;
+  r.resize(kTokens, c.heads, c.topk);
+  for (size_t s = 0; s < r.ids.size(); ++s) {
+    r.ids[s] = 7;
+    r.gates[s] = 0.25f + 0.01f * static_cast<float>(s % 5);
+  }
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) {
+      for (size_t s = 0; s < r.ids.size(); s += 2) r.ids[s] = c.num_experts() - 1;
+    }
+    std::vector<float> want(static_cast<size_t>(kTokens * c.dim_out));
+    std::vector<float> got(want.size());
+    PeerBatchStats st;
+    ASSERT_TRUE(resident->forward_routed(xs[0], kTokens, r, want).ok());
+    ASSERT_TRUE(layer->forward_routed(xs[0], kTokens, r, got, &st).ok());
+    EXPECT_TRUE(same_bits(got, want)) << "pass " << pass;
+    EXPECT_EQ(st.unique_experts, pass + 1);
+    // Pass 0 reads expert 7; pass 1 finds it resident and reads only the new one.
+    EXPECT_EQ(st.fetch.misses, 1) << "pass " << pass;
+  }
+
+  // Backward leases through the same source (acquire = both halves at once).
+  std::vector<float> dy(static_cast<size_t>(kTokens * c.dim_out));
+  for (size_t i = 0; i < dy.size(); ++i) dy[i] = static_cast<float>(i % 7) - 3.0f;
+  PeerGrads want, got;
+  ASSERT_TRUE(resident->backward(xs[2], kTokens, dy, &want).ok());
+  ASSERT_TRUE(layer->backward(xs[2], kTokens, dy, &got).ok());
+  EXPECT_EQ(got.expert_ids, want.expert_ids);
+  EXPECT_TRUE(same_bits(got.dx, want.dx));
+  EXPECT_TRUE(same_bits(got.d_down, want.d_down));
+  EXPECT_TRUE(same_bits(got.d_up, want.d_up));
+
+  auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+  ASSERT_NE(source, nullptr);
+  EXPECT_EQ(source->host().metrics().leased_slots, 0);
+}
+
 // Runs the batches over a faulty disk and checks each against the resident layer: a batch
 // either matches it to the bit or fails with an error (never a wrong output).
 struct FaultRun {
