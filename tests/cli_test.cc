@@ -353,6 +353,12 @@ TEST(Cli, BenchCountsAreWholeAndBoundedAndAStoreIsReusedOnlyForItsOwnConfig) {
         << "a store was written before the bad count was refused";
   }
 
+  // A negative size is a bad command line, not "the default" (0) in disguise.
+  for (const char* flag : {"--dim-out", "--topk-per-half", "--threads", "--heads"}) {
+    RunResult r = run(dir, {"bench", flag, "-5", "--no-calibrate", "--store", stores});
+    EXPECT_EQ(r.exit_code, 2) << flag << ": " << r.err;
+  }
+
   // The same config reuses its store; another k' gets its own.
   const std::vector<std::string> base = {"bench",
                                          "--experts",

@@ -407,6 +407,12 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
         std::fflush(stdout);
       }
     }
+    // This table's disk figures replace the previous table's, so a calibration that failed
+    // here never shows another table's numbers beside this one's points.
+    for (const char* key :
+         {"disk_iops_ours", "disk_ours", "disk_iops_fio", "disk_fio", "ours_over_fio"}) {
+      calib.erase(key);
+    }
     for (auto it = disk.begin(); it != disk.end(); ++it) calib[it.key()] = it.value();
 
     for (int64_t batch : batches) {
@@ -556,12 +562,24 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--experts", a->experts,
                   "Experts N (a square: 1M, 4M, 262144, ...); a list sweeps")
       ->capture_default_str();
-  cmd->add_option("--dim", a->dim, "Model dimension D")->capture_default_str();
-  cmd->add_option("--dim-out", a->dim_out, "Output dimension (default: D)");
-  cmd->add_option("--heads", a->heads, "Heads h")->capture_default_str();
-  cmd->add_option("--topk", a->topk, "Experts per head k")->capture_default_str();
-  cmd->add_option("--topk-per-half", a->topk_per_half, "Sub-keys per half k' (default: k)");
-  cmd->add_option("--dim-key", a->dim_key, "Sub-key dimension")->capture_default_str();
+  // Negative sizes are refused here: 0 means "the default" for --dim-out and --topk-per-half,
+  // and a negative value would otherwise pass for it.
+  cmd->add_option("--dim", a->dim, "Model dimension D")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--dim-out", a->dim_out, "Output dimension (default: D)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--heads", a->heads, "Heads h")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--topk", a->topk, "Experts per head k")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--topk-per-half", a->topk_per_half, "Sub-keys per half k' (default: k)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--dim-key", a->dim_key, "Sub-key dimension")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_option("--quant", a->quant, "Record dtype: int4, int8, bf16, f16 or f32")
       ->check(CLI::IsMember({"int4", "int8", "bf16", "f16", "f32"}))
       ->capture_default_str();
@@ -592,7 +610,9 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--warmup", a->warmup, "Batches run before measuring (the host tier fills)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 20))
       ->capture_default_str();
-  cmd->add_option("--threads", a->threads, "Compute threads (0: all cores)")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Compute threads (0: all cores)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cmd->add_option("--calibrate-seconds", a->calibrate_seconds,
                   "Seconds for each calibration (host bandwidth, our disk IOPS, fio)")
       ->check(CLI::PositiveNumber)
