@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdio>
@@ -97,6 +98,7 @@ struct Point {
   BenchWorkload workload;
   uint64_t host_bytes = 0;
   BenchResult result;
+  nlohmann::json disk;  // this table's disk calibration (ours, fio)
 };
 
 // Every config field the flags set is in the name (k' only when it is not k, so the names of
@@ -455,6 +457,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
           if (bar) bar->finish();
           if (!r.ok()) return fail(r.status());
           p.result = std::move(r).value();
+          p.disk = disk;
           if (talk) {
             print_point(p, calib);
             std::fflush(stdout);
@@ -479,10 +482,24 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
                    : batches.size() > 1 ? "batch (tokens)"
                                         : "host budget (% of table)";
     plot.log_x = experts.size() > 1 || batches.size() > 1;
-    for (const BenchWorkload& w : workloads) {
-      PlotSeries tiered{"tiered " + w.name(), {}, {}}, resident{"all-resident " + w.name(), {}, {}};
+    // One pair of curves (tiered, all-resident) per combination of the other swept values, so
+    // a two-way sweep draws a family of curves rather than a zigzag.
+    auto series_of = [&](const Point& p) {
+      std::string name = p.workload.name();
+      if (experts.size() > 1 && batches.size() > 1) name += " batch " + std::to_string(p.batch);
+      if ((experts.size() > 1 || batches.size() > 1) && hosts.size() > 1) name += " host " + p.host;
+      return name;
+    };
+    std::vector<std::string> names;
+    for (const Point& p : points) {
+      if (std::find(names.begin(), names.end(), series_of(p)) == names.end()) {
+        names.push_back(series_of(p));
+      }
+    }
+    for (const std::string& name : names) {
+      PlotSeries tiered{"tiered " + name, {}, {}}, resident{"all-resident " + name, {}, {}};
       for (const Point& p : points) {
-        if (p.workload.name() != w.name()) continue;
+        if (series_of(p) != name) continue;
         tiered.x.push_back(x_of(p));
         tiered.y.push_back(p.result.tokens_per_second);
         if (p.result.resident_tokens_per_second > 0) {
@@ -503,7 +520,10 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
   }
 
   nlohmann::json j = {{"calibration", calib}, {"points", nlohmann::json::array()}};
-  for (const Point& p : points) j["points"].push_back(point_json(p));
+  for (const Point& p : points) {
+    j["points"].push_back(point_json(p));
+    j["points"].back()["disk_calibration"] = p.disk;  // the table's own (calibration: the last)
+  }
   if (!a.plot.empty() && points.size() > 1) j["plot"] = a.plot;
   if (json != nullptr) {
     *json = std::move(j);
