@@ -368,6 +368,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
                              {"direct_io", ours->direct_io},
                              {"queue_depth", ours->queue_depth},
                              {"block_bytes", table.table.stride},
+                             {"direct_alignment", ours->direct_alignment},
                              {"read_amplification", ours->read_amplification},
                              {"latency_p50_us", ours->latency_p50_us},
                              {"latency_p99_us", ours->latency_p99_us}};
@@ -375,14 +376,21 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
         std::printf("  (disk calibration failed: %s)\n", ours.status().to_string().c_str());
       }
       if (!a.no_fio) {
-        Result<FioResult> fio = run_fio_randread(
-            *path, table.table.offset, table.table.bytes, static_cast<uint32_t>(table.table.stride),
-            a.queue_depth, /*direct=*/true, a.calibrate_seconds);
+        // fio makes the requests our reader makes: each record's extent at our O_DIRECT
+        // alignment, at offsets aligned alike (runtime/calibrate.h: FioOptions).
+        FioOptions fo;
+        fo.direct = true;
+        if (ours.ok() && ours->direct_io) fo.alignment = ours->direct_alignment;
+        fo.record_stride = table.table.stride;
+        Result<FioResult> fio = run_fio_randread(*path, table.table.offset, table.table.bytes,
+                                                 static_cast<uint32_t>(table.table.stride),
+                                                 a.queue_depth, fo, a.calibrate_seconds);
         if (fio.ok()) {
           disk["disk_iops_fio"] = fio->iops;
           disk["disk_fio"] = {{"iops", fio->iops},
                               {"engine", fio->engine},
                               {"block_bytes", fio->block_bytes},
+                              {"block_split", fio->block_split},
                               {"command", fio->command_line},
                               {"latency_p50_us", fio->clat_p50_us},
                               {"latency_p99_us", fio->clat_p99_us}};
@@ -400,9 +408,12 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
                     disk["disk_ours"]["engine"].get<std::string>().c_str(),
                     disk["disk_ours"]["direct_io"].get<bool>() ? ", O_DIRECT" : ", page cache");
         if (disk.contains("disk_iops_fio")) {
-          std::printf(", fio %.0f IOPS at %s blocks (ours = %.2f of fio)",
+          const std::string split = disk["disk_fio"]["block_split"].get<std::string>();
+          std::printf(", fio %.0f IOPS on the same requests (%s) (ours = %.2f of fio)",
                       disk["disk_iops_fio"].get<double>(),
-                      format_bytes(disk["disk_fio"]["block_bytes"].get<uint64_t>()).c_str(),
+                      split.empty()
+                          ? format_bytes(disk["disk_fio"]["block_bytes"].get<uint64_t>()).c_str()
+                          : split.c_str(),
                       disk["ours_over_fio"].get<double>());
         }
         std::printf("\n");
