@@ -43,7 +43,6 @@ nlohmann::json quant_error_json(const QuantError& e) {
       {"rmse", e.rmse()}, {"max_abs", e.max_abs}, {"rel_fro", e.rel_fro()}, {"elements", e.count}};
 }
 
-
 // Checks every row of a chunk before it is quantized, so a NaN or an out-of-range value is
 // reported with the tensor and the row instead of producing an infinite scale.
 Status check_rows(DType dtype, const std::string& tensor, const float* rows, int64_t first,
