@@ -632,9 +632,10 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--queue-depth", a->queue_depth, "Disk reads in flight")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
-  cmd->add_option("--store", a->store,
-                  "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"
-                  "disk to measure). Default: a scratch folder in $TMPDIR, removed afterwards");
+  cmd->add_option(
+      "--store", a->store,
+      "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"
+      "disk to measure). Default: a scratch folder in $TMPDIR (else /var/tmp), removed afterwards");
   cmd->add_option("--batches", a->batches, "Measured batches per point")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
       ->capture_default_str();
