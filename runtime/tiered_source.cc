@@ -96,7 +96,7 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
     cache_->abort_fills(ids, batch_);
     return started.with_context(describe());
   }
-  batch_ids_ = ids;
+  batch_ids_.assign(ids.begin(), ids.end());
   in_flight_ = true;
   last_.misses = static_cast<int64_t>(reads_.size());
   last_.hits = static_cast<int64_t>(ids.size()) - last_.misses;

@@ -87,7 +87,7 @@ class TieredExpertSource final : public ExpertSource {
   std::unique_ptr<RecordReader> reader_;
 
   // The batch between begin_acquire and finish_acquire.
-  std::span<const int64_t> batch_ids_;
+  std::vector<int64_t> batch_ids_;  // a copy: the destructor may outlive the caller's ids
   CacheBatch batch_;
   std::vector<RecordRead> reads_;
   bool in_flight_ = false;
