@@ -442,6 +442,26 @@ TEST(TrainUpdate, ZeroScaleGroupTakesAScaleFromItsUpdate) {
   EXPECT_EQ(r->elements_changed, 8);
 }
 
+TEST(TrainUpdate, PaddingCodesAreCarriedUnchangedAndAnEmptyBatchIsFine) {
+  // dim 40: the second down group has 8 real elements and 24 padding codes.
+  Bench1 b(40);
+  for (int j = 40; j < 64; ++j) b.codes()[j] = static_cast<int8_t>(j);
+  std::vector<float> down(40, -4.0f);  // v = 64 code LSB: saturates on the second step
+  for (uint64_t t = 0; t < 3; ++t) {
+    ASSERT_TRUE(train_update_record_ref(b.l, sgd(1.0f, t), 0, down.data(), b.up.data(),
+                                        b.rec.data(), nullptr)
+                    .ok());
+  }
+  EXPECT_GT(fp16_to_fp32(row_of(b.l, b.rec.data(), 0).scales[1]), 1.0f);  // it did rescale
+  for (int j = 40; j < 64; ++j) EXPECT_EQ(b.codes()[j], j);
+
+  auto r = train_update_records(b.l, adagrad(0.1f), nullptr, 0, nullptr, nullptr, nullptr, nullptr);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(*r, TrainStats{});
+  r = train_update_records_ref(b.l, adagrad(0.1f), nullptr, 0, nullptr, nullptr, nullptr, nullptr);
+  ASSERT_TRUE(r.ok());
+}
+
 // ---- bad input ---------------------------------------------------------------------------------
 
 TEST(TrainUpdate, BadInputIsAClearErrorAndChangesNothing) {
