@@ -28,6 +28,7 @@
 //   train_compare [--steps 2000] [--batch 128] [--lr 0.01] [--experts 4096] [--dim 128]
 //                 [--heads 4] [--topk 8] [--dim-key 32] [--seed 1] [--eval-every 100]
 //                 [--eval-tokens 1024] [--optimizer adagrad|sgd] [--threads 0] [--json PATH]
+//                 [--init-noise 0.5] [--headroom 1]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -67,8 +68,9 @@ struct Options {
   uint64_t seed = 1;
   int64_t eval_every = 50;
   int64_t eval_tokens = 1024;
-  float init_noise =
-      0.5f;  // student start = teacher + init_noise * N(0, w_std^2); < 0: independent
+  // Student start = teacher + init_noise * N(0, w_std^2); < 0: independent random tables.
+  float init_noise = 0.5f;
+  float headroom = 1.0f;  // int4 start scales = headroom * the Q4_0 scale
   TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
   int threads = 0;
   std::string json;
@@ -169,6 +171,26 @@ void int4_row_add(const float* delta, int64_t n, uint8_t* scales, uint8_t* codes
       }
       const int nq = static_cast<int>(std::clamp(r, -8.0f, 7.0f));
       byte = static_cast<uint8_t>((byte & ~(0xf << shift)) | ((nq + 8) << shift));
+    }
+  }
+}
+
+// Re-quantizes one int4 row of x at scales widened by `headroom` (the Q4_0 rule puts the
+// group's largest element on the edge of the code range, so the first outward step of it
+// saturates the training view and doubles the scale; a wider start scale leaves room).
+void regrid_int4_row(const float* x, int64_t n, float headroom, uint8_t* scales, uint8_t* codes) {
+  for (int64_t g0 = 0; g0 < n; g0 += 32) {
+    uint16_t h;
+    std::memcpy(&h, scales + (g0 / 32) * 2, 2);
+    h = fp32_to_fp16(fp16_to_fp32(h) * headroom);
+    std::memcpy(scales + (g0 / 32) * 2, &h, 2);
+    const float d = fp16_to_fp32(h);
+    uint8_t* block = codes + (g0 / 32) * 16;
+    for (int64_t j = 0; j < 32 && g0 + j < n; ++j) {
+      const int q =
+          d == 0.0f ? 0 : static_cast<int>(std::clamp(std::nearbyint(x[g0 + j] / d), -8.0f, 7.0f));
+      const int shift = j < 16 ? 0 : 4;
+      block[j % 16] = static_cast<uint8_t>((block[j % 16] & ~(0xf << shift)) | ((q + 8) << shift));
     }
   }
 }
@@ -306,6 +328,12 @@ Result<Options> parse_args(int argc, char** argv) {
       if (*end != '\0' || !(o.lr > 0) || !std::isfinite(o.lr)) {
         return Status::invalid_argument(str_printf("--lr wants a number > 0 (got '%s')", v));
       }
+    } else if (a == "--headroom") {
+      char* end = nullptr;
+      o.headroom = std::strtof(v, &end);
+      if (*end != '\0' || !(o.headroom >= 1.0f) || !std::isfinite(o.headroom)) {
+        return Status::invalid_argument(str_printf("--headroom wants a number >= 1 (got '%s')", v));
+      }
     } else if (a == "--init-noise") {
       char* end = nullptr;
       o.init_noise = std::strtof(v, &end);
@@ -389,6 +417,15 @@ Status run(const Options& o) {
   // The common int4 start, and its dequantization for fp32.
   std::vector<uint8_t> start_i4(static_cast<size_t>(n_exp) * i4.stride);
   pack_records(i4, s_down0.data(), s_up0.data(), n_exp, start_i4.data(), o.threads);
+  if (o.headroom != 1.0f) {
+    for (int64_t e = 0; e < n_exp; ++e) {
+      uint8_t* rec = start_i4.data() + static_cast<size_t>(e) * i4.stride;
+      regrid_int4_row(s_down0.data() + e * dim, dim, o.headroom, rec + i4.down_scales_offset,
+                      rec + i4.down_codes_offset);
+      regrid_int4_row(s_up0.data() + e * dim_out, dim_out, o.headroom, rec + i4.up_scales_offset,
+                      rec + i4.up_codes_offset);
+    }
+  }
   std::vector<float> deq_down(s_down0.size()), deq_up(s_up0.size());
   unpack_records(i4, start_i4.data(), n_exp, deq_down.data(), deq_up.data(), o.threads);
 
@@ -486,10 +523,22 @@ Status run(const Options& o) {
               teacher_int4_err / fp32_final);
   std::printf("%-34s %12s %12.4f %12.3f\n", "ref: fp32 student packed to int4", "", ptq_err,
               ptq_err / fp32_final);
-  std::printf("ours: %lld elements changed, %lld rescales, %lld scale inits; total %.1f s\n",
-              static_cast<long long>(methods[1].stats.elements_changed),
-              static_cast<long long>(methods[1].stats.rescales),
-              static_cast<long long>(methods[1].stats.scale_inits), total);
+  // Groups whose scale ours changed (each doubling halves that group's int4 resolution).
+  int64_t groups = 0, groups_rescaled = 0;
+  for (int64_t e = 0; e < n_exp; ++e) {
+    const size_t off = static_cast<size_t>(e) * i4.stride;
+    for (size_t b = 0; b < i4.down_codes_offset; b += 2) {
+      ++groups;
+      groups_rescaled += std::memcmp(&start_i4[off + b], &methods[1].records[off + b], 2) != 0;
+    }
+  }
+  std::printf(
+      "ours: %lld elements changed, %lld rescales, %lld scale inits, %lld of %lld groups "
+      "rescaled; int4 start scale %.3g x Q4_0; total %.1f s\n",
+      static_cast<long long>(methods[1].stats.elements_changed),
+      static_cast<long long>(methods[1].stats.rescales),
+      static_cast<long long>(methods[1].stats.scale_inits), static_cast<long long>(groups_rescaled),
+      static_cast<long long>(groups), static_cast<double>(o.headroom), total);
 
   if (!o.json.empty()) {
     std::FILE* f = std::fopen(o.json.c_str(), "w");
@@ -535,7 +584,7 @@ int main(int argc, char** argv) {
                  "%s\nusage: train_compare [--steps N] [--batch T] [--lr LR] [--experts N (a "
                  "square)] [--dim D] [--heads h] [--topk k] [--dim-key dk] [--seed S] "
                  "[--eval-every K] [--eval-tokens T] [--optimizer adagrad|sgd] [--threads n] "
-                 "[--json PATH]\n",
+                 "[--json PATH] [--init-noise s] [--headroom f]\n",
                  opts.status().to_string().c_str());
     return 2;
   }
