@@ -82,6 +82,7 @@ std::string ProgressBar::render(uint64_t done, double seconds, int width) const 
     else
       line += "  " + format_seconds(seconds);
   }
+  if (!note_.empty()) line += "  " + note_;
   return line;
 }
 

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 namespace trove {
 
@@ -26,6 +27,8 @@ class ProgressBar {
 
   void update(uint64_t done);
   void add(uint64_t delta) { update(done_ + delta); }
+  // A short status drawn after the counts ("loss 0.0123  41k tok/s"), from the next draw on.
+  void set_note(std::string note) { note_ = std::move(note); }
   // Draws the final state and a newline (once).
   void finish();
 
@@ -36,6 +39,7 @@ class ProgressBar {
   void draw(bool final);
 
   std::string label_;
+  std::string note_;
   uint64_t total_;
   Unit unit_;
   uint64_t done_ = 0;

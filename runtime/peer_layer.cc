@@ -307,6 +307,13 @@ Result<PeerLayer> PeerLayer::create(PeerConfig config, PeerDenseParams params,
 Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& name,
                                   PeerLayerOptions options) {
   TROVE_ASSIGN_OR_RETURN(StoredLayer stored, load_stored_layer(store, name));
+  if (stored.info->info.contains("training_view")) {
+    // int8 codes at scale d/16 (train/trainer.h): served as they are they would be 16x too big.
+    return Status::invalid_argument(
+        store.path() + ": layer " + name + " is the training state of layer " +
+        stored.info->info["training_view"].value("of", std::string("?")) +
+        " (int8 codes at scale d/16, not a servable layer); run that layer instead");
+  }
   const StoreLayerInfo& info = *stored.info;
   PeerDenseParams params;
   TROVE_ASSIGN_OR_RETURN(params.query_weight, store.read_dense(info, "query.weight"));

@@ -97,7 +97,7 @@ TEST(Cli, HelpExplainsEveryCommand) {
   RunResult r = run(dir, {"--help"});
   EXPECT_EQ(r.exit_code, 0);
   for (const char* cmd :
-       {"pack", "unpack", "inspect", "verify", "demo", "forward", "bench", "Exit codes"}) {
+       {"pack", "unpack", "inspect", "verify", "demo", "forward", "bench", "train", "Exit codes"}) {
     EXPECT_NE(r.out.find(cmd), std::string::npos) << cmd;
   }
 }
@@ -412,6 +412,74 @@ TEST(Cli, BenchCountsAreWholeAndBoundedAndAStoreIsReusedOnlyForItsOwnConfig) {
     ASSERT_TRUE(layer.ok()) << layer.status().to_string();
     EXPECT_EQ(layer->config.topk_per_half, name.find("-kp8") != std::string::npos ? 8 : 4) << name;
   }
+}
+
+TEST(Cli, TrainWritesCurvesCheckpointsAndResumes) {
+  ScratchDir dir;
+  SyntheticCheckpoint spec;
+  spec.layout = ImportLayout::kMikeybeez;
+  spec.prefixes = {"p"};
+  spec.config.dim = 32;
+  spec.config.heads = 2;
+  spec.config.n_keys = 8;
+  spec.config.dim_key = 8;
+  spec.config.topk = 4;
+  spec.dtype = StDType::kF32;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("c.safetensors"), spec).ok());
+  for (const char* q : {"f32", "int4"}) {
+    RunResult p =
+        run(dir, {"pack", dir.file("c.safetensors"), "-o", dir.file(std::string(q) + ".trove"),
+                  "--layout", "mikeybeez", "--prefix", "p", "--quant", q, "-q"});
+    ASSERT_EQ(p.exit_code, 0) << p.err;
+  }
+  const std::vector<std::string> args = {"train",
+                                         dir.file("int4.trove"),
+                                         "--layer",
+                                         "p",
+                                         "--teacher",
+                                         dir.file("f32.trove"),
+                                         "--batch",
+                                         "32",
+                                         "--lr",
+                                         "0.01",
+                                         "--checkpoint-every",
+                                         "3",
+                                         "--loss-csv",
+                                         dir.file("loss.csv"),
+                                         "--plot",
+                                         dir.file("loss.png"),
+                                         "--json"};
+  std::vector<std::string> first = args;
+  first.insert(first.end(), {"--steps", "6"});
+  RunResult r = run(dir, first);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["start_step"], 0);
+  EXPECT_EQ(j["steps"], 6);
+  EXPECT_EQ(j["checkpoints"], 2);
+  EXPECT_EQ(j["losses"].size(), 6u);
+  EXPECT_GT(j["expert_updates_per_second"].get<double>(), 0.0);
+  const std::string csv = slurp(dir.file("loss.csv"));
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 7) << csv;  // header + 6 steps
+  const auto png = testing::read_all(dir.file("loss.png"));
+  ASSERT_GT(png.size(), 8u);
+  EXPECT_EQ(0, std::memcmp(png.data(), "\x89PNG\r\n\x1a\n", 8));
+  // The same command with more steps resumes from the last checkpoint.
+  std::vector<std::string> again = args;
+  again.insert(again.end(), {"--steps", "8"});
+  RunResult r2 = run(dir, again);
+  ASSERT_EQ(r2.exit_code, 0) << r2.err;
+  auto j2 = nlohmann::json::parse(r2.out);
+  EXPECT_EQ(j2["start_step"], 6);
+  EXPECT_EQ(j2["losses"].size(), 2u);
+  // The trained store serves.
+  RunResult inspect = run(dir, {"verify", dir.file("int4.trove")});
+  EXPECT_EQ(inspect.exit_code, 0) << inspect.err;
+  // An f32 student is refused, naming what to do.
+  RunResult bad = run(dir, {"train", dir.file("f32.trove"), "--layer", "p", "--teacher",
+                            dir.file("f32.trove"), "--steps", "2"});
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("--quant int4"), std::string::npos) << bad.err;
 }
 
 }  // namespace

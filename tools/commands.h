@@ -33,6 +33,7 @@ void add_verify(CLI::App& app, GlobalOptions& global);
 void add_demo(CLI::App& app, GlobalOptions& global);
 void add_forward(CLI::App& app, GlobalOptions& global);
 void add_bench(CLI::App& app, GlobalOptions& global);
+void add_train(CLI::App& app, GlobalOptions& global);
 
 // `trove demo`'s last step: `trove bench` on an int4 table of `experts` (e.g. "256K") records
 // of `dim` (written in `dir`) through a host budget of 10% of it. The --json document goes to

@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   add_verify(app, global);
   add_forward(app, global);
   add_bench(app, global);
+  add_train(app, global);
   add_demo(app, global);
 
   app.parse_complete_callback([&global] {

@@ -1,0 +1,190 @@
+// trove train: distil a teacher PEER layer into a stored int4 layer, trained in place
+// (train/trainer.h).
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+
+#include "base/bytes.h"
+#include "base/plot.h"
+#include "base/progress.h"
+#include "base/strings.h"
+#include "tools/commands.h"
+#include "train/trainer.h"
+
+namespace trove::cli {
+
+namespace {
+
+struct TrainArgs {
+  std::string store, layer, teacher, teacher_layer, inputs = "gaussian", optimizer = "adagrad";
+  std::string loss_csv, plot;
+  int64_t steps = 1000, batch = 1024, checkpoint_every = 200;
+  float lr = 1e-2f;
+  uint64_t seed = 1;
+  int threads = 0;
+};
+
+Status write_loss_csv(const std::string& path, const TrainReport& r) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    if (!f) return Status::from_errno("loss curve " + tmp, errno);
+    f << "step,loss\n";
+    for (size_t i = 0; i < r.losses.size(); ++i) {
+      f << (r.start_step + static_cast<int64_t>(i) + 1) << ',' << str_printf("%.9g", r.losses[i])
+        << '\n';
+    }
+    if (!f.flush()) return Status::io_error("writing the loss curve " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return Status::from_errno("renaming the loss curve to " + path, errno);
+  }
+  return Status::ok_status();
+}
+
+int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
+  const bool talk = !global.json && !global.quiet;
+  TrainOptions o;
+  o.store = a.store;
+  o.layer = a.layer;
+  o.teacher = a.teacher;
+  o.teacher_layer = a.teacher_layer;
+  o.inputs = a.inputs;
+  o.steps = a.steps;
+  o.batch = a.batch;
+  o.lr = a.lr;
+  o.optimizer = a.optimizer == "sgd" ? TrainOptimizer::kSgd : TrainOptimizer::kAdagrad;
+  o.seed = a.seed;
+  o.checkpoint_every = a.checkpoint_every;
+  o.threads = a.threads;
+  std::unique_ptr<ProgressBar> bar;
+  const auto start = std::chrono::steady_clock::now();
+  int64_t first_step = -1;
+  o.progress = [&](int64_t done, int64_t total, double loss) {
+    if (!bar) {
+      bar = std::make_unique<ProgressBar>("training", static_cast<uint64_t>(total));
+      first_step = done - 1;
+    }
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    bar->set_note(str_printf("loss %.4g  %.0f tok/s", loss,
+                             s > 0 ? static_cast<double>((done - first_step) * a.batch) / s : 0.0));
+    bar->update(static_cast<uint64_t>(done));
+  };
+  Result<TrainReport> r = run_train(o);
+  if (bar) bar->finish();
+  if (!r.ok()) return report_error("train", r.status());
+  if (!a.loss_csv.empty()) {
+    const Status s = write_loss_csv(a.loss_csv, *r);
+    if (!s.ok()) return report_error("train", s);
+  }
+  if (!a.plot.empty() && !r->losses.empty()) {
+    PlotSpec plot;
+    plot.title = "trove train: " + a.layer;
+    plot.x_label = "step";
+    plot.y_label = "loss (mean squared error vs the teacher)";
+    PlotSeries loss{"int4 student", {}, {}};
+    for (size_t i = 0; i < r->losses.size(); ++i) {
+      loss.x.push_back(static_cast<double>(r->start_step + static_cast<int64_t>(i) + 1));
+      loss.y.push_back(r->losses[i]);
+    }
+    plot.series.push_back(loss);
+    const Status s = write_plot_png(a.plot, plot);
+    if (!s.ok()) return report_error("train", s);
+  }
+  const TrainReport& t = *r;
+  const double ups = t.seconds > 0 ? static_cast<double>(t.expert_updates) / t.seconds : 0;
+  nlohmann::json j = {
+      {"store", a.store},
+      {"layer", a.layer},
+      {"teacher", a.teacher},
+      {"start_step", t.start_step},
+      {"steps", t.steps},
+      {"first_loss", t.losses.empty() ? 0.0 : t.losses.front()},
+      {"final_loss", t.losses.empty() ? 0.0 : t.losses.back()},
+      {"losses", t.losses},
+      {"seconds", t.seconds},
+      {"tokens_per_second", t.seconds > 0 ? static_cast<double>(t.tokens) / t.seconds : 0.0},
+      {"expert_updates_per_second", ups},
+      {"expert_updates", t.expert_updates},
+      {"rescales", t.rescales},
+      {"checkpoints", t.checkpoints},
+      {"checkpoint_seconds", t.checkpoint_seconds},
+      {"checkpoint_bytes", t.checkpoint_bytes},
+      {"state_bytes_in_memory", t.state_bytes},
+  };
+  if (!a.loss_csv.empty()) j["loss_csv"] = a.loss_csv;
+  if (!a.plot.empty()) j["plot"] = a.plot;
+  if (global.json) {
+    print_json(j);
+  } else if (talk) {
+    std::printf("%s: layer %s trained steps %lld..%lld%s\n", a.store.c_str(), a.layer.c_str(),
+                static_cast<long long>(t.start_step + 1), static_cast<long long>(t.steps),
+                t.start_step > 0 ? " (resumed from the last checkpoint)" : "");
+    if (!t.losses.empty()) {
+      std::printf("  loss %.6g -> %.6g (mean squared error vs the teacher)\n", t.losses.front(),
+                  t.losses.back());
+    }
+    std::printf("  %.0f tokens/s, %.0f expert updates/s, %lld rescales\n",
+                j["tokens_per_second"].get<double>(), ups, static_cast<long long>(t.rescales));
+    std::printf("  %lld checkpoints of %s each (the store is rewritten whole), %.2f s in all\n",
+                static_cast<long long>(t.checkpoints), format_bytes(t.checkpoint_bytes).c_str(),
+                t.checkpoint_seconds);
+    if (!a.loss_csv.empty()) std::printf("  loss curve: %s\n", a.loss_csv.c_str());
+    if (!a.plot.empty()) std::printf("  plot: %s\n", a.plot.c_str());
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+void add_train(CLI::App& app, GlobalOptions& global) {
+  auto* cmd = app.add_subcommand(
+      "train",
+      "Distil a teacher PEER layer into a stored int4 layer, trained in place with stochastic\n"
+      "rounding into an 8-bit training code (SPEC §7). Checkpoints rewrite the store atomically\n"
+      "with the int4 records (ready for `trove forward`) and the training state; running the\n"
+      "same command again after a crash resumes from the last checkpoint.\n"
+      "Example: trove train student.trove --layer L --teacher teacher.trove --steps 2000 \\\n"
+      "           --batch 1024 --lr 1e-2 --checkpoint-every 200");
+  auto a = std::make_shared<TrainArgs>();
+  cmd->add_option("store", a->store, "The student .trove (an int4 layer), trained in place")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--layer", a->layer, "The layer to train")->required();
+  cmd->add_option("--teacher", a->teacher,
+                  "A .trove store holding the teacher PEER layer (pack any supported layout\n"
+                  "with `trove pack`, e.g. --quant f32; dense MLP teachers are not supported yet)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--teacher-layer", a->teacher_layer, "The teacher's layer (default: --layer)");
+  cmd->add_option("--inputs", a->inputs,
+                  "gaussian, or a safetensors file of activations [..., D] (cycled)")
+      ->capture_default_str();
+  cmd->add_option("--steps", a->steps, "Optimizer steps in all (a resumed run continues to it)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40))
+      ->capture_default_str();
+  cmd->add_option("--batch", a->batch, "Tokens per step")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
+      ->capture_default_str();
+  cmd->add_option("--lr", a->lr, "Learning rate")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--optimizer", a->optimizer, "adagrad (row-wise) or sgd")
+      ->check(CLI::IsMember({"adagrad", "sgd"}))
+      ->capture_default_str();
+  cmd->add_option("--seed", a->seed, "Seed of the inputs and of the stochastic rounding")
+      ->capture_default_str();
+  cmd->add_option("--checkpoint-every", a->checkpoint_every,
+                  "Steps between checkpoints (0: only at the end)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_option("--threads", a->threads, "Worker threads (0: all cores)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--loss-csv", a->loss_csv, "Write the loss per step to this CSV file");
+  cmd->add_option("--plot", a->plot, "Write the loss curve to this PNG file");
+  cmd->callback([a, &global] { global.exit_code = run_train_command(*a, global); });
+}
+
+}  // namespace trove::cli

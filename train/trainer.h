@@ -1,0 +1,76 @@
+// Distillation of a teacher into a stored int4 PEER layer, trained in place in the int4
+// training view (SPEC §7, kernels/train.h): what `trove train` runs.
+//
+// Each step: a batch of inputs (gaussian, or rows of an activation file), the teacher's output
+// y_t, the student's y over its current int4 records, loss = mean((y - y_t)^2), the student's
+// backward (row-sparse gradients per unique expert), and the stochastic-rounding update of
+// those experts' training records (int8 code b at scale d/16), exported back to int4 for the
+// next forward. Only the expert tables train; the router stays as stored.
+//
+// Checkpoints are store generations: every `checkpoint_every` steps (and at the end) the store
+// is rewritten atomically (StoreWriter: temp file, fsync, rename) with the layer's int4 records
+// (what `trove forward` serves) and a second layer "<L>.train" holding the training view and
+// the optimizer state (int8 records; Adagrad's per-row accumulators as a dense tensor; the
+// step, seed and optimizer in its info). A crash at any moment leaves the last committed
+// generation; running the same command again resumes from it, and because the inputs, the SR
+// hash and the kernels are functions of (seed, step) alone, the resumed run's losses equal an
+// uninterrupted run's bit for bit.
+//
+// Today the whole training view is held in memory (N x int8 stride bytes, plus 8 bytes per
+// expert of optimizer state); write-back of dirty records through the host tier is later work.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "kernels/train.h"
+
+namespace trove {
+
+struct TrainOptions {
+  std::string store;                // the student .trove, an int4 layer; rewritten at checkpoints
+  std::string layer;                // the student layer
+  std::string teacher;              // a .trove store holding the teacher PEER layer
+  std::string teacher_layer;        // empty: the same name as `layer`
+  std::string inputs = "gaussian";  // or a safetensors file of activations [..., D]
+  int64_t steps = 1000;
+  int64_t batch = 1024;
+  float lr = 1e-2f;
+  TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
+  uint64_t seed = 1;
+  int64_t checkpoint_every = 200;  // 0: only at the end
+  int threads = 0;
+  // After each step: (step done, steps in all, loss of that step).
+  std::function<void(int64_t, int64_t, double)> progress;
+  // After each checkpoint commits: (the step it holds).
+  std::function<void(int64_t)> checkpointed;
+};
+
+struct TrainReport {
+  int64_t start_step = 0;      // > 0 when resumed from a checkpoint
+  int64_t steps = 0;           // the step reached
+  std::vector<double> losses;  // one per step run in this call (start_step .. steps-1)
+  double seconds = 0;          // the steps (not the checkpoints)
+  double checkpoint_seconds = 0;
+  int64_t checkpoints = 0;
+  int64_t tokens = 0;
+  int64_t expert_updates = 0;  // unique experts updated, summed over steps
+  int64_t rescales = 0;
+  int64_t elements_changed = 0;
+  uint64_t checkpoint_bytes = 0;  // file size of one checkpoint (the whole store is rewritten)
+  uint64_t state_bytes = 0;       // training view + optimizer state held in memory
+};
+
+// Errors: a student layer that is not int4, a teacher of other dims, an input file of another
+// D, a checkpoint written with another seed or optimizer (resume with the same flags or start
+// from a fresh store), steps/batch/lr out of range; all before any work. The store is only
+// ever replaced whole by a committed generation.
+Result<TrainReport> run_train(const TrainOptions& options);
+
+// The name of the layer that holds `layer`'s training state in a checkpoint.
+std::string train_state_layer_name(const std::string& layer);
+
+}  // namespace trove
