@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -18,6 +19,7 @@
 #include "runtime/pack.h"
 #include "runtime/peer_layer.h"
 #include "runtime/synthetic.h"
+#include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
 
@@ -245,6 +247,96 @@ TEST_F(Train, BadInputsAreRefusedBeforeAnyWork) {
   ASSERT_FALSE(other.ok());
   EXPECT_NE(other.status().message().find("another seed or optimizer"), std::string::npos)
       << other.status().to_string();
+}
+
+// A dense MLP teacher: the first step's loss equals the MSE between the student's output and
+// the MLP computed here independently, for SwiGLU and GELU (with biases) teachers; training
+// on a SwiGLU teacher lowers the loss.
+TEST_F(Train, DenseMlpTeachersAreComputedExactlyAndDistilled) {
+  const int64_t D = 48, Dout = 40, H = 24, T = 64;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto gaussian = [&](size_t n, float std) {
+    std::vector<float> v(n);
+    for (float& x : v) x = std * normal(rng);
+    return v;
+  };
+  const std::vector<float> x = gaussian(static_cast<size_t>(T * D), 1.0f);
+  const std::string xin = dir_.file("x.safetensors");
+  auto bytes = [](const std::vector<float>& v) {
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()), v.size() * 4);
+  };
+  ASSERT_TRUE(write_safetensors(xin, {{"x", StDType::kF32, {T, D}, bytes(x), nullptr}}, {}).ok());
+  auto student = StoreReader::open(student0_);
+  ASSERT_TRUE(student.ok());
+  auto layer = PeerLayer::open(*student, kLayer);
+  ASSERT_TRUE(layer.ok());
+  std::vector<float> ys(static_cast<size_t>(T * Dout));
+  ASSERT_TRUE(layer->forward(x, T, ys).ok());
+
+  for (bool swiglu : {true, false}) {
+    SCOPED_TRACE(swiglu ? "swiglu" : "gelu");
+    const auto w1 = gaussian(static_cast<size_t>(H * D), 0.15f);
+    const auto w3 = gaussian(static_cast<size_t>(H * D), 0.15f);
+    const auto w2 = gaussian(static_cast<size_t>(Dout * H), 0.2f);
+    const auto b1 = gaussian(static_cast<size_t>(H), 0.3f);
+    const auto b2 = gaussian(static_cast<size_t>(Dout), 0.3f);
+    const std::string path = dir_.file(swiglu ? "swiglu.safetensors" : "gelu.safetensors");
+    std::vector<StTensorOut> tensors;
+    if (swiglu) {
+      tensors = {{"mlp.gate_proj.weight", StDType::kF32, {H, D}, bytes(w1), nullptr},
+                 {"mlp.up_proj.weight", StDType::kF32, {H, D}, bytes(w3), nullptr},
+                 {"mlp.down_proj.weight", StDType::kF32, {Dout, H}, bytes(w2), nullptr}};
+    } else {
+      tensors = {{"mlp.fc1.weight", StDType::kF32, {H, D}, bytes(w1), nullptr},
+                 {"mlp.fc1.bias", StDType::kF32, {H}, bytes(b1), nullptr},
+                 {"mlp.fc2.weight", StDType::kF32, {Dout, H}, bytes(w2), nullptr},
+                 {"mlp.fc2.bias", StDType::kF32, {Dout}, bytes(b2), nullptr}};
+    }
+    ASSERT_TRUE(write_safetensors(path, tensors, {}).ok());
+    double want = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> h(static_cast<size_t>(H));
+      for (int64_t j = 0; j < H; ++j) {
+        double a = 0, b = 0;
+        for (int64_t i = 0; i < D; ++i) {
+          a += double{w1[j * D + i]} * x[t * D + i];
+          b += double{w3[j * D + i]} * x[t * D + i];
+        }
+        h[j] = swiglu ? a / (1 + std::exp(-a)) * b
+                      : 0.5 * (a + b1[j]) * (1 + std::erf((a + b1[j]) / std::sqrt(2.0)));
+      }
+      for (int64_t o = 0; o < Dout; ++o) {
+        double yt = swiglu ? 0.0 : double{b2[o]};
+        for (int64_t j = 0; j < H; ++j) yt += double{w2[o * H + j]} * h[j];
+        const double e = ys[t * Dout + o] - yt;
+        want += e * e;
+      }
+    }
+    want /= static_cast<double>(T * Dout);
+
+    TrainOptions o = options(fresh_student(swiglu ? "s1.trove" : "s2.trove"));
+    o.teacher = path;
+    o.teacher_kind = TrainOptions::TeacherKind::kMlp;
+    o.teacher_layer = "mlp";
+    o.inputs = xin;
+    o.batch = T;
+    o.steps = swiglu ? 40 : 1;
+    auto r = run_train(o);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_NEAR(r->losses[0], want, 1e-5 * want);
+    if (swiglu) {
+      EXPECT_LT(mean(r->losses, 35, 40), 0.9 * mean(r->losses, 0, 5));
+    }
+  }
+  // A file without such tensors says what it looked for.
+  TrainOptions o = options(fresh_student("s3.trove"));
+  o.teacher = xin;
+  o.teacher_kind = TrainOptions::TeacherKind::kMlp;
+  auto bad = run_train(o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("gate_proj"), std::string::npos)
+      << bad.status().to_string();
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ namespace {
 
 struct TrainArgs {
   std::string store, layer, teacher, teacher_layer, inputs = "gaussian", optimizer = "adagrad";
-  std::string loss_csv, plot;
+  std::string loss_csv, plot, teacher_kind = "peer";
   int64_t steps = 1000, batch = 1024, checkpoint_every = 200;
   float lr = 1e-2f;
   uint64_t seed = 1;
@@ -50,6 +50,8 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
   o.layer = a.layer;
   o.teacher = a.teacher;
   o.teacher_layer = a.teacher_layer;
+  o.teacher_kind =
+      a.teacher_kind == "mlp" ? TrainOptions::TeacherKind::kMlp : TrainOptions::TeacherKind::kPeer;
   o.inputs = a.inputs;
   o.steps = a.steps;
   o.batch = a.batch;
@@ -154,11 +156,18 @@ void add_train(CLI::App& app, GlobalOptions& global) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--layer", a->layer, "The layer to train")->required();
   cmd->add_option("--teacher", a->teacher,
-                  "A .trove store holding the teacher PEER layer (pack any supported layout\n"
-                  "with `trove pack`, e.g. --quant f32; dense MLP teachers are not supported yet)")
+                  "The teacher: a .trove store holding a PEER layer (pack any supported layout\n"
+                  "with `trove pack`, e.g. --quant f32), or with --teacher-kind mlp a\n"
+                  "safetensors file holding a dense SwiGLU or GELU MLP")
       ->required()
       ->check(CLI::ExistingFile);
-  cmd->add_option("--teacher-layer", a->teacher_layer, "The teacher's layer (default: --layer)");
+  cmd->add_option("--teacher-kind", a->teacher_kind,
+                  "peer, or mlp: P.gate_proj/up_proj/down_proj.weight (SwiGLU) or\n"
+                  "P.fc1/fc2.weight (+ .bias) (GELU), with P from --teacher-layer")
+      ->check(CLI::IsMember({"peer", "mlp"}))
+      ->capture_default_str();
+  cmd->add_option("--teacher-layer", a->teacher_layer,
+                  "The teacher's PEER layer (default: --layer), or the MLP tensors' prefix");
   cmd->add_option("--inputs", a->inputs,
                   "gaussian, or a safetensors file of activations [..., D] (cycled)")
       ->capture_default_str();

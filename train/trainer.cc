@@ -9,6 +9,7 @@
 #include <random>
 
 #include "base/strings.h"
+#include "base/thread_pool.h"
 #include "kernels/cpu/train.h"
 #include "runtime/pack.h"
 #include "runtime/peer_config_json.h"
@@ -116,7 +117,97 @@ class InputSource {
   int64_t dim_ = 0, batch_ = 0;
   uint64_t seed_ = 0;
   std::unique_ptr<SafetensorsFile> file_;
-  StTensorView rows_;
+  StTensorView rows_{};
+};
+
+// A dense MLP teacher (TrainOptions::TeacherKind::kMlp), in fp32 from a safetensors file.
+class MlpTeacher {
+ public:
+  static Result<MlpTeacher> open(const std::string& path, const std::string& prefix, int64_t dim,
+                                 int64_t dim_out) {
+    TROVE_ASSIGN_OR_RETURN(SafetensorsFile f, SafetensorsFile::open(path));
+    MlpTeacher m;
+    const std::string p = prefix.empty() ? "" : prefix + ".";
+    auto load = [&](const std::string& name, int64_t rows, int64_t cols, bool required,
+                    std::vector<float>* out) -> Status {
+      const StTensorView* t = f.find(p + name);
+      if (t == nullptr) {
+        if (!required) return Status::ok_status();
+        return Status::not_found(path + ": no tensor " + p + name);
+      }
+      const std::vector<int64_t> want =
+          cols > 0 ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{rows};
+      if (!st_dtype_is_float(t->dtype) || t->shape != want) {
+        return Status::invalid_argument(
+            str_printf("%s: tensor %s is %s %s, expected a float tensor %s", path.c_str(),
+                       t->name.c_str(), st_dtype_name(t->dtype), shape_to_string(t->shape).c_str(),
+                       shape_to_string(want).c_str()));
+      }
+      TROVE_ASSIGN_OR_RETURN(*out, f.read_f32(t->name));
+      return Status::ok_status();
+    };
+    const StTensorView* gate = f.find(p + "gate_proj.weight");
+    const StTensorView* fc1 = f.find(p + "fc1.weight");
+    const StTensorView* first = gate != nullptr ? gate : fc1;
+    if (first == nullptr || first->shape.size() != 2) {
+      return Status::invalid_argument(
+          path + ": no dense MLP under prefix '" + prefix + "': expected " + p +
+          "gate_proj/up_proj/down_proj.weight (SwiGLU) or " + p +
+          "fc1/fc2.weight (GELU); name the prefix with --teacher-layer");
+    }
+    m.swiglu_ = gate != nullptr;
+    m.dim_ = dim;
+    m.dim_out_ = dim_out;
+    m.hidden_ = first->shape[0];
+    if (m.swiglu_) {
+      TROVE_RETURN_IF_ERROR(load("gate_proj.weight", m.hidden_, dim, true, &m.w1_));
+      TROVE_RETURN_IF_ERROR(load("up_proj.weight", m.hidden_, dim, true, &m.w3_));
+      TROVE_RETURN_IF_ERROR(load("down_proj.weight", dim_out, m.hidden_, true, &m.w2_));
+    } else {
+      TROVE_RETURN_IF_ERROR(load("fc1.weight", m.hidden_, dim, true, &m.w1_));
+      TROVE_RETURN_IF_ERROR(load("fc2.weight", dim_out, m.hidden_, true, &m.w2_));
+      TROVE_RETURN_IF_ERROR(load("fc1.bias", m.hidden_, 0, false, &m.b1_));
+      TROVE_RETURN_IF_ERROR(load("fc2.bias", dim_out, 0, false, &m.b2_));
+    }
+    return m;
+  }
+
+  // y [T, dim_out] for x [T, dim]; threads over tokens, the same bits for any thread count.
+  void forward(const std::vector<float>& x, int64_t T, std::vector<float>* y, int threads) const {
+    y->assign(sz(T * dim_out_), 0.0f);
+    parallel_for(T, threads, [&](int64_t begin, int64_t end) {
+      std::vector<float> h(sz(hidden_));
+      for (int64_t t = begin; t < end; ++t) {
+        const float* xt = &x[sz(t * dim_)];
+        for (int64_t j = 0; j < hidden_; ++j) {
+          double a = 0, b = 0;
+          for (int64_t i = 0; i < dim_; ++i) {
+            a += static_cast<double>(w1_[sz(j * dim_ + i)]) * xt[i];
+            if (swiglu_) b += static_cast<double>(w3_[sz(j * dim_ + i)]) * xt[i];
+          }
+          if (swiglu_) {
+            h[sz(j)] = static_cast<float>(a / (1.0 + std::exp(-a)) * b);
+          } else {
+            if (!b1_.empty()) a += b1_[sz(j)];
+            h[sz(j)] = static_cast<float>(0.5 * a * (1.0 + std::erf(a * 0.70710678118654752440)));
+          }
+        }
+        float* yt = &(*y)[sz(t * dim_out_)];
+        for (int64_t o = 0; o < dim_out_; ++o) {
+          double acc = b2_.empty() ? 0.0 : b2_[sz(o)];
+          for (int64_t j = 0; j < hidden_; ++j) {
+            acc += static_cast<double>(w2_[sz(o * hidden_ + j)]) * h[sz(j)];
+          }
+          yt[o] = static_cast<float>(acc);
+        }
+      }
+    });
+  }
+
+ private:
+  bool swiglu_ = false;
+  int64_t dim_ = 0, dim_out_ = 0, hidden_ = 0;
+  std::vector<float> w1_, w2_, w3_, b1_, b2_;
 };
 
 const char* optimizer_name(TrainOptimizer o) {
@@ -215,17 +306,35 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   const int64_t rows = 2 * c.expert_width;
 
   // The teacher.
-  TROVE_ASSIGN_OR_RETURN(StoreReader teacher_store, StoreReader::open(o.teacher));
-  const std::string tname = o.teacher_layer.empty() ? o.layer : o.teacher_layer;
   PeerLayerOptions lo;
   lo.threads = o.threads;
-  TROVE_ASSIGN_OR_RETURN(PeerLayer teacher, PeerLayer::open(teacher_store, tname, lo));
-  if (teacher.config().dim != c.dim || teacher.config().dim_out != c.dim_out) {
-    return Status::invalid_argument(
-        str_printf("teacher %s layer %s maps %lld -> %lld; the student maps %lld -> %lld",
-                   o.teacher.c_str(), tname.c_str(), (long long)teacher.config().dim,
-                   (long long)teacher.config().dim_out, (long long)c.dim, (long long)c.dim_out));
+  std::optional<StoreReader> teacher_store;
+  std::optional<PeerLayer> teacher_peer;
+  std::optional<MlpTeacher> teacher_mlp;
+  if (o.teacher_kind == TrainOptions::TeacherKind::kMlp) {
+    TROVE_ASSIGN_OR_RETURN(MlpTeacher m,
+                           MlpTeacher::open(o.teacher, o.teacher_layer, c.dim, c.dim_out));
+    teacher_mlp.emplace(std::move(m));
+  } else {
+    TROVE_ASSIGN_OR_RETURN(StoreReader ts, StoreReader::open(o.teacher));
+    teacher_store.emplace(std::move(ts));
+    const std::string tname = o.teacher_layer.empty() ? o.layer : o.teacher_layer;
+    TROVE_ASSIGN_OR_RETURN(PeerLayer t, PeerLayer::open(*teacher_store, tname, lo));
+    if (t.config().dim != c.dim || t.config().dim_out != c.dim_out) {
+      return Status::invalid_argument(
+          str_printf("teacher %s layer %s maps %lld -> %lld; the student maps %lld -> %lld",
+                     o.teacher.c_str(), tname.c_str(), (long long)t.config().dim,
+                     (long long)t.config().dim_out, (long long)c.dim, (long long)c.dim_out));
+    }
+    teacher_peer.emplace(std::move(t));
   }
+  auto teach = [&](const std::vector<float>& xb, int64_t T, std::vector<float>* yb) -> Status {
+    if (teacher_mlp) {
+      teacher_mlp->forward(xb, T, yb, o.threads);
+      return Status::ok_status();
+    }
+    return teacher_peer->forward(xb, T, *yb);
+  };
   TROVE_ASSIGN_OR_RETURN(InputSource inputs, InputSource::make(o.inputs, c.dim, o.batch, o.seed));
 
   // The state: from the last checkpoint, or imported from the int4 records.
@@ -301,7 +410,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   while (s.step < o.steps) {
     const auto t0 = Clock::now();
     TROVE_RETURN_IF_ERROR(inputs.fill(s.step, &x));
-    TROVE_RETURN_IF_ERROR(teacher.forward(x, T, yt));
+    TROVE_RETURN_IF_ERROR(teach(x, T, &yt));
     TROVE_RETURN_IF_ERROR(student.forward(x, T, y));
     double loss = 0;
     const float scale = 2.0f / static_cast<float>(T * c.dim_out);

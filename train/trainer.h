@@ -31,10 +31,16 @@
 namespace trove {
 
 struct TrainOptions {
-  std::string store;                // the student .trove, an int4 layer; rewritten at checkpoints
-  std::string layer;                // the student layer
-  std::string teacher;              // a .trove store holding the teacher PEER layer
-  std::string teacher_layer;        // empty: the same name as `layer`
+  std::string store;          // the student .trove, an int4 layer; rewritten at checkpoints
+  std::string layer;          // the student layer
+  std::string teacher;        // kPeer: a .trove store; kMlp: a safetensors file
+  std::string teacher_layer;  // kPeer: the layer (empty: `layer`); kMlp: the tensors' prefix
+  // kPeer: a PEER layer. kMlp: a dense MLP, either SwiGLU (P.gate_proj.weight [H, D],
+  // P.up_proj.weight [H, D], P.down_proj.weight [D_out, H]: y = down(silu(gate x) * up x)) or
+  // GELU (P.fc1.weight [H, D], P.fc2.weight [D_out, H], optional P.fc1.bias / P.fc2.bias:
+  // y = fc2(gelu(fc1 x + b1)) + b2); P is teacher_layer followed by '.', or nothing.
+  enum class TeacherKind { kPeer, kMlp };
+  TeacherKind teacher_kind = TeacherKind::kPeer;
   std::string inputs = "gaussian";  // or a safetensors file of activations [..., D]
   int64_t steps = 1000;
   int64_t batch = 1024;
