@@ -15,6 +15,7 @@
 //   z_e = <u_e, xhat>, a_e = act(z_e), y = sum_heads sum_e g_e a_e v_e
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -106,6 +107,29 @@ inline double activation_grad_ref(Activation a, double z) {
     }
   }
   return 0.0;
+}
+
+// The k gates of one (token, head) from its top-k scores (softmax, relu or sigmoid), in double
+// with one rounding; every backend computes gates with this.
+inline void gates_ref(Gate gate, const float* scores, int64_t k, float* gates) {
+  switch (gate) {
+    case Gate::kSoftmax: {
+      double mx = scores[0];
+      for (int64_t s = 1; s < k; ++s) mx = std::max(mx, static_cast<double>(scores[s]));
+      double sum = 0;
+      for (int64_t s = 0; s < k; ++s) sum += std::exp(scores[s] - mx);
+      for (int64_t s = 0; s < k; ++s) gates[s] = static_cast<float>(std::exp(scores[s] - mx) / sum);
+      break;
+    }
+    case Gate::kRelu:
+      for (int64_t s = 0; s < k; ++s) gates[s] = scores[s] > 0 ? scores[s] : 0.0f;
+      break;
+    case Gate::kSigmoid:
+      for (int64_t s = 0; s < k; ++s) {
+        gates[s] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(scores[s]))));
+      }
+      break;
+  }
 }
 
 }  // namespace trove

@@ -248,28 +248,6 @@ void merge_halves(const float* s0, const float* s1, const int64_t* top0, const i
   std::sort_heap(best->begin(), best->end(), better);
 }
 
-// Same expressions as the oracle's gates (double, one rounding).
-void compute_gates(Gate gate, const float* scores, int64_t k, float* gates) {
-  switch (gate) {
-    case Gate::kSoftmax: {
-      double mx = scores[0];
-      for (int64_t s = 1; s < k; ++s) mx = std::max(mx, static_cast<double>(scores[s]));
-      double sum = 0;
-      for (int64_t s = 0; s < k; ++s) sum += std::exp(scores[s] - mx);
-      for (int64_t s = 0; s < k; ++s) gates[s] = static_cast<float>(std::exp(scores[s] - mx) / sum);
-      break;
-    }
-    case Gate::kRelu:
-      for (int64_t s = 0; s < k; ++s) gates[s] = scores[s] > 0 ? scores[s] : 0.0f;
-      break;
-    case Gate::kSigmoid:
-      for (int64_t s = 0; s < k; ++s) {
-        gates[s] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(scores[s]))));
-      }
-      break;
-  }
-}
-
 // d loss / d score of each of a head's k slots, given dg = d loss / d gate.
 void gate_backward(Gate gate, const float* scores, const float* gates, const double* dg, int64_t k,
                    double* dscore) {
@@ -395,7 +373,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
             routing->ids[base + s] = best[s].id;
             routing->scores[base + s] = best[s].score;
           }
-          compute_gates(config.gate, &routing->scores[base], k, &routing->gates[base]);
+          gates_ref(config.gate, &routing->scores[base], k, &routing->gates[base]);
         }
       }
     }

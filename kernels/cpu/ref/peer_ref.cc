@@ -48,27 +48,6 @@ std::vector<float> sub_scores(const PeerConfig& c, const PeerRouterParams& p, co
   return s;
 }
 
-void gates_ref(Gate gate, const float* scores, int64_t k, float* gates) {
-  switch (gate) {
-    case Gate::kSoftmax: {
-      double mx = scores[0];
-      for (int64_t s = 1; s < k; ++s) mx = std::max(mx, static_cast<double>(scores[s]));
-      double sum = 0;
-      for (int64_t s = 0; s < k; ++s) sum += std::exp(scores[s] - mx);
-      for (int64_t s = 0; s < k; ++s) gates[s] = static_cast<float>(std::exp(scores[s] - mx) / sum);
-      break;
-    }
-    case Gate::kRelu:
-      for (int64_t s = 0; s < k; ++s) gates[s] = scores[s] > 0 ? scores[s] : 0.0f;
-      break;
-    case Gate::kSigmoid:
-      for (int64_t s = 0; s < k; ++s) {
-        gates[s] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(scores[s]))));
-      }
-      break;
-  }
-}
-
 // The expert's down row u and up row v as fp32.
 void decode_record(const RecordLayout& layout, const uint8_t* record, std::vector<float>* u,
                    std::vector<float>* v) {
