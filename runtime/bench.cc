@@ -9,6 +9,8 @@
 #include <numeric>
 #include <random>
 
+#include "base/random.h"
+#include "base/stopwatch.h"
 #include "base/strings.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/record.h"
@@ -24,36 +26,21 @@ namespace trove {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
 size_t sz(int64_t v) {
   return static_cast<size_t>(v);
 }
 
 std::vector<float> gaussian(size_t n, double stddev, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, static_cast<float>(stddev));
   std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
+  fill_gaussian(v, stddev, seed);
   return v;
-}
-
-uint64_t mix(uint64_t x) {  // splitmix64's finalizer
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
 }
 
 // Makes the copy of a pool record for expert `id` its own: quantized codes take any byte, so
 // eight of them are xored with a hash of the id; float codes get sign flips (still finite).
 void vary_record(const RecordLayout& layout, int64_t id, uint8_t* record) {
   uint8_t* codes = record + layout.down_codes_offset;
-  const uint64_t h = mix(static_cast<uint64_t>(id));
+  const uint64_t h = splitmix64(static_cast<uint64_t>(id));
   if (dtype_is_quantized(layout.dtype)) {
     const size_t n = std::min<size_t>(8, layout.down_row_code_bytes);
     for (size_t i = 0; i < n; ++i) codes[i] ^= static_cast<uint8_t>(h >> (8 * i));
@@ -111,7 +98,8 @@ class RoutingSource {
   // not change the cost of a given routing).
   const std::vector<float>& x(int64_t b) {
     if (routes_itself() || x_.empty()) {
-      x_ = gaussian(sz(batch_ * c_.dim), 1.0, mix(seed_ * 1000003 + static_cast<uint64_t>(b)));
+      x_ = gaussian(sz(batch_ * c_.dim), 1.0,
+                    splitmix64(seed_ * 1000003 + static_cast<uint64_t>(b)));
     }
     return x_;
   }
@@ -134,7 +122,7 @@ class RoutingSource {
       }
       return;
     }
-    std::mt19937_64 rng(mix(seed_ ^ (static_cast<uint64_t>(b) << 20)));
+    std::mt19937_64 rng(splitmix64(seed_ ^ (static_cast<uint64_t>(b) << 20)));
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (float& s : r->scores) s = normal(rng);
     for (size_t s = 0; s < r->ids.size(); s += sz(c_.topk)) {
@@ -220,13 +208,6 @@ StageTimes stage_times(std::vector<double> v) {
   for (double x : v) t.mean += x;
   t.mean /= static_cast<double>(v.size());
   return t;
-}
-
-std::vector<int64_t> unique_ids(const PeerRouting& r) {
-  std::vector<int64_t> u(r.ids);
-  std::sort(u.begin(), u.end());
-  u.erase(std::unique(u.begin(), u.end()), u.end());
-  return u;
 }
 
 // Runs one batch: the layer's own routing (pk) or the given one.
@@ -349,10 +330,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   TROVE_ASSIGN_OR_RETURN(PeerLayer layer, PeerLayer::open(store, "bench", lo));
   auto& tiered = dynamic_cast<TieredExpertSource&>(layer.experts());
   const PeerConfig& c = layer.config();
-  const int64_t per_token = c.heads * c.topk;
-  TROVE_RETURN_IF_ERROR(tiered.check_batch(
-      opt.batch * per_token,
-      str_printf("%lld tokens x %lld selections", (long long)opt.batch, (long long)per_token)));
+  TROVE_RETURN_IF_ERROR(layer.check_batch(opt.batch));
   TROVE_ASSIGN_OR_RETURN(RoutingSource src,
                          RoutingSource::make(opt.workload, c, opt.batch, opt.seed));
 
@@ -375,11 +353,14 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   double measured = 0;
   for (int64_t b = 0; b < total; ++b) {
     PeerBatchStats st;
-    const auto start = Clock::now();
+    const Stopwatch start;
     TROVE_RETURN_IF_ERROR(run_batch(layer, src, b, opt.batch, &r, &y, &st)
                               .with_context(str_printf("bench batch %lld", (long long)b)));
-    const double seconds = seconds_since(start);
-    if (opt.oracle) trace.push_back(unique_ids(r));
+    const double seconds = start.seconds();
+    if (opt.oracle) {
+      const std::span<const int64_t> u = layer.last_experts();
+      trace.emplace_back(u.begin(), u.end());
+    }
     hits_all += st.fetch.hits;
     unique_all += st.unique_experts;
     if (b >= opt.warmup_batches) {
@@ -441,9 +422,9 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       }
       double seconds = 0;
       for (int64_t b = opt.warmup_batches; b < total; ++b) {
-        const auto start = Clock::now();
+        const Stopwatch start;
         TROVE_RETURN_IF_ERROR(run_batch(resident, src, b, opt.batch, &r, &y, nullptr));
-        seconds += seconds_since(start);
+        seconds += start.seconds();
       }
       res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
     }

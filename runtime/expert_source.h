@@ -64,6 +64,12 @@ class ExpertSource {
   virtual Status finish_acquire(std::span<const int64_t>, std::span<const uint8_t*>) {
     return Status::ok_status();
   }
+  // OK when one batch may lease `max_unique` distinct experts at once. A source with a bounded
+  // tier says otherwise (resource_exhausted naming the budget, and `what` the batch) so callers
+  // can refuse a batch size before any work. The default: any batch fits.
+  virtual Status check_batch(int64_t /*max_unique*/, const std::string& /*what*/) const {
+    return Status::ok_status();
+  }
   // What the last (begin_acquire, finish_acquire) or acquire() cost.
   virtual ExpertFetchStats last_fetch() const { return {}; }
 };

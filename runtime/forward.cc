@@ -91,13 +91,7 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
   rows.shape = {T, c.dim};
   report.tokens = T;
   // A host budget that cannot hold one batch's experts fails here, before any work.
-  if (auto* tiered = dynamic_cast<TieredExpertSource*>(&layer.experts()); tiered != nullptr) {
-    const int64_t batch = std::min(opt.batch, T);
-    TROVE_RETURN_IF_ERROR(tiered->check_batch(
-        batch * c.heads * c.topk,
-        str_printf("%lld tokens x %lld selections", static_cast<long long>(batch),
-                   static_cast<long long>(c.heads * c.topk))));
-  }
+  TROVE_RETURN_IF_ERROR(layer.check_batch(std::min(opt.batch, T)));
 
   const DType out_type = st_float_dtype(out_dtype);
   const size_t out_elem = st_dtype_size(out_dtype);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "base/stopwatch.h"
 #include "base/strings.h"
 #include "kernels/cpu/peer.h"
 #include "kernels/cpu/ref/peer_ref.h"
@@ -12,12 +13,6 @@
 namespace trove {
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
 
 Status check_size(const char* what, size_t got, int64_t want, const std::string& shape) {
   if (got != static_cast<size_t>(want)) {
@@ -36,16 +31,8 @@ class Lease {
   }
   Lease(const Lease&) = delete;
   Lease& operator=(const Lease&) = delete;
-  // REQUIRES: `ids` outlives the lease.
-  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) {
-    TROVE_CHECK(!held_);
-    TROVE_RETURN_IF_ERROR(source_.acquire(ids, records));
-    ids_ = ids;
-    held_ = true;
-    return Status::ok_status();
-  }
-  // The two halves of acquire() (ExpertSource::begin_acquire); an error from either ends the
-  // lease (the source has let go of everything).
+  // ExpertSource::begin_acquire and finish_acquire; an error from either ends the lease (the
+  // source has let go of everything). REQUIRES: `ids` outlives the lease.
   Status begin(std::span<const int64_t> ids, std::span<const uint8_t*> records) {
     TROVE_CHECK(!held_);
     TROVE_RETURN_IF_ERROR(source_.begin_acquire(ids, records));
@@ -181,7 +168,8 @@ struct PeerLayer::Impl {
   // Leases the unique experts of `r` and points slot_records at each slot's record.
   Status lease_experts(const PeerRouting& r, Lease* lease) {
     dedupe(r);
-    TROVE_RETURN_IF_ERROR(lease->acquire(unique_ids, unique_records));
+    TROVE_RETURN_IF_ERROR(lease->begin(unique_ids, unique_records));
+    TROVE_RETURN_IF_ERROR(lease->finish(unique_records));
     point_slots();
     return Status::ok_status();
   }
@@ -191,12 +179,12 @@ struct PeerLayer::Impl {
   // are here, wave 2 on the rest once they land. The result does not depend on which records
   // came late (kernels/cpu/peer.h: peer_experts_resume).
   Status run_experts(const PeerRouting& r, float* y, PeerBatchStats* stats) {
-    auto start = Clock::now();
+    Stopwatch start;
     dedupe(r);
     Lease lease(*experts);
     TROVE_RETURN_IF_ERROR(lease.begin(unique_ids, unique_records));
-    const double acquire_seconds = seconds_since(start);
-    start = Clock::now();
+    const double acquire_seconds = start.seconds();
+    start.restart();
     const PeerConfig& c = config;
     const RecordLayout& layout = experts->layout();
     const bool pending =
@@ -230,7 +218,7 @@ struct PeerLayer::Impl {
       stats->fetch = experts->last_fetch();
       stats->acquire_seconds = acquire_seconds;
       // Time blocked on the disk is the fetch's, not the kernels'.
-      stats->expert_seconds = std::max(0.0, seconds_since(start) - stats->fetch.stall_seconds);
+      stats->expert_seconds = std::max(0.0, start.seconds() - stats->fetch.stall_seconds);
     }
     return Status::ok_status();
   }
@@ -340,6 +328,19 @@ Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& n
   return layer;
 }
 
+std::span<const int64_t> PeerLayer::last_experts() const {
+  return impl_->unique_ids;
+}
+
+Status PeerLayer::check_batch(int64_t tokens) const {
+  const PeerConfig& c = impl_->config;
+  const int64_t per_token = c.heads * c.topk;
+  return impl_->experts->check_batch(
+      tokens * per_token,
+      str_printf("%lld tokens x %lld selections", static_cast<long long>(tokens),
+                 static_cast<long long>(per_token)));
+}
+
 Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> y,
                           PeerRouting* routing, PeerBatchStats* stats) {
   Impl& m = *impl_;
@@ -349,9 +350,9 @@ Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> 
       check_size("output", y.size(), T * c.dim_out,
                  str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
   PeerRouting& r = routing != nullptr ? *routing : m.routing;
-  auto start = Clock::now();
+  Stopwatch start;
   m.route(x.data(), T, &r);
-  const double route_seconds = seconds_since(start);
+  const double route_seconds = start.seconds();
 
   TROVE_RETURN_IF_ERROR(m.run_experts(r, y.data(), stats));
   if (stats != nullptr) stats->route_seconds = route_seconds;
@@ -384,7 +385,7 @@ Status PeerLayer::forward_routed(std::span<const float> x, int64_t T, const Peer
           (long long)c.num_experts(), static_cast<double>(routing.gates[s])));
     }
   }
-  auto start = Clock::now();
+  Stopwatch start;
   m.xhat.resize(static_cast<size_t>(T * c.dim));
   const PeerRouterParams p = m.router();
   if (m.ref()) {
@@ -392,7 +393,7 @@ Status PeerLayer::forward_routed(std::span<const float> x, int64_t T, const Peer
   } else {
     peer_norm(c, p.norm_weight, x.data(), T, m.xhat.data(), m.options.threads);
   }
-  const double route_seconds = seconds_since(start);
+  const double route_seconds = start.seconds();
   TROVE_RETURN_IF_ERROR(m.run_experts(routing, y.data(), stats));
   if (stats != nullptr) stats->route_seconds = route_seconds;
   return Status::ok_status();

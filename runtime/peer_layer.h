@@ -97,6 +97,10 @@ class PeerLayer {
   ExpertSource& experts();
   const PeerLayerOptions& options() const;
 
+  // OK when batches of up to `tokens` tokens fit the expert source (each can select
+  // tokens * h * k distinct experts); else the source's error, before any work.
+  Status check_batch(int64_t tokens) const;
+
   // y [T, D_out] for x [T, D] (row-major fp32). `routing`, when given, receives the routing;
   // `stats`, when given, what the batch cost. Errors: sizes that disagree with T and the
   // config, non-finite inputs, and whatever the expert source reports.
@@ -108,6 +112,9 @@ class PeerLayer {
   // ids in [0, N) and finite gates. x is still normalized (the experts read x-hat).
   Status forward_routed(std::span<const float> x, int64_t T, const PeerRouting& routing,
                         std::span<float> y, PeerBatchStats* stats = nullptr);
+
+  // The distinct experts the last forward() used, ascending (valid until the next call).
+  std::span<const int64_t> last_experts() const;
 
   // Gradients of sum(dy * y) at x (routing recomputed from x). dy is [T, D_out].
   Status backward(std::span<const float> x, int64_t T, std::span<const float> dy, PeerGrads* grads);

@@ -3,19 +3,13 @@
 #include <cmath>
 #include <cstring>
 
+#include "base/random.h"
 #include "kernels/cpu/ref/quant_ref.h"
 #include "runtime/peer_config_json.h"
 
 namespace trove {
 
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 uint64_t name_hash(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a

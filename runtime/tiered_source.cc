@@ -1,20 +1,11 @@
 #include "runtime/tiered_source.h"
 
-#include <chrono>
-
 #include "base/bytes.h"
 #include "base/check.h"
+#include "base/stopwatch.h"
 #include "base/strings.h"
 
 namespace trove {
-
-namespace {
-
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-}  // namespace
 
 TieredExpertSource::TieredExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
                                        const RecordLayout& layout)
@@ -68,7 +59,7 @@ Status TieredExpertSource::check_batch(int64_t max_unique, const std::string& wh
 Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
                                          std::span<const uint8_t*> records) {
   TROVE_CHECK(!in_flight_ && ids.size() == records.size());
-  const double start = now_seconds();
+  const Stopwatch start;
   last_ = ExpertFetchStats{};
   TROVE_RETURN_IF_ERROR(cache_->admit(ids, &batch_).with_context(describe()));
   reads_.clear();
@@ -100,16 +91,16 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
   in_flight_ = true;
   last_.misses = static_cast<int64_t>(reads_.size());
   last_.hits = static_cast<int64_t>(ids.size()) - last_.misses;
-  last_.resolve_seconds = now_seconds() - start;
+  last_.resolve_seconds = start.seconds();
   return Status::ok_status();
 }
 
 Status TieredExpertSource::finish_acquire(std::span<const int64_t> ids,
                                           std::span<const uint8_t*> records) {
   TROVE_CHECK(in_flight_ && ids.size() == batch_.slots.size());
-  const double start = now_seconds();
+  const Stopwatch start;
   Status s = reader_->wait();
-  last_.stall_seconds = now_seconds() - start;
+  last_.stall_seconds = start.seconds();
   in_flight_ = false;
   const RecordReaderStats after = reader_->stats();
   last_.disk_seconds = after.busy_seconds - disk_busy_;

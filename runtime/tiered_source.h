@@ -62,7 +62,7 @@ class TieredExpertSource final : public ExpertSource {
   // resource_exhausted: "the host budget 64 MiB holds 27,000 records of 2,368 bytes; one batch
   // of 2048 tokens x 32 selections can need 65,536 (155 MiB): raise --host to at least
   // 155 MiB or lower --batch". `what` describes the batch ("2048 tokens x 32 selections").
-  Status check_batch(int64_t max_unique, const std::string& what) const;
+  Status check_batch(int64_t max_unique, const std::string& what) const override;
 
   const RecordLayout& layout() const override { return layout_; }
   int64_t num_experts() const override { return static_cast<int64_t>(layer_.table.count); }

@@ -138,6 +138,8 @@ TEST_F(Train, LossFallsAndEveryCheckpointIsAServableVerifiedStore) {
   const std::string store = fresh_student("s.trove");
   std::vector<int64_t> committed;
   TrainOptions o = options(store);
+  o.steps = 120;
+  o.checkpoint_every = 30;
   o.checkpointed = [&](int64_t step) {
     committed.push_back(step);
     auto s = StoreReader::open(store);
@@ -154,9 +156,9 @@ TEST_F(Train, LossFallsAndEveryCheckpointIsAServableVerifiedStore) {
   };
   auto r = run_train(o);
   ASSERT_TRUE(r.ok()) << r.status().to_string();
-  EXPECT_EQ(committed, (std::vector<int64_t>{10, 20, 30, 40}));
-  ASSERT_EQ(r->losses.size(), 40u);
-  EXPECT_LT(mean(r->losses, 35, 40), 0.7 * mean(r->losses, 0, 5))
+  EXPECT_EQ(committed, (std::vector<int64_t>{30, 60, 90, 120}));
+  ASSERT_EQ(r->losses.size(), 120u);
+  EXPECT_LT(mean(r->losses, 115, 120), 0.7 * mean(r->losses, 0, 5))
       << "loss " << r->losses.front() << " -> " << r->losses.back();
   EXPECT_GT(r->expert_updates, 0);
   // The served records are the export of the training view (kept in the same store).

@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "base/bytes.h"
+#include "base/random.h"
 #include "base/strings.h"
 #include "runtime/inspect.h"
 #include "runtime/peer_layer.h"
@@ -59,18 +60,7 @@ Result<nlohmann::json> demo_forward(const StoreReader& store, const SafetensorsF
   TROVE_ASSIGN_OR_RETURN(PeerLayer exact, PeerLayer::create(c, dense, std::move(source)));
 
   std::vector<float> x(static_cast<size_t>(kDemoTokens * c.dim));
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  for (size_t i = 0; i < x.size(); i += 2) {  // Box-Muller on a splitmix64 stream
-    auto uniform = [&state] {
-      uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-      return ((z ^ (z >> 31)) >> 11) * 0x1.0p-53 + 0x1.0p-54;
-    };
-    const double r = std::sqrt(-2 * std::log(uniform())), a = 2 * M_PI * uniform();
-    x[i] = static_cast<float>(r * std::cos(a));
-    if (i + 1 < x.size()) x[i + 1] = static_cast<float>(r * std::sin(a));
-  }
+  fill_gaussian(x, 1.0, 0x9e3779b97f4a7c15ull);
   std::vector<float> y(static_cast<size_t>(kDemoTokens * c.dim_out)), y_exact(y.size());
   PeerRouting routing;
   PeerBatchStats stats;

@@ -6,8 +6,9 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
-#include <random>
 
+#include "base/random.h"
+#include "base/stopwatch.h"
 #include "base/strings.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/train.h"
@@ -22,21 +23,8 @@ namespace trove {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
 size_t sz(int64_t v) {
   return static_cast<size_t>(v);
-}
-
-uint64_t mix(uint64_t x) {  // splitmix64's finalizer
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
 }
 
 // Records in a buffer the trainer owns and rewrites between steps.
@@ -94,9 +82,7 @@ class InputSource {
   Status fill(int64_t step, std::vector<float>* x) const {
     x->resize(sz(batch_ * dim_));
     if (!file_) {
-      std::mt19937_64 rng(mix(seed_ ^ mix(static_cast<uint64_t>(step) + 0x5eed)));
-      std::normal_distribution<float> normal(0.0f, 1.0f);
-      for (float& v : *x) v = normal(rng);
+      fill_gaussian(*x, 1.0, splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(step) + 0x5eed)));
       return Status::ok_status();
     }
     const int64_t total = rows_.shape[0];
@@ -386,7 +372,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   report.state_bytes = s.training.size() + s.accum.size() * sizeof(float);
   const int64_t T = o.batch;
   std::vector<float> x, y(sz(T * c.dim_out)), yt(y.size()), dy(y.size());
-  std::vector<uint8_t> scratch;
+  std::vector<uint8_t> scratch, exported;  // per step, reused
   std::vector<float> accum_scratch;
   PeerGrads grads;
   TrainStep ts;
@@ -396,9 +382,9 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   ts.table = 0;
 
   auto checkpoint = [&]() -> Status {
-    const auto t0 = Clock::now();
+    const Stopwatch t0;
     TROVE_RETURN_IF_ERROR(write_checkpoint(o, store, layer, training, s));
-    report.checkpoint_seconds += seconds_since(t0);
+    report.checkpoint_seconds += t0.seconds();
     ++report.checkpoints;
     struct stat st {};
     if (::stat(o.store.c_str(), &st) == 0)
@@ -408,7 +394,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   };
 
   while (s.step < o.steps) {
-    const auto t0 = Clock::now();
+    const Stopwatch t0;
     TROVE_RETURN_IF_ERROR(inputs.fill(s.step, &x));
     TROVE_RETURN_IF_ERROR(teach(x, T, &yt));
     TROVE_RETURN_IF_ERROR(student.forward(x, T, y));
@@ -440,7 +426,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     if (!st.ok()) {
       return st.status().with_context(str_printf("step %lld", static_cast<long long>(s.step)));
     }
-    std::vector<uint8_t> exported(sz(u) * layer.record.stride);
+    exported.resize(sz(u) * layer.record.stride);
     TROVE_RETURN_IF_ERROR(train_export_records(layer.record, training, scratch.data(), u,
                                                exported.data(), o.threads));
     for (int64_t i = 0; i < u; ++i) {
@@ -452,7 +438,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
                   layer.record.stride);
     }
     ++s.step;
-    report.seconds += seconds_since(t0);
+    report.seconds += t0.seconds();
     report.losses.push_back(loss);
     report.tokens += T;
     report.expert_updates += u;
