@@ -27,8 +27,9 @@ namespace {
 struct BenchArgs {
   std::string experts = "1M", batch = "2048", host = "10%", routing = "zipf:1.09";
   int64_t dim = 2048, dim_out = 0, heads = 4, topk = 8, topk_per_half = 0, dim_key = 64;
-  std::string quant = "int4", policy = "frequency", io = "auto", store, plot;
-  int queue_depth = 64, threads = 0;
+  std::string quant = "int4", store, plot;
+  TierFlags tier;
+  int threads = 0;
   int64_t batches = 32, warmup = 8;
   double calibrate_seconds = 2.0;
   bool no_resident = false, no_calibrate = false, no_fio = false;
@@ -250,8 +251,6 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
   auto fail = [](const Status& s) { return report_error("bench", s); };
   Result<DType> dtype = parse_dtype(a.quant);
   if (!dtype.ok()) return fail(dtype.status());
-  Result<EvictionPolicy> policy = parse_eviction_policy(a.policy);
-  if (!policy.ok()) return fail(policy.status());
 
   std::vector<int64_t> experts, batches;
   for (const auto& s : split_list(a.experts)) {
@@ -276,18 +275,31 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     if (!w.ok()) return fail(w.status());
     workloads.push_back(*w);
   }
-  const std::vector<std::string> hosts = split_list(a.host);
-  for (const std::string& h : hosts) {  // checked before any work; applied per table below
+  // Host budgets, parsed once: a size, or a share of each table (resolved per table below).
+  struct HostBudget {
+    std::string text;
+    uint64_t bytes = 0;  // a size, or
+    double share = 0;    // a share of the table
+    uint64_t for_table(uint64_t table_bytes) const {
+      return share > 0 ? static_cast<uint64_t>(share * static_cast<double>(table_bytes)) : bytes;
+    }
+  };
+  std::vector<HostBudget> hosts;
+  for (const std::string& h : split_list(a.host)) {
+    HostBudget budget{h};
     if (h.back() == '%') {
       char* end = nullptr;
-      const double share = std::strtod(h.c_str(), &end);
-      if (end != h.c_str() + h.size() - 1 || !(share > 0 && share <= 100)) {
+      budget.share = std::strtod(h.c_str(), &end) / 100.0;
+      if (end != h.c_str() + h.size() - 1 || !(budget.share > 0 && budget.share <= 1)) {
         return fail(Status::invalid_argument("--host " + h + ": a share must be in (0%, 100%]"));
       }
-    } else if (Result<uint64_t> b = parse_bytes(h); !b.ok() || *b == 0) {
+    } else if (Result<uint64_t> b = parse_bytes(h); b.ok() && *b > 0) {
+      budget.bytes = *b;
+    } else {
       return fail(Status::invalid_argument(
           "--host " + h + ": expected a size such as 2GiB or a share of the table such as 10%"));
     }
+    hosts.push_back(budget);
   }
   if (experts.empty() || batches.empty() || workloads.empty() || hosts.empty()) {
     return fail(Status::invalid_argument("--experts, --batch, --routing and --host need a value"));
@@ -318,12 +330,8 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     }
   } cleanup{dir, scratch};
 
-  RecordReaderOptions io;
-  io.engine = a.io == "pread"      ? RecordReaderOptions::Engine::kPread
-              : a.io == "io_uring" ? RecordReaderOptions::Engine::kIoUring
-                                   : RecordReaderOptions::Engine::kAuto;
-  io.queue_depth = a.queue_depth;
-  io.pread_threads = std::min(a.queue_depth, 64);
+  const TieredSourceOptions tier = tier_options(a.tier, 0);  // budgets per point below
+  const RecordReaderOptions& io = tier.io;
 
   nlohmann::json calib = nlohmann::json::object();
   if (!a.no_calibrate) {
@@ -360,7 +368,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     if (!a.no_calibrate) {
       Result<DiskCalibration> ours = measure_disk_iops(
           *path, table.table.offset, table.table.bytes, static_cast<uint32_t>(table.table.stride),
-          table.table.stride, a.queue_depth, io.engine, a.calibrate_seconds);
+          table.table.stride, a.tier.queue_depth, io.engine, a.calibrate_seconds);
       if (ours.ok()) {
         disk["disk_iops_ours"] = ours->iops;
         disk["disk_ours"] = {{"iops", ours->iops},
@@ -384,7 +392,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
         fo.record_stride = table.table.stride;
         Result<FioResult> fio = run_fio_randread(*path, table.table.offset, table.table.bytes,
                                                  static_cast<uint32_t>(table.table.stride),
-                                                 a.queue_depth, fo, a.calibrate_seconds);
+                                                 a.tier.queue_depth, fo, a.calibrate_seconds);
         if (fio.ok()) {
           disk["disk_iops_fio"] = fio->iops;
           disk["disk_fio"] = {{"iops", fio->iops},
@@ -403,7 +411,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
       }
       if (talk && disk.contains("disk_iops_ours")) {
         std::printf("disk limit at %s reads, queue depth %d: ours %.0f IOPS (%s%s)",
-                    format_bytes(table.table.stride).c_str(), a.queue_depth,
+                    format_bytes(table.table.stride).c_str(), a.tier.queue_depth,
                     disk["disk_iops_ours"].get<double>(),
                     disk["disk_ours"]["engine"].get<std::string>().c_str(),
                     disk["disk_ours"]["direct_io"].get<bool>() ? ", O_DIRECT" : ", page cache");
@@ -430,18 +438,13 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
 
     for (int64_t batch : batches) {
       for (const BenchWorkload& w : workloads) {
-        for (const std::string& h : hosts) {
+        for (const HostBudget& h : hosts) {
           Point p;
           p.experts = n;
           p.batch = batch;
           p.workload = w;
-          p.host = h;
-          if (h.back() == '%') {
-            const double share = std::strtod(h.c_str(), nullptr) / 100.0;
-            p.host_bytes = static_cast<uint64_t>(share * static_cast<double>(table.table.bytes));
-          } else {
-            p.host_bytes = parse_bytes(h).value();
-          }
+          p.host = h.text;
+          p.host_bytes = h.for_table(table.table.bytes);
           BenchOptions o;
           o.store = *path;
           o.workload = w;
@@ -449,7 +452,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
           o.batches = a.batches;
           o.warmup_batches = a.warmup;
           o.host_budget_bytes = p.host_bytes;
-          o.policy = *policy;
+          o.policy = tier.policy;
           o.io = io;
           o.resident_baseline = !a.no_resident;
           o.threads = a.threads;
@@ -458,7 +461,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
           if (talk) {
             bar = std::make_unique<ProgressBar>(
                 str_printf("N=%s batch=%lld %s host=%s", with_commas(n).c_str(), (long long)batch,
-                           w.name().c_str(), h.c_str()),
+                           w.name().c_str(), h.text.c_str()),
                 static_cast<uint64_t>(a.warmup + a.batches));
             o.progress = [&bar](int64_t done, int64_t) {
               bar->update(static_cast<uint64_t>(done));
@@ -623,15 +626,7 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
                   "Host budget for records: a size (2GiB) or a share of the table (10%); a list "
                   "sweeps")
       ->capture_default_str();
-  cmd->add_option("--policy", a->policy, "Host-tier eviction: lru, clock or frequency")
-      ->check(CLI::IsMember({"lru", "clock", "frequency"}))
-      ->capture_default_str();
-  cmd->add_option("--io", a->io, "Disk reads: auto, io_uring or pread")
-      ->check(CLI::IsMember({"auto", "io_uring", "pread"}))
-      ->capture_default_str();
-  cmd->add_option("--queue-depth", a->queue_depth, "Disk reads in flight")
-      ->check(CLI::Range(1, 4096))
-      ->capture_default_str();
+  add_tier_flags(cmd, &a->tier);
   cmd->add_option(
       "--store", a->store,
       "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"

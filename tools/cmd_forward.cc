@@ -120,8 +120,8 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       "\\\n           -o y.safetensors --dump-routing r.safetensors --stats");
   struct Args {
     std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
-    std::string host, policy = "frequency", io = "auto";
-    int queue_depth = 64;
+    std::string host;
+    TierFlags tier;
     int64_t batch = 4096;
     int threads = 0;
     bool stats = false, no_verify = false;
@@ -161,18 +161,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
                   "Host memory budget for expert records (e.g. 2GiB): records are read from the\n"
                   "store file on demand into a cache of this size. Default: map the whole table")
       ->check(valid_bytes);
-  cmd->add_option("--policy", args->policy,
-                  "Host-tier eviction policy with --host: lru, clock or frequency")
-      ->check(CLI::IsMember({"lru", "clock", "frequency"}))
-      ->capture_default_str();
-  cmd->add_option("--io", args->io,
-                  "Disk reads with --host: auto (io_uring where the kernel allows, else pread\n"
-                  "threads), io_uring or pread")
-      ->check(CLI::IsMember({"auto", "io_uring", "pread"}))
-      ->capture_default_str();
-  cmd->add_option("--queue-depth", args->queue_depth, "Disk reads in flight with --host")
-      ->check(CLI::Range(1, 4096))
-      ->capture_default_str();
+  add_tier_flags(cmd, &args->tier);
   cmd->callback([args, &global] {
     ForwardOptions opt;
     opt.store = args->store;
@@ -186,15 +175,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.layer_options.backend = parse_peer_backend(args->backend).value();
     opt.layer_options.verify_checksums = !args->no_verify;
     if (!args->host.empty()) {
-      TieredSourceOptions t;
-      t.host_budget_bytes = parse_bytes(args->host).value();
-      t.policy = parse_eviction_policy(args->policy).value();
-      t.io.engine = args->io == "pread"      ? RecordReaderOptions::Engine::kPread
-                    : args->io == "io_uring" ? RecordReaderOptions::Engine::kIoUring
-                                             : RecordReaderOptions::Engine::kAuto;
-      t.io.queue_depth = args->queue_depth;
-      t.io.pread_threads = std::min(args->queue_depth, 64);
-      opt.layer_options.tiers = t;
+      opt.layer_options.tiers = tier_options(args->tier, parse_bytes(args->host).value());
     }
     if (!args->dtype.empty()) {
       std::string d = args->dtype;

@@ -10,6 +10,7 @@
 #include "base/bytes.h"
 #include "base/status.h"
 #include "runtime/pack.h"
+#include "runtime/tiered_source.h"
 
 namespace trove::cli {
 
@@ -48,6 +49,15 @@ inline const CLI::Validator valid_bytes(
       return b.ok() ? std::string() : b.status().message();
     },
     "SIZE");
+
+// --policy, --io and --queue-depth: how a host tier over the store file is run.
+struct TierFlags {
+  std::string policy = "frequency";
+  std::string io = "auto";
+  int queue_depth = 64;
+};
+void add_tier_flags(CLI::App* cmd, TierFlags* flags);
+TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_bytes);
 
 // The --json form of a pack report (shared by pack and demo).
 nlohmann::json pack_report_json(const PackOptions& options, const PackReport& report);
