@@ -27,53 +27,16 @@
 
 #include "storage/safetensors.h"
 #include "storage/store.h"
+#include "tests/cli_util.h"
 #include "tests/test_util.h"
 
 namespace trove {
 namespace {
 
+using testing::run;
+using testing::RunResult;
 using testing::ScratchDir;
-
-const std::string kTroveBinary = std::string(TROVE_BINARY_DIR) + "/trove";
-
-// ---- running the binary ---------------------------------------------------------------------
-
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const std::string& path) {
-  auto bytes = testing::read_all(path);
-  return {bytes.begin(), bytes.end()};
-}
-
-RunResult run(const ScratchDir& dir, const std::vector<std::string>& args) {
-  const std::string out = dir.file(".stdout"), err = dir.file(".stderr");
-  pid_t pid = fork();
-  if (pid == 0) {
-    int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(o, 1);
-    dup2(e, 2);
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(kTroveBinary.c_str()));
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(kTroveBinary.c_str(), argv.data());
-    _exit(127);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  RunResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  unlink(out.c_str());
-  unlink(err.c_str());
-  return r;
-}
+using testing::slurp;
 
 bool exists(const std::string& path) {
   return std::filesystem::exists(path);

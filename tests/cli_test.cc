@@ -19,56 +19,17 @@
 #include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
 #include "storage/store.h"
+#include "tests/cli_util.h"
 #include "tests/test_util.h"
 
 namespace trove {
 namespace {
 
+using testing::run;
+using testing::RunResult;
 using testing::ScratchDir;
-
-const std::string kTrove = std::string(TROVE_BINARY_DIR) + "/trove";
-
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string slurp(const std::string& path) {
-  auto bytes = testing::read_all(path);
-  return {bytes.begin(), bytes.end()};
-}
-
-pid_t spawn(const std::vector<std::string>& args, const std::string& out, const std::string& err) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    int o = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    int e = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(o, 1);
-    dup2(e, 2);
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(kTrove.c_str()));
-    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(kTrove.c_str(), argv.data());
-    _exit(127);
-  }
-  return pid;
-}
-
-RunResult run(const ScratchDir& dir, const std::vector<std::string>& args) {
-  const std::string out = dir.path() + "/.stdout", err = dir.path() + "/.stderr";
-  pid_t pid = spawn(args, out, err);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  RunResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  unlink(out.c_str());
-  unlink(err.c_str());
-  return r;
-}
+using testing::slurp;
+using testing::spawn;
 
 Status write_checkpoint(const std::string& path, int64_t dim, int64_t n_keys) {
   SyntheticCheckpoint spec;

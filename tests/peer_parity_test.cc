@@ -27,6 +27,7 @@
 #include "kernels/quant.h"
 #include "kernels/record.h"
 #include "tests/cpu_path_test.h"
+#include "tests/peer_test_util.h"
 
 namespace trove {
 
@@ -62,18 +63,8 @@ constexpr Activation kAllActivations[] = {Activation::kRelu, Activation::kGelu,
 constexpr Gate kAllGates[] = {Gate::kSoftmax, Gate::kRelu, Gate::kSigmoid};
 constexpr int kThreads = 3;  // not a divisor of most token counts below
 
-RecordLayout layout_of(DType dtype, int64_t dim, int64_t dim_out) {
-  Result<RecordLayout> l = RecordLayout::make(dtype, dim, dim_out);
-  TROVE_CHECK_MSG(l.ok(), "%s", l.status().to_string().c_str());
-  return *l;
-}
-
-std::vector<float> normal_values(size_t n, double stddev, std::mt19937* rng) {
-  std::normal_distribution<double> dist(0.0, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(dist(*rng));
-  return v;
-}
+using testing::layout_of;
+using testing::normal_values;
 
 // Uniform with the given standard deviation: ~10x cheaper than normal_values, for the expert
 // tables (n = 128 gives 16384 experts).

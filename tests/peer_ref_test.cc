@@ -23,6 +23,7 @@
 #include "kernels/peer.h"
 #include "kernels/quant.h"
 #include "kernels/record.h"
+#include "tests/peer_test_util.h"
 
 namespace trove {
 namespace {
@@ -33,18 +34,8 @@ PeerConfig validated(PeerConfig config) {
   return config;
 }
 
-RecordLayout layout_of(DType dtype, int64_t dim, int64_t dim_out) {
-  Result<RecordLayout> l = RecordLayout::make(dtype, dim, dim_out);
-  TROVE_CHECK_MSG(l.ok(), "%s", l.status().to_string().c_str());
-  return *l;
-}
-
-std::vector<float> normal_values(size_t n, double stddev, std::mt19937* rng) {
-  std::normal_distribution<double> dist(0.0, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(dist(*rng));
-  return v;
-}
+using testing::layout_of;
+using testing::normal_values;
 
 std::vector<size_t> all_indices(size_t n) {
   std::vector<size_t> i(n);
