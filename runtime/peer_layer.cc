@@ -238,6 +238,9 @@ const RecordLayout& PeerLayer::record_layout() const {
 const PeerDenseParams& PeerLayer::params() const {
   return impl_->params;
 }
+PeerDenseParams& PeerLayer::mutable_params() {
+  return impl_->params;
+}
 ExpertSource& PeerLayer::experts() {
   return *impl_->experts;
 }

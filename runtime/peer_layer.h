@@ -94,6 +94,9 @@ class PeerLayer {
   const PeerConfig& config() const;
   const RecordLayout& record_layout() const;
   const PeerDenseParams& params() const;
+  // The router parameters to change in place between batches (the trainer's Adam step). The
+  // sizes must stay as they are.
+  PeerDenseParams& mutable_params();
   ExpertSource& experts();
   const PeerLayerOptions& options() const;
 

@@ -441,6 +441,21 @@ TEST(Cli, TrainWritesCurvesCheckpointsAndResumes) {
                             dir.file("f32.trove"), "--steps", "2"});
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("--quant int4"), std::string::npos) << bad.err;
+  // --train-router with phases that name the router: the router changes, phases parse.
+  RunResult router =
+      run(dir, {"train", dir.file("int4.trove"), "--layer", "p", "--teacher", dir.file("f32.trove"),
+                "--batch", "16", "--steps", "10", "--train-router", "--lr-phases",
+                "1:p=1e-2,p.router=1e-3;1:router=1e-2", "--json"});
+  ASSERT_EQ(router.exit_code, 0) << router.err;
+  EXPECT_EQ(nlohmann::json::parse(router.out)["train_router"], true);
+  // A malformed schedule and a group that is not trained are refused, naming the phase/group.
+  for (const auto& [phases, says] : std::vector<std::pair<std::string, std::string>>{
+           {"10:p=fast", "phase 1 '10:p=fast'"}, {"10:q=1e-3", "names 'q'"}}) {
+    RunResult r3 = run(dir, {"train", dir.file("int4.trove"), "--layer", "p", "--teacher",
+                             dir.file("f32.trove"), "--steps", "12", "--lr-phases", phases});
+    EXPECT_EQ(r3.exit_code, 1) << phases;
+    EXPECT_NE(r3.err.find(says), std::string::npos) << r3.err;
+  }
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
+#include "train/adam.h"
 
 namespace trove {
 namespace {
@@ -79,26 +80,29 @@ class Train : public ::testing::Test {
     ASSERT_NO_FATAL_FAILURE(make_store(dir_, dir_.file("other.trove"), 2, DType::kI4));
     ASSERT_NO_FATAL_FAILURE(make_student());
   }
-  // The teacher's router with the other draw's int4 experts.
-  void make_student() {
+  // The teacher's router with the other draw's int4 experts, as each of `names`.
+  void make_student(const std::string& path, const std::vector<std::string>& names) {
     auto t = StoreReader::open(teacher_);
     auto o = StoreReader::open(dir_.file("other.trove"));
     ASSERT_TRUE(t.ok() && o.ok());
     const StoreLayerInfo& ti = *t->find_layer(kLayer);
     const StoreLayerInfo& oi = *o->find_layer(kLayer);
-    auto w = StoreWriter::create(student0_, o->provenance());
+    auto w = StoreWriter::create(path, o->provenance());
     ASSERT_TRUE(w.ok());
-    ASSERT_TRUE(
-        w->begin_layer(kLayer, oi.info,
-                       {oi.table.dtype, oi.table.count, oi.table.record_bytes, oi.table.stride})
-            .ok());
-    ASSERT_TRUE(w->append_records(o->mapped_records(oi)).ok());
-    for (const StoreDenseInfo& d : ti.dense) {
-      ASSERT_TRUE(w->add_dense(d.name, d.shape, t->read_dense(ti, d.name).value()).ok());
+    for (const std::string& name : names) {
+      ASSERT_TRUE(
+          w->begin_layer(name, oi.info,
+                         {oi.table.dtype, oi.table.count, oi.table.record_bytes, oi.table.stride})
+              .ok());
+      ASSERT_TRUE(w->append_records(o->mapped_records(oi)).ok());
+      for (const StoreDenseInfo& d : ti.dense) {
+        ASSERT_TRUE(w->add_dense(d.name, d.shape, t->read_dense(ti, d.name).value()).ok());
+      }
+      ASSERT_TRUE(w->end_layer().ok());
     }
-    ASSERT_TRUE(w->end_layer().ok());
     ASSERT_TRUE(w->finish().ok());
   }
+  void make_student() { make_student(student0_, {kLayer}); }
   std::string fresh_student(const std::string& name) {
     const std::string path = dir_.file(name);
     std::filesystem::copy_file(student0_, path, std::filesystem::copy_options::overwrite_existing);
@@ -107,7 +111,7 @@ class Train : public ::testing::Test {
   TrainOptions options(const std::string& store) {
     TrainOptions o;
     o.store = store;
-    o.layer = kLayer;
+    o.layers = {kLayer};
     o.teacher = teacher_;
     o.steps = 40;
     o.batch = 64;
@@ -122,6 +126,14 @@ class Train : public ::testing::Test {
     EXPECT_TRUE(s.ok());
     auto r = s->mapped_records(*s->find_layer(layer));
     return {r.begin(), r.end()};
+  }
+  std::vector<float> dense(const std::string& store, const std::string& layer,
+                           const std::string& name) {
+    auto s = StoreReader::open(store);
+    EXPECT_TRUE(s.ok());
+    auto d = s->read_dense(*s->find_layer(layer), name);
+    EXPECT_TRUE(d.ok()) << layer << " " << name << ": " << d.status().to_string();
+    return d.ok() ? *d : std::vector<float>{};
   }
 
   ScratchDir dir_;
@@ -235,7 +247,7 @@ TEST_F(Train, BadInputsAreRefusedBeforeAnyWork) {
   ASSERT_FALSE(f32.ok());
   EXPECT_NE(f32.status().message().find("int4"), std::string::npos) << f32.status().to_string();
   o = options(store);
-  o.layer = "nope";
+  o.layers = {"nope"};
   EXPECT_FALSE(run_train(o).ok());
   EXPECT_EQ(testing::read_all(store), before);
 
@@ -247,8 +259,162 @@ TEST_F(Train, BadInputsAreRefusedBeforeAnyWork) {
   o.seed = 8;
   auto other = run_train(o);
   ASSERT_FALSE(other.ok());
-  EXPECT_NE(other.status().message().find("another seed or optimizer"), std::string::npos)
+  EXPECT_NE(other.status().message().find("another seed, optimizer"), std::string::npos)
       << other.status().to_string();
+}
+
+// --train-router: W_q, its bias, the keys and the norm train with Adam; the trained router is
+// what the stored layer serves, its Adam moments are in the training state, and a run split at
+// a checkpoint equals an uninterrupted one bit for bit, router included.
+TEST_F(Train, RouterTrainsWithAdamAndResumesBitForBit) {
+  const std::string whole = fresh_student("whole.trove");
+  TrainOptions o = options(whole);
+  o.train_router = true;
+  o.router_lr = 1e-2f;
+  auto a = run_train(o);
+  ASSERT_TRUE(a.ok()) << a.status().to_string();
+  EXPECT_NE(dense(whole, kLayer, "query.weight"), dense(student0_, kLayer, "query.weight"));
+  EXPECT_NE(dense(whole, kLayer, "keys"), dense(student0_, kLayer, "keys"));
+  EXPECT_EQ(dense(whole, kLayer, "keys"), dense(whole, train_state_layer_name(kLayer), "keys"));
+  EXPECT_EQ(dense(whole, train_state_layer_name(kLayer), "adam.v.keys").size(),
+            dense(whole, kLayer, "keys").size());
+
+  // Without --train-router the router is what it was.
+  const std::string fixed = fresh_student("fixed.trove");
+  ASSERT_TRUE(run_train(options(fixed)).ok());
+  EXPECT_EQ(dense(fixed, kLayer, "query.weight"), dense(student0_, kLayer, "query.weight"));
+
+  const std::string parts = fresh_student("parts.trove");
+  TrainOptions first = o;
+  first.store = parts;
+  first.steps = 20;
+  ASSERT_TRUE(run_train(first).ok());
+  TrainOptions second = o;
+  second.store = parts;
+  auto b = run_train(second);
+  ASSERT_TRUE(b.ok()) << b.status().to_string();
+  ASSERT_EQ(b->losses.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) {
+    EXPECT_EQ(std::memcmp(&b->losses[i], &a->losses[20 + i], sizeof(double)), 0) << "step " << i;
+  }
+  EXPECT_EQ(records(parts, kLayer), records(whole, kLayer));
+  for (const char* t : {"query.weight", "keys"}) {
+    EXPECT_EQ(dense(parts, kLayer, t), dense(whole, kLayer, t)) << t;
+  }
+  EXPECT_EQ(dense(parts, train_state_layer_name(kLayer), "adam.m.query.weight"),
+            dense(whole, train_state_layer_name(kLayer), "adam.m.query.weight"));
+}
+
+// Two layers side by side with the differential schedule: while one leads at a high rate the
+// other barely moves, then they swap; the run resumes across a phase boundary bit for bit.
+TEST_F(Train, TwoLayersFollowTheirLearningRatePhases) {
+  const std::string kOther = "blk.1.peer";
+  const std::string whole = dir_.file("two.trove");
+  ASSERT_NO_FATAL_FAILURE(make_student(whole, {kLayer, kOther}));
+  const std::string parts = dir_.file("two-parts.trove");
+  std::filesystem::copy_file(whole, parts);
+  TrainOptions o = options(whole);
+  o.layers = {kLayer, kOther};
+  o.teacher_layers = {kLayer, kLayer};
+  o.steps = 30;
+  auto phases = parse_lr_phases(
+      "10:blk.0.peer=5e-2,blk.1.peer=1e-7; 10:blk.0.peer=1e-7,"
+      "blk.1.peer=5e-2; 10:all=2e-2");
+  ASSERT_TRUE(phases.ok()) << phases.status().to_string();
+  o.lr_phases = *phases;
+  // Each layer's int4 records at every checkpoint (steps 10, 20, 30).
+  std::vector<std::vector<uint8_t>> at[2];
+  o.checkpointed = [&](int64_t) {
+    at[0].push_back(records(whole, kLayer));
+    at[1].push_back(records(whole, kOther));
+  };
+  auto a = run_train(o);
+  ASSERT_TRUE(a.ok()) << a.status().to_string();
+  ASSERT_EQ(a->layer_losses.size(), 2u);
+  ASSERT_EQ(at[0].size(), 3u);
+  auto changed = [](const std::vector<uint8_t>& x, const std::vector<uint8_t>& y) {
+    int64_t n = 0;
+    for (size_t i = 0; i < x.size(); ++i) n += x[i] != y[i];
+    return n;
+  };
+  const std::vector<uint8_t> start = records(parts, kLayer);  // both layers start equal
+  // Phase 1: layer 0 learns, layer 1 (same start, same inputs) barely moves; phase 2 the
+  // reverse; phase 3 both.
+  const int64_t lead1 = changed(start, at[0][0]), follow1 = changed(start, at[1][0]);
+  const int64_t lead2 = changed(at[1][0], at[1][1]), follow2 = changed(at[0][0], at[0][1]);
+  EXPECT_GT(lead1, 100 * std::max<int64_t>(follow1, 1)) << lead1 << " vs " << follow1;
+  EXPECT_GT(lead2, 100 * std::max<int64_t>(follow2, 1)) << lead2 << " vs " << follow2;
+  EXPECT_GT(changed(at[0][1], at[0][2]), 0);
+  EXPECT_GT(changed(at[1][1], at[1][2]), 0);
+  const std::vector<double>& l0 = a->layer_losses[0];
+  const std::vector<double>& l1 = a->layer_losses[1];
+  EXPECT_EQ(l0[0], l1[0]);  // identical layers before any step
+
+  TrainOptions first = o;
+  first.checkpointed = nullptr;
+  first.store = parts;
+  first.steps = 15;
+  first.checkpoint_every = 15;
+  ASSERT_TRUE(run_train(first).ok());
+  TrainOptions second = first;
+  second.steps = o.steps;
+  auto b = run_train(second);
+  ASSERT_TRUE(b.ok()) << b.status().to_string();
+  EXPECT_EQ(b->start_step, 15);
+  EXPECT_EQ(records(parts, kLayer), records(whole, kLayer));
+  EXPECT_EQ(records(parts, kOther), records(whole, kOther));
+
+  // Resuming with another layer list is refused.
+  TrainOptions swapped = o;
+  swapped.store = parts;
+  swapped.steps = 40;
+  swapped.layers = {kOther, kLayer};
+  auto c = run_train(swapped);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("layer list"), std::string::npos) << c.status().to_string();
+}
+
+// adam_step against the textbook update computed here in double, over several steps.
+TEST(Adam, MatchesTheTextbookUpdate) {
+  std::vector<float> p = {0.5f, -1.0f, 2.0f, 0.0f}, m(4, 0.0f), v(4, 0.0f);
+  std::vector<double> pd(p.begin(), p.end()), md(4, 0.0), vd(4, 0.0);
+  const double lr = 0.01, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  for (int t = 1; t <= 5; ++t) {
+    const std::vector<float> g = {0.1f * t, -0.3f, 1e-4f, t % 2 ? 2.0f : -2.0f};
+    adam_step(p, g, m, v, static_cast<float>(lr), t);
+    for (size_t i = 0; i < 4; ++i) {
+      md[i] = b1 * md[i] + (1 - b1) * g[i];
+      vd[i] = b2 * vd[i] + (1 - b2) * g[i] * g[i];
+      const double mh = md[i] / (1 - std::pow(b1, t)), vh = vd[i] / (1 - std::pow(b2, t));
+      pd[i] -= lr * mh / (std::sqrt(vh) + eps);
+      EXPECT_NEAR(p[i], pd[i], 1e-6) << "step " << t << " element " << i;
+    }
+  }
+  // The first step moves every parameter with a non-zero gradient by about lr.
+  std::vector<float> q = {1.0f}, mq(1, 0.0f), vq(1, 0.0f);
+  adam_step(q, std::vector<float>{123.0f}, mq, vq, 0.01f, 1);
+  EXPECT_NEAR(q[0], 0.99f, 1e-6);
+}
+
+TEST(LrPhases, ParseAndLookUp) {
+  auto p = parse_lr_phases("2:A=1e-3,B.router=2e-3,router=3e-3;1:all=5e-4;");
+  ASSERT_TRUE(p.ok()) << p.status().to_string();
+  ASSERT_EQ(p->size(), 2u);
+  EXPECT_EQ(phase_lr(*p, 0, "A", false, 9.0f), 1e-3f);
+  EXPECT_EQ(phase_lr(*p, 1, "B", false, 9.0f), 9.0f);  // not named: the base rate
+  EXPECT_EQ(phase_lr(*p, 1, "B", true, 9.0f), 2e-3f);  // the most specific name wins
+  EXPECT_EQ(phase_lr(*p, 1, "A", true, 9.0f), 3e-3f);
+  EXPECT_EQ(phase_lr(*p, 2, "A", false, 9.0f), 5e-4f);
+  EXPECT_EQ(phase_lr(*p, 99, "B", true, 9.0f), 5e-4f);  // the last phase holds
+  EXPECT_EQ(phase_lr({}, 5, "A", false, 9.0f), 9.0f);
+  EXPECT_TRUE(check_lr_phase_groups(*p, {"A", "B"}).ok());
+  const Status unknown = check_lr_phase_groups(*p, {"A"});
+  EXPECT_NE(unknown.message().find("'B.router'"), std::string::npos) << unknown.to_string();
+  for (const char* bad : {"", "10", "x:A=1", "0:A=1", "1.5:A=1", "10:A", "10:A=0", "10:A=-1",
+                          "10:A=nan", "10:A=1,A=2", "10:=1"}) {
+    auto r = parse_lr_phases(bad);
+    EXPECT_FALSE(r.ok()) << "'" << bad << "' parsed";
+  }
 }
 
 // A dense MLP teacher: the first step's loss equals the MSE between the student's output and
@@ -320,7 +486,7 @@ TEST_F(Train, DenseMlpTeachersAreComputedExactlyAndDistilled) {
     TrainOptions o = options(fresh_student(swiglu ? "s1.trove" : "s2.trove"));
     o.teacher = path;
     o.teacher_kind = TrainOptions::TeacherKind::kMlp;
-    o.teacher_layer = "mlp";
+    o.teacher_layers = {"mlp"};
     o.inputs = xin;
     o.batch = T;
     o.steps = swiglu ? 40 : 1;

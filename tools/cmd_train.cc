@@ -10,6 +10,7 @@
 #include "base/progress.h"
 #include "base/strings.h"
 #include "tools/commands.h"
+#include "train/schedule.h"
 #include "train/trainer.h"
 
 namespace trove::cli {
@@ -17,23 +18,33 @@ namespace trove::cli {
 namespace {
 
 struct TrainArgs {
-  std::string store, layer, teacher, teacher_layer, inputs = "gaussian", optimizer = "adagrad";
-  std::string loss_csv, plot, teacher_kind = "peer";
+  std::string store, teacher, inputs = "gaussian", optimizer = "adagrad";
+  std::vector<std::string> layers, teacher_layers;
+  std::string loss_csv, plot, teacher_kind = "peer", lr_phases;
   int64_t steps = 1000, batch = 1024, checkpoint_every = 200;
-  float lr = 1e-2f;
+  float lr = 1e-2f, router_lr = 1e-3f;
+  bool train_router = false;
   uint64_t seed = 1;
   int threads = 0;
 };
 
-Status write_loss_csv(const std::string& path, const TrainReport& r) {
+Status write_loss_csv(const std::string& path, const std::vector<std::string>& layers,
+                      const TrainReport& r) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream f(tmp);
     if (!f) return Status::from_errno("loss curve " + tmp, errno);
-    f << "step,loss\n";
+    // One column per layer when several train side by side.
+    const bool per_layer = r.layer_losses.size() > 1;
+    f << "step,loss";
+    for (size_t l = 0; per_layer && l < layers.size(); ++l) f << ",loss:" << layers[l];
+    f << '\n';
     for (size_t i = 0; i < r.losses.size(); ++i) {
-      f << (r.start_step + static_cast<int64_t>(i) + 1) << ',' << str_printf("%.9g", r.losses[i])
-        << '\n';
+      f << (r.start_step + static_cast<int64_t>(i) + 1) << ',' << str_printf("%.9g", r.losses[i]);
+      for (size_t l = 0; per_layer && l < r.layer_losses.size(); ++l) {
+        f << ',' << str_printf("%.9g", r.layer_losses[l][i]);
+      }
+      f << '\n';
     }
     if (!f.flush()) return Status::io_error("writing the loss curve " + tmp);
   }
@@ -47,9 +58,16 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
   const bool talk = !global.json && !global.quiet;
   TrainOptions o;
   o.store = a.store;
-  o.layer = a.layer;
+  o.layers = a.layers;
   o.teacher = a.teacher;
-  o.teacher_layer = a.teacher_layer;
+  o.teacher_layers = a.teacher_layers;
+  o.train_router = a.train_router;
+  o.router_lr = a.router_lr;
+  if (!a.lr_phases.empty()) {
+    Result<std::vector<LrPhase>> phases = parse_lr_phases(a.lr_phases);
+    if (!phases.ok()) return report_error("train", phases.status());
+    o.lr_phases = std::move(*phases);
+  }
   o.teacher_kind =
       a.teacher_kind == "mlp" ? TrainOptions::TeacherKind::kMlp : TrainOptions::TeacherKind::kPeer;
   o.inputs = a.inputs;
@@ -78,20 +96,25 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
   if (bar) bar->finish();
   if (!r.ok()) return report_error("train", r.status());
   if (!a.loss_csv.empty()) {
-    const Status s = write_loss_csv(a.loss_csv, *r);
+    const Status s = write_loss_csv(a.loss_csv, a.layers, *r);
     if (!s.ok()) return report_error("train", s);
   }
   if (!a.plot.empty() && !r->losses.empty()) {
     PlotSpec plot;
-    plot.title = "trove train: " + a.layer;
+    plot.title = "trove train: " + a.layers[0] + (a.layers.size() > 1 ? " ..." : "");
     plot.x_label = "step";
     plot.y_label = "loss (mean squared error vs the teacher)";
-    PlotSeries loss{"int4 student", {}, {}};
-    for (size_t i = 0; i < r->losses.size(); ++i) {
-      loss.x.push_back(static_cast<double>(r->start_step + static_cast<int64_t>(i) + 1));
-      loss.y.push_back(r->losses[i]);
+    // One curve per layer when several train side by side (their rates may differ by phase).
+    const bool per_layer = r->layer_losses.size() > 1;
+    for (size_t l = 0; l < (per_layer ? r->layer_losses.size() : 1); ++l) {
+      PlotSeries loss{per_layer ? a.layers[l] : "int4 student", {}, {}};
+      const std::vector<double>& y = per_layer ? r->layer_losses[l] : r->losses;
+      for (size_t i = 0; i < y.size(); ++i) {
+        loss.x.push_back(static_cast<double>(r->start_step + static_cast<int64_t>(i) + 1));
+        loss.y.push_back(y[i]);
+      }
+      plot.series.push_back(loss);
     }
-    plot.series.push_back(loss);
     const Status s = write_plot_png(a.plot, plot);
     if (!s.ok()) return report_error("train", s);
   }
@@ -99,13 +122,15 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
   const double ups = t.seconds > 0 ? static_cast<double>(t.expert_updates) / t.seconds : 0;
   nlohmann::json j = {
       {"store", a.store},
-      {"layer", a.layer},
+      {"layers", a.layers},
       {"teacher", a.teacher},
       {"start_step", t.start_step},
       {"steps", t.steps},
       {"first_loss", t.losses.empty() ? 0.0 : t.losses.front()},
       {"final_loss", t.losses.empty() ? 0.0 : t.losses.back()},
       {"losses", t.losses},
+      {"layer_losses", t.layer_losses},
+      {"train_router", a.train_router},
       {"seconds", t.seconds},
       {"tokens_per_second", t.seconds > 0 ? static_cast<double>(t.tokens) / t.seconds : 0.0},
       {"expert_updates_per_second", ups},
@@ -121,7 +146,10 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
   if (global.json) {
     print_json(j);
   } else if (talk) {
-    std::printf("%s: layer %s trained steps %lld..%lld%s\n", a.store.c_str(), a.layer.c_str(),
+    std::string names;
+    for (const std::string& l : a.layers) names += (names.empty() ? "" : ", ") + l;
+    std::printf("%s: %s %s trained steps %lld..%lld%s\n", a.store.c_str(),
+                a.layers.size() > 1 ? "layers" : "layer", names.c_str(),
                 static_cast<long long>(t.start_step + 1), static_cast<long long>(t.steps),
                 t.start_step > 0 ? " (resumed from the last checkpoint)" : "");
     if (!t.losses.empty()) {
@@ -144,8 +172,9 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
 void add_train(CLI::App& app, GlobalOptions& global) {
   auto* cmd = app.add_subcommand(
       "train",
-      "Distil a teacher PEER layer into a stored int4 layer, trained in place with stochastic\n"
-      "rounding into an 8-bit training code (SPEC §7). Checkpoints rewrite the store atomically\n"
+      "Distil a teacher (a PEER layer or a dense MLP) into stored int4 layers, trained in place\n"
+      "with stochastic rounding into an 8-bit training code (SPEC §7); --train-router also\n"
+      "trains the routers (Adam). Checkpoints rewrite the store atomically\n"
       "with the int4 records (ready for `trove forward`) and the training state; running the\n"
       "same command again after a crash resumes from the last checkpoint.\n"
       "Example: trove train student.trove --layer L --teacher teacher.trove --steps 2000 \\\n"
@@ -154,7 +183,10 @@ void add_train(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("store", a->store, "The student .trove (an int4 layer), trained in place")
       ->required()
       ->check(CLI::ExistingFile);
-  cmd->add_option("--layer", a->layer, "The layer to train")->required();
+  cmd->add_option("--layer", a->layers,
+                  "A layer to train; repeat to train several side by side, each against its\n"
+                  "teacher layer on the same inputs")
+      ->required();
   cmd->add_option("--teacher", a->teacher,
                   "The teacher: a .trove store holding a PEER layer (pack any supported layout\n"
                   "with `trove pack`, e.g. --quant f32), or with --teacher-kind mlp a\n"
@@ -166,8 +198,9 @@ void add_train(CLI::App& app, GlobalOptions& global) {
                   "P.fc1/fc2.weight (+ .bias) (GELU), with P from --teacher-layer")
       ->check(CLI::IsMember({"peer", "mlp"}))
       ->capture_default_str();
-  cmd->add_option("--teacher-layer", a->teacher_layer,
-                  "The teacher's PEER layer (default: --layer), or the MLP tensors' prefix");
+  cmd->add_option("--teacher-layer", a->teacher_layers,
+                  "The teacher's PEER layer, or the MLP tensors' prefix; one per --layer, in\n"
+                  "the same order (default: the student layers' names)");
   cmd->add_option("--inputs", a->inputs,
                   "gaussian, or a safetensors file of activations [..., D] (cycled)")
       ->capture_default_str();
@@ -180,6 +213,17 @@ void add_train(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--lr", a->lr, "Learning rate")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  cmd->add_flag("--train-router", a->train_router,
+                "Also train each layer's router (W_q, its bias, the sub-keys, the input norm)\n"
+                "in fp32 with Adam; the trained router is stored with the layer");
+  cmd->add_option("--router-lr", a->router_lr, "Adam's learning rate for --train-router")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--lr-phases", a->lr_phases,
+                  "Learning-rate phases, STEPS:GROUP=LR[,...][;...]; a group is a layer's table\n"
+                  "(its name), its router (<layer>.router), experts, router or all; unnamed\n"
+                  "groups use --lr / --router-lr; the last phase holds after its end. E.g. the\n"
+                  "differential schedule '1000:A=1e-3,B=1e-5;1000:A=1e-5,B=1e-3;1000:all=5e-4'");
   cmd->add_option("--optimizer", a->optimizer, "adagrad (row-wise) or sgd")
       ->check(CLI::IsMember({"adagrad", "sgd"}))
       ->capture_default_str();

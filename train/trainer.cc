@@ -18,6 +18,7 @@
 #include "runtime/store_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
+#include "train/adam.h"
 
 namespace trove {
 
@@ -200,68 +201,328 @@ const char* optimizer_name(TrainOptimizer o) {
   return o == TrainOptimizer::kSgd ? "sgd" : "adagrad";
 }
 
-// Everything a checkpoint holds, in memory.
-struct State {
-  int64_t step = 0;
-  std::vector<uint8_t> training;  // N training records
-  std::vector<float> accum;       // N x 2 (Adagrad)
-  std::vector<uint8_t> serving;   // N int4 records: export(training)
+// The router tensors in the order of PeerDenseParams; a layer has the ones its config asks for.
+constexpr const char* kRouterTensors[] = {"query.weight", "query.bias", "keys", "norm.weight"};
+
+template <typename Params>  // PeerDenseParams, const or not
+auto* router_tensor(Params& p, int i) {
+  decltype(&p.keys) all[] = {&p.query_weight, &p.query_bias, &p.keys, &p.norm_weight};
+  return all[i];
+}
+
+const std::vector<float>& router_grad(const PeerGrads& g, int i) {
+  const std::vector<float>* all[] = {&g.d_query_weight, &g.d_query_bias, &g.d_keys,
+                                     &g.d_norm_weight};
+  return *all[i];
+}
+
+// One trained layer: its student, its teacher, and everything a checkpoint holds of it.
+struct LayerRun {
+  std::string name;
+  uint32_t table = 0;  // the SR hash's table input: the layer's index in --layer order
+  StoredLayer stored;
+  RecordLayout training;
+  std::optional<PeerLayer> teacher_peer;
+  std::optional<MlpTeacher> teacher_mlp;
+  std::optional<InputSource> inputs;
+
+  std::vector<uint8_t> records;  // N training records (int8 code at scale d/16)
+  std::vector<float> accum;      // N x 2m Adagrad accumulators
+  std::vector<uint8_t> serving;  // N int4 records: export(records), what the student computes on
+  std::vector<float> adam_m[4], adam_v[4];  // the router's Adam moments (--train-router)
+  std::optional<PeerLayer> student;
+
+  // Per-step scratch.
+  std::vector<float> x, y, yt, dy;
+  std::vector<uint8_t> scratch, exported;
+  std::vector<float> accum_scratch;
+  PeerGrads grads;
+  std::vector<double> losses;
+
+  int64_t rows() const { return 2 * stored.config.expert_width; }
+  uint64_t state_bytes() const {
+    uint64_t b = records.size() + accum.size() * sizeof(float) + serving.size();
+    for (int i = 0; i < 4; ++i) b += (adam_m[i].size() + adam_v[i].size()) * sizeof(float);
+    return b;
+  }
 };
 
-// Rewrites the store with the trained layer's records and its training state, atomically.
-Status write_checkpoint(const TrainOptions& o, const StoreReader& store, const StoredLayer& layer,
-                        const RecordLayout& training, const State& s) {
+std::string adam_name(const char* moment, int i) {
+  return str_printf("adam.%s.%s", moment, kRouterTensors[i]);
+}
+
+// Rewrites the store with the trained layers' records, routers and training states, atomically.
+Status write_checkpoint(const TrainOptions& o, const StoreReader& store,
+                        const std::vector<LayerRun>& runs, int64_t step) {
   nlohmann::json provenance = store.provenance();
   provenance["trained"] = {{"tool", "trove train"},
                            {"teacher", o.teacher},
-                           {"step", s.step},
+                           {"step", step},
                            {"optimizer", optimizer_name(o.optimizer)},
                            {"lr", o.lr},
+                           {"train_router", o.train_router},
                            {"seed", o.seed}};
   TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(o.store, provenance));
-  const std::string state_name = train_state_layer_name(o.layer);
+  auto run_of = [&](const std::string& name) -> const LayerRun* {
+    for (const LayerRun& r : runs) {
+      if (r.name == name) return &r;
+    }
+    return nullptr;
+  };
   for (const StoreLayerInfo& info : store.layers()) {
-    if (info.name == state_name) continue;  // written anew below
+    bool state_layer = false;
+    for (const LayerRun& r : runs)
+      state_layer = state_layer || info.name == train_state_layer_name(r.name);
+    if (state_layer) continue;  // written anew below
+    const LayerRun* run = run_of(info.name);
     StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
                          info.table.stride};
     TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
-    if (info.name == o.layer) {
-      TROVE_RETURN_IF_ERROR(w.append_records(s.serving));
-    } else {
-      TROVE_RETURN_IF_ERROR(w.append_records(store.mapped_records(info)));
-    }
+    TROVE_RETURN_IF_ERROR(w.append_records(run != nullptr ? std::span<const uint8_t>(run->serving)
+                                                          : store.mapped_records(info)));
     for (const StoreDenseInfo& d : info.dense) {
       TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store.read_dense(info, d.name));
+      if (run != nullptr) {  // the router as trained
+        for (int i = 0; i < 4; ++i) {
+          if (d.name == kRouterTensors[i]) {
+            v = *router_tensor(run->student->params(), i);
+          }
+        }
+      }
       TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, v));
     }
     TROVE_RETURN_IF_ERROR(w.end_layer());
   }
-  const int64_t n = layer.config.num_experts();
-  nlohmann::json info = {{"config", peer_config_to_json(layer.config)},
-                         {"record", record_layout_json(training)},
-                         {"training_view",
-                          {{"of", o.layer},
-                           {"step", s.step},
-                           {"seed", o.seed},
-                           {"optimizer", optimizer_name(o.optimizer)},
-                           {"lr", o.lr},
-                           {"meaning",
-                            "int8 code b at scale d/16; served int4 q = "
-                            "clamp((b + 8) >> 4, -8, 7)"}}}};
-  StoreTableSpec table{"int8", static_cast<uint64_t>(n), training.record_bytes, training.stride};
-  TROVE_RETURN_IF_ERROR(w.begin_layer(state_name, info, table));
-  TROVE_RETURN_IF_ERROR(w.append_records(s.training));
-  // The router again (small beside the tables), so the state layer reads back as a complete
-  // layer description for `trove inspect` and verify.
-  for (const StoreDenseInfo& d : layer.info->dense) {
-    TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store.read_dense(*layer.info, d.name));
-    TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, v));
+  for (const LayerRun& r : runs) {
+    const PeerConfig& c = r.stored.config;
+    const int64_t n = c.num_experts();
+    nlohmann::json info = {{"config", peer_config_to_json(c)},
+                           {"record", record_layout_json(r.training)},
+                           {"training_view",
+                            {{"of", r.name},
+                             {"step", step},
+                             {"seed", o.seed},
+                             {"table", r.table},
+                             {"optimizer", optimizer_name(o.optimizer)},
+                             {"lr", o.lr},
+                             {"train_router", o.train_router},
+                             {"router_lr", o.router_lr},
+                             {"meaning",
+                              "int8 code b at scale d/16; served int4 q = "
+                              "clamp((b + 8) >> 4, -8, 7)"}}}};
+    StoreTableSpec table{"int8", static_cast<uint64_t>(n), r.training.record_bytes,
+                         r.training.stride};
+    TROVE_RETURN_IF_ERROR(w.begin_layer(train_state_layer_name(r.name), info, table));
+    TROVE_RETURN_IF_ERROR(w.append_records(r.records));
+    // The router again (small beside the tables), so the state layer reads back as a complete
+    // layer description for `trove inspect` and verify.
+    const PeerDenseParams& params = r.student->params();
+    for (const StoreDenseInfo& d : r.stored.info->dense) {
+      for (int i = 0; i < 4; ++i) {
+        if (d.name == kRouterTensors[i]) {
+          TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, *router_tensor(params, i)));
+        }
+      }
+    }
+    if (o.optimizer == TrainOptimizer::kAdagrad) {
+      TROVE_RETURN_IF_ERROR(w.add_dense("adagrad", {n, r.rows()}, r.accum));
+    }
+    for (int i = 0; i < 4; ++i) {
+      if (r.adam_m[i].empty()) continue;
+      const int64_t len = static_cast<int64_t>(r.adam_m[i].size());
+      TROVE_RETURN_IF_ERROR(w.add_dense(adam_name("m", i), {len}, r.adam_m[i]));
+      TROVE_RETURN_IF_ERROR(w.add_dense(adam_name("v", i), {len}, r.adam_v[i]));
+    }
+    TROVE_RETURN_IF_ERROR(w.end_layer());
   }
-  if (o.optimizer == TrainOptimizer::kAdagrad) {
-    TROVE_RETURN_IF_ERROR(w.add_dense("adagrad", {n, 2 * layer.config.expert_width}, s.accum));
-  }
-  TROVE_RETURN_IF_ERROR(w.end_layer());
   return w.finish();
+}
+
+// Opens layer `run->name` of the student store, its teacher, its inputs and its state (from the
+// last checkpoint, or imported from the int4 records); returns the checkpoint's step (0 when
+// none).
+Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
+                           const std::string& teacher_name,
+                           const std::optional<StoreReader>& teacher_store, LayerRun* run) {
+  TROVE_ASSIGN_OR_RETURN(run->stored, load_stored_layer(store, run->name));
+  const PeerConfig& c = run->stored.config;
+  const StoreLayerInfo& info = *run->stored.info;
+  if (run->stored.record.dtype != DType::kI4) {
+    return Status::invalid_argument(
+        str_printf("%s: layer %s holds %s records; trove train trains int4 tables in place "
+                   "(pack the student with --quant int4)",
+                   o.store.c_str(), run->name.c_str(),
+                   std::string(dtype_name(run->stored.record.dtype)).c_str()));
+  }
+  TROVE_ASSIGN_OR_RETURN(run->training,
+                         RecordLayout::make(DType::kI8, c.dim, c.dim_out, c.expert_width));
+  const int64_t n = c.num_experts();
+
+  PeerLayerOptions lo;
+  lo.threads = o.threads;
+  if (o.teacher_kind == TrainOptions::TeacherKind::kMlp) {
+    TROVE_ASSIGN_OR_RETURN(MlpTeacher m,
+                           MlpTeacher::open(o.teacher, teacher_name, c.dim, c.dim_out));
+    run->teacher_mlp.emplace(std::move(m));
+  } else {
+    TROVE_ASSIGN_OR_RETURN(PeerLayer t, PeerLayer::open(*teacher_store, teacher_name, lo));
+    if (t.config().dim != c.dim || t.config().dim_out != c.dim_out) {
+      return Status::invalid_argument(str_printf(
+          "teacher %s layer %s maps %lld -> %lld; the student layer %s maps %lld -> %lld",
+          o.teacher.c_str(), teacher_name.c_str(), (long long)t.config().dim,
+          (long long)t.config().dim_out, run->name.c_str(), (long long)c.dim,
+          (long long)c.dim_out));
+    }
+    run->teacher_peer.emplace(std::move(t));
+  }
+  TROVE_ASSIGN_OR_RETURN(InputSource in, InputSource::make(o.inputs, c.dim, o.batch, o.seed));
+  run->inputs.emplace(std::move(in));
+
+  PeerDenseParams params;
+  TROVE_ASSIGN_OR_RETURN(params.query_weight, store.read_dense(info, "query.weight"));
+  TROVE_ASSIGN_OR_RETURN(params.keys, store.read_dense(info, "keys"));
+  if (c.query_bias) {
+    TROVE_ASSIGN_OR_RETURN(params.query_bias, store.read_dense(info, "query.bias"));
+  }
+  if (c.input_norm == InputNorm::kRms) {
+    TROVE_ASSIGN_OR_RETURN(params.norm_weight, store.read_dense(info, "norm.weight"));
+  }
+
+  int64_t step = 0;
+  run->records.resize(sz(n) * run->training.stride);
+  run->accum.assign(sz(n * run->rows()), 0.0f);
+  run->serving.assign(store.mapped_records(info).begin(), store.mapped_records(info).end());
+  if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run->name))) {
+    const nlohmann::json& tv = saved->info.value("training_view", nlohmann::json());
+    if (!tv.is_object() || tv.value("seed", uint64_t{0}) != o.seed ||
+        tv.value("optimizer", std::string()) != optimizer_name(o.optimizer) ||
+        tv.value("table", uint32_t{0}) != run->table ||
+        saved->table.count != static_cast<uint64_t>(n) ||
+        saved->table.stride != run->training.stride) {
+      return Status::invalid_argument(str_printf(
+          "%s holds a checkpoint of layer %s written with another seed, optimizer or layer list "
+          "(%s); resume with the flags it was written with, or train a fresh copy of the store",
+          o.store.c_str(), run->name.c_str(), tv.dump().c_str()));
+    }
+    step = tv.value("step", int64_t{0});
+    std::span<const uint8_t> rec = store.mapped_records(*saved);
+    std::copy(rec.begin(), rec.end(), run->records.begin());
+    if (o.optimizer == TrainOptimizer::kAdagrad) {
+      TROVE_ASSIGN_OR_RETURN(run->accum, store.read_dense(*saved, "adagrad"));
+      if (run->accum.size() != sz(n * run->rows())) {
+        return Status::corruption(o.store + ": training state 'adagrad' of layer " + run->name +
+                                  " has the wrong size");
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      if (saved->find_dense(adam_name("m", i)) == nullptr) continue;
+      TROVE_ASSIGN_OR_RETURN(run->adam_m[i], store.read_dense(*saved, adam_name("m", i)));
+      TROVE_ASSIGN_OR_RETURN(run->adam_v[i], store.read_dense(*saved, adam_name("v", i)));
+      if (run->adam_m[i].size() != router_tensor(params, i)->size() ||
+          run->adam_v[i].size() != router_tensor(params, i)->size()) {
+        return Status::corruption(o.store + ": training state " + adam_name("m", i) + " of layer " +
+                                  run->name + " has the wrong size");
+      }
+    }
+  } else {
+    TROVE_RETURN_IF_ERROR(train_import_records(
+        run->stored.record, run->training, run->serving.data(), n, run->records.data(), o.threads));
+  }
+  if (o.train_router) {
+    for (int i = 0; i < 4; ++i) {
+      const size_t len = router_tensor(params, i)->size();
+      if (run->adam_m[i].size() != len) {
+        run->adam_m[i].assign(len, 0.0f);
+        run->adam_v[i].assign(len, 0.0f);
+      }
+    }
+  }
+  TROVE_ASSIGN_OR_RETURN(
+      PeerLayer student,
+      PeerLayer::create(c, std::move(params),
+                        std::make_unique<BufferExpertSource>(run->stored.record, &run->serving),
+                        lo));
+  run->student.emplace(std::move(student));
+  return step;
+}
+
+// One optimizer step of one layer: forward, loss, backward, the int4 update of the touched
+// experts and (with --train-router) Adam on the router. Returns the layer's loss.
+Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r,
+                                TrainReport* report) {
+  const PeerConfig& c = r->stored.config;
+  const int64_t T = o.batch;
+  r->y.resize(sz(T * c.dim_out));
+  r->yt.resize(r->y.size());
+  r->dy.resize(r->y.size());
+  TROVE_RETURN_IF_ERROR(r->inputs->fill(step, &r->x));
+  if (r->teacher_mlp) {
+    r->teacher_mlp->forward(r->x, T, &r->yt, o.threads);
+  } else {
+    TROVE_RETURN_IF_ERROR(r->teacher_peer->forward(r->x, T, r->yt));
+  }
+  TROVE_RETURN_IF_ERROR(r->student->forward(r->x, T, r->y));
+  double loss = 0;
+  const float scale = 2.0f / static_cast<float>(T * c.dim_out);
+  for (size_t i = 0; i < r->y.size(); ++i) {
+    const float e = r->y[i] - r->yt[i];
+    loss += static_cast<double>(e) * e;
+    r->dy[i] = scale * e;
+  }
+  loss /= static_cast<double>(r->y.size());
+  TROVE_RETURN_IF_ERROR(r->student->backward(r->x, T, r->dy, &r->grads));
+
+  // The touched experts' training records, updated together, then exported for serving.
+  const PeerGrads& g = r->grads;
+  const RecordLayout& training = r->training;
+  const RecordLayout& serving = r->stored.record;
+  const int64_t rows = r->rows();
+  const int64_t u = static_cast<int64_t>(g.expert_ids.size());
+  r->scratch.resize(sz(u) * training.stride);
+  r->accum_scratch.resize(sz(u * rows));
+  for (int64_t i = 0; i < u; ++i) {
+    const int64_t id = g.expert_ids[sz(i)];
+    std::memcpy(&r->scratch[sz(i) * training.stride], &r->records[sz(id) * training.stride],
+                training.stride);
+    std::copy_n(&r->accum[sz(id * rows)], rows, &r->accum_scratch[sz(i * rows)]);
+  }
+  TrainStep ts;
+  ts.optimizer = o.optimizer;
+  ts.lr = phase_lr(o.lr_phases, step, r->name, false, o.lr);
+  ts.seed = o.seed;
+  ts.step = static_cast<uint64_t>(step);
+  ts.table = r->table;
+  Result<TrainStats> st = train_update_records(
+      training, ts, g.expert_ids.data(), u, g.d_down.data(), g.d_up.data(), r->scratch.data(),
+      o.optimizer == TrainOptimizer::kAdagrad ? r->accum_scratch.data() : nullptr, o.threads);
+  if (!st.ok()) {
+    return st.status().with_context(
+        str_printf("layer %s, step %lld", r->name.c_str(), static_cast<long long>(step)));
+  }
+  r->exported.resize(sz(u) * serving.stride);
+  TROVE_RETURN_IF_ERROR(
+      train_export_records(serving, training, r->scratch.data(), u, r->exported.data(), o.threads));
+  for (int64_t i = 0; i < u; ++i) {
+    const int64_t id = g.expert_ids[sz(i)];
+    std::memcpy(&r->records[sz(id) * training.stride], &r->scratch[sz(i) * training.stride],
+                training.stride);
+    std::copy_n(&r->accum_scratch[sz(i * rows)], rows, &r->accum[sz(id * rows)]);
+    std::memcpy(&r->serving[sz(id) * serving.stride], &r->exported[sz(i) * serving.stride],
+                serving.stride);
+  }
+  if (o.train_router) {
+    const float lr = phase_lr(o.lr_phases, step, r->name, true, o.router_lr);
+    PeerDenseParams& p = r->student->mutable_params();
+    for (int i = 0; i < 4; ++i) {
+      std::vector<float>& t = *router_tensor(p, i);
+      if (t.empty()) continue;
+      adam_step(t, router_grad(g, i), r->adam_m[i], r->adam_v[i], lr, step + 1);
+    }
+  }
+  report->expert_updates += u;
+  report->rescales += st->rescales;
+  report->elements_changed += st->elements_changed;
+  return loss;
 }
 
 }  // namespace
@@ -271,185 +532,89 @@ std::string train_state_layer_name(const std::string& layer) {
 }
 
 Result<TrainReport> run_train(const TrainOptions& o) {
-  if (o.steps < 1 || o.batch < 1 || o.checkpoint_every < 0 || !(o.lr > 0) || !std::isfinite(o.lr)) {
+  if (o.steps < 1 || o.batch < 1 || o.checkpoint_every < 0 || !(o.lr > 0) || !std::isfinite(o.lr) ||
+      !(o.router_lr > 0) || !std::isfinite(o.router_lr)) {
     return Status::invalid_argument(str_printf(
-        "train: --steps %lld and --batch %lld must be >= 1, --checkpoint-every %lld >= 0 and "
-        "--lr %g a positive number",
-        (long long)o.steps, (long long)o.batch, (long long)o.checkpoint_every, (double)o.lr));
+        "train: --steps %lld and --batch %lld must be >= 1, --checkpoint-every %lld >= 0, --lr %g "
+        "and --router-lr %g positive numbers",
+        (long long)o.steps, (long long)o.batch, (long long)o.checkpoint_every, (double)o.lr,
+        (double)o.router_lr));
   }
-  TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(o.store));
-  TROVE_ASSIGN_OR_RETURN(StoredLayer layer, load_stored_layer(store, o.layer));
-  const PeerConfig& c = layer.config;
-  if (layer.record.dtype != DType::kI4) {
+  if (o.layers.empty()) return Status::invalid_argument("train: no --layer given");
+  if (!o.teacher_layers.empty() && o.teacher_layers.size() != o.layers.size()) {
     return Status::invalid_argument(str_printf(
-        "%s: layer %s holds %s records; trove train trains int4 tables in place "
-        "(pack the student with --quant int4)",
-        o.store.c_str(), o.layer.c_str(), std::string(dtype_name(layer.record.dtype)).c_str()));
+        "train: %zu --teacher-layer for %zu --layer; give one per layer, in the same order, or "
+        "none (the teacher's layers then have the students' names)",
+        o.teacher_layers.size(), o.layers.size()));
   }
-  TROVE_ASSIGN_OR_RETURN(RecordLayout training,
-                         RecordLayout::make(DType::kI8, c.dim, c.dim_out, c.expert_width));
-  const int64_t n = c.num_experts();
-  const int64_t rows = 2 * c.expert_width;
-
-  // The teacher.
-  PeerLayerOptions lo;
-  lo.threads = o.threads;
-  std::optional<StoreReader> teacher_store;
-  std::optional<PeerLayer> teacher_peer;
-  std::optional<MlpTeacher> teacher_mlp;
-  if (o.teacher_kind == TrainOptions::TeacherKind::kMlp) {
-    TROVE_ASSIGN_OR_RETURN(MlpTeacher m,
-                           MlpTeacher::open(o.teacher, o.teacher_layer, c.dim, c.dim_out));
-    teacher_mlp.emplace(std::move(m));
-  } else {
-    TROVE_ASSIGN_OR_RETURN(StoreReader ts, StoreReader::open(o.teacher));
-    teacher_store.emplace(std::move(ts));
-    const std::string tname = o.teacher_layer.empty() ? o.layer : o.teacher_layer;
-    TROVE_ASSIGN_OR_RETURN(PeerLayer t, PeerLayer::open(*teacher_store, tname, lo));
-    if (t.config().dim != c.dim || t.config().dim_out != c.dim_out) {
-      return Status::invalid_argument(
-          str_printf("teacher %s layer %s maps %lld -> %lld; the student maps %lld -> %lld",
-                     o.teacher.c_str(), tname.c_str(), (long long)t.config().dim,
-                     (long long)t.config().dim_out, (long long)c.dim, (long long)c.dim_out));
-    }
-    teacher_peer.emplace(std::move(t));
-  }
-  auto teach = [&](const std::vector<float>& xb, int64_t T, std::vector<float>* yb) -> Status {
-    if (teacher_mlp) {
-      teacher_mlp->forward(xb, T, yb, o.threads);
-      return Status::ok_status();
-    }
-    return teacher_peer->forward(xb, T, *yb);
-  };
-  TROVE_ASSIGN_OR_RETURN(InputSource inputs, InputSource::make(o.inputs, c.dim, o.batch, o.seed));
-
-  // The state: from the last checkpoint, or imported from the int4 records.
-  State s;
-  s.training.resize(sz(n) * training.stride);
-  s.accum.assign(sz(n * rows), 0.0f);
-  s.serving.assign(store.mapped_records(*layer.info).begin(),
-                   store.mapped_records(*layer.info).end());
-  if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(o.layer))) {
-    const nlohmann::json& tv = saved->info.value("training_view", nlohmann::json());
-    if (!tv.is_object() || tv.value("seed", uint64_t{0}) != o.seed ||
-        tv.value("optimizer", std::string()) != optimizer_name(o.optimizer) ||
-        saved->table.count != static_cast<uint64_t>(n) || saved->table.stride != training.stride) {
-      return Status::invalid_argument(str_printf(
-          "%s holds a checkpoint of layer %s written with another seed or optimizer (%s); resume "
-          "with the flags it was written with, or train a fresh copy of the store",
-          o.store.c_str(), o.layer.c_str(), tv.dump().c_str()));
-    }
-    s.step = tv.value("step", int64_t{0});
-    std::span<const uint8_t> rec = store.mapped_records(*saved);
-    std::copy(rec.begin(), rec.end(), s.training.begin());
-    if (o.optimizer == TrainOptimizer::kAdagrad) {
-      TROVE_ASSIGN_OR_RETURN(s.accum, store.read_dense(*saved, "adagrad"));
-      if (s.accum.size() != sz(n * rows)) {
-        return Status::corruption(o.store + ": training state 'adagrad' has the wrong size");
+  for (size_t i = 0; i < o.layers.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      if (o.layers[i] == o.layers[j]) {
+        return Status::invalid_argument("train: layer " + o.layers[i] + " is named twice");
       }
     }
-  } else {
-    TROVE_RETURN_IF_ERROR(train_import_records(layer.record, training, s.serving.data(), n,
-                                               s.training.data(), o.threads));
+  }
+  TROVE_RETURN_IF_ERROR(check_lr_phase_groups(o.lr_phases, o.layers));
+  TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(o.store));
+  std::optional<StoreReader> teacher_store;
+  if (o.teacher_kind == TrainOptions::TeacherKind::kPeer) {
+    TROVE_ASSIGN_OR_RETURN(StoreReader ts, StoreReader::open(o.teacher));
+    teacher_store.emplace(std::move(ts));
   }
 
-  PeerDenseParams params;
-  TROVE_ASSIGN_OR_RETURN(params.query_weight, store.read_dense(*layer.info, "query.weight"));
-  TROVE_ASSIGN_OR_RETURN(params.keys, store.read_dense(*layer.info, "keys"));
-  if (c.query_bias) {
-    TROVE_ASSIGN_OR_RETURN(params.query_bias, store.read_dense(*layer.info, "query.bias"));
+  std::vector<LayerRun> runs(o.layers.size());
+  int64_t start = -1;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    runs[i].name = o.layers[i];
+    runs[i].table = static_cast<uint32_t>(i);
+    const std::string& tname = o.teacher_layers.empty() ? o.layers[i] : o.teacher_layers[i];
+    TROVE_ASSIGN_OR_RETURN(int64_t step, open_layer(o, store, tname, teacher_store, &runs[i]));
+    if (start >= 0 && step != start) {
+      return Status::corruption(str_printf(
+          "%s: the training states disagree on the step (layer %s at %lld, layer %s at %lld)",
+          o.store.c_str(), runs[0].name.c_str(), (long long)start, runs[i].name.c_str(),
+          (long long)step));
+    }
+    start = step;
   }
-  if (c.input_norm == InputNorm::kRms) {
-    TROVE_ASSIGN_OR_RETURN(params.norm_weight, store.read_dense(*layer.info, "norm.weight"));
-  }
-  TROVE_ASSIGN_OR_RETURN(
-      PeerLayer student,
-      PeerLayer::create(c, std::move(params),
-                        std::make_unique<BufferExpertSource>(layer.record, &s.serving), lo));
 
   TrainReport report;
-  report.start_step = s.step;
-  report.state_bytes = s.training.size() + s.accum.size() * sizeof(float);
-  const int64_t T = o.batch;
-  std::vector<float> x, y(sz(T * c.dim_out)), yt(y.size()), dy(y.size());
-  std::vector<uint8_t> scratch, exported;  // per step, reused
-  std::vector<float> accum_scratch;
-  PeerGrads grads;
-  TrainStep ts;
-  ts.optimizer = o.optimizer;
-  ts.lr = o.lr;
-  ts.seed = o.seed;
-  ts.table = 0;
+  report.start_step = start;
+  report.layer_losses.resize(runs.size());
+  for (const LayerRun& r : runs) report.state_bytes += r.state_bytes();
+  int64_t step = start;
 
   auto checkpoint = [&]() -> Status {
     const Stopwatch t0;
-    TROVE_RETURN_IF_ERROR(write_checkpoint(o, store, layer, training, s));
+    TROVE_RETURN_IF_ERROR(write_checkpoint(o, store, runs, step));
     report.checkpoint_seconds += t0.seconds();
     ++report.checkpoints;
     struct stat st {};
     if (::stat(o.store.c_str(), &st) == 0)
       report.checkpoint_bytes = static_cast<uint64_t>(st.st_size);
-    if (o.checkpointed) o.checkpointed(s.step);
+    if (o.checkpointed) o.checkpointed(step);
     return Status::ok_status();
   };
 
-  while (s.step < o.steps) {
+  while (step < o.steps) {
     const Stopwatch t0;
-    TROVE_RETURN_IF_ERROR(inputs.fill(s.step, &x));
-    TROVE_RETURN_IF_ERROR(teach(x, T, &yt));
-    TROVE_RETURN_IF_ERROR(student.forward(x, T, y));
     double loss = 0;
-    const float scale = 2.0f / static_cast<float>(T * c.dim_out);
-    for (size_t i = 0; i < y.size(); ++i) {
-      const float e = y[i] - yt[i];
-      loss += static_cast<double>(e) * e;
-      dy[i] = scale * e;
+    for (size_t i = 0; i < runs.size(); ++i) {
+      TROVE_ASSIGN_OR_RETURN(double l, train_layer_step(o, step, &runs[i], &report));
+      report.layer_losses[i].push_back(l);
+      loss += l;
     }
-    loss /= static_cast<double>(y.size());
-    TROVE_RETURN_IF_ERROR(student.backward(x, T, dy, &grads));
-
-    // The touched experts' training records, updated together, then exported for serving.
-    const int64_t u = static_cast<int64_t>(grads.expert_ids.size());
-    scratch.resize(sz(u) * training.stride);
-    accum_scratch.resize(sz(u * rows));
-    for (int64_t i = 0; i < u; ++i) {
-      const int64_t id = grads.expert_ids[sz(i)];
-      std::memcpy(&scratch[sz(i) * training.stride], &s.training[sz(id) * training.stride],
-                  training.stride);
-      std::copy_n(&s.accum[sz(id * rows)], rows, &accum_scratch[sz(i * rows)]);
-    }
-    ts.step = static_cast<uint64_t>(s.step);
-    Result<TrainStats> st = train_update_records(
-        training, ts, grads.expert_ids.data(), u, grads.d_down.data(), grads.d_up.data(),
-        scratch.data(), o.optimizer == TrainOptimizer::kAdagrad ? accum_scratch.data() : nullptr,
-        o.threads);
-    if (!st.ok()) {
-      return st.status().with_context(str_printf("step %lld", static_cast<long long>(s.step)));
-    }
-    exported.resize(sz(u) * layer.record.stride);
-    TROVE_RETURN_IF_ERROR(train_export_records(layer.record, training, scratch.data(), u,
-                                               exported.data(), o.threads));
-    for (int64_t i = 0; i < u; ++i) {
-      const int64_t id = grads.expert_ids[sz(i)];
-      std::memcpy(&s.training[sz(id) * training.stride], &scratch[sz(i) * training.stride],
-                  training.stride);
-      std::copy_n(&accum_scratch[sz(i * rows)], rows, &s.accum[sz(id * rows)]);
-      std::memcpy(&s.serving[sz(id) * layer.record.stride], &exported[sz(i) * layer.record.stride],
-                  layer.record.stride);
-    }
-    ++s.step;
+    loss /= static_cast<double>(runs.size());
+    ++step;
     report.seconds += t0.seconds();
     report.losses.push_back(loss);
-    report.tokens += T;
-    report.expert_updates += u;
-    report.rescales += st->rescales;
-    report.elements_changed += st->elements_changed;
-    if (o.progress) o.progress(s.step, o.steps, loss);
-    if ((o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0) || s.step == o.steps) {
+    report.tokens += o.batch;
+    if (o.progress) o.progress(step, o.steps, loss);
+    if ((o.checkpoint_every > 0 && step % o.checkpoint_every == 0) || step == o.steps) {
       TROVE_RETURN_IF_ERROR(checkpoint());
     }
   }
-  report.steps = s.step;
+  report.steps = step;
   return report;
 }
 
