@@ -44,10 +44,15 @@
 //
 // Stats: elements_changed counts real elements whose final b differs from the initial one
 // (rescale included), rescales counts doublings, scale_inits counts step 2a.
+//
+// This header is C++17 and marks the hash and the code conversions TROVE_HD, because the CUDA
+// update (kernels/cuda/train_update.cu, compiled as C++17) calls the very same functions: one
+// definition of the bits for every backend.
 #pragma once
 
 #include <cstdint>
 
+#include "base/host_device.h"
 #include "base/status.h"
 #include "kernels/record.h"
 
@@ -75,7 +80,11 @@ struct TrainStats {
     rescales += o.rescales;
     scale_inits += o.scale_inits;
   }
-  bool operator==(const TrainStats&) const = default;
+  // Spelled out rather than defaulted: CUDA translation units include this header as C++17.
+  bool operator==(const TrainStats& o) const {
+    return elements_changed == o.elements_changed && rescales == o.rescales &&
+           scale_inits == o.scale_inits;
+  }
 };
 
 // ---- the counter-based hash -----------------------------------------------------------------
@@ -85,46 +94,48 @@ struct TrainStats {
 //   h = mix(h ^ expert); h = mix(h ^ element); u = (h >> 40) · 2^-24.
 // Every stage is a bijection of h and of its input, so changing any one input changes h;
 // u is a multiple of 2^-24 in [0, 1), exact in fp32. Only 64-bit integer arithmetic: the same
-// bits on every platform, backend and thread count. constexpr so device code can call it.
+// bits on every platform, backend and thread count. constexpr and TROVE_HD so host, device and
+// static_assert all evaluate the one definition.
 
-constexpr uint64_t sr_mix(uint64_t z) {
+TROVE_HD constexpr uint64_t sr_mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
 }
 
 // The hash state after the first four inputs (a record's prefix, reusable per element).
-constexpr uint64_t sr_prefix(uint64_t seed, uint64_t step, uint32_t table, uint64_t expert) {
+TROVE_HD constexpr uint64_t sr_prefix(uint64_t seed, uint64_t step, uint32_t table,
+                                      uint64_t expert) {
   uint64_t h = sr_mix(seed ^ 0x9e3779b97f4a7c15ull);
   h = sr_mix(h ^ step);
   h = sr_mix(h ^ table);
   return sr_mix(h ^ expert);
 }
 
-constexpr float sr_uniform_from_prefix(uint64_t prefix, uint64_t element) {
+TROVE_HD constexpr float sr_uniform_from_prefix(uint64_t prefix, uint64_t element) {
   return static_cast<float>(sr_mix(prefix ^ element) >> 40) * (1.0f / 16777216.0f);
 }
 
-constexpr float sr_uniform(uint64_t seed, uint64_t step, uint32_t table, uint64_t expert,
-                           uint64_t element) {
+TROVE_HD constexpr float sr_uniform(uint64_t seed, uint64_t step, uint32_t table, uint64_t expert,
+                                    uint64_t element) {
   return sr_uniform_from_prefix(sr_prefix(seed, step, table, expert), element);
 }
 
 // The hash counter of rescale round t (>= 1) of element e; the update itself uses e (t = 0).
 inline constexpr int kSrRoundShift = 48;
-constexpr uint64_t sr_rescale_element(uint64_t e, uint64_t t) {
+TROVE_HD constexpr uint64_t sr_rescale_element(uint64_t e, uint64_t t) {
   return e + (t << kSrRoundShift);
 }
 
 // ---- the training view ------------------------------------------------------------------------
 
 // The served int4 value of a training code: clamp((b + 8) >> 4, -8, 7).
-constexpr int train_code_to_int4(int8_t b) {
+TROVE_HD constexpr int train_code_to_int4(int8_t b) {
   const int q = (static_cast<int>(b) + 8) >> 4;  // arithmetic shift (C++20 defines it)
   return q < -8 ? -8 : (q > 7 ? 7 : q);
 }
 // The training code of a served int4 value q in [-8, 7].
-constexpr int8_t int4_to_train_code(int q) {
+TROVE_HD constexpr int8_t int4_to_train_code(int q) {
   return static_cast<int8_t>(16 * q);
 }
 
