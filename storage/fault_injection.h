@@ -9,17 +9,28 @@
 //   auto faults = std::make_shared<FaultyFileOps>();
 //   faults->fail_offset(record_offset);          // EIO for any read covering that byte
 //   options.file_ops = faults;
+//
+// CrashingStoreUpdateOps (below) does the same for the writes of StoreUpdate and
+// recover_store: a crash at the N-th call, then the loss of what was not synced.
 #pragma once
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <mutex>
+#include <random>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "storage/record_io.h"
+#include "storage/store_update.h"
 
 namespace trove {
 
@@ -150,6 +161,222 @@ class FaultyFileOps : public FileOps {
   bool short_retries_too_ = false;
   std::set<uint64_t> shortened_;  // offsets of shortened reads whose retry is left whole
   std::chrono::microseconds delay_{0};
+};
+
+// CrashingStoreUpdateOps: a StoreUpdateOps that "kills the process" before its N-th call
+// (that call and every later one fail with EIO and do nothing), then, like LevelDB's
+// FaultInjectionTestEnv, drops what no fsync made durable, as a power loss would:
+//
+//   - a write or truncate of a file not followed by an fsync of that file;
+//   - the creation or removal of a name not followed by an fsync of its folder (a created file
+//     vanishes, data and all; a removed one comes back with the bytes it had).
+//
+//   auto ops = std::make_shared<CrashingStoreUpdateOps>();
+//   ops->crash_at(k);
+//   { auto u = StoreUpdate::begin(path, {ops}); ... u->commit(); }   // fails at call k
+//   ops->lose_unsynced(CrashingStoreUpdateOps::Loss::kAll);           // the power goes
+//
+// sync and sync_dir are recorded, not run: what they make durable is what lose_unsynced keeps
+// (and crash sweeps of hundreds of updates stay fast). Single-threaded, like the updates it
+// serves.
+class CrashingStoreUpdateOps : public StoreUpdateOps {
+ public:
+  enum class Loss {
+    kNone,    // everything written reached the disk
+    kAll,     // nothing unsynced did
+    kRandom,  // each unsynced change independently, with probability 1/2
+  };
+
+  // Call n (from 1) and all later ones fail with -EIO. 0: never.
+  void crash_at(uint64_t n) { crash_at_ = n; }
+  uint64_t calls() const { return calls_; }
+  bool crashed() const { return crash_at_ > 0 && calls_ >= crash_at_; }
+  // One line per call, crashed ones included: "open P", "write P", "truncate P", "sync P",
+  // "unlink P", "sync_dir D".
+  const std::vector<std::string>& trace() const { return trace_; }
+
+  // Undoes, newest first, the changes no later sync made durable (all, none or a seeded random
+  // choice of them), straight on the file system. Call after the crash, with the descriptors
+  // of the update closed.
+  void lose_unsynced(Loss loss, uint64_t seed = 0) {
+    std::mt19937_64 rng(seed);
+    for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
+      if (it->synced || loss == Loss::kNone) continue;
+      if (loss == Loss::kRandom && (rng() & 1) == 0) continue;
+      revert(*it);
+    }
+    undo_.clear();
+  }
+
+  int open(const std::string& path, int flags, mode_t mode) override {
+    if (dead("open " + path)) return -EIO;
+    const bool existed = ::access(path.c_str(), F_OK) == 0;
+    const int fd = StoreUpdateOps::open(path, flags, mode);
+    if (fd >= 0) {
+      paths_[fd] = path;
+      if (!existed && (flags & O_CREAT) != 0) undo_.push_back({Kind::kCreate, path});
+    }
+    return fd;
+  }
+  int64_t write_at(int fd, const uint8_t* buf, size_t len, uint64_t offset) override {
+    const std::string& path = paths_[fd];
+    if (dead("write " + path)) return -EIO;
+    Undo u{Kind::kWrite, path};
+    u.offset = offset;
+    u.size = size_of(fd);
+    u.length = len;
+    if (offset < u.size) u.bytes = read_range(fd, offset, std::min<uint64_t>(len, u.size - offset));
+    const int64_t n = StoreUpdateOps::write_at(fd, buf, len, offset);
+    if (n > 0) {
+      u.length = static_cast<uint64_t>(n);
+      u.bytes.resize(std::min<uint64_t>(u.bytes.size(), u.length));
+      undo_.push_back(std::move(u));
+    }
+    return n;
+  }
+  int truncate(int fd, uint64_t size) override {
+    const std::string& path = paths_[fd];
+    if (dead("truncate " + path)) return -EIO;
+    Undo u{Kind::kTruncate, path};
+    u.size = size_of(fd);
+    u.offset = size;
+    if (size < u.size) u.bytes = read_range(fd, size, u.size - size);
+    const int rc = StoreUpdateOps::truncate(fd, size);
+    if (rc == 0) undo_.push_back(std::move(u));
+    return rc;
+  }
+  int sync(int fd) override {
+    const std::string& path = paths_[fd];
+    if (dead("sync " + path)) return -EIO;
+    for (Undo& u : undo_) {
+      if (u.path == path && (u.kind == Kind::kWrite || u.kind == Kind::kTruncate)) {
+        u.synced = true;
+      }
+    }
+    return 0;
+  }
+  int unlink(const std::string& path) override {
+    if (dead("unlink " + path)) return -EIO;
+    Undo u{Kind::kUnlink, path};
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      u.bytes = read_range(fd, 0, size_of(fd));
+      ::close(fd);
+    }
+    const int rc = StoreUpdateOps::unlink(path);
+    if (rc == 0) undo_.push_back(std::move(u));
+    return rc;
+  }
+  int sync_dir(const std::string& dir) override {
+    if (dead("sync_dir " + dir)) return -EIO;
+    for (Undo& u : undo_) {
+      if ((u.kind == Kind::kCreate || u.kind == Kind::kUnlink) && parent_of(u.path) == dir) {
+        u.synced = true;
+      }
+    }
+    return 0;
+  }
+
+ private:
+  enum class Kind { kWrite, kTruncate, kCreate, kUnlink };
+  struct Undo {
+    Kind kind;
+    std::string path;
+    uint64_t offset = 0;         // kWrite: where; kTruncate: the new size
+    uint64_t length = 0;         // kWrite: bytes written
+    uint64_t size = 0;           // kWrite, kTruncate: the file's size before
+    std::vector<uint8_t> bytes;  // what was there before (kUnlink: the whole file)
+    bool synced = false;
+  };
+
+  bool dead(std::string what) {
+    ++calls_;
+    trace_.push_back(std::move(what));
+    return crashed();
+  }
+
+  static std::string parent_of(const std::string& path) {
+    const size_t slash = path.rfind('/');
+    if (slash == std::string::npos) return ".";
+    return slash == 0 ? "/" : path.substr(0, slash);
+  }
+  static uint64_t size_of(int fd) {
+    struct stat st;
+    return ::fstat(fd, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  }
+  static std::vector<uint8_t> read_range(int fd, uint64_t offset, uint64_t len) {
+    std::vector<uint8_t> out(len);
+    uint64_t done = 0;
+    while (done < len) {
+      const ssize_t n =
+          ::pread(fd, out.data() + done, len - done, static_cast<off_t>(offset + done));
+      if (n <= 0) break;
+      done += static_cast<uint64_t>(n);
+    }
+    out.resize(done);
+    return out;
+  }
+  static void write_range(int fd, uint64_t offset, const std::vector<uint8_t>& bytes) {
+    uint64_t done = 0;
+    while (done < bytes.size()) {
+      const ssize_t n =
+          ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
+      if (n <= 0) break;
+      done += static_cast<uint64_t>(n);
+    }
+  }
+
+  static void set_size(int fd, uint64_t size) {
+    [[maybe_unused]] const int rc = ::ftruncate(fd, static_cast<off_t>(size));
+  }
+
+  static void revert(const Undo& u) {
+    if (u.kind == Kind::kCreate) {
+      ::unlink(u.path.c_str());
+      return;
+    }
+    if (u.kind == Kind::kUnlink) {
+      const int fd = ::open(u.path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+      if (fd >= 0) {
+        write_range(fd, 0, u.bytes);
+        ::close(fd);
+      }
+      return;
+    }
+    const int fd = ::open(u.path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return;  // the file itself is gone (its creation was lost)
+    const uint64_t now = size_of(fd);
+    if (u.kind == Kind::kWrite) {
+      // Bytes a later surviving truncate cut off stay cut.
+      const uint64_t end = std::min(u.offset + u.length, now);
+      if (u.offset < end) {
+        write_range(fd, u.offset,
+                    {u.bytes.begin(), u.bytes.begin() + static_cast<ptrdiff_t>(std::min(
+                                                            u.bytes.size(), end - u.offset))});
+      }
+      if (end > u.size) {
+        // The write extended the file: the extension is lost. At the end of the file it goes;
+        // under a later write that survived, it reads as the zeros of a hole.
+        const uint64_t from = std::max(u.offset, u.size);
+        if (now == u.offset + u.length) {
+          set_size(fd, u.size);
+        } else {
+          write_range(fd, from, std::vector<uint8_t>(end - from, 0));
+        }
+      }
+    } else if (u.offset < u.size) {  // a truncate that shrank the file: the cut bytes come back
+      write_range(fd, u.offset, u.bytes);
+    } else if (now == u.offset) {  // one that grew it
+      set_size(fd, u.size);
+    }
+    ::close(fd);
+  }
+
+  uint64_t crash_at_ = 0;
+  uint64_t calls_ = 0;
+  std::vector<std::string> trace_;
+  std::map<int, std::string> paths_;  // descriptors opened through open()
+  std::vector<Undo> undo_;
 };
 
 }  // namespace trove

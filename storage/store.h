@@ -136,6 +136,12 @@ class StoreReader {
   // the field; nothing is guessed. Corruption inside record or dense data is found when that
   // data is read, or by verify(). A file renamed over `path` while open runs is
   // Status::aborted ("changed while being opened; retry").
+  //
+  // First, when an update journal lies beside the store (storage/store_update.h), open runs
+  // recover_store: it replays a committed journal (a crash after an update's commit point
+  // leaves the file torn until then) or removes an uncommitted one, so that open never reads a
+  // torn file. A committed journal that this process cannot replay (no write access) or that
+  // belongs to another generation fails open with a Status naming it and what to do.
   static Result<StoreReader> open(const std::string& path, StoreOpenOptions options = {});
 
   const std::string& path() const;
@@ -143,6 +149,8 @@ class StoreReader {
   uint16_t version_major() const;
   uint16_t version_minor() const;
   uint64_t generation() const;
+  // XXH3-64 of the manifest bytes (with file_size and generation, the generation's identity).
+  uint64_t manifest_xxh3() const;
   const nlohmann::json& manifest() const;
   const nlohmann::json& provenance() const;
   const std::vector<StoreLayerInfo>& layers() const;

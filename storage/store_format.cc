@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "base/strings.h"
 #include "storage/file.h"
 #include "storage/store.h"
 
@@ -78,6 +79,21 @@ StoreTrailer decode_store_trailer(std::span<const uint8_t> bytes) {
   StoreTrailer t;
   std::memcpy(&t, bytes.data(), sizeof(t));
   return t;
+}
+
+std::string store_manifest_text(const nlohmann::json& j) {
+  return j.dump(1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+Status check_store_json_depth(const nlohmann::json& j, int enclosing_levels,
+                              const std::string& what) {
+  const int depth = enclosing_levels + json_nesting_depth(store_manifest_text(j));
+  if (depth > kMaxJsonDepth) {
+    return Status::invalid_argument(
+        str_printf("%s nests too deeply: the manifest would be %d levels deep; readers accept %d",
+                   what.c_str(), depth, kMaxJsonDepth));
+  }
+  return {};
 }
 
 StoreDirectSpan store_direct_span(uint64_t offset, uint64_t bytes) {

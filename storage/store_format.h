@@ -11,6 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "base/status.h"
 
@@ -99,6 +102,75 @@ static_assert(offsetof(StoreTrailer, manifest_xxh3) == 40);
 static_assert(offsetof(StoreTrailer, generation) == 48);
 static_assert(offsetof(StoreTrailer, trailer_xxh3) == 56);
 
+// ---- update journal: <store path>.journal (see "Generations" in FORMAT.md) -------------------
+
+// A generation's identity. The manifest lists every region with its checksum (record tables
+// through their checksum arrays) and all padding is zero, so two valid files with the same
+// identity hold the same bytes (up to XXH3 collisions).
+struct StoreIdentity {
+  uint64_t file_size = 0;
+  uint64_t generation = 0;
+  uint64_t manifest_xxh3 = 0;
+  bool operator==(const StoreIdentity&) const = default;
+};
+
+inline constexpr char kStoreJournalMagic[8] = {'T', 'R', 'O', 'V', 'E', 'J', 'N', 'L'};
+inline constexpr char kStoreJournalCommitMagic[8] = {'T', 'R', 'O', 'V', 'E', 'J', 'N', 'D'};
+inline constexpr uint16_t kStoreJournalVersionMajor = 1;
+inline constexpr uint16_t kStoreJournalVersionMinor = 0;
+
+#pragma pack(push, 1)
+// At journal offset 0.
+struct StoreJournalHeader {
+  char magic[8];  // kStoreJournalMagic
+  uint16_t version_major;
+  uint16_t version_minor;
+  uint32_t endian_check;  // kStoreEndianCheck
+  // Generation g, the store the writes apply to.
+  uint64_t target_file_size;
+  uint64_t target_generation;
+  uint64_t target_manifest_xxh3;
+  // Generation g + 1, the store they produce.
+  uint64_t new_file_size;
+  uint64_t new_generation;
+  uint64_t new_manifest_xxh3;
+  uint64_t write_count;  // StoreJournalWrite records that follow
+};
+// Each write: this, then `bytes` bytes to put at store offset `offset`. No padding.
+struct StoreJournalWrite {
+  uint64_t offset;
+  uint64_t bytes;
+};
+// The last 32 bytes of a committed journal.
+struct StoreJournalCommit {
+  char magic[8];           // kStoreJournalCommitMagic
+  uint64_t journal_bytes;  // the journal's length, this record included
+  uint64_t write_count;    // equal to the header's
+  uint64_t journal_xxh3;   // XXH3-64 of journal bytes [0, journal_bytes - 8)
+};
+#pragma pack(pop)
+
+static_assert(sizeof(StoreJournalHeader) == 72);
+static_assert(offsetof(StoreJournalHeader, magic) == 0);
+static_assert(offsetof(StoreJournalHeader, version_major) == 8);
+static_assert(offsetof(StoreJournalHeader, version_minor) == 10);
+static_assert(offsetof(StoreJournalHeader, endian_check) == 12);
+static_assert(offsetof(StoreJournalHeader, target_file_size) == 16);
+static_assert(offsetof(StoreJournalHeader, target_generation) == 24);
+static_assert(offsetof(StoreJournalHeader, target_manifest_xxh3) == 32);
+static_assert(offsetof(StoreJournalHeader, new_file_size) == 40);
+static_assert(offsetof(StoreJournalHeader, new_generation) == 48);
+static_assert(offsetof(StoreJournalHeader, new_manifest_xxh3) == 56);
+static_assert(offsetof(StoreJournalHeader, write_count) == 64);
+static_assert(sizeof(StoreJournalWrite) == 16);
+static_assert(offsetof(StoreJournalWrite, offset) == 0);
+static_assert(offsetof(StoreJournalWrite, bytes) == 8);
+static_assert(sizeof(StoreJournalCommit) == 32);
+static_assert(offsetof(StoreJournalCommit, magic) == 0);
+static_assert(offsetof(StoreJournalCommit, journal_bytes) == 8);
+static_assert(offsetof(StoreJournalCommit, write_count) == 16);
+static_assert(offsetof(StoreJournalCommit, journal_xxh3) == 24);
+
 // ---- encoding -------------------------------------------------------------------------------
 
 // The XXH3 a header or trailer must carry: over every byte before its checksum field.
@@ -117,6 +189,24 @@ void encode_store_header(const StoreHeader& header, std::span<uint8_t, kStoreHea
 StoreHeader decode_store_header(std::span<const uint8_t> bytes);
 void encode_store_trailer(const StoreTrailer& trailer, std::span<uint8_t, kStoreTrailerBytes> out);
 StoreTrailer decode_store_trailer(std::span<const uint8_t> bytes);
+
+// ---- manifest text ----------------------------------------------------------------------------
+
+// The manifest's text form of `j` (indent 1, members sorted). Strings that are not valid UTF-8
+// are written with U+FFFD in place of each bad byte sequence rather than failing a pack that may
+// have run for an hour (see FORMAT.md); never throws.
+std::string store_manifest_text(const nlohmann::json& j);
+
+// Nesting levels around provenance and around a layer's info in the manifest:
+// {"provenance": ...} and {"layers": [{"info": ...}]}.
+inline constexpr int kStoreProvenanceLevels = 1;
+inline constexpr int kStoreInfoLevels = 3;
+
+// Refuses (invalid_argument, "<what> nests too deeply ...") a value that would make the manifest
+// deeper than readers accept (kMaxJsonDepth) when nested `enclosing_levels` deep, so that no
+// writer produces a store that StoreReader::open rejects.
+Status check_store_json_depth(const nlohmann::json& j, int enclosing_levels,
+                              const std::string& what);
 
 // ---- messages ---------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@
 #include "base/strings.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
+#include "storage/store_update.h"
 
 namespace trove {
 
@@ -563,6 +564,9 @@ StoreReader& StoreReader::operator=(StoreReader&&) noexcept = default;
 StoreReader::~StoreReader() = default;
 
 Result<StoreReader> StoreReader::open(const std::string& path, StoreOpenOptions options) {
+  // An update interrupted after its commit point leaves the file torn until its journal is
+  // replayed: never read it before that (see "Generations" in FORMAT.md).
+  TROVE_RETURN_IF_ERROR(recover_store(path));
   auto impl = std::make_unique<Impl>();
   Impl& r = *impl;
   r.path = path;
@@ -668,6 +672,9 @@ uint16_t StoreReader::version_minor() const {
 }
 uint64_t StoreReader::generation() const {
   return impl_->header.generation;
+}
+uint64_t StoreReader::manifest_xxh3() const {
+  return impl_->header.manifest_xxh3;
 }
 const nlohmann::json& StoreReader::manifest() const {
   return impl_->manifest;

@@ -14,31 +14,6 @@ namespace {
 
 using nlohmann::json;
 
-// Serialises `j` to the manifest's text form. Strings that are not valid UTF-8 (a provenance
-// path from a non-UTF-8 file system, say) are written with U+FFFD in place of each bad byte
-// sequence rather than failing a pack that may have run for an hour; see FORMAT.md. With
-// error_handler_t::replace, dump() does not throw.
-std::string dump_json(const json& j) {
-  return j.dump(1, ' ', false, json::error_handler_t::replace);
-}
-
-// Nesting levels around provenance and around a layer's info in the manifest:
-// {"provenance": ...} and {"layers": [{"info": ...}]}.
-constexpr int kProvenanceLevels = 1;
-constexpr int kInfoLevels = 3;
-
-// Refuses a value that would make the manifest deeper than readers accept (kMaxJsonDepth),
-// so that the writer never produces a store that StoreReader::open rejects.
-Status check_depth(const json& j, int enclosing_levels, const std::string& what) {
-  const int depth = enclosing_levels + json_nesting_depth(dump_json(j));
-  if (depth > kMaxJsonDepth) {
-    return Status::invalid_argument(
-        str_printf("%s nests too deeply: the manifest would be %d levels deep; readers accept %d",
-                   what.c_str(), depth, kMaxJsonDepth));
-  }
-  return {};
-}
-
 struct DenseTensor {
   std::string name;
   std::vector<int64_t> shape;
@@ -102,7 +77,8 @@ StoreWriter& StoreWriter::operator=(StoreWriter&&) noexcept = default;
 StoreWriter::~StoreWriter() = default;
 
 Result<StoreWriter> StoreWriter::create(const std::string& path, nlohmann::json provenance) {
-  TROVE_RETURN_IF_ERROR(check_depth(provenance, kProvenanceLevels, path + ": provenance"));
+  TROVE_RETURN_IF_ERROR(
+      check_store_json_depth(provenance, kStoreProvenanceLevels, path + ": provenance"));
   auto impl = std::make_unique<Impl>();
   TROVE_ASSIGN_OR_RETURN(impl->file, AtomicFileWriter::create(path));
   impl->path = path;
@@ -143,7 +119,8 @@ Status StoreWriter::begin_layer(const std::string& name, nlohmann::json info,
     return w.misuse(op, where + str_printf("table of %llu records of %llu bytes is too large",
                                            ull(table.count), ull(table.stride)));
   }
-  TROVE_RETURN_IF_ERROR(check_depth(info, kInfoLevels, w.path + ": layer '" + name + "' info"));
+  TROVE_RETURN_IF_ERROR(
+      check_store_json_depth(info, kStoreInfoLevels, w.path + ": layer '" + name + "' info"));
 
   TROVE_RETURN_IF_ERROR(w.pad_to(kStoreTableAlignment));
   LayerState layer;
@@ -224,7 +201,7 @@ Status StoreWriter::update_layer_info(nlohmann::json info) {
   TROVE_RETURN_IF_ERROR(w.open_layer_required(op));
   LayerState& layer = w.layers.back();
   TROVE_RETURN_IF_ERROR(
-      check_depth(info, kInfoLevels, w.path + ": layer '" + layer.name + "' info"));
+      check_store_json_depth(info, kStoreInfoLevels, w.path + ": layer '" + layer.name + "' info"));
   layer.info = std::move(info);
   return {};
 }
@@ -306,7 +283,7 @@ Status StoreWriter::finish() {
       {"checksum", {{"algorithm", "xxh3-64"}, {"records", "per-record"}, {"verify_on_read", true}}},
       {"provenance", std::move(w.provenance)},
       {"layers", std::move(layers_json)}};
-  const std::string text = dump_json(manifest);
+  const std::string text = store_manifest_text(manifest);
   // begin_layer, update_layer_info and create checked the parts; the whole must agree.
   TROVE_CHECK(json_nesting_depth(text) <= kMaxJsonDepth);
   std::span<const uint8_t> manifest_bytes(reinterpret_cast<const uint8_t*>(text.data()),
