@@ -26,6 +26,8 @@ struct TrainArgs {
   bool train_router = false;
   uint64_t seed = 1;
   int threads = 0;
+  std::string host, max_dirty = "1GiB";
+  TierFlags tier;
 };
 
 Status write_loss_csv(const std::string& path, const std::vector<std::string>& layers,
@@ -77,6 +79,8 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
   o.optimizer = a.optimizer == "sgd" ? TrainOptimizer::kSgd : TrainOptimizer::kAdagrad;
   o.seed = a.seed;
   o.checkpoint_every = a.checkpoint_every;
+  o.max_dirty_bytes = parse_bytes(a.max_dirty).value();
+  if (!a.host.empty()) o.tiers = tier_options(a.tier, parse_bytes(a.host).value());
   o.threads = a.threads;
   std::unique_ptr<ProgressBar> bar;
   const auto start = std::chrono::steady_clock::now();
@@ -137,9 +141,16 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
       {"expert_updates", t.expert_updates},
       {"rescales", t.rescales},
       {"checkpoints", t.checkpoints},
+      {"whole_rewrites", t.whole_rewrites},
       {"checkpoint_seconds", t.checkpoint_seconds},
-      {"checkpoint_bytes", t.checkpoint_bytes},
-      {"state_bytes_in_memory", t.state_bytes},
+      {"checkpoint_bytes_written", t.checkpoint_bytes_written},
+      {"records_written", t.records_written},
+      {"bytes_written_per_step", t.steps > t.start_step
+                                     ? static_cast<double>(t.checkpoint_bytes_written) /
+                                           static_cast<double>(t.steps - t.start_step)
+                                     : 0.0},
+      {"optimizer_bytes_in_memory", t.optimizer_bytes},
+      {"peak_dirty_bytes_in_memory", t.peak_dirty_bytes},
   };
   if (!a.loss_csv.empty()) j["loss_csv"] = a.loss_csv;
   if (!a.plot.empty()) j["plot"] = a.plot;
@@ -158,9 +169,15 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
     }
     std::printf("  %.0f tokens/s, %.0f expert updates/s, %lld rescales\n",
                 j["tokens_per_second"].get<double>(), ups, static_cast<long long>(t.rescales));
-    std::printf("  %lld checkpoints of %s each (the store is rewritten whole), %.2f s in all\n",
-                static_cast<long long>(t.checkpoints), format_bytes(t.checkpoint_bytes).c_str(),
-                t.checkpoint_seconds);
+    std::printf(
+        "  %lld checkpoints (%lld rewrote the store, the rest wrote %lld changed records in "
+        "place): %s written, %s per step, %.2f s in all\n",
+        static_cast<long long>(t.checkpoints), static_cast<long long>(t.whole_rewrites),
+        static_cast<long long>(t.records_written), format_bytes(t.checkpoint_bytes_written).c_str(),
+        format_bytes(static_cast<uint64_t>(j["bytes_written_per_step"].get<double>())).c_str(),
+        t.checkpoint_seconds);
+    std::printf("  memory: optimizer states %s, changed records up to %s between checkpoints\n",
+                format_bytes(t.optimizer_bytes).c_str(), format_bytes(t.peak_dirty_bytes).c_str());
     if (!a.loss_csv.empty()) std::printf("  loss curve: %s\n", a.loss_csv.c_str());
     if (!a.plot.empty()) std::printf("  plot: %s\n", a.plot.c_str());
   }
@@ -174,9 +191,10 @@ void add_train(CLI::App& app, GlobalOptions& global) {
       "train",
       "Distil a teacher (a PEER layer or a dense MLP) into stored int4 layers, trained in place\n"
       "with stochastic rounding into an 8-bit training code (SPEC §7); --train-router also\n"
-      "trains the routers (Adam). Checkpoints rewrite the store atomically\n"
-      "with the int4 records (ready for `trove forward`) and the training state; running the\n"
-      "same command again after a crash resumes from the last checkpoint.\n"
+      "trains the routers (Adam). Checkpoints are new generations of the store: the int4\n"
+      "records (ready for `trove forward`) and the training state, the changed records\n"
+      "written in place, crash-safe; running the same command again after a crash resumes\n"
+      "from the last checkpoint.\n"
       "Example: trove train student.trove --layer L --teacher teacher.trove --steps 2000 \\\n"
       "           --batch 1024 --lr 1e-2 --checkpoint-every 200");
   auto a = std::make_shared<TrainArgs>();
@@ -235,6 +253,16 @@ void add_train(CLI::App& app, GlobalOptions& global) {
       ->capture_default_str();
   cmd->add_option("--threads", a->threads, "Worker threads (0: all cores)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-dirty", a->max_dirty,
+                  "Take a checkpoint early when the records changed since the last one reach\n"
+                  "this size in memory (0: only --checkpoint-every)")
+      ->check(valid_bytes)
+      ->capture_default_str();
+  cmd->add_option("--host", a->host,
+                  "Host memory budget for the student's int4 records (e.g. 2GiB): read from the\n"
+                  "store file on demand into a cache of this size. Default: map the table")
+      ->check(valid_bytes);
+  add_tier_flags(cmd, &a->tier);
   cmd->add_option("--loss-csv", a->loss_csv, "Write the loss per step to this CSV file");
   cmd->add_option("--plot", a->plot, "Write the loss curve to this PNG file");
   cmd->callback([a, &global] { global.exit_code = run_train_command(*a, global); });

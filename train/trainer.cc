@@ -12,12 +12,14 @@
 #include "base/strings.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/train.h"
+#include "runtime/overlay_source.h"
 #include "runtime/pack.h"
 #include "runtime/peer_config_json.h"
 #include "runtime/peer_layer.h"
 #include "runtime/store_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
+#include "storage/store_update.h"
 #include "train/adam.h"
 
 namespace trove {
@@ -27,29 +29,6 @@ namespace {
 size_t sz(int64_t v) {
   return static_cast<size_t>(v);
 }
-
-// Records in a buffer the trainer owns and rewrites between steps.
-class BufferExpertSource final : public ExpertSource {
- public:
-  BufferExpertSource(const RecordLayout& layout, std::vector<uint8_t>* records)
-      : layout_(layout), records_(records) {}
-  const RecordLayout& layout() const override { return layout_; }
-  int64_t num_experts() const override {
-    return static_cast<int64_t>(records_->size() / layout_.stride);
-  }
-  std::string describe() const override { return "records being trained (in memory)"; }
-  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override {
-    for (size_t i = 0; i < ids.size(); ++i) {
-      records[i] = records_->data() + sz(ids[i]) * layout_.stride;
-    }
-    return Status::ok_status();
-  }
-  void release(std::span<const int64_t>) override {}
-
- private:
-  RecordLayout layout_;
-  std::vector<uint8_t>* records_;
-};
 
 // The inputs of step s: gaussian rows drawn from (seed, s), or the next rows of a file.
 class InputSource {
@@ -216,7 +195,16 @@ const std::vector<float>& router_grad(const PeerGrads& g, int i) {
   return *all[i];
 }
 
-// One trained layer: its student, its teacher, and everything a checkpoint holds of it.
+// One trained layer: its student, its teacher, and what a checkpoint holds of it.
+//
+// Records live in the store: the serving int4 table (read through a mapped or a tiered source)
+// and, once the first checkpoint wrote it, the training view in the state layer (mapped). A
+// step reads the touched experts' training records (the state layer's, or the int4 records
+// imported when there is no state yet), updates them and keeps the results in two overlays,
+// the training records and their int4 export, which the student computes on from then on. A
+// checkpoint writes the overlays into the store as a new generation and empties them, so the
+// memory held is the records changed since the last checkpoint, the optimizer states (8
+// bytes per expert row pair for Adagrad, 2 floats per router weight for Adam) and the tier.
 struct LayerRun {
   std::string name;
   uint32_t table = 0;  // the SR hash's table input: the layer's index in --layer order
@@ -226,34 +214,55 @@ struct LayerRun {
   std::optional<MlpTeacher> teacher_mlp;
   std::optional<InputSource> inputs;
 
-  std::vector<uint8_t> records;  // N training records (int8 code at scale d/16)
-  std::vector<float> accum;      // N x 2m Adagrad accumulators
-  std::vector<uint8_t> serving;  // N int4 records: export(records), what the student computes on
-  std::vector<float> adam_m[4], adam_v[4];  // the router's Adam moments (--train-router)
+  std::unique_ptr<RecordOverlay> dirty_training;  // int8 training records changed
+  std::unique_ptr<RecordOverlay> dirty_serving;   // their int4 export
+  OverlayExpertSource* serving = nullptr;         // the student's source (the layer owns it)
+  std::unique_ptr<OverlayExpertSource> unbound;   // the source before the student takes it
+  std::unique_ptr<ExpertSource> training_base;    // the state layer, or null before the first
+                                                  // checkpoint (then imported from serving)
+  bool has_adam_state = false;                    // the state layer holds Adam's moments
+  std::vector<float> accum;                       // N x 2m Adagrad accumulators
+  std::vector<float> adam_m[4], adam_v[4];        // the router's Adam moments (--train-router)
   std::optional<PeerLayer> student;
 
   // Per-step scratch.
   std::vector<float> x, y, yt, dy;
-  std::vector<uint8_t> scratch, exported;
+  std::vector<int64_t> clean_ids;
+  std::vector<size_t> clean_at;
+  std::vector<const uint8_t*> clean_records;
+  std::vector<uint8_t> scratch, exported, imported, converted;
   std::vector<float> accum_scratch;
   PeerGrads grads;
-  std::vector<double> losses;
 
   int64_t rows() const { return 2 * stored.config.expert_width; }
-  uint64_t state_bytes() const {
-    uint64_t b = records.size() + accum.size() * sizeof(float) + serving.size();
+  uint64_t optimizer_bytes() const {
+    uint64_t b = accum.size() * sizeof(float);
     for (int i = 0; i < 4; ++i) b += (adam_m[i].size() + adam_v[i].size()) * sizeof(float);
     return b;
   }
+  uint64_t dirty_bytes() const { return dirty_training->bytes() + dirty_serving->bytes(); }
 };
 
 std::string adam_name(const char* moment, int i) {
   return str_printf("adam.%s.%s", moment, kRouterTensors[i]);
 }
 
-// Rewrites the store with the trained layers' records, routers and training states, atomically.
-Status write_checkpoint(const TrainOptions& o, const StoreReader& store,
-                        const std::vector<LayerRun>& runs, int64_t step) {
+nlohmann::json training_view_info(const TrainOptions& o, const LayerRun& r, int64_t step) {
+  return {{"config", peer_config_to_json(r.stored.config)},
+          {"record", record_layout_json(r.training)},
+          {"training_view",
+           {{"of", r.name},
+            {"step", step},
+            {"seed", o.seed},
+            {"table", r.table},
+            {"optimizer", optimizer_name(o.optimizer)},
+            {"lr", o.lr},
+            {"train_router", o.train_router},
+            {"router_lr", o.router_lr},
+            {"meaning", "int8 code b at scale d/16; served int4 q = clamp((b + 8) >> 4, -8, 7)"}}}};
+}
+
+nlohmann::json trained_provenance(const TrainOptions& o, const StoreReader& store, int64_t step) {
   nlohmann::json provenance = store.provenance();
   provenance["trained"] = {{"tool", "trove train"},
                            {"teacher", o.teacher},
@@ -262,65 +271,140 @@ Status write_checkpoint(const TrainOptions& o, const StoreReader& store,
                            {"lr", o.lr},
                            {"train_router", o.train_router},
                            {"seed", o.seed}};
-  TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(o.store, provenance));
-  auto run_of = [&](const std::string& name) -> const LayerRun* {
-    for (const LayerRun& r : runs) {
+  return provenance;
+}
+
+// The training records of `ids` (ascending) into out[i * stride]: the overlay's when changed,
+// else the state layer's, else the serving int4 records imported.
+Status read_training_records(const TrainOptions& o, LayerRun* r, std::span<const int64_t> ids,
+                             uint8_t* out) {
+  const size_t stride = r->training.stride;
+  r->clean_ids.clear();
+  r->clean_at.clear();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (const uint8_t* d = r->dirty_training->find(ids[i])) {
+      std::memcpy(out + i * stride, d, stride);
+    } else {
+      r->clean_ids.push_back(ids[i]);
+      r->clean_at.push_back(i);
+    }
+  }
+  if (r->clean_ids.empty()) return Status::ok_status();
+  r->clean_records.assign(r->clean_ids.size(), nullptr);
+  if (r->training_base) {
+    TROVE_RETURN_IF_ERROR(r->training_base->acquire(r->clean_ids, r->clean_records));
+    for (size_t j = 0; j < r->clean_ids.size(); ++j) {
+      std::memcpy(out + r->clean_at[j] * stride, r->clean_records[j], stride);
+    }
+    r->training_base->release(r->clean_ids);
+    return Status::ok_status();
+  }
+  // No training state yet: import the committed int4 records (not the overlay's: an expert
+  // not in the training overlay was never updated).
+  ExpertSource& base = r->serving->base();
+  const size_t sstride = r->stored.record.stride;
+  TROVE_RETURN_IF_ERROR(base.acquire(r->clean_ids, r->clean_records));
+  r->imported.resize(r->clean_ids.size() * sstride);
+  for (size_t j = 0; j < r->clean_ids.size(); ++j) {
+    std::memcpy(&r->imported[j * sstride], r->clean_records[j], sstride);
+  }
+  base.release(r->clean_ids);
+  r->converted.resize(r->clean_ids.size() * stride);
+  TROVE_RETURN_IF_ERROR(train_import_records(r->stored.record, r->training, r->imported.data(),
+                                             static_cast<int64_t>(r->clean_ids.size()),
+                                             r->converted.data(), o.threads));
+  for (size_t j = 0; j < r->clean_ids.size(); ++j) {
+    std::memcpy(out + r->clean_at[j] * stride, &r->converted[j * stride], stride);
+  }
+  return Status::ok_status();
+}
+
+// Streams every record of a table, in id order and in chunks, to `sink`.
+Status stream_table(int64_t n, size_t stride,
+                    const std::function<Status(std::span<const int64_t>, uint8_t*)>& read,
+                    const std::function<Status(std::span<const uint8_t>)>& sink) {
+  constexpr int64_t kChunk = 4096;
+  std::vector<int64_t> ids;
+  std::vector<uint8_t> bytes;
+  for (int64_t first = 0; first < n; first += kChunk) {
+    const int64_t count = std::min(kChunk, n - first);
+    ids.resize(sz(count));
+    for (int64_t i = 0; i < count; ++i) ids[sz(i)] = first + i;
+    bytes.resize(sz(count) * stride);
+    TROVE_RETURN_IF_ERROR(read(ids, bytes.data()));
+    TROVE_RETURN_IF_ERROR(sink(bytes));
+  }
+  return Status::ok_status();
+}
+
+// The first checkpoint (no training state in the store yet, or one without the Adam moments
+// --train-router now needs): the store is rewritten whole, atomically, with the trained
+// layers' records and routers and their state layers. Streams the tables; records read from
+// the store are verified on the way.
+Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vector<LayerRun>& runs,
+                     int64_t step) {
+  TROVE_ASSIGN_OR_RETURN(StoreWriter w,
+                         StoreWriter::create(o.store, trained_provenance(o, store, step)));
+  auto run_of = [&](const std::string& name) -> LayerRun* {
+    for (LayerRun& r : runs) {
       if (r.name == name) return &r;
     }
     return nullptr;
   };
+  auto serving_reader = [](LayerRun* r) {
+    return [r](std::span<const int64_t> ids, uint8_t* out) -> Status {
+      std::vector<const uint8_t*> recs(ids.size());
+      TROVE_RETURN_IF_ERROR(r->serving->acquire(ids, recs));
+      for (size_t i = 0; i < ids.size(); ++i) {
+        std::memcpy(out + i * r->stored.record.stride, recs[i], r->stored.record.stride);
+      }
+      r->serving->release(ids);
+      return Status::ok_status();
+    };
+  };
+  auto append = [&](std::span<const uint8_t> b) { return w.append_records(b); };
   for (const StoreLayerInfo& info : store.layers()) {
     bool state_layer = false;
-    for (const LayerRun& r : runs)
-      state_layer = state_layer || info.name == train_state_layer_name(r.name);
+    for (const LayerRun& r : runs) state_layer |= info.name == train_state_layer_name(r.name);
     if (state_layer) continue;  // written anew below
-    const LayerRun* run = run_of(info.name);
+    LayerRun* run = run_of(info.name);
     StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
                          info.table.stride};
     TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
-    TROVE_RETURN_IF_ERROR(w.append_records(run != nullptr ? std::span<const uint8_t>(run->serving)
-                                                          : store.mapped_records(info)));
+    if (run != nullptr) {
+      TROVE_RETURN_IF_ERROR(stream_table(run->stored.config.num_experts(),
+                                         run->stored.record.stride, serving_reader(run), append));
+    } else {
+      TROVE_RETURN_IF_ERROR(w.append_records(store.mapped_records(info)));
+    }
     for (const StoreDenseInfo& d : info.dense) {
       TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store.read_dense(info, d.name));
-      if (run != nullptr) {  // the router as trained
-        for (int i = 0; i < 4; ++i) {
-          if (d.name == kRouterTensors[i]) {
-            v = *router_tensor(run->student->params(), i);
-          }
-        }
+      for (int i = 0; run != nullptr && i < 4; ++i) {  // the router as trained
+        if (d.name == kRouterTensors[i]) v = *router_tensor(run->student->params(), i);
       }
       TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, v));
     }
     TROVE_RETURN_IF_ERROR(w.end_layer());
   }
-  for (const LayerRun& r : runs) {
-    const PeerConfig& c = r.stored.config;
-    const int64_t n = c.num_experts();
-    nlohmann::json info = {{"config", peer_config_to_json(c)},
-                           {"record", record_layout_json(r.training)},
-                           {"training_view",
-                            {{"of", r.name},
-                             {"step", step},
-                             {"seed", o.seed},
-                             {"table", r.table},
-                             {"optimizer", optimizer_name(o.optimizer)},
-                             {"lr", o.lr},
-                             {"train_router", o.train_router},
-                             {"router_lr", o.router_lr},
-                             {"meaning",
-                              "int8 code b at scale d/16; served int4 q = "
-                              "clamp((b + 8) >> 4, -8, 7)"}}}};
+  for (LayerRun& r : runs) {
+    const int64_t n = r.stored.config.num_experts();
     StoreTableSpec table{"int8", static_cast<uint64_t>(n), r.training.record_bytes,
                          r.training.stride};
-    TROVE_RETURN_IF_ERROR(w.begin_layer(train_state_layer_name(r.name), info, table));
-    TROVE_RETURN_IF_ERROR(w.append_records(r.records));
+    TROVE_RETURN_IF_ERROR(
+        w.begin_layer(train_state_layer_name(r.name), training_view_info(o, r, step), table));
+    TROVE_RETURN_IF_ERROR(stream_table(
+        n, r.training.stride,
+        [&](std::span<const int64_t> ids, uint8_t* out) {
+          return read_training_records(o, &r, ids, out);
+        },
+        append));
     // The router again (small beside the tables), so the state layer reads back as a complete
     // layer description for `trove inspect` and verify.
-    const PeerDenseParams& params = r.student->params();
     for (const StoreDenseInfo& d : r.stored.info->dense) {
       for (int i = 0; i < 4; ++i) {
         if (d.name == kRouterTensors[i]) {
-          TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, *router_tensor(params, i)));
+          TROVE_RETURN_IF_ERROR(
+              w.add_dense(d.name, d.shape, *router_tensor(r.student->params(), i)));
         }
       }
     }
@@ -338,9 +422,78 @@ Status write_checkpoint(const TrainOptions& o, const StoreReader& store,
   return w.finish();
 }
 
-// Opens layer `run->name` of the student store, its teacher, its inputs and its state (from the
-// last checkpoint, or imported from the int4 records); returns the checkpoint's step (0 when
-// none).
+// Every later checkpoint: the changed records (both tables), the optimizer states, the router
+// and the step, written in place as the store's next generation (storage/store_update.h: a
+// crash at any moment leaves the old or the new generation whole).
+Result<StoreUpdateStats> update_store(const TrainOptions& o, const StoreReader& store,
+                                      std::vector<LayerRun>& runs, int64_t step) {
+  TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(o.store));
+  std::vector<uint8_t> bytes;
+  for (LayerRun& r : runs) {
+    const std::string state = train_state_layer_name(r.name);
+    const std::vector<int64_t> ids = r.dirty_training->sorted_ids();
+    for (RecordOverlay* overlay : {r.dirty_serving.get(), r.dirty_training.get()}) {
+      bytes.resize(ids.size() * overlay->stride());
+      for (size_t i = 0; i < ids.size(); ++i) {
+        std::memcpy(&bytes[i * overlay->stride()], overlay->find(ids[i]), overlay->stride());
+      }
+      TROVE_RETURN_IF_ERROR(
+          u.put_records(overlay == r.dirty_serving.get() ? r.name : state, ids, bytes));
+    }
+    if (o.optimizer == TrainOptimizer::kAdagrad) {
+      TROVE_RETURN_IF_ERROR(u.put_dense(state, "adagrad", r.accum));
+    }
+    if (o.train_router) {
+      for (int i = 0; i < 4; ++i) {
+        const std::vector<float>& t = *router_tensor(r.student->params(), i);
+        if (t.empty()) continue;
+        TROVE_RETURN_IF_ERROR(u.put_dense(r.name, kRouterTensors[i], t));
+        TROVE_RETURN_IF_ERROR(u.put_dense(state, kRouterTensors[i], t));
+        TROVE_RETURN_IF_ERROR(u.put_dense(state, adam_name("m", i), r.adam_m[i]));
+        TROVE_RETURN_IF_ERROR(u.put_dense(state, adam_name("v", i), r.adam_v[i]));
+      }
+    }
+    TROVE_RETURN_IF_ERROR(u.set_layer_info(state, training_view_info(o, r, step)));
+  }
+  TROVE_RETURN_IF_ERROR(u.set_provenance(trained_provenance(o, store, step)));
+  TROVE_RETURN_IF_ERROR(u.commit().status());
+  return u.stats();
+}
+
+// The layer's sources over `store` (just opened, or reopened at a new generation): the serving
+// table through the tier (or mapped), the state layer mapped when there is one.
+Status bind_layer(const TrainOptions& o, const StoreReader& store, LayerRun* run) {
+  TROVE_ASSIGN_OR_RETURN(run->stored, load_stored_layer(store, run->name));
+  std::unique_ptr<ExpertSource> serving;
+  if (o.tiers.has_value()) {
+    TROVE_ASSIGN_OR_RETURN(auto tiered, TieredExpertSource::open(store, *run->stored.info,
+                                                                 run->stored.record, *o.tiers));
+    serving = std::move(tiered);
+  } else {
+    serving =
+        std::make_unique<MappedStoreExpertSource>(store, *run->stored.info, run->stored.record);
+  }
+  if (run->serving != nullptr) {
+    run->serving->reset_base(std::move(serving));
+  } else {
+    run->dirty_serving = std::make_unique<RecordOverlay>(run->stored.record.stride);
+    run->dirty_training = std::make_unique<RecordOverlay>(run->training.stride);
+    auto overlay =
+        std::make_unique<OverlayExpertSource>(std::move(serving), run->dirty_serving.get());
+    run->serving = overlay.get();
+    run->unbound = std::move(overlay);
+  }
+  run->training_base.reset();
+  run->has_adam_state = false;
+  if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run->name))) {
+    run->training_base = std::make_unique<MappedStoreExpertSource>(store, *saved, run->training);
+    run->has_adam_state = saved->find_dense(adam_name("m", 0)) != nullptr;
+  }
+  return Status::ok_status();
+}
+
+// Opens layer `run->name` of the student store, its teacher, its inputs and its optimizer
+// state (from the last checkpoint, or fresh); returns the checkpoint's step (0 when none).
 Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
                            const std::string& teacher_name,
                            const std::optional<StoreReader>& teacher_store, LayerRun* run) {
@@ -389,9 +542,7 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
   }
 
   int64_t step = 0;
-  run->records.resize(sz(n) * run->training.stride);
   run->accum.assign(sz(n * run->rows()), 0.0f);
-  run->serving.assign(store.mapped_records(info).begin(), store.mapped_records(info).end());
   if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run->name))) {
     const nlohmann::json& tv = saved->info.value("training_view", nlohmann::json());
     if (!tv.is_object() || tv.value("seed", uint64_t{0}) != o.seed ||
@@ -405,8 +556,6 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
           o.store.c_str(), run->name.c_str(), tv.dump().c_str()));
     }
     step = tv.value("step", int64_t{0});
-    std::span<const uint8_t> rec = store.mapped_records(*saved);
-    std::copy(rec.begin(), rec.end(), run->records.begin());
     if (o.optimizer == TrainOptimizer::kAdagrad) {
       TROVE_ASSIGN_OR_RETURN(run->accum, store.read_dense(*saved, "adagrad"));
       if (run->accum.size() != sz(n * run->rows())) {
@@ -424,9 +573,6 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
                                   run->name + " has the wrong size");
       }
     }
-  } else {
-    TROVE_RETURN_IF_ERROR(train_import_records(
-        run->stored.record, run->training, run->serving.data(), n, run->records.data(), o.threads));
   }
   if (o.train_router) {
     for (int i = 0; i < 4; ++i) {
@@ -437,12 +583,11 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
       }
     }
   }
-  TROVE_ASSIGN_OR_RETURN(
-      PeerLayer student,
-      PeerLayer::create(c, std::move(params),
-                        std::make_unique<BufferExpertSource>(run->stored.record, &run->serving),
-                        lo));
+  TROVE_RETURN_IF_ERROR(bind_layer(o, store, run));
+  TROVE_ASSIGN_OR_RETURN(PeerLayer student,
+                         PeerLayer::create(c, std::move(params), std::move(run->unbound), lo));
   run->student.emplace(std::move(student));
+  TROVE_RETURN_IF_ERROR(run->student->check_batch(o.batch));
   return step;
 }
 
@@ -479,12 +624,10 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
   const int64_t rows = r->rows();
   const int64_t u = static_cast<int64_t>(g.expert_ids.size());
   r->scratch.resize(sz(u) * training.stride);
+  TROVE_RETURN_IF_ERROR(read_training_records(o, r, g.expert_ids, r->scratch.data()));
   r->accum_scratch.resize(sz(u * rows));
   for (int64_t i = 0; i < u; ++i) {
-    const int64_t id = g.expert_ids[sz(i)];
-    std::memcpy(&r->scratch[sz(i) * training.stride], &r->records[sz(id) * training.stride],
-                training.stride);
-    std::copy_n(&r->accum[sz(id * rows)], rows, &r->accum_scratch[sz(i * rows)]);
+    std::copy_n(&r->accum[sz(g.expert_ids[sz(i)] * rows)], rows, &r->accum_scratch[sz(i * rows)]);
   }
   TrainStep ts;
   ts.optimizer = o.optimizer;
@@ -504,11 +647,9 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
       train_export_records(serving, training, r->scratch.data(), u, r->exported.data(), o.threads));
   for (int64_t i = 0; i < u; ++i) {
     const int64_t id = g.expert_ids[sz(i)];
-    std::memcpy(&r->records[sz(id) * training.stride], &r->scratch[sz(i) * training.stride],
-                training.stride);
+    std::memcpy(r->dirty_training->put(id), &r->scratch[sz(i) * training.stride], training.stride);
+    std::memcpy(r->dirty_serving->put(id), &r->exported[sz(i) * serving.stride], serving.stride);
     std::copy_n(&r->accum_scratch[sz(i * rows)], rows, &r->accum[sz(id * rows)]);
-    std::memcpy(&r->serving[sz(id) * serving.stride], &r->exported[sz(i) * serving.stride],
-                serving.stride);
   }
   if (o.train_router) {
     const float lr = phase_lr(o.lr_phases, step, r->name, true, o.router_lr);
@@ -555,7 +696,9 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     }
   }
   TROVE_RETURN_IF_ERROR(check_lr_phase_groups(o.lr_phases, o.layers));
-  TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(o.store));
+  // The store is reopened at every new generation; the layers' sources follow it.
+  TROVE_ASSIGN_OR_RETURN(StoreReader opened, StoreReader::open(o.store));
+  auto store = std::make_unique<StoreReader>(std::move(opened));
   std::optional<StoreReader> teacher_store;
   if (o.teacher_kind == TrainOptions::TeacherKind::kPeer) {
     TROVE_ASSIGN_OR_RETURN(StoreReader ts, StoreReader::open(o.teacher));
@@ -568,7 +711,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     runs[i].name = o.layers[i];
     runs[i].table = static_cast<uint32_t>(i);
     const std::string& tname = o.teacher_layers.empty() ? o.layers[i] : o.teacher_layers[i];
-    TROVE_ASSIGN_OR_RETURN(int64_t step, open_layer(o, store, tname, teacher_store, &runs[i]));
+    TROVE_ASSIGN_OR_RETURN(int64_t step, open_layer(o, *store, tname, teacher_store, &runs[i]));
     if (start >= 0 && step != start) {
       return Status::corruption(str_printf(
           "%s: the training states disagree on the step (layer %s at %lld, layer %s at %lld)",
@@ -581,17 +724,37 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   TrainReport report;
   report.start_step = start;
   report.layer_losses.resize(runs.size());
-  for (const LayerRun& r : runs) report.state_bytes += r.state_bytes();
+  for (const LayerRun& r : runs) report.optimizer_bytes += r.optimizer_bytes();
   int64_t step = start;
 
   auto checkpoint = [&]() -> Status {
     const Stopwatch t0;
-    TROVE_RETURN_IF_ERROR(write_checkpoint(o, store, runs, step));
+    bool whole = false;  // no state layer yet, or one without the Adam moments now needed
+    for (const LayerRun& r : runs)
+      whole |= !r.training_base || (o.train_router && !r.has_adam_state);
+    uint64_t dirty = 0;
+    for (const LayerRun& r : runs) dirty += r.dirty_training->size();
+    if (whole) {
+      TROVE_RETURN_IF_ERROR(rewrite_store(o, *store, runs, step));
+      struct stat st {};
+      if (::stat(o.store.c_str(), &st) == 0)
+        report.checkpoint_bytes_written += static_cast<uint64_t>(st.st_size);
+      ++report.whole_rewrites;
+    } else {
+      TROVE_ASSIGN_OR_RETURN(StoreUpdateStats us, update_store(o, *store, runs, step));
+      report.checkpoint_bytes_written += us.journal_bytes + us.applied_bytes;
+    }
+    report.records_written += dirty;
+    TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(o.store));
+    auto next = std::make_unique<StoreReader>(std::move(reopened));
+    for (LayerRun& r : runs) {
+      TROVE_RETURN_IF_ERROR(bind_layer(o, *next, &r));
+      r.dirty_training->clear();
+      r.dirty_serving->clear();
+    }
+    store = std::move(next);
     report.checkpoint_seconds += t0.seconds();
     ++report.checkpoints;
-    struct stat st {};
-    if (::stat(o.store.c_str(), &st) == 0)
-      report.checkpoint_bytes = static_cast<uint64_t>(st.st_size);
     if (o.checkpointed) o.checkpointed(step);
     return Status::ok_status();
   };
@@ -609,8 +772,12 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     report.seconds += t0.seconds();
     report.losses.push_back(loss);
     report.tokens += o.batch;
+    uint64_t dirty = 0;
+    for (const LayerRun& r : runs) dirty += r.dirty_bytes();
+    report.peak_dirty_bytes = std::max(report.peak_dirty_bytes, dirty);
     if (o.progress) o.progress(step, o.steps, loss);
-    if ((o.checkpoint_every > 0 && step % o.checkpoint_every == 0) || step == o.steps) {
+    if ((o.checkpoint_every > 0 && step % o.checkpoint_every == 0) || step == o.steps ||
+        (o.max_dirty_bytes > 0 && dirty >= o.max_dirty_bytes)) {
       TROVE_RETURN_IF_ERROR(checkpoint());
     }
   }

@@ -10,26 +10,30 @@
 // side, each against its own teacher layer on the same inputs, each with its own learning-rate
 // schedule (train/schedule.h) and its own table index in the SR hash.
 //
-// Checkpoints are store generations: every `checkpoint_every` steps (and at the end) the store
-// is rewritten atomically (StoreWriter: temp file, fsync, rename) with the layer's int4 records
-// (what `trove forward` serves) and a second layer "<L>.train" holding the training view and
-// the optimizer state (int8 records; Adagrad's per-row accumulators as a dense tensor; the
-// step, seed and optimizer in its info). A crash at any moment leaves the last committed
-// generation; running the same command again resumes from it, and because the inputs, the SR
-// hash and the kernels are functions of (seed, step) alone, the resumed run's losses equal an
-// uninterrupted run's bit for bit.
-//
-// Today the whole training view is held in memory (N x int8 stride bytes, plus 8 bytes per
-// expert of optimizer state); write-back of dirty records through the host tier is later work.
+// Records stay in the store. The student computes on its int4 table through the host tier
+// (--host) or a mapping, overlaid with the records changed since the last checkpoint (kept in
+// memory, int8 training view and int4 export). Checkpoints are store generations, taken every
+// `checkpoint_every` steps, at the end, and when the changes reach `max_dirty_bytes`:
+//   - the first adds a second layer "<L>.train" per trained layer, the training view (int8
+//     records), Adagrad's per-row accumulators, Adam's moments, and the step, seed and
+//     optimizer in its info: the store is rewritten whole and atomically (StoreWriter);
+//   - every later one writes the changed records of both tables, the optimizer states, the
+//     router and the step in place, as the store's next generation (storage/store_update.h:
+//     journal, commit point, apply), so its cost follows the records changed, not the table.
+// A crash at any moment leaves the last committed generation whole; running the same command
+// again resumes from it, and because the inputs, the SR hash and the kernels are functions of
+// (seed, step) alone, the resumed run's losses equal an uninterrupted run's bit for bit.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "base/status.h"
 #include "kernels/train.h"
+#include "runtime/tiered_source.h"
 #include "train/schedule.h"
 
 namespace trove {
@@ -57,6 +61,12 @@ struct TrainOptions {
   TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
   uint64_t seed = 1;
   int64_t checkpoint_every = 200;  // 0: only at the end
+  // A checkpoint is also taken when the records changed since the last one reach this many
+  // bytes (0: no limit): it bounds the memory the changes hold.
+  uint64_t max_dirty_bytes = uint64_t{1} << 30;
+  // With a host budget the student's int4 records come through the host tier over the store
+  // file (runtime/tiered_source.h); without, the table is memory-mapped.
+  std::optional<TieredSourceOptions> tiers;
   int threads = 0;
   // After each step: (step done, steps in all, loss of that step, the mean over the layers).
   std::function<void(int64_t, int64_t, double)> progress;
@@ -72,12 +82,16 @@ struct TrainReport {
   double seconds = 0;                             // the steps (not the checkpoints)
   double checkpoint_seconds = 0;
   int64_t checkpoints = 0;
+  int64_t whole_rewrites = 0;  // checkpoints that rewrote the store (the first one, which adds
+                               // the training state); the others wrote changed records in place
+  uint64_t checkpoint_bytes_written = 0;  // journals + in-place writes + whole rewrites
+  int64_t records_written = 0;            // changed records committed, summed over checkpoints
   int64_t tokens = 0;
   int64_t expert_updates = 0;  // unique experts updated, summed over steps
   int64_t rescales = 0;
   int64_t elements_changed = 0;
-  uint64_t checkpoint_bytes = 0;  // file size of one checkpoint (the whole store is rewritten)
-  uint64_t state_bytes = 0;       // training view + optimizer states held in memory
+  uint64_t optimizer_bytes = 0;   // Adagrad and Adam states, held in memory
+  uint64_t peak_dirty_bytes = 0;  // most changed records held in memory between checkpoints
 };
 
 // Errors: no layer or a layer named twice, a student layer that is not int4, a teacher of
