@@ -28,7 +28,12 @@
 //   train_compare [--steps 2000] [--batch 128] [--lr 0.01] [--experts 4096] [--dim 128]
 //                 [--heads 4] [--topk 8] [--dim-key 32] [--seed 1] [--eval-every 100]
 //                 [--eval-tokens 1024] [--optimizer adagrad|sgd] [--threads 0] [--json PATH]
-//                 [--init-noise 0.5] [--headroom 1]
+//                 [--init-noise 0.5] [--headroom 1] [--accum-init 0] [--ablate all|NAME,...]
+//
+// --ablate adds variants of ours simulated in this file, each changing one ingredient (the
+// kVariants table below: exact accumulator, fine-code forward, round-to-nearest, fp32 STE QAT,
+// clamp / grow / shrink on saturation); --accum-init starts every method's Adagrad row
+// accumulators at that value.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -70,7 +75,9 @@ struct Options {
   int64_t eval_tokens = 1024;
   // Student start = teacher + init_noise * N(0, w_std^2); < 0: independent random tables.
   float init_noise = 0.5f;
-  float headroom = 1.0f;  // int4 start scales = headroom * the Q4_0 scale
+  float headroom = 1.0f;    // int4 start scales = headroom * the Q4_0 scale
+  float accum_init = 0.0f;  // every method's Adagrad row accumulators start here
+  std::string ablate;       // comma list of ablation variants (kVariants), or "all"
   TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
   int threads = 0;
   std::string json;
@@ -195,6 +202,150 @@ void regrid_int4_row(const float* x, int64_t n, float headroom, uint8_t* scales,
   }
 }
 
+// ---- ablations (--ablate) ----------------------------------------------------------------------
+//
+// Variants of ours simulated in this file (not the kernel) so that one ingredient changes at a
+// time. State per element: a value f in units of the training LSB (d/16) - an integer for the
+// 8-bit code views, any float for the exact view - and per group the scale d (kept an fp16
+// value). The step Δ is the kernel's (row-wise Adagrad with its 32-lane sum); the hash counters
+// are the kernel's, so "sim-ours" retraces ours up to the forward's float rounding (it serves f32
+// records holding the int4 values q·d). The student's forward reads the weights the variant says.
+enum class SimView : uint8_t { kSr8, kRtn8, kExact, kQatFp32 };
+enum class SimFwd : uint8_t { kInt4, kFine };
+// kShrink: kDouble, and after the update, while every b of the group is in [-64, 63],
+// d <- d/2 and b <- 2b (exact: no rounding).
+// kClampTol: clamp when no element overshoots the code range by more than `grow` codes (16: one
+// int4 LSB), else kDouble.
+enum class SimSat : uint8_t { kDouble, kClamp, kGrow, kShrink, kClampTol };
+
+struct Variant {
+  const char* name;
+  SimView view;
+  SimFwd fwd;
+  SimSat sat;
+  float grow;  // kGrow: the scale grows by max(grow, what the update needs), rounded up in fp16;
+               // kClampTol: the overshoot (codes) that still clamps
+  const char* what;
+};
+
+constexpr Variant kVariants[] = {
+    {"sim-ours", SimView::kSr8, SimFwd::kInt4, SimSat::kDouble, 2, "ours re-implemented here"},
+    {"a-exact-view", SimView::kExact, SimFwd::kInt4, SimSat::kDouble, 2,
+     "fp32 accumulator (no SR), int4 forward, d<-2d"},
+    {"b-fine-fwd", SimView::kSr8, SimFwd::kFine, SimSat::kDouble, 2,
+     "8-bit SR code, forward reads b*d/16"},
+    {"ab-exact-fine", SimView::kExact, SimFwd::kFine, SimSat::kDouble, 2,
+     "fp32 accumulator, forward reads it, d<-2d"},
+    {"c-rtn-view", SimView::kRtn8, SimFwd::kInt4, SimSat::kDouble, 2,
+     "8-bit code, round to nearest, int4 forward"},
+    {"d-qat-fp32", SimView::kQatFp32, SimFwd::kInt4, SimSat::kDouble, 2,
+     "fp32 weights, forward = Q4_0 repack each step (STE)"},
+    {"f-exact-clamp", SimView::kExact, SimFwd::kInt4, SimSat::kClamp, 2,
+     "fp32 accumulator, scales fixed, clamp"},
+    {"f-clamp", SimView::kSr8, SimFwd::kInt4, SimSat::kClamp, 2,
+     "ours, saturation clamps b (scales fixed)"},
+    {"f-grow1.25", SimView::kSr8, SimFwd::kInt4, SimSat::kGrow, 1.25f,
+     "ours, d<-d*max(1.25,need), b<-SR(b*d/d')"},
+    {"f-grow1.0625", SimView::kSr8, SimFwd::kInt4, SimSat::kGrow, 1.0625f,
+     "ours, d<-d*max(1.0625,need), b<-SR(b*d/d')"},
+    {"f-clamp-tol16", SimView::kSr8, SimFwd::kInt4, SimSat::kClampTol, 16,
+     "ours, clamp overshoots <= 16 codes, else d<-2d"},
+    {"f-clamp-tol64", SimView::kSr8, SimFwd::kInt4, SimSat::kClampTol, 64,
+     "ours, clamp overshoots <= 64 codes, else d<-2d"},
+    {"f-shrink", SimView::kSr8, SimFwd::kInt4, SimSat::kShrink, 2,
+     "ours, plus exact d<-d/2, b<-2b while all b in [-64,63]"},
+    {"f-exact-shrink", SimView::kExact, SimFwd::kInt4, SimSat::kShrink, 2,
+     "fp32 accumulator, d<-2d, exact shrink"},
+};
+
+// Adagrad's step size exactly as kernels/train.h step 1 (32 double lanes, warp fold).
+float adagrad_lanes(const float* g, int64_t n, float lr, float eps, float* accum) {
+  double lane[32] = {};
+  for (int64_t i = 0; i < n; ++i) lane[i % 32] += static_cast<double>(g[i]) * g[i];
+  for (int o = 16; o >= 1; o /= 2) {
+    for (int l = 0; l < o; ++l) lane[l] += lane[l + o];
+  }
+  *accum = *accum + static_cast<float>(lane[0] / static_cast<double>(n));
+  return lr / (std::sqrt(*accum) + eps);
+}
+
+// One row of a simulated variant: f [n] (LSB units), d [groups], out [n] the forward's weights.
+void sim_row(const Variant& v, const float* delta, int64_t n, float* f, float* d, float* out,
+             uint64_t prefix, uint64_t element0) {
+  if (v.view == SimView::kQatFp32) {
+    for (int64_t i = 0; i < n; ++i) f[i] += delta[i];
+    return;  // the forward is the Q4_0 repack of f, done per record by the caller
+  }
+  auto round_to = [&](float x, uint64_t counter) {
+    switch (v.view) {
+      case SimView::kSr8: {
+        const float k = std::floor(x);
+        return k + (sr_uniform_from_prefix(prefix, counter) < x - k ? 1.0f : 0.0f);
+      }
+      case SimView::kRtn8:
+        return std::nearbyint(x);
+      default:
+        return x;
+    }
+  };
+  for (int64_t g0 = 0; g0 < n; g0 += 32) {
+    const int real = static_cast<int>(std::min<int64_t>(32, n - g0));
+    float& dg = d[g0 / 32];
+    float* fg = f + g0;
+    if (dg == 0.0f) continue;  // never with gaussian starts
+    float c[32];
+    for (uint64_t round = 1;; ++round) {
+      bool fits = true;
+      float need = 1.0f, over = 0.0f;
+      for (int j = 0; j < real; ++j) {
+        const uint64_t e = element0 + static_cast<uint64_t>(g0 + j);
+        const float x = (16.0f * delta[g0 + j]) / dg;
+        // SR of the increment alone (the kernel's ⌊b + v + u⌋ with b an integer).
+        c[j] = v.view == SimView::kExact
+                   ? fg[j] + x
+                   : (v.view == SimView::kSr8 ? fg[j] + round_to(x, e) : std::nearbyint(fg[j] + x));
+        if (c[j] > 127.0f || c[j] < -128.0f) {
+          fits = false;
+          need = std::max(need, c[j] > 0 ? c[j] / 127.0f : c[j] / -128.0f);
+          over = std::max(over, c[j] > 0 ? c[j] - 127.0f : -128.0f - c[j]);
+        }
+      }
+      if (fits || v.sat == SimSat::kClamp || (v.sat == SimSat::kClampTol && over <= v.grow)) {
+        for (int j = 0; j < real; ++j) fg[j] = std::clamp(c[j], -128.0f, 127.0f);
+        while (v.sat == SimSat::kShrink &&
+               std::all_of(fg, fg + real, [](float b) { return b >= -64.0f && b <= 63.0f; }) &&
+               std::fabs(dg) >= 0x1.0p-13f) {
+          dg = 0.5f * dg;
+          for (int j = 0; j < real; ++j) fg[j] = 2.0f * fg[j];
+        }
+        break;
+      }
+      float nd = 2.0f * dg;
+      if (v.sat == SimSat::kGrow) {  // the next fp16 at or above |d| * max(grow, need)
+        const float want = dg * std::max(v.grow, need);
+        uint16_t h = fp32_to_fp16(want);
+        while (std::fabs(fp16_to_fp32(h)) < std::fabs(want)) ++h;  // sign-magnitude: ++|h|
+        nd = fp16_to_fp32(h);
+      }
+      for (int j = 0; j < real; ++j) {
+        const uint64_t e = element0 + static_cast<uint64_t>(g0 + j);
+        const float x = fg[j] * (dg / nd);
+        fg[j] = round_to(x, sr_rescale_element(e, round));
+      }
+      dg = nd;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float dg = d[i / 32];
+    if (v.fwd == SimFwd::kFine) {
+      out[i] = f[i] * dg / 16.0f;
+    } else {
+      const float q = std::clamp(std::floor((f[i] + 8.0f) / 16.0f), -8.0f, 7.0f);
+      out[i] = q * dg;
+    }
+  }
+}
+
 struct Method {
   std::string name;
   RecordLayout serving;                // what the student's forward reads
@@ -202,6 +353,9 @@ struct Method {
   RecordLayout training;               // ours only: the int8 training view
   std::vector<uint8_t> train_records;  // ours only
   std::vector<float> accum;            // [N][2] row-wise Adagrad accumulators
+  const Variant* variant = nullptr;    // --ablate variants: serving is f32, state below
+  std::vector<float> sim_f;            // [N][D + D_out] values (LSB units; QAT: weights)
+  std::vector<float> sim_d;            // [N][groups of down + groups of up] scales
   std::unique_ptr<PeerLayer> layer;
   std::vector<std::pair<int64_t, double>> curve;
   TrainStats stats;
@@ -252,6 +406,38 @@ Status update(Method& m, const TrainStep& step, const PeerGrads& grads, int thre
     return Status::ok_status();
   }
   std::vector<float> delta(static_cast<size_t>(std::max(dim, dim_out)));
+  if (m.variant != nullptr) {
+    const int64_t gd = (dim + 31) / 32, gu = (dim_out + 31) / 32;
+    for (int64_t r = 0; r < u_count; ++r) {
+      const int64_t e = grads.expert_ids[static_cast<size_t>(r)];
+      uint8_t* rec = m.records.data() + static_cast<size_t>(e) * m.serving.stride;
+      auto* w_down = reinterpret_cast<float*>(rec + m.serving.down_codes_offset);
+      auto* w_up = reinterpret_cast<float*>(rec + m.serving.up_codes_offset);
+      float* f = m.sim_f.data() + e * (dim + dim_out);
+      float* d = m.sim_d.data() + e * (gd + gu);
+      float* acc = m.accum.data() + 2 * e;
+      const uint64_t prefix = sr_prefix(step.seed, step.step, step.table, static_cast<uint64_t>(e));
+      const float* gdn = grads.d_down.data() + r * dim;
+      const float* gup = grads.d_up.data() + r * dim_out;
+      float a = step.optimizer == TrainOptimizer::kAdagrad
+                    ? adagrad_lanes(gdn, dim, step.lr, step.eps, acc)
+                    : step.lr;
+      for (int64_t i = 0; i < dim; ++i) delta[static_cast<size_t>(i)] = -(a * gdn[i]);
+      sim_row(*m.variant, delta.data(), dim, f, d, w_down, prefix, 0);
+      a = step.optimizer == TrainOptimizer::kAdagrad
+              ? adagrad_lanes(gup, dim_out, step.lr, step.eps, acc + 1)
+              : step.lr;
+      for (int64_t i = 0; i < dim_out; ++i) delta[static_cast<size_t>(i)] = -(a * gup[i]);
+      sim_row(*m.variant, delta.data(), dim_out, f + dim, d + gd, w_up, prefix,
+              static_cast<uint64_t>(dim));
+      if (m.variant->view == SimView::kQatFp32) {
+        std::vector<uint8_t> packed(m.training.stride);  // training = the int4 layout here
+        pack_records(m.training, f, f + dim, 1, packed.data(), 1);
+        unpack_records(m.training, packed.data(), 1, w_down, w_up, 1);
+      }
+    }
+    return Status::ok_status();
+  }
   for (int64_t r = 0; r < u_count; ++r) {
     const int64_t e = grads.expert_ids[static_cast<size_t>(r)];
     uint8_t* rec = m.records.data() + static_cast<size_t>(e) * m.serving.stride;
@@ -348,6 +534,15 @@ Result<Options> parse_args(int argc, char** argv) {
       } else {
         return Status::invalid_argument(str_printf("--optimizer is adagrad or sgd (got '%s')", v));
       }
+    } else if (a == "--accum-init") {
+      char* end = nullptr;
+      o.accum_init = std::strtof(v, &end);
+      if (*end != '\0' || !(o.accum_init >= 0) || !std::isfinite(o.accum_init)) {
+        return Status::invalid_argument(
+            str_printf("--accum-init wants a number >= 0 (got '%s')", v));
+      }
+    } else if (a == "--ablate") {
+      o.ablate = v;
     } else if (a == "--json") {
       o.json = v;
     } else {
@@ -445,8 +640,51 @@ Status run(const Options& o) {
   methods[1].train_records.resize(static_cast<size_t>(n_exp) * i8.stride);
   TROVE_RETURN_IF_ERROR(train_import_records(i4, i8, start_i4.data(), n_exp,
                                              methods[1].train_records.data(), o.threads));
+  if (!o.ablate.empty()) {
+    // Start state of the variants: f = 16 q, d = the start scales (QAT: the dequantized start).
+    const int64_t gd = (dim + 31) / 32, gu = (dim_out + 31) / 32;
+    std::string list = o.ablate + ",";
+    for (size_t p = 0; p < list.size();) {
+      const size_t c = list.find(',', p);
+      const std::string name = list.substr(p, c - p);
+      p = c + 1;
+      bool found = false;
+      for (const Variant& v : kVariants) {
+        if (name != "all" && name != v.name) continue;
+        Method m;
+        m.name = v.name;
+        m.variant = &v;
+        m.serving = f32;
+        m.training = i4;
+        m.records.resize(static_cast<size_t>(n_exp) * f32.stride);
+        pack_records(f32, deq_down.data(), deq_up.data(), n_exp, m.records.data(), o.threads);
+        m.sim_f.resize(static_cast<size_t>(n_exp * (dim + dim_out)));
+        m.sim_d.resize(static_cast<size_t>(n_exp * (gd + gu)));
+        for (int64_t e = 0; e < n_exp; ++e) {
+          const uint8_t* rec = start_i4.data() + static_cast<size_t>(e) * i4.stride;
+          float* f = m.sim_f.data() + e * (dim + dim_out);
+          for (int64_t g = 0; g < gd + gu; ++g) {
+            uint16_t h;
+            std::memcpy(&h, rec + i4.down_scales_offset + 2 * static_cast<size_t>(g), 2);
+            m.sim_d[static_cast<size_t>(e * (gd + gu) + g)] = fp16_to_fp32(h);
+          }
+          for (int64_t i = 0; i < dim + dim_out; ++i) {
+            const bool down = i < dim;
+            const int64_t j = down ? i : i - dim;
+            const float w = down ? deq_down[static_cast<size_t>(e * dim + j)]
+                                 : deq_up[static_cast<size_t>(e * dim_out + j)];
+            const float dg = m.sim_d[static_cast<size_t>(e * (gd + gu) + (down ? 0 : gd) + j / 32)];
+            f[i] = v.view == SimView::kQatFp32 ? w : (dg == 0.0f ? 0.0f : 16.0f * (w / dg));
+          }
+        }
+        methods.push_back(std::move(m));
+        found = true;
+      }
+      if (!found) return Status::invalid_argument("--ablate: no variant named " + name);
+    }
+  }
   for (Method& m : methods) {
-    m.accum.assign(static_cast<size_t>(n_exp) * 2, 0.0f);
+    m.accum.assign(static_cast<size_t>(n_exp) * 2, o.accum_init);
     TROVE_ASSIGN_OR_RETURN(m.layer, make_layer(m.serving, &m.records));
   }
 
@@ -540,6 +778,34 @@ Status run(const Options& o) {
       static_cast<long long>(methods[1].stats.scale_inits), static_cast<long long>(groups_rescaled),
       static_cast<long long>(groups), static_cast<double>(o.headroom), total);
 
+  double acc_mean = 0;
+  for (float a : methods[0].accum) acc_mean += a;
+  std::printf("fp32: mean Adagrad row accumulator after training %.3g (start %.3g)\n",
+              acc_mean / static_cast<double>(methods[0].accum.size()),
+              static_cast<double>(o.accum_init));
+  for (const Method& m : methods) {
+    if (m.variant == nullptr) continue;
+    const int64_t gpe = static_cast<int64_t>(i4.down_codes_offset / 2);
+    int64_t grown = 0;
+    double log2_growth = 0;
+    for (int64_t e = 0; e < n_exp; ++e) {
+      const uint8_t* rec = start_i4.data() + static_cast<size_t>(e) * i4.stride;
+      for (int64_t g = 0; g < gpe; ++g) {
+        uint16_t h;
+        std::memcpy(&h, rec + 2 * static_cast<size_t>(g), 2);
+        const float d0 = fp16_to_fp32(h), d1 = m.sim_d[static_cast<size_t>(e * gpe + g)];
+        if (d0 != d1 && d0 != 0.0f) {
+          ++grown;
+          log2_growth += std::log2(d1 / d0);
+        }
+      }
+    }
+    std::printf("%s: %s; %lld of %lld groups grew their scale, mean log2 growth of all %.3f\n",
+                m.name.c_str(), m.variant->what, static_cast<long long>(grown),
+                static_cast<long long>(n_exp * gpe),
+                log2_growth / static_cast<double>(n_exp * gpe));
+  }
+
   if (!o.json.empty()) {
     std::FILE* f = std::fopen(o.json.c_str(), "w");
     if (f == nullptr) return Status::io_error("cannot write " + o.json);
@@ -584,7 +850,8 @@ int main(int argc, char** argv) {
                  "%s\nusage: train_compare [--steps N] [--batch T] [--lr LR] [--experts N (a "
                  "square)] [--dim D] [--heads h] [--topk k] [--dim-key dk] [--seed S] "
                  "[--eval-every K] [--eval-tokens T] [--optimizer adagrad|sgd] [--threads n] "
-                 "[--json PATH] [--init-noise s] [--headroom f]\n",
+                 "[--json PATH] [--init-noise s] [--headroom f] [--accum-init G0] "
+                 "[--ablate all|NAME,...]\n",
                  opts.status().to_string().c_str());
     return 2;
   }
