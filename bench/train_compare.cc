@@ -13,7 +13,10 @@
 //   fp32   tables in fp32 records; w <- w + Δ.
 //   ours   the int4 training view: int8 code b at scale d/16, train_update_records
 //          (kernels/cpu/train.h), exported to int4 records (train_export_records) for the
-//          forward. What is trained is what is served.
+//          forward. What is trained is what is served. SPEC §7's rule: a group that saturates
+//          doubles its scale.
+//   ours T=64 the same kernel with TrainStep::saturation_tolerance = --tolerance (64): a group
+//          that overshoots the code range by at most that many codes is clamped instead.
 //   sr4    stochastic rounding straight into the int4 codes: q <- clamp(floor(q + Δ/d + u),
 //          -8, 7), u from the same counter-based hash as ours (kernels/train.h sr_uniform).
 //   rtn4   round to nearest straight into the int4 codes: q <- clamp(round(q + Δ/d), -8, 7).
@@ -28,7 +31,8 @@
 //   train_compare [--steps 2000] [--batch 128] [--lr 0.01] [--experts 4096] [--dim 128]
 //                 [--heads 4] [--topk 8] [--dim-key 32] [--seed 1] [--eval-every 100]
 //                 [--eval-tokens 1024] [--optimizer adagrad|sgd] [--threads 0] [--json PATH]
-//                 [--init-noise 0.5] [--headroom 1] [--accum-init 0] [--ablate all|NAME,...]
+//                 [--init-noise 0.5] [--headroom 1] [--tolerance 64] [--accum-init 0]
+//                 [--ablate all|NAME,...]
 //
 // --ablate adds variants of ours simulated in this file, each changing one ingredient (the
 // kVariants table below: exact accumulator, fine-code forward, round-to-nearest, fp32 STE QAT,
@@ -76,6 +80,7 @@ struct Options {
   // Student start = teacher + init_noise * N(0, w_std^2); < 0: independent random tables.
   float init_noise = 0.5f;
   float headroom = 1.0f;    // int4 start scales = headroom * the Q4_0 scale
+  int tolerance = 64;       // the second "ours": TrainStep::saturation_tolerance
   float accum_init = 0.0f;  // every method's Adagrad row accumulators start here
   std::string ablate;       // comma list of ablation variants (kVariants), or "all"
   TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
@@ -352,6 +357,7 @@ struct Method {
   std::vector<uint8_t> records;        // serving records, N * serving.stride
   RecordLayout training;               // ours only: the int8 training view
   std::vector<uint8_t> train_records;  // ours only
+  int tolerance = 0;                   // ours only: TrainStep::saturation_tolerance
   std::vector<float> accum;            // [N][2] row-wise Adagrad accumulators
   const Variant* variant = nullptr;    // --ablate variants: serving is f32, state below
   std::vector<float> sim_f;            // [N][D + D_out] values (LSB units; QAT: weights)
@@ -376,7 +382,9 @@ double rel_error(std::span<const float> y, std::span<const float> yt) {
 Status update(Method& m, const TrainStep& step, const PeerGrads& grads, int threads) {
   const int64_t u_count = static_cast<int64_t>(grads.expert_ids.size());
   const int64_t dim = m.serving.dim, dim_out = m.serving.dim_out;
-  if (m.name == "ours") {
+  if (!m.train_records.empty()) {  // ours, with its saturation tolerance
+    TrainStep ours_step = step;
+    ours_step.saturation_tolerance = m.tolerance;
     const size_t ts = m.training.stride, ss = m.serving.stride;
     std::vector<uint8_t> gathered(static_cast<size_t>(u_count) * ts);
     std::vector<float> accum(static_cast<size_t>(u_count) * 2);
@@ -389,7 +397,7 @@ Status update(Method& m, const TrainStep& step, const PeerGrads& grads, int thre
     }
     TROVE_ASSIGN_OR_RETURN(
         TrainStats st,
-        train_update_records(m.training, step, grads.expert_ids.data(), u_count,
+        train_update_records(m.training, ours_step, grads.expert_ids.data(), u_count,
                              grads.d_down.data(), grads.d_up.data(), gathered.data(),
                              step.optimizer == TrainOptimizer::kAdagrad ? accum.data() : nullptr,
                              threads));
@@ -514,6 +522,10 @@ Result<Options> parse_args(int argc, char** argv) {
       if (*end != '\0' || !(o.lr > 0) || !std::isfinite(o.lr)) {
         return Status::invalid_argument(str_printf("--lr wants a number > 0 (got '%s')", v));
       }
+    } else if (a == "--tolerance") {
+      TROVE_ASSIGN_OR_RETURN(const int64_t t, parse_int("--tolerance", v, 0));
+      if (t > 128) return Status::invalid_argument("--tolerance wants 0..128 codes");
+      o.tolerance = static_cast<int>(t);
     } else if (a == "--headroom") {
       char* end = nullptr;
       o.headroom = std::strtof(v, &end);
@@ -624,7 +636,7 @@ Status run(const Options& o) {
   std::vector<float> deq_down(s_down0.size()), deq_up(s_up0.size());
   unpack_records(i4, start_i4.data(), n_exp, deq_down.data(), deq_up.data(), o.threads);
 
-  std::vector<Method> methods(4);
+  std::vector<Method> methods(5);
   methods[0].name = "fp32";
   methods[0].serving = f32;
   methods[0].records.resize(static_cast<size_t>(n_exp) * f32.stride);
@@ -632,7 +644,8 @@ Status run(const Options& o) {
   methods[1].name = "ours";
   methods[2].name = "sr4";
   methods[3].name = "rtn4";
-  for (int i = 1; i < 4; ++i) {
+  methods[4].name = str_printf("ours T=%d", o.tolerance);
+  for (int i = 1; i < 5; ++i) {
     methods[static_cast<size_t>(i)].serving = i4;
     methods[static_cast<size_t>(i)].records = start_i4;
   }
@@ -640,6 +653,9 @@ Status run(const Options& o) {
   methods[1].train_records.resize(static_cast<size_t>(n_exp) * i8.stride);
   TROVE_RETURN_IF_ERROR(train_import_records(i4, i8, start_i4.data(), n_exp,
                                              methods[1].train_records.data(), o.threads));
+  methods[4].training = i8;
+  methods[4].train_records = methods[1].train_records;
+  methods[4].tolerance = o.tolerance;
   if (!o.ablate.empty()) {
     // Start state of the variants: f = 16 q, d = the start scales (QAT: the dequantized start).
     const int64_t gd = (dim + 31) / 32, gu = (dim_out + 31) / 32;
@@ -778,6 +794,11 @@ Status run(const Options& o) {
       static_cast<long long>(methods[1].stats.scale_inits), static_cast<long long>(groups_rescaled),
       static_cast<long long>(groups), static_cast<double>(o.headroom), total);
 
+  std::printf("%s: %lld elements changed, %lld rescales, %lld groups clamped\n",
+              methods[4].name.c_str(), static_cast<long long>(methods[4].stats.elements_changed),
+              static_cast<long long>(methods[4].stats.rescales),
+              static_cast<long long>(methods[4].stats.clamps));
+
   double acc_mean = 0;
   for (float a : methods[0].accum) acc_mean += a;
   std::printf("fp32: mean Adagrad row accumulator after training %.3g (start %.3g)\n",
@@ -850,7 +871,7 @@ int main(int argc, char** argv) {
                  "%s\nusage: train_compare [--steps N] [--batch T] [--lr LR] [--experts N (a "
                  "square)] [--dim D] [--heads h] [--topk k] [--dim-key dk] [--seed S] "
                  "[--eval-every K] [--eval-tokens T] [--optimizer adagrad|sgd] [--threads n] "
-                 "[--json PATH] [--init-noise s] [--headroom f] [--accum-init G0] "
+                 "[--json PATH] [--init-noise s] [--headroom f] [--tolerance T] [--accum-init G0] "
                  "[--ablate all|NAME,...]\n",
                  opts.status().to_string().c_str());
     return 2;

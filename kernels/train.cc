@@ -75,6 +75,10 @@ Status check_train_step(const TrainStep& step) {
     return Status::invalid_argument(
         str_printf("Adagrad eps must be > 0 and finite (got %g)", static_cast<double>(step.eps)));
   }
+  if (step.saturation_tolerance < 0 || step.saturation_tolerance > 128) {
+    return Status::invalid_argument(str_printf("saturation tolerance must be 0..128 codes (got %d)",
+                                               step.saturation_tolerance));
+  }
   return Status::ok_status();
 }
 

@@ -33,17 +33,25 @@
 //      b. For each real element: v = (16 · Δ_i) / d, k = floorf(v),
 //         up = sr_uniform(seed, step, table, expert, e) < v - k (v - k is exact),
 //         c = b + k + up (the spec's ⌊b + 16Δ/d + u⌋, evaluated without rounding).
-//      c. If every c is in [-128, 127]: b ← c; done. Otherwise the group saturates: if 2d is
+//      c. If every c is in [-128, 127]: b ← c; done. If the group's overshoot
+//         o = max_j max(c_j - 127, -128 - c_j) (infinite when some |k| > 256) is at most the
+//         step's saturation_tolerance T (0..128 codes): b ← clamp(c, -128, 127), the scale
+//         unchanged; counted in clamps; done. Otherwise the group saturates: if 2d is
 //         not a finite fp16 (|2d| > 65504) the update fails (kOutOfRange, record unchanged);
 //         else d ← 2d (exact) and, for round t = 1, 2, ... of this group, every real
 //         b ← SR(b / 2) = floor(b / 2) + [u < frac(b / 2)] with
 //         u = sr_uniform(seed, step, table, expert, e + t·2^48); counted in rescales; then
 //         back to b (the update's u stays the one of round 0). This terminates: d doubles
 //         each round and overflows fp16 after at most ~40 rounds.
-//   The result never needs the clamp of the spec's formula: c is in range when written.
+//   With T = 0 (SPEC §7 as written) the result never needs the clamp of the spec's formula: c
+//   is in range when written. T > 0 trades the doubling, which coarsens the group's int4 grid
+//   for good, for a clamp of the few elements that overshoot by a little (Q4_0 starts each
+//   group's largest weight on the code range's edge, where noisy gradients push it outward
+//   early; bench/train_compare measures the difference).
 //
 // Stats: elements_changed counts real elements whose final b differs from the initial one
-// (rescale included), rescales counts doublings, scale_inits counts step 2a.
+// (rescale included), rescales counts doublings, clamps counts groups clamped in 2c,
+// scale_inits counts step 2a.
 //
 // This header is C++17 and marks the hash and the code conversions TROVE_HD, because the CUDA
 // update (kernels/cuda/train_update.cu, compiled as C++17) calls the very same functions: one
@@ -68,22 +76,27 @@ struct TrainStep {
   uint64_t seed = 0;   // the run's seed
   uint64_t step = 0;   // the optimizer step
   uint32_t table = 0;  // which expert table (layer) this is
+  // Step 2c: a group whose candidates overshoot [-128, 127] by at most this many codes is
+  // clamped instead of rescaled. 0..128; 0 is SPEC §7's rule (always rescale).
+  int32_t saturation_tolerance = 0;
 };
 
 struct TrainStats {
   int64_t elements_changed = 0;
   int64_t rescales = 0;
   int64_t scale_inits = 0;
+  int64_t clamps = 0;
 
   void merge(const TrainStats& o) {
     elements_changed += o.elements_changed;
     rescales += o.rescales;
     scale_inits += o.scale_inits;
+    clamps += o.clamps;
   }
   // Spelled out rather than defaulted: CUDA translation units include this header as C++17.
   bool operator==(const TrainStats& o) const {
     return elements_changed == o.elements_changed && rescales == o.rescales &&
-           scale_inits == o.scale_inits;
+           scale_inits == o.scale_inits && clamps == o.clamps;
   }
 };
 

@@ -159,6 +159,7 @@ TEST_F(CudaTrainTest, EqualsTheOracleByteForByteAcrossShapesRegimesAndOptimizers
   const Case cases[] = {{32, 32, 1, 1},  {45, 70, 3, 5},  {1, 1, 1, 7},  {100, 33, 2, 4},
                         {257, 31, 1, 3}, {64, 200, 4, 9}, {96, 17, 1, 2}};
   const float sigmas[] = {0.002f, 0.0f, 0.05f, 3.0f};
+  const int kTolerances[] = {0, 64, 16};
   std::mt19937 rng(61);
   int cases_run = 0;
   int64_t rescales = 0, inits = 0;
@@ -180,7 +181,9 @@ TEST_F(CudaTrainTest, EqualsTheOracleByteForByteAcrossShapesRegimesAndOptimizers
           ups.push_back(normal(static_cast<size_t>(c.count * c.width * c.dim_out), sigma, rng));
         }
         const auto step_of = [&](int s) {
-          return opt == TrainOptimizer::kSgd ? sgd(0.5f, 100 + s) : adagrad(0.05f, s);
+          TrainStep st = opt == TrainOptimizer::kSgd ? sgd(0.5f, 100 + s) : adagrad(0.05f, s);
+          st.saturation_tolerance = kTolerances[s];  // rescale-always, then clamping
+          return st;
         };
 
         auto want = start;

@@ -323,6 +323,25 @@ TEST_F(Train, CheckpointsWriteChangedRecordsInPlaceAsGenerations) {
   same_as_a(tiered, "host tier");
 }
 
+// --saturation-tolerance: groups that overshoot a little are clamped instead of doubling
+// their scale; with 0 nothing is ever clamped (SPEC §7).
+TEST_F(Train, SaturationToleranceClampsInsteadOfRescaling) {
+  TrainOptions o = options(fresh_student("t0.trove"));
+  auto spec = run_train(o);
+  ASSERT_TRUE(spec.ok()) << spec.status().to_string();
+  EXPECT_EQ(spec->clamps, 0);
+  EXPECT_GT(spec->rescales, 0);
+  o = options(fresh_student("t64.trove"));
+  o.saturation_tolerance = 64;
+  auto tol = run_train(o);
+  ASSERT_TRUE(tol.ok()) << tol.status().to_string();
+  EXPECT_GT(tol->clamps, 0);
+  EXPECT_LT(tol->rescales, spec->rescales);
+  o.saturation_tolerance = 129;
+  o.store = fresh_student("bad.trove");
+  EXPECT_FALSE(run_train(o).ok());
+}
+
 // --train-router: W_q, its bias, the keys and the norm train with Adam; the trained router is
 // what the stored layer serves, its Adam moments are in the training state, and a run split at
 // a checkpoint equals an uninterrupted one bit for bit, router included.

@@ -396,6 +396,44 @@ TEST(TrainUpdate, SaturationDoublesTheScaleUntilTheUpdateFits) {
   }
 }
 
+// A saturation tolerance T clamps a group that overshoots by at most T codes (scale kept)
+// and still rescales one that overshoots by more; T outside 0..128 is refused.
+TEST(TrainUpdate, SaturationToleranceClampsSmallOvershootsAndRescalesLargeOnes) {
+  for (int tolerance : {0, 1, 5, 64}) {
+    Bench1 c(32);
+    for (int j = 0; j < 32; ++j) c.codes()[j] = static_cast<int8_t>(j == 0 ? 127 : -128 + j);
+    std::vector<float> push(32, 0.0f);
+    push[0] = -5.0f / 16.0f;  // v = 5: 127 + 5 overshoots by 5
+    push[1] = 1.0f / 16.0f;   // v = -1: -127 - 1 = -128, in range
+    TrainStep st = sgd(1.0f);
+    st.saturation_tolerance = tolerance;
+    auto r = train_update_record_ref(c.l, st, 0, push.data(), c.up.data(), c.rec.data(), nullptr);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    const float scale = fp16_to_fp32(row_of(c.l, c.rec.data(), 0).scales[0]);
+    if (tolerance >= 5) {
+      EXPECT_EQ(r->clamps, 1) << tolerance;
+      EXPECT_EQ(r->rescales, 0);
+      EXPECT_EQ(scale, 1.0f);
+      EXPECT_EQ(c.codes()[0], 127);
+      EXPECT_EQ(c.codes()[1], -128);
+      EXPECT_EQ(c.codes()[2], -126);
+    } else {
+      EXPECT_EQ(r->clamps, 0) << tolerance;
+      EXPECT_EQ(r->rescales, 1);
+      EXPECT_EQ(scale, 2.0f);
+    }
+  }
+  Bench1 b(32);
+  for (int bad : {-1, 129}) {
+    TrainStep st = sgd(1.0f);
+    st.saturation_tolerance = bad;
+    std::vector<float> g(32, 0.0f);
+    auto r = train_update_record_ref(b.l, st, 0, g.data(), b.up.data(), b.rec.data(), nullptr);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("saturation tolerance"), std::string::npos);
+  }
+}
+
 TEST(TrainUpdate, ScaleOverflowIsAnErrorThatLeavesTheRecordUnchanged) {
   const RecordLayout l = layout_of(DType::kI8, 32, 32, 1);
   std::vector<uint8_t> recs(2 * l.stride, 0);
@@ -526,9 +564,11 @@ TEST(TrainUpdateParity, CpuEqualsTheOracleBitForBitAtAnyThreadCount) {
   // Gradient regimes (σ of g, with lr 0.5 and scales 0.01..2): small steps, zero, steps of many
   // code LSB, and saturating steps that force one or more doublings.
   const float sigmas[] = {0.002f, 0.0f, 0.05f, 3.0f};
+  // Saturation tolerance of steps 0, 1, 2: SPEC §7's rescale-always, then clamping.
+  const int kTolerances[] = {0, 64, 16};
   std::mt19937 rng(61);
   int cases_run = 0;
-  int64_t rescales = 0, inits = 0;
+  int64_t rescales = 0, inits = 0, clamps = 0;
   for (const Case& c : cases) {
     const RecordLayout l = layout_of(DType::kI8, c.dim, c.dim_out, c.width);
     for (float sigma : sigmas) {
@@ -548,18 +588,21 @@ TEST(TrainUpdateParity, CpuEqualsTheOracleBitForBitAtAnyThreadCount) {
         std::vector<TrainStats> want_stats;
         for (int s = 0; s < 3; ++s) {
           TrainStep st = opt == TrainOptimizer::kSgd ? sgd(0.5f, 100 + s) : adagrad(0.05f, s);
+          st.saturation_tolerance = kTolerances[s];
           auto r = train_update_records_ref(l, st, experts.data(), c.count, downs[s].data(),
                                             ups[s].data(), want.data(), want_acc.data());
           ASSERT_TRUE(r.ok()) << r.status().to_string();
           want_stats.push_back(*r);
           rescales += r->rescales;
           inits += r->scale_inits;
+          clamps += r->clamps;
         }
         for (int threads : {1, 2, 3, 8, 1}) {
           auto got = start;
           auto got_acc = acc0;
           for (int s = 0; s < 3; ++s) {
             TrainStep st = opt == TrainOptimizer::kSgd ? sgd(0.5f, 100 + s) : adagrad(0.05f, s);
+            st.saturation_tolerance = kTolerances[s];
             auto r = train_update_records(l, st, experts.data(), c.count, downs[s].data(),
                                           ups[s].data(), got.data(), got_acc.data(), threads);
             ASSERT_TRUE(r.ok()) << r.status().to_string();
@@ -575,8 +618,10 @@ TEST(TrainUpdateParity, CpuEqualsTheOracleBitForBitAtAnyThreadCount) {
   }
   EXPECT_GT(rescales, 0);  // the saturating regime did saturate
   EXPECT_GT(inits, 0);
-  std::printf("[ figure ] %d parity cases, %lld rescales, %lld scale inits\n", cases_run,
-              static_cast<long long>(rescales), static_cast<long long>(inits));
+  EXPECT_GT(clamps, 0);  // and a tolerance clamped some groups
+  std::printf("[ figure ] %d parity cases, %lld rescales, %lld scale inits, %lld clamps\n",
+              cases_run, static_cast<long long>(rescales), static_cast<long long>(inits),
+              static_cast<long long>(clamps));
 }
 
 }  // namespace

@@ -259,6 +259,7 @@ nlohmann::json training_view_info(const TrainOptions& o, const LayerRun& r, int6
             {"lr", o.lr},
             {"train_router", o.train_router},
             {"router_lr", o.router_lr},
+            {"saturation_tolerance", o.saturation_tolerance},
             {"meaning", "int8 code b at scale d/16; served int4 q = clamp((b + 8) >> 4, -8, 7)"}}}};
 }
 
@@ -635,6 +636,7 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
   ts.seed = o.seed;
   ts.step = static_cast<uint64_t>(step);
   ts.table = r->table;
+  ts.saturation_tolerance = o.saturation_tolerance;
   Result<TrainStats> st = train_update_records(
       training, ts, g.expert_ids.data(), u, g.d_down.data(), g.d_up.data(), r->scratch.data(),
       o.optimizer == TrainOptimizer::kAdagrad ? r->accum_scratch.data() : nullptr, o.threads);
@@ -662,6 +664,7 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
   }
   report->expert_updates += u;
   report->rescales += st->rescales;
+  report->clamps += st->clamps;
   report->elements_changed += st->elements_changed;
   return loss;
 }
@@ -680,6 +683,10 @@ Result<TrainReport> run_train(const TrainOptions& o) {
         "and --router-lr %g positive numbers",
         (long long)o.steps, (long long)o.batch, (long long)o.checkpoint_every, (double)o.lr,
         (double)o.router_lr));
+  }
+  if (o.saturation_tolerance < 0 || o.saturation_tolerance > 128) {
+    return Status::invalid_argument(
+        str_printf("train: --saturation-tolerance %d is not 0..128 codes", o.saturation_tolerance));
   }
   if (o.layers.empty()) return Status::invalid_argument("train: no --layer given");
   if (!o.teacher_layers.empty() && o.teacher_layers.size() != o.layers.size()) {

@@ -59,6 +59,9 @@ struct TrainOptions {
   float router_lr = 1e-3f;         // Adam's rate for the routers
   std::vector<LrPhase> lr_phases;  // empty: lr and router_lr throughout
   TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
+  // TrainStep::saturation_tolerance (kernels/train.h step 2c): 0 doubles a saturating group's
+  // scale (SPEC §7); T > 0 clamps overshoots of up to T codes instead.
+  int saturation_tolerance = 0;
   uint64_t seed = 1;
   int64_t checkpoint_every = 200;  // 0: only at the end
   // A checkpoint is also taken when the records changed since the last one reach this many
@@ -89,6 +92,7 @@ struct TrainReport {
   int64_t tokens = 0;
   int64_t expert_updates = 0;  // unique experts updated, summed over steps
   int64_t rescales = 0;
+  int64_t clamps = 0;
   int64_t elements_changed = 0;
   uint64_t optimizer_bytes = 0;   // Adagrad and Adam states, held in memory
   uint64_t peak_dirty_bytes = 0;  // most changed records held in memory between checkpoints

@@ -40,27 +40,27 @@ struct RowKind {
   const char* name;
 };
 
-// Saturation or not, as the oracle decides it: candidate code b + floor(v) + [u < frac(v)]
-// with v = 16·Δ/d; returns false when any candidate leaves [-128, 127].
-bool try_group(const float* delta, int real, float d, uint64_t prefix, uint64_t e0, int8_t* b) {
+// Step 2c as the oracle decides it: candidate code b + floor(v) + [u < frac(v)] with
+// v = 16·Δ/d. Writes b and returns true when every candidate is in [-128, 127], or when the
+// group's overshoot is at most `tolerance` (then clamped, *clamped set); false when the group
+// must rescale.
+bool try_group(const float* delta, int real, float d, uint64_t prefix, uint64_t e0, int tolerance,
+               int8_t* b, bool* clamped) {
   int32_t c[kQuantGroup];
-  bool fits = true;
+  int32_t overshoot = 0;
   for (int j = 0; j < real; ++j) {
     const float v = (16.0f * delta[j]) / d;
     const float k = std::floor(v);
     const float u = sr_uniform_from_prefix(prefix, e0 + static_cast<uint64_t>(j));
     // |k| <= 256 (or NaN-free infinity excluded) keeps the int conversion defined; anything
-    // further out saturates whatever b is.
-    if (!(std::fabs(k) <= 256.0f)) {
-      fits = false;
-      c[j] = 0;
-      continue;
-    }
+    // further out overshoots more than any tolerance.
+    if (!(std::fabs(k) <= 256.0f)) return false;
     c[j] = static_cast<int32_t>(b[j]) + static_cast<int32_t>(k) + (u < v - k ? 1 : 0);
-    fits &= c[j] >= -128 && c[j] <= 127;
+    overshoot = std::max({overshoot, c[j] - 127, -128 - c[j]});
   }
-  if (!fits) return false;
-  for (int j = 0; j < real; ++j) b[j] = static_cast<int8_t>(c[j]);
+  if (overshoot > tolerance) return false;
+  for (int j = 0; j < real; ++j) b[j] = static_cast<int8_t>(std::clamp(c[j], -128, 127));
+  *clamped = overshoot > 0;
   return true;
 }
 
@@ -120,7 +120,9 @@ Status update_row(const TrainStep& st, int64_t expert, uint64_t prefix, const Ro
       ++stats->scale_inits;
     }
 
-    for (uint64_t round = 1; !try_group(delta, real, d, prefix, e0, b); ++round) {
+    bool clamped = false;
+    for (uint64_t round = 1;
+         !try_group(delta, real, d, prefix, e0, st.saturation_tolerance, b, &clamped); ++round) {
       if (!(std::fabs(2.0f * d) <= kFp16Max)) {
         return Status::out_of_range(str_printf(
             "expert %lld: %s row %lld group %lld saturates with its scale at %g, and doubling "
@@ -138,6 +140,7 @@ Status update_row(const TrainStep& st, int64_t expert, uint64_t prefix, const Ro
       }
       ++stats->rescales;
     }
+    stats->clamps += clamped ? 1 : 0;
     for (int j = 0; j < real; ++j) stats->elements_changed += b[j] != before[j] ? 1 : 0;
   }
   return Status::ok_status();

@@ -112,6 +112,7 @@ struct RecordOutcome {
   unsigned long long elements_changed;
   unsigned long long rescales;
   unsigned long long scale_inits;
+  unsigned long long clamps;
   unsigned long long failure;
 };
 
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
                         const float* __restrict__ up_grad, uint8_t* __restrict__ records,
                         float* __restrict__ accum, RecordOutcome* __restrict__ outcomes) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ unsigned long long s_failure, s_changed, s_rescales, s_inits;
+  __shared__ unsigned long long s_failure, s_changed, s_rescales, s_inits, s_clamps;
 
   unsigned char* rec = smem;
   float* s_step = reinterpret_cast<float*>(smem + staged_record_bytes(g));  // [2m]
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
     uint8_t* global_rec = records + i * g.stride;
     if (threadIdx.x == 0) {
       s_failure = kNoFailure;
-      s_changed = s_rescales = s_inits = 0;
+      s_changed = s_rescales = s_inits = s_clamps = 0;
     }
     block_copy(rec, global_rec, g.record_bytes);
     const int64_t expert = experts[i];
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
       const int before = real ? static_cast<int>(codes[lane]) : 0;
       int b = before;
       float d = fp16_bits_to_float(*scale_ptr);
-      unsigned long long inits = 0, rescales = 0;
+      unsigned long long inits = 0, rescales = 0, clamps = 0;
       bool failed = false;
       unsigned kind = 0;
       float failed_value = 0.0f;
@@ -252,22 +253,28 @@ __global__ void __launch_bounds__(kUpdateThreads)
       }
 
       for (uint64_t round = 1; !failed; ++round) {
-        bool fits = true;
+        // This lane's overshoot outside [-128, 127] (kHugeOvershoot when |k| > 256); the
+        // group's is the warp max, compared with the step's tolerance (0: any overshoot
+        // rescales, SPEC §7 as written).
+        constexpr int kHugeOvershoot = 1 << 20;
+        int overshoot = 0;
         int c = b;
         if (real) {
           const float v = __fdiv_rn(__fmul_rn(16.0f, delta), d);
           const float k = floorf(v);
           const float u = sr_uniform_from_prefix(prefix, e);
-          // |k| <= 256 keeps the int conversion defined; anything beyond saturates anyway.
+          // |k| <= 256 keeps the int conversion defined; beyond, no tolerance suffices.
           if (!(fabsf(k) <= 256.0f)) {
-            fits = false;
+            overshoot = kHugeOvershoot;
           } else {
             c = b + static_cast<int>(k) + (u < __fsub_rn(v, k) ? 1 : 0);
-            fits = c >= -128 && c <= 127;
+            overshoot = max(0, max(c - 127, -128 - c));
           }
         }
-        if (__all_sync(kFullMask, fits)) {
-          b = c;
+        const int group_overshoot = __reduce_max_sync(kFullMask, overshoot);
+        if (group_overshoot <= st.saturation_tolerance) {
+          b = min(127, max(-128, c));
+          if (group_overshoot > 0) ++clamps;
           break;
         }
         const float doubled = __fmul_rn(2.0f, d);
@@ -301,6 +308,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
         atomicAdd(&s_changed, static_cast<unsigned long long>(__popc(changed)));
         if (rescales != 0) atomicAdd(&s_rescales, rescales);
         if (inits != 0) atomicAdd(&s_inits, inits);
+        if (clamps != 0) atomicAdd(&s_clamps, clamps);
       }
     }
     __syncthreads();  // every group is done
@@ -319,6 +327,7 @@ __global__ void __launch_bounds__(kUpdateThreads)
       out.elements_changed = ok ? s_changed : 0;
       out.rescales = ok ? s_rescales : 0;
       out.scale_inits = ok ? s_inits : 0;
+      out.clamps = ok ? s_clamps : 0;
       out.failure = s_failure;
       outcomes[i] = out;
     }
@@ -495,6 +504,7 @@ Result<TrainStats> run_update(const RecordLayout& l, const TrainStep& step, cons
     if (o.failure != kNoFailure) return overflow_status(g, o);  // the lowest-indexed record
     total.elements_changed += static_cast<int64_t>(o.elements_changed);
     total.rescales += static_cast<int64_t>(o.rescales);
+    total.clamps += static_cast<int64_t>(o.clamps);
     total.scale_inits += static_cast<int64_t>(o.scale_inits);
   }
   return total;

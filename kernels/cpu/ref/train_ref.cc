@@ -112,24 +112,26 @@ Status update_group(const TrainStep& st, int64_t expert, const RowView& row, int
 
   for (uint64_t round = 1;; ++round) {
     int64_t c[kQuantGroup];
-    bool fits = true;
+    double overshoot = 0.0;  // max over the group of the distance outside [-128, 127]
     for (int j = 0; j < real; ++j) {
       const float v = (16.0f * delta[j]) / d;
       const float k = std::floor(v);
       const float u = sr_uniform(st.seed, st.step, st.table, static_cast<uint64_t>(expert),
                                  static_cast<uint64_t>(row.element_base + first + j));
       const bool up = u < v - k;
-      // k may be huge or infinite; anything beyond ±2^20 saturates anyway.
+      // k may be huge or infinite: beyond |k| = 256 the overshoot counts as infinite.
       const double cand = static_cast<double>(b[j]) + static_cast<double>(k) + (up ? 1.0 : 0.0);
-      if (!(cand >= -128.0 && cand <= 127.0)) {
-        fits = false;
+      if (!(std::fabs(k) <= 256.0f)) {
+        overshoot = INFINITY;
         c[j] = 0;
       } else {
-        c[j] = static_cast<int64_t>(cand);
+        overshoot = std::max({overshoot, cand - 127.0, -128.0 - cand});
+        c[j] = static_cast<int64_t>(std::clamp(cand, -128.0, 127.0));
       }
     }
-    if (fits) {
+    if (overshoot <= static_cast<double>(st.saturation_tolerance)) {
       for (int j = 0; j < real; ++j) b[j] = static_cast<int8_t>(c[j]);
+      if (overshoot > 0.0) ++stats->clamps;
       break;
     }
     if (!(std::fabs(2.0f * d) <= kFp16Max)) {
