@@ -395,6 +395,47 @@ Result<double> number_at(const nlohmann::json& job, std::initializer_list<const 
 
 }  // namespace
 
+// ---- measure_disk_write_bandwidth -------------------------------------------------------------
+
+Result<double> measure_disk_write_bandwidth(const std::string& dir, uint64_t bytes) {
+  constexpr uint64_t kPiece = uint64_t{1} << 20;
+  if (bytes < kPiece) {
+    return Status::invalid_argument(str_printf(
+        "disk write calibration of %llu bytes is too small (at least 1 MiB)", llu(bytes)));
+  }
+  const std::string path = (dir.empty() ? std::string(".") : dir) + "/.trove-write-calibration-" +
+                           std::to_string(getpid());
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::from_errno("disk write calibration: " + path, errno);
+  std::vector<uint8_t> piece(kPiece);
+  std::mt19937_64 rng(7);  // incompressible, in case the filesystem compresses
+  for (size_t i = 0; i + 8 <= piece.size(); i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(&piece[i], &v, 8);
+  }
+  Status status = Status::ok_status();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (uint64_t done = 0; done < bytes && status.ok();) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kPiece, bytes - done));
+    const ssize_t w = ::write(fd, piece.data(), n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      status = Status::from_errno("disk write calibration: writing " + path, w < 0 ? errno : EIO);
+    } else {
+      done += static_cast<uint64_t>(w);
+    }
+  }
+  if (status.ok() && ::fdatasync(fd) != 0) {
+    status = Status::from_errno("disk write calibration: fdatasync " + path, errno);
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ::close(fd);
+  ::unlink(path.c_str());
+  TROVE_RETURN_IF_ERROR(status);
+  return static_cast<double>(bytes) / std::max(seconds, 1e-9);
+}
+
 // ---- measure_host_read_bandwidth --------------------------------------------------------------
 
 Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double min_seconds) {

@@ -45,6 +45,13 @@ namespace trove {
 // cannot be allocated.
 Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double min_seconds);
 
+// Bytes per second of a durable sequential write in folder `dir`: `bytes` written to a new
+// temporary file (".trove-write-calibration-<pid>") in 1 MiB pieces, fdatasync'd, timed from
+// the first write to the sync's return; the file is removed. The ceiling for checkpoints that
+// write changed records back (trove train). Errors: invalid_argument for bytes < 1 MiB;
+// the folder's I/O errors, naming it.
+Result<double> measure_disk_write_bandwidth(const std::string& dir, uint64_t bytes);
+
 struct DiskCalibration {
   double iops = 0;                // records delivered per second of wall time
   double mb_per_s = 0;            // record bytes delivered per second, in 10^6 bytes

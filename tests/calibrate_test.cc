@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
@@ -57,6 +58,19 @@ TEST(HostBandwidth, IsPositiveAndFinite) {
   Result<double> one = measure_host_read_bandwidth(uint64_t{4} << 20, 1, 0);
   ASSERT_TRUE(one.ok()) << one.status().to_string();
   EXPECT_GT(*one, 0);
+}
+
+TEST(DiskWriteBandwidth, IsPositiveLeavesNoFileAndNamesABadFolder) {
+  testing::ScratchDir dir;
+  auto bw = measure_disk_write_bandwidth(dir.path(), 4 << 20);
+  ASSERT_TRUE(bw.ok()) << bw.status().to_string();
+  EXPECT_GT(*bw, 0.0);
+  EXPECT_TRUE(std::isfinite(*bw));
+  EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
+  EXPECT_FALSE(measure_disk_write_bandwidth(dir.path(), 1000).ok());
+  auto missing = measure_disk_write_bandwidth(dir.file("no/such"), 1 << 20);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("no/such"), std::string::npos);
 }
 
 TEST(HostBandwidth, RejectsBadArguments) {

@@ -3,12 +3,14 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 
 #include "base/bytes.h"
 #include "base/plot.h"
 #include "base/progress.h"
 #include "base/strings.h"
+#include "runtime/calibrate.h"
 #include "tools/commands.h"
 #include "train/schedule.h"
 #include "train/trainer.h"
@@ -27,6 +29,7 @@ struct TrainArgs {
   uint64_t seed = 1;
   int threads = 0;
   int saturation_tolerance = 0;
+  bool limits = false;
   std::string host, max_dirty = "1GiB";
   TierFlags tier;
 };
@@ -155,6 +158,27 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
       {"optimizer_bytes_in_memory", t.optimizer_bytes},
       {"peak_dirty_bytes_in_memory", t.peak_dirty_bytes},
   };
+  // What the update and the checkpoints achieved, beside what memory and disk can do.
+  const double update_bw = t.update_seconds > 0 ? t.update_bytes / t.update_seconds : 0;
+  const double ckpt_bw =
+      t.checkpoint_seconds > 0 ? t.checkpoint_bytes_written / t.checkpoint_seconds : 0;
+  j["update_seconds"] = t.update_seconds;
+  j["update_bytes_per_second"] = update_bw;
+  j["checkpoint_bytes_per_second"] = ckpt_bw;
+  double mem_bw = 0, disk_bw = 0;
+  if (a.limits) {
+    Result<double> m = measure_host_read_bandwidth(uint64_t{512} << 20, a.threads, 0.5);
+    if (!m.ok()) return report_error("train", m.status());
+    const std::string dir = std::filesystem::path(a.store).parent_path().string();
+    Result<double> d = measure_disk_write_bandwidth(dir.empty() ? "." : dir, uint64_t{256} << 20);
+    if (!d.ok()) return report_error("train", d.status());
+    mem_bw = *m;
+    disk_bw = *d;
+    j["limits"] = {{"host_read_bytes_per_second", mem_bw},
+                   {"disk_write_bytes_per_second", disk_bw},
+                   {"update_fraction_of_memory", update_bw / mem_bw},
+                   {"checkpoint_fraction_of_disk", ckpt_bw / disk_bw}};
+  }
   if (!a.loss_csv.empty()) j["loss_csv"] = a.loss_csv;
   if (!a.plot.empty()) j["plot"] = a.plot;
   if (global.json) {
@@ -180,6 +204,18 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
         static_cast<long long>(t.records_written), format_bytes(t.checkpoint_bytes_written).c_str(),
         format_bytes(static_cast<uint64_t>(j["bytes_written_per_step"].get<double>())).c_str(),
         t.checkpoint_seconds);
+    std::printf("  update: %.0f expert updates/s in the update itself, touching %.2f GB/s%s\n",
+                t.update_seconds > 0 ? t.expert_updates / t.update_seconds : 0.0, update_bw / 1e9,
+                a.limits ? str_printf(" = %.2f of the memory's %.1f GB/s (read, measured now)",
+                                      update_bw / mem_bw, mem_bw / 1e9)
+                               .c_str()
+                         : "");
+    std::printf("  checkpoints: %.1f MB/s%s\n", ckpt_bw / 1e6,
+                a.limits ? str_printf(" = %.2f of the disk's %.1f MB/s (durable sequential write, "
+                                      "measured now)",
+                                      ckpt_bw / disk_bw, disk_bw / 1e6)
+                               .c_str()
+                         : "");
     std::printf("  memory: optimizer states %s, changed records up to %s between checkpoints\n",
                 format_bytes(t.optimizer_bytes).c_str(), format_bytes(t.peak_dirty_bytes).c_str());
     if (!a.loss_csv.empty()) std::printf("  loss curve: %s\n", a.loss_csv.c_str());
@@ -274,6 +310,10 @@ void add_train(CLI::App& app, GlobalOptions& global) {
                   "store file on demand into a cache of this size. Default: map the table")
       ->check(valid_bytes);
   add_tier_flags(cmd, &a->tier);
+  cmd->add_flag("--limits", a->limits,
+                "After training, measure this machine's memory read bandwidth and the store\n"
+                "folder's durable write bandwidth and print the update's and the checkpoints'\n"
+                "rates as fractions of them (writes and removes a 256 MiB temporary file)");
   cmd->add_option("--loss-csv", a->loss_csv, "Write the loss per step to this CSV file");
   cmd->add_option("--plot", a->plot, "Write the loss curve to this PNG file");
   cmd->callback([a, &global] { global.exit_code = run_train_command(*a, global); });

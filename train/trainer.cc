@@ -624,6 +624,7 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
   const RecordLayout& serving = r->stored.record;
   const int64_t rows = r->rows();
   const int64_t u = static_cast<int64_t>(g.expert_ids.size());
+  const Stopwatch update_time;
   r->scratch.resize(sz(u) * training.stride);
   TROVE_RETURN_IF_ERROR(read_training_records(o, r, g.expert_ids, r->scratch.data()));
   r->accum_scratch.resize(sz(u * rows));
@@ -653,6 +654,11 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
     std::memcpy(r->dirty_serving->put(id), &r->exported[sz(i) * serving.stride], serving.stride);
     std::copy_n(&r->accum_scratch[sz(i * rows)], rows, &r->accum[sz(id * rows)]);
   }
+  report->update_seconds += update_time.seconds();
+  report->update_bytes +=
+      static_cast<uint64_t>(u) *
+      (2 * training.stride + serving.stride +
+       sizeof(float) * static_cast<uint64_t>(2 * rows + c.expert_width * (c.dim + c.dim_out)));
   if (o.train_router) {
     const float lr = phase_lr(o.lr_phases, step, r->name, true, o.router_lr);
     PeerDenseParams& p = r->student->mutable_params();

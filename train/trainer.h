@@ -83,6 +83,10 @@ struct TrainReport {
   std::vector<double> losses;  // one per step run in this call (start_step .. steps-1)
   std::vector<std::vector<double>> layer_losses;  // [layer][step], the same steps
   double seconds = 0;                             // the steps (not the checkpoints)
+  double update_seconds = 0;  // of which the int4 update: read, update, export the records
+  // Memory the update touched: training records read and written, int4 export written,
+  // accumulators, gradient rows.
+  uint64_t update_bytes = 0;
   double checkpoint_seconds = 0;
   int64_t checkpoints = 0;
   int64_t whole_rewrites = 0;  // checkpoints that rewrote the store (the first one, which adds
