@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -202,11 +203,14 @@ TEST_F(Train, KilledAtRandomMomentsTheStoreVerifiesAndResumesToTheSameRecords) {
   const std::string whole = fresh_student("whole.trove");
   TrainOptions ref = options(whole);
   ref.checkpoint_every = 2;
+  // The served records of every committed generation of an uninterrupted run, by step.
+  std::map<int64_t, std::vector<uint8_t>> at_step = {{0, records(student0_, kLayer)}};
+  ref.checkpointed = [&](int64_t step) { at_step[step] = records(whole, kLayer); };
   ASSERT_TRUE(run_train(ref).ok());
 
   const std::string store = fresh_student("killed.trove");
   std::mt19937 rng(3);
-  for (int attempt = 0; attempt < 6; ++attempt) {
+  for (int attempt = 0; attempt < 12; ++attempt) {
     const pid_t pid = fork();
     if (pid == 0) {
       TrainOptions o = options(store);
@@ -223,6 +227,13 @@ TEST_F(Train, KilledAtRandomMomentsTheStoreVerifiesAndResumesToTheSameRecords) {
     ASSERT_TRUE(s.ok()) << "attempt " << attempt << ": " << s.status().to_string();
     auto faults = s->verify();
     ASSERT_TRUE(faults.ok() && faults->empty()) << "attempt " << attempt;
+    // Whole: exactly the uninterrupted run's generation at the step it says it holds.
+    int64_t step = 0;
+    if (const StoreLayerInfo* st = s->find_layer(train_state_layer_name(kLayer))) {
+      step = st->info["training_view"]["step"].get<int64_t>();
+    }
+    ASSERT_TRUE(at_step.count(step)) << "attempt " << attempt << ": step " << step;
+    EXPECT_EQ(records(store, kLayer), at_step[step]) << "attempt " << attempt << " step " << step;
   }
   TrainOptions o = options(store);
   o.checkpoint_every = 2;
