@@ -32,11 +32,11 @@ Status cublas_error_status(cublasStatus_t status, const char* call, const char* 
   }
 }
 
-Result<BlasHandle> BlasHandle::create(cudaStream_t stream) {
+Result<BlasHandle> BlasHandle::create(cudaStream_t stream, cublasMath_t math) {
   BlasHandle handle;
   TROVE_CUBLAS_RETURN_IF_ERROR(cublasCreate(&handle.handle_));
   TROVE_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle.handle_, stream));
-  TROVE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(handle.handle_, CUBLAS_DEFAULT_MATH));
+  TROVE_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(handle.handle_, math));
   return Result<BlasHandle>(std::move(handle));
 }
 

@@ -28,12 +28,15 @@ Status cublas_error_status(cublasStatus_t status, const char* call, const char* 
 
 namespace trove::cuda {
 
-// Owns a cuBLAS handle whose work goes to `stream`, in CUBLAS_DEFAULT_MATH (full fp32 for
-// SGEMM: never TF32, which would move routing scores by ~1e-3 and change the selected experts).
-// Move-only.
+// Owns a cuBLAS handle whose work goes to `stream`. Both math modes its users pick keep SGEMM in
+// full fp32, never TF32 (which would move routing scores by ~1e-3 and change the selected
+// experts): CUBLAS_DEFAULT_MATH for the forward; CUBLAS_PEDANTIC_MATH for the backward, which
+// also rules out reduced-precision reductions whatever NVIDIA_TF32_OVERRIDE says, because its
+// gradients are compared with an fp32 oracle. Move-only.
 class BlasHandle {
  public:
-  static Result<BlasHandle> create(cudaStream_t stream);
+  // REQUIRES: math is CUBLAS_DEFAULT_MATH or CUBLAS_PEDANTIC_MATH (no TF32 or tensor-op mode).
+  static Result<BlasHandle> create(cudaStream_t stream, cublasMath_t math);
 
   ~BlasHandle();
   BlasHandle(BlasHandle&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}

@@ -42,6 +42,7 @@
 #include <cub/cub.cuh>
 
 #include "base/strings.h"
+#include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/device.cuh"
 #include "kernels/cuda/peer_cuda_backward.h"
 #include "kernels/quant.h"
@@ -62,70 +63,15 @@ unsigned int blocks_for(int64_t items, int64_t items_per_block) {
   return static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, kMaxBlocks));
 }
 
-// ---- cuBLAS plumbing, private to this file ---------------------------------------------------
-
-Status cublas_error_status(cublasStatus_t st, const char* call, const char* file, int line) {
-  const char* in_tree = std::strstr(file, "kernels/");
-  std::string msg = std::string(call) + " failed at " + (in_tree != nullptr ? in_tree : file) +
-                    ":" + std::to_string(line) + ": " + cublasGetStatusName(st) + " (" +
-                    cublasGetStatusString(st) + ")";
-  switch (st) {
-    case CUBLAS_STATUS_ALLOC_FAILED:
-      return Status::resource_exhausted(std::move(msg));
-    case CUBLAS_STATUS_NOT_SUPPORTED:
-    case CUBLAS_STATUS_ARCH_MISMATCH:
-      return Status::not_supported(std::move(msg));
-    default:
-      return Status::io_error(std::move(msg));
-  }
-}
-
-#define TROVE_BWD_CUBLAS_RETURN_IF_ERROR(call)                                              \
-  do {                                                                                      \
-    const cublasStatus_t trove_blas_st_ = (call);                                           \
-    if (trove_blas_st_ != CUBLAS_STATUS_SUCCESS)                                            \
-      return ::trove::cuda::cublas_error_status(trove_blas_st_, #call, __FILE__, __LINE__); \
-  } while (0)
-
-// Owns a cuBLAS handle bound to one stream, in pedantic fp32 math (no TF32, no reduced-
-// precision reductions, whatever NVIDIA_TF32_OVERRIDE says): the gradients are compared with
-// an fp32 oracle. Move-only. (Named apart from any shared cuBLAS owner so a later merge can
-// replace it.)
-class BackwardBlasHandle {
- public:
-  static Result<BackwardBlasHandle> create(cudaStream_t stream) {
-    BackwardBlasHandle h;
-    TROVE_BWD_CUBLAS_RETURN_IF_ERROR(cublasCreate(&h.handle_));
-    TROVE_BWD_CUBLAS_RETURN_IF_ERROR(cublasSetStream(h.handle_, stream));
-    TROVE_BWD_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(h.handle_, CUBLAS_PEDANTIC_MATH));
-    return Result<BackwardBlasHandle>(std::move(h));
-  }
-  ~BackwardBlasHandle() {
-    if (handle_ != nullptr) (void)cublasDestroy(handle_);
-  }
-  BackwardBlasHandle(BackwardBlasHandle&& o) noexcept
-      : handle_(std::exchange(o.handle_, nullptr)) {}
-  BackwardBlasHandle& operator=(BackwardBlasHandle&&) = delete;  // nothing reassigns one
-  BackwardBlasHandle(const BackwardBlasHandle&) = delete;
-  BackwardBlasHandle& operator=(const BackwardBlasHandle&) = delete;
-
-  cublasHandle_t get() const { return handle_; }
-
- private:
-  BackwardBlasHandle() = default;
-  cublasHandle_t handle_ = nullptr;
-};
-
 // Row-major C[M, N] = alpha · A[M, K] · B[K, N] + beta · C, with A stored transposed when
 // a_transposed (then A is [K, M] row-major). cuBLAS is column-major: a row-major [R, C] matrix
 // is a column-major [C, R] one, so C = A·B is computed as Cᵀ = Bᵀ·Aᵀ.
-Status gemm_row_major(const BackwardBlasHandle& blas, bool a_transposed, bool b_transposed,
-                      int64_t M, int64_t N, int64_t K, const float* A, const float* B, float beta,
-                      float* C) {
+Status gemm_row_major(const BlasHandle& blas, bool a_transposed, bool b_transposed, int64_t M,
+                      int64_t N, int64_t K, const float* A, const float* B, float beta, float* C) {
   const float alpha = 1.0f;
   const int lda = static_cast<int>(a_transposed ? M : K);
   const int ldb = static_cast<int>(b_transposed ? K : N);
-  TROVE_BWD_CUBLAS_RETURN_IF_ERROR(cublasSgemm(
+  TROVE_CUBLAS_RETURN_IF_ERROR(cublasSgemm(
       blas.get(), b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N,
       a_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(M),
       static_cast<int>(K), &alpha, B, ldb, A, lda, &beta, C, static_cast<int>(N)));
@@ -767,7 +713,8 @@ Status run_backward(const PeerConfig& c, const PeerRouterParams& params, const R
   temp = std::max<size_t>(temp, 16);
   TROVE_ASSIGN_OR_RETURN(b.cub_temp, DeviceBuffer<uint8_t>::allocate(temp));
 
-  TROVE_ASSIGN_OR_RETURN(BackwardBlasHandle blas, BackwardBlasHandle::create(stream));
+  // Pedantic fp32 (blas.cuh): the gradients are compared with an fp32 oracle.
+  TROVE_ASSIGN_OR_RETURN(BlasHandle blas, BlasHandle::create(stream, CUBLAS_PEDANTIC_MATH));
 
   // 1. xhat.
   if (rms) {

@@ -343,7 +343,8 @@ CudaPeerContext::CudaPeerContext(std::unique_ptr<Impl> impl) : impl_(std::move(i
 Result<CudaPeerContext> CudaPeerContext::create() {
   TROVE_RETURN_IF_ERROR(cuda::require_cuda_device().with_context("CudaPeerContext::create"));
   TROVE_ASSIGN_OR_RETURN(cuda::Stream stream, cuda::Stream::create());
-  TROVE_ASSIGN_OR_RETURN(cuda::BlasHandle blas, cuda::BlasHandle::create(stream.get()));
+  TROVE_ASSIGN_OR_RETURN(cuda::BlasHandle blas,
+                         cuda::BlasHandle::create(stream.get(), CUBLAS_DEFAULT_MATH));
   return Result<CudaPeerContext>(
       CudaPeerContext(std::make_unique<Impl>(std::move(stream), std::move(blas))));
 }
