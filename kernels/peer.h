@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "base/host_device.h"
 #include "kernels/peer_config.h"
 
 namespace trove {
@@ -68,41 +69,44 @@ struct PeerGrads {
 };
 
 // ---- scalar math shared by the backends --------------------------------------------------------
+// TROVE_HD: the CUDA kernels call these very functions. The math is spelled exp/erf/tanh, not
+// std::, so device code finds CUDA's double overloads; on the host both name the C library's
+// double functions, so CPU results are unchanged. No std::max on the device path either.
 
-inline double activation_ref(Activation a, double z) {
+TROVE_HD inline double activation_ref(Activation a, double z) {
   switch (a) {
     case Activation::kRelu:
       return z > 0 ? z : 0.0;
     case Activation::kGelu:
-      return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752440));
+      return 0.5 * z * (1.0 + erf(z * 0.70710678118654752440));
     case Activation::kGeluTanh: {
       const double u = 0.79788456080286535588 * (z + 0.044715 * z * z * z);
-      return 0.5 * z * (1.0 + std::tanh(u));
+      return 0.5 * z * (1.0 + tanh(u));
     }
     case Activation::kSilu:
-      return z / (1.0 + std::exp(-z));
+      return z / (1.0 + exp(-z));
   }
   return 0.0;
 }
 
 // d act / dz. relu'(0) = 0.
-inline double activation_grad_ref(Activation a, double z) {
+TROVE_HD inline double activation_grad_ref(Activation a, double z) {
   switch (a) {
     case Activation::kRelu:
       return z > 0 ? 1.0 : 0.0;
     case Activation::kGelu: {
-      const double cdf = 0.5 * (1.0 + std::erf(z * 0.70710678118654752440));
-      const double pdf = 0.39894228040143267794 * std::exp(-0.5 * z * z);
+      const double cdf = 0.5 * (1.0 + erf(z * 0.70710678118654752440));
+      const double pdf = 0.39894228040143267794 * exp(-0.5 * z * z);
       return cdf + z * pdf;
     }
     case Activation::kGeluTanh: {
       const double c = 0.79788456080286535588;
       const double u = c * (z + 0.044715 * z * z * z);
-      const double t = std::tanh(u);
+      const double t = tanh(u);
       return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z);
     }
     case Activation::kSilu: {
-      const double s = 1.0 / (1.0 + std::exp(-z));
+      const double s = 1.0 / (1.0 + exp(-z));
       return s * (1.0 + z * (1.0 - s));
     }
   }
@@ -111,14 +115,17 @@ inline double activation_grad_ref(Activation a, double z) {
 
 // The k gates of one (token, head) from its top-k scores (softmax, relu or sigmoid), in double
 // with one rounding; every backend computes gates with this.
-inline void gates_ref(Gate gate, const float* scores, int64_t k, float* gates) {
+TROVE_HD inline void gates_ref(Gate gate, const float* scores, int64_t k, float* gates) {
   switch (gate) {
     case Gate::kSoftmax: {
       double mx = scores[0];
-      for (int64_t s = 1; s < k; ++s) mx = std::max(mx, static_cast<double>(scores[s]));
+      for (int64_t s = 1; s < k; ++s) {
+        const double v = scores[s];
+        mx = mx < v ? v : mx;  // std::max(mx, v), usable on the device
+      }
       double sum = 0;
-      for (int64_t s = 0; s < k; ++s) sum += std::exp(scores[s] - mx);
-      for (int64_t s = 0; s < k; ++s) gates[s] = static_cast<float>(std::exp(scores[s] - mx) / sum);
+      for (int64_t s = 0; s < k; ++s) sum += exp(scores[s] - mx);
+      for (int64_t s = 0; s < k; ++s) gates[s] = static_cast<float>(exp(scores[s] - mx) / sum);
       break;
     }
     case Gate::kRelu:
@@ -126,7 +133,7 @@ inline void gates_ref(Gate gate, const float* scores, int64_t k, float* gates) {
       break;
     case Gate::kSigmoid:
       for (int64_t s = 0; s < k; ++s) {
-        gates[s] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(scores[s]))));
+        gates[s] = static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(scores[s]))));
       }
       break;
   }

@@ -142,46 +142,6 @@ __device__ double block_sum(double v, double* scratch) {
   return total;
 }
 
-// kernels/peer.h's activation_ref and activation_grad_ref, in double on the device.
-__device__ double activation_dev(Activation a, double z) {
-  switch (a) {
-    case Activation::kRelu:
-      return z > 0 ? z : 0.0;
-    case Activation::kGelu:
-      return 0.5 * z * (1.0 + erf(z * 0.70710678118654752440));
-    case Activation::kGeluTanh: {
-      const double u = 0.79788456080286535588 * (z + 0.044715 * z * z * z);
-      return 0.5 * z * (1.0 + tanh(u));
-    }
-    case Activation::kSilu:
-      return z / (1.0 + exp(-z));
-  }
-  return 0.0;
-}
-
-__device__ double activation_grad_dev(Activation a, double z) {
-  switch (a) {
-    case Activation::kRelu:
-      return z > 0 ? 1.0 : 0.0;
-    case Activation::kGelu: {
-      const double cdf = 0.5 * (1.0 + erf(z * 0.70710678118654752440));
-      const double pdf = 0.39894228040143267794 * exp(-0.5 * z * z);
-      return cdf + z * pdf;
-    }
-    case Activation::kGeluTanh: {
-      const double c = 0.79788456080286535588;
-      const double u = c * (z + 0.044715 * z * z * z);
-      const double t = tanh(u);
-      return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z);
-    }
-    case Activation::kSilu: {
-      const double s = 1.0 / (1.0 + exp(-z));
-      return s * (1.0 + z * (1.0 - s));
-    }
-  }
-  return 0.0;
-}
-
 // ---- kernels -----------------------------------------------------------------------------------
 
 // Stage 1. Launch: blocks_for(T, 1) x kThreads; block per token (grid-stride). Reads x and γ,
@@ -245,8 +205,8 @@ __global__ void __launch_bounds__(kThreads)
     v_dy = warp_sum(v_dy);
     if (lane == 0) {
       const double g = gates[s];
-      const double a = activation_dev(activation, z);
-      const double dz = g * v_dy * activation_grad_dev(activation, z);
+      const double a = activation_ref(activation, z);
+      const double dz = g * v_dy * activation_grad_ref(activation, z);
       slot_dz[s] = static_cast<float>(dz);
       slot_ga[s] = static_cast<float>(g * a);
       slot_dg[s] = a * v_dy;

@@ -43,6 +43,7 @@
 
 #include "kernels/cuda/device.cuh"
 #include "kernels/cuda/peer_experts.cuh"
+#include "kernels/peer.h"
 #include "kernels/quant.h"
 
 namespace trove::cuda {
@@ -182,25 +183,6 @@ struct Codec<DType::kF32> {
 // Bytes of codes per element of a float dtype (16 / kElems).
 template <DType kType>
 constexpr int kFloatBytes = 16 / Codec<kType>::kElems;
-
-// ---- scalar math shared with the CPU ----------------------------------------------------------
-
-// activation_ref (kernels/peer.h), the same formulas in double on the device.
-__device__ double activation(Activation a, double z) {
-  switch (a) {
-    case Activation::kRelu:
-      return z > 0 ? z : 0.0;
-    case Activation::kGelu:
-      return 0.5 * z * (1.0 + erf(z * 0.70710678118654752440));
-    case Activation::kGeluTanh: {
-      const double u = 0.79788456080286535588 * (z + 0.044715 * z * z * z);
-      return 0.5 * z * (1.0 + tanh(u));
-    }
-    case Activation::kSilu:
-      return z / (1.0 + exp(-z));
-  }
-  return 0.0;
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
@@ -384,7 +366,7 @@ __global__ void __launch_bounds__(kExpertThreads)
   for (int s = tid; s < a.slots; s += blockDim.x) {
     // As the CPU path: float(gate * act(z)) with the activation in double.
     zs[s] = static_cast<float>(static_cast<double>(a.gates[slot0 + s]) *
-                               activation(a.activation, static_cast<double>(zs[s])));
+                               activation_ref(a.activation, static_cast<double>(zs[s])));
   }
   __syncthreads();
 
