@@ -8,15 +8,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <random>
-#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "base/check.h"
-#include "kernels/cpu/quant.h"
 #include "kernels/cpu/ref/peer_ref.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/peer_cuda_backward.h"
@@ -27,9 +23,14 @@
 namespace trove {
 namespace {
 
+using testing::describe;
 using ::testing::HasSubstr;
+using testing::kAllDTypes;
+using testing::kAllGates;
 using testing::layout_of;
-using testing::normal_values;
+using testing::make_config;
+using testing::PeerShape;
+using testing::sz;
 
 // ---- tolerances --------------------------------------------------------------------------------
 // The oracle accumulates in double and rounds once. The CUDA path accumulates in fp32 in other
@@ -44,64 +45,14 @@ using testing::normal_values;
 constexpr double kGradAbs = 3e-5;
 constexpr double kGradRel = 1e-5;
 
-constexpr DType kAllDTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kI8, DType::kI4};
-constexpr Activation kAllActivations[] = {Activation::kRelu, Activation::kGelu,
-                                          Activation::kGeluTanh, Activation::kSilu};
-constexpr Gate kAllGates[] = {Gate::kSoftmax, Gate::kRelu, Gate::kSigmoid};
-
-size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
-}
-
-std::vector<float> uniform_values(size_t n, double stddev, std::mt19937* rng) {
-  const double half_width = std::sqrt(3.0) * stddev;
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(((*rng)() * 0x1p-32 * 2.0 - 1.0) * half_width);
-  return v;
-}
-
-struct Shape {
-  int64_t tokens;
-  PeerConfig config;
-  DType dtype;
-};
-
-std::string describe(const Shape& s) {
-  const PeerConfig& c = s.config;
-  std::ostringstream o;
-  o << "T=" << s.tokens << " D=" << c.dim << " Dout=" << c.dim_out << " h=" << c.heads
-    << " n=" << c.n_keys << " dk=" << c.dim_key << " k=" << c.topk << " k'=" << c.topk_per_half
-    << (c.shared_keys ? " shared" : "") << " " << activation_name(c.activation) << " "
-    << gate_name(c.gate) << " " << dtype_name(s.dtype) << (c.query_bias ? " bias" : "")
-    << (c.input_norm == InputNorm::kRms ? " rms" : "");
-  return o.str();
-}
-
-// A layer's fp32 parameters, its packed expert table, a batch, and the oracle's routing.
-struct Layer {
-  PeerConfig config;
-  RecordLayout layout;
-  int64_t tokens = 0;
-  std::vector<float> query_weight, query_bias, keys, norm_weight;
-  std::vector<uint8_t> table;
-  std::vector<float> x, dy;
+// tests/peer_test_util.h's layer (every stage O(1)) and the oracle's routing of its batch.
+struct Layer : testing::PeerLayer {
   PeerRouting routing;
 
-  PeerRouterParams router() const {
-    PeerRouterParams p;
-    p.query_weight = query_weight.data();
-    p.query_bias = config.query_bias ? query_bias.data() : nullptr;
-    p.keys = keys.data();
-    p.norm_weight = config.input_norm == InputNorm::kRms ? norm_weight.data() : nullptr;
-    return p;
-  }
-  std::vector<const uint8_t*> slot_records() const {
-    std::vector<const uint8_t*> records(routing.slots());
-    for (size_t s = 0; s < records.size(); ++s) {
-      records[s] = table.data() + sz(routing.ids[s]) * layout.stride;
-    }
-    return records;
-  }
+  Layer() = default;
+  explicit Layer(testing::PeerLayer layer) : PeerLayer(std::move(layer)) { route(); }
+
+  std::vector<const uint8_t*> slot_records() const { return PeerLayer::slot_records(routing); }
   // The oracle's forward up to the routing (xhat -> q -> top-k -> gates).
   void route() {
     std::vector<float> xhat(sz(tokens * config.dim)), q(sz(tokens * config.query_rows()));
@@ -111,56 +62,14 @@ struct Layer {
   }
 };
 
-// As tests/peer_parity_test.cc: every stage O(1).
-Layer random_layer(const Shape& shape, uint32_t seed) {
-  Layer l;
-  l.config = shape.config;
-  const Status st = l.config.validate_and_fill();
-  TROVE_CHECK_MSG(st.ok(), "%s", st.to_string().c_str());
-  const PeerConfig& c = l.config;
-  l.layout = layout_of(shape.dtype, c.dim, c.dim_out);
-  l.tokens = shape.tokens;
-  std::mt19937 rng(seed);
-  const double row_scale = 1.0 / std::sqrt(static_cast<double>(c.dim));
-  const size_t experts = sz(c.num_experts());
-  l.query_weight = normal_values(sz(c.query_rows() * c.dim), row_scale, &rng);
-  l.query_bias = normal_values(sz(c.query_rows()), 0.5, &rng);
-  l.keys = normal_values(sz(c.key_heads() * 2 * c.n_keys * c.dim_key), 1.0, &rng);
-  l.norm_weight = normal_values(sz(c.dim), 0.3, &rng);
-  for (float& g : l.norm_weight) g += 1.0f;
-  const std::vector<float> down = uniform_values(experts * sz(c.dim), row_scale, &rng);
-  const std::vector<float> up = uniform_values(experts * sz(c.dim_out), 1.0, &rng);
-  l.table.assign(experts * l.layout.stride, 0);
-  pack_records(l.layout, down.data(), up.data(), c.num_experts(), l.table.data());
-  l.x = normal_values(sz(shape.tokens * c.dim), 1.0, &rng);
-  l.dy = normal_values(sz(shape.tokens * c.dim_out), 1.0, &rng);
-  l.route();
-  return l;
+Layer routed_layer(const PeerShape& shape, uint32_t seed) {
+  return Layer(testing::random_layer(shape, seed));
 }
 
-// |got - want| <= abs_tol · max|want| + rel_tol · |want| for every element; reports the worst.
+// |got - want| <= kGradAbs · max|want| + kGradRel · |want| for every element.
 void expect_close(const std::vector<float>& got, const std::vector<float>& want,
                   const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  double scale = 0;
-  for (float w : want) scale = std::max(scale, std::abs(static_cast<double>(w)));
-  size_t bad = 0, worst = 0;
-  double worst_excess = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
-    const double tol = kGradAbs * scale + kGradRel * std::abs(static_cast<double>(want[i]));
-    if (!(err <= tol)) {
-      if (bad == 0 || err - tol > worst_excess) {
-        worst = i;
-        worst_excess = err - tol;
-      }
-      ++bad;
-    }
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << want.size()
-                     << " elements out of tolerance; worst at " << worst << ": got "
-                     << (bad ? got[worst] : 0.0f) << " want " << (bad ? want[worst] : 0.0f)
-                     << " (array max " << scale << ")";
+  testing::expect_close(got, want, kGradAbs, kGradRel, what);
 }
 
 void expect_grads_close(const PeerGrads& got, const PeerGrads& want) {
@@ -185,22 +94,9 @@ void check_backward(const Layer& l) {
   expect_grads_close(got, want);
 }
 
-void check_parity(const Shape& shape, uint32_t seed) {
+void check_parity(const PeerShape& shape, uint32_t seed) {
   SCOPED_TRACE(describe(shape));
-  check_backward(random_layer(shape, seed));
-}
-
-PeerConfig make_config(int64_t dim, int64_t dim_out, int64_t heads, int64_t n, int64_t dk,
-                       int64_t k, int64_t kp) {
-  PeerConfig c;
-  c.dim = dim;
-  c.dim_out = dim_out;
-  c.heads = heads;
-  c.n_keys = n;
-  c.dim_key = dk;
-  c.topk = k;
-  c.topk_per_half = kp;
-  return c;
+  check_backward(routed_layer(shape, seed));
 }
 
 class CudaPeerBackwardTest : public ::testing::Test {
@@ -213,39 +109,17 @@ class CudaPeerBackwardTest : public ::testing::Test {
   }
 };
 
-// tests/peer_parity_test.cc's sweep: activations x gates x dtypes, each once, the other
-// settings cycled so every token count, D, n, h, key sharing, bias and norm meets many.
+// tests/peer_parity_test.cc's sweep (tests/peer_test_util.h), with its trims for n = 128.
 TEST_F(CudaPeerBackwardTest, MatchesTheOracleAcrossShapesActivationsGatesAndDTypes) {
-  struct Router {
-    int64_t n, k, kp, dk;
-  };
-  // n = 1: N = 1, k = 1; n = 3: k = n^2 = N; k' < k throughout where k > 1.
-  const Router routers[] = {
-      {1, 1, 1, 5}, {3, 9, 3, 6}, {3, 4, 2, 4}, {11, 6, 3, 7}, {128, 8, 4, 12}};
   const int64_t token_counts[] = {1, 7, 40, 7, 128};
   const int64_t dims[][2] = {{37, 37}, {100, 45}, {200, 200}, {45, 100}};
-  int i = 0;
-  for (Activation a : kAllActivations) {
-    for (Gate g : kAllGates) {
-      for (DType t : kAllDTypes) {
-        const Router& r = routers[(i + i / 5) % 5];
-        const int64_t* d = dims[(i / 5) % 4];
-        PeerConfig c = make_config(d[0], d[1], (i / 2) % 2 == 0 ? 4 : 1, r.n, r.dk, r.k, r.kp);
-        c.activation = a;
-        c.gate = g;
-        c.shared_keys = (i / 3) % 2 == 1;
-        c.query_bias = i % 2 == 0;
-        c.input_norm = (i / 7) % 2 == 0 ? InputNorm::kRms : InputNorm::kNone;
-        int64_t tokens = token_counts[(i / 4) % 5];
-        if (r.n == 128) {
-          c.dim = std::min<int64_t>(c.dim, 45);
-          tokens = std::min<int64_t>(tokens, 40);
-        }
-        check_parity({tokens, c, t}, 100 + static_cast<uint32_t>(i));
-        ++i;
-      }
+  testing::for_each_sweep_shape(token_counts, dims, [](PeerShape shape, uint32_t seed) {
+    if (shape.config.n_keys == 128) {
+      shape.config.dim = std::min<int64_t>(shape.config.dim, 45);
+      shape.tokens = std::min<int64_t>(shape.tokens, 40);
     }
-  }
+    check_parity(shape, seed);
+  });
 }
 
 TEST_F(CudaPeerBackwardTest, ManyTokensAndTheBackgroundWidthMatchTheOracle) {
@@ -288,9 +162,9 @@ TEST_F(CudaPeerBackwardTest, AllTokensRoutedToTheSameExpertsMatchTheOracle) {
     c.input_norm = InputNorm::kRms;
     c.activation = Activation::kGelu;
     c.gate = Gate::kSigmoid;  // not softmax: see tests/peer_parity_test.cc
-    const Shape shape{300, c, DType::kI4};
+    const PeerShape shape{300, c, DType::kI4};
     SCOPED_TRACE(describe(shape));
-    Layer l = random_layer(shape, 31);
+    Layer l = routed_layer(shape, 31);
     for (size_t j = 0; j < l.keys.size(); ++j) l.keys[j] = 0.25f * static_cast<float>(j % 5);
     l.route();
     const std::vector<int64_t> lowest = {0, 1, 2, 7, 8, 9, 14, 15, 16};
@@ -303,7 +177,7 @@ TEST_F(CudaPeerBackwardTest, EmptyBatchGivesTheOracleResult) {
   PeerConfig c = make_config(20, 30, 2, 4, 3, 3, 2);
   c.input_norm = InputNorm::kRms;
   c.query_bias = true;
-  const Layer l = random_layer({0, c, DType::kI8}, 61);
+  const Layer l = routed_layer({0, c, DType::kI8}, 61);
   PeerGrads want, got;
   peer_backward_ref(l.config, l.router(), l.layout, l.x.data(), 0, l.routing, nullptr, l.dy.data(),
                     &want);
@@ -330,7 +204,7 @@ struct SmallCall {
     PeerConfig c = make_config(20, 30, 2, 4, 3, 3, 2);
     c.input_norm = InputNorm::kRms;
     c.query_bias = true;
-    layer = random_layer({6, c, DType::kI4}, 77);
+    layer = routed_layer({6, c, DType::kI4}, 77);
     records = layer.slot_records();
   }
   Status run(const PeerConfig& config, const PeerRouterParams& params, const RecordLayout& layout,
@@ -396,7 +270,7 @@ TEST(CudaPeerBackwardArgs, BadInputIsAnErrorNamingTheField) {
 TEST(CudaPeerBackwardArgs, EmptyBatchNeedsNoDeviceAndANonEmptyOneDoes) {
   PeerConfig c = make_config(20, 30, 2, 4, 3, 3, 2);
   c.input_norm = InputNorm::kRms;
-  const Layer l = random_layer({0, c, DType::kBF16}, 5);
+  const Layer l = routed_layer({0, c, DType::kBF16}, 5);
   PeerGrads got;
   const Status empty = cuda_peer_backward(l.config, l.router(), l.layout, nullptr, 0, l.routing,
                                           nullptr, nullptr, &got);

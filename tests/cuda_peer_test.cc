@@ -45,14 +45,11 @@ constexpr double kForwardRel = 1e-5;
 constexpr testing::RoutingTolerance kRoutingTolerance = {/*score_abs=*/1e-5, /*score_rel=*/1e-5,
                                                          /*gate_abs=*/2e-5};
 
-constexpr DType kAllDTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kI8, DType::kI4};
-constexpr Activation kAllActivations[] = {Activation::kRelu, Activation::kGelu,
-                                          Activation::kGeluTanh, Activation::kSilu};
-constexpr Gate kAllGates[] = {Gate::kSoftmax, Gate::kRelu, Gate::kSigmoid};
-
 using testing::describe;
 using testing::expect_bits_equal;
 using testing::expect_close;
+using testing::kAllDTypes;
+using testing::kAllGates;
 using testing::layout_of;
 using testing::make_config;
 using testing::normal_values;
@@ -165,36 +162,14 @@ class CudaPeerTest : public ::testing::Test {
 
 // ---- every step against the oracle ---------------------------------------------------------
 
-// Activations x gates x dtypes, each once, with the other settings cycled so that every token
-// count, D, n, h, key sharing, bias and norm setting meets many of them.
+// The parity sweep (tests/peer_test_util.h), 16384 experts at no more than 128 tokens.
 TEST_F(CudaPeerTest, EveryStepMatchesTheOracleAcrossShapesActivationsGatesAndDTypes) {
-  struct Router {
-    int64_t n, k, kp, dk;
-  };
-  // n = 1: N = 1, k = 1; n = 3: k = n^2 = N; k' < k throughout where k > 1.
-  const Router routers[] = {
-      {1, 1, 1, 5}, {3, 9, 3, 6}, {3, 4, 2, 4}, {11, 6, 3, 7}, {128, 8, 4, 12}};
   const int64_t token_counts[] = {1, 7, 128, 1000, 7};
   const int64_t dims[][2] = {{96, 96}, {200, 45}, {37, 200}, {45, 100}};
-  int i = 0;
-  for (Activation a : kAllActivations) {
-    for (Gate g : kAllGates) {
-      for (DType t : kAllDTypes) {
-        const Router& r = routers[(i + i / 5) % 5];  // every router meets every dtype
-        const int64_t* d = dims[(i / 5) % 4];
-        PeerConfig c = make_config(d[0], d[1], (i / 2) % 2 == 0 ? 4 : 1, r.n, r.dk, r.k, r.kp);
-        c.activation = a;
-        c.gate = g;
-        c.shared_keys = (i / 3) % 2 == 1;
-        c.query_bias = i % 2 == 0;
-        c.input_norm = (i / 7) % 2 == 0 ? InputNorm::kRms : InputNorm::kNone;
-        int64_t tokens = token_counts[(i / 4) % 5];
-        if (r.n == 128) tokens = std::min<int64_t>(tokens, 128);  // 16384 experts
-        check_parity({tokens, c, t}, 100 + static_cast<uint32_t>(i));
-        ++i;
-      }
-    }
-  }
+  testing::for_each_sweep_shape(token_counts, dims, [&](PeerShape shape, uint32_t seed) {
+    if (shape.config.n_keys == 128) shape.tokens = std::min<int64_t>(shape.tokens, 128);
+    check_parity(shape, seed);
+  });
 }
 
 TEST_F(CudaPeerTest, ManyTokensAndTheBackgroundWidthMatchTheOracle) {

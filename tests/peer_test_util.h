@@ -1,6 +1,7 @@
 // Helpers the PEER kernel tests share (tests/peer_ref_test.cc, tests/peer_parity_test.cc,
-// tests/cuda_peer_test.cc): random layers packed as records, the oracle forward, and the
-// comparisons with written-down tolerances (faiss compareIndices style for routing).
+// tests/cuda_peer_test.cc, tests/cuda_peer_backward_test.cc): random layers packed as records, the
+// oracle forward, and the comparisons with written-down tolerances (faiss compareIndices style for
+// routing).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -250,6 +251,44 @@ inline PeerConfig make_config(int64_t dim, int64_t dim_out, int64_t heads, int64
   c.topk = k;
   c.topk_per_half = kp;
   return c;
+}
+
+inline constexpr DType kAllDTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kI8,
+                                       DType::kI4};
+inline constexpr Activation kAllActivations[] = {Activation::kRelu, Activation::kGelu,
+                                                 Activation::kGeluTanh, Activation::kSilu};
+inline constexpr Gate kAllGates[] = {Gate::kSoftmax, Gate::kRelu, Gate::kSigmoid};
+
+// The parity sweep: activations x gates x dtypes, each once (60 shapes), the other settings
+// cycled so that every token count, D, n, h, key sharing, bias and norm setting meets many of
+// them. n = 1: N = 1, k = 1; n = 3: k = n^2 = N; k' < k throughout where k > 1. Calls
+// check(shape, seed) with seeds 100, 101, ...; the caller trims the n = 128 shapes (16384
+// experts) to what its path can afford.
+template <typename Check>
+void for_each_sweep_shape(const int64_t (&token_counts)[5], const int64_t (&dims)[4][2],
+                          Check check) {
+  struct Router {
+    int64_t n, k, kp, dk;
+  };
+  const Router routers[] = {
+      {1, 1, 1, 5}, {3, 9, 3, 6}, {3, 4, 2, 4}, {11, 6, 3, 7}, {128, 8, 4, 12}};
+  int i = 0;
+  for (Activation a : kAllActivations) {
+    for (Gate g : kAllGates) {
+      for (DType t : kAllDTypes) {
+        const Router& r = routers[(i + i / 5) % 5];  // every router meets every dtype
+        const int64_t* d = dims[(i / 5) % 4];
+        PeerConfig c = make_config(d[0], d[1], (i / 2) % 2 == 0 ? 4 : 1, r.n, r.dk, r.k, r.kp);
+        c.activation = a;
+        c.gate = g;
+        c.shared_keys = (i / 3) % 2 == 1;
+        c.query_bias = i % 2 == 0;
+        c.input_norm = (i / 7) % 2 == 0 ? InputNorm::kRms : InputNorm::kNone;
+        check(PeerShape{token_counts[(i / 4) % 5], c, t}, 100 + static_cast<uint32_t>(i));
+        ++i;
+      }
+    }
+  }
 }
 
 }  // namespace trove::testing
