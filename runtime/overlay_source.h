@@ -34,7 +34,8 @@ class RecordOverlay {
   std::vector<int64_t> sorted_ids() const;
   size_t size() const { return index_.size(); }
   size_t stride() const { return stride_; }
-  uint64_t bytes() const { return static_cast<uint64_t>(data_.size()); }
+  // Memory held for the copies (what the buffer has reserved, not only what is used).
+  uint64_t bytes() const { return static_cast<uint64_t>(data_.capacity()); }
   void clear();
 
  private:

@@ -441,13 +441,21 @@ TEST(Cli, TrainWritesCurvesCheckpointsAndResumes) {
                             dir.file("f32.trove"), "--steps", "2"});
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("--quant int4"), std::string::npos) << bad.err;
-  // --train-router with phases that name the router: the router changes, phases parse.
+  // --train-router with phases that name the router, on a fresh student; the store path may
+  // come after --layer (one name per --layer).
+  RunResult fresh = run(dir, {"pack", dir.file("c.safetensors"), "-o", dir.file("fresh.trove"),
+                              "--layout", "mikeybeez", "--prefix", "p", "--quant", "int4", "-q"});
   RunResult router =
-      run(dir, {"train", dir.file("int4.trove"), "--layer", "p", "--teacher", dir.file("f32.trove"),
-                "--batch", "16", "--steps", "10", "--train-router", "--lr-phases",
-                "1:p=1e-2,p.router=1e-3;1:router=1e-2", "--json"});
-  ASSERT_EQ(router.exit_code, 0) << router.err;
+      run(dir, {"train", "--layer", "p", dir.file("fresh.trove"), "--teacher",
+                dir.file("f32.trove"), "--batch", "16", "--steps", "10", "--train-router",
+                "--lr-phases", "1:p=1e-2,p.router=1e-3;1:router=1e-2", "--json"});
+  ASSERT_EQ(router.exit_code, 0) << fresh.err << router.err;
   EXPECT_EQ(nlohmann::json::parse(router.out)["train_router"], true);
+  // Resuming with other flags is refused, naming them.
+  RunResult other = run(dir, {"train", dir.file("fresh.trove"), "--layer", "p", "--teacher",
+                              dir.file("f32.trove"), "--batch", "16", "--steps", "12"});
+  EXPECT_EQ(other.exit_code, 1);
+  EXPECT_NE(other.err.find("train_router true, now false"), std::string::npos) << other.err;
   // A malformed schedule and a group that is not trained are refused, naming the phase/group.
   for (const auto& [phases, says] : std::vector<std::pair<std::string, std::string>>{
            {"10:p=fast", "phase 1 '10:p=fast'"}, {"10:q=1e-3", "names 'q'"}}) {

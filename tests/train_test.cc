@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <random>
 #include <thread>
@@ -262,16 +263,35 @@ TEST_F(Train, BadInputsAreRefusedBeforeAnyWork) {
   EXPECT_FALSE(run_train(o).ok());
   EXPECT_EQ(testing::read_all(store), before);
 
-  // A checkpoint resumes only with the seed and optimizer it was written with.
+  // A checkpoint resumes only with the flags that decide its steps; each change is named.
   o = options(store);
   o.steps = 10;
   ASSERT_TRUE(run_train(o).ok());
-  o.steps = 20;
-  o.seed = 8;
-  auto other = run_train(o);
-  ASSERT_FALSE(other.ok());
-  EXPECT_NE(other.status().message().find("another seed, optimizer"), std::string::npos)
-      << other.status().to_string();
+  const std::vector<uint8_t> checkpointed = testing::read_all(store);
+  const std::vector<std::pair<std::string, std::function<void(TrainOptions&)>>> changes = {
+      {"seed 7, now 8", [](TrainOptions& t) { t.seed = 8; }},
+      {"batch 64, now 32", [](TrainOptions& t) { t.batch = 32; }},
+      {"lr ", [](TrainOptions& t) { t.lr = 0.5f; }},
+      {"saturation_tolerance 0, now 64", [](TrainOptions& t) { t.saturation_tolerance = 64; }},
+      {"train_router false, now true", [](TrainOptions& t) { t.train_router = true; }},
+      {"optimizer \"adagrad\", now \"sgd\"",
+       [](TrainOptions& t) { t.optimizer = TrainOptimizer::kSgd; }},
+  };
+  for (const auto& [says, change] : changes) {
+    TrainOptions other = options(store);
+    other.steps = 20;
+    change(other);
+    auto r = run_train(other);
+    ASSERT_FALSE(r.ok()) << says;
+    EXPECT_NE(r.status().message().find(says), std::string::npos) << r.status().to_string();
+    EXPECT_NE(r.status().message().find("another seed, optimizer"), std::string::npos);
+  }
+  EXPECT_EQ(testing::read_all(store), checkpointed);
+  // More steps, other threads, checkpoint interval or tier change nothing of the run: resumed.
+  o.steps = 12;
+  o.threads = 1;
+  o.checkpoint_every = 1;
+  EXPECT_TRUE(run_train(o).ok());
 }
 
 // Checkpoints after the first write only the changed records, in place, as new generations;
@@ -332,6 +352,24 @@ TEST_F(Train, CheckpointsWriteChangedRecordsInPlaceAsGenerations) {
   t.host_budget_bytes = 144 * stride;  // every expert: a batch of 64 tokens can touch them all
   tiered.tiers = t;
   same_as_a(tiered, "host tier");
+
+  // A host tier smaller than the table (one batch of 8 tokens: 64 records of 144) through
+  // checkpoints, the first of which rewrites every record: as the mapped run.
+  TrainOptions small = options(fresh_student("small-mapped.trove"));
+  small.batch = 8;
+  small.steps = 12;
+  small.checkpoint_every = 4;
+  auto mapped = run_train(small);
+  ASSERT_TRUE(mapped.ok()) << mapped.status().to_string();
+  TrainOptions small_tier = small;
+  small_tier.store = fresh_student("small-tier.trove");
+  t.host_budget_bytes = 64 * stride;
+  small_tier.tiers = t;
+  auto through = run_train(small_tier);
+  ASSERT_TRUE(through.ok()) << through.status().to_string();
+  EXPECT_EQ(records(small_tier.store, kLayer), records(small.store, kLayer));
+  EXPECT_EQ(records(small_tier.store, train_state_layer_name(kLayer)),
+            records(small.store, train_state_layer_name(kLayer)));
 }
 
 // --saturation-tolerance: groups that overshoot a little are clamped instead of doubling
@@ -497,8 +535,11 @@ TEST(LrPhases, ParseAndLookUp) {
   EXPECT_EQ(phase_lr(*p, 2, "A", false, 9.0f), 5e-4f);
   EXPECT_EQ(phase_lr(*p, 99, "B", true, 9.0f), 5e-4f);  // the last phase holds
   EXPECT_EQ(phase_lr({}, 5, "A", false, 9.0f), 9.0f);
-  EXPECT_TRUE(check_lr_phase_groups(*p, {"A", "B"}).ok());
-  const Status unknown = check_lr_phase_groups(*p, {"A"});
+  EXPECT_TRUE(check_lr_phase_groups(*p, {"A", "B"}, true).ok());
+  const Status no_router = check_lr_phase_groups(*p, {"A", "B"}, false);
+  EXPECT_NE(no_router.message().find("--train-router"), std::string::npos) << no_router.to_string();
+  EXPECT_EQ(lr_phases_text(*p), "2:A=0.001,B.router=0.002,router=0.003;1:all=0.0005");
+  const Status unknown = check_lr_phase_groups(*p, {"A"}, true);
   EXPECT_NE(unknown.message().find("'B.router'"), std::string::npos) << unknown.to_string();
   for (const char* bad : {"", "10", "x:A=1", "0:A=1", "1.5:A=1", "10:A", "10:A=0", "10:A=-1",
                           "10:A=nan", "10:A=1,A=2", "10:=1"}) {

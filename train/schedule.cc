@@ -69,10 +69,37 @@ Result<std::vector<LrPhase>> parse_lr_phases(std::string_view spec) {
   return phases;
 }
 
+// The shortest %g spelling that reads back as `v`.
+std::string shortest(float v) {
+  for (int digits = 6;; ++digits) {
+    const std::string text = str_printf("%.*g", digits, static_cast<double>(v));
+    if (digits >= 9 || std::strtof(text.c_str(), nullptr) == v) return text;
+  }
+}
+
+std::string lr_phases_text(const std::vector<LrPhase>& phases) {
+  std::string text;
+  for (const LrPhase& p : phases) {
+    text += (text.empty() ? "" : ";") + std::to_string(p.steps) + ":";
+    for (size_t i = 0; i < p.rates.size(); ++i) {
+      text += (i ? "," : "") + p.rates[i].first + "=" + shortest(p.rates[i].second);
+    }
+  }
+  return text;
+}
+
 Status check_lr_phase_groups(const std::vector<LrPhase>& phases,
-                             const std::vector<std::string>& layers) {
+                             const std::vector<std::string>& layers, bool train_router) {
   for (size_t i = 0; i < phases.size(); ++i) {
     for (const auto& [group, rate] : phases[i].rates) {
+      bool router_group = group == "router";
+      for (const std::string& l : layers) router_group = router_group || group == l + ".router";
+      if (router_group && !train_router) {
+        return Status::invalid_argument(
+            str_printf("--lr-phases: phase %zu sets a rate for '%s', but the routers do not "
+                       "train: add --train-router, or drop the group",
+                       i + 1, group.c_str()));
+      }
       bool known = group == "experts" || group == "router" || group == "all";
       for (const std::string& l : layers) known = known || group == l || group == l + ".router";
       if (!known) {

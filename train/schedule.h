@@ -29,10 +29,16 @@ struct LrPhase {
 // Errors name the phase and the text that is wrong.
 Result<std::vector<LrPhase>> parse_lr_phases(std::string_view spec);
 
+// The phases as one canonical line (each rate the shortest text that reads back as it), for
+// checkpoints and reports; ""
+// when there are none.
+std::string lr_phases_text(const std::vector<LrPhase>& phases);
+
 // OK when every group the phases name is one of `layers`, "<layer>.router", "experts",
 // "router" or "all"; else an error naming the group and listing the layers.
+// Router groups ("<layer>.router", "router") need `train_router`.
 Status check_lr_phase_groups(const std::vector<LrPhase>& phases,
-                             const std::vector<std::string>& layers);
+                             const std::vector<std::string>& layers, bool train_router);
 
 // The rate of `layer`'s expert table (router = false) or router (router = true) at `step`.
 float phase_lr(const std::vector<LrPhase>& phases, int64_t step, const std::string& layer,

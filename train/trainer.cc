@@ -207,7 +207,8 @@ const std::vector<float>& router_grad(const PeerGrads& g, int i) {
 // bytes per expert row pair for Adagrad, 2 floats per router weight for Adam) and the tier.
 struct LayerRun {
   std::string name;
-  uint32_t table = 0;  // the SR hash's table input: the layer's index in --layer order
+  std::string teacher_name;  // the teacher's layer (kPeer) or tensor prefix (kMlp)
+  uint32_t table = 0;        // the SR hash's table input: the layer's index in --layer order
   StoredLayer stored;
   RecordLayout training;
   std::optional<PeerLayer> teacher_peer;
@@ -247,20 +248,31 @@ std::string adam_name(const char* moment, int i) {
   return str_printf("adam.%s.%s", moment, kRouterTensors[i]);
 }
 
+// What a resumed run must share with the run that wrote the checkpoint to continue it: the
+// flags that decide the steps' inputs, gradients and updates.
+nlohmann::json resume_flags(const TrainOptions& o, const LayerRun& r) {
+  return {{"seed", o.seed},
+          {"optimizer", optimizer_name(o.optimizer)},
+          {"table", r.table},
+          {"batch", o.batch},
+          {"inputs", o.inputs},
+          {"teacher", o.teacher},
+          {"teacher_layer", r.teacher_name},
+          {"lr", o.lr},
+          {"train_router", o.train_router},
+          {"router_lr", o.router_lr},
+          {"lr_phases", lr_phases_text(o.lr_phases)},
+          {"saturation_tolerance", o.saturation_tolerance}};
+}
+
 nlohmann::json training_view_info(const TrainOptions& o, const LayerRun& r, int64_t step) {
+  nlohmann::json tv = resume_flags(o, r);
+  tv["of"] = r.name;
+  tv["step"] = step;
+  tv["meaning"] = "int8 code b at scale d/16; served int4 q = clamp((b + 8) >> 4, -8, 7)";
   return {{"config", peer_config_to_json(r.stored.config)},
           {"record", record_layout_json(r.training)},
-          {"training_view",
-           {{"of", r.name},
-            {"step", step},
-            {"seed", o.seed},
-            {"table", r.table},
-            {"optimizer", optimizer_name(o.optimizer)},
-            {"lr", o.lr},
-            {"train_router", o.train_router},
-            {"router_lr", o.router_lr},
-            {"saturation_tolerance", o.saturation_tolerance},
-            {"meaning", "int8 code b at scale d/16; served int4 q = clamp((b + 8) >> 4, -8, 7)"}}}};
+          {"training_view", tv}};
 }
 
 nlohmann::json trained_provenance(const TrainOptions& o, const StoreReader& store, int64_t step) {
@@ -276,9 +288,9 @@ nlohmann::json trained_provenance(const TrainOptions& o, const StoreReader& stor
 }
 
 // The training records of `ids` (ascending) into out[i * stride]: the overlay's when changed,
-// else the state layer's, else the serving int4 records imported.
-Status read_training_records(const TrainOptions& o, LayerRun* r, std::span<const int64_t> ids,
-                             uint8_t* out) {
+// else the state layer's, else the committed int4 records (from `committed`) imported.
+Status read_training_records(const TrainOptions& o, LayerRun* r, ExpertSource& committed,
+                             std::span<const int64_t> ids, uint8_t* out) {
   const size_t stride = r->training.stride;
   r->clean_ids.clear();
   r->clean_at.clear();
@@ -302,7 +314,7 @@ Status read_training_records(const TrainOptions& o, LayerRun* r, std::span<const
   }
   // No training state yet: import the committed int4 records (not the overlay's: an expert
   // not in the training overlay was never updated).
-  ExpertSource& base = r->serving->base();
+  ExpertSource& base = committed;
   const size_t sstride = r->stored.record.stride;
   TROVE_RETURN_IF_ERROR(base.acquire(r->clean_ids, r->clean_records));
   r->imported.resize(r->clean_ids.size() * sstride);
@@ -352,14 +364,23 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
     }
     return nullptr;
   };
-  auto serving_reader = [](LayerRun* r) {
-    return [r](std::span<const int64_t> ids, uint8_t* out) -> Status {
+  // Committed records come from the store's mapping, each verified on first touch (the host
+  // tier, if any, may hold fewer records than a chunk), changed ones from the overlays.
+  std::vector<std::unique_ptr<MappedStoreExpertSource>> committed;
+  for (LayerRun& r : runs) {
+    committed.push_back(
+        std::make_unique<MappedStoreExpertSource>(store, *r.stored.info, r.stored.record));
+  }
+  auto serving_reader = [](LayerRun* r, ExpertSource* source) {
+    return [r, source](std::span<const int64_t> ids, uint8_t* out) -> Status {
+      const size_t stride = r->stored.record.stride;
       std::vector<const uint8_t*> recs(ids.size());
-      TROVE_RETURN_IF_ERROR(r->serving->acquire(ids, recs));
+      TROVE_RETURN_IF_ERROR(source->acquire(ids, recs));
       for (size_t i = 0; i < ids.size(); ++i) {
-        std::memcpy(out + i * r->stored.record.stride, recs[i], r->stored.record.stride);
+        const uint8_t* changed = r->dirty_serving->find(ids[i]);
+        std::memcpy(out + i * stride, changed != nullptr ? changed : recs[i], stride);
       }
-      r->serving->release(ids);
+      source->release(ids);
       return Status::ok_status();
     };
   };
@@ -373,8 +394,10 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
                          info.table.stride};
     TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
     if (run != nullptr) {
+      ExpertSource* source = committed[static_cast<size_t>(run - runs.data())].get();
       TROVE_RETURN_IF_ERROR(stream_table(run->stored.config.num_experts(),
-                                         run->stored.record.stride, serving_reader(run), append));
+                                         run->stored.record.stride, serving_reader(run, source),
+                                         append));
     } else {
       TROVE_RETURN_IF_ERROR(w.append_records(store.mapped_records(info)));
     }
@@ -387,7 +410,8 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
     }
     TROVE_RETURN_IF_ERROR(w.end_layer());
   }
-  for (LayerRun& r : runs) {
+  for (size_t l = 0; l < runs.size(); ++l) {
+    LayerRun& r = runs[l];
     const int64_t n = r.stored.config.num_experts();
     StoreTableSpec table{"int8", static_cast<uint64_t>(n), r.training.record_bytes,
                          r.training.stride};
@@ -396,7 +420,7 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
     TROVE_RETURN_IF_ERROR(stream_table(
         n, r.training.stride,
         [&](std::span<const int64_t> ids, uint8_t* out) {
-          return read_training_records(o, &r, ids, out);
+          return read_training_records(o, &r, *committed[l], ids, out);
         },
         append));
     // The router again (small beside the tables), so the state layer reads back as a complete
@@ -461,36 +485,49 @@ Result<StoreUpdateStats> update_store(const TrainOptions& o, const StoreReader& 
   return u.stats();
 }
 
-// The layer's sources over `store` (just opened, or reopened at a new generation): the serving
+// A layer's sources over `store` (just opened, or reopened at a new generation): the serving
 // table through the tier (or mapped), the state layer mapped when there is one.
-Status bind_layer(const TrainOptions& o, const StoreReader& store, LayerRun* run) {
-  TROVE_ASSIGN_OR_RETURN(run->stored, load_stored_layer(store, run->name));
+struct LayerSources {
+  StoredLayer stored;
   std::unique_ptr<ExpertSource> serving;
+  std::unique_ptr<ExpertSource> training;  // null before the first checkpoint
+  bool has_adam_state = false;
+};
+
+Result<LayerSources> open_sources(const TrainOptions& o, const StoreReader& store,
+                                  const LayerRun& run) {
+  LayerSources s;
+  TROVE_ASSIGN_OR_RETURN(s.stored, load_stored_layer(store, run.name));
   if (o.tiers.has_value()) {
-    TROVE_ASSIGN_OR_RETURN(auto tiered, TieredExpertSource::open(store, *run->stored.info,
-                                                                 run->stored.record, *o.tiers));
-    serving = std::move(tiered);
+    TROVE_ASSIGN_OR_RETURN(
+        auto tiered, TieredExpertSource::open(store, *s.stored.info, s.stored.record, *o.tiers));
+    s.serving = std::move(tiered);
   } else {
-    serving =
-        std::make_unique<MappedStoreExpertSource>(store, *run->stored.info, run->stored.record);
+    s.serving = std::make_unique<MappedStoreExpertSource>(store, *s.stored.info, s.stored.record);
   }
+  if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run.name))) {
+    s.training = std::make_unique<MappedStoreExpertSource>(store, *saved, run.training);
+    s.has_adam_state = saved->find_dense(adam_name("m", 0)) != nullptr;
+  }
+  return s;
+}
+
+// Puts `s` in place (cannot fail). The first time it also creates the overlays and the
+// student's source (left in run->unbound for PeerLayer::create).
+void install_sources(LayerSources s, LayerRun* run) {
+  run->stored = s.stored;
   if (run->serving != nullptr) {
-    run->serving->reset_base(std::move(serving));
+    run->serving->reset_base(std::move(s.serving));
   } else {
     run->dirty_serving = std::make_unique<RecordOverlay>(run->stored.record.stride);
     run->dirty_training = std::make_unique<RecordOverlay>(run->training.stride);
     auto overlay =
-        std::make_unique<OverlayExpertSource>(std::move(serving), run->dirty_serving.get());
+        std::make_unique<OverlayExpertSource>(std::move(s.serving), run->dirty_serving.get());
     run->serving = overlay.get();
     run->unbound = std::move(overlay);
   }
-  run->training_base.reset();
-  run->has_adam_state = false;
-  if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run->name))) {
-    run->training_base = std::make_unique<MappedStoreExpertSource>(store, *saved, run->training);
-    run->has_adam_state = saved->find_dense(adam_name("m", 0)) != nullptr;
-  }
-  return Status::ok_status();
+  run->training_base = std::move(s.training);
+  run->has_adam_state = s.has_adam_state;
 }
 
 // Opens layer `run->name` of the student store, its teacher, its inputs and its optimizer
@@ -546,15 +583,25 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
   run->accum.assign(sz(n * run->rows()), 0.0f);
   if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run->name))) {
     const nlohmann::json& tv = saved->info.value("training_view", nlohmann::json());
-    if (!tv.is_object() || tv.value("seed", uint64_t{0}) != o.seed ||
-        tv.value("optimizer", std::string()) != optimizer_name(o.optimizer) ||
-        tv.value("table", uint32_t{0}) != run->table ||
-        saved->table.count != static_cast<uint64_t>(n) ||
+    std::string differ;
+    const nlohmann::json flags = resume_flags(o, *run);
+    for (const auto& [key, now] : flags.items()) {
+      const nlohmann::json was =
+          tv.is_object() ? tv.value(key, nlohmann::json()) : nlohmann::json();
+      if (was != now)
+        differ += str_printf("%s%s %s, now %s", differ.empty() ? "" : "; ", key.c_str(),
+                             was.dump().c_str(), now.dump().c_str());
+    }
+    if (saved->table.count != static_cast<uint64_t>(n) ||
         saved->table.stride != run->training.stride) {
+      differ += "; the training table's size";
+    }
+    if (!differ.empty()) {
       return Status::invalid_argument(str_printf(
-          "%s holds a checkpoint of layer %s written with another seed, optimizer or layer list "
-          "(%s); resume with the flags it was written with, or train a fresh copy of the store",
-          o.store.c_str(), run->name.c_str(), tv.dump().c_str()));
+          "%s holds a checkpoint of layer %s written with other flags (%s); resume with the flags "
+          "it was written with (another seed, optimizer, layer list, batch, inputs, teacher, rate "
+          "or tolerance would not continue the same run), or train a fresh copy of the store",
+          o.store.c_str(), run->name.c_str(), differ.c_str()));
     }
     step = tv.value("step", int64_t{0});
     if (o.optimizer == TrainOptimizer::kAdagrad) {
@@ -584,7 +631,8 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
       }
     }
   }
-  TROVE_RETURN_IF_ERROR(bind_layer(o, store, run));
+  TROVE_ASSIGN_OR_RETURN(LayerSources sources, open_sources(o, store, *run));
+  install_sources(std::move(sources), run);
   TROVE_ASSIGN_OR_RETURN(PeerLayer student,
                          PeerLayer::create(c, std::move(params), std::move(run->unbound), lo));
   run->student.emplace(std::move(student));
@@ -626,7 +674,8 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
   const int64_t u = static_cast<int64_t>(g.expert_ids.size());
   const Stopwatch update_time;
   r->scratch.resize(sz(u) * training.stride);
-  TROVE_RETURN_IF_ERROR(read_training_records(o, r, g.expert_ids, r->scratch.data()));
+  TROVE_RETURN_IF_ERROR(
+      read_training_records(o, r, r->serving->base(), g.expert_ids, r->scratch.data()));
   r->accum_scratch.resize(sz(u * rows));
   for (int64_t i = 0; i < u; ++i) {
     std::copy_n(&r->accum[sz(g.expert_ids[sz(i)] * rows)], rows, &r->accum_scratch[sz(i * rows)]);
@@ -708,7 +757,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
       }
     }
   }
-  TROVE_RETURN_IF_ERROR(check_lr_phase_groups(o.lr_phases, o.layers));
+  TROVE_RETURN_IF_ERROR(check_lr_phase_groups(o.lr_phases, o.layers, o.train_router));
   // The store is reopened at every new generation; the layers' sources follow it.
   TROVE_ASSIGN_OR_RETURN(StoreReader opened, StoreReader::open(o.store));
   auto store = std::make_unique<StoreReader>(std::move(opened));
@@ -723,11 +772,14 @@ Result<TrainReport> run_train(const TrainOptions& o) {
   for (size_t i = 0; i < runs.size(); ++i) {
     runs[i].name = o.layers[i];
     runs[i].table = static_cast<uint32_t>(i);
-    const std::string& tname = o.teacher_layers.empty() ? o.layers[i] : o.teacher_layers[i];
-    TROVE_ASSIGN_OR_RETURN(int64_t step, open_layer(o, *store, tname, teacher_store, &runs[i]));
+    runs[i].teacher_name = o.teacher_layers.empty() ? o.layers[i] : o.teacher_layers[i];
+    TROVE_ASSIGN_OR_RETURN(int64_t step,
+                           open_layer(o, *store, runs[i].teacher_name, teacher_store, &runs[i]));
     if (start >= 0 && step != start) {
-      return Status::corruption(str_printf(
-          "%s: the training states disagree on the step (layer %s at %lld, layer %s at %lld)",
+      return Status::invalid_argument(str_printf(
+          "%s: layer %s is checkpointed at step %lld but layer %s at step %lld (a layer added to "
+          "or trained apart from the others); train the same layers together from the start, "
+          "or train a fresh copy of the store",
           o.store.c_str(), runs[0].name.c_str(), (long long)start, runs[i].name.c_str(),
           (long long)step));
     }
@@ -758,12 +810,18 @@ Result<TrainReport> run_train(const TrainOptions& o) {
       report.checkpoint_bytes_written += us.journal_bytes + us.applied_bytes;
     }
     report.records_written += dirty;
+    // The new generation: every layer's sources opened first, then all swapped in together.
     TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(o.store));
     auto next = std::make_unique<StoreReader>(std::move(reopened));
-    for (LayerRun& r : runs) {
-      TROVE_RETURN_IF_ERROR(bind_layer(o, *next, &r));
-      r.dirty_training->clear();
-      r.dirty_serving->clear();
+    std::vector<LayerSources> sources;
+    for (const LayerRun& r : runs) {
+      TROVE_ASSIGN_OR_RETURN(LayerSources ls, open_sources(o, *next, r));
+      sources.push_back(std::move(ls));
+    }
+    for (size_t i = 0; i < runs.size(); ++i) {
+      install_sources(std::move(sources[i]), &runs[i]);
+      runs[i].dirty_training->clear();
+      runs[i].dirty_serving->clear();
     }
     store = std::move(next);
     report.checkpoint_seconds += t0.seconds();
