@@ -66,6 +66,7 @@ constexpr int kThreads = 3;  // not a divisor of most token counts below
 using testing::describe;
 using testing::expect_bits_equal;
 using testing::expect_close;
+using testing::for_each_sweep_shape;
 using testing::layout_of;
 using testing::make_config;
 using testing::normal_values;
@@ -194,36 +195,15 @@ TEST_P(PeerParityTest, RecordDotAndAxpyMatchTheDequantizedRowOnEveryLength) {
 // Activations x gates x dtypes, each once, with the other settings cycled so that every token
 // count, D, n, h, key sharing, bias and norm setting meets many of them.
 TEST_P(PeerParityTest, EveryStepMatchesTheOracleAcrossShapesActivationsGatesAndDTypes) {
-  struct Router {
-    int64_t n, k, kp, dk;
-  };
-  // n = 1: N = 1, k = 1; n = 3: k = n^2 = N; k' < k throughout where k > 1.
-  const Router routers[] = {
-      {1, 1, 1, 5}, {3, 9, 3, 6}, {3, 4, 2, 4}, {11, 6, 3, 7}, {128, 8, 4, 12}};
   const int64_t token_counts[] = {1, 7, 40, 7, 128};
   const int64_t dims[][2] = {{37, 37}, {100, 45}, {200, 200}, {45, 100}};
-  int i = 0;
-  for (Activation a : kAllActivations) {
-    for (Gate g : kAllGates) {
-      for (DType t : kAllDTypes) {
-        const Router& r = routers[(i + i / 5) % 5];  // every router meets every dtype
-        const int64_t* d = dims[(i / 5) % 4];
-        PeerConfig c = make_config(d[0], d[1], (i / 2) % 2 == 0 ? 4 : 1, r.n, r.dk, r.k, r.kp);
-        c.activation = a;
-        c.gate = g;
-        c.shared_keys = (i / 3) % 2 == 1;
-        c.query_bias = i % 2 == 0;
-        c.input_norm = (i / 7) % 2 == 0 ? InputNorm::kRms : InputNorm::kNone;
-        int64_t tokens = token_counts[(i / 4) % 5];
-        if (r.n == 128) {  // 16384 experts: keep the table and the oracle's time small
-          c.dim = std::min<int64_t>(c.dim, 45);
-          tokens = std::min<int64_t>(tokens, 40);
-        }
-        check_parity({tokens, c, t}, 100 + static_cast<uint32_t>(i));
-        ++i;
-      }
+  for_each_sweep_shape(token_counts, dims, [&](PeerShape shape, uint32_t seed) {
+    if (shape.config.n_keys == 128) {  // 16384 experts: keep the table and the oracle's time small
+      shape.config.dim = std::min<int64_t>(shape.config.dim, 45);
+      shape.tokens = std::min<int64_t>(shape.tokens, 40);
     }
-  }
+    check_parity(shape, seed);
+  });
 }
 
 TEST_P(PeerParityTest, ManyTokensAndTheBackgroundWidthMatchTheOracle) {
