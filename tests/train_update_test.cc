@@ -13,15 +13,18 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "base/half.h"
+#include "kernels/cpu/quant.h"
 #include "kernels/cpu/ref/quant_ref.h"
 #include "kernels/cpu/ref/train_ref.h"
 #include "kernels/cpu/train.h"
 #include "kernels/quant.h"
 #include "kernels/record.h"
 #include "kernels/train.h"
+#include "tests/cpu_path_test.h"
 #include "tests/train_test_util.h"
 
 namespace trove {
@@ -500,7 +503,9 @@ struct Case {
   int64_t dim, dim_out, width, count;
 };
 
-TEST(TrainUpdateParity, CpuEqualsTheOracleBitForBitAtAnyThreadCount) {
+class TrainUpdateParity : public testing::CpuPathTest {};
+
+TEST_P(TrainUpdateParity, CpuEqualsTheOracleBitForBitAtAnyThreadCount) {
   const Case cases[] = {{32, 32, 1, 1},  {45, 70, 3, 5},  {1, 1, 1, 7},  {100, 33, 2, 4},
                         {257, 31, 1, 3}, {64, 200, 4, 9}, {96, 17, 1, 2}};
   // Gradient regimes (σ of g, with lr 0.5 and scales 0.01..2): small steps, zero, steps of many
@@ -565,6 +570,12 @@ TEST(TrainUpdateParity, CpuEqualsTheOracleBitForBitAtAnyThreadCount) {
               cases_run, static_cast<long long>(rescales), static_cast<long long>(inits),
               static_cast<long long>(clamps));
 }
+
+INSTANTIATE_TEST_SUITE_P(CpuPaths, TrainUpdateParity,
+                         ::testing::Values(CpuPath::kScalar, CpuPath::kAvx2),
+                         [](const ::testing::TestParamInfo<CpuPath>& param_info) {
+                           return std::string(cpu_path_name(param_info.param));
+                         });
 
 }  // namespace
 }  // namespace trove

@@ -3,6 +3,11 @@
 // with integer arithmetic, never allocates per row, and updates in place with one backup copy
 // per record (restored only when a scale would overflow). Threads split the records; each
 // record's arithmetic is the oracle's, in its order, so the thread count cannot change a bit.
+//
+// The per-group inner loops (Adagrad's lane sums, steps 2b/2c, a rescale round) are the one
+// dispatch point: AVX2 (kernels/cpu/train_avx2.cc) when kernels/cpu/quant.h's CpuPath says
+// so, the portable scalar loops below otherwise and for a row's partial last group. Both
+// compute the oracle's bits; tests/train_update_test.cc runs the parity sweep on each.
 #include "kernels/cpu/train.h"
 
 #include <algorithm>
@@ -13,11 +18,15 @@
 #include "base/half.h"
 #include "base/strings.h"
 #include "base/thread_pool.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/cpu/train_avx2.h"
 #include "kernels/quant.h"
 
 namespace trove {
 
 namespace {
+
+using train_internal::TrainKernels;
 
 constexpr int kHalfGroup = kQuantGroup / 2;
 
@@ -40,45 +49,79 @@ struct RowKind {
   const char* name;
 };
 
-// Step 2c as the oracle decides it: candidate code b + floor(v) + [u < frac(v)] with
-// v = 16·Δ/d. Writes b and returns true when every candidate is in [-128, 127], or when the
-// group's overshoot is at most `tolerance` (then clamped, *clamped set); false when the group
-// must rescale.
-bool try_group(const float* delta, int real, float d, uint64_t prefix, uint64_t e0, int tolerance,
-               int8_t* b, bool* clamped) {
+// ---- scalar inner loops --------------------------------------------------------------------
+
+void scalar_sum_square_lanes(const float* g, int64_t groups, double* lane) {
+  for (int64_t i = 0; i < groups; ++i, g += kQuantGroup) {
+    for (int l = 0; l < kQuantGroup; ++l) {
+      const double x = g[l];
+      lane[l] += x * x;
+    }
+  }
+}
+
+// Step 2b/2c of the first `real` elements of a group, as TrainKernels::try_full_group. The hash
+// is drawn element by element and the loop leaves at the first |k| > 256: a saturating group
+// usually fails on its first elements, before most of its hashes would be needed.
+int scalar_try_group(const float* delta, int real, float d, uint64_t prefix, uint64_t e0,
+                     int tolerance, int8_t* b) {
   int32_t c[kQuantGroup];
   int32_t overshoot = 0;
   for (int j = 0; j < real; ++j) {
     const float v = (16.0f * delta[j]) / d;
     const float k = std::floor(v);
+    // |k| <= 256 (NaN excluded) keeps the int conversion defined; anything further out
+    // overshoots more than any tolerance.
+    if (!(std::fabs(k) <= 256.0f)) return -1;
     const float u = sr_uniform_from_prefix(prefix, e0 + static_cast<uint64_t>(j));
-    // |k| <= 256 (or NaN-free infinity excluded) keeps the int conversion defined; anything
-    // further out overshoots more than any tolerance.
-    if (!(std::fabs(k) <= 256.0f)) return false;
     c[j] = static_cast<int32_t>(b[j]) + static_cast<int32_t>(k) + (u < v - k ? 1 : 0);
     overshoot = std::max({overshoot, c[j] - 127, -128 - c[j]});
   }
-  if (overshoot > tolerance) return false;
+  if (overshoot > tolerance) return -1;
   for (int j = 0; j < real; ++j) b[j] = static_cast<int8_t>(std::clamp(c[j], -128, 127));
-  *clamped = overshoot > 0;
-  return true;
+  return overshoot > 0 ? 1 : 0;
 }
 
-Status update_row(const TrainStep& st, int64_t expert, uint64_t prefix, const RowKind& kind,
-                  int64_t row, const float* g, uint64_t element_base, uint8_t* record, float* accum,
-                  TrainStats* stats) {
+int scalar_try_full_group(const float* delta, float d, uint64_t prefix, uint64_t e0, int tolerance,
+                          uint32_t* /*top*/, int8_t* b) {
+  return scalar_try_group(delta, kQuantGroup, d, prefix, e0, tolerance, b);
+}
+
+// b ← SR(b / 2) for the first `real` elements, with the counters of rescale round t (base =
+// sr_rescale_element(e0, t)).
+void scalar_halve_group(uint64_t prefix, uint64_t base, int real, int8_t* b) {
+  for (int j = 0; j < real; ++j) {
+    const float u = sr_uniform_from_prefix(prefix, base + static_cast<uint64_t>(j));
+    const int x = b[j];
+    b[j] = static_cast<int8_t>((x >> 1) + (((x & 1) != 0 && u < 0.5f) ? 1 : 0));
+  }
+}
+
+void scalar_halve_full_group(uint64_t prefix, uint64_t base, int8_t* b) {
+  scalar_halve_group(prefix, base, kQuantGroup, b);
+}
+
+constexpr TrainKernels kScalarKernels = {scalar_sum_square_lanes, scalar_try_full_group,
+                                         scalar_halve_full_group};
+
+const TrainKernels& kernels() {
+  return active_cpu_path() == CpuPath::kAvx2 ? avx2::train_kernels() : kScalarKernels;
+}
+
+// ---- the update ------------------------------------------------------------------------------
+
+Status update_row(const TrainKernels& kern, const TrainStep& st, int64_t expert, uint64_t prefix,
+                  const RowKind& kind, int64_t row, const float* g, uint64_t element_base,
+                  uint8_t* record, float* accum, TrainStats* stats) {
   const int64_t n = kind.n;
   float a = st.lr;
   if (st.optimizer == TrainOptimizer::kAdagrad) {
     double lane[kQuantGroup] = {};
-    int64_t i = 0;
-    for (; i + kQuantGroup <= n; i += kQuantGroup) {
-      for (int l = 0; l < kQuantGroup; ++l) {
-        const double x = g[i + l];
-        lane[l] += x * x;
-      }
+    const int64_t full = n / kQuantGroup;
+    kern.sum_square_lanes(g, full, lane);
+    for (int64_t i = full * kQuantGroup, l = 0; i < n; ++i, ++l) {
+      lane[l] += static_cast<double>(g[i]) * g[i];
     }
-    for (int l = 0; i < n; ++i, ++l) lane[l] += static_cast<double>(g[i]) * g[i];
     for (int o = kHalfGroup; o >= 1; o /= 2) {
       for (int l = 0; l < o; ++l) lane[l] += lane[l + o];
     }
@@ -120,9 +163,16 @@ Status update_row(const TrainStep& st, int64_t expert, uint64_t prefix, const Ro
       ++stats->scale_inits;
     }
 
-    bool clamped = false;
-    for (uint64_t round = 1;
-         !try_group(delta, real, d, prefix, e0, st.saturation_tolerance, b, &clamped); ++round) {
+    // The update's u (round 0) serves every retry: a kernel may keep its hashes in `top`.
+    uint32_t top[kQuantGroup];
+    top[0] = train_internal::kNoTops;
+    auto try_group = [&] {
+      return real == kQuantGroup
+                 ? kern.try_full_group(delta, d, prefix, e0, st.saturation_tolerance, top, b)
+                 : scalar_try_group(delta, real, d, prefix, e0, st.saturation_tolerance, b);
+    };
+    int clamped = 0;
+    for (uint64_t round = 1; (clamped = try_group()) < 0; ++round) {
       if (!(std::fabs(2.0f * d) <= kFp16Max)) {
         return Status::out_of_range(str_printf(
             "expert %lld: %s row %lld group %lld saturates with its scale at %g, and doubling "
@@ -132,15 +182,15 @@ Status update_row(const TrainStep& st, int64_t expert, uint64_t prefix, const Ro
       }
       d = 2.0f * d;
       store_scale(scale_ptr, fp32_to_fp16(d));
-      for (int j = 0; j < real; ++j) {
-        const float u = sr_uniform_from_prefix(
-            prefix, sr_rescale_element(e0 + static_cast<uint64_t>(j), round));
-        const int x = b[j];
-        b[j] = static_cast<int8_t>((x >> 1) + (((x & 1) != 0 && u < 0.5f) ? 1 : 0));
+      const uint64_t base = sr_rescale_element(e0, round);
+      if (real == kQuantGroup) {
+        kern.halve_full_group(prefix, base, b);
+      } else {
+        scalar_halve_group(prefix, base, real, b);
       }
       ++stats->rescales;
     }
-    stats->clamps += clamped ? 1 : 0;
+    stats->clamps += clamped;
     for (int j = 0; j < real; ++j) stats->elements_changed += b[j] != before[j] ? 1 : 0;
   }
   return Status::ok_status();
@@ -254,6 +304,7 @@ Result<TrainStats> train_update_records(const RecordLayout& training, const Trai
        training.down_codes_offset, training.down_row_code_bytes, "down"},
       {training.dim_out, quant_groups(training.dim_out), training.up_scales_offset,
        training.up_codes_offset, training.up_row_code_bytes, "up"}};
+  const TrainKernels& kern = kernels();
   std::vector<TrainStats> stats(static_cast<size_t>(count));
   Status status = parallel_records(count, threads, [&](int64_t i) -> Status {
     uint8_t* rec = rec_of(i);
@@ -275,7 +326,7 @@ Result<TrainStats> train_update_records(const RecordLayout& training, const Trai
                             : up_grad + i * up_n + row * training.dim_out;
       const auto base =
           static_cast<uint64_t>(down ? row * training.dim : down_n + row * training.dim_out);
-      st = update_row(step, experts[i], prefix, kind, row, g, base, rec,
+      st = update_row(kern, step, experts[i], prefix, kind, row, g, base, rec,
                       acc != nullptr ? acc + r : nullptr, &s);
     }
     if (!st.ok()) {
