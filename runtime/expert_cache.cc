@@ -44,6 +44,15 @@ std::string format_bytes(uint64_t bytes) {
                     kUnits[unit]);
 }
 
+// One block of host slots: anonymous memory, huge pages advised (slots are touched at random:
+// huge pages spare the TLB; advice only, failure is fine).
+Result<uint8_t*> allocate_host_block(size_t bytes) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return Status::from_errno("mmap", errno);
+  if (bytes >= (size_t{2} << 20)) (void)madvise(p, bytes, MADV_HUGEPAGE);
+  return static_cast<uint8_t*>(p);
+}
+
 }  // namespace
 
 Result<std::unique_ptr<ExpertCache>> ExpertCache::create(const ExpertCacheOptions& options) {
@@ -82,17 +91,14 @@ Result<std::unique_ptr<ExpertCache>> ExpertCache::create(const ExpertCacheOption
   cache->slots_per_block_ = static_cast<int32_t>(per_block);
   for (uint64_t first = 0; first < slots; first += per_block) {
     const size_t bytes = static_cast<size_t>(std::min(per_block, slots - first) * stride);
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      return Status::resource_exhausted(
-          str_printf("allocating %s for the %s tier (budget %s): %s", format_bytes(bytes).c_str(),
-                     tier.c_str(), format_bytes(options.budget_bytes).c_str(),
-                     Status::from_errno("mmap", err).message().c_str()));
+    Result<uint8_t*> p =
+        options.memory != nullptr ? options.memory->allocate(bytes) : allocate_host_block(bytes);
+    if (!p.ok()) {
+      return Status::resource_exhausted(str_printf(
+          "allocating %s for the %s tier (budget %s): %s", format_bytes(bytes).c_str(),
+          tier.c_str(), format_bytes(options.budget_bytes).c_str(), p.status().message().c_str()));
     }
-    // Slots are touched at random: huge pages spare the TLB. Advice only; failure is fine.
-    if (bytes >= (size_t{2} << 20)) (void)madvise(p, bytes, MADV_HUGEPAGE);
-    cache->blocks_.emplace_back(static_cast<uint8_t*>(p), bytes);
+    cache->blocks_.emplace_back(*p, bytes);
   }
   return cache;
 }
@@ -113,7 +119,13 @@ ExpertCache::ExpertCache(const ExpertCacheOptions& options, size_t stride, int32
 }
 
 ExpertCache::~ExpertCache() {
-  for (std::span<uint8_t> block : blocks_) munmap(block.data(), block.size());
+  for (std::span<uint8_t> block : blocks_) {
+    if (options_.memory != nullptr) {
+      options_.memory->release(block.data(), block.size());
+    } else {
+      munmap(block.data(), block.size());
+    }
+  }
 }
 
 Status ExpertCache::check_ids(std::span<const int64_t> ids) const {

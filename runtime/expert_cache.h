@@ -1,6 +1,7 @@
 // ExpertCache: one residency tier of expert records (SPEC §5): a fixed budget of equal slots,
 // an index from expert id to slot, leases, and a pluggable replacement policy. T1 (host memory)
-// uses it now; the device tier reuses the same machinery over device memory.
+// and T0 (device memory, through a SlotMemory that allocates there) share it: the cache only
+// hands out slot addresses and never reads or writes the bytes behind them.
 //
 // Modelled on LevelDB's Cache: an entry's "charge" is one slot; admit() is Lookup-or-Insert for
 // a whole batch and hands out leases (LevelDB's handles); release() ends them; an entry in use
@@ -38,6 +39,21 @@
 
 namespace trove {
 
+// Where a cache's slots live. The default (ExpertCacheOptions::memory null) is anonymous host
+// memory (mmap, huge-page advice); the device tier passes one over cudaMalloc. allocate() is
+// called once per block of at most 1 GiB at create(), release() once per block at destruction.
+class SlotMemory {
+ public:
+  SlotMemory() = default;
+  SlotMemory(const SlotMemory&) = delete;
+  SlotMemory& operator=(const SlotMemory&) = delete;
+  virtual ~SlotMemory() = default;
+  // `bytes` aligned to at least 4096, or resource_exhausted saying why.
+  virtual Result<uint8_t*> allocate(size_t bytes) = 0;
+  // REQUIRES: `data` and `bytes` of one allocate() not yet released.
+  virtual void release(uint8_t* data, size_t bytes) = 0;
+};
+
 struct ExpertCacheOptions {
   uint64_t budget_bytes = 0;  // the tier's byte budget (--host); whole slots only
   size_t slot_bytes = 0;      // one record: RecordLayout::stride
@@ -51,6 +67,8 @@ struct ExpertCacheOptions {
   // For messages: "the host budget 64 MiB holds ...: raise --host or lower --batch".
   std::string tier_name = "host";
   std::string budget_flag = "--host";
+  // Where the slots live; null: host memory. Must outlive the cache.
+  std::shared_ptr<SlotMemory> memory;
 };
 
 // What admit() decided for one batch of ids.
@@ -131,7 +149,8 @@ class ExpertCache {
   // Bytes from one slot's start to the next: slot_bytes rounded up to slot_alignment.
   size_t slot_stride() const { return stride_; }
   const ExpertCacheOptions& options() const { return options_; }
-  // The memory holding the slots, for registering (io_uring, cudaHostRegister).
+  // The memory holding the slots, for registering (io_uring, cudaHostRegister); device
+  // addresses when options().memory allocates there.
   const std::vector<std::span<uint8_t>>& blocks() const { return blocks_; }
 
   CacheMetrics metrics() const;
@@ -157,7 +176,7 @@ class ExpertCache {
   const size_t stride_;
   const int32_t capacity_;
   int32_t slots_per_block_ = 0;
-  std::vector<std::span<uint8_t>> blocks_;  // munmapped by the destructor
+  std::vector<std::span<uint8_t>> blocks_;  // released by the destructor
 
   mutable std::mutex mutex_;  // guards everything below
   std::condition_variable fill_done_;

@@ -249,6 +249,78 @@ TEST(ExpertCache, OverlappingBatchesEachHoldALease) {
   cache->abort_fills(Ids{4, 5}, c);
 }
 
+// A SlotMemory that hands out host memory and records every call, as the device tier's
+// cudaMalloc-backed one would be called.
+class RecordingSlotMemory final : public SlotMemory {
+ public:
+  Result<uint8_t*> allocate(size_t bytes) override {
+    if (fail_next) return Status::resource_exhausted("out of pretend device memory");
+    auto block = std::make_unique<uint8_t[]>(bytes);
+    uint8_t* p = block.get();
+    live[p] = bytes;
+    blocks.push_back(std::move(block));
+    ++allocations;
+    return p;
+  }
+  void release(uint8_t* data, size_t bytes) override {
+    EXPECT_EQ(live.at(data), bytes);
+    live.erase(data);
+  }
+  bool fail_next = false;
+  int allocations = 0;
+  std::map<uint8_t*, size_t> live;
+  std::vector<std::unique_ptr<uint8_t[]>> blocks;
+};
+
+TEST(ExpertCache, SlotsLiveInTheSlotMemoryTheOptionsGiveWithTheSameBookkeeping) {
+  auto memory = std::make_shared<RecordingSlotMemory>();
+  {
+    ExpertCacheOptions o;
+    o.budget_bytes = 8 * 64;
+    o.slot_bytes = 40;
+    o.num_experts = 100;
+    o.policy = EvictionPolicy::kLru;
+    o.tier_name = "device";
+    o.budget_flag = "--vram";
+    o.memory = memory;
+    auto cache = ExpertCache::create(o);
+    ASSERT_TRUE(cache.ok()) << cache.status().to_string();
+    EXPECT_EQ(memory->allocations, 1);
+    ASSERT_EQ((*cache)->blocks().size(), 1u);
+    EXPECT_EQ(memory->live.count((*cache)->blocks()[0].data()), 1u);
+    // Slots are inside the given memory; hits and evictions as for the host tier.
+    EXPECT_EQ(run_batch(**cache, {1, 2, 3}), (Ids{1, 2, 3}));
+    EXPECT_EQ(run_batch(**cache, {1, 2, 3}), (Ids{}));
+    CacheBatch batch;
+    ASSERT_TRUE((*cache)->admit(Ids{1}, &batch).ok());
+    EXPECT_GE(batch.slots[0], (*cache)->blocks()[0].data());
+    EXPECT_LT(batch.slots[0], (*cache)->blocks()[0].data() + (*cache)->blocks()[0].size());
+    (*cache)->commit_fills(Ids{1}, batch);
+    (*cache)->release(Ids{1});
+    // A batch larger than the tier names its budget flag.
+    Ids big(9);
+    for (int64_t i = 0; i < 9; ++i) big[static_cast<size_t>(i)] = 10 + i;
+    const Status s = (*cache)->admit(big, &batch);
+    EXPECT_EQ(s.code(), Status::Code::kResourceExhausted);
+    EXPECT_NE(s.message().find("--vram"), std::string::npos) << s.to_string();
+  }
+  EXPECT_TRUE(memory->live.empty()) << "a block was not released";
+  // An allocation failure is the tier's error, naming the tier.
+  memory->fail_next = true;
+  ExpertCacheOptions o;
+  o.budget_bytes = 1 << 20;
+  o.slot_bytes = 64;
+  o.num_experts = 100;
+  o.tier_name = "device";
+  o.memory = memory;
+  auto failed = ExpertCache::create(o);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), Status::Code::kResourceExhausted);
+  EXPECT_NE(failed.status().message().find("device tier"), std::string::npos)
+      << failed.status().to_string();
+  EXPECT_NE(failed.status().message().find("out of pretend device memory"), std::string::npos);
+}
+
 TEST(ExpertCache, BatchLargerThanTheBudgetIsAClearError) {
   ExpertCacheOptions o;
   o.budget_bytes = 64ull << 20;
