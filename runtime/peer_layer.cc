@@ -8,7 +8,13 @@
 #include "base/strings.h"
 #include "kernels/cpu/peer.h"
 #include "kernels/cpu/ref/peer_ref.h"
+#include "runtime/peer_layer_cuda.h"
 #include "runtime/store_layer.h"
+
+#if TROVE_HAVE_CUDA
+#include "kernels/cuda/cuda_memory.h"
+#include "kernels/cuda/peer_cuda_backward.h"
+#endif
 
 namespace trove {
 
@@ -71,13 +77,33 @@ Status check_finite_rows(const char* what, std::span<const float> v, int64_t row
 }
 
 std::string_view peer_backend_name(PeerBackend b) {
-  return b == PeerBackend::kRef ? "ref" : "cpu";
+  switch (b) {
+    case PeerBackend::kRef:
+      return "ref";
+    case PeerBackend::kCuda:
+      return "cuda";
+    case PeerBackend::kCpu:
+      break;
+  }
+  return "cpu";
 }
 
 Result<PeerBackend> parse_peer_backend(std::string_view s) {
   if (s == "cpu") return PeerBackend::kCpu;
   if (s == "ref") return PeerBackend::kRef;
-  return Status::invalid_argument("unknown backend '" + clip(s) + "' (expected cpu or ref)");
+  if (s == "cuda") return PeerBackend::kCuda;
+  return Status::invalid_argument("unknown backend '" + clip(s) + "' (expected cpu, ref or cuda)");
+}
+
+Status check_backend_available(PeerBackend b) {
+  if (b != PeerBackend::kCuda) return Status::ok_status();
+#if TROVE_HAVE_CUDA
+  return cuda_device_available();
+#else
+  return Status::not_supported(
+      "no CUDA device is available (trove was built without CUDA: configure with "
+      "-DTROVE_CUDA=ON where nvcc is installed)");
+#endif
 }
 
 struct PeerLayer::Impl {
@@ -85,6 +111,7 @@ struct PeerLayer::Impl {
   PeerDenseParams params;
   std::unique_ptr<ExpertSource> experts;
   PeerLayerOptions options;
+  std::unique_ptr<CudaPeerRunner> cuda;  // kCuda only
 
   // Scratch reused across batches.
   std::vector<float> xhat, q;
@@ -105,6 +132,7 @@ struct PeerLayer::Impl {
     return p;
   }
   bool ref() const { return options.backend == PeerBackend::kRef; }
+  bool on_cuda() const { return cuda != nullptr; }
 
   Status check_input(std::span<const float> x, int64_t T) const {
     if (T < 0) return Status::invalid_argument(str_printf("batch of %lld tokens", (long long)T));
@@ -114,8 +142,9 @@ struct PeerLayer::Impl {
     return check_finite_rows("input", x, config.dim);
   }
 
-  // Norm, query and routing of x into xhat, q and `out`.
-  void route(const float* x, int64_t T, PeerRouting* out) {
+  // Norm, query and routing of x into xhat, q and `out` (kCuda: xhat stays on the device).
+  Status route(const float* x, int64_t T, PeerRouting* out) {
+    if (on_cuda()) return cuda->route(params, x, T, out);
     xhat.resize(static_cast<size_t>(T * config.dim));
     q.resize(static_cast<size_t>(T * config.query_rows()));
     const PeerRouterParams p = router();
@@ -128,6 +157,7 @@ struct PeerLayer::Impl {
       peer_query(config, p, xhat.data(), T, q.data(), options.threads);
       peer_route(config, p, q.data(), T, out, options.threads);
     }
+    return Status::ok_status();
   }
 
   // The unique experts of `r` into unique_ids (ascending) and each slot's index among them
@@ -179,6 +209,7 @@ struct PeerLayer::Impl {
   // are here, wave 2 on the rest once they land. The result does not depend on which records
   // came late (kernels/cpu/peer.h: peer_experts_resume).
   Status run_experts(const PeerRouting& r, float* y, PeerBatchStats* stats) {
+    if (on_cuda()) return run_experts_cuda(r, y, stats);
     Stopwatch start;
     dedupe(r);
     Lease lease(*experts);
@@ -222,6 +253,28 @@ struct PeerLayer::Impl {
     }
     return Status::ok_status();
   }
+
+  // run_experts on the device (runtime/peer_layer_cuda.h has the timeline). expert_seconds
+  // covers the transfer and the kernel; stats->device splits out the transfer.
+  Status run_experts_cuda(const PeerRouting& r, float* y, PeerBatchStats* stats) {
+    Stopwatch start;
+    dedupe(r);
+    DeviceTransferStats device;
+    TROVE_RETURN_IF_ERROR(cuda->experts(r, unique_ids, slot_index, *experts, y, &device));
+    if (stats != nullptr) {
+      const uint64_t rec = experts->layout().record_bytes;
+      stats->tokens = r.tokens;
+      stats->slots = static_cast<int64_t>(r.ids.size());
+      stats->unique_experts = static_cast<int64_t>(unique_ids.size());
+      stats->record_bytes_used = rec * r.ids.size();
+      stats->record_bytes_unique = rec * unique_ids.size();
+      stats->fetch = experts->last_fetch();
+      stats->device = device;
+      stats->acquire_seconds = stats->fetch.resolve_seconds + stats->fetch.stall_seconds;
+      stats->expert_seconds = std::max(0.0, start.seconds() - stats->acquire_seconds);
+    }
+    return Status::ok_status();
+  }
 };
 
 PeerLayer::PeerLayer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -239,6 +292,7 @@ const PeerDenseParams& PeerLayer::params() const {
   return impl_->params;
 }
 PeerDenseParams& PeerLayer::mutable_params() {
+  if (impl_->cuda != nullptr) impl_->cuda->mark_params_changed();
   return impl_->params;
 }
 ExpertSource& PeerLayer::experts() {
@@ -288,6 +342,17 @@ Result<PeerLayer> PeerLayer::create(PeerConfig config, PeerDenseParams params,
     return Status::invalid_argument(str_printf("threads must be >= 0, got %d", options.threads));
   }
   auto impl = std::make_unique<Impl>();
+  if (options.backend == PeerBackend::kCuda) {
+    TROVE_RETURN_IF_ERROR(check_backend_available(PeerBackend::kCuda));
+    auto runner = CudaPeerRunner::create(config, l, options);
+    if (!runner.ok()) return runner.status().with_context("PEER layer on the cuda backend");
+    impl->cuda = std::move(runner).value();
+  } else if (options.vram_budget_bytes > 0) {
+    return Status::invalid_argument(
+        str_printf("a device budget (vram %llu bytes) needs the cuda backend, not %s",
+                   static_cast<unsigned long long>(options.vram_budget_bytes),
+                   std::string(peer_backend_name(options.backend)).c_str()));
+  }
   impl->config = config;
   impl->params = std::move(params);
   impl->experts = std::move(experts);
@@ -338,10 +403,13 @@ std::span<const int64_t> PeerLayer::last_experts() const {
 Status PeerLayer::check_batch(int64_t tokens) const {
   const PeerConfig& c = impl_->config;
   const int64_t per_token = c.heads * c.topk;
-  return impl_->experts->check_batch(
-      tokens * per_token,
+  const std::string what =
       str_printf("%lld tokens x %lld selections", static_cast<long long>(tokens),
-                 static_cast<long long>(per_token)));
+                 static_cast<long long>(per_token));
+  if (impl_->cuda != nullptr) {
+    TROVE_RETURN_IF_ERROR(impl_->cuda->check_batch(tokens * per_token, what));
+  }
+  return impl_->experts->check_batch(tokens * per_token, what);
 }
 
 Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> y,
@@ -354,7 +422,7 @@ Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> 
                  str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
   PeerRouting& r = routing != nullptr ? *routing : m.routing;
   Stopwatch start;
-  m.route(x.data(), T, &r);
+  TROVE_RETURN_IF_ERROR(m.route(x.data(), T, &r));
   const double route_seconds = start.seconds();
 
   TROVE_RETURN_IF_ERROR(m.run_experts(r, y.data(), stats));
@@ -391,7 +459,9 @@ Status PeerLayer::forward_routed(std::span<const float> x, int64_t T, const Peer
   Stopwatch start;
   m.xhat.resize(static_cast<size_t>(T * c.dim));
   const PeerRouterParams p = m.router();
-  if (m.ref()) {
+  if (m.on_cuda()) {
+    TROVE_RETURN_IF_ERROR(m.cuda->route(m.params, x.data(), T, nullptr));
+  } else if (m.ref()) {
     peer_norm_ref(c, p.norm_weight, x.data(), T, m.xhat.data());
   } else {
     peer_norm(c, p.norm_weight, x.data(), T, m.xhat.data(), m.options.threads);
@@ -411,11 +481,20 @@ Status PeerLayer::backward(std::span<const float> x, int64_t T, std::span<const 
       check_size("output gradient", dy.size(), T * c.dim_out,
                  str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
   TROVE_RETURN_IF_ERROR(check_finite_rows("output gradient", dy, c.dim_out));
-  m.route(x.data(), T, &m.routing);
+  TROVE_RETURN_IF_ERROR(m.route(x.data(), T, &m.routing));
   Lease lease(*m.experts);
   TROVE_RETURN_IF_ERROR(m.lease_experts(m.routing, &lease));
   const PeerRouterParams p = m.router();
-  if (m.ref()) {
+  if (m.on_cuda()) {
+#if TROVE_HAVE_CUDA
+    // The routing is the device's (as forward's); the gradients come from the CUDA backward
+    // on the leased host records (it copies each distinct record to the device once).
+    return cuda_peer_backward(c, p, m.experts->layout(), x.data(), T, m.routing,
+                              m.slot_records.data(), dy.data(), grads);
+#else
+    return Status::not_supported("trove was built without CUDA");
+#endif
+  } else if (m.ref()) {
     peer_backward_ref(c, p, m.experts->layout(), x.data(), T, m.routing, m.slot_records.data(),
                       dy.data(), grads);
   } else {

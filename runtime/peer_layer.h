@@ -1,6 +1,6 @@
-// PeerLayer: one PEER layer (SPEC §2) ready to run on the CPU: its config, its router
-// parameters (fp32, always resident) and an ExpertSource for its records. forward() routes the
-// batch, dedupes the selected experts, leases them from the source, runs the expert kernels on
+// PeerLayer: one PEER layer (SPEC §2) ready to run on the CPU or a CUDA device: its config, its
+// router parameters (fp32, always resident) and an ExpertSource for its records. forward() routes
+// the batch, dedupes the selected experts, leases them from the source, runs the expert kernels on
 // the record pointers and releases them; backward() returns the gradients of every parameter,
 // the expert tables' as row-sparse rows per unique expert.
 //
@@ -24,6 +24,7 @@
 #include "base/status.h"
 #include "kernels/peer.h"
 #include "kernels/record.h"
+#include "runtime/cache_policy.h"
 #include "runtime/expert_source.h"
 #include "runtime/tiered_source.h"
 #include "storage/store.h"
@@ -31,11 +32,17 @@
 namespace trove {
 
 enum class PeerBackend : uint8_t {
-  kCpu,  // kernels/cpu/peer.h: SIMD + threads
-  kRef,  // kernels/cpu/ref/peer_ref.h: the oracle (slow; for checking)
+  kCpu,   // kernels/cpu/peer.h: SIMD + threads
+  kRef,   // kernels/cpu/ref/peer_ref.h: the oracle (slow; for checking)
+  kCuda,  // kernels/cuda/peer_cuda.h on the current CUDA device (runtime/peer_layer_cuda.h)
 };
-std::string_view peer_backend_name(PeerBackend b);  // "cpu" "ref"
+std::string_view peer_backend_name(PeerBackend b);  // "cpu" "ref" "cuda"
 Result<PeerBackend> parse_peer_backend(std::string_view s);
+
+// OK when layers of backend `b` can be made on this machine. kCuda: kNotSupported "no CUDA
+// device is available (<why>)" without a usable device, or "trove was built without CUDA ..."
+// in a build without the CUDA backend. Cheap; for tools to refuse before any work.
+Status check_backend_available(PeerBackend b);
 
 // OK when every value of `v` (rows of `row_len`) is finite; else Status::invalid_argument
 // "<what>: token <first_row + row>, element <col> is nan; ...".
@@ -49,6 +56,19 @@ struct PeerLayerOptions {
   // open(): with a host budget, records come through a TieredExpertSource (host tier over the
   // store file, runtime/tiered_source.h); without, the whole table is memory-mapped.
   std::optional<TieredSourceOptions> tiers;
+  // kCuda only: the device tier's (T0's) byte budget (--vram). 0: no device tier; each batch's
+  // records are copied to the device afresh (one staging slab per batch).
+  uint64_t vram_budget_bytes = 0;
+  EvictionPolicy vram_policy = EvictionPolicy::kFrequency;
+};
+
+// kCuda: what making a batch's records visible to the device cost.
+struct DeviceTransferStats {
+  int64_t hits = 0;           // unique experts already in the device tier (no copy)
+  int64_t misses = 0;         // unique experts copied from the host (all of them without T0)
+  uint64_t bytes_copied = 0;  // host -> device in the batch's one batched copy (tables included)
+  double copy_seconds = 0;    // that copy, between CUDA events on the copy stream
+  bool pinned = true;         // the staging slab was pinned (false: the pageable fallback)
 };
 
 // Router parameters, canonical arrangement (runtime/layouts.h), owned.
@@ -70,6 +90,7 @@ struct PeerBatchStats {
   double acquire_seconds = 0;        // dedupe and leasing from the source
   double expert_seconds = 0;         // the expert kernels (both waves, see runtime/tiered_source.h)
   ExpertFetchStats fetch;            // what the source did (tiers: hits, misses, disk, stall)
+  DeviceTransferStats device;        // kCuda only
 };
 
 class PeerLayer {
@@ -95,13 +116,14 @@ class PeerLayer {
   const RecordLayout& record_layout() const;
   const PeerDenseParams& params() const;
   // The router parameters to change in place between batches (the trainer's Adam step). The
-  // sizes must stay as they are.
+  // sizes must stay as they are. (kCuda: the device copy is refreshed at the next batch.)
   PeerDenseParams& mutable_params();
   ExpertSource& experts();
   const PeerLayerOptions& options() const;
 
-  // OK when batches of up to `tokens` tokens fit the expert source (each can select
-  // tokens * h * k distinct experts); else the source's error, before any work.
+  // OK when batches of up to `tokens` tokens fit the expert source and, for kCuda, the device
+  // tier (each can select tokens * h * k distinct experts); else the source's or the device
+  // tier's error, before any work.
   Status check_batch(int64_t tokens) const;
 
   // y [T, D_out] for x [T, D] (row-major fp32). `routing`, when given, receives the routing;

@@ -1,0 +1,311 @@
+// The PEER layer on the cuda backend (runtime/peer_layer_cuda.h): forward, forward_routed and
+// backward equal the CPU layer's within the tolerances of tests/cuda_peer_test.cc and
+// tests/cuda_peer_backward_test.cc, with and without a device tier, over the mapped table and
+// over the host tier at several budgets; the device tier's hits need no copy; a device budget
+// below one batch is a clear error before any work. Without a device (or without CUDA in the
+// build) the backend is a clear kNotSupported error, which the first tests check; the rest
+// skip with a message.
+#include <cstring>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "runtime/pack.h"
+#include "runtime/peer_layer.h"
+#include "runtime/synthetic.h"
+#include "storage/store.h"
+#include "tests/peer_test_util.h"
+#include "tests/test_util.h"
+
+namespace trove {
+namespace {
+
+using testing::ScratchDir;
+
+// tests/cuda_peer_test.cc's forward tolerances and tests/cuda_peer_backward_test.cc's gradient
+// ones (fp32 sums in other orders; see there for the reasoning).
+constexpr double kForwardAbs = 1e-5;
+constexpr double kForwardRel = 1e-5;
+constexpr testing::RoutingTolerance kRoutingTolerance = {/*score_abs=*/1e-5, /*score_rel=*/1e-5,
+                                                         /*gate_abs=*/2e-5};
+constexpr double kGradAbs = 3e-5;
+constexpr double kGradRel = 1e-5;
+
+constexpr int64_t kTokens = 16;  // per batch
+constexpr int64_t kBatches = 8;
+
+PeerConfig runtime_config() {
+  PeerConfig c;
+  c.dim = 72;  // not a multiple of 32
+  c.dim_out = 40;
+  c.heads = 3;
+  c.n_keys = 24;  // N = 576
+  c.dim_key = 6;
+  c.topk = 4;
+  c.topk_per_half = 4;
+  c.activation = Activation::kGelu;
+  c.gate = Gate::kSoftmax;
+  return c;
+}
+constexpr int64_t kWorkingSet = kTokens * 3 * 4;  // T * h * k: one batch's most experts
+
+std::string make_store(const ScratchDir& dir, DType dtype) {
+  SyntheticCheckpoint spec;
+  spec.layout = ImportLayout::kTrove;
+  spec.prefixes = {"blk.0.peer"};
+  spec.config = runtime_config();
+  spec.dtype = StDType::kF32;
+  spec.router_std = 0.5f;
+  EXPECT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"), spec).ok());
+  PackOptions opt;
+  opt.inputs = {dir.file("in.safetensors")};
+  opt.output = dir.file(std::string("m-") + std::string(dtype_name(dtype)) + ".trove");
+  opt.layout = ImportLayout::kTrove;
+  opt.dtype = dtype;
+  opt.layers = {{"blk.0.peer", "blk.0.peer"}};
+  const auto packed = pack_store(opt);
+  EXPECT_TRUE(packed.ok()) << packed.status().to_string();
+  return opt.output;
+}
+
+// Gaussian batches; every other one repeats an earlier one, so a device tier gets hits.
+std::vector<std::vector<float>> batches(uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::vector<float>> out;
+  for (int64_t b = 0; b < kBatches; ++b) {
+    if (b % 2 == 1) {
+      out.push_back(out[static_cast<size_t>(b / 2)]);
+      continue;
+    }
+    std::vector<float> x(static_cast<size_t>(kTokens * runtime_config().dim));
+    for (float& v : x) v = normal(rng);
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
+struct RunOutput {
+  std::vector<std::vector<float>> ys;
+  std::vector<PeerRouting> routings;
+  std::vector<PeerBatchStats> stats;
+};
+
+RunOutput run(PeerLayer& layer, const std::vector<std::vector<float>>& xs) {
+  RunOutput r;
+  for (const auto& x : xs) {
+    std::vector<float> y(static_cast<size_t>(kTokens * layer.config().dim_out));
+    PeerRouting routing;
+    PeerBatchStats st;
+    const Status s = layer.forward(x, kTokens, y, &routing, &st);
+    EXPECT_TRUE(s.ok()) << s.to_string();
+    r.ys.push_back(std::move(y));
+    r.routings.push_back(std::move(routing));
+    r.stats.push_back(st);
+  }
+  return r;
+}
+
+PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t stride) {
+  PeerLayerOptions o;
+  o.backend = PeerBackend::kCuda;
+  o.threads = 2;
+  o.vram_budget_bytes = vram_slots * stride;
+  if (host_slots > 0) {
+    TieredSourceOptions t;
+    t.host_budget_bytes = host_slots * stride;
+    t.io.engine = RecordReaderOptions::Engine::kPread;
+    t.io.queue_depth = 8;
+    t.io.pread_threads = 3;
+    o.tiers = t;
+  }
+  return o;
+}
+
+// ---- without a device ----------------------------------------------------------------------
+
+TEST(CudaRuntime, CudaBackendWithoutADeviceIsNotSupportedBeforeAnyWork) {
+  if (check_backend_available(PeerBackend::kCuda).ok()) {
+    GTEST_SKIP() << "a CUDA device is present; the no-device path is not reachable";
+  }
+  const Status available = check_backend_available(PeerBackend::kCuda);
+  EXPECT_EQ(available.code(), Status::Code::kNotSupported);
+  EXPECT_NE(available.message().find("no CUDA device is available ("), std::string::npos)
+      << available.to_string();
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  PeerLayerOptions o;
+  o.backend = PeerBackend::kCuda;
+  auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+  ASSERT_FALSE(layer.ok());
+  EXPECT_EQ(layer.status().code(), Status::Code::kNotSupported);
+  EXPECT_NE(layer.status().message().find("no CUDA device is available ("), std::string::npos)
+      << layer.status().to_string();
+}
+
+TEST(CudaRuntime, BackendNamesRoundTripAndAVramBudgetNeedsTheCudaBackend) {
+  for (PeerBackend b : {PeerBackend::kCpu, PeerBackend::kRef, PeerBackend::kCuda}) {
+    auto parsed = parse_peer_backend(peer_backend_name(b));
+    ASSERT_TRUE(parsed.ok()) << parsed.status().to_string();
+    EXPECT_EQ(*parsed, b);
+  }
+  EXPECT_TRUE(check_backend_available(PeerBackend::kCpu).ok());
+  EXPECT_TRUE(check_backend_available(PeerBackend::kRef).ok());
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  PeerLayerOptions o;
+  o.vram_budget_bytes = 1 << 20;
+  auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+  ASSERT_FALSE(layer.ok());
+  EXPECT_EQ(layer.status().code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(layer.status().message().find("needs the cuda backend, not cpu"), std::string::npos)
+      << layer.status().to_string();
+}
+
+// ---- on a device ---------------------------------------------------------------------------
+
+class CudaRuntimeDevice : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const Status available = check_backend_available(PeerBackend::kCuda);
+    if (!available.ok()) {
+      GTEST_SKIP() << "the cuda backend is compiled but not run: " << available.message();
+    }
+  }
+};
+
+TEST_F(CudaRuntimeDevice, ForwardEqualsTheCpuLayerAtEveryVramAndHostBudget) {
+  ScratchDir dir;
+  for (DType dtype : {DType::kI4, DType::kI8, DType::kBF16}) {
+    auto store = StoreReader::open(make_store(dir, dtype));
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    PeerLayerOptions cpu_options;
+    cpu_options.threads = 2;
+    auto cpu = PeerLayer::open(*store, "blk.0.peer", cpu_options);
+    ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+    const auto xs = batches(7);
+    const RunOutput want = run(*cpu, xs);
+    const size_t stride = cpu->record_layout().stride;
+    const int64_t n = cpu->config().num_experts();
+    for (int64_t host : {int64_t{0}, kWorkingSet, n}) {
+      for (int64_t vram : {int64_t{0}, kWorkingSet, kWorkingSet + 7, n / 2, n}) {
+        SCOPED_TRACE(std::string(dtype_name(dtype)) + " vram " + std::to_string(vram) +
+                     " slots, host " + std::to_string(host) + " slots");
+        auto layer = PeerLayer::open(*store, "blk.0.peer", cuda_options(vram, host, stride));
+        ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+        ASSERT_TRUE(layer->check_batch(kTokens).ok());
+        const RunOutput got = run(*layer, xs);
+        ASSERT_EQ(got.ys.size(), want.ys.size());
+        for (size_t b = 0; b < got.ys.size(); ++b) {
+          SCOPED_TRACE("batch " + std::to_string(b));
+          testing::expect_routing_close(got.routings[b], want.routings[b], kRoutingTolerance,
+                                        "routing");
+          testing::expect_close(got.ys[b], want.ys[b], kForwardAbs, kForwardRel, "y");
+          const DeviceTransferStats& d = got.stats[b].device;
+          EXPECT_EQ(d.hits + d.misses, got.stats[b].unique_experts);
+          EXPECT_GT(d.bytes_copied, 0u);
+          if (vram == 0) {
+            EXPECT_EQ(d.hits, 0);
+          }
+        }
+        if (vram > 0) {
+          // Cold first; a repeated batch finds everything when the tier holds both batches.
+          EXPECT_EQ(got.stats[0].device.hits, 0);
+          if (vram >= n) {
+            EXPECT_EQ(got.stats[1].device.misses, 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaRuntimeDevice, RoutedForwardEmptyBatchAndChangedParamsMatchTheCpuLayer) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto cpu = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+  const size_t stride = cpu->record_layout().stride;
+  auto gpu = PeerLayer::open(*store, "blk.0.peer", cuda_options(kWorkingSet * 2, 0, stride));
+  ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+  const auto xs = batches(11);
+  const int64_t d_out = cpu->config().dim_out;
+
+  // Empty batch.
+  std::vector<float> none;
+  EXPECT_TRUE(gpu->forward(none, 0, none).ok());
+
+  // The CPU's routing replayed on the device.
+  std::vector<float> want(static_cast<size_t>(kTokens * d_out)), got(want.size());
+  PeerRouting routing;
+  ASSERT_TRUE(cpu->forward(xs[0], kTokens, want, &routing).ok());
+  ASSERT_TRUE(gpu->forward_routed(xs[0], kTokens, routing, got).ok());
+  testing::expect_close(got, want, kForwardAbs, kForwardRel, "routed y");
+
+  // All tokens routed to one expert.
+  PeerRouting one = routing;
+  for (int64_t& id : one.ids) id = 5;
+  ASSERT_TRUE(cpu->forward_routed(xs[0], kTokens, one, want).ok());
+  ASSERT_TRUE(gpu->forward_routed(xs[0], kTokens, one, got).ok());
+  testing::expect_close(got, want, kForwardAbs, kForwardRel, "one-expert y");
+
+  // Router parameters changed in place (the trainer's step) reach the device.
+  for (PeerLayer* l : {&*cpu, &*gpu}) {
+    for (float& w : l->mutable_params().query_weight) w *= -0.5f;
+  }
+  ASSERT_TRUE(cpu->forward(xs[2], kTokens, want).ok());
+  ASSERT_TRUE(gpu->forward(xs[2], kTokens, got).ok());
+  testing::expect_close(got, want, kForwardAbs, kForwardRel, "y after a parameter change");
+}
+
+TEST_F(CudaRuntimeDevice, BackwardMatchesTheCpuLayer) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto cpu = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+  auto gpu = PeerLayer::open(*store, "blk.0.peer", cuda_options(0, 0, cpu->record_layout().stride));
+  ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+  const auto xs = batches(13);
+  std::mt19937 rng(14);
+  const std::vector<float> dy =
+      testing::normal_values(static_cast<size_t>(kTokens * cpu->config().dim_out), 1.0, &rng);
+  PeerGrads want, got;
+  ASSERT_TRUE(cpu->backward(xs[0], kTokens, dy, &want).ok());
+  const Status s = gpu->backward(xs[0], kTokens, dy, &got);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  testing::expect_close(got.dx, want.dx, kGradAbs, kGradRel, "dx");
+  testing::expect_close(got.d_query_weight, want.d_query_weight, kGradAbs, kGradRel, "d_query_w");
+  testing::expect_close(got.d_keys, want.d_keys, kGradAbs, kGradRel, "d_keys");
+  EXPECT_EQ(got.expert_ids, want.expert_ids);
+  testing::expect_close(got.d_down, want.d_down, kGradAbs, kGradRel, "d_down");
+  testing::expect_close(got.d_up, want.d_up, kGradAbs, kGradRel, "d_up");
+}
+
+TEST_F(CudaRuntimeDevice, VramBudgetBelowOneBatchIsAClearErrorBeforeAnyWork) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const size_t stride = (*store).find_layer("blk.0.peer")->table.stride;
+  auto layer = PeerLayer::open(*store, "blk.0.peer", cuda_options(kWorkingSet - 1, 0, stride));
+  ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+  const Status s = layer->check_batch(kTokens);
+  EXPECT_EQ(s.code(), Status::Code::kResourceExhausted);
+  EXPECT_NE(s.message().find("device budget"), std::string::npos) << s.to_string();
+  EXPECT_NE(s.message().find("raise --vram to at least"), std::string::npos) << s.to_string();
+  // Below one record: refused at open, naming --vram.
+  auto tiny = PeerLayer::open(*store, "blk.0.peer", cuda_options(0, 0, stride));
+  ASSERT_TRUE(tiny.ok());
+  PeerLayerOptions o = cuda_options(0, 0, stride);
+  o.vram_budget_bytes = stride - 1;
+  auto refused = PeerLayer::open(*store, "blk.0.peer", o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("--vram"), std::string::npos)
+      << refused.status().to_string();
+}
+
+}  // namespace
+}  // namespace trove
