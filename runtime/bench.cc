@@ -322,6 +322,9 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   TROVE_ASSIGN_OR_RETURN(StoredLayer stored, load_stored_layer(store, "bench"));
   PeerLayerOptions lo;
   lo.threads = opt.threads;
+  lo.backend = opt.backend;
+  lo.vram_budget_bytes = opt.vram_budget_bytes;
+  lo.vram_policy = opt.policy;
   TieredSourceOptions tiers;
   tiers.host_budget_bytes = opt.host_budget_bytes;
   tiers.policy = opt.policy;
@@ -343,10 +346,15 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.capacity_slots = tiered.host().capacity_slots();
   res.engine = tiered.disk().engine_name();
   res.direct_io = tiered.disk().direct_io();
+  res.backend = std::string(peer_backend_name(opt.backend));
+  if (opt.vram_budget_bytes > 0) {
+    res.device_capacity_slots = static_cast<int64_t>(std::min<uint64_t>(
+        opt.vram_budget_bytes / stored.record.stride, static_cast<uint64_t>(c.num_experts())));
+  }
 
   const int64_t total = opt.warmup_batches + opt.batches;
   std::vector<std::vector<int64_t>> trace;  // unique ids per batch, for Belady
-  std::vector<double> route, resolve, disk, compute, stall, wall;
+  std::vector<double> route, resolve, disk, compute, stall, wall, transfer;
   std::vector<float> y(sz(opt.batch * c.dim_out));
   PeerRouting r;
   int64_t hits_all = 0, unique_all = 0;
@@ -371,6 +379,12 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       disk.push_back(st.fetch.disk_seconds);
       compute.push_back(st.expert_seconds);
       stall.push_back(st.fetch.stall_seconds);
+      transfer.push_back(st.device.copy_seconds);
+      res.device_hits += st.device.hits;
+      res.device_misses += st.device.misses;
+      res.h2d_bytes += st.device.bytes_copied;
+      res.h2d_seconds += st.device.copy_seconds;
+      res.h2d_pinned = res.h2d_pinned && st.device.pinned;
       res.requested += st.slots;
       res.unique += st.unique_experts;
       res.hits += st.fetch.hits;
@@ -396,6 +410,9 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.compute = stage_times(compute);
   res.stall = stage_times(stall);
   res.total = stage_times(wall);
+  res.transfer = stage_times(transfer);
+  res.device_hit_rate =
+      res.unique > 0 ? static_cast<double>(res.device_hits) / static_cast<double>(res.unique) : 0;
   if (opt.oracle) {
     // Over every batch from a cold tier, as the policy saw them, beside the policy's own.
     TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.capacity_slots));
@@ -414,19 +431,30 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
           stored.record, std::vector<uint8_t>(table.begin(), table.end()));
       PeerLayerOptions ro;
       ro.threads = opt.threads;
-      TROVE_ASSIGN_OR_RETURN(PeerLayer resident,
-                             PeerLayer::create(c, layer.params(), std::move(source), ro));
-      src.reset();
-      for (int64_t b = 0; b < opt.warmup_batches; ++b) {
-        if (!src.routes_itself()) src.routing(b, &r);  // keep the zipf stream in step
+      ro.backend = opt.backend;
+      const bool cuda = opt.backend == PeerBackend::kCuda;
+      // On the device, resident means the whole table in the device tier.
+      if (cuda) ro.vram_budget_bytes = res.table_bytes;
+      Result<PeerLayer> resident = PeerLayer::create(c, layer.params(), std::move(source), ro);
+      if (resident.ok()) {
+        // Twice over the batches on the device: the first pass fills the device tier.
+        for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
+          src.reset();
+          for (int64_t b = 0; b < opt.warmup_batches; ++b) {
+            if (!src.routes_itself()) src.routing(b, &r);  // keep the zipf stream in step
+          }
+          double seconds = 0;
+          for (int64_t b = opt.warmup_batches; b < total; ++b) {
+            const Stopwatch start;
+            TROVE_RETURN_IF_ERROR(run_batch(*resident, src, b, opt.batch, &r, &y, nullptr));
+            seconds += start.seconds();
+          }
+          res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
+        }
+      } else if (!cuda || resident.status().code() != Status::Code::kResourceExhausted) {
+        // (A table larger than the device is no error: the comparison is left out.)
+        return resident.status();
       }
-      double seconds = 0;
-      for (int64_t b = opt.warmup_batches; b < total; ++b) {
-        const Stopwatch start;
-        TROVE_RETURN_IF_ERROR(run_batch(resident, src, b, opt.batch, &r, &y, nullptr));
-        seconds += start.seconds();
-      }
-      res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
     }
   }
   return res;

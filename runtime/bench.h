@@ -22,6 +22,7 @@
 #include "base/status.h"
 #include "kernels/peer_config.h"
 #include "runtime/cache_policy.h"
+#include "runtime/peer_layer.h"
 #include "storage/record_io.h"
 
 namespace trove {
@@ -56,6 +57,10 @@ struct BenchOptions {
   bool resident_baseline = true;  // also run the same batches with the table in memory
   bool oracle = true;             // Belady's hit rate on the same batches
   int threads = 0;
+  // kCpu or kCuda (kRef works too, slowly). kCuda: vram_budget_bytes > 0 adds the device tier
+  // above the host tier, with the host tier's eviction policy.
+  PeerBackend backend = PeerBackend::kCpu;
+  uint64_t vram_budget_bytes = 0;
   uint64_t seed = 1;
   std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
 };
@@ -96,7 +101,20 @@ struct BenchResult {
   // Per batch, in seconds.
   StageTimes route, resolve, disk, compute, stall, total;
 
-  double resident_tokens_per_second = 0;  // 0: not run
+  // The all-resident run of the same batches (0: not run). kCuda: the whole table in the
+  // device tier, filled by one unmeasured pass over the batches first.
+  double resident_tokens_per_second = 0;
+
+  // kCuda: the device tier (zeros without one) and the host -> device transfers.
+  std::string backend = "cpu";
+  int64_t device_capacity_slots = 0;
+  int64_t device_hits = 0;
+  int64_t device_misses = 0;
+  double device_hit_rate = 0;  // device_hits / unique
+  uint64_t h2d_bytes = 0;      // copied host -> device (records and tables)
+  double h2d_seconds = 0;      // those copies, by CUDA events
+  bool h2d_pinned = true;      // every staging slab was pinned
+  StageTimes transfer;         // per batch
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then

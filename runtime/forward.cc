@@ -138,6 +138,11 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     report.bytes_read += bs.fetch.bytes_read;
     report.disk_seconds += bs.fetch.disk_seconds;
     report.stall_seconds += bs.fetch.stall_seconds;
+    report.device_hits += bs.device.hits;
+    report.device_misses += bs.device.misses;
+    report.h2d_bytes += bs.device.bytes_copied;
+    report.h2d_seconds += bs.device.copy_seconds;
+    report.h2d_pinned = report.h2d_pinned && bs.device.pinned;
     if (opt.progress) opt.progress(first + n, T);
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -59,6 +59,13 @@ struct ForwardReport {
   uint64_t bytes_read = 0;
   double disk_seconds = 0;
   double stall_seconds = 0;
+  // The cuda backend: the device tier's unique hits and misses (misses are every unique expert
+  // without one) and the host -> device copies (bytes, seconds by CUDA events, all pinned).
+  int64_t device_hits = 0;
+  int64_t device_misses = 0;
+  uint64_t h2d_bytes = 0;
+  double h2d_seconds = 0;
+  bool h2d_pinned = true;
   RoutingStats stats{0};
 };
 

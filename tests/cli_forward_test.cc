@@ -5,7 +5,8 @@
 // (lucidrains' half-major query rows, [h, n, 2, dk] keys, its (gamma + 1) RMSNorm ...). It
 // shares no code with trove's kernels or layouts, so a misread tensor cannot cancel out.
 // Then dtypes and shapes of the input, every bad input (exit 1, a message naming the problem,
-// no output file), and the --stats --json report.
+// no output file), the --stats --json report, and --device cuda (a clear error before any work
+// without a device; equal to --device cpu within tests/cuda_peer_test.cc's tolerances with one).
 #include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -25,6 +26,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "runtime/peer_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/cli_util.h"
@@ -808,6 +810,95 @@ TEST_F(CliForwardStore, StatsJsonMatchesTheRoutingOfEachBatch) {
   EXPECT_NEAR(u["mean"].get<double>(), (unique[0] + unique[1] + unique[2]) / 3.0, 1e-12);
   // The last batch holds one token: its heads select at most h * k distinct experts.
   EXPECT_LE(u["min"].get<int64_t>(), layer_.heads * layer_.topk);
+}
+
+// ---- 5. --device cuda -------------------------------------------------------------------------
+
+bool have_cuda() {
+  return check_backend_available(PeerBackend::kCuda).ok();
+}
+
+TEST_F(CliForwardStore, DeviceCudaWithoutADeviceFailsBeforeAnyWork) {
+  if (have_cuda()) GTEST_SKIP() << "a CUDA device is present; the no-device path is not reachable";
+  const int64_t D = layer_.dim;
+  std::mt19937 rng(121);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(
+      write_f32(xin, "x", {kTokens, D}, normal(rng, static_cast<size_t>(kTokens * D), 1.0)));
+  for (const std::vector<std::string>& extra :
+       {std::vector<std::string>{"--device", "cuda"},
+        std::vector<std::string>{"--device", "cuda", "--vram", "1GiB", "--host", "1MiB"}}) {
+    expect_rejected(xin, {"no CUDA device is available (", "); run without --device cuda"}, extra);
+  }
+  // trove bench too, before it writes a store.
+  const std::string bench_dir = dir_.file("bench");
+  RunResult r = run(dir_, {"bench", "--device", "cuda", "--experts", "1024", "--dim", "64",
+                           "--store", bench_dir, "--no-calibrate"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("no CUDA device is available ("), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("; run without --device cuda"), std::string::npos) << r.err;
+  EXPECT_FALSE(exists(bench_dir)) << "bench did work before refusing the device";
+}
+
+TEST_F(CliForwardStore, VramNeedsDeviceCudaAndRefDoesNotRunThere) {
+  const int64_t D = layer_.dim;
+  std::mt19937 rng(122);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(
+      write_f32(xin, "x", {kTokens, D}, normal(rng, static_cast<size_t>(kTokens * D), 1.0)));
+  expect_rejected(xin, {"--vram 1GiB", "needs --device cuda"}, {"--vram", "1GiB"});
+  expect_rejected(xin, {"--backend ref", "--device cuda"},
+                  {"--device", "cuda", "--backend", "ref"});
+  RunResult r = run(dir_, {"bench", "--vram", "1GiB", "--experts", "1024"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("needs --device cuda"), std::string::npos) << r.err;
+}
+
+TEST_F(CliForwardStore, DeviceCudaEqualsDeviceCpuAtSeveralVramAndHostBudgets) {
+  if (!have_cuda()) {
+    GTEST_SKIP() << "no CUDA device: " << check_backend_available(PeerBackend::kCuda).message();
+  }
+  // tests/cuda_peer_test.cc's forward tolerances, against the largest |y|.
+  constexpr double kAbs = 1e-5, kRel = 1e-5;
+  const int64_t D = layer_.dim;
+  std::mt19937 rng(123);
+  const std::vector<float> x = normal(rng, static_cast<size_t>(kTokens * D), 1.0);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(write_f32(xin, "x", {kTokens, D}, x));
+  ASSERT_EQ(forward(xin, {"--batch", "4"}).exit_code, 0);
+  const std::vector<float> want = read_tensor(y_path(), "y").values;
+  double scale = 0;
+  for (float v : want) scale = std::max(scale, std::abs(static_cast<double>(v)));
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  const uint64_t stride = store->find_layer(kPrefix)->table.stride;
+  const int64_t per_batch = 4 * layer_.heads * layer_.topk;
+  const std::string slots[] = {"", std::to_string(per_batch * stride),
+                               std::to_string((per_batch + 3) * stride),
+                               std::to_string(layer_.num_experts() * stride)};
+  for (const std::string& vram : slots) {
+    for (const std::string& host : {slots[0], slots[1], slots[3]}) {
+      SCOPED_TRACE("--vram '" + vram + "' --host '" + host + "'");
+      std::remove(y_path().c_str());
+      std::vector<std::string> extra = {"--batch", "4", "--device", "cuda"};
+      if (!vram.empty()) extra.insert(extra.end(), {"--vram", vram});
+      if (!host.empty()) extra.insert(extra.end(), {"--host", host});
+      RunResult r = forward(xin, extra);
+      ASSERT_EQ(r.exit_code, 0) << r.err;
+      const std::vector<float> got = read_tensor(y_path(), "y").values;
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_LE(std::abs(static_cast<double>(got[i]) - want[i]),
+                  kAbs * scale + kRel * std::abs(static_cast<double>(want[i])))
+            << "element " << i;
+      }
+    }
+  }
+  // The device tier below one batch: refused before anything is written, naming --vram.
+  std::remove(y_path().c_str());
+  expect_rejected(
+      xin, {"device budget", "raise --vram to at least"},
+      {"--batch", "4", "--device", "cuda", "--vram", std::to_string((per_batch - 1) * stride)});
 }
 
 }  // namespace

@@ -28,6 +28,7 @@ struct BenchArgs {
   std::string experts = "1M", batch = "2048", host = "10%", routing = "zipf:1.09";
   int64_t dim = 2048, dim_out = 0, heads = 4, topk = 8, topk_per_half = 0, dim_key = 64;
   std::string quant = "int4", store, plot;
+  std::string device = "cpu", vram;
   TierFlags tier;
   int threads = 0;
   int64_t batches = 32, warmup = 8;
@@ -98,6 +99,7 @@ struct Point {
   std::string host;  // as given: "2GiB" or "10%"
   BenchWorkload workload;
   uint64_t host_bytes = 0;
+  uint64_t vram_bytes = 0;  // --vram (0: none)
   BenchResult result;
   nlohmann::json disk;  // this table's disk calibration (ours, fio)
 };
@@ -180,6 +182,19 @@ nlohmann::json point_json(const Point& p) {
         {"stall", stage_json(r.stall)},
         {"batch", stage_json(r.total)}}},
   };
+  j["backend"] = r.backend;
+  if (r.backend == "cuda") {
+    j["device"] = {
+        {"vram_budget_bytes", p.vram_bytes},
+        {"capacity_records", r.device_capacity_slots},
+        {"hit_rate", r.device_hit_rate},
+        {"misses_per_batch", static_cast<double>(r.device_misses) / r.batches},
+        {"h2d_bytes_per_batch", static_cast<double>(r.h2d_bytes) / r.batches},
+        {"h2d_gb_per_second", r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
+        {"pinned", r.h2d_pinned},
+        {"transfer", stage_json(r.transfer)},
+    };
+  }
   if (r.oracle_hit_rate >= 0) {
     j["cold_run_hit_rate"] = r.achieved_hit_rate_all;
     j["belady_hit_rate"] = r.oracle_hit_rate;
@@ -209,6 +224,19 @@ void print_point(const Point& p, const nlohmann::json& calib) {
   std::printf("  experts/batch %12.0f requested, %.0f unique (%.2f selections per expert)\n",
               static_cast<double>(r.requested) / nb, static_cast<double>(r.unique) / nb,
               static_cast<double>(r.requested) / std::max<double>(1, r.unique));
+  if (r.backend == "cuda") {
+    std::printf(
+        "  device        %s: %.1f%% hit of unique experts, %s/batch copied host -> device at "
+        "%s%s\n",
+        p.vram_bytes > 0 ? ("tier " + format_bytes(p.vram_bytes) + " (" +
+                            with_commas(r.device_capacity_slots) + " records)")
+                               .c_str()
+                         : "no tier (--vram), every record copied",
+        100 * r.device_hit_rate,
+        format_bytes(static_cast<uint64_t>(static_cast<double>(r.h2d_bytes) / nb)).c_str(),
+        format_rate(r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds : 0.0).c_str(),
+        r.h2d_pinned ? "" : " (pageable: pinning failed)");
+  }
   std::printf("  host tier     %11.1f%% hit of unique experts (warm)", 100 * r.hit_rate);
   if (r.oracle_hit_rate >= 0) {
     std::printf("; from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)",
@@ -249,6 +277,9 @@ void print_point(const Point& p, const nlohmann::json& calib) {
 int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann::json* json) {
   const bool talk = !global.json && !global.quiet;
   auto fail = [](const Status& s) { return report_error("bench", s); };
+  // The device first, before any store is written.
+  Result<DeviceChoice> device = choose_device(a.device, a.vram, "cpu");
+  if (!device.ok()) return fail(device.status());
   Result<DType> dtype = parse_dtype(a.quant);
   if (!dtype.ok()) return fail(dtype.status());
 
@@ -456,6 +487,9 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
           o.io = io;
           o.resident_baseline = !a.no_resident;
           o.threads = a.threads;
+          o.backend = device->backend;
+          o.vram_budget_bytes = device->vram_budget_bytes;
+          p.vram_bytes = device->vram_budget_bytes;
           o.seed = a.seed;
           std::unique_ptr<ProgressBar> bar;
           if (talk) {
@@ -627,6 +661,13 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
                   "sweeps")
       ->capture_default_str();
   add_tier_flags(cmd, &a->tier);
+  cmd->add_option("--device", a->device,
+                  "cpu, or cuda: the layer on the CUDA device, records through a device tier\n"
+                  "of --vram bytes above the host tier (without --vram: copied per batch)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--vram", a->vram, "With --device cuda: the device tier's budget (e.g. 16GiB)")
+      ->check(valid_bytes);
   cmd->add_option(
       "--store", a->store,
       "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"

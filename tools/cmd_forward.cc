@@ -47,6 +47,16 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
                             {"stall_seconds", r.stall_seconds}}
            : nlohmann::json(nullptr)},
       {"record_bytes_unique", r.record_bytes_unique},
+      {"device", opt.layer_options.backend == PeerBackend::kCuda
+                     ? nlohmann::json{{"vram_budget_bytes", opt.layer_options.vram_budget_bytes},
+                                      {"hits", r.device_hits},
+                                      {"misses", r.device_misses},
+                                      {"h2d_bytes", r.h2d_bytes},
+                                      {"h2d_seconds", r.h2d_seconds},
+                                      {"h2d_gb_per_second",
+                                       r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
+                                      {"pinned", r.h2d_pinned}}
+                     : nlohmann::json(nullptr)},
       {"record_gb_per_second",
        r.expert_seconds > 0 ? r.record_bytes_used / r.expert_seconds / 1e9 : 0.0},
   };
@@ -88,6 +98,16 @@ void print_forward_report(const nlohmann::json& j, bool stats) {
         format_bytes(t["bytes_read"].get<uint64_t>()).c_str(), t["disk_seconds"].get<double>(),
         t["stall_seconds"].get<double>());
   }
+  if (const auto& d = j["device"]; !d.is_null()) {
+    const uint64_t vram = d["vram_budget_bytes"].get<uint64_t>();
+    std::printf("  device: %s, %lld hits, %lld misses; %s copied host -> device in %.3f s (%s%s)\n",
+                vram > 0 ? ("tier " + format_bytes(vram)).c_str() : "no tier (--vram)",
+                d["hits"].get<long long>(), d["misses"].get<long long>(),
+                format_bytes(d["h2d_bytes"].get<uint64_t>()).c_str(),
+                d["h2d_seconds"].get<double>(),
+                format_rate(d["h2d_gb_per_second"].get<double>() * 1e9).c_str(),
+                d["pinned"].get<bool>() ? "pinned" : ", pageable: pinning failed");
+  }
   if (stats && j.contains("stats")) {
     const auto& s = j["stats"];
     std::printf(
@@ -120,7 +140,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       "\\\n           -o y.safetensors --dump-routing r.safetensors --stats");
   struct Args {
     std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
-    std::string host;
+    std::string host, device = "cpu", vram;
     TierFlags tier;
     int64_t batch = 4096;
     int threads = 0;
@@ -155,6 +175,15 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
                   "cpu (SIMD + threads) or ref (the plain reference kernels, slow; for checking)")
       ->check(CLI::IsMember({"cpu", "ref"}))
       ->capture_default_str();
+  cmd->add_option("--device", args->device,
+                  "cpu, or cuda: the layer on the CUDA device (records copied to it per batch,\n"
+                  "or kept in a device tier of --vram bytes)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--vram", args->vram,
+                  "With --device cuda: device memory budget for expert records (e.g. 12GiB);\n"
+                  "records stay there between batches. Default: none, copied per batch")
+      ->check(valid_bytes);
   cmd->add_flag("--no-verify", args->no_verify,
                 "Skip the checksum of each record on its first use (not recommended)");
   cmd->add_option("--host", args->host,
@@ -163,6 +192,12 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       ->check(valid_bytes);
   add_tier_flags(cmd, &args->tier);
   cmd->callback([args, &global] {
+    // The device first, before any file is read.
+    Result<DeviceChoice> device = choose_device(args->device, args->vram, args->backend);
+    if (!device.ok()) {
+      global.exit_code = report_error("forward", device.status());
+      return;
+    }
     ForwardOptions opt;
     opt.store = args->store;
     opt.layer = args->layer;
@@ -172,7 +207,9 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.routing_output = args->routing;
     opt.batch = args->batch;
     opt.layer_options.threads = args->threads;
-    opt.layer_options.backend = parse_peer_backend(args->backend).value();
+    opt.layer_options.backend = device->backend;
+    opt.layer_options.vram_budget_bytes = device->vram_budget_bytes;
+    opt.layer_options.vram_policy = parse_eviction_policy(args->tier.policy).value();
     opt.layer_options.verify_checksums = !args->no_verify;
     if (!args->host.empty()) {
       opt.layer_options.tiers = tier_options(args->tier, parse_bytes(args->host).value());

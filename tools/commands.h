@@ -10,6 +10,7 @@
 #include "base/bytes.h"
 #include "base/status.h"
 #include "runtime/pack.h"
+#include "runtime/peer_layer.h"
 #include "runtime/tiered_source.h"
 
 namespace trove::cli {
@@ -58,6 +59,17 @@ struct TierFlags {
 };
 void add_tier_flags(CLI::App* cmd, TierFlags* flags);
 TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_bytes);
+
+// --device cpu|cuda and --vram, as `trove forward` and `trove bench` take them, checked
+// before any work: --device cuda on a machine without a usable device is kNotSupported
+// "no CUDA device is available (...); run without --device cuda"; --vram needs --device cuda;
+// --backend ref (the CPU oracle) does not run on the device.
+struct DeviceChoice {
+  PeerBackend backend = PeerBackend::kCpu;
+  uint64_t vram_budget_bytes = 0;
+};
+Result<DeviceChoice> choose_device(const std::string& device, const std::string& vram,
+                                   const std::string& backend);
 
 // The --json form of a pack report (shared by pack and demo).
 nlohmann::json pack_report_json(const PackOptions& options, const PackReport& report);

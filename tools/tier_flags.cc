@@ -1,4 +1,4 @@
-// The host-tier flags `trove forward` and `trove bench` share.
+// The tier and device flags `trove forward` and `trove bench` share.
 #include "tools/commands.h"
 
 namespace trove::cli {
@@ -27,6 +27,38 @@ TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_by
   t.io.queue_depth = flags.queue_depth;
   t.io.pread_threads = std::min(flags.queue_depth, 64);
   return t;
+}
+
+Result<DeviceChoice> choose_device(const std::string& device, const std::string& vram,
+                                   const std::string& backend) {
+  DeviceChoice choice;
+  if (device != "cuda") {
+    if (!vram.empty()) {
+      return Status::invalid_argument("--vram " + vram +
+                                      " is the device tier's budget; it needs --device cuda");
+    }
+    TROVE_ASSIGN_OR_RETURN(choice.backend, parse_peer_backend(backend));
+    return choice;
+  }
+  if (backend == "ref") {
+    return Status::invalid_argument(
+        "--backend ref is the CPU reference; it does not run with --device cuda (use --device "
+        "cpu)");
+  }
+  const Status available = check_backend_available(PeerBackend::kCuda);
+  if (!available.ok()) {
+    return Status::not_supported(available.message() + "; run without --device cuda");
+  }
+  choice.backend = PeerBackend::kCuda;
+  if (!vram.empty()) {
+    TROVE_ASSIGN_OR_RETURN(choice.vram_budget_bytes, parse_bytes(vram));
+    if (choice.vram_budget_bytes == 0) {
+      return Status::invalid_argument(
+          "--vram 0: the device tier needs a budget above 0 "
+          "(leave --vram out to copy records per batch)");
+    }
+  }
+  return choice;
 }
 
 }  // namespace trove::cli
