@@ -357,7 +357,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   std::vector<double> route, resolve, disk, compute, stall, wall, transfer;
   std::vector<float> y(sz(opt.batch * c.dim_out));
   PeerRouting r;
-  int64_t hits_all = 0, unique_all = 0;
+  int64_t hits_all = 0, unique_all = 0, device_hits_all = 0;
   double measured = 0;
   for (int64_t b = 0; b < total; ++b) {
     PeerBatchStats st;
@@ -370,6 +370,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       trace.emplace_back(u.begin(), u.end());
     }
     hits_all += st.fetch.hits;
+    device_hits_all += st.device.hits;
     unique_all += st.unique_experts;
     if (b >= opt.warmup_batches) {
       measured += seconds;
@@ -415,10 +416,16 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       res.unique > 0 ? static_cast<double>(res.device_hits) / static_cast<double>(res.unique) : 0;
   if (opt.oracle) {
     // Over every batch from a cold tier, as the policy saw them, beside the policy's own.
-    TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.capacity_slots));
-    res.oracle_hit_rate = best.hit_rate();
-    res.achieved_hit_rate_all =
-        unique_all > 0 ? static_cast<double>(hits_all) / static_cast<double>(unique_all) : 0;
+    const double all = static_cast<double>(std::max<int64_t>(1, unique_all));
+    if (res.device_capacity_slots > 0) {
+      TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.device_capacity_slots));
+      res.device_oracle_hit_rate = best.hit_rate();
+      res.device_hit_rate_all = static_cast<double>(device_hits_all) / all;
+    } else {
+      TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.capacity_slots));
+      res.oracle_hit_rate = best.hit_rate();
+      res.achieved_hit_rate_all = static_cast<double>(hits_all) / all;
+    }
   }
 
   if (opt.resident_baseline) {

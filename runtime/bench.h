@@ -90,7 +90,8 @@ struct BenchResult {
   int64_t misses = 0;
   double hit_rate = 0;  // hits / unique
   // Over every batch from a cold tier (warm-up included): Belady's hit rate and the policy's,
-  // side by side (-1: not run).
+  // side by side (-1: not run). With a device tier these are the device tier's (the host tier
+  // then sees only its misses, a stream the trace does not hold), and the host's are -1.
   double oracle_hit_rate = -1;
   double achieved_hit_rate_all = -1;
   uint64_t bytes_read = 0;  // from the store file
@@ -110,11 +111,13 @@ struct BenchResult {
   int64_t device_capacity_slots = 0;
   int64_t device_hits = 0;
   int64_t device_misses = 0;
-  double device_hit_rate = 0;  // device_hits / unique
-  uint64_t h2d_bytes = 0;      // copied host -> device (records and tables)
-  double h2d_seconds = 0;      // those copies, by CUDA events
-  bool h2d_pinned = true;      // every staging slab was pinned
-  StageTimes transfer;         // per batch
+  double device_hit_rate = 0;          // device_hits / unique
+  double device_oracle_hit_rate = -1;  // see oracle_hit_rate
+  double device_hit_rate_all = -1;
+  uint64_t h2d_bytes = 0;  // copied host -> device (records and tables)
+  double h2d_seconds = 0;  // those copies, by CUDA events
+  bool h2d_pinned = true;  // every staging slab was pinned
+  StageTimes transfer;     // per batch
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then

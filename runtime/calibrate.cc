@@ -2,6 +2,10 @@
 // record reads through RecordReader, and fio run as a child process for the raw disk's figure.
 #include "runtime/calibrate.h"
 
+#if TROVE_HAVE_CUDA
+#include "kernels/cuda/cuda_memory.h"
+#endif
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -683,6 +687,40 @@ Result<FioResult> run_fio_randread(const std::string& path, uint64_t region_offs
     return r;
   }
   return Status::io_error("fio failed with every I/O engine it was given:" + failures);
+}
+
+Result<double> measure_h2d_bandwidth(uint64_t bytes, double min_seconds) {
+  if (bytes < 4096 || !std::isfinite(min_seconds) || min_seconds < 0) {
+    return Status::invalid_argument(
+        str_printf("H2D calibration: %llu bytes (at least 4096) for %g s (finite, >= 0)",
+                   static_cast<unsigned long long>(bytes), min_seconds));
+  }
+#if TROVE_HAVE_CUDA
+  TROVE_RETURN_IF_ERROR(cuda_device_available());
+  TROVE_ASSIGN_OR_RETURN(PinnedHostBuffer host, PinnedHostBuffer::allocate(bytes));
+  if (!host.pinned()) {
+    return Status::resource_exhausted("H2D calibration: the host buffer could not be pinned");
+  }
+  std::memset(host.data(), 1, bytes);
+  TROVE_ASSIGN_OR_RETURN(CudaDeviceMemory device, CudaDeviceMemory::allocate(bytes));
+  TROVE_ASSIGN_OR_RETURN(CudaCopyStream stream, CudaCopyStream::create());
+  TROVE_ASSIGN_OR_RETURN(CudaEvent start, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(CudaEvent end, CudaEvent::create());
+  double best = 0, spent = 0;
+  for (int pass = 0; pass < 2 || spent < min_seconds; ++pass) {
+    TROVE_RETURN_IF_ERROR(start.record(stream));
+    TROVE_RETURN_IF_ERROR(stream.copy_async(device.data(), host.data(), bytes));
+    TROVE_RETURN_IF_ERROR(end.record(stream));
+    TROVE_RETURN_IF_ERROR(end.synchronize());
+    TROVE_ASSIGN_OR_RETURN(const double seconds, CudaEvent::elapsed_seconds(start, end));
+    spent += seconds;
+    if (seconds > 0) best = std::max(best, static_cast<double>(bytes) / seconds);
+    if (pass > 10000) break;  // a clock that does not advance
+  }
+  return best;
+#else
+  return Status::not_supported("H2D calibration: trove was built without CUDA");
+#endif
 }
 
 }  // namespace trove

@@ -45,6 +45,14 @@ namespace trove {
 // cannot be allocated.
 Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double min_seconds);
 
+// Bytes per second of host -> device copies on the current CUDA device: `bytes` of pinned host
+// memory copied to device memory by one cudaMemcpyAsync per pass, timed by CUDA events, passes
+// until `min_seconds` have passed (at least two), the best counting. The ceiling for the device
+// tier's misses (SPEC §8: H2D bandwidth). Errors: invalid_argument as for
+// measure_host_read_bandwidth; kNotSupported without a device or without CUDA in the build;
+// a failed pin is an error here (a pageable figure is not the limit).
+Result<double> measure_h2d_bandwidth(uint64_t bytes, double min_seconds);
+
 // Bytes per second of a durable sequential write in folder `dir`: `bytes` written to a new
 // temporary file (".trove-write-calibration-<pid>") in 1 MiB pieces, fdatasync'd, timed from
 // the first write to the sync's return; the file is removed. The ceiling for checkpoints that

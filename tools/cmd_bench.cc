@@ -194,6 +194,10 @@ nlohmann::json point_json(const Point& p) {
         {"pinned", r.h2d_pinned},
         {"transfer", stage_json(r.transfer)},
     };
+    if (r.device_oracle_hit_rate >= 0) {
+      j["device"]["cold_run_hit_rate"] = r.device_hit_rate_all;
+      j["device"]["belady_hit_rate"] = r.device_oracle_hit_rate;
+    }
   }
   if (r.oracle_hit_rate >= 0) {
     j["cold_run_hit_rate"] = r.achieved_hit_rate_all;
@@ -226,8 +230,8 @@ void print_point(const Point& p, const nlohmann::json& calib) {
               static_cast<double>(r.requested) / std::max<double>(1, r.unique));
   if (r.backend == "cuda") {
     std::printf(
-        "  device        %s: %.1f%% hit of unique experts, %s/batch copied host -> device at "
-        "%s%s\n",
+        "  device        %s: %.1f%% hit of unique experts (warm), %s/batch copied host -> "
+        "device at %s%s\n",
         p.vram_bytes > 0 ? ("tier " + format_bytes(p.vram_bytes) + " (" +
                             with_commas(r.device_capacity_slots) + " records)")
                                .c_str()
@@ -236,6 +240,17 @@ void print_point(const Point& p, const nlohmann::json& calib) {
         format_bytes(static_cast<uint64_t>(static_cast<double>(r.h2d_bytes) / nb)).c_str(),
         format_rate(r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds : 0.0).c_str(),
         r.h2d_pinned ? "" : " (pageable: pinning failed)");
+    if (calib.contains("h2d_bandwidth") && r.h2d_seconds > 0) {
+      const double h2d = calib["h2d_bandwidth"].get<double>();
+      std::printf("                copies at %.2f of the calibrated H2D %s\n",
+                  r.h2d_bytes / r.h2d_seconds / h2d, format_rate(h2d).c_str());
+    }
+    if (r.device_oracle_hit_rate >= 0) {
+      std::printf(
+          "                from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)\n",
+          100 * r.device_hit_rate_all, 100 * r.device_oracle_hit_rate,
+          r.device_oracle_hit_rate > 0 ? r.device_hit_rate_all / r.device_oracle_hit_rate : 0.0);
+    }
   }
   std::printf("  host tier     %11.1f%% hit of unique experts (warm)", 100 * r.hit_rate);
   if (r.oracle_hit_rate >= 0) {
@@ -374,6 +389,18 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     const uint64_t bw_bytes = a.calibrate_seconds >= 0.5 ? uint64_t{1} << 30 : uint64_t{256} << 20;
     Result<double> bw = measure_host_read_bandwidth(bw_bytes, a.threads, a.calibrate_seconds / 2);
     if (bw.ok()) calib["host_read_bandwidth"] = *bw;
+    if (device->backend == PeerBackend::kCuda) {
+      if (talk) {
+        std::printf("calibrating host -> device bandwidth ...\n");
+        std::fflush(stdout);
+      }
+      Result<double> h2d = measure_h2d_bandwidth(bw_bytes, a.calibrate_seconds / 2);
+      if (h2d.ok()) {
+        calib["h2d_bandwidth"] = *h2d;
+      } else if (talk) {
+        std::fprintf(stderr, "trove bench: warning: %s\n", h2d.status().to_string().c_str());
+      }
+    }
   }
 
   std::vector<Point> points;
