@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <climits>
 
+#include "base/check.h"
 #include "base/strings.h"
 
 namespace trove {
@@ -98,6 +99,9 @@ Result<std::unique_ptr<ExpertCache>> ExpertCache::create(const ExpertCacheOption
           "allocating %s for the %s tier (budget %s): %s", format_bytes(bytes).c_str(),
           tier.c_str(), format_bytes(options.budget_bytes).c_str(), p.status().message().c_str()));
     }
+    TROVE_CHECK_MSG(reinterpret_cast<uintptr_t>(*p) % align == 0,
+                    "the %s tier's slot memory returned %p, not %zu-byte aligned", tier.c_str(),
+                    static_cast<void*>(*p), align);
     cache->blocks_.emplace_back(*p, bytes);
   }
   return cache;

@@ -48,7 +48,8 @@ class SlotMemory {
   SlotMemory(const SlotMemory&) = delete;
   SlotMemory& operator=(const SlotMemory&) = delete;
   virtual ~SlotMemory() = default;
-  // `bytes` aligned to at least 4096, or resource_exhausted saying why.
+  // `bytes` starting at a multiple of the cache's slot_alignment (cudaMalloc's 256 bytes
+  // covers the default 64), or resource_exhausted saying why.
   virtual Result<uint8_t*> allocate(size_t bytes) = 0;
   // REQUIRES: `data` and `bytes` of one allocate() not yet released.
   virtual void release(uint8_t* data, size_t bytes) = 0;

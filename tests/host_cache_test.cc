@@ -9,6 +9,7 @@
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <random>
@@ -253,23 +254,24 @@ TEST(ExpertCache, OverlappingBatchesEachHoldALease) {
 // cudaMalloc-backed one would be called.
 class RecordingSlotMemory final : public SlotMemory {
  public:
+  ~RecordingSlotMemory() override {
+    for (const auto& [p, bytes] : live) std::free(p);
+  }
   Result<uint8_t*> allocate(size_t bytes) override {
     if (fail_next) return Status::resource_exhausted("out of pretend device memory");
-    auto block = std::make_unique<uint8_t[]>(bytes);
-    uint8_t* p = block.get();
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(256, (bytes + 255) / 256 * 256));
     live[p] = bytes;
-    blocks.push_back(std::move(block));
     ++allocations;
     return p;
   }
   void release(uint8_t* data, size_t bytes) override {
     EXPECT_EQ(live.at(data), bytes);
     live.erase(data);
+    std::free(data);
   }
   bool fail_next = false;
   int allocations = 0;
   std::map<uint8_t*, size_t> live;
-  std::vector<std::unique_ptr<uint8_t[]>> blocks;
 };
 
 TEST(ExpertCache, SlotsLiveInTheSlotMemoryTheOptionsGiveWithTheSameBookkeeping) {
