@@ -2,6 +2,7 @@
 // is built with the rest of the CUDA backend and only there.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -91,10 +92,14 @@ Result<PinnedHostBuffer> PinnedHostBuffer::allocate(size_t bytes) {
                                       " bytes of host staging memory: pinned failed (" +
                                       why.message() + ") and so did pageable");
   }
-  TROVE_LOG_WARN(
-      "pinning %zu bytes of host staging memory failed (%s); using pageable memory (transfers "
-      "are slower and synchronous)",
-      bytes, why.message().c_str());
+  // Once per process: a staging buffer that grows would otherwise repeat it at every size.
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true)) {
+    TROVE_LOG_WARN(
+        "pinning %zu bytes of host staging memory failed (%s); using pageable memory (transfers "
+        "are slower and synchronous; warned once)",
+        bytes, why.message().c_str());
+  }
   b.data_ = static_cast<uint8_t*>(p);
   b.bytes_ = bytes;
   b.pinned_ = false;

@@ -44,7 +44,8 @@ class CudaDeviceMemory {
 // `bytes` of host memory for staging transfers, page-aligned. Pinned (cudaHostAlloc) when the
 // driver allows; when pinning fails (no device, a locked-memory limit, out of pinned memory) the
 // buffer is ordinary pageable memory and a warning naming the size and the CUDA error is logged
-// once per buffer (copies from it still work, at pageable speed and synchronously).
+// (the first time in the process; copies from it still work, at pageable speed and
+// synchronously). pinned() tells which the buffer is.
 // kResourceExhausted only when no memory at all can be had.
 class PinnedHostBuffer {
  public:
