@@ -1,5 +1,8 @@
 #include "runtime/tiered_source.h"
 
+#include <algorithm>
+#include <cstring>
+
 #include "base/bytes.h"
 #include "base/check.h"
 #include "base/stopwatch.h"
@@ -9,7 +12,7 @@ namespace trove {
 
 TieredExpertSource::TieredExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
                                        const RecordLayout& layout)
-    : store_(store), layer_(layer), layout_(layout) {}
+    : store_(&store), layer_(&layer), layout_(layout) {}
 
 TieredExpertSource::~TieredExpertSource() {
   // A batch begun and never finished: let its reads land before the slots go away.
@@ -39,7 +42,7 @@ Result<std::unique_ptr<TieredExpertSource>> TieredExpertSource::open(
 }
 
 std::string TieredExpertSource::describe() const {
-  return "store " + store_.path() + ", layer " + layer_.name + " (host tier " +
+  return "store " + store_->path() + ", layer " + layer_->name + " (host tier " +
          format_bytes(cache_ != nullptr ? cache_->options().budget_bytes : 0) + " over disk)";
 }
 
@@ -64,14 +67,14 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
   TROVE_RETURN_IF_ERROR(cache_->admit(ids, &batch_).with_context(describe()));
   reads_.clear();
   reads_.reserve(batch_.miss_index.size());
-  const uint64_t stride = layer_.table.stride;
+  const uint64_t stride = layer_->table.stride;
   for (uint32_t i : batch_.miss_index) {
     RecordRead r;
     r.id = ids[i];
-    r.offset = layer_.table.offset + static_cast<uint64_t>(ids[i]) * stride;
+    r.offset = layer_->table.offset + static_cast<uint64_t>(ids[i]) * stride;
     r.bytes = static_cast<uint32_t>(stride);
     r.dest = batch_.slots[i];
-    r.xxh3 = store_.record_checksum(layer_, ids[i]);
+    r.xxh3 = store_->record_checksum(*layer_, ids[i]);
     reads_.push_back(r);
   }
   for (size_t i = 0, m = 0; i < ids.size(); ++i) {
@@ -122,6 +125,40 @@ Status TieredExpertSource::acquire(std::span<const int64_t> ids,
 
 void TieredExpertSource::release(std::span<const int64_t> ids) {
   cache_->release(ids);
+}
+
+Status TieredExpertSource::refresh(const StoreReader& store, const StoreLayerInfo& layer,
+                                   std::span<const int64_t> ids,
+                                   const std::function<const uint8_t*(int64_t)>& bytes) {
+  TROVE_CHECK(!in_flight_);
+  if (layer.table.offset != layer_->table.offset || layer.table.stride != layer_->table.stride ||
+      layer.table.count != layer_->table.count) {
+    return Status::invalid_argument(describe() + ": refresh with layer " + layer.name +
+                                    " of another table geometry (a rewritten store needs a new "
+                                    "source)");
+  }
+  // The resident ones only (probes, no policy update), leased a bounded chunk at a time: all
+  // hits, so admit() cannot evict or fail for room.
+  std::vector<int64_t> resident;
+  for (int64_t id : ids) {
+    if (cache_->contains(id)) resident.push_back(id);
+  }
+  std::sort(resident.begin(), resident.end());
+  const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, cache_->capacity_slots()));
+  CacheBatch batch;
+  for (size_t first = 0; first < resident.size(); first += chunk) {
+    const std::span<const int64_t> part =
+        std::span<const int64_t>(resident).subspan(first, std::min(chunk, resident.size() - first));
+    TROVE_RETURN_IF_ERROR(cache_->admit(part, &batch).with_context(describe()));
+    TROVE_CHECK(batch.miss_index.empty());
+    for (size_t i = 0; i < part.size(); ++i) {
+      std::memcpy(batch.slots[i], bytes(part[i]), layer.table.stride);
+    }
+    cache_->release(part);
+  }
+  store_ = &store;
+  layer_ = &layer;
+  return Status::ok_status();
 }
 
 }  // namespace trove

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -65,13 +66,24 @@ class TieredExpertSource final : public ExpertSource {
   Status check_batch(int64_t max_unique, const std::string& what) const override;
 
   const RecordLayout& layout() const override { return layout_; }
-  int64_t num_experts() const override { return static_cast<int64_t>(layer_.table.count); }
+  int64_t num_experts() const override { return static_cast<int64_t>(layer_->table.count); }
   std::string describe() const override;
   Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   void release(std::span<const int64_t> ids) override;
   Status begin_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   Status finish_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   ExpertFetchStats last_fetch() const override { return last_; }
+
+  // After the store was updated in place to a new generation (storage/store_update.h) with
+  // new bytes for experts `ids`: the resident copies of those experts take the new bytes
+  // (`bytes(id)`, stride bytes each), so the tier stays warm, and the source reads through
+  // `store` (reopened at the new generation; `layer` one of its layers) from now on: its
+  // checksums verify later reads. The file must be the same one, updated in place (a rewrite
+  // by rename needs a new source). The rewritten residents count as hits in metrics().
+  // Errors: `layer` of another geometry.
+  // REQUIRES: no batch acquired.
+  Status refresh(const StoreReader& store, const StoreLayerInfo& layer,
+                 std::span<const int64_t> ids, const std::function<const uint8_t*(int64_t)>& bytes);
 
   const ExpertCache& host() const { return *cache_; }
   const RecordReader& disk() const { return *reader_; }
@@ -80,8 +92,8 @@ class TieredExpertSource final : public ExpertSource {
   TieredExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
                      const RecordLayout& layout);
 
-  const StoreReader& store_;
-  const StoreLayerInfo& layer_;
+  const StoreReader* store_;
+  const StoreLayerInfo* layer_;
   RecordLayout layout_;
   std::unique_ptr<ExpertCache> cache_;
   std::unique_ptr<RecordReader> reader_;

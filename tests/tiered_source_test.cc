@@ -12,9 +12,11 @@
 
 #include "runtime/pack.h"
 #include "runtime/peer_layer.h"
+#include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
 #include "storage/fault_injection.h"
 #include "storage/store.h"
+#include "storage/store_update.h"
 #include "tests/test_util.h"
 
 namespace trove {
@@ -383,6 +385,65 @@ INSTANTIATE_TEST_SUITE_P(Engines, TieredFaults, ::testing::Values(Engine::kPread
                          [](const ::testing::TestParamInfo<Engine>& p) {
                            return std::string(p.param == Engine::kPread ? "Pread" : "IoUring");
                          });
+
+// refresh(): after the store is updated in place, resident copies of the changed records take
+// the new bytes with no disk read, others are read through the new generation's checksums,
+// and unchanged residents stay hits; a layer of another geometry is refused.
+TEST(TieredSource, RefreshKeepsTheTierWarmAcrossAnInPlaceGeneration) {
+  ScratchDir dir;
+  const std::string path = make_store(dir, DType::kI8);
+  auto store = StoreReader::open(path);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const StoreLayerInfo& info = *store->find_layer("blk.0.peer");
+  auto stored = load_stored_layer(*store, "blk.0.peer");
+  ASSERT_TRUE(stored.ok());
+  const size_t stride = info.table.stride;
+  TieredSourceOptions t;
+  t.host_budget_bytes = 8 * stride;
+  t.io.engine = Engine::kPread;
+  auto source = TieredExpertSource::open(*store, info, stored->record, t);
+  ASSERT_TRUE(source.ok()) << source.status().to_string();
+  TieredExpertSource& tier = **source;
+
+  const std::vector<int64_t> resident = {1, 4, 9};
+  std::vector<const uint8_t*> recs(resident.size());
+  ASSERT_TRUE(tier.acquire(resident, recs).ok());
+  tier.release(resident);
+
+  // Generation 2: new bytes for expert 4 (resident) and 20 (not).
+  std::vector<uint8_t> four(stride, 0x44), twenty(stride, 0x20);
+  {
+    auto u = StoreUpdate::begin(path);
+    ASSERT_TRUE(u.ok()) << u.status().to_string();
+    std::vector<uint8_t> both(four);
+    both.insert(both.end(), twenty.begin(), twenty.end());
+    const std::vector<int64_t> ids = {4, 20};
+    ASSERT_TRUE(u->put_records("blk.0.peer", ids, both).ok());
+    ASSERT_TRUE(u->commit().ok());
+  }
+  auto next = StoreReader::open(path);
+  ASSERT_TRUE(next.ok()) << next.status().to_string();
+  const StoreLayerInfo& next_info = *next->find_layer("blk.0.peer");
+  const std::vector<int64_t> changed = {4, 20};
+  ASSERT_TRUE(tier.refresh(*next, next_info, changed,
+                           [&](int64_t id) { return id == 4 ? four.data() : twenty.data(); })
+                  .ok());
+
+  ASSERT_TRUE(tier.acquire(resident, recs).ok());
+  EXPECT_EQ(tier.last_fetch().misses, 0);  // still warm
+  EXPECT_EQ(std::memcmp(recs[1], four.data(), stride), 0);
+  tier.release(resident);
+  const std::vector<int64_t> cold = {20};
+  std::vector<const uint8_t*> one(1);
+  ASSERT_TRUE(tier.acquire(cold, one).ok());  // read and verified against generation 2
+  EXPECT_EQ(tier.last_fetch().misses, 1);
+  EXPECT_EQ(std::memcmp(one[0], twenty.data(), stride), 0);
+  tier.release(cold);
+
+  StoreLayerInfo other = next_info;
+  other.table.stride += 64;
+  EXPECT_FALSE(tier.refresh(*next, other, {}, [](int64_t) { return nullptr; }).ok());
+}
 
 }  // namespace
 }  // namespace trove

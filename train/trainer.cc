@@ -218,6 +218,7 @@ struct LayerRun {
   std::unique_ptr<RecordOverlay> dirty_training;  // int8 training records changed
   std::unique_ptr<RecordOverlay> dirty_serving;   // their int4 export
   OverlayExpertSource* serving = nullptr;         // the student's source (the layer owns it)
+  TieredExpertSource* tier = nullptr;             // its base when --host, else null
   std::unique_ptr<OverlayExpertSource> unbound;   // the source before the student takes it
   std::unique_ptr<ExpertSource> training_base;    // the state layer, or null before the first
                                                   // checkpoint (then imported from serving)
@@ -490,17 +491,22 @@ Result<StoreUpdateStats> update_store(const TrainOptions& o, const StoreReader& 
 struct LayerSources {
   StoredLayer stored;
   std::unique_ptr<ExpertSource> serving;
+  TieredExpertSource* tier = nullptr;      // serving, when it is a host tier
   std::unique_ptr<ExpertSource> training;  // null before the first checkpoint
   bool has_adam_state = false;
 };
 
+// With `keep_tier` the layer's host tier stays (refreshed by the caller) and s.serving is null.
 Result<LayerSources> open_sources(const TrainOptions& o, const StoreReader& store,
-                                  const LayerRun& run) {
+                                  const LayerRun& run, bool keep_tier = false) {
   LayerSources s;
   TROVE_ASSIGN_OR_RETURN(s.stored, load_stored_layer(store, run.name));
-  if (o.tiers.has_value()) {
+  if (keep_tier) {
+    // The tier over the file updated in place: refreshed, not reopened (it stays warm).
+  } else if (o.tiers.has_value()) {
     TROVE_ASSIGN_OR_RETURN(
         auto tiered, TieredExpertSource::open(store, *s.stored.info, s.stored.record, *o.tiers));
+    s.tier = tiered.get();
     s.serving = std::move(tiered);
   } else {
     s.serving = std::make_unique<MappedStoreExpertSource>(store, *s.stored.info, s.stored.record);
@@ -516,9 +522,13 @@ Result<LayerSources> open_sources(const TrainOptions& o, const StoreReader& stor
 // student's source (left in run->unbound for PeerLayer::create).
 void install_sources(LayerSources s, LayerRun* run) {
   run->stored = s.stored;
-  if (run->serving != nullptr) {
+  if (s.serving == nullptr) {
+    // The tier was kept.
+  } else if (run->serving != nullptr) {
+    run->tier = s.tier;
     run->serving->reset_base(std::move(s.serving));
   } else {
+    run->tier = s.tier;
     run->dirty_serving = std::make_unique<RecordOverlay>(run->stored.record.stride);
     run->dirty_training = std::make_unique<RecordOverlay>(run->training.stride);
     auto overlay =
@@ -813,10 +823,19 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     // The new generation: every layer's sources opened first, then all swapped in together.
     TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(o.store));
     auto next = std::make_unique<StoreReader>(std::move(reopened));
+    // A host tier over a store updated in place stays warm: its resident copies of the changed
+    // records take the new bytes and it reads through the new generation's checksums.
     std::vector<LayerSources> sources;
     for (const LayerRun& r : runs) {
-      TROVE_ASSIGN_OR_RETURN(LayerSources ls, open_sources(o, *next, r));
+      TROVE_ASSIGN_OR_RETURN(LayerSources ls, open_sources(o, *next, r, !whole && r.tier));
       sources.push_back(std::move(ls));
+    }
+    for (size_t i = 0; i < runs.size(); ++i) {
+      if (sources[i].serving != nullptr) continue;
+      const RecordOverlay& changed = *runs[i].dirty_serving;
+      TROVE_RETURN_IF_ERROR(runs[i].tier->refresh(*next, *sources[i].stored.info,
+                                                  changed.sorted_ids(),
+                                                  [&](int64_t id) { return changed.find(id); }));
     }
     for (size_t i = 0; i < runs.size(); ++i) {
       install_sources(std::move(sources[i]), &runs[i]);
