@@ -15,6 +15,7 @@
 #include "runtime/synthetic.h"
 #include "storage/store.h"
 #include "tests/peer_test_util.h"
+#include "tests/runtime_test_util.h"
 #include "tests/test_util.h"
 
 namespace trove {
@@ -50,39 +51,12 @@ PeerConfig runtime_config() {
 constexpr int64_t kWorkingSet = kTokens * 3 * 4;  // T * h * k: one batch's most experts
 
 std::string make_store(const ScratchDir& dir, DType dtype) {
-  SyntheticCheckpoint spec;
-  spec.layout = ImportLayout::kTrove;
-  spec.prefixes = {"blk.0.peer"};
-  spec.config = runtime_config();
-  spec.dtype = StDType::kF32;
-  spec.router_std = 0.5f;
-  EXPECT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"), spec).ok());
-  PackOptions opt;
-  opt.inputs = {dir.file("in.safetensors")};
-  opt.output = dir.file(std::string("m-") + std::string(dtype_name(dtype)) + ".trove");
-  opt.layout = ImportLayout::kTrove;
-  opt.dtype = dtype;
-  opt.layers = {{"blk.0.peer", "blk.0.peer"}};
-  const auto packed = pack_store(opt);
-  EXPECT_TRUE(packed.ok()) << packed.status().to_string();
-  return opt.output;
+  return testing::pack_synthetic_store(dir, runtime_config(), dtype, 0.5f);
 }
 
 // Gaussian batches; every other one repeats an earlier one, so a device tier gets hits.
 std::vector<std::vector<float>> batches(uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<std::vector<float>> out;
-  for (int64_t b = 0; b < kBatches; ++b) {
-    if (b % 2 == 1) {
-      out.push_back(out[static_cast<size_t>(b / 2)]);
-      continue;
-    }
-    std::vector<float> x(static_cast<size_t>(kTokens * runtime_config().dim));
-    for (float& v : x) v = normal(rng);
-    out.push_back(std::move(x));
-  }
-  return out;
+  return testing::repeating_batches(seed, kBatches, kTokens, runtime_config().dim);
 }
 
 struct RunOutput {

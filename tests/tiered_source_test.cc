@@ -17,6 +17,7 @@
 #include "storage/fault_injection.h"
 #include "storage/store.h"
 #include "storage/store_update.h"
+#include "tests/runtime_test_util.h"
 #include "tests/test_util.h"
 
 namespace trove {
@@ -46,40 +47,13 @@ PeerConfig tiered_config() {
 constexpr int64_t kWorkingSet = kTokens * 3 * 4;
 
 std::string make_store(const ScratchDir& dir, DType dtype) {
-  SyntheticCheckpoint spec;
-  spec.layout = ImportLayout::kTrove;
-  spec.prefixes = {"blk.0.peer"};
-  spec.config = tiered_config();
-  spec.dtype = StDType::kF32;
-  spec.router_std = 0.5f;
-  EXPECT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"), spec).ok());
-  PackOptions opt;
-  opt.inputs = {dir.file("in.safetensors")};
-  opt.output = dir.file(std::string("m-") + std::string(dtype_name(dtype)) + ".trove");
-  opt.layout = ImportLayout::kTrove;
-  opt.dtype = dtype;
-  opt.layers = {{"blk.0.peer", "blk.0.peer"}};
-  const auto packed = pack_store(opt);
-  EXPECT_TRUE(packed.ok()) << packed.status().to_string();
-  return opt.output;
+  return testing::pack_synthetic_store(dir, tiered_config(), dtype, 0.5f);
 }
 
 // Batches of gaussian tokens, with every other batch repeating an earlier one (so later
 // batches hit what earlier ones loaded).
 std::vector<std::vector<float>> batches(uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<std::vector<float>> out;
-  for (int64_t b = 0; b < kBatches; ++b) {
-    if (b % 2 == 1) {
-      out.push_back(out[static_cast<size_t>(b / 2)]);
-      continue;
-    }
-    std::vector<float> x(static_cast<size_t>(kTokens * tiered_config().dim));
-    for (float& v : x) v = normal(rng);
-    out.push_back(std::move(x));
-  }
-  return out;
+  return testing::repeating_batches(seed, kBatches, kTokens, tiered_config().dim);
 }
 
 std::vector<std::vector<float>> run(PeerLayer& layer, const std::vector<std::vector<float>>& xs,
