@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <initializer_list>
 #include <random>
 #include <thread>
 
@@ -222,38 +223,22 @@ TEST(Cli, PackKilledAtAnyMomentLeavesTheOldOrTheNewStore) {
       iterations, full_ms, saw_old, saw_new, leftovers);
 }
 
+// trove bench on a small layer (4096 experts, D 64, h 2, k 4, dk 8, batch 16) plus `more`.
+std::vector<std::string> small_bench(std::initializer_list<std::string> more) {
+  std::vector<std::string> args = {"bench",   "--experts", "4096",   "--dim", "64",
+                                   "--heads", "2",         "--topk", "4",     "--dim-key",
+                                   "8",       "--batch",   "16"};
+  args.insert(args.end(), more);
+  return args;
+}
+
 TEST(Cli, BenchSweepsWritesJsonAndAPlotAndRefusesBadSizes) {
   ScratchDir dir;
   const std::string plot = dir.file("sweep.png");
-  RunResult r = run(dir, {"bench",
-                          "--experts",
-                          "4096",
-                          "--dim",
-                          "64",
-                          "--heads",
-                          "2",
-                          "--topk",
-                          "4",
-                          "--dim-key",
-                          "8",
-                          "--batch",
-                          "16",
-                          "--host",
-                          "5%,20%",
-                          "--routing",
-                          "zipf:1.09",
-                          "--batches",
-                          "4",
-                          "--warmup",
-                          "2",
-                          "--store",
-                          dir.file("stores"),
-                          "--calibrate-seconds",
-                          "0.1",
-                          "--no-fio",
-                          "--plot",
-                          plot,
-                          "--json"});
+  RunResult r =
+      run(dir, small_bench({"--host", "5%,20%", "--routing", "zipf:1.09", "--batches", "4",
+                            "--warmup", "2", "--store", dir.file("stores"), "--calibrate-seconds",
+                            "0.1", "--no-fio", "--plot", plot, "--json"}));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   ASSERT_EQ(j["points"].size(), 2u);
@@ -321,30 +306,9 @@ TEST(Cli, BenchCountsAreWholeAndBoundedAndAStoreIsReusedOnlyForItsOwnConfig) {
   }
 
   // The same config reuses its store; another k' gets its own.
-  const std::vector<std::string> base = {"bench",
-                                         "--experts",
-                                         "4096",
-                                         "--dim",
-                                         "64",
-                                         "--heads",
-                                         "2",
-                                         "--topk",
-                                         "4",
-                                         "--dim-key",
-                                         "8",
-                                         "--batch",
-                                         "16",
-                                         "--batches",
-                                         "2",
-                                         "--warmup",
-                                         "1",
-                                         "--routing",
-                                         "pk",
-                                         "--no-calibrate",
-                                         "--no-resident",
-                                         "--store",
-                                         stores,
-                                         "-q"};
+  const std::vector<std::string> base =
+      small_bench({"--batches", "2", "--warmup", "1", "--routing", "pk", "--no-calibrate",
+                   "--no-resident", "--store", stores, "-q"});
   auto list_stores = [&] {
     std::vector<std::string> names;
     for (const auto& e : std::filesystem::directory_iterator(stores)) {
