@@ -315,14 +315,13 @@ Status read_training_records(const TrainOptions& o, LayerRun* r, ExpertSource& c
   }
   // No training state yet: import the committed int4 records (not the overlay's: an expert
   // not in the training overlay was never updated).
-  ExpertSource& base = committed;
   const size_t sstride = r->stored.record.stride;
-  TROVE_RETURN_IF_ERROR(base.acquire(r->clean_ids, r->clean_records));
+  TROVE_RETURN_IF_ERROR(committed.acquire(r->clean_ids, r->clean_records));
   r->imported.resize(r->clean_ids.size() * sstride);
   for (size_t j = 0; j < r->clean_ids.size(); ++j) {
     std::memcpy(&r->imported[j * sstride], r->clean_records[j], sstride);
   }
-  base.release(r->clean_ids);
+  committed.release(r->clean_ids);
   r->converted.resize(r->clean_ids.size() * stride);
   TROVE_RETURN_IF_ERROR(train_import_records(r->stored.record, r->training, r->imported.data(),
                                              static_cast<int64_t>(r->clean_ids.size()),
@@ -650,6 +649,19 @@ Result<int64_t> open_layer(const TrainOptions& o, const StoreReader& store,
   return step;
 }
 
+// The int4 update's parameters at `step` for the table of `layer` (index `table`).
+TrainStep update_step(const TrainOptions& o, int64_t step, const std::string& layer,
+                      uint32_t table) {
+  TrainStep ts;
+  ts.optimizer = o.optimizer;
+  ts.lr = phase_lr(o.lr_phases, step, layer, false, o.lr);
+  ts.seed = o.seed;
+  ts.step = static_cast<uint64_t>(step);
+  ts.table = table;
+  ts.saturation_tolerance = o.saturation_tolerance;
+  return ts;
+}
+
 // One optimizer step of one layer: forward, loss, backward, the int4 update of the touched
 // experts and (with --train-router) Adam on the router. Returns the layer's loss.
 Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r,
@@ -690,13 +702,7 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
   for (int64_t i = 0; i < u; ++i) {
     std::copy_n(&r->accum[sz(g.expert_ids[sz(i)] * rows)], rows, &r->accum_scratch[sz(i * rows)]);
   }
-  TrainStep ts;
-  ts.optimizer = o.optimizer;
-  ts.lr = phase_lr(o.lr_phases, step, r->name, false, o.lr);
-  ts.seed = o.seed;
-  ts.step = static_cast<uint64_t>(step);
-  ts.table = r->table;
-  ts.saturation_tolerance = o.saturation_tolerance;
+  const TrainStep ts = update_step(o, step, r->name, r->table);
   Result<TrainStats> st = train_update_records(
       training, ts, g.expert_ids.data(), u, g.d_down.data(), g.d_up.data(), r->scratch.data(),
       o.optimizer == TrainOptimizer::kAdagrad ? r->accum_scratch.data() : nullptr, o.threads);
@@ -749,10 +755,8 @@ Result<TrainReport> run_train(const TrainOptions& o) {
         (long long)o.steps, (long long)o.batch, (long long)o.checkpoint_every, (double)o.lr,
         (double)o.router_lr));
   }
-  if (o.saturation_tolerance < 0 || o.saturation_tolerance > 128) {
-    return Status::invalid_argument(
-        str_printf("train: --saturation-tolerance %d is not 0..128 codes", o.saturation_tolerance));
-  }
+  // The update's own checks (tolerance, eps), before any work.
+  TROVE_RETURN_IF_ERROR(check_train_step(update_step(o, 0, "", 0)).with_context("train"));
   if (o.layers.empty()) return Status::invalid_argument("train: no --layer given");
   if (!o.teacher_layers.empty() && o.teacher_layers.size() != o.layers.size()) {
     return Status::invalid_argument(str_printf(
