@@ -324,6 +324,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   lo.threads = opt.threads;
   lo.backend = opt.backend;
   lo.vram_budget_bytes = opt.vram_budget_bytes;
+  lo.h2d = opt.h2d;
   lo.vram_policy = opt.policy;
   TieredSourceOptions tiers;
   tiers.host_budget_bytes = opt.host_budget_bytes;
@@ -412,6 +413,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.stall = stage_times(stall);
   res.total = stage_times(wall);
   res.transfer = stage_times(transfer);
+  res.h2d_methods = layer.h2d_totals();
+  res.h2d_method = layer.h2d_method();
   res.device_hit_rate =
       res.unique > 0 ? static_cast<double>(res.device_hits) / static_cast<double>(res.unique) : 0;
   if (opt.oracle) {

@@ -61,6 +61,7 @@ struct BenchOptions {
   // above the host tier, with the host tier's eviction policy.
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
+  H2dMethod h2d = H2dMethod::kAuto;
   uint64_t seed = 1;
   std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
 };
@@ -118,6 +119,10 @@ struct BenchResult {
   double h2d_seconds = 0;  // those copies, by CUDA events
   bool h2d_pinned = true;  // every staging slab was pinned
   StageTimes transfer;     // per batch
+  // Records moved by each H2D method over the whole run (warm-up included, where --h2d auto
+  // tries them), and the method kept at the end.
+  std::vector<H2dMethodTotals> h2d_methods;
+  H2dMethod h2d_method = H2dMethod::kAuto;
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then

@@ -45,6 +45,8 @@ std::string format_bytes(uint64_t bytes) {
                     kUnits[unit]);
 }
 
+}  // namespace
+
 // One block of host slots: anonymous memory, huge pages advised (slots are touched at random:
 // huge pages spare the TLB; advice only, failure is fine).
 Result<uint8_t*> allocate_host_block(size_t bytes) {
@@ -54,7 +56,9 @@ Result<uint8_t*> allocate_host_block(size_t bytes) {
   return static_cast<uint8_t*>(p);
 }
 
-}  // namespace
+void free_host_block(uint8_t* data, size_t bytes) {
+  munmap(data, bytes);
+}
 
 Result<std::unique_ptr<ExpertCache>> ExpertCache::create(const ExpertCacheOptions& options) {
   const std::string& tier = options.tier_name;
@@ -127,7 +131,7 @@ ExpertCache::~ExpertCache() {
     if (options_.memory != nullptr) {
       options_.memory->release(block.data(), block.size());
     } else {
-      munmap(block.data(), block.size());
+      free_host_block(block.data(), block.size());
     }
   }
 }

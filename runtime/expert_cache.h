@@ -53,7 +53,16 @@ class SlotMemory {
   virtual Result<uint8_t*> allocate(size_t bytes) = 0;
   // REQUIRES: `data` and `bytes` of one allocate() not yet released.
   virtual void release(uint8_t* data, size_t bytes) = 0;
+  // Where a CUDA kernel reads the byte at host address `p` of an allocated block: pinned, mapped
+  // host memory (runtime/peer_layer_cuda.h: make_pinned_slot_memory) says; null when the device
+  // cannot read it there (pageable memory, device memory). The default: null.
+  virtual const uint8_t* device_address(const uint8_t* /*p*/) const { return nullptr; }
 };
+
+// The default slot memory's blocks (anonymous mmap, huge pages advised), for a SlotMemory that
+// adds to it (pinning): `bytes` page-aligned, or the mmap error.
+Result<uint8_t*> allocate_host_block(size_t bytes);
+void free_host_block(uint8_t* data, size_t bytes);
 
 struct ExpertCacheOptions {
   uint64_t budget_bytes = 0;  // the tier's byte budget (--host); whole slots only
@@ -149,6 +158,10 @@ class ExpertCache {
   int64_t capacity_slots() const { return capacity_; }
   // Bytes from one slot's start to the next: slot_bytes rounded up to slot_alignment.
   size_t slot_stride() const { return stride_; }
+  // SlotMemory::device_address of a slot's address (null with the default host memory).
+  const uint8_t* device_address(const uint8_t* slot) const {
+    return options_.memory != nullptr ? options_.memory->device_address(slot) : nullptr;
+  }
   const ExpertCacheOptions& options() const { return options_; }
   // The memory holding the slots, for registering (io_uring, cudaHostRegister); device
   // addresses when options().memory allocates there.

@@ -72,6 +72,10 @@ class ExpertSource {
   }
   // What the last (begin_acquire, finish_acquire) or acquire() cost.
   virtual ExpertFetchStats last_fetch() const { return {}; }
+  // For a record acquire() returned (still acquired): the address at which a CUDA kernel reads
+  // it (pinned, mapped host memory: copies from it are DMA and an SM-driven gather can read
+  // it), or null when the device cannot (pageable memory). The default: null.
+  virtual const uint8_t* device_address(const uint8_t* /*record*/) const { return nullptr; }
 };
 
 // Records in memory, owned.

@@ -95,6 +95,28 @@ Result<PeerBackend> parse_peer_backend(std::string_view s) {
   return Status::invalid_argument("unknown backend '" + clip(s) + "' (expected cpu, ref or cuda)");
 }
 
+std::string_view h2d_method_name(H2dMethod m) {
+  switch (m) {
+    case H2dMethod::kSlab:
+      return "slab";
+    case H2dMethod::kBatch:
+      return "batch";
+    case H2dMethod::kGather:
+      return "gather";
+    case H2dMethod::kAuto:
+      break;
+  }
+  return "auto";
+}
+
+Result<H2dMethod> parse_h2d_method(std::string_view s) {
+  for (H2dMethod m : {H2dMethod::kAuto, H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather}) {
+    if (s == h2d_method_name(m)) return m;
+  }
+  return Status::invalid_argument("unknown host -> device method '" + clip(s) +
+                                  "' (expected auto, slab, batch or gather)");
+}
+
 Status check_backend_available(PeerBackend b) {
   if (b != PeerBackend::kCuda) return Status::ok_status();
 #if TROVE_HAVE_CUDA
@@ -298,6 +320,12 @@ PeerDenseParams& PeerLayer::mutable_params() {
 ExpertSource& PeerLayer::experts() {
   return *impl_->experts;
 }
+std::vector<H2dMethodTotals> PeerLayer::h2d_totals() const {
+  return impl_->cuda != nullptr ? impl_->cuda->h2d_totals() : std::vector<H2dMethodTotals>{};
+}
+H2dMethod PeerLayer::h2d_method() const {
+  return impl_->cuda != nullptr ? impl_->cuda->h2d_method() : H2dMethod::kAuto;
+}
 const PeerLayerOptions& PeerLayer::options() const {
   return impl_->options;
 }
@@ -337,6 +365,10 @@ Result<PeerLayer> PeerLayer::create(PeerConfig config, PeerDenseParams params,
         experts->describe().c_str(), (long long)l.dim, (long long)l.dim_out, (long long)l.width,
         (long long)experts->num_experts(), (long long)c.dim, (long long)c.dim_out,
         (long long)c.expert_width, (long long)c.num_experts()));
+  }
+  if (options.pipeline_chunks < 0 || options.pipeline_chunks > 64) {
+    return Status::invalid_argument(
+        str_printf("pipeline chunks must be 0 (auto) to 64, got %d", options.pipeline_chunks));
   }
   if (options.threads < 0) {
     return Status::invalid_argument(str_printf("threads must be >= 0, got %d", options.threads));
@@ -384,6 +416,10 @@ Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& n
   if (options.tiers.has_value()) {
     TieredSourceOptions tiers = *options.tiers;
     tiers.io.verify = options.verify_checksums;
+    // On the device, the host tier is pinned and mapped: the device tier fills straight from it.
+    if (options.backend == PeerBackend::kCuda && tiers.host_memory == nullptr) {
+      tiers.host_memory = make_pinned_slot_memory();
+    }
     auto tiered = TieredExpertSource::open(store, info, stored.record, tiers);
     if (!tiered.ok()) return tiered.status();
     source = std::move(tiered).value();

@@ -49,6 +49,26 @@ Status check_backend_available(PeerBackend b);
 Status check_finite_rows(const char* what, std::span<const float> v, int64_t row_len,
                          int64_t first_row = 0);
 
+// kCuda: how the records a batch misses in the device tier reach the device (SPEC §5). Each is
+// one operation per pipeline chunk (runtime/peer_layer_cuda.h), never one per record.
+enum class H2dMethod {
+  kAuto,    // the first batches with misses try each method that applies; then the fastest
+  kSlab,    // the host packs the records into a pinned staging slab; one cudaMemcpyAsync (no
+            // device tier) or one cudaMemcpyBatchAsync scattering it into the device slots
+  kBatch,   // one cudaMemcpyBatchAsync straight from the host tier's pinned slots (no host copy)
+  kGather,  // one kernel whose SMs read the host tier's pinned slots through the mapping
+};
+std::string_view h2d_method_name(H2dMethod m);  // "auto" "slab" "batch" "gather"
+Result<H2dMethod> parse_h2d_method(std::string_view s);
+
+// kCuda: what one H2D method moved over the layer's batches so far (records only, no tables).
+struct H2dMethodTotals {
+  H2dMethod method = H2dMethod::kSlab;
+  int64_t batches = 0;
+  uint64_t bytes = 0;
+  double seconds = 0;  // copy stream time from the first record copy to the last, by events
+};
+
 struct PeerLayerOptions {
   PeerBackend backend = PeerBackend::kCpu;
   int threads = 0;               // 0: all cores
@@ -60,15 +80,23 @@ struct PeerLayerOptions {
   // records are copied to the device afresh (one staging slab per batch).
   uint64_t vram_budget_bytes = 0;
   EvictionPolicy vram_policy = EvictionPolicy::kFrequency;
+  // kCuda only. kBatch and kGather need the records in pinned, mapped host memory (open() with
+  // tiers pins the host tier for kCuda); a batch whose records are not falls back to kSlab.
+  H2dMethod h2d = H2dMethod::kAuto;
+  // kCuda only: a batch's transfer and expert kernel run in this many chunks of tokens, chunk
+  // c's kernel overlapping chunk c + 1's transfer. 0: one per 256 tokens, 1 to 4.
+  int pipeline_chunks = 0;
 };
 
 // kCuda: what making a batch's records visible to the device cost.
 struct DeviceTransferStats {
   int64_t hits = 0;           // unique experts already in the device tier (no copy)
   int64_t misses = 0;         // unique experts copied from the host (all of them without T0)
-  uint64_t bytes_copied = 0;  // host -> device in the batch's one batched copy (tables included)
-  double copy_seconds = 0;    // that copy, between CUDA events on the copy stream
+  uint64_t bytes_copied = 0;  // host -> device, records and tables
+  double copy_seconds = 0;    // those copies, between CUDA events on the copy stream
   bool pinned = true;         // the staging slab was pinned (false: the pageable fallback)
+  H2dMethod method = H2dMethod::kSlab;  // how the misses moved
+  int chunks = 0;                       // pipeline chunks
 };
 
 // Router parameters, canonical arrangement (runtime/layouts.h), owned.
@@ -120,6 +148,11 @@ class PeerLayer {
   PeerDenseParams& mutable_params();
   ExpertSource& experts();
   const PeerLayerOptions& options() const;
+
+  // kCuda: what each H2D method moved so far, and the method batches use now (kAuto while
+  // still trying). Empty otherwise.
+  std::vector<H2dMethodTotals> h2d_totals() const;
+  H2dMethod h2d_method() const;
 
   // OK when batches of up to `tokens` tokens fit the expert source and, for kCuda, the device
   // tier (each can select tokens * h * k distinct experts); else the source's or the device

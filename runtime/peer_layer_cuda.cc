@@ -3,11 +3,13 @@
 #if TROVE_HAVE_CUDA
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
 #include "base/bytes.h"
 #include "base/check.h"
+#include "base/log.h"
 #include "base/strings.h"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/peer_cuda.h"
@@ -36,6 +38,45 @@ class DeviceSlotMemory final : public SlotMemory {
   std::vector<CudaDeviceMemory> blocks_;
 };
 
+// Host slot blocks registered with the device one by one (make_pinned_slot_memory).
+class PinnedSlotMemory final : public SlotMemory {
+ public:
+  Result<uint8_t*> allocate(size_t bytes) override {
+    TROVE_ASSIGN_OR_RETURN(uint8_t * p, allocate_host_block(bytes));
+    Block b{p, bytes, HostRegistration::register_range(p, bytes)};
+    // Sorted by address, for device_address's search.
+    auto at = std::upper_bound(blocks_.begin(), blocks_.end(), p,
+                               [](const uint8_t* q, const Block& x) { return q < x.data; });
+    blocks_.insert(at, std::move(b));
+    return p;
+  }
+  void release(uint8_t* data, size_t bytes) override {
+    for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
+      if (it->data == data) {
+        blocks_.erase(it);  // unregisters first
+        free_host_block(data, bytes);
+        return;
+      }
+    }
+  }
+  const uint8_t* device_address(const uint8_t* p) const override {
+    auto at = std::upper_bound(blocks_.begin(), blocks_.end(), p,
+                               [](const uint8_t* q, const Block& x) { return q < x.data; });
+    if (at == blocks_.begin()) return nullptr;
+    const Block& b = *(at - 1);
+    if (p >= b.data + b.bytes || !b.pin.registered()) return nullptr;
+    return b.pin.device_data() + (p - b.data);
+  }
+
+ private:
+  struct Block {
+    uint8_t* data;
+    size_t bytes;
+    HostRegistration pin;
+  };
+  std::vector<Block> blocks_;
+};
+
 // Grows `m` to at least `bytes` (contents not kept).
 Status reserve(CudaDeviceMemory* m, size_t bytes) {
   if (m->bytes() >= bytes) return Status::ok_status();
@@ -62,24 +103,51 @@ size_t align_up(size_t v, size_t a) {
   return (v + a - 1) / a * a;
 }
 
+constexpr int kAutoChunkTokens = 256;
+constexpr int kMaxAutoChunks = 4;
+constexpr int kTrialBatches = 2;  // per method, under H2dMethod::kAuto
+
+int method_index(H2dMethod m) {
+  return static_cast<int>(m);
+}
+
 }  // namespace
+
+std::shared_ptr<SlotMemory> make_pinned_slot_memory() {
+  return std::make_shared<PinnedSlotMemory>();
+}
 
 struct CudaPeerRunner::Impl {
   PeerConfig config;
   RecordLayout layout;
+  H2dMethod h2d = H2dMethod::kAuto;  // as asked
+  int pipeline_chunks = 0;
   CudaPeerContext ctx;
   CudaCopyStream copies;
-  CudaEvent copy_start, copy_end;
+  CudaEvent copy_start, copy_end, computed;
+  std::vector<CudaEvent> chunk_ready;        // one per chunk, grown
   std::unique_ptr<ExpertCache> device_tier;  // null without --vram
 
   bool params_changed = true;
   CudaDeviceMemory query_weight, query_bias, keys, norm_weight;
-  // Per batch, grown to the largest.
-  CudaDeviceMemory x, xhat, q, ids, scores, gates, slab, y;
-  PinnedHostBuffer staging;
-  // Scratch.
-  std::vector<int64_t> miss_ids;
+  // Per batch, grown to the largest: inputs and routing, the tables, the device slab (records
+  // without T0), y.
+  CudaDeviceMemory x, xhat, q, ids, scores, gates, tables, slab, y;
+  PinnedHostBuffer staging;  // tables, then (slab method) packed records
+
+  // H2D methods: what each moved, the trial schedule under kAuto and the one chosen.
+  H2dMethodTotals totals[4];
+  int trials = 0;  // batches with misses run under kAuto so far
+  H2dMethod chosen = H2dMethod::kAuto;
+
+  // Scratch, per batch.
+  std::vector<uint8_t*> dest;     // per unique id: its device address
+  std::vector<uint32_t> miss_u;   // unique index of each miss, ascending
+  std::vector<int64_t> miss_ids;  // ascending, for the source
   std::vector<const uint8_t*> miss_records;
+  std::vector<uint32_t> order;       // misses by chunk: indices into miss_u
+  std::vector<int64_t> chunk_begin;  // into order, C + 1 entries
+  std::vector<int32_t> first_chunk;  // per unique id
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
@@ -107,41 +175,96 @@ struct CudaPeerRunner::Impl {
     return p;
   }
 
-  // The one host -> device transfer of a batch, timed between events on the copy stream;
-  // waits for it. `batched`: dsts/srcs/sizes as one cudaMemcpyBatchAsync, else one copy of
-  // `bytes` from the staging slab to the device slab.
-  Status transfer(bool batched, size_t bytes, DeviceTransferStats* stats) {
-    TROVE_RETURN_IF_ERROR(copy_start.record(copies));
-    if (batched) {
-      TROVE_RETURN_IF_ERROR(
-          copies.copy_batch_async(dsts.data(), srcs.data(), sizes.data(), dsts.size()));
-    } else {
-      TROVE_RETURN_IF_ERROR(copies.copy_async(slab.data(), staging.data(), bytes));
+  int chunks_for(int64_t tokens) const {
+    const int64_t c = pipeline_chunks > 0
+                          ? pipeline_chunks
+                          : std::clamp<int64_t>(tokens / kAutoChunkTokens, 1, kMaxAutoChunks);
+    return static_cast<int>(std::min<int64_t>(c, tokens));
+  }
+
+  // The method for a batch with misses: the asked one, or under kAuto the next trial, then the
+  // fastest. `mapped`: every miss's record is device-readable (else only slab applies).
+  H2dMethod pick_method(bool mapped) {
+    H2dMethod m = h2d;
+    if (m == H2dMethod::kAuto) {
+      if (chosen != H2dMethod::kAuto) {
+        m = chosen;
+      } else {
+        static constexpr H2dMethod kTrials[] = {H2dMethod::kGather, H2dMethod::kBatch,
+                                                H2dMethod::kSlab};
+        m = kTrials[trials % 3];
+        if (++trials == 3 * kTrialBatches) chosen = fastest();
+      }
     }
-    TROVE_RETURN_IF_ERROR(copy_end.record(copies));
-    TROVE_RETURN_IF_ERROR(copies.synchronize());
-    TROVE_ASSIGN_OR_RETURN(stats->copy_seconds, CudaEvent::elapsed_seconds(copy_start, copy_end));
-    stats->bytes_copied = bytes;
-    stats->pinned = staging.pinned();
+    if (m != H2dMethod::kSlab && !mapped) {
+      static std::atomic<bool> warned{false};  // once per process, not per layer
+      if (h2d != H2dMethod::kAuto && !warned.exchange(true)) {
+        TROVE_LOG_WARN(
+            "--h2d %s needs the records in pinned host memory (a pinned host tier: --host); "
+            "this source's are not, so batches use slab (warned once)",
+            std::string(h2d_method_name(h2d)).c_str());
+      }
+      m = H2dMethod::kSlab;
+    }
+    return m;
+  }
+
+  H2dMethod fastest() const {
+    H2dMethod best = H2dMethod::kSlab;
+    double best_rate = -1;
+    for (const H2dMethodTotals& t : totals) {
+      if (t.batches == 0 || t.seconds <= 0) continue;
+      const double rate = static_cast<double>(t.bytes) / t.seconds;
+      if (rate > best_rate) {
+        best_rate = rate;
+        best = t.method;
+      }
+    }
+    return best;
+  }
+
+  Status reserve_events(int chunks) {
+    while (static_cast<int>(chunk_ready.size()) < chunks) {
+      TROVE_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::create());
+      chunk_ready.push_back(std::move(e));
+    }
     return Status::ok_status();
   }
 
-  Status compute(int64_t tokens, const uint8_t* table, const int64_t* index,
-                 const uint8_t* const* pointers, const float* gate_table, float* y_host) {
-    const size_t y_bytes = static_cast<size_t>(tokens * config.dim_out) * sizeof(float);
-    TROVE_RETURN_IF_ERROR(reserve(&y, y_bytes));
-    const float* xh = reinterpret_cast<const float*>(xhat.data());
-    float* yd = reinterpret_cast<float*>(y.data());
-    if (pointers != nullptr) {
-      TROVE_RETURN_IF_ERROR(
-          ctx.experts_device(config, layout, xh, tokens, gate_table, pointers, yd));
-    } else {
-      TROVE_RETURN_IF_ERROR(
-          ctx.experts_device_indexed(config, layout, xh, tokens, gate_table, table, index, yd));
+  // Queues chunk c's records (order[chunk_begin[c] .. chunk_begin[c + 1])) by method `m`.
+  // Staging layout: [tables][gather: srcs, dsts][slab: records in chunk order].
+  Status queue_chunk(H2dMethod m, int c, size_t gather_at, size_t records_at) {
+    const size_t stride = layout.stride;
+    const int64_t b = chunk_begin[static_cast<size_t>(c)];
+    const int64_t e = chunk_begin[static_cast<size_t>(c) + 1];
+    const size_t n = static_cast<size_t>(e - b);
+    if (n == 0) return Status::ok_status();
+    if (m == H2dMethod::kGather) {
+      auto* dev_srcs = reinterpret_cast<const void* const*>(tables.data() + gather_at);
+      auto* dev_dsts =
+          reinterpret_cast<void* const*>(tables.data() + gather_at + miss_u.size() * sizeof(void*));
+      return copies.gather_async(dev_dsts + b, dev_srcs + b, stride, n);
     }
-    TROVE_RETURN_IF_ERROR(ctx.synchronize());
-    TROVE_RETURN_IF_ERROR(copies.copy_async(y_host, yd, y_bytes));
-    return copies.synchronize();
+    if (m == H2dMethod::kSlab) {
+      uint8_t* packed = staging.data() + records_at;
+      for (int64_t j = b; j < e; ++j) {
+        std::memcpy(packed + static_cast<size_t>(j) * stride, miss_records[order[j]], stride);
+      }
+      if (device_tier == nullptr) {  // contiguous in the device slab, in chunk order
+        return copies.copy_async(slab.data() + static_cast<size_t>(b) * stride,
+                                 packed + static_cast<size_t>(b) * stride, n * stride);
+      }
+    }
+    dsts.clear();
+    srcs.clear();
+    sizes.assign(n, stride);
+    for (int64_t j = b; j < e; ++j) {
+      dsts.push_back(dest[miss_u[order[j]]]);
+      srcs.push_back(m == H2dMethod::kSlab
+                         ? staging.data() + records_at + static_cast<size_t>(j) * stride
+                         : miss_records[order[j]]);
+    }
+    return copies.copy_batch_async(dsts.data(), srcs.data(), sizes.data(), n);
   }
 };
 
@@ -155,10 +278,16 @@ Result<std::unique_ptr<CudaPeerRunner>> CudaPeerRunner::create(const PeerConfig&
   impl->config = config;
   TROVE_RETURN_IF_ERROR(impl->config.validate_and_fill());
   impl->layout = layout;
+  impl->h2d = options.h2d;
+  impl->pipeline_chunks = options.pipeline_chunks;
+  for (H2dMethod m : {H2dMethod::kAuto, H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather}) {
+    impl->totals[method_index(m)].method = m;
+  }
   TROVE_ASSIGN_OR_RETURN(impl->ctx, CudaPeerContext::create());
   TROVE_ASSIGN_OR_RETURN(impl->copies, CudaCopyStream::create());
   TROVE_ASSIGN_OR_RETURN(impl->copy_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->copy_end, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->computed, CudaEvent::create());
   if (options.vram_budget_bytes > 0) {
     ExpertCacheOptions o;
     o.budget_bytes = options.vram_budget_bytes;
@@ -190,6 +319,16 @@ Status CudaPeerRunner::check_batch(int64_t max_unique, const std::string& what) 
 
 void CudaPeerRunner::mark_params_changed() {
   impl_->params_changed = true;
+}
+
+std::vector<H2dMethodTotals> CudaPeerRunner::h2d_totals() const {
+  return {impl_->totals[method_index(H2dMethod::kSlab)],
+          impl_->totals[method_index(H2dMethod::kBatch)],
+          impl_->totals[method_index(H2dMethod::kGather)]};
+}
+
+H2dMethod CudaPeerRunner::h2d_method() const {
+  return impl_->h2d == H2dMethod::kAuto ? impl_->chosen : impl_->h2d;
 }
 
 Status CudaPeerRunner::route(const PeerDenseParams& params, const float* x, int64_t tokens,
@@ -232,89 +371,156 @@ Status CudaPeerRunner::experts(const PeerRouting& routing, std::span<const int64
                                std::span<const int32_t> slot_index, ExpertSource& source, float* y,
                                DeviceTransferStats* stats) {
   Impl& m = *impl_;
+  const PeerConfig& c = m.config;
   const size_t slots = routing.slots();
   const size_t unique = unique_ids.size();
   TROVE_CHECK(slot_index.size() == slots);
   *stats = DeviceTransferStats{};
   if (routing.tokens == 0) return Status::ok_status();
   const size_t stride = m.layout.stride;
-  const size_t gate_bytes = slots * sizeof(float);
+  const int64_t T = routing.tokens;
+  const int64_t per_token = c.heads * c.topk;
+  const int chunks = m.chunks_for(T);
+  const int64_t chunk_tokens = (T + chunks - 1) / chunks;
 
-  if (m.device_tier == nullptr) {
-    // [unique records][slot -> record index][gates]: one copy.
-    const size_t index_at = unique * stride;
-    const size_t gates_at = align_up(index_at + slots * sizeof(int64_t), 256);
-    const size_t bytes = gates_at + gate_bytes;
-    TROVE_RETURN_IF_ERROR(reserve(&m.staging, bytes));
-    TROVE_RETURN_IF_ERROR(reserve(&m.slab, bytes));
-    m.miss_records.resize(unique);
-    TROVE_RETURN_IF_ERROR(source.acquire(unique_ids, m.miss_records));
-    for (size_t u = 0; u < unique; ++u) {
-      std::memcpy(m.staging.data() + u * stride, m.miss_records[u], stride);
-    }
-    source.release(unique_ids);
-    auto* index = reinterpret_cast<int64_t*>(m.staging.data() + index_at);
-    for (size_t s = 0; s < slots; ++s) index[s] = slot_index[s];
-    std::memcpy(m.staging.data() + gates_at, routing.gates.data(), gate_bytes);
-    stats->misses = static_cast<int64_t>(unique);
-    TROVE_RETURN_IF_ERROR(m.transfer(false, bytes, stats));
-    return m.compute(routing.tokens, m.slab.data(),
-                     reinterpret_cast<const int64_t*>(m.slab.data() + index_at), nullptr,
-                     reinterpret_cast<const float*>(m.slab.data() + gates_at), y);
+  // 1. Where each unique expert's record lives on the device, and which ones must be copied.
+  ExpertCache* t0 = m.device_tier.get();
+  m.dest.assign(unique, nullptr);
+  m.miss_u.clear();
+  if (t0 != nullptr) {
+    t0->report_requested(static_cast<int64_t>(slots));
+    TROVE_RETURN_IF_ERROR(t0->admit(unique_ids, &m.batch));
+    for (size_t u = 0; u < unique; ++u) m.dest[u] = m.batch.slots[u];
+    m.miss_u.assign(m.batch.miss_index.begin(), m.batch.miss_index.end());
+  } else {
+    m.miss_u.resize(unique);
+    for (size_t u = 0; u < unique; ++u) m.miss_u[u] = static_cast<uint32_t>(u);
   }
+  const size_t misses = m.miss_u.size();
+  bool acquired = false;
 
-  // Device tier: lease every unique expert there; copy only the misses.
-  ExpertCache& t0 = *m.device_tier;
-  t0.report_requested(static_cast<int64_t>(slots));
-  TROVE_RETURN_IF_ERROR(t0.admit(unique_ids, &m.batch));
-  const std::vector<uint32_t>& miss = m.batch.miss_index;
-  const size_t misses = miss.size();
-  // [missed records][slot -> device record pointer][gates]; the tables land in `slab`.
-  const size_t pointers_at = misses * stride;
-  const size_t gates_at = align_up(pointers_at + slots * sizeof(void*), 256);
-  const size_t bytes = gates_at + gate_bytes;
-  const size_t tables_bytes = bytes - pointers_at;
-  Status filled = [&]() -> Status {
-    TROVE_RETURN_IF_ERROR(reserve(&m.staging, bytes));
-    TROVE_RETURN_IF_ERROR(reserve(&m.slab, tables_bytes));
+  Status done = [&]() -> Status {
+    // 2. Each miss joins the first chunk whose tokens use it (slots are in token order).
+    m.first_chunk.assign(unique, -1);
+    for (size_t s = 0; s < slots; ++s) {
+      int32_t& f = m.first_chunk[static_cast<size_t>(slot_index[s])];
+      if (f < 0) f = static_cast<int32_t>(static_cast<int64_t>(s) / per_token / chunk_tokens);
+    }
+    m.chunk_begin.assign(static_cast<size_t>(chunks) + 1, 0);
+    for (uint32_t u : m.miss_u) ++m.chunk_begin[static_cast<size_t>(m.first_chunk[u]) + 1];
+    for (int i = 0; i < chunks; ++i) m.chunk_begin[i + 1] += m.chunk_begin[i];
+    m.order.resize(misses);
+    {
+      std::vector<int64_t> next(m.chunk_begin.begin(), m.chunk_begin.end() - 1);
+      for (size_t j = 0; j < misses; ++j) {
+        m.order[static_cast<size_t>(next[static_cast<size_t>(m.first_chunk[m.miss_u[j]])]++)] =
+            static_cast<uint32_t>(j);
+      }
+    }
+    if (t0 == nullptr) {
+      TROVE_RETURN_IF_ERROR(reserve(&m.slab, misses * stride));
+      for (size_t j = 0; j < misses; ++j) m.dest[m.miss_u[m.order[j]]] = m.slab.data() + j * stride;
+    }
+
+    // 3. The misses' records, leased from the source until their copies are done.
     m.miss_ids.resize(misses);
     m.miss_records.resize(misses);
-    for (size_t j = 0; j < misses; ++j) m.miss_ids[j] = unique_ids[miss[j]];
+    for (size_t j = 0; j < misses; ++j) m.miss_ids[j] = unique_ids[m.miss_u[j]];
     TROVE_RETURN_IF_ERROR(source.acquire(m.miss_ids, m.miss_records));
-    for (size_t j = 0; j < misses; ++j) {
-      std::memcpy(m.staging.data() + j * stride, m.miss_records[j], stride);
+    acquired = true;
+    bool mapped = true;
+    for (size_t j = 0; j < misses && mapped; ++j) {
+      mapped = source.device_address(m.miss_records[j]) != nullptr;
     }
-    source.release(m.miss_ids);
-    auto* pointers = reinterpret_cast<const uint8_t**>(m.staging.data() + pointers_at);
-    for (size_t s = 0; s < slots; ++s) {
-      pointers[s] = m.batch.slots[static_cast<size_t>(slot_index[s])];
+    const H2dMethod method = misses > 0 ? m.pick_method(mapped) : H2dMethod::kSlab;
+
+    // 4. Tables: [per-slot record addresses][gates] | gather: [sources][destinations] | slab:
+    // [records in chunk order]. The first part is one copy; the rest moves per chunk.
+    const size_t gates_at = align_up(slots * sizeof(void*), 256);
+    const size_t gather_at = align_up(gates_at + slots * sizeof(float), 256);
+    const size_t tables_bytes =
+        gather_at + (method == H2dMethod::kGather ? 2 * misses * sizeof(void*) : 0);
+    const size_t records_at = align_up(tables_bytes, 256);
+    const size_t staging_bytes = records_at + (method == H2dMethod::kSlab ? misses * stride : 0);
+    TROVE_RETURN_IF_ERROR(reserve(&m.staging, staging_bytes));
+    TROVE_RETURN_IF_ERROR(reserve(&m.tables, tables_bytes));
+    TROVE_RETURN_IF_ERROR(m.reserve_events(chunks));
+    auto* pointers = reinterpret_cast<const uint8_t**>(m.staging.data());
+    for (size_t s = 0; s < slots; ++s) pointers[s] = m.dest[static_cast<size_t>(slot_index[s])];
+    std::memcpy(m.staging.data() + gates_at, routing.gates.data(), slots * sizeof(float));
+    if (method == H2dMethod::kGather) {
+      auto* g_srcs = reinterpret_cast<const uint8_t**>(m.staging.data() + gather_at);
+      auto* g_dsts = g_srcs + misses;
+      for (size_t j = 0; j < misses; ++j) {
+        g_srcs[j] = source.device_address(m.miss_records[m.order[j]]);
+        g_dsts[j] = m.dest[m.miss_u[m.order[j]]];
+      }
     }
-    std::memcpy(m.staging.data() + gates_at, routing.gates.data(), gate_bytes);
-    m.dsts.clear();
-    m.srcs.clear();
-    m.sizes.clear();
-    for (size_t j = 0; j < misses; ++j) {
-      m.dsts.push_back(m.batch.slots[miss[j]]);
-      m.srcs.push_back(m.staging.data() + j * stride);
-      m.sizes.push_back(stride);
+
+    // 5. The pipeline (the header's timeline).
+    const size_t y_bytes = static_cast<size_t>(T * c.dim_out) * sizeof(float);
+    TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
+    TROVE_RETURN_IF_ERROR(m.copy_start.record(m.copies));
+    TROVE_RETURN_IF_ERROR(m.copies.copy_async(m.tables.data(), m.staging.data(), tables_bytes));
+    const auto* dev_pointers = reinterpret_cast<const uint8_t* const*>(m.tables.data());
+    const auto* dev_gates = reinterpret_cast<const float*>(m.tables.data() + gates_at);
+    const auto* xh = reinterpret_cast<const float*>(m.xhat.data());
+    auto* yd = reinterpret_cast<float*>(m.y.data());
+    for (int ch = 0; ch < chunks; ++ch) {
+      TROVE_RETURN_IF_ERROR(m.queue_chunk(method, ch, gather_at, records_at));
+      CudaEvent& ready = m.chunk_ready[static_cast<size_t>(ch)];
+      TROVE_RETURN_IF_ERROR(ready.record(m.copies));
+      const int64_t t_begin = ch * chunk_tokens;
+      const int64_t t_count = std::min(chunk_tokens, T - t_begin);
+      if (t_count <= 0) continue;
+      const size_t first_slot = static_cast<size_t>(t_begin * per_token);
+      TROVE_RETURN_IF_ERROR(m.ctx.wait(ready));
+      TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout, xh + t_begin * c.dim, t_count,
+                                                 dev_gates + first_slot, dev_pointers + first_slot,
+                                                 yd + t_begin * c.dim_out));
     }
-    m.dsts.push_back(m.slab.data());
-    m.srcs.push_back(m.staging.data() + pointers_at);
-    m.sizes.push_back(tables_bytes);
-    return m.transfer(true, bytes, stats);
+    TROVE_RETURN_IF_ERROR(m.copy_end.record(m.copies));
+    TROVE_RETURN_IF_ERROR(m.ctx.record(m.computed));
+    TROVE_RETURN_IF_ERROR(m.copies.wait(m.computed));
+    TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
+    TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+    TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
+
+    TROVE_ASSIGN_OR_RETURN(stats->copy_seconds,
+                           CudaEvent::elapsed_seconds(m.copy_start, m.copy_end));
+    const uint64_t record_bytes = static_cast<uint64_t>(misses) * stride;
+    stats->bytes_copied = tables_bytes + record_bytes;
+    stats->pinned = m.staging.pinned();
+    stats->method = method;
+    stats->chunks = chunks;
+    if (misses > 0) {
+      H2dMethodTotals& t = m.totals[method_index(method)];
+      ++t.batches;
+      t.bytes += record_bytes;
+      t.seconds += stats->copy_seconds;
+    }
+    return Status::ok_status();
   }();
-  if (!filled.ok()) {
-    t0.abort_fills(unique_ids, m.batch);
-    return filled;
+
+  if (!done.ok()) {
+    // Copies or kernels queued before the error may still read the leased records and the
+    // staging memory: let them finish before the leases end.
+    (void)m.copies.synchronize();
+    (void)m.ctx.synchronize();
   }
-  t0.commit_fills(unique_ids, m.batch);
+  if (acquired) source.release(m.miss_ids);
+  if (t0 != nullptr) {
+    if (!done.ok()) {
+      t0->abort_fills(unique_ids, m.batch);
+      return done;
+    }
+    t0->commit_fills(unique_ids, m.batch);
+    t0->release(unique_ids);
+  }
+  TROVE_RETURN_IF_ERROR(done);
   stats->misses = static_cast<int64_t>(misses);
   stats->hits = static_cast<int64_t>(unique - misses);
-  const Status computed = m.compute(
-      routing.tokens, nullptr, nullptr, reinterpret_cast<const uint8_t* const*>(m.slab.data()),
-      reinterpret_cast<const float*>(m.slab.data() + (gates_at - pointers_at)), y);
-  t0.release(unique_ids);
-  return computed;
+  return Status::ok_status();
 }
 
 }  // namespace trove
@@ -347,6 +553,15 @@ Status CudaPeerRunner::experts(const PeerRouting&, std::span<const int64_t>,
                                std::span<const int32_t>, ExpertSource&, float*,
                                DeviceTransferStats*) {
   return Status::not_supported("trove was built without CUDA");
+}
+std::vector<H2dMethodTotals> CudaPeerRunner::h2d_totals() const {
+  return {};
+}
+H2dMethod CudaPeerRunner::h2d_method() const {
+  return H2dMethod::kAuto;
+}
+std::shared_ptr<SlotMemory> make_pinned_slot_memory() {
+  return nullptr;
 }
 
 }  // namespace trove

@@ -1,43 +1,64 @@
 // CudaPeerRunner: PeerLayer's kCuda backend (internal to runtime/peer_layer.cc). It owns a
 // CudaPeerContext (kernels/cuda/peer_cuda.h), the router parameters and batch buffers in device
-// memory, the pinned staging slab, and the device tier T0 (an ExpertCache whose slots are
+// memory, the pinned staging memory, and the device tier T0 (an ExpertCache whose slots are
 // device memory, so residency, leases and eviction are the host tier's code).
 //
-// One forward batch (host syncs keep the copy stream and the context's stream in order; they
-// do not overlap yet):
+// One forward batch. Routing first (host syncs: the ids come back for dedupe and T0):
 //
-//   copy stream   x ─┐                        ┌─ ids, gates ─┐            ┌─ slab ─┐      ┌─ y
-//   ctx stream       └─ norm ─ query ─ route ─┘              │            │        └─ experts
-//   host                                                     └─ dedupe, ─┘
-//                                                               T0 admit, lease misses from
-//                                                               the source, pack into slab
+//   copy stream   x ─┐                        ┌─ ids, gates
+//   ctx stream       └─ norm ─ query ─ route ─┘
 //
-// The slab is ONE transfer per batch, never one per expert:
-//   without T0  [unique records at the layout's stride][per-slot record index][gates]
-//               one cudaMemcpyAsync; the expert kernel reads the records by index
-//               (experts_device_indexed)
-//   with T0     [missed records][per-slot device record pointers][gates]
-//               one cudaMemcpyBatchAsync scattering each missed record into its device slot
-//               and the tables into place; hits need no copy; the kernel reads through the
-//               pointers (experts_device)
-// Only T0's misses are leased from the source (the host tier sees T0's miss stream).
+// then the host dedupes, admits the unique experts to T0 (hits need nothing), leases T0's
+// misses from the source (the host tier, T1, which reads its own misses from disk), and runs
+// the transfer and the expert kernel as a pipeline of C chunks of tokens (PeerLayerOptions::
+// pipeline_chunks). Each miss belongs to the first chunk whose tokens use it; chunk c's kernel
+// waits (event) for chunk c's copies only, so it overlaps chunk c + 1's copies, and with the
+// slab method the host packs chunk c + 1 while chunk c is copied:
+//
+//   host          tables │ pack 0 │ pack 1 │ pack 2 │                       (slab method only)
+//   copy stream          │ tables+0 ─►e0 │ 1 ─►e1 │ 2 ─►e2 │             ┌─ y
+//   ctx stream                      │ wait e0, experts 0 │ e1, experts 1 │ e2, experts 2 ─┘
+//
+// Tables: per slot the device address of its record (a T0 slot, or the batch's device slab
+// without T0) and the gates; with the gather method also each miss's source and destination.
+// They are one copy per batch; every chunk's records are ONE operation, never one per record:
+//   slab    the host copies the records into pinned staging, then one cudaMemcpyAsync (no T0:
+//           the chunk's records are contiguous in the device slab) or one cudaMemcpyBatchAsync
+//           scattering them into their T0 slots
+//   batch   one cudaMemcpyBatchAsync straight from the host tier's pinned slots
+//   gather  one kernel (CudaCopyStream::gather_async) whose warps read the host tier's pinned
+//           slots through the mapping: SM-driven, no copy engine
+// batch and gather need records in pinned, mapped memory (a host tier from
+// make_pinned_slot_memory()); any other source is moved by slab. H2dMethod::kAuto gives each
+// method that applies two batches with misses, then keeps the one with the most bytes per
+// second of copy-stream time. The kernel reads every record through its slot's pointer
+// (experts_device), so the output is the same bits whichever method moved the records.
 //
 // This header carries no CUDA type. In a build without CUDA, create() fails with kNotSupported
-// and nothing else is reachable.
+// and nothing else is reachable; make_pinned_slot_memory() returns null.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "base/status.h"
 #include "kernels/peer.h"
 #include "kernels/record.h"
+#include "runtime/expert_cache.h"
 #include "runtime/expert_source.h"
 #include "runtime/peer_layer.h"
 
 namespace trove {
+
+// Host-tier slot memory that is pinned and mapped for the current CUDA device: each block (at
+// most 1 GiB, ExpertCache's unit) is anonymous memory registered on its own (chunked
+// registration, so one refused block does not unpin the rest). A block the driver refuses to
+// pin stays pageable, with one warning; its records then move by the slab method. Null in a
+// build without CUDA.
+std::shared_ptr<SlotMemory> make_pinned_slot_memory();
 
 class CudaPeerRunner {
  public:
@@ -65,6 +86,10 @@ class CudaPeerRunner {
   Status experts(const PeerRouting& routing, std::span<const int64_t> unique_ids,
                  std::span<const int32_t> slot_index, ExpertSource& source, float* y,
                  DeviceTransferStats* stats);
+
+  // See PeerLayer::h2d_totals / h2d_method.
+  std::vector<H2dMethodTotals> h2d_totals() const;
+  H2dMethod h2d_method() const;
 
  private:
   struct Impl;

@@ -32,6 +32,7 @@ Result<std::unique_ptr<TieredExpertSource>> TieredExpertSource::open(
   cache.slot_bytes = layout.stride;
   cache.num_experts = static_cast<int64_t>(layer.table.count);
   cache.policy = options.policy;
+  cache.memory = options.host_memory;
   auto made = ExpertCache::create(cache);
   if (!made.ok()) return made.status().with_context(source->describe());
   source->cache_ = std::move(made).value();

@@ -46,6 +46,10 @@ struct TieredSourceOptions {
   uint64_t host_budget_bytes = 0;  // --host
   EvictionPolicy policy = EvictionPolicy::kFrequency;
   RecordReaderOptions io;  // engine, queue depth, O_DIRECT, verify, fault injection
+  // Where the host tier's slots live; null: plain host memory. The cuda backend passes pinned,
+  // mapped memory (runtime/peer_layer_cuda.h) so the device tier's fills come straight from the
+  // slots.
+  std::shared_ptr<SlotMemory> host_memory;
 };
 
 class TieredExpertSource final : public ExpertSource {
@@ -73,6 +77,9 @@ class TieredExpertSource final : public ExpertSource {
   Status begin_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   Status finish_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   ExpertFetchStats last_fetch() const override { return last_; }
+  const uint8_t* device_address(const uint8_t* record) const override {
+    return cache_->device_address(record);
+  }
 
   // After the store was updated in place to a new generation (storage/store_update.h) with
   // new bytes for experts `ids`: the resident copies of those experts take the new bytes

@@ -849,9 +849,17 @@ TEST_F(CliForwardStore, VramNeedsDeviceCudaAndRefDoesNotRunThere) {
   expect_rejected(xin, {"--vram 1GiB", "needs --device cuda"}, {"--vram", "1GiB"});
   expect_rejected(xin, {"--backend ref", "--device cuda"},
                   {"--device", "cuda", "--backend", "ref"});
+  expect_rejected(xin, {"--h2d gather", "needs --device cuda"}, {"--h2d", "gather"});
   RunResult r = run(dir_, {"bench", "--vram", "1GiB", "--experts", "1024"});
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_NE(r.err.find("needs --device cuda"), std::string::npos) << r.err;
+  r = run(dir_, {"bench", "--h2d", "batch", "--experts", "1024"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("--h2d batch says how records reach the device; it needs --device cuda"),
+            std::string::npos)
+      << r.err;
+  r = run(dir_, {"bench", "--h2d", "dma", "--experts", "1024"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;  // CLI11's usage error
 }
 
 TEST_F(CliForwardStore, DeviceCudaEqualsDeviceCpuAtSeveralVramAndHostBudgets) {
@@ -882,7 +890,7 @@ TEST_F(CliForwardStore, DeviceCudaEqualsDeviceCpuAtSeveralVramAndHostBudgets) {
       std::remove(y_path().c_str());
       std::vector<std::string> extra = {"--batch", "4", "--device", "cuda"};
       if (!vram.empty()) extra.insert(extra.end(), {"--vram", vram});
-      if (!host.empty()) extra.insert(extra.end(), {"--host", host});
+      if (!host.empty()) extra.insert(extra.end(), {"--host", host, "--h2d", "gather"});
       RunResult r = forward(xin, extra);
       ASSERT_EQ(r.exit_code, 0) << r.err;
       const std::vector<float> got = read_tensor(y_path(), "y").values;

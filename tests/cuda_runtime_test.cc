@@ -10,9 +10,13 @@
 
 #include <gtest/gtest.h>
 
+#include "base/strings.h"
 #include "runtime/pack.h"
 #include "runtime/peer_layer.h"
+#include "runtime/peer_layer_cuda.h"
+#include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
+#include "runtime/tiered_source.h"
 #include "storage/store.h"
 #include "tests/peer_test_util.h"
 #include "tests/runtime_test_util.h"
@@ -138,6 +142,70 @@ TEST(CudaRuntime, BackendNamesRoundTripAndAVramBudgetNeedsTheCudaBackend) {
       << layer.status().to_string();
 }
 
+TEST(CudaRuntime, H2dMethodNamesAndPipelineChunksAreChecked) {
+  for (H2dMethod m : {H2dMethod::kAuto, H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather}) {
+    auto parsed = parse_h2d_method(h2d_method_name(m));
+    ASSERT_TRUE(parsed.ok()) << parsed.status().to_string();
+    EXPECT_EQ(*parsed, m);
+  }
+  auto bad = parse_h2d_method("dma");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("'dma' (expected auto, slab, batch or gather)"),
+            std::string::npos)
+      << bad.status().to_string();
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  for (int chunks : {-1, 65}) {
+    PeerLayerOptions o;
+    o.pipeline_chunks = chunks;
+    auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+    ASSERT_FALSE(layer.ok());
+    EXPECT_NE(layer.status().message().find("pipeline chunks must be 0 (auto) to 64, got " +
+                                            std::to_string(chunks)),
+              std::string::npos)
+        << layer.status().to_string();
+  }
+}
+
+// The host tier the cuda backend uses: pinned and mapped when a device is present, plain
+// pageable memory (with a warning) when not; either way it serves the same records.
+TEST(CudaRuntime, PinnedHostTierServesRecordsAndSaysWhetherTheDeviceCanReadThem) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const StoreLayerInfo* info = store->find_layer("blk.0.peer");
+  ASSERT_NE(info, nullptr);
+  auto stored = load_stored_layer(*store, "blk.0.peer");
+  ASSERT_TRUE(stored.ok()) << stored.status().to_string();
+  TieredSourceOptions t;
+  t.host_budget_bytes = 64 * info->table.stride;
+  t.io.engine = RecordReaderOptions::Engine::kPread;
+  t.host_memory = make_pinned_slot_memory();
+  auto tiered = TieredExpertSource::open(*store, *info, stored->record, t);
+  ASSERT_TRUE(tiered.ok()) << tiered.status().to_string();
+  const std::vector<int64_t> ids = {0, 7, 300, 575};
+  std::vector<const uint8_t*> records(ids.size());
+  ASSERT_TRUE((*tiered)->acquire(ids, records).ok());
+  const std::span<const uint8_t> table = store->mapped_records(*info);
+  const bool device = check_backend_available(PeerBackend::kCuda).ok();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    EXPECT_EQ(
+        std::memcmp(records[i], table.data() + ids[i] * info->table.stride, info->table.stride), 0)
+        << "expert " << ids[i];
+    const uint8_t* on_device = (*tiered)->device_address(records[i]);
+    if (device) {
+      EXPECT_NE(on_device, nullptr) << "the host tier is not pinned and mapped";
+    } else {
+      EXPECT_EQ(on_device, nullptr) << "no device can read pageable memory";
+    }
+  }
+  (*tiered)->release(ids);
+  if (t.host_memory == nullptr) {
+    SUCCEED() << "built without CUDA: no pinned slot memory";
+  }
+}
+
 // ---- on a device ---------------------------------------------------------------------------
 
 class CudaRuntimeDevice : public ::testing::Test {
@@ -189,6 +257,67 @@ TEST_F(CudaRuntimeDevice, ForwardEqualsTheCpuLayerAtEveryVramAndHostBudget) {
           EXPECT_EQ(got.stats[0].device.hits, 0);
           if (vram >= n) {
             EXPECT_EQ(got.stats[1].device.misses, 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Every way of moving the misses (slab, batch, gather, auto) and of chunking the pipeline gives
+// the same bits (the kernel reads each record through its slot's pointer, and the records are
+// the same bytes), over the mapped table (not pinned: everything falls back to slab) and over a
+// pinned host tier, with and without a device tier.
+TEST_F(CudaRuntimeDevice, EveryH2dMethodAndPipelineChunkingGivesTheSameBits) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto cpu = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+  const auto xs = batches(17);
+  const RunOutput want = run(*cpu, xs);
+  const size_t stride = cpu->record_layout().stride;
+  const int64_t n = cpu->config().num_experts();
+  for (int64_t host : {int64_t{0}, 2 * kWorkingSet}) {
+    for (int64_t vram : {int64_t{0}, kWorkingSet + 7, n}) {
+      std::vector<std::vector<float>> first;  // slab, one chunk
+      for (H2dMethod method :
+           {H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather, H2dMethod::kAuto}) {
+        for (int chunks : {1, 3, 16}) {
+          SCOPED_TRACE(str_printf("host %lld, vram %lld slots, %s, %d chunks", (long long)host,
+                                  (long long)vram, std::string(h2d_method_name(method)).c_str(),
+                                  chunks));
+          PeerLayerOptions o = cuda_options(vram, host, stride);
+          o.h2d = method;
+          o.pipeline_chunks = chunks;
+          auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+          ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+          const RunOutput got = run(*layer, xs);
+          for (size_t b = 0; b < got.ys.size(); ++b) {
+            testing::expect_close(got.ys[b], want.ys[b], kForwardAbs, kForwardRel, "y");
+            const DeviceTransferStats& d = got.stats[b].device;
+            EXPECT_EQ(d.chunks, chunks);
+            if (d.misses > 0 && method != H2dMethod::kAuto) {
+              // The mapped table is not pinned: only slab applies.
+              EXPECT_EQ(d.method, host > 0 ? method : H2dMethod::kSlab) << "batch " << b;
+            }
+          }
+          if (first.empty()) {
+            first = got.ys;
+          } else {
+            EXPECT_EQ(got.ys, first) << "not the same bits as slab in one chunk";
+          }
+          if (method == H2dMethod::kAuto && vram == 0) {
+            // Every batch misses: two trials of each method (those that apply), then a choice.
+            EXPECT_NE(layer->h2d_method(), H2dMethod::kAuto);
+            int64_t tried = 0;
+            for (const H2dMethodTotals& t : layer->h2d_totals()) {
+              tried += t.batches;
+              if (host > 0) {
+                EXPECT_GE(t.batches, 2) << h2d_method_name(t.method);
+              }
+            }
+            EXPECT_EQ(tried, kBatches);
           }
         }
       }

@@ -28,7 +28,7 @@ struct BenchArgs {
   std::string experts = "1M", batch = "2048", host = "10%", routing = "zipf:1.09";
   int64_t dim = 2048, dim_out = 0, heads = 4, topk = 8, topk_per_half = 0, dim_key = 64;
   std::string quant = "int4", store, plot;
-  std::string device = "cpu", vram;
+  std::string device = "cpu", vram, h2d = "auto";
   TierFlags tier;
   int threads = 0;
   int64_t batches = 32, warmup = 8;
@@ -193,7 +193,18 @@ nlohmann::json point_json(const Point& p) {
         {"h2d_gb_per_second", r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
         {"pinned", r.h2d_pinned},
         {"transfer", stage_json(r.transfer)},
+        {"h2d_method", std::string(h2d_method_name(r.h2d_method))},
     };
+    // Every method's figures over the whole run (warm-up included: --h2d auto tries them there).
+    nlohmann::json methods = nlohmann::json::array();
+    for (const H2dMethodTotals& t : r.h2d_methods) {
+      methods.push_back({{"method", std::string(h2d_method_name(t.method))},
+                         {"batches", t.batches},
+                         {"record_bytes", t.bytes},
+                         {"seconds", t.seconds},
+                         {"gb_per_second", t.seconds > 0 ? t.bytes / t.seconds / 1e9 : 0.0}});
+    }
+    j["device"]["h2d_methods"] = methods;
     if (r.device_oracle_hit_rate >= 0) {
       j["device"]["cold_run_hit_rate"] = r.device_hit_rate_all;
       j["device"]["belady_hit_rate"] = r.device_oracle_hit_rate;
@@ -245,6 +256,18 @@ void print_point(const Point& p, const nlohmann::json& calib) {
       std::printf("                copies at %.2f of the calibrated H2D %s\n",
                   r.h2d_bytes / r.h2d_seconds / h2d, format_rate(h2d).c_str());
     }
+    std::string methods;
+    for (const H2dMethodTotals& t : r.h2d_methods) {
+      if (t.batches == 0) continue;
+      methods += str_printf("%s%s %s (%lld batches)", methods.empty() ? "" : ", ",
+                            std::string(h2d_method_name(t.method)).c_str(),
+                            format_rate(t.seconds > 0 ? t.bytes / t.seconds : 0.0).c_str(),
+                            (long long)t.batches);
+    }
+    if (!methods.empty()) {
+      std::printf("                records by method: %s; kept: %s\n", methods.c_str(),
+                  std::string(h2d_method_name(r.h2d_method)).c_str());
+    }
     if (r.device_oracle_hit_rate >= 0) {
       std::printf(
           "                from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)\n",
@@ -293,7 +316,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
   const bool talk = !global.json && !global.quiet;
   auto fail = [](const Status& s) { return report_error("bench", s); };
   // The device first, before any store is written.
-  Result<DeviceChoice> device = choose_device(a.device, a.vram, "cpu");
+  Result<DeviceChoice> device = choose_device(a.device, a.vram, "cpu", a.h2d);
   if (!device.ok()) return fail(device.status());
   Result<DType> dtype = parse_dtype(a.quant);
   if (!dtype.ok()) return fail(dtype.status());
@@ -516,6 +539,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
           o.threads = a.threads;
           o.backend = device->backend;
           o.vram_budget_bytes = device->vram_budget_bytes;
+          o.h2d = device->h2d;
           p.vram_bytes = device->vram_budget_bytes;
           o.seed = a.seed;
           std::unique_ptr<ProgressBar> bar;
@@ -695,6 +719,7 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
       ->capture_default_str();
   cmd->add_option("--vram", a->vram, "With --device cuda: the device tier's budget (e.g. 16GiB)")
       ->check(valid_bytes);
+  add_h2d_flag(cmd, &a->h2d);
   cmd->add_option(
       "--store", a->store,
       "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"

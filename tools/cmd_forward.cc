@@ -140,7 +140,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       "\\\n           -o y.safetensors --dump-routing r.safetensors --stats");
   struct Args {
     std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
-    std::string host, device = "cpu", vram;
+    std::string host, device = "cpu", vram, h2d = "auto";
     TierFlags tier;
     int64_t batch = 4096;
     int threads = 0;
@@ -184,6 +184,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
                   "With --device cuda: device memory budget for expert records (e.g. 12GiB);\n"
                   "records stay there between batches. Default: none, copied per batch")
       ->check(valid_bytes);
+  add_h2d_flag(cmd, &args->h2d);
   cmd->add_flag("--no-verify", args->no_verify,
                 "Skip the checksum of each record on its first use (not recommended)");
   cmd->add_option("--host", args->host,
@@ -193,7 +194,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
   add_tier_flags(cmd, &args->tier);
   cmd->callback([args, &global] {
     // The device first, before any file is read.
-    Result<DeviceChoice> device = choose_device(args->device, args->vram, args->backend);
+    Result<DeviceChoice> device = choose_device(args->device, args->vram, args->backend, args->h2d);
     if (!device.ok()) {
       global.exit_code = report_error("forward", device.status());
       return;
@@ -209,6 +210,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.layer_options.threads = args->threads;
     opt.layer_options.backend = device->backend;
     opt.layer_options.vram_budget_bytes = device->vram_budget_bytes;
+    opt.layer_options.h2d = device->h2d;
     opt.layer_options.vram_policy = parse_eviction_policy(args->tier.policy).value();
     opt.layer_options.verify_checksums = !args->no_verify;
     if (!args->host.empty()) {

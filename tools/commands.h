@@ -64,12 +64,16 @@ TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_by
 // before any work: --device cuda on a machine without a usable device is kNotSupported
 // "no CUDA device is available (...); run without --device cuda"; --vram needs --device cuda;
 // --backend ref (the CPU oracle) does not run on the device.
+// --h2d (auto unless given) needs --device cuda.
 struct DeviceChoice {
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
+  H2dMethod h2d = H2dMethod::kAuto;
 };
 Result<DeviceChoice> choose_device(const std::string& device, const std::string& vram,
-                                   const std::string& backend);
+                                   const std::string& backend, const std::string& h2d = "auto");
+// --h2d auto|slab|batch|gather: how records reach the device (PeerLayerOptions::h2d).
+void add_h2d_flag(CLI::App* cmd, std::string* h2d);
 
 // The --json form of a pack report (shared by pack and demo).
 nlohmann::json pack_report_json(const PackOptions& options, const PackReport& report);

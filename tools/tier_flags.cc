@@ -29,9 +29,24 @@ TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_by
   return t;
 }
 
+void add_h2d_flag(CLI::App* cmd, std::string* h2d) {
+  cmd->add_option("--h2d", *h2d,
+                  "With --device cuda: how the records a batch misses on the device get there:\n"
+                  "slab (packed into pinned staging, one copy), batch (one cudaMemcpyBatchAsync\n"
+                  "from the pinned host tier), gather (one kernel reading the pinned host tier),\n"
+                  "or auto (the first batches try each, then the fastest is kept)")
+      ->check(CLI::IsMember({"auto", "slab", "batch", "gather"}))
+      ->capture_default_str();
+}
+
 Result<DeviceChoice> choose_device(const std::string& device, const std::string& vram,
-                                   const std::string& backend) {
+                                   const std::string& backend, const std::string& h2d) {
   DeviceChoice choice;
+  TROVE_ASSIGN_OR_RETURN(choice.h2d, parse_h2d_method(h2d));
+  if (device != "cuda" && choice.h2d != H2dMethod::kAuto) {
+    return Status::invalid_argument("--h2d " + h2d +
+                                    " says how records reach the device; it needs --device cuda");
+  }
   if (device != "cuda") {
     if (!vram.empty()) {
       return Status::invalid_argument("--vram " + vram +

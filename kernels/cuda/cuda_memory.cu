@@ -2,6 +2,7 @@
 // is built with the rest of the CUDA backend and only there.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -77,9 +78,14 @@ Result<PinnedHostBuffer> PinnedHostBuffer::allocate(size_t bytes) {
   PinnedHostBuffer b;
   if (bytes == 0) return Result<PinnedHostBuffer>(std::move(b));
   void* p = nullptr;
-  const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocDefault);
+  const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
   if (err == cudaSuccess) {
+    void* device = nullptr;
+    const cudaError_t mapped = cudaHostGetDevicePointer(&device, p, 0);
     b.data_ = static_cast<uint8_t*>(p);
+    // Unmapped (an old device without unified addressing): still pinned for DMA.
+    b.device_data_ = mapped == cudaSuccess ? static_cast<uint8_t*>(device) : nullptr;
+    if (mapped != cudaSuccess) (void)cudaGetLastError();
     b.bytes_ = bytes;
     b.pinned_ = true;
     return Result<PinnedHostBuffer>(std::move(b));
@@ -111,12 +117,14 @@ PinnedHostBuffer::~PinnedHostBuffer() {
 }
 PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
     : data_(std::exchange(other.data_, nullptr)),
+      device_data_(std::exchange(other.device_data_, nullptr)),
       bytes_(std::exchange(other.bytes_, 0)),
       pinned_(std::exchange(other.pinned_, false)) {}
 PinnedHostBuffer& PinnedHostBuffer::operator=(PinnedHostBuffer&& other) noexcept {
   if (this != &other) {
     reset();
     data_ = std::exchange(other.data_, nullptr);
+    device_data_ = std::exchange(other.device_data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
     pinned_ = std::exchange(other.pinned_, false);
   }
@@ -131,6 +139,7 @@ void PinnedHostBuffer::reset() {
     }
   }
   data_ = nullptr;
+  device_data_ = nullptr;
   bytes_ = 0;
   pinned_ = false;
 }
@@ -140,14 +149,27 @@ void PinnedHostBuffer::reset() {
 HostRegistration HostRegistration::register_range(void* data, size_t bytes) {
   HostRegistration r;
   if (data == nullptr || bytes == 0) return r;
-  const cudaError_t err = cudaHostRegister(data, bytes, cudaHostRegisterDefault);
+  cudaError_t err =
+      cudaHostRegister(data, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable);
+  void* device = nullptr;
+  if (err == cudaSuccess) {
+    err = cudaHostGetDevicePointer(&device, data, 0);
+    if (err != cudaSuccess) (void)cudaHostUnregister(data);
+  }
   if (err != cudaSuccess) {
     const Status why = cuda::cuda_error_status(err, "cudaHostRegister", __FILE__, __LINE__);
-    TROVE_LOG_WARN("pinning %zu bytes of host memory at %p failed (%s); it stays pageable", bytes,
-                   data, why.message().c_str());
+    // Once per process: a tier registers one block per GiB.
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true)) {
+      TROVE_LOG_WARN(
+          "pinning %zu bytes of host memory at %p failed (%s); it stays pageable (copies from it "
+          "are slower, kernels cannot read it; warned once)",
+          bytes, data, why.message().c_str());
+    }
     return r;
   }
   r.data_ = data;
+  r.device_data_ = static_cast<uint8_t*>(device);
   r.bytes_ = bytes;
   return r;
 }
@@ -156,11 +178,14 @@ HostRegistration::~HostRegistration() {
   if (data_ != nullptr) (void)cudaHostUnregister(data_);
 }
 HostRegistration::HostRegistration(HostRegistration&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+    : data_(std::exchange(other.data_, nullptr)),
+      device_data_(std::exchange(other.device_data_, nullptr)),
+      bytes_(std::exchange(other.bytes_, 0)) {}
 HostRegistration& HostRegistration::operator=(HostRegistration&& other) noexcept {
   if (this != &other) {
     if (data_ != nullptr) (void)cudaHostUnregister(data_);
     data_ = std::exchange(other.data_, nullptr);
+    device_data_ = std::exchange(other.device_data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
@@ -212,6 +237,58 @@ Status CudaCopyStream::copy_batch_async(void* const* dsts, const void* const* sr
   return Status::ok_status();
 }
 
+namespace {
+
+// One warp per record, grid-stride over records: lane i moves words i, i + 32, ... of the
+// record, so a warp's loads of one record are consecutive (coalesced over the bus for mapped
+// host memory). Word is uint4 (16 bytes) when every address and the size allow, else a byte.
+template <typename Word>
+__global__ void gather_records_kernel(void* const* dsts, const void* const* srcs, size_t words,
+                                      size_t count) {
+  const size_t warp = (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const size_t warps = static_cast<size_t>(gridDim.x) * blockDim.x / 32;
+  const unsigned lane = threadIdx.x % 32;
+  for (size_t r = warp; r < count; r += warps) {
+    const Word* src = static_cast<const Word*>(srcs[r]);
+    Word* dst = static_cast<Word*>(dsts[r]);
+    for (size_t w = lane; w < words; w += 32) dst[w] = src[w];
+  }
+}
+
+constexpr int kGatherThreads = 256;
+constexpr size_t kMaxGatherBlocks = 4096;
+
+}  // namespace
+
+Status CudaCopyStream::gather_async(void* const* dsts, const void* const* srcs, size_t bytes_each,
+                                    size_t count) {
+  if (stream_ == nullptr) return empty("CudaCopyStream");
+  if (count == 0 || bytes_each == 0) return Status::ok_status();
+  if (dsts == nullptr || srcs == nullptr) {
+    return Status::invalid_argument("gather_async: null pointer array");
+  }
+  const size_t warps_per_block = kGatherThreads / 32;
+  const size_t blocks = std::min(kMaxGatherBlocks, (count + warps_per_block - 1) / warps_per_block);
+  if (bytes_each % 16 == 0) {
+    gather_records_kernel<uint4>
+        <<<static_cast<unsigned>(blocks), kGatherThreads, 0, as_stream(stream_)>>>(
+            dsts, srcs, bytes_each / 16, count);
+  } else {
+    gather_records_kernel<uint8_t>
+        <<<static_cast<unsigned>(blocks), kGatherThreads, 0, as_stream(stream_)>>>(
+            dsts, srcs, bytes_each, count);
+  }
+  TROVE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return Status::ok_status();
+}
+
+Status CudaCopyStream::wait(const CudaEvent& event) {
+  if (stream_ == nullptr) return empty("CudaCopyStream");
+  if (event.event_ == nullptr) return empty("CudaEvent");
+  TROVE_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(as_stream(stream_), as_event(event.event_), 0));
+  return Status::ok_status();
+}
+
 Status CudaCopyStream::synchronize() {
   if (stream_ == nullptr) return empty("CudaCopyStream");
   TROVE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(as_stream(stream_)));
@@ -245,6 +322,13 @@ Status CudaEvent::record(const CudaCopyStream& stream) {
   if (event_ == nullptr) return empty("CudaEvent");
   if (stream.stream_ == nullptr) return empty("CudaCopyStream");
   TROVE_CUDA_RETURN_IF_ERROR(cudaEventRecord(as_event(event_), as_stream(stream.stream_)));
+  return Status::ok_status();
+}
+
+Status CudaEvent::record_native(void* stream) {
+  if (event_ == nullptr) return empty("CudaEvent");
+  if (stream == nullptr) return Status::invalid_argument("CudaEvent::record_native: null stream");
+  TROVE_CUDA_RETURN_IF_ERROR(cudaEventRecord(as_event(event_), as_stream(stream)));
   return Status::ok_status();
 }
 

@@ -41,8 +41,9 @@ class CudaDeviceMemory {
   size_t bytes_ = 0;
 };
 
-// `bytes` of host memory for staging transfers, page-aligned. Pinned (cudaHostAlloc) when the
-// driver allows; when pinning fails (no device, a locked-memory limit, out of pinned memory) the
+// `bytes` of host memory for staging transfers, page-aligned. Pinned and mapped (cudaHostAlloc,
+// portable: every device may read it, by DMA or from kernels at device_data()) when the driver
+// allows; when pinning fails (no device, a locked-memory limit, out of pinned memory) the
 // buffer is ordinary pageable memory and a warning naming the size and the CUDA error is logged
 // (the first time in the process; copies from it still work, at pageable speed and
 // synchronously). pinned() tells which the buffer is.
@@ -58,19 +59,24 @@ class PinnedHostBuffer {
   PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
 
   uint8_t* data() const { return data_; }
+  // Where kernels read the buffer (the same bytes through the mapping); null when pageable.
+  uint8_t* device_data() const { return device_data_; }
   size_t bytes() const { return bytes_; }
   bool pinned() const { return pinned_; }
   void reset();
 
  private:
   uint8_t* data_ = nullptr;
+  uint8_t* device_data_ = nullptr;
   size_t bytes_ = 0;
   bool pinned_ = false;
 };
 
-// Pins memory allocated elsewhere (cudaHostRegister), e.g. the host tier's slot blocks, until
-// destroyed. Registration failing is not an error: registered() is false, a warning naming the
-// range and the CUDA error is logged, and the memory stays usable as pageable memory.
+// Pins and maps memory allocated elsewhere (cudaHostRegister, portable and mapped), e.g. one
+// block of the host tier's slots, until destroyed: copies from it are DMA, and kernels read it
+// at device_data(). Registration failing is not an error: registered() is false, a warning
+// naming the range and the CUDA error is logged (the first time in the process), and the memory
+// stays usable as pageable memory.
 class HostRegistration {
  public:
   HostRegistration() = default;
@@ -83,9 +89,13 @@ class HostRegistration {
 
   bool registered() const { return data_ != nullptr; }
   size_t bytes() const { return bytes_; }
+  // The range's address for kernels (the host address itself where the device can use host
+  // pointers for registered memory); null unless registered.
+  uint8_t* device_data() const { return device_data_; }
 
  private:
   void* data_ = nullptr;  // null unless registered
+  uint8_t* device_data_ = nullptr;
   size_t bytes_ = 0;
 };
 
@@ -114,8 +124,21 @@ class CudaCopyStream {
   // REQUIRES: as for copy_async, for every range.
   Status copy_batch_async(void* const* dsts, const void* const* srcs, const size_t* sizes,
                           size_t count);
+  // Queues ONE kernel that copies `count` records of `bytes_each` bytes, dsts[i] <- srcs[i], with
+  // the device's SMs (an SM-driven gather) instead of its copy engines: a source may be mapped
+  // pinned host memory (read over the bus at the kernel's loads, e.g. HostRegistration's
+  // device_data()) or device memory. dsts and srcs are arrays of `count` pointers that the
+  // DEVICE reads: device memory or mapped pinned memory (device addresses). 16-byte loads and
+  // stores when bytes_each is a multiple of 16, byte by byte otherwise.
+  // REQUIRES: no two destinations overlap; the ranges stay valid until the kernel completes;
+  // with bytes_each % 16 == 0, every pointer 16-byte aligned (slots, slabs and staging are).
+  Status gather_async(void* const* dsts, const void* const* srcs, size_t bytes_each, size_t count);
+  // Work queued on this stream after the call waits for `event`'s point in its own stream.
+  Status wait(const CudaEvent& event);
   // Waits for every copy queued so far; the first asynchronous error, naming the call.
   Status synchronize();
+  // The cudaStream_t, for code that queues its own work on this stream (.cu files only).
+  void* native_handle() const { return stream_; }
 
  private:
   friend class CudaEvent;
@@ -135,11 +158,16 @@ class CudaEvent {
 
   // Marks the point in `stream`'s work queued so far.
   Status record(const CudaCopyStream& stream);
+  // The same on a raw cudaStream_t (e.g. CudaPeerContext's stream).
+  Status record_native(void* stream);
+  // The cudaEvent_t (.cu files only).
+  void* native_handle() const { return event_; }
   Status synchronize();
   // Seconds between two completed events (both recorded and reached).
   static Result<double> elapsed_seconds(const CudaEvent& start, const CudaEvent& end);
 
  private:
+  friend class CudaCopyStream;
   void* event_ = nullptr;  // cudaEvent_t
 };
 

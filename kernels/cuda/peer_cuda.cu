@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/cuda/blas.cuh"
+#include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/device.cuh"
 #include "kernels/cuda/peer_cuda.h"
 #include "kernels/cuda/peer_experts.cuh"
@@ -352,6 +353,19 @@ Result<CudaPeerContext> CudaPeerContext::create() {
 Status CudaPeerContext::synchronize() {
   if (impl_ == nullptr) return empty_context("CudaPeerContext::synchronize");
   return impl_->stream.synchronize();
+}
+
+Status CudaPeerContext::wait(const CudaEvent& event) {
+  if (impl_ == nullptr) return empty_context("CudaPeerContext::wait");
+  if (event.native_handle() == nullptr) return Status::invalid_argument("empty CudaEvent");
+  TROVE_CUDA_RETURN_IF_ERROR(
+      cudaStreamWaitEvent(impl_->s(), static_cast<cudaEvent_t>(event.native_handle()), 0));
+  return Status::ok_status();
+}
+
+Status CudaPeerContext::record(CudaEvent& event) {
+  if (impl_ == nullptr) return empty_context("CudaPeerContext::record");
+  return event.record_native(impl_->s());
 }
 
 // ---- host form -------------------------------------------------------------------------------

@@ -44,6 +44,8 @@
 
 namespace trove {
 
+class CudaEvent;  // kernels/cuda/cuda_memory.h
+
 // The routing of T tokens in device memory: three [T, h, k] arrays in PeerRouting's order
 // (best first per (token, head)).
 struct PeerDeviceRouting {
@@ -117,6 +119,11 @@ class CudaPeerContext {
   Status experts_device_indexed(const PeerConfig& config, const RecordLayout& layout,
                                 const float* xhat, int64_t tokens, const float* gates,
                                 const uint8_t* table, const int64_t* record_index, float* y);
+
+  // Stream order with other streams (runtime/peer_layer_cuda.h's pipeline): work queued after
+  // wait() starts once `event` is reached; record() marks the point of the work queued so far.
+  Status wait(const CudaEvent& event);
+  Status record(CudaEvent& event);
 
   // Waits for every call queued so far; returns the first error raised while they ran.
   Status synchronize();
