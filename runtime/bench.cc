@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 
+#include "base/bytes.h"
 #include "base/random.h"
 #include "base/stopwatch.h"
 #include "base/strings.h"
@@ -210,13 +212,75 @@ StageTimes stage_times(std::vector<double> v) {
   return t;
 }
 
-// Runs one batch: the layer's own routing (pk) or the given one.
-Status run_batch(PeerLayer& layer, RoutingSource& src, int64_t b, int64_t T, PeerRouting* r,
-                 std::vector<float>* y, PeerBatchStats* stats) {
-  const std::vector<float>& x = src.x(b);
+// Runs one batch on input x: the layer's own routing (pk) or the given one.
+Status run_batch(PeerLayer& layer, RoutingSource& src, int64_t b, int64_t T,
+                 std::span<const float> x, PeerRouting* r, std::vector<float>* y,
+                 PeerBatchStats* stats) {
   if (src.routes_itself()) return layer.forward(x, T, *y, r, stats);
   src.routing(b, r);
   return layer.forward_routed(x, T, *r, *y, stats);
+}
+
+// One layer of a run: its tiered layer (and all-resident twin for the baseline), its routing
+// stream, and what it did.
+struct BenchLayer {
+  StoredLayer stored;
+  PeerLayer layer;
+  TieredExpertSource* tiered = nullptr;  // layer's expert source
+  RoutingSource src;
+  std::optional<PeerLayer> resident;
+  std::string context;  // for errors: "layer bench.1" (empty with one layer)
+  PeerRouting routing;
+  std::vector<float> y;
+  PeerBatchStats last;                      // the last batch's, through the tiers
+  std::vector<std::vector<int64_t>> trace;  // unique ids per batch from cold, for Belady
+  int64_t hits_all = 0, unique_all = 0, device_hits_all = 0;
+  BenchLayerResult res;
+};
+
+// Runs batch b through every layer (their resident twins when `resident`), each on x + y of
+// the layer before it, as a transformer's residual stream; layer l's stats go to its `last`.
+// `h` holds the stream between layers.
+Status run_layers(std::vector<BenchLayer>& layers, bool resident, int64_t b, int64_t T,
+                  std::vector<float>* h) {
+  std::span<const float> x = layers[0].src.x(b);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    BenchLayer& L = layers[l];
+    PeerLayer& layer = resident ? *L.resident : L.layer;
+    L.last = PeerBatchStats();
+    Status s = run_batch(layer, L.src, b, T, x, &L.routing, &L.y, resident ? nullptr : &L.last);
+    if (!s.ok()) {
+      std::string what = str_printf("bench batch %lld", (long long)b);
+      if (!L.context.empty()) what += ", " + L.context;
+      return s.with_context(what);
+    }
+    if (l + 1 < layers.size()) {
+      h->resize(x.size());  // (x may be h itself: same size, no reallocation)
+      for (size_t i = 0; i < x.size(); ++i) (*h)[i] = x[i] + L.y[i];
+      x = *h;
+    }
+  }
+  return Status::ok_status();
+}
+
+// Adds a layer's batch figures to `sum` (the ones run_bench reports).
+void add_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
+  sum->slots += s.slots;
+  sum->unique_experts += s.unique_experts;
+  sum->record_bytes_used += s.record_bytes_used;
+  sum->route_seconds += s.route_seconds;
+  sum->acquire_seconds += s.acquire_seconds;
+  sum->expert_seconds += s.expert_seconds;
+  sum->fetch.hits += s.fetch.hits;
+  sum->fetch.misses += s.fetch.misses;
+  sum->fetch.bytes_read += s.fetch.bytes_read;
+  sum->fetch.disk_seconds += s.fetch.disk_seconds;
+  sum->fetch.stall_seconds += s.fetch.stall_seconds;
+  sum->device.hits += s.device.hits;
+  sum->device.misses += s.device.misses;
+  sum->device.bytes_copied += s.device.bytes_copied;
+  sum->device.copy_seconds += s.device.copy_seconds;
+  sum->device.pinned = sum->device.pinned && s.device.pinned;
 }
 
 }  // namespace
@@ -260,12 +324,21 @@ std::string BenchWorkload::name() const {
   return "?";
 }
 
-Status write_bench_store(const std::string& path, const PeerConfig& config_in, DType dtype,
-                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress) {
-  PeerConfig c = config_in;
-  TROVE_RETURN_IF_ERROR(c.validate_and_fill());
-  TROVE_ASSIGN_OR_RETURN(RecordLayout layout,
-                         RecordLayout::make(dtype, c.dim, c.dim_out, c.expert_width));
+std::string bench_layer_name(int64_t index) {
+  return index == 0 ? std::string("bench") : str_printf("bench.%lld", (long long)index);
+}
+
+namespace {
+
+// Layer `index`'s seed: layer 0 keeps the run's, so one-layer stores and runs are as before.
+uint64_t layer_seed(uint64_t seed, int64_t index) {
+  return index == 0 ? seed : splitmix64(seed * 1000003 + static_cast<uint64_t>(index));
+}
+
+// Writes layer `index` of a bench store into `w`; `done` counts the records of all layers.
+Status write_bench_layer(StoreWriter& w, const PeerConfig& c, const RecordLayout& layout,
+                         int64_t index, uint64_t seed, int64_t* done, int64_t total,
+                         const std::function<void(int64_t, int64_t)>& progress) {
   const int64_t n = c.num_experts();
   const int64_t pool = std::min<int64_t>(n, 2048);
   std::vector<uint8_t> pool_records(sz(pool) * layout.stride);
@@ -274,14 +347,12 @@ Status write_bench_store(const std::string& path, const PeerConfig& config_in, D
     const auto up = gaussian(sz(pool * c.dim_out), 1.0, seed + 1);
     pack_records(layout, down.data(), up.data(), pool, pool_records.data());
   }
-  nlohmann::json provenance = {{"tool", "trove bench"}, {"synthetic", true}, {"seed", seed}};
-  TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(path, provenance));
   nlohmann::json info = {{"config", peer_config_to_json(c)},
                          {"record", record_layout_json(layout)},
                          {"source", {{"synthetic", "trove bench"}, {"seed", seed}}}};
-  StoreTableSpec table{std::string(dtype_name(dtype)), static_cast<uint64_t>(n),
+  StoreTableSpec table{std::string(dtype_name(layout.dtype)), static_cast<uint64_t>(n),
                        layout.record_bytes, layout.stride};
-  TROVE_RETURN_IF_ERROR(w.begin_layer("bench", info, table));
+  TROVE_RETURN_IF_ERROR(w.begin_layer(bench_layer_name(index), info, table));
   const int64_t chunk =
       std::max<int64_t>(1, (int64_t{16} << 20) / static_cast<int64_t>(layout.stride));
   std::vector<uint8_t> buf(sz(chunk) * layout.stride);
@@ -293,7 +364,8 @@ Status write_bench_store(const std::string& path, const PeerConfig& config_in, D
       if (first + i >= pool) vary_record(layout, first + i, rec);
     }
     TROVE_RETURN_IF_ERROR(w.append_records({buf.data(), sz(count) * layout.stride}));
-    if (progress) progress(first + count, n);
+    *done += count;
+    if (progress) progress(*done, total);
   }
   const double qstd = 1.0 / std::sqrt(static_cast<double>(c.dim));
   TROVE_RETURN_IF_ERROR(w.add_dense("query.weight", {c.query_rows(), c.dim},
@@ -308,9 +380,116 @@ Status write_bench_store(const std::string& path, const PeerConfig& config_in, D
   if (c.input_norm == InputNorm::kRms) {
     TROVE_RETURN_IF_ERROR(w.add_dense("norm.weight", {c.dim}, std::vector<float>(sz(c.dim), 1.0f)));
   }
-  TROVE_RETURN_IF_ERROR(w.end_layer());
+  return w.end_layer();
+}
+
+}  // namespace
+
+Status write_bench_store(const std::string& path, const PeerConfig& config_in, DType dtype,
+                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress,
+                         int64_t layers) {
+  if (layers < 1) {
+    return Status::invalid_argument(str_printf(
+        "%s: a bench store needs at least one layer, not %lld", path.c_str(), (long long)layers));
+  }
+  PeerConfig c = config_in;
+  TROVE_RETURN_IF_ERROR(c.validate_and_fill());
+  TROVE_ASSIGN_OR_RETURN(RecordLayout layout,
+                         RecordLayout::make(dtype, c.dim, c.dim_out, c.expert_width));
+  nlohmann::json provenance = {{"tool", "trove bench"}, {"synthetic", true}, {"seed", seed}};
+  TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(path, provenance));
+  int64_t done = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    TROVE_RETURN_IF_ERROR(write_bench_layer(w, c, layout, l, layer_seed(seed, l), &done,
+                                            c.num_experts() * layers, progress));
+  }
   return w.finish();
 }
+
+namespace {
+
+// Opens the first opt.layers bench layers of `store`, each over its own tiers with an even
+// share of the run's budgets and its own routing stream, and checks that a batch fits each
+// one before any work.
+Result<std::vector<BenchLayer>> open_bench_layers(const StoreReader& store,
+                                                  const BenchOptions& opt) {
+  const int64_t n = opt.layers;
+  int64_t held = 0;
+  for (const StoreLayerInfo& info : store.layers()) {
+    for (int64_t l = 0; l < n; ++l) held += info.name == bench_layer_name(l) ? 1 : 0;
+  }
+  if (held < n) {
+    return Status::invalid_argument(str_printf(
+        "%s holds %lld of the %lld bench layers asked for (%s ... %s): write the store with at "
+        "least %lld layers (write_bench_store's `layers`; trove bench --layers %lld writes the "
+        "stores of its --store folder anew), or run fewer layers",
+        opt.store.c_str(), (long long)held, (long long)n, bench_layer_name(0).c_str(),
+        bench_layer_name(n - 1).c_str(), (long long)n, (long long)n));
+  }
+  const uint64_t host_share = opt.host_budget_bytes / static_cast<uint64_t>(n);
+  const uint64_t vram_share = opt.vram_budget_bytes / static_cast<uint64_t>(n);
+  std::vector<BenchLayer> layers;
+  for (int64_t l = 0; l < n; ++l) {
+    const std::string name = bench_layer_name(l);
+    // With several layers, errors name the layer and, since a tier's sizes are one share of
+    // the budgets, the split.
+    std::string context;
+    if (n > 1) {
+      context = str_printf(
+          "layer %s (%lld of %lld; the budgets are split evenly over the layers: "
+          "host %s = %lld x %s",
+          name.c_str(), (long long)(l + 1), (long long)n,
+          format_bytes(opt.host_budget_bytes).c_str(), (long long)n,
+          format_bytes(host_share).c_str());
+      if (opt.vram_budget_bytes > 0) {
+        context += str_printf(", vram %s = %lld x %s", format_bytes(opt.vram_budget_bytes).c_str(),
+                              (long long)n, format_bytes(vram_share).c_str());
+      }
+      context += "; the sizes below are one layer's)";
+    }
+    auto named = [&](const Status& s) { return context.empty() ? s : s.with_context(context); };
+    Result<StoredLayer> stored = load_stored_layer(store, name);
+    if (!stored.ok()) return named(stored.status());
+    PeerLayerOptions lo;
+    lo.threads = opt.threads;
+    lo.backend = opt.backend;
+    lo.vram_budget_bytes = vram_share;
+    lo.h2d = opt.h2d;
+    lo.vram_policy = opt.policy;
+    TieredSourceOptions tiers;
+    tiers.host_budget_bytes = host_share;
+    tiers.policy = opt.policy;
+    tiers.io = opt.io;
+    lo.tiers = tiers;
+    Result<PeerLayer> layer = PeerLayer::open(store, name, lo);
+    if (!layer.ok()) return named(layer.status());
+    const PeerConfig& c = layer->config();
+    if (n > 1 &&
+        (c.dim_out != c.dim || (!layers.empty() && layers[0].layer.config().dim != c.dim))) {
+      return Status::invalid_argument(str_printf(
+          "%s: %lld layers run as a residual stream (layer l + 1 reads x + y of layer l), so "
+          "every layer needs dim_out = dim = the first layer's dim; this one has dim %lld, dim_out "
+          "%lld",
+          name.c_str(), (long long)n, (long long)c.dim, (long long)c.dim_out));
+    }
+    Status fits = layer->check_batch(opt.batch);
+    if (!fits.ok()) return named(fits);
+    Result<RoutingSource> src =
+        RoutingSource::make(opt.workload, c, opt.batch, layer_seed(opt.seed, l));
+    if (!src.ok()) return named(src.status());
+    auto* tiered = &dynamic_cast<TieredExpertSource&>(layer->experts());
+    const int64_t dim_out = c.dim_out;
+    layers.push_back(BenchLayer{std::move(*stored), std::move(*layer), tiered, std::move(*src)});
+    layers.back().y.resize(sz(opt.batch * dim_out));
+    layers.back().context = context.empty() ? context : "layer " + name;
+    layers.back().res.name = name;
+    layers.back().res.host_budget_bytes = host_share;
+    layers.back().res.vram_budget_bytes = vram_share;
+  }
+  return layers;
+}
+
+}  // namespace
 
 Result<BenchResult> run_bench(const BenchOptions& opt) {
   if (opt.batch < 1 || opt.batches < 1 || opt.warmup_batches < 0) {
@@ -318,57 +497,63 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         str_printf("bench: batch %lld, batches %lld and warm-up %lld must be >= 1, >= 1 and >= 0",
                    (long long)opt.batch, (long long)opt.batches, (long long)opt.warmup_batches));
   }
+  if (opt.layers < 1) {
+    return Status::invalid_argument(
+        str_printf("bench: layers %lld must be >= 1", (long long)opt.layers));
+  }
   TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(opt.store));
-  TROVE_ASSIGN_OR_RETURN(StoredLayer stored, load_stored_layer(store, "bench"));
-  PeerLayerOptions lo;
-  lo.threads = opt.threads;
-  lo.backend = opt.backend;
-  lo.vram_budget_bytes = opt.vram_budget_bytes;
-  lo.h2d = opt.h2d;
-  lo.vram_policy = opt.policy;
-  TieredSourceOptions tiers;
-  tiers.host_budget_bytes = opt.host_budget_bytes;
-  tiers.policy = opt.policy;
-  tiers.io = opt.io;
-  lo.tiers = tiers;
-  TROVE_ASSIGN_OR_RETURN(PeerLayer layer, PeerLayer::open(store, "bench", lo));
-  auto& tiered = dynamic_cast<TieredExpertSource&>(layer.experts());
-  const PeerConfig& c = layer.config();
-  TROVE_RETURN_IF_ERROR(layer.check_batch(opt.batch));
-  TROVE_ASSIGN_OR_RETURN(RoutingSource src,
-                         RoutingSource::make(opt.workload, c, opt.batch, opt.seed));
+  TROVE_ASSIGN_OR_RETURN(std::vector<BenchLayer> layers, open_bench_layers(store, opt));
+  const StoredLayer& stored = layers[0].stored;
+  const PeerConfig& c = layers[0].layer.config();
 
   BenchResult res;
   res.config = c;
   res.record_dtype = std::string(dtype_name(stored.record.dtype));
   res.record_bytes = stored.record.record_bytes;
   res.record_stride = stored.record.stride;
-  res.table_bytes = stored.info->table.bytes;
-  res.capacity_slots = tiered.host().capacity_slots();
-  res.engine = tiered.disk().engine_name();
-  res.direct_io = tiered.disk().direct_io();
+  res.engine = layers[0].tiered->disk().engine_name();
+  res.direct_io = layers[0].tiered->disk().direct_io();
   res.backend = std::string(peer_backend_name(opt.backend));
-  if (opt.vram_budget_bytes > 0) {
-    res.device_capacity_slots = static_cast<int64_t>(std::min<uint64_t>(
-        opt.vram_budget_bytes / stored.record.stride, static_cast<uint64_t>(c.num_experts())));
+  for (BenchLayer& L : layers) {
+    res.table_bytes += L.stored.info->table.bytes;
+    L.res.capacity_slots = L.tiered->host().capacity_slots();
+    res.capacity_slots += L.res.capacity_slots;
+    if (L.res.vram_budget_bytes > 0) {
+      L.res.device_capacity_slots = static_cast<int64_t>(
+          std::min<uint64_t>(L.res.vram_budget_bytes / L.stored.record.stride,
+                             static_cast<uint64_t>(L.layer.config().num_experts())));
+      res.device_capacity_slots += L.res.device_capacity_slots;
+    }
   }
 
   const int64_t total = opt.warmup_batches + opt.batches;
-  std::vector<std::vector<int64_t>> trace;  // unique ids per batch, for Belady
   std::vector<double> route, resolve, disk, compute, stall, wall, transfer;
-  std::vector<float> y(sz(opt.batch * c.dim_out));
-  PeerRouting r;
+  std::vector<float> h;  // the residual stream between layers
   int64_t hits_all = 0, unique_all = 0, device_hits_all = 0;
   double measured = 0;
   for (int64_t b = 0; b < total; ++b) {
-    PeerBatchStats st;
     const Stopwatch start;
-    TROVE_RETURN_IF_ERROR(run_batch(layer, src, b, opt.batch, &r, &y, &st)
-                              .with_context(str_printf("bench batch %lld", (long long)b)));
+    TROVE_RETURN_IF_ERROR(run_layers(layers, false, b, opt.batch, &h));
     const double seconds = start.seconds();
-    if (opt.oracle) {
-      const std::span<const int64_t> u = layer.last_experts();
-      trace.emplace_back(u.begin(), u.end());
+    PeerBatchStats st;  // summed over the layers
+    for (BenchLayer& L : layers) {
+      add_stats(L.last, &st);
+      if (opt.oracle) {
+        const std::span<const int64_t> u = L.layer.last_experts();
+        L.trace.emplace_back(u.begin(), u.end());
+      }
+      L.hits_all += L.last.fetch.hits;
+      L.device_hits_all += L.last.device.hits;
+      L.unique_all += L.last.unique_experts;
+      if (b >= opt.warmup_batches) {
+        L.res.requested += L.last.slots;
+        L.res.unique += L.last.unique_experts;
+        L.res.hits += L.last.fetch.hits;
+        L.res.misses += L.last.fetch.misses;
+        L.res.bytes_read += L.last.fetch.bytes_read;
+        L.res.device_hits += L.last.device.hits;
+        L.res.device_misses += L.last.device.misses;
+      }
     }
     hits_all += st.fetch.hits;
     device_hits_all += st.device.hits;
@@ -399,7 +584,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     if (opt.progress) opt.progress(b + 1, total);
   }
   res.batches = opt.batches;
-  res.tokens = opt.batch * opt.batches;
+  res.tokens = opt.batch * opt.batches;  // each token once, through every layer
   res.seconds = measured;
   res.tokens_per_second = measured > 0 ? static_cast<double>(res.tokens) / measured : 0;
   res.hit_rate =
@@ -413,59 +598,112 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.stall = stage_times(stall);
   res.total = stage_times(wall);
   res.transfer = stage_times(transfer);
-  res.h2d_methods = layer.h2d_totals();
-  res.h2d_method = layer.h2d_method();
-  res.device_hit_rate =
-      res.unique > 0 ? static_cast<double>(res.device_hits) / static_cast<double>(res.unique) : 0;
-  if (opt.oracle) {
-    // Over every batch from a cold tier, as the policy saw them, beside the policy's own.
-    const double all = static_cast<double>(std::max<int64_t>(1, unique_all));
-    if (res.device_capacity_slots > 0) {
-      TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.device_capacity_slots));
-      res.device_oracle_hit_rate = best.hit_rate();
-      res.device_hit_rate_all = static_cast<double>(device_hits_all) / all;
-    } else {
-      TROVE_ASSIGN_OR_RETURN(SimResult best, simulate_belady(trace, res.capacity_slots));
-      res.oracle_hit_rate = best.hit_rate();
-      res.achieved_hit_rate_all = static_cast<double>(hits_all) / all;
+  // Each layer chooses its own method; the totals are summed, the method is the first layer's.
+  for (const BenchLayer& L : layers) {
+    const std::vector<H2dMethodTotals> totals = L.layer.h2d_totals();
+    if (res.h2d_methods.empty()) {
+      res.h2d_methods = totals;
+      continue;
+    }
+    for (size_t i = 0; i < totals.size() && i < res.h2d_methods.size(); ++i) {
+      res.h2d_methods[i].batches += totals[i].batches;
+      res.h2d_methods[i].bytes += totals[i].bytes;
+      res.h2d_methods[i].seconds += totals[i].seconds;
     }
   }
+  res.h2d_method = layers[0].layer.h2d_method();
+  res.device_hit_rate =
+      res.unique > 0 ? static_cast<double>(res.device_hits) / static_cast<double>(res.unique) : 0;
+  auto ratio = [](int64_t part, int64_t whole) {
+    return static_cast<double>(part) / static_cast<double>(std::max<int64_t>(1, whole));
+  };
+  for (BenchLayer& L : layers) {
+    L.res.hit_rate = ratio(L.res.hits, L.res.unique);
+    L.res.device_hit_rate = ratio(L.res.device_hits, L.res.unique);
+  }
+  if (opt.oracle) {
+    // Over every batch from a cold tier, as the policy saw them, beside the policy's own; each
+    // layer's tier on its own trace, and over the layers Belady's hits / their unique experts.
+    const bool device = res.device_capacity_slots > 0;
+    int64_t best_hits = 0, best_requests = 0;
+    for (BenchLayer& L : layers) {
+      TROVE_ASSIGN_OR_RETURN(
+          SimResult best,
+          simulate_belady(L.trace, device ? L.res.device_capacity_slots : L.res.capacity_slots));
+      best_hits += best.hits;
+      best_requests += best.requests;
+      if (device) {
+        L.res.device_oracle_hit_rate = best.hit_rate();
+        L.res.device_hit_rate_all = ratio(L.device_hits_all, L.unique_all);
+      } else {
+        L.res.oracle_hit_rate = best.hit_rate();
+        L.res.achieved_hit_rate_all = ratio(L.hits_all, L.unique_all);
+      }
+    }
+    if (device) {
+      res.device_oracle_hit_rate = ratio(best_hits, best_requests);
+      res.device_hit_rate_all = ratio(device_hits_all, unique_all);
+    } else {
+      res.oracle_hit_rate = ratio(best_hits, best_requests);
+      res.achieved_hit_rate_all = ratio(hits_all, unique_all);
+    }
+  }
+  for (BenchLayer& L : layers) res.layers.push_back(L.res);
 
   if (opt.resident_baseline) {
-    // The same measured batches with the whole table in memory (when it fits in half of RAM).
+    // The same measured batches with every layer's whole table in memory (when the tables fit
+    // in half of RAM).
     const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
                          static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-    if (res.table_bytes <= ram / 2) {
-      std::span<const uint8_t> table = store.mapped_records(*stored.info);
+    const bool cuda = opt.backend == PeerBackend::kCuda;
+    Status made;
+    if (res.table_bytes > ram / 2) {
+      res.resident_skipped =
+          str_printf("the table%s (%s) would take more than half of this machine's %s of memory",
+                     layers.size() > 1 ? "s" : "", format_bytes(res.table_bytes).c_str(),
+                     format_bytes(ram).c_str());
+    }
+    for (BenchLayer& L : layers) {
+      if (!res.resident_skipped.empty() || !made.ok()) break;
+      std::span<const uint8_t> table = store.mapped_records(*L.stored.info);
       auto source = std::make_unique<MemoryExpertSource>(
-          stored.record, std::vector<uint8_t>(table.begin(), table.end()));
+          L.stored.record, std::vector<uint8_t>(table.begin(), table.end()));
       PeerLayerOptions ro;
       ro.threads = opt.threads;
       ro.backend = opt.backend;
-      const bool cuda = opt.backend == PeerBackend::kCuda;
       // On the device, resident means the whole table in the device tier.
-      if (cuda) ro.vram_budget_bytes = res.table_bytes;
-      Result<PeerLayer> resident = PeerLayer::create(c, layer.params(), std::move(source), ro);
+      if (cuda) ro.vram_budget_bytes = L.stored.info->table.bytes;
+      Result<PeerLayer> resident =
+          PeerLayer::create(L.layer.config(), L.layer.params(), std::move(source), ro);
       if (resident.ok()) {
-        // Twice over the batches on the device: the first pass fills the device tier.
-        for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
-          src.reset();
-          for (int64_t b = 0; b < opt.warmup_batches; ++b) {
-            if (!src.routes_itself()) src.routing(b, &r);  // keep the zipf stream in step
-          }
-          double seconds = 0;
-          for (int64_t b = opt.warmup_batches; b < total; ++b) {
-            const Stopwatch start;
-            TROVE_RETURN_IF_ERROR(run_batch(*resident, src, b, opt.batch, &r, &y, nullptr));
-            seconds += start.seconds();
-          }
-          res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
-        }
-      } else if (!cuda || resident.status().code() != Status::Code::kResourceExhausted) {
-        // (A table larger than the device is no error: the comparison is left out.)
-        return resident.status();
+        L.resident.emplace(std::move(*resident));
+      } else {
+        made = resident.status();
       }
     }
+    if (res.resident_skipped.empty() && made.ok()) {
+      // Twice over the batches on the device: the first pass fills the device tier.
+      for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
+        for (BenchLayer& L : layers) {
+          L.src.reset();
+          for (int64_t b = 0; b < opt.warmup_batches; ++b) {
+            if (!L.src.routes_itself()) L.src.routing(b, &L.routing);  // keep zipf in step
+          }
+        }
+        double seconds = 0;
+        for (int64_t b = opt.warmup_batches; b < total; ++b) {
+          const Stopwatch start;
+          TROVE_RETURN_IF_ERROR(run_layers(layers, true, b, opt.batch, &h));
+          seconds += start.seconds();
+        }
+        res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
+      }
+    } else if (!made.ok()) {
+      // (Tables larger than the device are no error: the comparison is left out.)
+      if (!cuda || made.code() != Status::Code::kResourceExhausted) return made;
+      res.resident_skipped = "the tables do not fit the device: " + made.message();
+    }
+    for (BenchLayer& L : layers) L.resident.reset();  // (their memory back before returning)
   }
   return res;
 }

@@ -1,7 +1,11 @@
-// The benchmark behind `trove bench` (SPEC §8): one PEER layer of a synthetic store run batch
+// The benchmark behind `trove bench` (SPEC §8): N PEER layers of a synthetic store run batch
 // after batch over the tiered store (host budget over the store file), with the routing drawn
 // from a workload, every stage of every batch timed, and the same batches run all-resident and
 // through the optimal offline policy (Belady) for comparison.
+//
+// Layers are stacked as in a transformer's residual stream: layer l + 1 reads x + y of layer l,
+// so its pk routing sees real inputs. Each layer has its own tiers, each an even share of the
+// run's budgets, and its own routing stream (its own seed; trace: the same trace for each).
 //
 // Workloads:
 //   uniform     ids uniform over [0, N)
@@ -38,19 +42,28 @@ struct BenchWorkload {
   std::string name() const;
 };
 
-// A synthetic store for benchmarks: one layer "bench" of `config` with random records of
-// `dtype` and a gaussian router, written atomically. Records are distinct (each has its own
-// bytes and checksum) but cheap to make: a pool of packed experts with each copy's codes
-// varied by its id. `progress` gets (records written, records in all).
+// The name of the benchmark's layer `index`: "bench", then "bench.1", "bench.2", ... (so a
+// store written before layers were counted is a one-layer bench store).
+std::string bench_layer_name(int64_t index);
+
+// A synthetic store for benchmarks: `layers` layers (bench_layer_name(0), ...) of `config`, each
+// with random records of `dtype` and a gaussian router of its own (layer 0's seed is `seed`, so
+// it is the layer a one-layer store of the same seed holds), written atomically. Records are
+// distinct (each has its own bytes and checksum) but cheap to make: a pool of packed experts
+// with each copy's codes varied by its id. `progress` gets (records written, records in all
+// layers).
 Status write_bench_store(const std::string& path, const PeerConfig& config, DType dtype,
-                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress);
+                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress,
+                         int64_t layers = 1);
 
 struct BenchOptions {
-  std::string store;  // written by write_bench_store (or any store with one layer "bench")
+  std::string store;   // written by write_bench_store (layers "bench", "bench.1", ...)
+  int64_t layers = 1;  // run through the store's first `layers` bench layers
   BenchWorkload workload;
   int64_t batch = 2048;        // tokens per batch
   int64_t batches = 32;        // measured
   int64_t warmup_batches = 8;  // run first, not measured (the host tier fills)
+  // The run's budgets, split evenly over the layers (each layer has its own tiers).
   uint64_t host_budget_bytes = 0;
   EvictionPolicy policy = EvictionPolicy::kFrequency;
   RecordReaderOptions io;
@@ -71,15 +84,42 @@ struct StageTimes {
   double p50 = 0, p90 = 0, p99 = 0, mean = 0;
 };
 
+// One layer of the run: its figures over the measured batches (the cold-run and Belady rates
+// over every batch, as BenchResult's).
+struct BenchLayerResult {
+  std::string name;
+  uint64_t host_budget_bytes = 0;  // its share of the run's
+  uint64_t vram_budget_bytes = 0;
+  int64_t capacity_slots = 0;
+  int64_t device_capacity_slots = 0;
+  int64_t requested = 0;
+  int64_t unique = 0;
+  int64_t hits = 0;
+  int64_t misses = 0;
+  double hit_rate = 0;
+  uint64_t bytes_read = 0;
+  int64_t device_hits = 0;
+  int64_t device_misses = 0;
+  double device_hit_rate = 0;
+  double oracle_hit_rate = -1;  // the host tier's, or with a device tier the device's
+  double achieved_hit_rate_all = -1;
+  double device_oracle_hit_rate = -1;
+  double device_hit_rate_all = -1;
+};
+
+// Figures of the whole run: counts and per-batch times are sums over the layers, rates are
+// their ratios (Belady's: its hits over all layers / their unique experts), and tokens count a
+// token once however many layers it passed.
 struct BenchResult {
   PeerConfig config;
   std::string record_dtype;
   uint64_t record_bytes = 0;
   uint64_t record_stride = 0;
-  uint64_t table_bytes = 0;
-  int64_t capacity_slots = 0;  // the host tier's records
+  uint64_t table_bytes = 0;    // all layers'
+  int64_t capacity_slots = 0;  // the host tiers' records
   std::string engine;          // io_uring or pread
   bool direct_io = false;
+  std::vector<BenchLayerResult> layers;  // one per layer, in order
 
   int64_t batches = 0;  // measured
   int64_t tokens = 0;
@@ -106,6 +146,7 @@ struct BenchResult {
   // The all-resident run of the same batches (0: not run). kCuda: the whole table in the
   // device tier, filled by one unmeasured pass over the batches first.
   double resident_tokens_per_second = 0;
+  std::string resident_skipped;  // why it was not run, when asked for (e.g. tables too large)
 
   // kCuda: the device tier (zeros without one) and the host -> device transfers.
   std::string backend = "cpu";
@@ -126,8 +167,10 @@ struct BenchResult {
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then
-// (when asked) the same measured batches all-resident. Errors: a store without layer "bench",
-// a budget below one batch's working set (before any work), a trace that does not fit the layer.
+// (when asked) the same measured batches all-resident. Errors: a store with fewer bench layers
+// than asked (naming the store), layers > 1 with dim_out != dim (no residual stream), a budget
+// share below one batch's working set (before any work, naming the layer), a trace that does
+// not fit the layers.
 Result<BenchResult> run_bench(const BenchOptions& options);
 
 }  // namespace trove

@@ -1,12 +1,16 @@
 // runtime/bench: workloads, the synthetic bench store, and the accounting of run_bench on
-// small tables (every workload; Belady never below the policy; budgets refused before work).
+// small tables (every workload; Belady never below the policy; budgets refused before work;
+// layers stacked on the residual stream, their figures summed and their budgets split).
 #include "runtime/bench.h"
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <set>
 
 #include <gtest/gtest.h>
 
+#include "base/random.h"
 #include "runtime/peer_layer.h"
 #include "runtime/store_layer.h"
 #include "storage/safetensors.h"
@@ -30,6 +34,26 @@ PeerConfig bench_config(int64_t n_keys = 48) {
   c.activation = Activation::kSilu;
   c.gate = Gate::kRelu;
   return c;
+}
+
+// A routing dump (as `trove forward --dump-routing` writes) of `layer` on T tokens, for trace:.
+void write_routing_dump(const std::string& path, PeerLayer& layer, int64_t T) {
+  const PeerConfig& c = layer.config();
+  std::vector<float> x(static_cast<size_t>(T * c.dim));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 13) - 6.0f;
+  std::vector<float> y(static_cast<size_t>(T * c.dim_out));
+  PeerRouting r;
+  ASSERT_TRUE(layer.forward(x, T, y, &r).ok());
+  auto bytes = [](const auto& v) {
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()),
+                                    v.size() * sizeof(v[0]));
+  };
+  const std::vector<int64_t> shape = {T, c.heads, c.topk};
+  ASSERT_TRUE(write_safetensors(path,
+                                {{"ids", StDType::kI64, shape, bytes(r.ids), nullptr},
+                                 {"gates", StDType::kF32, shape, bytes(r.gates), nullptr}},
+                                {})
+                  .ok());
 }
 
 TEST(BenchWorkload, ParsesEveryFormAndRejectsTheRestNamingTheForms) {
@@ -131,22 +155,8 @@ TEST_F(BenchRun, EveryWorkloadAccountsForEverySelection) {
   ASSERT_TRUE(store.ok());
   auto layer = PeerLayer::open(*store, "bench");
   ASSERT_TRUE(layer.ok());
-  const int64_t T = 40;
-  std::vector<float> x(static_cast<size_t>(T * 96));
-  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 13) - 6.0f;
-  std::vector<float> y(static_cast<size_t>(T * 64));
-  PeerRouting r;
-  ASSERT_TRUE(layer->forward(x, T, y, &r).ok());
   const std::string trace = dir_.file("r.safetensors");
-  auto bytes = [](const auto& v) {
-    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()),
-                                    v.size() * sizeof(v[0]));
-  };
-  ASSERT_TRUE(write_safetensors(trace,
-                                {{"ids", StDType::kI64, {T, 2, 4}, bytes(r.ids), nullptr},
-                                 {"gates", StDType::kF32, {T, 2, 4}, bytes(r.gates), nullptr}},
-                                {})
-                  .ok());
+  write_routing_dump(trace, *layer, 40);
   for (const std::string& w :
        std::vector<std::string>{"uniform", "zipf:1.09", "pk", "trace:" + trace}) {
     SCOPED_TRACE(w);
@@ -201,6 +211,250 @@ TEST_F(BenchRun, BudgetBelowOneBatchAndBadTracesAreRefusedBeforeAnyWork) {
   ASSERT_FALSE(wrong.ok());
   EXPECT_NE(wrong.status().message().find("--heads"), std::string::npos)
       << wrong.status().to_string();
+}
+
+TEST(BenchStore, WritesEachLayerWithItsOwnTableAndProgressOverAllOfThem) {
+  ScratchDir dir;
+  const std::string one = dir.file("one.trove"), three = dir.file("three.trove");
+  ASSERT_TRUE(write_bench_store(one, bench_config(), DType::kI4, 5, nullptr).ok());
+  int64_t last = 0, all = 0;
+  ASSERT_TRUE(write_bench_store(
+                  three, bench_config(), DType::kI4, 5,
+                  [&](int64_t done, int64_t n) {
+                    EXPECT_GE(done, last);
+                    last = done;
+                    all = n;
+                  },
+                  3)
+                  .ok());
+  EXPECT_EQ(all, 3 * 48 * 48);
+  EXPECT_EQ(last, all);
+  auto a = StoreReader::open(one);
+  auto b = StoreReader::open(three);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(b->layers().size(), 3u);
+  EXPECT_EQ(b->layers()[0].name, "bench");
+  EXPECT_EQ(b->layers()[1].name, "bench.1");
+  EXPECT_EQ(b->layers()[2].name, "bench.2");
+  // Layer 0 is the one-layer store's layer; the others have tables and routers of their own.
+  std::vector<std::set<uint64_t>> sums(3);
+  for (int l = 0; l < 3; ++l) {
+    auto stored = load_stored_layer(*b, bench_layer_name(l));
+    ASSERT_TRUE(stored.ok()) << stored.status().to_string();
+    for (int64_t id = 0; id < 64; ++id) sums[l].insert(b->record_checksum(*stored->info, id));
+  }
+  auto first = load_stored_layer(*a, "bench");
+  ASSERT_TRUE(first.ok());
+  std::set<uint64_t> single;
+  for (int64_t id = 0; id < 64; ++id) single.insert(a->record_checksum(*first->info, id));
+  EXPECT_EQ(single, sums[0]);
+  for (int l = 1; l < 3; ++l) {
+    std::vector<uint64_t> shared;
+    std::set_intersection(sums[0].begin(), sums[0].end(), sums[l].begin(), sums[l].end(),
+                          std::back_inserter(shared));
+    EXPECT_TRUE(shared.empty()) << "layer " << l << " repeats records of layer 0";
+  }
+  EXPECT_FALSE(
+      write_bench_store(dir.file("none.trove"), bench_config(), DType::kI4, 5, nullptr, 0).ok());
+}
+
+// Layers of dim_out = dim, so they stack on the residual stream.
+class BenchLayers : public BenchRun {
+ protected:
+  void SetUp() override {
+    PeerConfig c = bench_config();
+    c.dim_out = c.dim;
+    store_ = dir_.file("stack.trove");
+    ASSERT_TRUE(write_bench_store(store_, c, DType::kI8, 1, nullptr, 3).ok());
+    auto store = StoreReader::open(store_);
+    ASSERT_TRUE(store.ok());
+    stride_ = store->layers()[0].table.stride;
+  }
+  BenchOptions stacked(const std::string& workload, int64_t layers) {
+    BenchOptions o = options(workload);
+    o.layers = layers;
+    o.host_budget_bytes = static_cast<uint64_t>(layers) * 400 * 1024;  // 400 KiB per layer
+    return o;
+  }
+  uint64_t stride_ = 0;
+};
+
+TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
+  const BenchOptions o = stacked("zipf:1.09", 2);
+  auto r = run_bench(o);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  ASSERT_EQ(r->layers.size(), 2u);
+  EXPECT_EQ(r->layers[0].name, "bench");
+  EXPECT_EQ(r->layers[1].name, "bench.1");
+  // A token through both layers is one token; every selection of both layers is counted.
+  EXPECT_EQ(r->tokens, o.batch * o.batches);
+  EXPECT_DOUBLE_EQ(r->tokens_per_second, static_cast<double>(r->tokens) / r->seconds);
+  EXPECT_EQ(r->requested, 2 * o.batch * 2 * 4 * o.batches);
+  int64_t requested = 0, unique = 0, hits = 0, misses = 0, slots = 0;
+  uint64_t bytes_read = 0;
+  for (const BenchLayerResult& l : r->layers) {
+    SCOPED_TRACE(l.name);
+    EXPECT_EQ(l.requested, o.batch * 2 * 4 * o.batches);
+    EXPECT_EQ(l.hits + l.misses, l.unique);
+    EXPECT_DOUBLE_EQ(l.hit_rate, static_cast<double>(l.hits) / static_cast<double>(l.unique));
+    EXPECT_EQ(l.host_budget_bytes, 400u * 1024);
+    EXPECT_GE(l.oracle_hit_rate + 1e-12, l.achieved_hit_rate_all);
+    requested += l.requested;
+    unique += l.unique;
+    hits += l.hits;
+    misses += l.misses;
+    bytes_read += l.bytes_read;
+    slots += l.capacity_slots;
+  }
+  EXPECT_EQ(r->requested, requested);
+  EXPECT_EQ(r->unique, unique);
+  EXPECT_EQ(r->hits, hits);
+  EXPECT_EQ(r->misses, misses);
+  EXPECT_EQ(r->bytes_read, bytes_read);
+  EXPECT_EQ(r->capacity_slots, slots);
+  EXPECT_DOUBLE_EQ(r->hit_rate, static_cast<double>(hits) / static_cast<double>(unique));
+  EXPECT_EQ(r->table_bytes, 2 * 48 * 48 * stride_);
+  // Belady over the layers lies between theirs, and no policy beats it.
+  EXPECT_GE(r->oracle_hit_rate,
+            std::min(r->layers[0].oracle_hit_rate, r->layers[1].oracle_hit_rate) - 1e-12);
+  EXPECT_LE(r->oracle_hit_rate,
+            std::max(r->layers[0].oracle_hit_rate, r->layers[1].oracle_hit_rate) + 1e-12);
+  EXPECT_GE(r->oracle_hit_rate + 1e-12, r->achieved_hit_rate_all);
+  EXPECT_GT(r->resident_tokens_per_second, 0.0);
+  EXPECT_TRUE(r->resident_skipped.empty());
+
+  // Layer 0 is the one-layer run with its share of the budget; layer 1 draws its own stream.
+  BenchOptions single = options("zipf:1.09");
+  single.host_budget_bytes = 400 * 1024;
+  auto one = run_bench(single);
+  ASSERT_TRUE(one.ok()) << one.status().to_string();
+  ASSERT_EQ(one->layers.size(), 1u);
+  EXPECT_EQ(one->unique, r->layers[0].unique);
+  EXPECT_EQ(one->hits, r->layers[0].hits);
+  EXPECT_TRUE(r->layers[1].unique != r->layers[0].unique || r->layers[1].hits != r->layers[0].hits);
+}
+
+TEST_F(BenchLayers, ThreeLayersRunEveryWorkloadAndATraceRoutesEachLayerAlike) {
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  auto layer = PeerLayer::open(*store, "bench");
+  ASSERT_TRUE(layer.ok());
+  const std::string trace = dir_.file("r.safetensors");
+  write_routing_dump(trace, *layer, 40);
+  for (const std::string& w :
+       std::vector<std::string>{"uniform", "zipf:1.2", "pk", "trace:" + trace}) {
+    SCOPED_TRACE(w);
+    const BenchOptions o = stacked(w, 3);
+    auto r = run_bench(o);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    ASSERT_EQ(r->layers.size(), 3u);
+    EXPECT_EQ(r->tokens, o.batch * o.batches);
+    EXPECT_EQ(r->requested, 3 * o.batch * 2 * 4 * o.batches);
+    int64_t unique = 0;
+    for (const BenchLayerResult& l : r->layers) unique += l.unique;
+    EXPECT_EQ(r->unique, unique);
+    EXPECT_EQ(r->hits + r->misses, r->unique);
+    EXPECT_GT(r->resident_tokens_per_second, 0.0);
+    if (w.rfind("trace:", 0) == 0) {
+      // The same trace for every layer: the same experts, so the same figures.
+      EXPECT_EQ(r->layers[1].unique, r->layers[0].unique);
+      EXPECT_EQ(r->layers[2].hits, r->layers[0].hits);
+    }
+  }
+}
+
+TEST_F(BenchLayers, PkRoutingOfALaterLayerReadsTheResidualStream) {
+  BenchOptions o = stacked("pk", 2);
+  o.batches = 1;
+  o.warmup_batches = 0;
+  o.host_budget_bytes = 2 * 48 * 48 * stride_;  // every record fits: hits do not matter here
+  auto r = run_bench(o);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+
+  // The same batch by hand: the bench's pk tokens (gaussian, seeded per batch by the run's
+  // seed), layer 0, then layer 1 on x + y and on x alone.
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  auto first = PeerLayer::open(*store, "bench");
+  auto second = PeerLayer::open(*store, "bench.1");
+  ASSERT_TRUE(first.ok() && second.ok());
+  const int64_t T = o.batch;
+  std::vector<float> x(static_cast<size_t>(T * 96)), y(x.size()), h(x.size()), y1(x.size());
+  fill_gaussian(x, 1.0, splitmix64(o.seed * 1000003 + 0));
+  ASSERT_TRUE(first->forward(x, T, y).ok());
+  ASSERT_EQ(static_cast<int64_t>(first->last_experts().size()), r->layers[0].unique)
+      << "the hand-made batch is not the bench's";
+  for (size_t i = 0; i < x.size(); ++i) h[i] = x[i] + y[i];
+  ASSERT_TRUE(second->forward(h, T, y1).ok());
+  const std::vector<int64_t> through_stream(second->last_experts().begin(),
+                                            second->last_experts().end());
+  EXPECT_EQ(static_cast<int64_t>(through_stream.size()), r->layers[1].unique);
+  ASSERT_TRUE(second->forward(x, T, y1).ok());
+  const std::vector<int64_t> on_x(second->last_experts().begin(), second->last_experts().end());
+  EXPECT_NE(through_stream, on_x) << "layer 1's routing does not depend on layer 0's output";
+}
+
+TEST_F(BenchLayers, BudgetsAreSplitOverTheLayersAndCheckedForEachBeforeAnyWork) {
+  // One layer's batch (16 tokens x 8 selections) fits the whole budget but not half of it.
+  BenchOptions o = stacked("uniform", 1);
+  o.host_budget_bytes = 16 * 8 * stride_ * 3 / 2;
+  o.resident_baseline = false;
+  ASSERT_TRUE(run_bench(o).ok());
+  o.layers = 2;
+  int64_t progress_calls = 0;
+  o.progress = [&](int64_t, int64_t) { ++progress_calls; };
+  auto r = run_bench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Status::Code::kResourceExhausted) << r.status().to_string();
+  const std::string& m = r.status().message();
+  EXPECT_NE(m.find("layer bench (1 of 2"), std::string::npos) << m;
+  EXPECT_NE(m.find(" = 2 x "), std::string::npos) << m;
+  EXPECT_NE(m.find("raise --host"), std::string::npos) << m;
+  EXPECT_EQ(progress_calls, 0);
+}
+
+TEST_F(BenchLayers, MoreLayersThanTheStoreHoldsOrFewerThanOneAreRefused) {
+  BenchOptions o = stacked("uniform", 4);
+  auto r = run_bench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(r.status().message().find(store_ + " holds 3 of the 4 bench layers"), std::string::npos)
+      << r.status().to_string();
+  EXPECT_NE(r.status().message().find("--layers 4"), std::string::npos) << r.status().to_string();
+  for (int64_t bad : {0, -1}) {
+    o.layers = bad;
+    auto b = run_bench(o);
+    ASSERT_FALSE(b.ok()) << bad;
+    EXPECT_EQ(b.status().code(), Status::Code::kInvalidArgument) << b.status().to_string();
+  }
+}
+
+TEST_F(BenchRun, AOneLayerStoreAskedForTwoLayersNamesTheStoreAndWhatToDo) {
+  BenchOptions o = options("uniform");
+  o.layers = 2;
+  auto r = run_bench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find(store_ + " holds 1 of the 2 bench layers asked for"),
+            std::string::npos)
+      << r.status().to_string();
+  EXPECT_NE(r.status().message().find("write the store with at least 2 layers"), std::string::npos)
+      << r.status().to_string();
+}
+
+TEST(BenchStack, LayersWhoseOutputIsNotTheirInputDoNotStack) {
+  ScratchDir dir;
+  const std::string path = dir.file("b.trove");
+  ASSERT_TRUE(write_bench_store(path, bench_config(), DType::kI8, 1, nullptr, 2).ok());
+  BenchOptions o;
+  o.store = path;
+  o.layers = 2;
+  o.batch = 4;
+  o.batches = 1;
+  o.host_budget_bytes = 1 << 20;
+  auto r = run_bench(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("dim_out = dim"), std::string::npos)
+      << r.status().to_string();
 }
 
 }  // namespace
