@@ -445,7 +445,8 @@ Result<std::vector<BenchLayer>> open_bench_layers(const StoreReader& store,
         context += str_printf(", vram %s = %lld x %s", format_bytes(opt.vram_budget_bytes).c_str(),
                               (long long)n, format_bytes(vram_share).c_str());
       }
-      context += "; the sizes below are one layer's)";
+      context += str_printf("; the sizes below are one layer's: the totals need %lld x them)",
+                            (long long)n);
     }
     auto named = [&](const Status& s) { return context.empty() ? s : s.with_context(context); };
     Result<StoredLayer> stored = load_stored_layer(store, name);

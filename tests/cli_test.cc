@@ -339,6 +339,81 @@ TEST(Cli, BenchCountsAreWholeAndBoundedAndAStoreIsReusedOnlyForItsOwnConfig) {
   }
 }
 
+TEST(Cli, BenchStacksLayersSplittingTheBudgetsAndReportsEachLayer) {
+  ScratchDir dir;
+  const std::string stores = dir.file("stores");
+  const std::vector<std::string> quick = {
+      "--batches", "2", "--warmup", "1", "--store", stores, "--no-calibrate", "--routing", "pk"};
+  auto bench = [&](std::initializer_list<std::string> more) {
+    std::vector<std::string> args = small_bench(more);
+    args.insert(args.end(), quick.begin(), quick.end());
+    return run(dir, args);
+  };
+  auto store_file = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(stores)) {
+      names.push_back(e.path().string());
+    }
+    EXPECT_EQ(names.size(), 1u);
+    return names.empty() ? std::string() : names[0];
+  };
+  // A one-layer store (as runs before --layers wrote) is written anew for two layers, saying so.
+  ASSERT_EQ(bench({"--no-resident", "-q"}).exit_code, 0);
+  ASSERT_EQ(StoreReader::open(store_file())->layers().size(), 1u);
+  RunResult two = bench({"--layers", "2", "--host", "40%"});
+  ASSERT_EQ(two.exit_code, 0) << two.err;
+  EXPECT_NE(two.out.find("holds 1 of the 2 layers asked for: writing it anew"), std::string::npos)
+      << two.out;
+  EXPECT_NE(two.out.find("x 2 layers"), std::string::npos) << two.out;
+  EXPECT_NE(two.out.find(" = 2 x "), std::string::npos) << two.out;  // host 205 KiB = 2 x 102 KiB
+  EXPECT_NE(two.out.find("bench.1"), std::string::npos) << two.out;
+  ASSERT_EQ(StoreReader::open(store_file())->layers().size(), 2u);
+  const auto written = std::filesystem::last_write_time(store_file());
+
+  // --json: the run's figures as before (over both layers), and each layer's.
+  RunResult json = bench({"--layers", "2", "--host", "40%", "--json"});
+  ASSERT_EQ(json.exit_code, 0) << json.err;
+  const auto p = nlohmann::json::parse(json.out)["points"][0];
+  EXPECT_EQ(p["layer_count"].get<int64_t>(), 2);
+  ASSERT_EQ(p["layers"].size(), 2u);
+  EXPECT_EQ(p["layers"][0]["name"], "bench");
+  EXPECT_EQ(p["layers"][1]["name"], "bench.1");
+  EXPECT_EQ(p["requested_per_batch"].get<double>(), 2 * 16 * 2 * 4);
+  double unique = 0;
+  for (const auto& l : p["layers"]) {
+    EXPECT_EQ(l["requested_per_batch"].get<double>(), 16 * 2 * 4);
+    EXPECT_EQ(l["host_budget_bytes"].get<uint64_t>(), p["host_budget_bytes"].get<uint64_t>() / 2);
+    EXPECT_GE(l["hit_rate"].get<double>(), 0.0);
+    EXPECT_LE(l["cold_run_hit_rate"].get<double>(), l["belady_hit_rate"].get<double>() + 1e-12);
+    unique += l["unique_per_batch"].get<double>();
+  }
+  EXPECT_DOUBLE_EQ(p["unique_per_batch"].get<double>(), unique);
+  EXPECT_GT(p["resident_tokens_per_second"].get<double>(), 0.0);
+
+  // The two-layer store serves one layer without being written again.
+  ASSERT_EQ(bench({"--no-resident", "-q"}).exit_code, 0);
+  EXPECT_EQ(std::filesystem::last_write_time(store_file()), written);
+
+  // A --host that holds one layer's batch (16 x 8 records of 128 B = 16 KiB) but not when halved
+  // is refused before any batch, naming the layer and the split.
+  ASSERT_EQ(bench({"--host", "24KiB", "--no-resident", "-q"}).exit_code, 0);
+  RunResult halved = bench({"--host", "24KiB", "--layers", "2", "--no-resident", "-q"});
+  EXPECT_EQ(halved.exit_code, 1);
+  EXPECT_NE(halved.err.find("layer bench (1 of 2"), std::string::npos) << halved.err;
+  EXPECT_NE(halved.err.find("= 2 x 12"), std::string::npos) << halved.err;
+
+  // Bad counts are a bad command line; layers that cannot stack are refused before any store.
+  for (const char* bad : {"0", "-1", "x"}) {
+    EXPECT_EQ(bench({"--layers", bad}).exit_code, 2) << bad;
+  }
+  RunResult narrow = run(dir, small_bench({"--layers", "2", "--dim-out", "32", "--store",
+                                           dir.file("narrow"), "--no-calibrate"}));
+  EXPECT_EQ(narrow.exit_code, 1);
+  EXPECT_NE(narrow.err.find("--dim-out 32 must equal --dim 64"), std::string::npos) << narrow.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("narrow")) &&
+               !std::filesystem::is_empty(dir.file("narrow")));
+}
+
 TEST(Cli, TrainWritesCurvesCheckpointsAndResumes) {
   ScratchDir dir;
   SyntheticCheckpoint spec;

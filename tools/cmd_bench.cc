@@ -32,6 +32,7 @@ struct BenchArgs {
   TierFlags tier;
   int threads = 0;
   int64_t batches = 32, warmup = 8;
+  int64_t layers = 1;
   double calibrate_seconds = 2.0;
   bool no_resident = false, no_calibrate = false, no_fio = false;
   uint64_t seed = 1;
@@ -117,7 +118,10 @@ std::string store_name(const BenchArgs& a, int64_t experts) {
 }
 
 // The store for `experts` in `dir`: reused when a previous run wrote it (and it opens as a
-// store with layer "bench" of exactly this config and record dtype), written otherwise.
+// store whose first a.layers bench layers all have exactly this config and record dtype),
+// written otherwise. The name does not count layers: a store of more layers serves a run of
+// fewer, and one of fewer is written anew with a.layers (the folder is trove bench's own; a
+// one-layer store of before is still used by --layers 1).
 Result<std::string> ensure_store(const BenchArgs& a, const std::string& dir, int64_t experts,
                                  const PeerConfig& config, DType dtype, bool talk) {
   const std::string path = dir + "/" + store_name(a, experts);
@@ -125,18 +129,35 @@ Result<std::string> ensure_store(const BenchArgs& a, const std::string& dir, int
     PeerConfig want = config;
     Result<StoreReader> s = StoreReader::open(path);
     if (s.ok() && want.validate_and_fill().ok()) {
-      Result<StoredLayer> l = load_stored_layer(*s, "bench");
-      if (l.ok() && peer_config_to_json(l->config) == peer_config_to_json(want) &&
-          l->record.dtype == dtype) {
-        return path;
+      int64_t held = 0;
+      while (held < a.layers) {
+        Result<StoredLayer> l = load_stored_layer(*s, bench_layer_name(held));
+        if (!l.ok() || peer_config_to_json(l->config) != peer_config_to_json(want) ||
+            l->record.dtype != dtype) {
+          break;
+        }
+        ++held;
+      }
+      if (held == a.layers) return path;
+      if (held > 0 && talk) {
+        std::printf("%s holds %lld of the %lld layers asked for: writing it anew\n", path.c_str(),
+                    (long long)held, (long long)a.layers);
       }
     }
   }
   std::unique_ptr<ProgressBar> bar;
-  if (talk) bar = std::make_unique<ProgressBar>("writing " + path, static_cast<uint64_t>(experts));
-  TROVE_RETURN_IF_ERROR(write_bench_store(path, config, dtype, 1, [&](int64_t done, int64_t) {
-    if (bar) bar->update(static_cast<uint64_t>(done));
-  }));
+  if (talk) {
+    bar = std::make_unique<ProgressBar>(
+        "writing " + path +
+            (a.layers > 1 ? str_printf(" (%lld layers)", (long long)a.layers) : std::string()),
+        static_cast<uint64_t>(experts * a.layers));
+  }
+  TROVE_RETURN_IF_ERROR(write_bench_store(
+      path, config, dtype, 1,
+      [&](int64_t done, int64_t) {
+        if (bar) bar->update(static_cast<uint64_t>(done));
+      },
+      a.layers));
   if (bar) bar->finish();
   return path;
 }
@@ -146,6 +167,41 @@ nlohmann::json stage_json(const StageTimes& t) {
           {"p90_ms", t.p90 * 1e3},
           {"p99_ms", t.p99 * 1e3},
           {"mean_ms", t.mean * 1e3}};
+}
+
+// One layer's figures, per measured batch like the point's.
+nlohmann::json layer_json(const BenchLayerResult& l, const BenchResult& r) {
+  const double nb = static_cast<double>(r.batches);
+  nlohmann::json j = {{"name", l.name},
+                      {"host_budget_bytes", l.host_budget_bytes},
+                      {"host_capacity_records", l.capacity_slots},
+                      {"requested_per_batch", static_cast<double>(l.requested) / nb},
+                      {"unique_per_batch", static_cast<double>(l.unique) / nb},
+                      {"hit_rate", l.hit_rate},
+                      {"misses_per_batch", static_cast<double>(l.misses) / nb},
+                      {"bytes_read_per_batch", static_cast<double>(l.bytes_read) / nb}};
+  if (l.oracle_hit_rate >= 0) {
+    j["cold_run_hit_rate"] = l.achieved_hit_rate_all;
+    j["belady_hit_rate"] = l.oracle_hit_rate;
+  }
+  if (r.backend == "cuda") {
+    j["device_budget_bytes"] = l.vram_budget_bytes;
+    j["device_capacity_records"] = l.device_capacity_slots;
+    j["device_hit_rate"] = l.device_hit_rate;
+    j["device_misses_per_batch"] = static_cast<double>(l.device_misses) / nb;
+    if (l.device_oracle_hit_rate >= 0) {
+      j["device_cold_run_hit_rate"] = l.device_hit_rate_all;
+      j["device_belady_hit_rate"] = l.device_oracle_hit_rate;
+    }
+  }
+  return j;
+}
+
+// "48 GiB", or split over the layers: "48 GiB = 2 x 24 GiB".
+std::string budget_text(uint64_t bytes, size_t layers) {
+  if (layers <= 1) return format_bytes(bytes);
+  return format_bytes(bytes) + " = " + std::to_string(layers) + " x " +
+         format_bytes(bytes / layers);
 }
 
 nlohmann::json point_json(const Point& p) {
@@ -182,6 +238,11 @@ nlohmann::json point_json(const Point& p) {
         {"stall", stage_json(r.stall)},
         {"batch", stage_json(r.total)}}},
   };
+  // The figures above are the run's over every layer (budgets: totals, split evenly).
+  j["layer_count"] = r.layers.size();
+  j["layers"] = nlohmann::json::array();
+  for (const BenchLayerResult& l : r.layers) j["layers"].push_back(layer_json(l, r));
+  if (!r.resident_skipped.empty()) j["resident_skipped"] = r.resident_skipped;
   j["backend"] = r.backend;
   if (r.backend == "cuda") {
     j["device"] = {
@@ -220,19 +281,28 @@ nlohmann::json point_json(const Point& p) {
 void print_point(const Point& p, const nlohmann::json& calib) {
   const BenchResult& r = p.result;
   const PeerConfig& c = r.config;
+  const size_t nl = r.layers.size();
+  const std::string layers =
+      nl > 1 ? str_printf(" x %zu layers", nl) : std::string();  // budgets split evenly
+  const std::string tables =
+      nl > 1 ? str_printf("tables %zu x %s", nl, format_bytes(r.table_bytes / nl).c_str())
+             : "table " + format_bytes(r.table_bytes);
   std::printf(
-      "\nexperts %s (D=%lld h=%lld k=%lld dk=%lld, %s records of %s, table %s), batch %lld, "
-      "%s, host %s (%.1f%% of the table, %s records), %s%s\n",
-      with_commas(p.experts).c_str(), (long long)c.dim, (long long)c.heads, (long long)c.topk,
-      (long long)c.dim_key, r.record_dtype.c_str(), format_bytes(r.record_stride).c_str(),
-      format_bytes(r.table_bytes).c_str(), (long long)p.batch, p.workload.name().c_str(),
-      format_bytes(p.host_bytes).c_str(),
+      "\nexperts %s%s (D=%lld h=%lld k=%lld dk=%lld, %s records of %s, %s), batch %lld, "
+      "%s, host %s (%.1f%% of the %s, %s records), %s%s\n",
+      with_commas(p.experts).c_str(), layers.c_str(), (long long)c.dim, (long long)c.heads,
+      (long long)c.topk, (long long)c.dim_key, r.record_dtype.c_str(),
+      format_bytes(r.record_stride).c_str(), tables.c_str(), (long long)p.batch,
+      p.workload.name().c_str(), budget_text(p.host_bytes, nl).c_str(),
       100.0 * static_cast<double>(p.host_bytes) / static_cast<double>(r.table_bytes),
-      with_commas(r.capacity_slots).c_str(), r.engine.c_str(), r.direct_io ? " O_DIRECT" : "");
+      nl > 1 ? "tables" : "table", with_commas(r.capacity_slots).c_str(), r.engine.c_str(),
+      r.direct_io ? " O_DIRECT" : "");
   std::printf("  tokens/s      %12.0f", r.tokens_per_second);
   if (r.resident_tokens_per_second > 0) {
     std::printf("   all-resident %.0f (tiered = %.2f of it)", r.resident_tokens_per_second,
                 r.tokens_per_second / r.resident_tokens_per_second);
+  } else if (!r.resident_skipped.empty()) {
+    std::printf("   (all-resident run skipped: %s)", r.resident_skipped.c_str());
   }
   std::printf("\n");
   const double nb = static_cast<double>(r.batches);
@@ -243,7 +313,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
     std::printf(
         "  device        %s: %.1f%% hit of unique experts (warm), %s/batch copied host -> "
         "device at %s%s\n",
-        p.vram_bytes > 0 ? ("tier " + format_bytes(p.vram_bytes) + " (" +
+        p.vram_bytes > 0 ? ("tier " + budget_text(p.vram_bytes, nl) + " (" +
                             with_commas(r.device_capacity_slots) + " records)")
                                .c_str()
                          : "no tier (--vram), every record copied",
@@ -282,6 +352,24 @@ void print_point(const Point& p, const nlohmann::json& calib) {
                 r.oracle_hit_rate > 0 ? r.achieved_hit_rate_all / r.oracle_hit_rate : 0.0);
   }
   std::printf("\n");
+  if (nl > 1) {
+    for (const BenchLayerResult& l : r.layers) {
+      std::printf("    %-12s host %5.1f%% hit, %.0f unique/batch", l.name.c_str(), 100 * l.hit_rate,
+                  static_cast<double>(l.unique) / nb);
+      if (l.oracle_hit_rate >= 0) {
+        std::printf("; from cold %.1f%% vs Belady's %.1f%%", 100 * l.achieved_hit_rate_all,
+                    100 * l.oracle_hit_rate);
+      }
+      if (r.backend == "cuda") {
+        std::printf("; device %.1f%% hit", 100 * l.device_hit_rate);
+        if (l.device_oracle_hit_rate >= 0) {
+          std::printf(" (from cold %.1f%% vs Belady's %.1f%%)", 100 * l.device_hit_rate_all,
+                      100 * l.device_oracle_hit_rate);
+        }
+      }
+      std::printf("\n");
+    }
+  }
   std::printf("  disk          %12.0f misses/batch, %s/batch read, %.0f IOPS while busy",
               static_cast<double>(r.misses) / nb,
               format_bytes(static_cast<uint64_t>(static_cast<double>(r.bytes_read) / nb)).c_str(),
@@ -320,6 +408,12 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
   if (!device.ok()) return fail(device.status());
   Result<DType> dtype = parse_dtype(a.quant);
   if (!dtype.ok()) return fail(dtype.status());
+  if (a.layers > 1 && a.dim_out > 0 && a.dim_out != a.dim) {
+    return fail(Status::invalid_argument(str_printf(
+        "--layers %lld stacks the layers on the residual stream (layer l + 1 reads x + y of "
+        "layer l): --dim-out %lld must equal --dim %lld",
+        (long long)a.layers, (long long)a.dim_out, (long long)a.dim)));
+  }
 
   std::vector<int64_t> experts, batches;
   for (const auto& s : split_list(a.experts)) {
@@ -445,6 +539,8 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     Result<StoreReader> store = StoreReader::open(*path);
     if (!store.ok()) return fail(store.status());
     const StoreLayerInfo& table = store->layers()[0];
+    // A share of --host is a share of the tables of every layer run.
+    const uint64_t tables_bytes = table.table.bytes * static_cast<uint64_t>(a.layers);
     nlohmann::json disk = nlohmann::json::object();
     if (!a.no_calibrate) {
       Result<DiskCalibration> ours = measure_disk_iops(
@@ -525,9 +621,10 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
           p.batch = batch;
           p.workload = w;
           p.host = h.text;
-          p.host_bytes = h.for_table(table.table.bytes);
+          p.host_bytes = h.for_table(tables_bytes);
           BenchOptions o;
           o.store = *path;
+          o.layers = a.layers;
           o.workload = w;
           o.batch = batch;
           o.batches = a.batches;
@@ -675,8 +772,13 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
       "measured in the same run (host memory bandwidth; disk IOPS of our reader and of fio at\n"
       "the record size and queue depth), the all-resident run and Belady's optimal hit rate.\n"
       "--experts, --batch, --host and --routing take comma lists: the run sweeps their product.\n"
+      "--layers N stacks N such layers on the residual stream (each reads x + y of the one\n"
+      "before); --host and --vram are then the run's totals, split evenly over the layers.\n"
       "Example: trove bench --experts 4M --dim 2048 --heads 4 --topk 8 --routing zipf:1.09 \\\n"
-      "           --batch 2048 --host 2GiB --store /nvme/bench");
+      "           --batch 2048 --host 2GiB --store /nvme/bench\n"
+      "Two layers under a 16 GiB device tier (8 GiB each):\n"
+      "  trove bench --device cuda --experts 4M --dim 2048 --layers 2 --quant int4 \\\n"
+      "           --routing zipf:1.09 --vram 16GiB --host 48GiB --store /nvme/bench");
   auto a = std::make_shared<BenchArgs>();
   cmd->add_option("--experts", a->experts,
                   "Experts N (a square: 1M, 4M, 262144, ...); a list sweeps")
@@ -708,8 +810,14 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
       ->capture_default_str();
   cmd->add_option("--batch", a->batch, "Tokens per batch; a list sweeps")->capture_default_str();
   cmd->add_option("--host", a->host,
-                  "Host budget for records: a size (2GiB) or a share of the table (10%); a list "
-                  "sweeps")
+                  "Host budget for records: a size (2GiB) or a share of the table (10%); a list\n"
+                  "sweeps. With --layers N: the total of the N layers' tables, N x (budget / N)")
+      ->capture_default_str();
+  cmd->add_option("--layers", a->layers,
+                  "PEER layers stacked on the residual stream (bench, bench.1, ...), each with\n"
+                  "its own table, tiers and routing stream (needs --dim-out = --dim); --host and\n"
+                  "--vram are split evenly over them; tokens/s counts a token once through all")
+      ->check(CLI::Range(int64_t{1}, int64_t{1024}))
       ->capture_default_str();
   add_tier_flags(cmd, &a->tier);
   cmd->add_option("--device", a->device,
@@ -717,7 +825,9 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
                   "of --vram bytes above the host tier (without --vram: copied per batch)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  cmd->add_option("--vram", a->vram, "With --device cuda: the device tier's budget (e.g. 16GiB)")
+  cmd->add_option("--vram", a->vram,
+                  "With --device cuda: the device tier's budget (e.g. 16GiB); with --layers N,\n"
+                  "the total, N x (budget / N)")
       ->check(valid_bytes);
   add_h2d_flag(cmd, &a->h2d);
   cmd->add_option(
