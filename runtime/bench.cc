@@ -657,54 +657,55 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
                          static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
     const bool cuda = opt.backend == PeerBackend::kCuda;
-    Status made;
     if (res.table_bytes > ram / 2) {
       res.resident_skipped =
           str_printf("the table%s (%s) would take more than half of this machine's %s of memory",
                      layers.size() > 1 ? "s" : "", format_bytes(res.table_bytes).c_str(),
                      format_bytes(ram).c_str());
-    }
-    for (BenchLayer& L : layers) {
-      if (!res.resident_skipped.empty() || !made.ok()) break;
-      std::span<const uint8_t> table = store.mapped_records(*L.stored.info);
-      auto source = std::make_unique<MemoryExpertSource>(
-          L.stored.record, std::vector<uint8_t>(table.begin(), table.end()));
-      PeerLayerOptions ro;
-      ro.threads = opt.threads;
-      ro.backend = opt.backend;
-      // On the device, resident means the whole table in the device tier.
-      if (cuda) ro.vram_budget_bytes = L.stored.info->table.bytes;
-      Result<PeerLayer> resident =
-          PeerLayer::create(L.layer.config(), L.layer.params(), std::move(source), ro);
-      if (resident.ok()) {
+    } else {
+      Status made;
+      for (BenchLayer& L : layers) {
+        std::span<const uint8_t> table = store.mapped_records(*L.stored.info);
+        auto source = std::make_unique<MemoryExpertSource>(
+            L.stored.record, std::vector<uint8_t>(table.begin(), table.end()));
+        PeerLayerOptions ro;
+        ro.threads = opt.threads;
+        ro.backend = opt.backend;
+        // On the device, resident means the whole table in the device tier.
+        if (cuda) ro.vram_budget_bytes = L.stored.info->table.bytes;
+        Result<PeerLayer> resident =
+            PeerLayer::create(L.layer.config(), L.layer.params(), std::move(source), ro);
+        if (!resident.ok()) {
+          made = resident.status();
+          break;
+        }
         L.resident.emplace(std::move(*resident));
-      } else {
-        made = resident.status();
       }
-    }
-    if (res.resident_skipped.empty() && made.ok()) {
-      // Twice over the batches on the device: the first pass fills the device tier.
-      for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
-        for (BenchLayer& L : layers) {
-          L.src.reset();
-          for (int64_t b = 0; b < opt.warmup_batches; ++b) {
-            if (!L.src.routes_itself()) L.src.routing(b, &L.routing);  // keep zipf in step
+      if (made.ok()) {
+        // Twice over the batches on the device: the first pass fills the device tier.
+        for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
+          for (BenchLayer& L : layers) {
+            L.src.reset();
+            for (int64_t b = 0; b < opt.warmup_batches; ++b) {
+              if (!L.src.routes_itself()) L.src.routing(b, &L.routing);  // keep zipf in step
+            }
           }
+          double seconds = 0;
+          for (int64_t b = opt.warmup_batches; b < total; ++b) {
+            const Stopwatch start;
+            TROVE_RETURN_IF_ERROR(run_layers(layers, true, b, opt.batch, &h));
+            seconds += start.seconds();
+          }
+          res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
         }
-        double seconds = 0;
-        for (int64_t b = opt.warmup_batches; b < total; ++b) {
-          const Stopwatch start;
-          TROVE_RETURN_IF_ERROR(run_layers(layers, true, b, opt.batch, &h));
-          seconds += start.seconds();
-        }
-        res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
+      } else if (cuda && made.code() == Status::Code::kResourceExhausted) {
+        // (Tables larger than the device are no error: the comparison is left out.)
+        res.resident_skipped = "the tables do not fit the device: " + made.message();
+      } else {
+        return made;
       }
-    } else if (!made.ok()) {
-      // (Tables larger than the device are no error: the comparison is left out.)
-      if (!cuda || made.code() != Status::Code::kResourceExhausted) return made;
-      res.resident_skipped = "the tables do not fit the device: " + made.message();
     }
-    for (BenchLayer& L : layers) L.resident.reset();  // (their memory back before returning)
+    for (BenchLayer& L : layers) L.resident.reset();  // (their memory back for what follows)
   }
   return res;
 }

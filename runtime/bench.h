@@ -63,7 +63,8 @@ struct BenchOptions {
   int64_t batch = 2048;        // tokens per batch
   int64_t batches = 32;        // measured
   int64_t warmup_batches = 8;  // run first, not measured (the host tier fills)
-  // The run's budgets, split evenly over the layers (each layer has its own tiers).
+  // The run's budgets (this and vram_budget_bytes), split evenly over the layers: each layer
+  // has its own tiers of budget / layers.
   uint64_t host_budget_bytes = 0;
   EvictionPolicy policy = EvictionPolicy::kFrequency;
   RecordReaderOptions io;
@@ -71,7 +72,7 @@ struct BenchOptions {
   bool oracle = true;             // Belady's hit rate on the same batches
   int threads = 0;
   // kCpu or kCuda (kRef works too, slowly). kCuda: vram_budget_bytes > 0 adds the device tier
-  // above the host tier, with the host tier's eviction policy.
+  // above the host tier (one per layer), with the host tier's eviction policy.
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
   H2dMethod h2d = H2dMethod::kAuto;
