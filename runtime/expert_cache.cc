@@ -209,6 +209,7 @@ Status ExpertCache::admit(std::span<const int64_t> ids, CacheBatch* batch) {
   batch->slots.assign(ids.size(), nullptr);
   batch->miss_index.clear();
   batch->miss_index.reserve(ids.size());
+  batch->evicted.clear();
 
   std::unique_lock<std::mutex> lock(mutex_);
   // Classify without changing anything; a fill in progress means wait and look again.
@@ -269,6 +270,7 @@ Status ExpertCache::admit(std::span<const int64_t> ids, CacheBatch* batch) {
                       eviction_policy_name(options_.policy), slot);
       policy_->on_evict(slot);
       slot_of_[id_of_[slot]] = -1;
+      batch->evicted.push_back(id_of_[slot]);
       ++metrics_.evictions;
       --metrics_.resident;
     }

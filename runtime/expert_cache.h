@@ -89,6 +89,9 @@ struct CacheBatch {
   // Indices into ids of the misses, ascending: the caller fills slots[miss_index[j]] with the
   // record of ids[miss_index[j]], then calls commit_fills (or abort_fills).
   std::vector<uint32_t> miss_index;
+  // The ids admit() evicted to make room (no longer resident, whatever happens to the fills):
+  // for a mirror of the residency kept elsewhere (the device's, runtime/peer_layer_cuda.h).
+  std::vector<int64_t> evicted;
 };
 
 struct CacheMetrics {

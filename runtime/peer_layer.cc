@@ -283,6 +283,24 @@ struct PeerLayer::Impl {
     dedupe(r);
     DeviceTransferStats device;
     TROVE_RETURN_IF_ERROR(cuda->experts(r, unique_ids, slot_index, *experts, y, &device));
+    fill_cuda_stats(r, device, experts->last_fetch(), start, stats);
+    return Status::ok_status();
+  }
+
+  // An all-hit batch whose expert pass route_resident() queued: dedupe and T0's bookkeeping
+  // while it runs, then y. The source was not asked for anything.
+  Status finish_resident_cuda(const PeerRouting& r, PeerBatchStats* stats) {
+    Stopwatch start;
+    dedupe(r);
+    DeviceTransferStats device;
+    TROVE_RETURN_IF_ERROR(cuda->finish_resident(r, unique_ids, &device));
+    fill_cuda_stats(r, device, ExpertFetchStats{}, start, stats);
+    return Status::ok_status();
+  }
+
+  void fill_cuda_stats(const PeerRouting& r, const DeviceTransferStats& device,
+                       const ExpertFetchStats& fetch, const Stopwatch& start,
+                       PeerBatchStats* stats) {
     if (stats != nullptr) {
       const uint64_t rec = experts->layout().record_bytes;
       stats->tokens = r.tokens;
@@ -290,12 +308,11 @@ struct PeerLayer::Impl {
       stats->unique_experts = static_cast<int64_t>(unique_ids.size());
       stats->record_bytes_used = rec * r.ids.size();
       stats->record_bytes_unique = rec * unique_ids.size();
-      stats->fetch = experts->last_fetch();
+      stats->fetch = fetch;
       stats->device = device;
       stats->acquire_seconds = stats->fetch.resolve_seconds + stats->fetch.stall_seconds;
       stats->expert_seconds = std::max(0.0, start.seconds() - stats->acquire_seconds);
     }
-    return Status::ok_status();
   }
 };
 
@@ -458,10 +475,19 @@ Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> 
                  str_printf("%lld tokens x dim_out %lld", (long long)T, (long long)c.dim_out)));
   PeerRouting& r = routing != nullptr ? *routing : m.routing;
   Stopwatch start;
-  TROVE_RETURN_IF_ERROR(m.route(x.data(), T, &r));
+  bool computed = false;  // kCuda: an all-hit batch's expert pass is already queued
+  if (m.on_cuda()) {
+    TROVE_RETURN_IF_ERROR(m.cuda->route_resident(m.params, x.data(), T, &r, y.data(), &computed));
+  } else {
+    TROVE_RETURN_IF_ERROR(m.route(x.data(), T, &r));
+  }
   const double route_seconds = start.seconds();
 
-  TROVE_RETURN_IF_ERROR(m.run_experts(r, y.data(), stats));
+  if (computed) {
+    TROVE_RETURN_IF_ERROR(m.finish_resident_cuda(r, stats));
+  } else {
+    TROVE_RETURN_IF_ERROR(m.run_experts(r, y.data(), stats));
+  }
   if (stats != nullptr) stats->route_seconds = route_seconds;
   return Status::ok_status();
 }

@@ -13,6 +13,7 @@
 #include "base/strings.h"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/peer_cuda.h"
+#include "kernels/cuda/residency.h"
 #include "runtime/expert_cache.h"
 
 namespace trove {
@@ -140,6 +141,17 @@ struct CudaPeerRunner::Impl {
   int trials = 0;  // batches with misses run under kAuto so far
   H2dMethod chosen = H2dMethod::kAuto;
 
+  // T0's residency on the device for the all-hit path (the header's second timeline).
+  CudaDeviceMemory resident;                  // [N] device record addresses, null: not in T0
+  std::vector<const uint8_t*> resident_host;  // what `resident` holds once the updates land
+  std::vector<int64_t> changed;  // ids whose entry changed since `resident` was written
+  std::vector<const uint8_t*> changed_values;
+  bool resident_stale = false;  // too many changes: write it whole
+  CudaDeviceMemory updates, miss_count;
+  PinnedHostBuffer miss_count_host;
+  CudaEvent routed, ids_back;
+  bool try_resident = false;  // the last batch had no misses in T0
+
   // Scratch, per batch.
   std::vector<uint8_t*> dest;     // per unique id: its device address
   std::vector<uint32_t> miss_u;   // unique index of each miss, ascending
@@ -152,6 +164,10 @@ struct CudaPeerRunner::Impl {
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
   CacheBatch batch;
+
+  Status route_on_device(const PeerDenseParams& params, const float* x_host, int64_t tokens,
+                         bool with_routing, PeerDeviceRouting* r);
+  Status queue_routing_back(const PeerDeviceRouting& r, PeerRouting* routing);
 
   Status upload_params(const PeerDenseParams& p) {
     if (!params_changed) return Status::ok_status();
@@ -223,6 +239,65 @@ struct CudaPeerRunner::Impl {
     return best;
   }
 
+  // T0 changed: the ids it evicted left (always), a committed batch's misses arrived.
+  void note_residency(std::span<const int64_t> unique_ids, bool committed) {
+    const auto n = static_cast<size_t>(config.num_experts());
+    if (resident_host.empty()) resident_host.assign(n, nullptr);
+    for (int64_t id : batch.evicted) {
+      resident_host[static_cast<size_t>(id)] = nullptr;
+      changed.push_back(id);
+    }
+    if (committed) {
+      for (uint32_t u : miss_u) {
+        resident_host[static_cast<size_t>(unique_ids[u])] = dest[u];
+        changed.push_back(unique_ids[u]);
+      }
+    }
+    // Past a quarter of the table, writing it whole is cheaper than the list.
+    if (changed.size() > n / 4) {
+      changed.clear();
+      resident_stale = true;
+    }
+  }
+
+  // `resident` made equal to resident_host: the whole table the first time (or when stale),
+  // else the changed entries, by a scatter on the context's stream (so before any later
+  // lookup there).
+  Status sync_resident() {
+    const auto n = static_cast<size_t>(config.num_experts());
+    if (resident_host.empty()) resident_host.assign(n, nullptr);
+    if (resident.bytes() == 0 || resident_stale) {
+      TROVE_RETURN_IF_ERROR(reserve(&resident, n * sizeof(void*)));
+      TROVE_RETURN_IF_ERROR(
+          copies.copy_async(resident.data(), resident_host.data(), n * sizeof(void*)));
+      TROVE_RETURN_IF_ERROR(copies.synchronize());
+      changed.clear();
+      resident_stale = false;
+      return Status::ok_status();
+    }
+    if (changed.empty()) return Status::ok_status();
+    // An id may have changed several times since the last write: its current value, once.
+    std::sort(changed.begin(), changed.end());
+    changed.erase(std::unique(changed.begin(), changed.end()), changed.end());
+    const size_t count = changed.size();
+    changed_values.resize(count);
+    for (size_t i = 0; i < count; ++i) {
+      changed_values[i] = resident_host[static_cast<size_t>(changed[i])];
+    }
+    TROVE_RETURN_IF_ERROR(reserve(&updates, count * 16));
+    TROVE_RETURN_IF_ERROR(copies.copy_async(updates.data(), changed.data(), count * 8));
+    TROVE_RETURN_IF_ERROR(
+        copies.copy_async(updates.data() + count * 8, changed_values.data(), count * 8));
+    TROVE_RETURN_IF_ERROR(copies.synchronize());
+    TROVE_RETURN_IF_ERROR(scatter_resident_async(
+        reinterpret_cast<const uint8_t**>(resident.data()), static_cast<int64_t>(n),
+        reinterpret_cast<const int64_t*>(updates.data()),
+        reinterpret_cast<const uint8_t* const*>(updates.data() + count * 8),
+        static_cast<int64_t>(count), ctx.native_stream()));
+    changed.clear();
+    return Status::ok_status();
+  }
+
   Status reserve_events(int chunks) {
     while (static_cast<int>(chunk_ready.size()) < chunks) {
       TROVE_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::create());
@@ -288,6 +363,8 @@ Result<std::unique_ptr<CudaPeerRunner>> CudaPeerRunner::create(const PeerConfig&
   TROVE_ASSIGN_OR_RETURN(impl->copy_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->copy_end, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->computed, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->routed, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->ids_back, CudaEvent::create());
   if (options.vram_budget_bytes > 0) {
     ExpertCacheOptions o;
     o.budget_bytes = options.vram_budget_bytes;
@@ -331,40 +408,150 @@ H2dMethod CudaPeerRunner::h2d_method() const {
   return impl_->h2d == H2dMethod::kAuto ? impl_->chosen : impl_->h2d;
 }
 
+// Norm (and with `routing`, query and route) of x on the device; waits for none of it. *r
+// receives the device routing.
+Status CudaPeerRunner::Impl::route_on_device(const PeerDenseParams& params, const float* x_host,
+                                             int64_t tokens, bool with_routing,
+                                             PeerDeviceRouting* r) {
+  const PeerConfig& c = config;
+  TROVE_RETURN_IF_ERROR(upload_params(params));
+  const size_t n = static_cast<size_t>(tokens * c.dim);
+  TROVE_RETURN_IF_ERROR(reserve(&x, n * 4));
+  TROVE_RETURN_IF_ERROR(reserve(&xhat, n * 4));
+  TROVE_RETURN_IF_ERROR(copies.copy_async(x.data(), x_host, n * 4));
+  TROVE_RETURN_IF_ERROR(copies.synchronize());
+  const PeerRouterParams p = device_params();
+  const float* xd = reinterpret_cast<const float*>(x.data());
+  float* xh = reinterpret_cast<float*>(xhat.data());
+  TROVE_RETURN_IF_ERROR(ctx.norm_device(c, p.norm_weight, xd, tokens, xh));
+  if (!with_routing) return Status::ok_status();
+  const auto slots = static_cast<size_t>(tokens * c.heads * c.topk);
+  TROVE_RETURN_IF_ERROR(reserve(&q, static_cast<size_t>(tokens * c.query_rows()) * 4));
+  TROVE_RETURN_IF_ERROR(reserve(&ids, slots * 8));
+  TROVE_RETURN_IF_ERROR(reserve(&scores, slots * 4));
+  TROVE_RETURN_IF_ERROR(reserve(&gates, slots * 4));
+  float* qd = reinterpret_cast<float*>(q.data());
+  TROVE_RETURN_IF_ERROR(ctx.query_device(c, p, xh, tokens, qd));
+  r->ids = reinterpret_cast<int64_t*>(ids.data());
+  r->scores = reinterpret_cast<float*>(scores.data());
+  r->gates = reinterpret_cast<float*>(gates.data());
+  return ctx.route_device(c, p, qd, tokens, *r);
+}
+
+// The device routing into `routing` (host) on the copy stream, after the context's work so far.
+Status CudaPeerRunner::Impl::queue_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
+  const size_t slots = routing->slots();
+  TROVE_RETURN_IF_ERROR(ctx.record(routed));
+  TROVE_RETURN_IF_ERROR(copies.wait(routed));
+  TROVE_RETURN_IF_ERROR(copies.copy_async(routing->ids.data(), r.ids, slots * 8));
+  TROVE_RETURN_IF_ERROR(copies.copy_async(routing->scores.data(), r.scores, slots * 4));
+  return copies.copy_async(routing->gates.data(), r.gates, slots * 4);
+}
+
 Status CudaPeerRunner::route(const PeerDenseParams& params, const float* x, int64_t tokens,
                              PeerRouting* routing) {
   Impl& m = *impl_;
   const PeerConfig& c = m.config;
   if (routing != nullptr) routing->resize(tokens, c.heads, c.topk);
   if (tokens == 0) return Status::ok_status();
-  TROVE_RETURN_IF_ERROR(m.upload_params(params));
-  const size_t n = static_cast<size_t>(tokens * c.dim);
-  TROVE_RETURN_IF_ERROR(reserve(&m.x, n * 4));
-  TROVE_RETURN_IF_ERROR(reserve(&m.xhat, n * 4));
-  TROVE_RETURN_IF_ERROR(m.copies.copy_async(m.x.data(), x, n * 4));
-  TROVE_RETURN_IF_ERROR(m.copies.synchronize());
-  const PeerRouterParams p = m.device_params();
-  const float* xd = reinterpret_cast<const float*>(m.x.data());
-  float* xh = reinterpret_cast<float*>(m.xhat.data());
-  TROVE_RETURN_IF_ERROR(m.ctx.norm_device(c, p.norm_weight, xd, tokens, xh));
-  if (routing == nullptr) return m.ctx.synchronize();
-  const size_t slots = routing->slots();
-  TROVE_RETURN_IF_ERROR(reserve(&m.q, static_cast<size_t>(tokens * c.query_rows()) * 4));
-  TROVE_RETURN_IF_ERROR(reserve(&m.ids, slots * 8));
-  TROVE_RETURN_IF_ERROR(reserve(&m.scores, slots * 4));
-  TROVE_RETURN_IF_ERROR(reserve(&m.gates, slots * 4));
-  float* qd = reinterpret_cast<float*>(m.q.data());
-  TROVE_RETURN_IF_ERROR(m.ctx.query_device(c, p, xh, tokens, qd));
   PeerDeviceRouting r;
-  r.ids = reinterpret_cast<int64_t*>(m.ids.data());
-  r.scores = reinterpret_cast<float*>(m.scores.data());
-  r.gates = reinterpret_cast<float*>(m.gates.data());
-  TROVE_RETURN_IF_ERROR(m.ctx.route_device(c, p, qd, tokens, r));
-  TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
-  TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->ids.data(), r.ids, slots * 8));
-  TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->scores.data(), r.scores, slots * 4));
-  TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->gates.data(), r.gates, slots * 4));
-  return m.copies.synchronize();
+  Status s = m.route_on_device(params, x, tokens, routing != nullptr, &r);
+  if (s.ok() && routing != nullptr) s = m.queue_routing_back(r, routing);
+  const Status copied = m.copies.synchronize();
+  const Status ran = m.ctx.synchronize();
+  TROVE_RETURN_IF_ERROR(s);
+  TROVE_RETURN_IF_ERROR(ran);
+  return copied;
+}
+
+Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
+                                      PeerRouting* routing, float* y, bool* computed) {
+  Impl& m = *impl_;
+  *computed = false;
+  if (m.device_tier == nullptr || !m.try_resident || tokens == 0) {
+    return route(params, x, tokens, routing);
+  }
+  const PeerConfig& c = m.config;
+  routing->resize(tokens, c.heads, c.topk);
+  const size_t slots = routing->slots();
+  Status s = [&]() -> Status {
+    PeerDeviceRouting r;
+    TROVE_RETURN_IF_ERROR(m.route_on_device(params, x, tokens, true, &r));
+    // Look the ids up where they are; one count comes back.
+    TROVE_RETURN_IF_ERROR(m.sync_resident());
+    TROVE_RETURN_IF_ERROR(reserve(&m.tables, slots * sizeof(void*)));
+    TROVE_RETURN_IF_ERROR(reserve(&m.miss_count, sizeof(uint32_t)));
+    TROVE_RETURN_IF_ERROR(reserve(&m.miss_count_host, sizeof(uint32_t)));
+    auto* pointers = reinterpret_cast<const uint8_t**>(m.tables.data());
+    auto* count = reinterpret_cast<uint32_t*>(m.miss_count.data());
+    TROVE_RETURN_IF_ERROR(resolve_resident_async(
+        reinterpret_cast<const uint8_t* const*>(m.resident.data()), c.num_experts(), r.ids,
+        static_cast<int64_t>(slots), pointers, count, m.ctx.native_stream()));
+    TROVE_RETURN_IF_ERROR(m.ctx.record(m.routed));
+    TROVE_RETURN_IF_ERROR(m.copies.wait(m.routed));
+    TROVE_RETURN_IF_ERROR(m.copies.copy_async(m.miss_count_host.data(), count, sizeof(uint32_t)));
+    TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+    uint32_t misses = 0;
+    std::memcpy(&misses, m.miss_count_host.data(), sizeof(misses));
+    if (misses == 0) {
+      // All hits: the kernel first, then the routing back while it runs, then y.
+      const size_t y_bytes = static_cast<size_t>(tokens * c.dim_out) * sizeof(float);
+      TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
+      auto* yd = reinterpret_cast<float*>(m.y.data());
+      TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout,
+                                                 reinterpret_cast<const float*>(m.xhat.data()),
+                                                 tokens, r.gates, pointers, yd));
+      TROVE_RETURN_IF_ERROR(m.ctx.record(m.computed));
+      TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->ids.data(), r.ids, slots * 8));
+      TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->scores.data(), r.scores, slots * 4));
+      TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->gates.data(), r.gates, slots * 4));
+      TROVE_RETURN_IF_ERROR(m.ids_back.record(m.copies));
+      TROVE_RETURN_IF_ERROR(m.copies.wait(m.computed));
+      TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
+      TROVE_RETURN_IF_ERROR(m.ids_back.synchronize());
+      *computed = true;
+      return Status::ok_status();
+    }
+    TROVE_RETURN_IF_ERROR(m.queue_routing_back(r, routing));
+    TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+    return m.ctx.synchronize();
+  }();
+  if (!s.ok()) {
+    *computed = false;
+    (void)m.copies.synchronize();
+    (void)m.ctx.synchronize();
+  }
+  return s;
+}
+
+Status CudaPeerRunner::finish_resident(const PeerRouting& routing,
+                                       std::span<const int64_t> unique_ids,
+                                       DeviceTransferStats* stats) {
+  Impl& m = *impl_;
+  ExpertCache& t0 = *m.device_tier;
+  *stats = DeviceTransferStats{};
+  // The policy sees the hits while the kernel runs. Every id is resident: the table on the
+  // device mirrors T0, and nothing else admits to it between the lookup and here.
+  t0.report_requested(static_cast<int64_t>(routing.slots()));
+  Status s = t0.admit(unique_ids, &m.batch);
+  if (s.ok()) {
+    TROVE_CHECK_MSG(m.batch.miss_index.empty() && m.batch.evicted.empty(),
+                    "the device residency table said all %zu experts were in the device tier, "
+                    "which missed %zu of them",
+                    unique_ids.size(), m.batch.miss_index.size());
+    t0.commit_fills(unique_ids, m.batch);
+    t0.release(unique_ids);
+  }
+  const Status copied = m.copies.synchronize();
+  const Status ran = m.ctx.synchronize();
+  TROVE_RETURN_IF_ERROR(s);
+  TROVE_RETURN_IF_ERROR(ran);
+  TROVE_RETURN_IF_ERROR(copied);
+  stats->hits = static_cast<int64_t>(unique_ids.size());
+  stats->chunks = 1;
+  stats->pinned = m.staging.pinned() || m.staging.bytes() == 0;
+  stats->method = m.h2d == H2dMethod::kAuto ? m.chosen : m.h2d;
+  return Status::ok_status();
 }
 
 Status CudaPeerRunner::experts(const PeerRouting& routing, std::span<const int64_t> unique_ids,
@@ -510,12 +697,14 @@ Status CudaPeerRunner::experts(const PeerRouting& routing, std::span<const int64
   }
   if (acquired) source.release(m.miss_ids);
   if (t0 != nullptr) {
+    m.note_residency(unique_ids, done.ok());
     if (!done.ok()) {
       t0->abort_fills(unique_ids, m.batch);
       return done;
     }
     t0->commit_fills(unique_ids, m.batch);
     t0->release(unique_ids);
+    m.try_resident = misses == 0;
   }
   TROVE_RETURN_IF_ERROR(done);
   stats->misses = static_cast<int64_t>(misses);
@@ -547,6 +736,14 @@ Status CudaPeerRunner::check_batch(int64_t, const std::string&) const {
 }
 void CudaPeerRunner::mark_params_changed() {}
 Status CudaPeerRunner::route(const PeerDenseParams&, const float*, int64_t, PeerRouting*) {
+  return Status::not_supported("trove was built without CUDA");
+}
+Status CudaPeerRunner::route_resident(const PeerDenseParams&, const float*, int64_t, PeerRouting*,
+                                      float*, bool*) {
+  return Status::not_supported("trove was built without CUDA");
+}
+Status CudaPeerRunner::finish_resident(const PeerRouting&, std::span<const int64_t>,
+                                       DeviceTransferStats*) {
   return Status::not_supported("trove was built without CUDA");
 }
 Status CudaPeerRunner::experts(const PeerRouting&, std::span<const int64_t>,

@@ -28,6 +28,20 @@
 //   batch   one cudaMemcpyBatchAsync straight from the host tier's pinned slots
 //   gather  one kernel (CudaCopyStream::gather_async) whose warps read the host tier's pinned
 //           slots through the mapping: SM-driven, no copy engine
+// All hits, no host round trip for the ids: forward() tries route_resident() when the last
+// batch had no misses in T0. It looks the routing's ids up in a table of N device addresses
+// (T0's residency mirrored on the device, kept in step after every batch from the evictions
+// and fills; kernels/cuda/residency.h) and reads back one count; when it is 0 the expert
+// kernel is queued at once on the addresses found, the routing is copied back while it runs,
+// and the host's dedupe and T0 bookkeeping (the policy sees the hits) overlap it:
+//
+//   ctx stream    norm ─ query ─ route ─ lookup ─┬─────────────── experts ─┐
+//   copy stream                      miss count ─┴─ ids, gates ─┐          └─ y
+//   host                                        0? ─────────────┴─ dedupe, T0 hits ─ wait y
+//
+// Otherwise the batch continues as above (experts()), having lost one lookup and one 4-byte
+// copy. forward_routed() (the routing given on the host) always takes the path above.
+//
 // batch and gather need records in pinned, mapped memory (a host tier from
 // make_pinned_slot_memory()); any other source is moved by slab. H2dMethod::kAuto gives each
 // method that applies two batches with misses, then keeps the one with the most bytes per
@@ -81,6 +95,15 @@ class CudaPeerRunner {
   // x [T, D] (host) -> xhat on the device; with `routing`, also query and route there and the
   // routing copied back into *routing.
   Status route(const PeerDenseParams& params, const float* x, int64_t tokens, PeerRouting* routing);
+  // forward()'s route(): when the device tier holds every expert the routing chose (looked up on
+  // the device) also queues the expert pass into y (host) and sets *computed; the routing is
+  // copied back either way. After *computed, call finish_resident() (it waits for y); else
+  // experts() as after route().
+  Status route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
+                        PeerRouting* routing, float* y, bool* computed);
+  // The T0 bookkeeping of an all-hit batch (unique_ids as for experts()), then waits for y.
+  Status finish_resident(const PeerRouting& routing, std::span<const int64_t> unique_ids,
+                         DeviceTransferStats* stats);
   // The expert pass over `routing` (host) into y [T, D_out] (host), on the xhat of the last
   // route(). unique_ids ascending; slot_index[s] is slot s's index in unique_ids.
   Status experts(const PeerRouting& routing, std::span<const int64_t> unique_ids,

@@ -325,6 +325,68 @@ TEST_F(CudaRuntimeDevice, EveryH2dMethodAndPipelineChunkingGivesTheSameBits) {
   }
 }
 
+// An all-hit batch after an all-hit batch takes the device-side lookup: no host -> device copy
+// at all (bytes_copied 0), the same y. The lookup table follows T0 through evictions: with a
+// tier of little more than one batch, B evicts part of A, and A's later all-hit batches must
+// still read A's records.
+TEST_F(CudaRuntimeDevice, AllHitBatchesTakeTheDeviceLookupAndItFollowsEvictions) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto cpu = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+  const auto xs = batches(19);
+  const std::vector<float>& a = xs[0];
+  const std::vector<float>& b = xs[2];  // (xs[1] repeats xs[0])
+  const size_t stride = cpu->record_layout().stride;
+  const int64_t n = cpu->config().num_experts();
+  // A tier just above the larger batch's distinct experts: B must evict some of A.
+  int64_t most_unique = 0;
+  for (const auto* x : {&a, &b}) {
+    std::vector<float> y(static_cast<size_t>(kTokens * cpu->config().dim_out));
+    ASSERT_TRUE(cpu->forward(*x, kTokens, y).ok());
+    most_unique = std::max(most_unique, static_cast<int64_t>(cpu->last_experts().size()));
+  }
+  for (int64_t vram : {n, most_unique + 2}) {
+    for (int64_t host : {int64_t{0}, n}) {
+      SCOPED_TRACE(str_printf("vram %lld, host %lld slots", (long long)vram, (long long)host));
+      auto gpu = PeerLayer::open(*store, "blk.0.peer", cuda_options(vram, host, stride));
+      ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+      const std::vector<const std::vector<float>*> plan = {&a, &a, &a, &b, &a, &a, &a, &a, &b};
+      int64_t previous_misses = -1;  // none before the first batch
+      int lookups = 0;
+      for (size_t i = 0; i < plan.size(); ++i) {
+        SCOPED_TRACE("batch " + std::to_string(i));
+        const std::vector<float>& x = *plan[i];
+        std::vector<float> want(static_cast<size_t>(kTokens * cpu->config().dim_out));
+        std::vector<float> got(want.size());
+        PeerRouting want_r, got_r;
+        PeerBatchStats st;
+        ASSERT_TRUE(cpu->forward(x, kTokens, want, &want_r).ok());
+        const Status s = gpu->forward(x, kTokens, got, &got_r, &st);
+        ASSERT_TRUE(s.ok()) << s.to_string();
+        testing::expect_close(got, want, kForwardAbs, kForwardRel, "y");
+        testing::expect_routing_close(got_r, want_r, kRoutingTolerance, "routing");
+        EXPECT_EQ(st.unique_experts, static_cast<int64_t>(gpu->last_experts().size()));
+        // The lookup path copies nothing; it is taken exactly when the batch before had no
+        // device misses and this one has none.
+        const bool lookup = st.device.bytes_copied == 0;
+        EXPECT_EQ(lookup, previous_misses == 0 && st.device.misses == 0);
+        if (lookup) {
+          ++lookups;
+          EXPECT_EQ(st.device.hits, st.unique_experts);
+          EXPECT_EQ(st.fetch.misses, 0);
+        }
+        if (vram < n && i == 4) {
+          EXPECT_GT(st.device.misses, 0) << "B evicted none of A";
+        }
+        previous_misses = st.device.misses;
+      }
+      EXPECT_GE(lookups, 3);
+    }
+  }
+}
+
 TEST_F(CudaRuntimeDevice, RoutedForwardEmptyBatchAndChangedParamsMatchTheCpuLayer) {
   ScratchDir dir;
   auto store = StoreReader::open(make_store(dir, DType::kI4));

@@ -113,6 +113,17 @@ TEST(ExpertCache, LruEvictsTheLeastRecentlyReleasedEntry) {
   run_batch(*cache, {5});  // evicts 3
   EXPECT_EQ(resident(*cache, 10), (Ids{1, 4, 5}));
   EXPECT_EQ(cache->metrics().evictions, 2);
+  // admit() names what it evicted (the device's residency mirror depends on it), also when the
+  // fills are then aborted; a batch of hits evicts nothing.
+  CacheBatch batch;
+  ASSERT_TRUE(cache->admit(Ids{1, 6, 7}, &batch).ok());
+  EXPECT_EQ(batch.evicted, (Ids{4, 5}));
+  cache->abort_fills(Ids{1, 6, 7}, batch);
+  EXPECT_EQ(resident(*cache, 10), (Ids{1}));
+  ASSERT_TRUE(cache->admit(Ids{1}, &batch).ok());
+  EXPECT_TRUE(batch.evicted.empty());
+  cache->commit_fills(Ids{1}, batch);
+  cache->release(Ids{1});
 }
 
 TEST(ExpertCache, ClockGivesAReferencedEntryOneSecondChance) {

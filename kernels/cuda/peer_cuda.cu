@@ -355,6 +355,10 @@ Status CudaPeerContext::synchronize() {
   return impl_->stream.synchronize();
 }
 
+void* CudaPeerContext::native_stream() const {
+  return impl_ != nullptr ? impl_->s() : nullptr;
+}
+
 Status CudaPeerContext::wait(const CudaEvent& event) {
   if (impl_ == nullptr) return empty_context("CudaPeerContext::wait");
   if (event.native_handle() == nullptr) return Status::invalid_argument("empty CudaEvent");

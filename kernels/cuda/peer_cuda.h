@@ -127,6 +127,9 @@ class CudaPeerContext {
 
   // Waits for every call queued so far; returns the first error raised while they ran.
   Status synchronize();
+  // The cudaStream_t the calls queue on, for kernels queued beside them (kernels/cuda/
+  // residency.h); null for an empty context.
+  void* native_stream() const;
 
  private:
   struct Impl;
