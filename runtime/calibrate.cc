@@ -723,4 +723,63 @@ Result<double> measure_h2d_bandwidth(uint64_t bytes, double min_seconds) {
 #endif
 }
 
+Result<double> measure_h2d_gather_bandwidth(uint64_t bytes, uint64_t record_bytes,
+                                            double min_seconds) {
+  if (bytes < 4096 || !std::isfinite(min_seconds) || min_seconds < 0 || record_bytes == 0 ||
+      record_bytes > bytes / 2) {
+    return Status::invalid_argument(str_printf(
+        "H2D gather calibration: %llu bytes (at least 4096) of records of %llu bytes (1 to half "
+        "of it) for %g s (finite, >= 0)",
+        static_cast<unsigned long long>(bytes), static_cast<unsigned long long>(record_bytes),
+        min_seconds));
+  }
+#if TROVE_HAVE_CUDA
+  TROVE_RETURN_IF_ERROR(cuda_device_available());
+  const uint64_t stride = (record_bytes + 15) / 16 * 16;  // records as the tiers align them
+  const uint64_t count = bytes / stride;
+  TROVE_ASSIGN_OR_RETURN(PinnedHostBuffer host, PinnedHostBuffer::allocate(count * stride));
+  if (!host.pinned() || host.device_data() == nullptr) {
+    return Status::resource_exhausted(
+        "H2D gather calibration: the host buffer could not be pinned and mapped");
+  }
+  std::memset(host.data(), 1, count * stride);
+  TROVE_ASSIGN_OR_RETURN(CudaDeviceMemory device, CudaDeviceMemory::allocate(count * stride));
+  // The pointer tables, in device memory: sources shuffled (the tier's slots are read at random),
+  // destinations in order.
+  std::vector<const void*> srcs(count);
+  std::vector<void*> dsts(count);
+  std::vector<uint64_t> order(count);
+  for (uint64_t i = 0; i < count; ++i) order[i] = i;
+  std::mt19937_64 rng(1);
+  std::shuffle(order.begin(), order.end(), rng);
+  for (uint64_t i = 0; i < count; ++i) {
+    srcs[i] = host.device_data() + order[i] * stride;
+    dsts[i] = device.data() + i * stride;
+  }
+  TROVE_ASSIGN_OR_RETURN(CudaDeviceMemory tables, CudaDeviceMemory::allocate(2 * count * 8));
+  TROVE_ASSIGN_OR_RETURN(CudaCopyStream stream, CudaCopyStream::create());
+  TROVE_RETURN_IF_ERROR(stream.copy_async(tables.data(), srcs.data(), count * 8));
+  TROVE_RETURN_IF_ERROR(stream.copy_async(tables.data() + count * 8, dsts.data(), count * 8));
+  TROVE_RETURN_IF_ERROR(stream.synchronize());
+  TROVE_ASSIGN_OR_RETURN(CudaEvent start, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(CudaEvent end, CudaEvent::create());
+  double best = 0, spent = 0;
+  for (int pass = 0; pass < 2 || spent < min_seconds; ++pass) {
+    TROVE_RETURN_IF_ERROR(start.record(stream));
+    TROVE_RETURN_IF_ERROR(stream.gather_async(
+        reinterpret_cast<void* const*>(tables.data() + count * 8),
+        reinterpret_cast<const void* const*>(tables.data()), record_bytes, count));
+    TROVE_RETURN_IF_ERROR(end.record(stream));
+    TROVE_RETURN_IF_ERROR(end.synchronize());
+    TROVE_ASSIGN_OR_RETURN(const double seconds, CudaEvent::elapsed_seconds(start, end));
+    spent += seconds;
+    if (seconds > 0) best = std::max(best, static_cast<double>(count * record_bytes) / seconds);
+    if (pass > 10000) break;  // a clock that does not advance
+  }
+  return best;
+#else
+  return Status::not_supported("H2D gather calibration: trove was built without CUDA");
+#endif
+}
+
 }  // namespace trove

@@ -53,6 +53,14 @@ Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double m
 // a failed pin is an error here (a pageable figure is not the limit).
 Result<double> measure_h2d_bandwidth(uint64_t bytes, double min_seconds);
 
+// The same ceiling for an SM-driven gather (the --h2d gather method): records of
+// `record_bytes` in `bytes` of pinned, mapped host memory, all of them per pass in a shuffled
+// order, moved into device memory by one CudaCopyStream::gather_async kernel, timed by events;
+// passes until `min_seconds` (at least two), the best counting. Errors: as for
+// measure_h2d_bandwidth; record_bytes 0 or above bytes / 2 is invalid_argument.
+Result<double> measure_h2d_gather_bandwidth(uint64_t bytes, uint64_t record_bytes,
+                                            double min_seconds);
+
 // Bytes per second of a durable sequential write in folder `dir`: `bytes` written to a new
 // temporary file (".trove-write-calibration-<pid>") in 1 MiB pieces, fdatasync'd, timed from
 // the first write to the sync's return; the file is removed. The ceiling for checkpoints that

@@ -79,6 +79,30 @@ TEST(HostBandwidth, RejectsBadArguments) {
   EXPECT_TRUE(measure_host_read_bandwidth(1 << 20, 1, NAN).status().is_invalid_argument());
 }
 
+// Host -> device by copy engine and by SM-driven gather: positive on a device; without one (or
+// without CUDA) kNotSupported; bad arguments are invalid first either way.
+TEST(H2dBandwidth, IsPositiveOnADeviceElseNotSupportedAndRejectsBadArguments) {
+  EXPECT_EQ(measure_h2d_bandwidth(100, 0.01).status().code(), Status::Code::kInvalidArgument);
+  for (uint64_t record : {uint64_t{0}, uint64_t{1} << 20}) {
+    const Status s = measure_h2d_gather_bandwidth(1 << 20, record, 0.01).status();
+    EXPECT_EQ(s.code(), Status::Code::kInvalidArgument) << s.to_string();
+    EXPECT_NE(s.message().find("records of " + std::to_string(record) + " bytes"),
+              std::string::npos)
+        << s.to_string();
+  }
+  Result<double> copy = measure_h2d_bandwidth(16 << 20, 0.01);
+  Result<double> gather = measure_h2d_gather_bandwidth(16 << 20, 1168, 0.01);
+  if (!copy.ok()) {
+    EXPECT_EQ(copy.status().code(), Status::Code::kNotSupported) << copy.status().to_string();
+    EXPECT_EQ(gather.status().code(), Status::Code::kNotSupported) << gather.status().to_string();
+    GTEST_SKIP() << "no CUDA device: " << copy.status().message();
+  }
+  ASSERT_TRUE(gather.ok()) << gather.status().to_string();
+  EXPECT_GT(*copy, 1e8);
+  EXPECT_GT(*gather, 1e8);
+  EXPECT_TRUE(std::isfinite(*copy) && std::isfinite(*gather));
+}
+
 TEST_F(CalibrateTest, OurReaderCountsRandomReadsWithEitherEngine) {
   for (Engine engine : {Engine::kAuto, Engine::kPread}) {
     // Records of 2304 bytes (an int4 PEER record) at a 2304 stride, like a table's layout.

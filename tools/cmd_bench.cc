@@ -323,8 +323,13 @@ void print_point(const Point& p, const nlohmann::json& calib) {
         r.h2d_pinned ? "" : " (pageable: pinning failed)");
     if (calib.contains("h2d_bandwidth") && r.h2d_seconds > 0) {
       const double h2d = calib["h2d_bandwidth"].get<double>();
-      std::printf("                copies at %.2f of the calibrated H2D %s\n",
+      std::printf("                copies at %.2f of the calibrated H2D %s",
                   r.h2d_bytes / r.h2d_seconds / h2d, format_rate(h2d).c_str());
+      if (calib.contains("h2d_gather_bandwidth")) {
+        std::printf(" (an SM-driven gather of these records: %s)",
+                    format_rate(calib["h2d_gather_bandwidth"].get<double>()).c_str());
+      }
+      std::printf("\n");
     }
     std::string methods;
     for (const H2dMethodTotals& t : r.h2d_methods) {
@@ -516,6 +521,18 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
         calib["h2d_bandwidth"] = *h2d;
       } else if (talk) {
         std::fprintf(stderr, "trove bench: warning: %s\n", h2d.status().to_string().c_str());
+      }
+      // The SM-driven ceiling at this run's record size (the --h2d gather method's).
+      Result<RecordLayout> rl =
+          RecordLayout::make(*dtype, a.dim, a.dim_out > 0 ? a.dim_out : a.dim);
+      Result<double> gather = rl.ok() ? measure_h2d_gather_bandwidth(bw_bytes, rl->record_bytes,
+                                                                     a.calibrate_seconds / 2)
+                                      : Result<double>(rl.status());
+      if (gather.ok()) {
+        calib["h2d_gather_bandwidth"] = *gather;
+        calib["h2d_gather_record_bytes"] = rl->record_bytes;
+      } else if (talk) {
+        std::fprintf(stderr, "trove bench: warning: %s\n", gather.status().to_string().c_str());
       }
     }
   }
