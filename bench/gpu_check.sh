@@ -1,28 +1,99 @@
 #!/bin/bash
-# First GPU check of the CUDA backend, written without a GPU (issue 5; every CUDA test skips on
-# the development machine). Run it from the repository root on the GPU machine, e.g. through the
-# device tool: `bash bench/gpu_check.sh` with $OUT set. Under about 4 minutes on an H200: build
-# the needed targets, every CUDA test (kernels, backward, training update, runtime), memcheck
-# on the runtime test, and
-# trove bench --device cuda at the background config (D 2048, h 4, k 8, dk 64, int4,
-# batch 2048, zipf:1.09) at N = 262K and 1M, without and with a device tier.
+# The CUDA backend's GPU check (issue 5), written without a GPU: every CUDA test skips on the
+# development machine. Run from the repository root on the GPU machine through the device tool,
+# carrying .deps (../shared/device/stage-deps.sh .deps), with $OUT set:
+#
+#   bash bench/gpu_check.sh tests   # build, every CUDA test, memcheck + racecheck   (~5 min)
+#   bash bench/gpu_check.sh bench   # bench --device cuda, background config, 262K and 1M (~4 min)
+#   bash bench/gpu_check.sh big     # 4M experts x 2 layers under --vram 16GiB vs resident (~5 min)
+#
+# Each stage builds what it needs (kept between calls while the machine stays warm), bounds
+# every step by a timeout, keeps going after a failure, and leaves its logs and --json in $OUT.
+# Background config (SPEC §2): D 2048, h 4, k 8, dk 64, int4 records, batch 2048, zipf:1.09.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUT/cmake.log" 2>&1
-cmake --build build-gpu -j16 --target trove cuda_runtime_test cuda_peer_test cli_forward_test \
-  cuda_test cuda_train_test cuda_peer_backward_test \
-  > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-( cd build-gpu && ./tests/cuda_test; ./tests/cuda_train_test; ./tests/cuda_peer_backward_test;
-  ./tests/cuda_runtime_test; ./tests/cuda_peer_test;
-  ./tests/cli_forward_test --gtest_filter='*Device*:*Vram*' ) > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; grep -E '^\[  (PASSED|FAILED|SKIPPED)' "$OUT/tests.log"
-timeout 90 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
-  build-gpu/tests/cuda_runtime_test --gtest_filter='CudaRuntimeDevice.Routed*:CudaRuntimeDevice.Vram*' \
-  > "$OUT/memcheck.log" 2>&1
-echo "memcheck rc=$?"; tail -3 "$OUT/memcheck.log"
-B="build-gpu/trove --json bench --device cuda --experts 262144,1M --batch 2048 --routing zipf:1.09
-   --host 100% --batches 12 --warmup 4 --calibrate-seconds 0.5 --no-fio --store /tmp/tb"
-timeout 100 $B > "$OUT/bench_cuda_copy.json" 2> "$OUT/bench_cuda_copy.err"; echo "bench copy rc=$?"
-timeout 100 $B --vram 16GiB > "$OUT/bench_cuda_vram.json" 2> "$OUT/bench_cuda_vram.err"
-echo "bench vram rc=$?"
+STAGE=${1:-tests}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=$PWD/.deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+B=build-gpu
+TESTS="cuda_memory_test cuda_test cuda_train_test cuda_peer_backward_test cuda_peer_test
+       cuda_runtime_test cli_forward_test calibrate_test"
+
+build() {
+  if [ ! -f $B/build.ninja ]; then
+    cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DTROVE_CUDA=ON \
+      -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$PWD/.deps/usr" > "$OUT/cmake.log" 2>&1 ||
+      { tail -30 "$OUT/cmake.log"; exit 1; }
+  fi
+  # shellcheck disable=SC2086
+  timeout 400 cmake --build $B -j16 --target trove "$@" > "$OUT/build-$STAGE.log" 2>&1 ||
+    { tail -50 "$OUT/build-$STAGE.log"; exit 1; }
+}
+
+step() {  # step NAME SECONDS COMMAND...: one bounded step, its output in $OUT/NAME.log
+  local name=$1 secs=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc ($((SECONDS - t0)) s)"
+  grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/$name.log" | head -20
+}
+
+# bench NAME SECONDS ARGS...: `trove --json bench --device cuda` at the background config.
+bench() {
+  local name=$1 secs=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$secs" $B/trove --json bench --device cuda --dim 2048 --heads 4 --topk 8 --dim-key 64 \
+    --quant int4 --batch 2048 --no-fio --calibrate-seconds 0.5 --store /tmp/tb "$@" \
+    > "$OUT/$name.json" 2> "$OUT/$name.err"
+  echo "$name rc=$? ($((SECONDS - t0)) s)"
+  tail -3 "$OUT/$name.err"
+}
+
+case $STAGE in
+  tests)
+    # shellcheck disable=SC2086
+    build $TESTS
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    nvidia-smi -L
+    for t in $TESTS; do
+      filter='*'
+      [ "$t" = cli_forward_test ] && filter='*Device*:*Vram*'
+      [ "$t" = calibrate_test ] && filter='H2d*'
+      step "$t" 120 "$B/tests/$t" --gtest_filter="$filter"
+    done
+    step memcheck 150 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
+      $B/tests/cuda_runtime_test --gtest_filter='CudaRuntimeDevice.AllHit*:CudaRuntimeDevice.Routed*'
+    step memcheck_kernels 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      $B/tests/cuda_memory_test
+    step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
+      $B/tests/cuda_peer_test --gtest_filter='*Expert*:*Route*'
+    tail -3 "$OUT"/memcheck*.log "$OUT"/racecheck.log
+    ;;
+  bench)
+    build
+    # The device tier copied per batch (no --vram), then a 16 GiB tier; --h2d auto reports
+    # every method's bytes/s; pk routing exercises the device-side lookup of all-hit batches.
+    bench bench_262k_1m 200 --experts 262144,1M --routing zipf:1.09 --host 100% \
+      --batches 16 --warmup 8
+    bench bench_262k_1m_vram 200 --experts 262144,1M --routing zipf:1.09 --host 100% \
+      --vram 16GiB --batches 16 --warmup 8
+    bench bench_1m_pk_vram 120 --experts 1M --routing pk --host 100% --vram 16GiB \
+      --batches 16 --warmup 8 --no-calibrate
+    ;;
+  big)
+    build
+    # SPEC §2's background configuration: 2 layers of 4M int4 experts (~9.7 GB each) under a
+    # 16 GiB device budget (2 x 8 GiB), host tier 48 GiB (2 x 24 GiB) over the store on disk;
+    # the all-resident comparison keeps both tables on the device (~19 GB, fits 80+ GB).
+    df -h /tmp > "$OUT/df.txt"
+    bench bench_4m_2layers 560 --experts 4M --layers 2 --routing zipf:1.09 --vram 16GiB \
+      --host 48GiB --batches 16 --warmup 8
+    ;;
+  *)
+    echo "usage: bench/gpu_check.sh tests|bench|big" >&2
+    exit 2
+    ;;
+esac
