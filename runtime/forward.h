@@ -66,6 +66,7 @@ struct ForwardReport {
   uint64_t h2d_bytes = 0;
   double h2d_seconds = 0;
   bool h2d_pinned = true;
+  std::string h2d_method;  // the method misses moved by at the end ("auto": still trying)
   RoutingStats stats{0};
 };
 

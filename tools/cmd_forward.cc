@@ -55,7 +55,8 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
                                       {"h2d_seconds", r.h2d_seconds},
                                       {"h2d_gb_per_second",
                                        r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
-                                      {"pinned", r.h2d_pinned}}
+                                      {"pinned", r.h2d_pinned},
+                                      {"h2d_method", r.h2d_method}}
                      : nlohmann::json(nullptr)},
       {"record_gb_per_second",
        r.expert_seconds > 0 ? r.record_bytes_used / r.expert_seconds / 1e9 : 0.0},
@@ -100,13 +101,15 @@ void print_forward_report(const nlohmann::json& j, bool stats) {
   }
   if (const auto& d = j["device"]; !d.is_null()) {
     const uint64_t vram = d["vram_budget_bytes"].get<uint64_t>();
-    std::printf("  device: %s, %lld hits, %lld misses; %s copied host -> device in %.3f s (%s%s)\n",
-                vram > 0 ? ("tier " + format_bytes(vram)).c_str() : "no tier (--vram)",
-                d["hits"].get<long long>(), d["misses"].get<long long>(),
-                format_bytes(d["h2d_bytes"].get<uint64_t>()).c_str(),
-                d["h2d_seconds"].get<double>(),
-                format_rate(d["h2d_gb_per_second"].get<double>() * 1e9).c_str(),
-                d["pinned"].get<bool>() ? "pinned" : ", pageable: pinning failed");
+    std::printf(
+        "  device: %s, %lld hits, %lld misses; %s copied host -> device in %.3f s (%s%s, "
+        "--h2d %s)\n",
+        vram > 0 ? ("tier " + format_bytes(vram)).c_str() : "no tier (--vram)",
+        d["hits"].get<long long>(), d["misses"].get<long long>(),
+        format_bytes(d["h2d_bytes"].get<uint64_t>()).c_str(), d["h2d_seconds"].get<double>(),
+        format_rate(d["h2d_gb_per_second"].get<double>() * 1e9).c_str(),
+        d["pinned"].get<bool>() ? "pinned" : ", pageable: pinning failed",
+        d["h2d_method"].get<std::string>().c_str());
   }
   if (stats && j.contains("stats")) {
     const auto& s = j["stats"];
