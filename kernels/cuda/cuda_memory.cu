@@ -72,6 +72,42 @@ void CudaDeviceMemory::reset() {
   bytes_ = 0;
 }
 
+// ---- CudaManagedMemory --------------------------------------------------------------------------
+
+Result<CudaManagedMemory> CudaManagedMemory::allocate(size_t bytes) {
+  CudaManagedMemory m;
+  if (bytes == 0) return Result<CudaManagedMemory>(std::move(m));
+  TROVE_RETURN_IF_ERROR(cuda::require_cuda_device());
+  void* p = nullptr;
+  const cudaError_t err = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
+  if (err != cudaSuccess) {
+    return cuda::cuda_error_status(err, "cudaMallocManaged", __FILE__, __LINE__)
+        .with_context("allocating " + std::to_string(bytes) + " bytes of managed memory");
+  }
+  m.data_ = static_cast<uint8_t*>(p);
+  m.bytes_ = bytes;
+  return Result<CudaManagedMemory>(std::move(m));
+}
+
+CudaManagedMemory::~CudaManagedMemory() {
+  reset();
+}
+CudaManagedMemory::CudaManagedMemory(CudaManagedMemory&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+CudaManagedMemory& CudaManagedMemory::operator=(CudaManagedMemory&& other) noexcept {
+  if (this != &other) {
+    reset();
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+void CudaManagedMemory::reset() {
+  if (data_ != nullptr) (void)cudaFree(data_);
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
 // ---- PinnedHostBuffer ---------------------------------------------------------------------------
 
 Result<PinnedHostBuffer> PinnedHostBuffer::allocate(size_t bytes) {

@@ -41,6 +41,31 @@ class CudaDeviceMemory {
   size_t bytes_ = 0;
 };
 
+// `bytes` of managed (unified) memory (cudaMallocManaged, attached globally): one address that
+// the host and the device both use, its pages moved on demand to whichever touches them (no
+// prefetch or advice is given). For the bench's managed-memory peer (runtime/device_peers.h);
+// the tiers never use it. A device without concurrent managed access cannot let the host touch
+// the memory while a kernel may be running: synchronize first. Empty when bytes == 0.
+// Errors: kResourceExhausted when the allocation fails, kNotSupported without a device.
+class CudaManagedMemory {
+ public:
+  CudaManagedMemory() = default;
+  static Result<CudaManagedMemory> allocate(size_t bytes);
+  ~CudaManagedMemory();
+  CudaManagedMemory(CudaManagedMemory&& other) noexcept;
+  CudaManagedMemory& operator=(CudaManagedMemory&& other) noexcept;
+  CudaManagedMemory(const CudaManagedMemory&) = delete;
+  CudaManagedMemory& operator=(const CudaManagedMemory&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  void reset();
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // `bytes` of host memory for staging transfers, page-aligned. Pinned and mapped (cudaHostAlloc,
 // portable: every device may read it, by DMA or from kernels at device_data()) when the driver
 // allows; when pinning fails (no device, a locked-memory limit, out of pinned memory) the

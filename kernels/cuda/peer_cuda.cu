@@ -16,6 +16,7 @@
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/device.cuh"
+#include "kernels/cuda/peer_context_access.cuh"
 #include "kernels/cuda/peer_cuda.h"
 #include "kernels/cuda/peer_experts.cuh"
 #include "kernels/cuda/peer_route.cuh"
@@ -350,6 +351,18 @@ Result<CudaPeerContext> CudaPeerContext::create() {
       CudaPeerContext(std::make_unique<Impl>(std::move(stream), std::move(blas))));
 }
 
+Status CudaPeerContext::copy_async(void* dst, const void* src, size_t bytes) {
+  constexpr const char* kFn = "CudaPeerContext::copy_async";
+  if (bytes > 0 && (dst == nullptr || src == nullptr)) {
+    return invalid(kFn, std::string(dst == nullptr ? "dst" : "src") + " is null (bytes " +
+                            str(static_cast<int64_t>(bytes)) + ")");
+  }
+  if (impl_ == nullptr) return empty_context(kFn);
+  if (bytes == 0) return Status::ok_status();
+  TROVE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, impl_->s()));
+  return Status::ok_status();
+}
+
 Status CudaPeerContext::synchronize() {
   if (impl_ == nullptr) return empty_context("CudaPeerContext::synchronize");
   return impl_->stream.synchronize();
@@ -558,5 +571,13 @@ Status CudaPeerContext::experts_device_indexed(const PeerConfig& config, const R
   return cuda::launch_peer_experts_indexed(expert_pass(c, layout, tokens), xhat, gates, table,
                                            record_index, layout.stride, y, impl_->s());
 }
+
+namespace cuda {
+
+cudaStream_t PeerContextAccess::stream(const CudaPeerContext& context) {
+  return context.impl_->s();
+}
+
+}  // namespace cuda
 
 }  // namespace trove

@@ -35,6 +35,7 @@
 // header carries no CUDA type and is plain C++17 (.cu files include it).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -45,6 +46,10 @@
 namespace trove {
 
 class CudaEvent;  // kernels/cuda/cuda_memory.h
+
+namespace cuda {
+struct PeerContextAccess;  // kernels/cuda/peer_context_access.cuh
+}  // namespace cuda
 
 // The routing of T tokens in device memory: three [T, h, k] arrays in PeerRouting's order
 // (best first per (token, head)).
@@ -125,6 +130,13 @@ class CudaPeerContext {
   Status wait(const CudaEvent& event);
   Status record(CudaEvent& event);
 
+  // Queues a copy of `bytes` from src to dst on the context's stream, in order with the
+  // device-form calls around it (cudaMemcpyDefault: either side may be host or device memory,
+  // unified addressing tells which). For a caller that stages its own inputs and outputs (the
+  // bench's device peers, runtime/device_peers.h). bytes == 0 queues nothing.
+  // REQUIRES: both ranges stay valid until the copy completes (synchronize()).
+  Status copy_async(void* dst, const void* src, size_t bytes);
+
   // Waits for every call queued so far; returns the first error raised while they ran.
   Status synchronize();
   // The cudaStream_t the calls queue on, for kernels queued beside them (kernels/cuda/
@@ -132,6 +144,7 @@ class CudaPeerContext {
   void* native_stream() const;
 
  private:
+  friend struct cuda::PeerContextAccess;
   struct Impl;
   explicit CudaPeerContext(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
