@@ -61,6 +61,16 @@ Result<double> measure_h2d_bandwidth(uint64_t bytes, double min_seconds);
 Result<double> measure_h2d_gather_bandwidth(uint64_t bytes, uint64_t record_bytes,
                                             double min_seconds);
 
+// Bytes per second of device memory (HBM) on the current CUDA device: one device-to-device
+// cudaMemcpyAsync of `bytes` between two device buffers per pass, timed by CUDA events, passes
+// until `min_seconds` have passed (at least two), the best counting. A copy reads `bytes` and
+// writes `bytes`, and both count (2 * bytes per pass, as CUDA's bandwidthTest counts), so the
+// figure is comparable with kernels' read + write traffic (SPEC §8: H100 HBM3 3.35 TB/s).
+// Use buffers far past the L2 (hundreds of MiB). Errors: invalid_argument as for
+// measure_host_read_bandwidth; kNotSupported without a device or without CUDA in the build;
+// kResourceExhausted when the 2 * bytes do not fit the device.
+Result<double> measure_hbm_bandwidth(uint64_t bytes, double min_seconds);
+
 // Bytes per second of a durable sequential write in folder `dir`: `bytes` written to a new
 // temporary file (".trove-write-calibration-<pid>") in 1 MiB pieces, fdatasync'd, timed from
 // the first write to the sync's return; the file is removed. The ceiling for checkpoints that
