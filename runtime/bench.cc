@@ -283,6 +283,39 @@ void add_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
   sum->device.pinned = sum->device.pinned && s.device.pinned;
 }
 
+// The measured batches again, through the GPU peers (runtime/device_peers.h): the same inputs
+// and routing as the tiered run's (RoutingSource replays them from the start).
+Result<DevicePeerResult> run_bench_device_peers(const BenchOptions& opt, const PeerLayer& layer,
+                                                const RecordLayout& layout,
+                                                std::span<const uint8_t> table,
+                                                RoutingSource& src) {
+  PeerRouting r;
+  DevicePeerOptions po;
+  po.config = layer.config();
+  po.layout = layout;
+  po.table = table;
+  po.params = &layer.params();
+  po.batch = opt.batch;
+  po.batches = opt.batches;
+  po.source = [&](int64_t index, DevicePeerBatch* batch) -> Status {
+    if (index == 0) {
+      src.reset();
+      for (int64_t b = 0; b < opt.warmup_batches; ++b) {
+        if (!src.routes_itself()) src.routing(b, &r);  // keep the zipf stream in step
+      }
+    }
+    const int64_t b = opt.warmup_batches + index;
+    batch->x = src.x(b).data();
+    batch->routing = nullptr;
+    if (!src.routes_itself()) {
+      src.routing(b, &r);
+      batch->routing = &r;
+    }
+    return Status::ok_status();
+  };
+  return run_device_peers(po);
+}
+
 }  // namespace
 
 Result<BenchWorkload> BenchWorkload::parse(const std::string& text) {
@@ -706,6 +739,18 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       }
     }
     for (BenchLayer& L : layers) L.resident.reset();  // (their memory back for what follows)
+    if (opt.backend == PeerBackend::kCuda) {
+      if (layers.size() == 1) {
+        BenchLayer& L = layers[0];
+        TROVE_ASSIGN_OR_RETURN(res.device_peers,
+                               run_bench_device_peers(opt, L.layer, L.stored.record,
+                                                      store.mapped_records(*L.stored.info), L.src));
+      } else {
+        DevicePeerResult& d = res.device_peers;
+        d.resident_skipped = d.einsum_skipped = d.managed_skipped =
+            str_printf("the GPU peers run one layer; this run has %zu", layers.size());
+      }
+    }
   }
   return res;
 }

@@ -26,6 +26,7 @@
 #include "base/status.h"
 #include "kernels/peer_config.h"
 #include "runtime/cache_policy.h"
+#include "runtime/device_peers.h"
 #include "runtime/peer_layer.h"
 #include "storage/record_io.h"
 
@@ -165,13 +166,19 @@ struct BenchResult {
   // tries them), and the method kept at the end.
   std::vector<H2dMethodTotals> h2d_methods;
   H2dMethod h2d_method = H2dMethod::kAuto;
+
+  // kCuda with the resident baseline: the GPU peers on the same measured batches
+  // (runtime/device_peers.h): ours all-resident indexed by the routing directly, bf16 gather +
+  // einsum, managed memory, and the fused kernel's own time and bytes for the HBM roofline.
+  // One layer only: with layers > 1 every peer is skipped, saying so.
+  DevicePeerResult device_peers;
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then
-// (when asked) the same measured batches all-resident. Errors: a store with fewer bench layers
-// than asked (naming the store), layers > 1 with dim_out != dim (no residual stream), a budget
-// share below one batch's working set (before any work, naming the layer), a trace that does
-// not fit the layers.
+// (when asked) the same measured batches all-resident, and on kCuda through the GPU peers.
+// Errors: a store with fewer bench layers than asked (naming the store), layers > 1 with
+// dim_out != dim (no residual stream), a budget share below one batch's working set (before any
+// work, naming the layer), a trace that does not fit the layers.
 Result<BenchResult> run_bench(const BenchOptions& options);
 
 }  // namespace trove

@@ -263,7 +263,7 @@ double tokens_per_second(const DevicePeerOptions& o, double seconds) {
 }
 
 std::string does_not_fit_reason(const char* what, uint64_t bytes, const Status& s) {
-  return str_printf("%s (%s) does not fit: %s", what, format_bytes(bytes).c_str(),
+  return str_printf("%s (%s) did not fit: %s", what, format_bytes(bytes).c_str(),
                     s.message().c_str());
 }
 

@@ -17,6 +17,10 @@
 #include "storage/store.h"
 #include "tests/test_util.h"
 
+#if TROVE_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
 namespace trove {
 namespace {
 
@@ -164,7 +168,47 @@ TEST_F(BenchRun, EveryWorkloadAccountsForEverySelection) {
     auto res = run_bench(o);
     ASSERT_TRUE(res.ok()) << res.status().to_string();
     expect_consistent(*res, o);
+    // The GPU peers run on the cuda backend only.
+    EXPECT_EQ(res->device_peers.resident_tokens_per_second, 0.0);
+    EXPECT_EQ(res->device_peers.expert_kernel_bytes, 0u);
   }
+}
+
+TEST_F(BenchRun, OnTheCudaBackendTheGpuPeersRunTheMeasuredBatches) {
+#if !TROVE_HAVE_CUDA
+  GTEST_SKIP() << "trove was built without CUDA";
+#else
+  if (cuda_device_count() == 0) {
+    GTEST_SKIP() << "no CUDA device: cuda_device_count() is 0 (no driver or no GPU)";
+  }
+  for (const char* w : {"zipf:1.09", "pk"}) {
+    SCOPED_TRACE(w);
+    BenchOptions o = options(w);
+    o.backend = PeerBackend::kCuda;
+    auto res = run_bench(o);
+    ASSERT_TRUE(res.ok()) << res.status().to_string();
+    expect_consistent(*res, o);
+    const DevicePeerResult& d = res->device_peers;
+    EXPECT_GT(d.resident_tokens_per_second, 0.0);
+    EXPECT_GT(d.einsum_tokens_per_second, 0.0);
+    EXPECT_GT(d.managed_tokens_per_second, 0.0);
+    EXPECT_GE(d.einsum_max_error, 0.0);
+    EXPECT_LT(d.einsum_max_error, 0x1p-5);
+    EXPECT_GT(d.expert_kernel_seconds, 0.0);
+    // At least xhat, gates, ids and y of every measured batch, at most every slot's record too.
+    const uint64_t activations = static_cast<uint64_t>(o.batch * o.batches) * (96 + 64) * 4 +
+                                 static_cast<uint64_t>(res->requested) * 12;
+    EXPECT_GT(d.expert_kernel_bytes, activations);
+    EXPECT_LE(d.expert_kernel_bytes, activations + res->requested * res->record_bytes);
+  }
+  BenchOptions o = options("uniform");
+  o.backend = PeerBackend::kCuda;
+  o.resident_baseline = false;
+  auto res = run_bench(o);
+  ASSERT_TRUE(res.ok()) << res.status().to_string();
+  EXPECT_EQ(res->device_peers.resident_tokens_per_second, 0.0);
+  EXPECT_EQ(res->device_peers.einsum_tokens_per_second, 0.0);
+#endif
 }
 
 TEST_F(BenchRun, SkewedRoutingHitsMoreThanUniformAtTheSameBudget) {

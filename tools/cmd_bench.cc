@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <string>
+#include <tuple>
 
 #include "base/bytes.h"
 #include "base/plot.h"
@@ -204,7 +206,47 @@ std::string budget_text(uint64_t bytes, size_t layers) {
          format_bytes(bytes / layers);
 }
 
-nlohmann::json point_json(const Point& p) {
+// a / b, or 0 when either is not a figure.
+double ratio(double a, double b) {
+  return a > 0 && b > 0 ? a / b : 0.0;
+}
+
+// The GPU peers (runtime/device_peers.h) beside ours: each peer's tokens/s as a ratio of ours
+// all-resident, and the fused kernel's bytes/s as a fraction of the calibrated HBM bandwidth.
+nlohmann::json device_peers_json(const BenchResult& r, const nlohmann::json& calib) {
+  const DevicePeerResult& d = r.device_peers;
+  const double resident = d.resident_tokens_per_second;
+  nlohmann::json peers = nlohmann::json::object();
+  const std::tuple<const char*, double, const std::string*> each[] = {
+      {"resident", resident, &d.resident_skipped},
+      {"einsum", d.einsum_tokens_per_second, &d.einsum_skipped},
+      {"managed", d.managed_tokens_per_second, &d.managed_skipped}};
+  for (const auto& [name, tps, skipped] : each) {
+    nlohmann::json one = nlohmann::json::object();
+    if (tps > 0) {
+      one["tokens_per_second"] = tps;
+      one["tiered_over_it"] = ratio(r.tokens_per_second, tps);
+      if (std::string(name) != "resident" && resident > 0) one["over_resident"] = tps / resident;
+    }
+    if (!skipped->empty()) one["skipped"] = *skipped;
+    if (!one.empty()) peers[name] = one;
+  }
+  if (d.einsum_max_error >= 0) peers["einsum"]["max_error_vs_resident"] = d.einsum_max_error;
+  if (d.expert_kernel_seconds > 0) {
+    const double nb = static_cast<double>(r.batches);
+    const double bps = static_cast<double>(d.expert_kernel_bytes) / d.expert_kernel_seconds;
+    nlohmann::json k = {{"ms_per_batch", d.expert_kernel_seconds / nb * 1e3},
+                        {"bytes_per_batch", static_cast<double>(d.expert_kernel_bytes) / nb},
+                        {"gb_per_second", bps / 1e9}};
+    if (calib.contains("hbm_bandwidth")) {
+      k["hbm_fraction"] = bps / calib["hbm_bandwidth"].get<double>();
+    }
+    peers["expert_kernel"] = k;
+  }
+  return peers;
+}
+
+nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
   const BenchResult& r = p.result;
   nlohmann::json j = {
       {"experts", p.experts},
@@ -270,12 +312,57 @@ nlohmann::json point_json(const Point& p) {
       j["device"]["cold_run_hit_rate"] = r.device_hit_rate_all;
       j["device"]["belady_hit_rate"] = r.device_oracle_hit_rate;
     }
+    nlohmann::json peers = device_peers_json(r, calib);
+    if (!peers.empty()) j["device"]["peers"] = std::move(peers);
   }
   if (r.oracle_hit_rate >= 0) {
     j["cold_run_hit_rate"] = r.achieved_hit_rate_all;
     j["belady_hit_rate"] = r.oracle_hit_rate;
   }
   return j;
+}
+
+// The GPU peers' lines (runtime/device_peers.h), each figure beside ours or its limit.
+void print_device_peers(const BenchResult& r, const nlohmann::json& calib) {
+  const DevicePeerResult& d = r.device_peers;
+  const double resident = d.resident_tokens_per_second;
+  const char* label = "  device peers  ";
+  const char* indent = "                ";
+  auto line = [&](const char* name, double tps, const std::string& skipped, bool vs_resident) {
+    if (tps > 0) {
+      std::printf("%s%-26s %12.0f tokens/s (tiered = %.2f of it", label, name, tps,
+                  ratio(r.tokens_per_second, tps));
+      if (vs_resident && resident > 0) {
+        std::printf("; it = %.2f of ours all-resident", tps / resident);
+      }
+      std::printf(")\n");
+      label = indent;
+    } else if (!skipped.empty()) {
+      std::printf("%s%-26s skipped: %s\n", label, name, skipped.c_str());
+      label = indent;
+    }
+  };
+  line("ours all-resident (direct)", resident, d.resident_skipped, false);
+  line("bf16 gather + einsum", d.einsum_tokens_per_second, d.einsum_skipped, true);
+  if (d.einsum_max_error >= 0) {
+    std::printf("%s  its output within %.2g of ours (max |diff| / max |y|, first batch)\n", indent,
+                d.einsum_max_error);
+  }
+  line("managed memory (cold)", d.managed_tokens_per_second, d.managed_skipped, true);
+  if (d.expert_kernel_seconds > 0) {
+    const double nb = static_cast<double>(r.batches);
+    const double bps = static_cast<double>(d.expert_kernel_bytes) / d.expert_kernel_seconds;
+    std::printf("  expert kernel %9.3f ms/batch, %s/batch touched at least: %s",
+                d.expert_kernel_seconds / nb * 1e3,
+                format_bytes(static_cast<uint64_t>(static_cast<double>(d.expert_kernel_bytes) / nb))
+                    .c_str(),
+                format_rate(bps).c_str());
+    if (calib.contains("hbm_bandwidth")) {
+      const double hbm = calib["hbm_bandwidth"].get<double>();
+      std::printf(" (%.2f of the calibrated HBM %s)", bps / hbm, format_rate(hbm).c_str());
+    }
+    std::printf("\n");
+  }
 }
 
 void print_point(const Point& p, const nlohmann::json& calib) {
@@ -350,6 +437,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
           r.device_oracle_hit_rate > 0 ? r.device_hit_rate_all / r.device_oracle_hit_rate : 0.0);
     }
   }
+  if (r.backend == "cuda") print_device_peers(r, calib);
   std::printf("  host tier     %11.1f%% hit of unique experts (warm)", 100 * r.hit_rate);
   if (r.oracle_hit_rate >= 0) {
     std::printf("; from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)",
@@ -533,6 +621,17 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
         calib["h2d_gather_record_bytes"] = rl->record_bytes;
       } else if (talk) {
         std::fprintf(stderr, "trove bench: warning: %s\n", gather.status().to_string().c_str());
+      }
+      if (talk) {
+        std::printf("calibrating device memory bandwidth ...\n");
+        std::fflush(stdout);
+      }
+      // The fused expert kernel's limit (SPEC §8: H100 HBM3 3.35 TB/s): read + write bytes/s.
+      Result<double> hbm = measure_hbm_bandwidth(bw_bytes, a.calibrate_seconds / 2);
+      if (hbm.ok()) {
+        calib["hbm_bandwidth"] = *hbm;
+      } else if (talk) {
+        std::fprintf(stderr, "trove bench: warning: %s\n", hbm.status().to_string().c_str());
       }
     }
   }
@@ -734,7 +833,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
 
   nlohmann::json j = {{"calibration", calib}, {"points", nlohmann::json::array()}};
   for (const Point& p : points) {
-    j["points"].push_back(point_json(p));
+    j["points"].push_back(point_json(p, calib));
     j["points"].back()["disk_calibration"] = p.disk;  // the table's own (calibration: the last)
   }
   if (!a.plot.empty() && points.size() > 1) j["plot"] = a.plot;
@@ -788,6 +887,9 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
       "per-tier hit rates, bytes, IOPS and per-stage latency percentiles, each beside the limit\n"
       "measured in the same run (host memory bandwidth; disk IOPS of our reader and of fio at\n"
       "the record size and queue depth), the all-resident run and Belady's optimal hit rate.\n"
+      "With --device cuda, also H2D and HBM bandwidth and the GPU peers on the same batches:\n"
+      "ours all-resident, a bf16 gather + einsum table, managed memory, and the expert kernel's\n"
+      "bytes/s against HBM.\n"
       "--experts, --batch, --host and --routing take comma lists: the run sweeps their product.\n"
       "--layers N stacks N such layers on the residual stream (each reads x + y of the one\n"
       "before); --host and --vram are then the run's totals, split evenly over the layers.\n"
@@ -864,7 +966,8 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
                   "Seconds for each calibration (host bandwidth, our disk IOPS, fio)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  cmd->add_flag("--no-resident", a->no_resident, "Skip the all-resident comparison run");
+  cmd->add_flag("--no-resident", a->no_resident,
+                "Skip the all-resident comparison run (and, with --device cuda, the GPU peers)");
   cmd->add_flag("--no-calibrate", a->no_calibrate, "Skip the calibrations (and fio)");
   cmd->add_flag("--no-fio", a->no_fio, "Skip the fio peer");
   cmd->add_option("--plot", a->plot, "Write the sweep's tokens/s curve to this PNG file");
