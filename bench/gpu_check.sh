@@ -4,12 +4,14 @@
 # carrying .deps (../shared/device/stage-deps.sh .deps), with $OUT set:
 #
 #   bash bench/gpu_check.sh tests   # build, every CUDA test, memcheck + racecheck   (~5 min)
-#   bash bench/gpu_check.sh bench   # bench --device cuda, background config, 262K and 1M (~4 min)
+#   bash bench/gpu_check.sh bench   # bench --device cuda, background config, 262K and 1M (~5 min)
 #   bash bench/gpu_check.sh big     # 4M experts x 2 layers under --vram 16GiB vs resident (~5 min)
 #
 # Each stage builds what it needs (kept between calls while the machine stays warm), bounds
 # every step by a timeout, keeps going after a failure, and leaves its logs and --json in $OUT.
 # Background config (SPEC §2): D 2048, h 4, k 8, dk 64, int4 records, batch 2048, zipf:1.09.
+# Every one-layer bench also runs the GPU peers (ours all-resident, bf16 gather + einsum, managed
+# memory) and the expert kernel's HBM roofline; the bench stage prints their figures at the end.
 set -u
 STAGE=${1:-tests}
 OUT=${OUT:-/tmp/out}
@@ -17,7 +19,8 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/.deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 B=build-gpu
 TESTS="cuda_memory_test cuda_test cuda_train_test cuda_peer_backward_test cuda_peer_test
-       cuda_runtime_test cli_forward_test calibrate_test"
+       cuda_runtime_test cli_forward_test calibrate_test cuda_peers_test device_peers_test
+       bench_test"
 
 build() {
   if [ ! -f $B/build.ninja ]; then
@@ -62,6 +65,7 @@ case $STAGE in
       filter='*'
       [ "$t" = cli_forward_test ] && filter='*Device*:*Vram*'
       [ "$t" = calibrate_test ] && filter='H2d*'
+      [ "$t" = bench_test ] && filter='*Cuda*'
       step "$t" 120 "$B/tests/$t" --gtest_filter="$filter"
     done
     step memcheck 150 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
@@ -70,18 +74,28 @@ case $STAGE in
       $B/tests/cuda_memory_test
     step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
       $B/tests/cuda_peer_test --gtest_filter='*Expert*:*Route*'
+    step memcheck_peers 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      $B/tests/cuda_peers_test --gtest_filter='CudaPeersTest.Einsum*:CudaPeersTest.Fused*'
     tail -3 "$OUT"/memcheck*.log "$OUT"/racecheck.log
     ;;
   bench)
     build
     # The device tier copied per batch (no --vram), then a 16 GiB tier; --h2d auto reports
     # every method's bytes/s; pk routing exercises the device-side lookup of all-hit batches.
-    bench bench_262k_1m 200 --experts 262144,1M --routing zipf:1.09 --host 100% \
+    bench bench_262k_1m 240 --experts 262144,1M --routing zipf:1.09 --host 100% \
       --batches 16 --warmup 8
-    bench bench_262k_1m_vram 200 --experts 262144,1M --routing zipf:1.09 --host 100% \
+    bench bench_262k_1m_vram 240 --experts 262144,1M --routing zipf:1.09 --host 100% \
       --vram 16GiB --batches 16 --warmup 8
     bench bench_1m_pk_vram 120 --experts 1M --routing pk --host 100% --vram 16GiB \
       --batches 16 --warmup 8 --no-calibrate
+    for f in "$OUT"/bench_*.json; do
+      python3 -c 'import json, sys
+j = json.load(open(sys.argv[1]))
+print(sys.argv[1], "hbm_bandwidth", j["calibration"].get("hbm_bandwidth"))
+for p in j["points"]:
+    print(" ", p["experts"], p["workload"], round(p["tokens_per_second"]),
+          json.dumps(p.get("device", {}).get("peers")))' "$f"
+    done
     ;;
   big)
     build
