@@ -342,6 +342,12 @@ void print_device_peers(const BenchResult& r, const nlohmann::json& calib) {
       label = indent;
     }
   };
+  if (resident == 0 && d.einsum_tokens_per_second == 0 && d.managed_tokens_per_second == 0 &&
+      !d.resident_skipped.empty() && d.resident_skipped == d.einsum_skipped &&
+      d.resident_skipped == d.managed_skipped) {
+    std::printf("%sskipped: %s\n", label, d.resident_skipped.c_str());  // one reason for all
+    return;
+  }
   line("ours all-resident (direct)", resident, d.resident_skipped, false);
   line("bf16 gather + einsum", d.einsum_tokens_per_second, d.einsum_skipped, true);
   if (d.einsum_max_error >= 0) {
