@@ -77,6 +77,10 @@ case $STAGE in
     step memcheck_peers 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
       $B/tests/cuda_peers_test --gtest_filter='CudaPeersTest.Einsum*:CudaPeersTest.Fused*'
     tail -3 "$OUT"/memcheck*.log "$OUT"/racecheck.log
+    # A driver older than the toolkit makes every device test skip: that is a failure here.
+    if grep -l -E 'no CUDA device|compiled but not run' "$OUT"/*_test.log; then
+      echo "UNEXPECTED: device tests skipped on the GPU machine (driver vs CUDA 13? see above)"
+    fi
     ;;
   bench)
     build

@@ -766,14 +766,14 @@ Result<double> measure_h2d_gather_bandwidth(uint64_t bytes, uint64_t record_byte
   double best = 0, spent = 0;
   for (int pass = 0; pass < 2 || spent < min_seconds; ++pass) {
     TROVE_RETURN_IF_ERROR(start.record(stream));
-    TROVE_RETURN_IF_ERROR(stream.gather_async(
-        reinterpret_cast<void* const*>(tables.data() + count * 8),
-        reinterpret_cast<const void* const*>(tables.data()), record_bytes, count));
+    TROVE_RETURN_IF_ERROR(
+        stream.gather_async(reinterpret_cast<void* const*>(tables.data() + count * 8),
+                            reinterpret_cast<const void* const*>(tables.data()), stride, count));
     TROVE_RETURN_IF_ERROR(end.record(stream));
     TROVE_RETURN_IF_ERROR(end.synchronize());
     TROVE_ASSIGN_OR_RETURN(const double seconds, CudaEvent::elapsed_seconds(start, end));
     spent += seconds;
-    if (seconds > 0) best = std::max(best, static_cast<double>(count * record_bytes) / seconds);
+    if (seconds > 0) best = std::max(best, static_cast<double>(count * stride) / seconds);
     if (pass > 10000) break;  // a clock that does not advance
   }
   return best;

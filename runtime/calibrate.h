@@ -55,7 +55,8 @@ Result<double> measure_h2d_bandwidth(uint64_t bytes, double min_seconds);
 
 // The same ceiling for an SM-driven gather (the --h2d gather method): records of
 // `record_bytes` in `bytes` of pinned, mapped host memory, all of them per pass in a shuffled
-// order, moved into device memory by one CudaCopyStream::gather_async kernel, timed by events;
+// order, moved into device memory by one CudaCopyStream::gather_async kernel, timed by events.
+// Each record moves as the tiers move it: its 16-byte-aligned stride, 16 bytes per load;
 // passes until `min_seconds` (at least two), the best counting. Errors: as for
 // measure_h2d_bandwidth; record_bytes 0 or above bytes / 2 is invalid_argument.
 Result<double> measure_h2d_gather_bandwidth(uint64_t bytes, uint64_t record_bytes,

@@ -289,11 +289,11 @@ struct PeerLayer::Impl {
 
   // An all-hit batch whose expert pass route_resident() queued: dedupe and T0's bookkeeping
   // while it runs, then y. The source was not asked for anything.
-  Status finish_resident_cuda(const PeerRouting& r, PeerBatchStats* stats) {
+  Status finish_resident_cuda(const PeerRouting& r, float* y, PeerBatchStats* stats) {
     Stopwatch start;
     dedupe(r);
     DeviceTransferStats device;
-    TROVE_RETURN_IF_ERROR(cuda->finish_resident(r, unique_ids, &device));
+    TROVE_RETURN_IF_ERROR(cuda->finish_resident(r, unique_ids, y, &device));
     fill_cuda_stats(r, device, ExpertFetchStats{}, start, stats);
     return Status::ok_status();
   }
@@ -477,14 +477,14 @@ Status PeerLayer::forward(std::span<const float> x, int64_t T, std::span<float> 
   Stopwatch start;
   bool computed = false;  // kCuda: an all-hit batch's expert pass is already queued
   if (m.on_cuda()) {
-    TROVE_RETURN_IF_ERROR(m.cuda->route_resident(m.params, x.data(), T, &r, y.data(), &computed));
+    TROVE_RETURN_IF_ERROR(m.cuda->route_resident(m.params, x.data(), T, &r, &computed));
   } else {
     TROVE_RETURN_IF_ERROR(m.route(x.data(), T, &r));
   }
   const double route_seconds = start.seconds();
 
   if (computed) {
-    TROVE_RETURN_IF_ERROR(m.finish_resident_cuda(r, stats));
+    TROVE_RETURN_IF_ERROR(m.finish_resident_cuda(r, y.data(), stats));
   } else {
     TROVE_RETURN_IF_ERROR(m.run_experts(r, y.data(), stats));
   }

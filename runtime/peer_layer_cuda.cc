@@ -138,7 +138,8 @@ struct CudaPeerRunner::Impl {
 
   // H2D methods: what each moved, the trial schedule under kAuto and the one chosen.
   H2dMethodTotals totals[4];
-  int trials = 0;  // batches with misses run under kAuto so far
+  int trials = 0;                            // batches with misses run under kAuto so far
+  double best_batch_rate[4] = {0, 0, 0, 0};  // per method, bytes/s of its best batch
   H2dMethod chosen = H2dMethod::kAuto;
 
   // T0's residency on the device for the all-hit path (the header's second timeline).
@@ -209,7 +210,7 @@ struct CudaPeerRunner::Impl {
         static constexpr H2dMethod kTrials[] = {H2dMethod::kGather, H2dMethod::kBatch,
                                                 H2dMethod::kSlab};
         m = kTrials[trials % 3];
-        if (++trials == 3 * kTrialBatches) chosen = fastest();
+        ++trials;  // the choice is made in experts() once this batch is measured
       }
     }
     if (m != H2dMethod::kSlab && !mapped) {
@@ -225,13 +226,14 @@ struct CudaPeerRunner::Impl {
     return m;
   }
 
+  // The method whose best trial batch moved the most bytes per second. The best batch, not the
+  // sum: a method's first batch pays its first launch, and batches differ in their misses.
   H2dMethod fastest() const {
     H2dMethod best = H2dMethod::kSlab;
     double best_rate = -1;
     for (const H2dMethodTotals& t : totals) {
-      if (t.batches == 0 || t.seconds <= 0) continue;
-      const double rate = static_cast<double>(t.bytes) / t.seconds;
-      if (rate > best_rate) {
+      const double rate = best_batch_rate[method_index(t.method)];
+      if (t.batches > 0 && rate > best_rate) {
         best_rate = rate;
         best = t.method;
       }
@@ -267,6 +269,9 @@ struct CudaPeerRunner::Impl {
     const auto n = static_cast<size_t>(config.num_experts());
     if (resident_host.empty()) resident_host.assign(n, nullptr);
     if (resident.bytes() == 0 || resident_stale) {
+      // Stale until the whole write has landed: a failed write must not leave a table that
+      // later updates patch.
+      resident_stale = true;
       TROVE_RETURN_IF_ERROR(reserve(&resident, n * sizeof(void*)));
       TROVE_RETURN_IF_ERROR(
           copies.copy_async(resident.data(), resident_host.data(), n * sizeof(void*)));
@@ -284,6 +289,7 @@ struct CudaPeerRunner::Impl {
     for (size_t i = 0; i < count; ++i) {
       changed_values[i] = resident_host[static_cast<size_t>(changed[i])];
     }
+    resident_stale = true;  // until the scatter is queued
     TROVE_RETURN_IF_ERROR(reserve(&updates, count * 16));
     TROVE_RETURN_IF_ERROR(copies.copy_async(updates.data(), changed.data(), count * 8));
     TROVE_RETURN_IF_ERROR(
@@ -294,6 +300,7 @@ struct CudaPeerRunner::Impl {
         reinterpret_cast<const int64_t*>(updates.data()),
         reinterpret_cast<const uint8_t* const*>(updates.data() + count * 8),
         static_cast<int64_t>(count), ctx.native_stream()));
+    resident_stale = false;
     changed.clear();
     return Status::ok_status();
   }
@@ -465,7 +472,7 @@ Status CudaPeerRunner::route(const PeerDenseParams& params, const float* x, int6
 }
 
 Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
-                                      PeerRouting* routing, float* y, bool* computed) {
+                                      PeerRouting* routing, bool* computed) {
   Impl& m = *impl_;
   *computed = false;
   if (m.device_tier == nullptr || !m.try_resident || tokens == 0) {
@@ -494,7 +501,8 @@ Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float
     uint32_t misses = 0;
     std::memcpy(&misses, m.miss_count_host.data(), sizeof(misses));
     if (misses == 0) {
-      // All hits: the kernel first, then the routing back while it runs, then y.
+      // All hits: the kernel first, then the routing back while it runs; y in finish_resident()
+      // (a copy into pageable memory would block the host until the kernel is done).
       const size_t y_bytes = static_cast<size_t>(tokens * c.dim_out) * sizeof(float);
       TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
       auto* yd = reinterpret_cast<float*>(m.y.data());
@@ -506,8 +514,6 @@ Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float
       TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->scores.data(), r.scores, slots * 4));
       TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->gates.data(), r.gates, slots * 4));
       TROVE_RETURN_IF_ERROR(m.ids_back.record(m.copies));
-      TROVE_RETURN_IF_ERROR(m.copies.wait(m.computed));
-      TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
       TROVE_RETURN_IF_ERROR(m.ids_back.synchronize());
       *computed = true;
       return Status::ok_status();
@@ -518,6 +524,8 @@ Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float
   }();
   if (!s.ok()) {
     *computed = false;
+    m.try_resident = false;
+    m.resident_stale = true;  // an update may not have landed: write it whole next time
     (void)m.copies.synchronize();
     (void)m.ctx.synchronize();
   }
@@ -525,7 +533,7 @@ Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float
 }
 
 Status CudaPeerRunner::finish_resident(const PeerRouting& routing,
-                                       std::span<const int64_t> unique_ids,
+                                       std::span<const int64_t> unique_ids, float* y,
                                        DeviceTransferStats* stats) {
   Impl& m = *impl_;
   ExpertCache& t0 = *m.device_tier;
@@ -542,7 +550,14 @@ Status CudaPeerRunner::finish_resident(const PeerRouting& routing,
     t0.commit_fills(unique_ids, m.batch);
     t0.release(unique_ids);
   }
-  const Status copied = m.copies.synchronize();
+  Status copied = s;
+  if (copied.ok()) copied = m.copies.wait(m.computed);
+  if (copied.ok()) {
+    const size_t y_bytes = static_cast<size_t>(routing.tokens * m.config.dim_out) * sizeof(float);
+    copied = m.copies.copy_async(y, m.y.data(), y_bytes);
+  }
+  const Status synced = m.copies.synchronize();
+  if (copied.ok()) copied = synced;
   const Status ran = m.ctx.synchronize();
   TROVE_RETURN_IF_ERROR(s);
   TROVE_RETURN_IF_ERROR(ran);
@@ -685,6 +700,14 @@ Status CudaPeerRunner::experts(const PeerRouting& routing, std::span<const int64
       ++t.batches;
       t.bytes += record_bytes;
       t.seconds += stats->copy_seconds;
+      if (stats->copy_seconds > 0) {
+        double& best = m.best_batch_rate[method_index(method)];
+        best = std::max(best, static_cast<double>(record_bytes) / stats->copy_seconds);
+      }
+      if (m.h2d == H2dMethod::kAuto && m.chosen == H2dMethod::kAuto &&
+          m.trials >= 3 * kTrialBatches) {
+        m.chosen = m.fastest();
+      }
     }
     return Status::ok_status();
   }();
@@ -739,10 +762,10 @@ Status CudaPeerRunner::route(const PeerDenseParams&, const float*, int64_t, Peer
   return Status::not_supported("trove was built without CUDA");
 }
 Status CudaPeerRunner::route_resident(const PeerDenseParams&, const float*, int64_t, PeerRouting*,
-                                      float*, bool*) {
+                                      bool*) {
   return Status::not_supported("trove was built without CUDA");
 }
-Status CudaPeerRunner::finish_resident(const PeerRouting&, std::span<const int64_t>,
+Status CudaPeerRunner::finish_resident(const PeerRouting&, std::span<const int64_t>, float*,
                                        DeviceTransferStats*) {
   return Status::not_supported("trove was built without CUDA");
 }

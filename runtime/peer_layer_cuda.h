@@ -96,14 +96,15 @@ class CudaPeerRunner {
   // routing copied back into *routing.
   Status route(const PeerDenseParams& params, const float* x, int64_t tokens, PeerRouting* routing);
   // forward()'s route(): when the device tier holds every expert the routing chose (looked up on
-  // the device) also queues the expert pass into y (host) and sets *computed; the routing is
-  // copied back either way. After *computed, call finish_resident() (it waits for y); else
-  // experts() as after route().
+  // the device) also queues the expert pass and sets *computed; the routing is copied back
+  // either way. After *computed, call finish_resident() (it copies y back); else experts() as
+  // after route().
   Status route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
-                        PeerRouting* routing, float* y, bool* computed);
-  // The T0 bookkeeping of an all-hit batch (unique_ids as for experts()), then waits for y.
+                        PeerRouting* routing, bool* computed);
+  // The T0 bookkeeping of an all-hit batch (unique_ids as for experts()) while its kernel runs,
+  // then y [T, D_out] (host) once it is done.
   Status finish_resident(const PeerRouting& routing, std::span<const int64_t> unique_ids,
-                         DeviceTransferStats* stats);
+                         float* y, DeviceTransferStats* stats);
   // The expert pass over `routing` (host) into y [T, D_out] (host), on the xhat of the last
   // route(). unique_ids ascending; slot_index[s] is slot s's index in unique_ids.
   Status experts(const PeerRouting& routing, std::span<const int64_t> unique_ids,
