@@ -103,8 +103,8 @@ class CudaPeerRunner {
                         PeerRouting* routing, bool* computed);
   // The T0 bookkeeping of an all-hit batch (unique_ids as for experts()) while its kernel runs,
   // then y [T, D_out] (host) once it is done.
-  Status finish_resident(const PeerRouting& routing, std::span<const int64_t> unique_ids,
-                         float* y, DeviceTransferStats* stats);
+  Status finish_resident(const PeerRouting& routing, std::span<const int64_t> unique_ids, float* y,
+                         DeviceTransferStats* stats);
   // The expert pass over `routing` (host) into y [T, D_out] (host), on the xhat of the last
   // route(). unique_ids ascending; slot_index[s] is slot s's index in unique_ids.
   Status experts(const PeerRouting& routing, std::span<const int64_t> unique_ids,
