@@ -46,6 +46,10 @@ class SlotLists {
   }
 
   bool linked(int32_t slot) const { return next_[slot] >= 0; }
+  void prefetch(int32_t slot) const {
+    __builtin_prefetch(&prev_[static_cast<size_t>(slot)], 1);
+    __builtin_prefetch(&next_[static_cast<size_t>(slot)], 1);
+  }
   bool empty(int32_t list) const { return next_[sentinel(list)] == sentinel(list); }
   // REQUIRES: !empty(list).
   int32_t front(int32_t list) const { return next_[sentinel(list)]; }
@@ -86,6 +90,7 @@ class LruPolicy final : public ReplacementPolicy {
   void on_hit(int32_t, int64_t) override {}
   void on_pin(int32_t slot) override { lists_.unlink(slot); }
   void on_unpin(int32_t slot) override { lists_.push_back(0, slot); }
+  void prefetch(int32_t slot, int64_t) const override { lists_.prefetch(slot); }
   int32_t pick_victim() override { return lists_.empty(0) ? -1 : lists_.front(0); }
   void on_evict(int32_t slot) override {
     if (lists_.linked(slot)) lists_.unlink(slot);
@@ -118,6 +123,10 @@ class ClockPolicy final : public ReplacementPolicy {
   void on_unpin(int32_t slot) override {
     state_[slot] = kCandidate;
     ++candidates_;
+  }
+  void prefetch(int32_t slot, int64_t) const override {
+    __builtin_prefetch(&state_[static_cast<size_t>(slot)], 1);
+    __builtin_prefetch(&referenced_[static_cast<size_t>(slot)], 1);
   }
   int32_t pick_victim() override {
     if (candidates_ == 0) return -1;
@@ -193,6 +202,12 @@ class FrequencyPolicy final : public ReplacementPolicy {
   void on_hit(int32_t, int64_t id) override { touch(id); }
   void on_pin(int32_t slot) override { unlink(slot); }
   void on_unpin(int32_t slot) override { file(slot, aged_count(slot_id_[slot])); }
+  void prefetch(int32_t slot, int64_t id) const override {
+    __builtin_prefetch(&history_[static_cast<size_t>(id)], 1);
+    __builtin_prefetch(&slot_id_[static_cast<size_t>(slot)], 0);
+    __builtin_prefetch(&slot_count_[static_cast<size_t>(slot)], 1);
+    lists_.prefetch(slot);
+  }
   int32_t pick_victim() override {
     for (size_t w = 0; w < occupied_.size(); ++w) {
       if (occupied_[w] != 0) {

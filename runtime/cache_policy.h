@@ -56,6 +56,10 @@ class ReplacementPolicy {
   virtual void on_unpin(int32_t slot) = 0;
   virtual int32_t pick_victim() = 0;
   virtual void on_evict(int32_t slot) = 0;
+  // A hint, no effect on the policy: the state on_hit/on_pin/on_unpin of (slot, id) will touch
+  // is about to be used (the tier prefetches a few entries ahead of its loops over a batch; a
+  // batch's slots are scattered, so each touch is otherwise a cache miss).
+  virtual void prefetch(int32_t /*slot*/, int64_t /*id*/) const {}
 };
 
 // A policy for `capacity_slots` slots holding ids in [0, num_experts).

@@ -203,6 +203,29 @@ void ExpertCache::drop_filling(int32_t slot) {
   ++metrics_.fills_aborted;
 }
 
+// How far ahead of its loops over a batch's ids the cache prefetches: far enough to hide a
+// DRAM miss behind the work of the ids between (a batch's slots and policy state are scattered
+// over arrays of N entries), near enough that the lines are still cached when reached.
+constexpr size_t kPrefetchAhead = 16;
+
+void ExpertCache::prefetch_entry(std::span<const int64_t> ids, size_t i) const {
+  if (i + kPrefetchAhead < ids.size()) {
+    const int64_t id = ids[i + kPrefetchAhead];
+    if (id >= 0 && id < options_.num_experts)
+      __builtin_prefetch(&slot_of_[static_cast<size_t>(id)], 0);
+  }
+  // Half as far ahead: that id's slot number was prefetched above a few iterations ago.
+  const size_t j = i + kPrefetchAhead / 2;
+  if (j < ids.size() && ids[j] >= 0 && ids[j] < options_.num_experts) {
+    const int32_t slot = slot_of_[static_cast<size_t>(ids[j])];
+    if (slot >= 0) {
+      __builtin_prefetch(&state_[static_cast<size_t>(slot)], 0);
+      __builtin_prefetch(&leases_[static_cast<size_t>(slot)], 1);
+      policy_->prefetch(slot, ids[j]);
+    }
+  }
+}
+
 Status ExpertCache::admit(std::span<const int64_t> ids, CacheBatch* batch) {
   TROVE_RETURN_IF_ERROR(check_ids(ids));
   // Sized outside the lock.
@@ -219,8 +242,9 @@ Status ExpertCache::admit(std::span<const int64_t> ids, CacheBatch* batch) {
   for (;;) {
     misses = unleased_hits = leased_hits = 0;
     bool filling = false;
-    for (const int64_t id : ids) {
-      const int32_t slot = slot_of_[id];
+    for (size_t i = 0; i < ids.size(); ++i) {
+      prefetch_entry(ids, i);
+      const int32_t slot = slot_of_[ids[i]];
       if (slot < 0) {
         ++misses;
       } else if (state_[slot] == SlotState::kFilling) {
@@ -249,6 +273,7 @@ Status ExpertCache::admit(std::span<const int64_t> ids, CacheBatch* batch) {
 
   // Hits first: once leased they cannot be picked as victims for the misses.
   for (size_t i = 0; i < ids.size(); ++i) {
+    prefetch_entry(ids, i);
     const int32_t slot = slot_of_[ids[i]];
     if (slot < 0) {
       batch->miss_index.push_back(static_cast<uint32_t>(i));
@@ -336,9 +361,11 @@ void ExpertCache::abort_fills(std::span<const int64_t> ids, const CacheBatch& ba
 
 void ExpertCache::release(std::span<const int64_t> ids) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (const int64_t id : ids) {
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int64_t id = ids[i];
     TROVE_CHECK_MSG(id >= 0 && id < options_.num_experts, "release: expert id %lld out of range",
                     static_cast<long long>(id));
+    prefetch_entry(ids, i);
     const int32_t slot = slot_of_[id];
     TROVE_CHECK_MSG(slot >= 0 && state_[slot] == SlotState::kValid,
                     "release: expert %lld is not a committed entry (%s)",

@@ -176,6 +176,9 @@ class ExpertCache {
   enum class SlotState : uint8_t { kFree, kFilling, kValid };
 
   ExpertCache(const ExpertCacheOptions& options, size_t stride, int32_t capacity);
+  // A hint for the loops over a batch: the entries of ids a few places after i (ids out of
+  // range are skipped). REQUIRES: mutex_ held.
+  void prefetch_entry(std::span<const int64_t> ids, size_t i) const;
 
   uint8_t* slot_address(int32_t slot) const {
     return blocks_[static_cast<size_t>(slot / slots_per_block_)].data() +
