@@ -16,14 +16,74 @@
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/device.cuh"
-#include "kernels/cuda/peer_context_access.cuh"
+#include "kernels/cuda/peer_checks.cuh"
 #include "kernels/cuda/peer_cuda.h"
 #include "kernels/cuda/peer_experts.cuh"
 #include "kernels/cuda/peer_route.cuh"
 
 namespace trove {
 
+namespace cuda {
+
+// kernels/cuda/peer_checks.cuh.
+Status invalid(const char* fn, const std::string& what) {
+  return Status::invalid_argument(std::string(fn) + ": " + what);
+}
+
+Result<PeerConfig> filled_config(const char* fn, const PeerConfig& config) {
+  PeerConfig c = config;
+  const Status s = c.validate_and_fill();
+  if (!s.ok()) return s.with_context(fn);
+  return c;
+}
+
+Status check_layout(const char* fn, const PeerConfig& c, const RecordLayout& l) {
+  switch (l.dtype) {
+    case DType::kF32:
+    case DType::kF16:
+    case DType::kBF16:
+    case DType::kI8:
+    case DType::kI4:
+      break;
+    default:
+      return invalid(fn, "layout.dtype " + std::to_string(static_cast<int>(l.dtype)) +
+                             " is not a record dtype (f32, f16, bf16, int8, int4)");
+  }
+  if (l.width != 1) {
+    return Status::not_supported(std::string(fn) + ": layout.width " + std::to_string(l.width) +
+                                 ": expert_width m > 1 is not supported yet");
+  }
+  if (l.dim != c.dim || l.dim_out != c.dim_out) {
+    return invalid(fn, "layout is for dim " + std::to_string(l.dim) + ", dim_out " +
+                           std::to_string(l.dim_out) + " but the config has dim " +
+                           std::to_string(c.dim) + ", dim_out " + std::to_string(c.dim_out));
+  }
+  Result<RecordLayout> want = RecordLayout::make(l.dtype, l.dim, l.dim_out, 1);
+  if (!want.ok()) return want.status().with_context(fn);
+  if (l.down_scales_offset != want->down_scales_offset ||
+      l.up_scales_offset != want->up_scales_offset ||
+      l.down_codes_offset != want->down_codes_offset ||
+      l.up_codes_offset != want->up_codes_offset || l.record_bytes != want->record_bytes) {
+    return invalid(fn, "layout offsets or record_bytes (" + std::to_string(l.record_bytes) +
+                           ") differ from RecordLayout::make(" + std::string(dtype_name(l.dtype)) +
+                           ", " + std::to_string(l.dim) + ", " + std::to_string(l.dim_out) +
+                           ") (record_bytes " + std::to_string(want->record_bytes) + ")");
+  }
+  if (l.stride < l.record_bytes || l.stride % 16 != 0) {
+    return invalid(fn, "layout.stride " + std::to_string(static_cast<int64_t>(l.stride)) +
+                           " must be a multiple of 16 and at least record_bytes " +
+                           std::to_string(static_cast<int64_t>(l.record_bytes)));
+  }
+  return Status::ok_status();
+}
+
+}  // namespace cuda
+
 namespace {
+
+using cuda::check_layout;
+using cuda::filled_config;
+using cuda::invalid;
 
 // cuBLAS dimensions and grid sizes are ints.
 constexpr int64_t kMaxInt = 2147483647;
@@ -41,20 +101,8 @@ std::string str(int64_t v) {
   return std::to_string(v);
 }
 
-Status invalid(const char* fn, const std::string& what) {
-  return Status::invalid_argument(std::string(fn) + ": " + what);
-}
-
 Status unsupported(const char* fn, const std::string& what) {
   return Status::not_supported(std::string(fn) + ": " + what + " (a limit of the CUDA path)");
-}
-
-// A validated copy of `config` with its defaults filled in.
-Result<PeerConfig> filled_config(const char* fn, const PeerConfig& config) {
-  PeerConfig c = config;
-  const Status s = c.validate_and_fill();
-  if (!s.ok()) return s.with_context(fn);
-  return c;
 }
 
 Status check_tokens(const char* fn, int64_t tokens) {
@@ -131,45 +179,6 @@ Status check_route_args(const char* fn, const PeerConfig& c, const PeerRouterPar
   TROVE_RETURN_IF_ERROR(check_pointer(fn, "q", q, tokens));
   TROVE_RETURN_IF_ERROR(check_pointer(fn, "params.keys", p.keys, tokens));
   return check_route_limits(fn, c);
-}
-
-Status check_layout(const char* fn, const PeerConfig& c, const RecordLayout& l) {
-  switch (l.dtype) {
-    case DType::kF32:
-    case DType::kF16:
-    case DType::kBF16:
-    case DType::kI8:
-    case DType::kI4:
-      break;
-    default:
-      return invalid(fn, "layout.dtype " + str(static_cast<int>(l.dtype)) +
-                             " is not a record dtype (f32, f16, bf16, int8, int4)");
-  }
-  if (l.width != 1) {
-    return Status::not_supported(std::string(fn) + ": layout.width " + str(l.width) +
-                                 ": expert_width m > 1 is not supported yet");
-  }
-  if (l.dim != c.dim || l.dim_out != c.dim_out) {
-    return invalid(fn, "layout is for dim " + str(l.dim) + ", dim_out " + str(l.dim_out) +
-                           " but the config has dim " + str(c.dim) + ", dim_out " + str(c.dim_out));
-  }
-  Result<RecordLayout> want = RecordLayout::make(l.dtype, l.dim, l.dim_out, 1);
-  if (!want.ok()) return want.status().with_context(fn);
-  if (l.down_scales_offset != want->down_scales_offset ||
-      l.up_scales_offset != want->up_scales_offset ||
-      l.down_codes_offset != want->down_codes_offset ||
-      l.up_codes_offset != want->up_codes_offset || l.record_bytes != want->record_bytes) {
-    return invalid(fn, "layout offsets or record_bytes (" + str(l.record_bytes) +
-                           ") differ from RecordLayout::make(" + std::string(dtype_name(l.dtype)) +
-                           ", " + str(l.dim) + ", " + str(l.dim_out) + ") (record_bytes " +
-                           str(want->record_bytes) + ")");
-  }
-  if (l.stride < l.record_bytes || l.stride % 16 != 0) {
-    return invalid(fn, "layout.stride " + str(static_cast<int64_t>(l.stride)) +
-                           " must be a multiple of 16 and at least record_bytes " +
-                           str(static_cast<int64_t>(l.record_bytes)));
-  }
-  return Status::ok_status();
 }
 
 // `records_name`: what the records argument is called in this entry point.
@@ -571,13 +580,5 @@ Status CudaPeerContext::experts_device_indexed(const PeerConfig& config, const R
   return cuda::launch_peer_experts_indexed(expert_pass(c, layout, tokens), xhat, gates, table,
                                            record_index, layout.stride, y, impl_->s());
 }
-
-namespace cuda {
-
-cudaStream_t PeerContextAccess::stream(const CudaPeerContext& context) {
-  return context.impl_->s();
-}
-
-}  // namespace cuda
 
 }  // namespace trove

@@ -47,9 +47,7 @@ namespace trove {
 
 class CudaEvent;  // kernels/cuda/cuda_memory.h
 
-namespace cuda {
-struct PeerContextAccess;  // kernels/cuda/peer_context_access.cuh
-}  // namespace cuda
+namespace cuda {}  // namespace cuda
 
 // The routing of T tokens in device memory: three [T, h, k] arrays in PeerRouting's order
 // (best first per (token, head)).
@@ -144,7 +142,6 @@ class CudaPeerContext {
   void* native_stream() const;
 
  private:
-  friend struct cuda::PeerContextAccess;
   struct Impl;
   explicit CudaPeerContext(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

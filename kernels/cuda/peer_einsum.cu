@@ -28,13 +28,17 @@
 
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/device.cuh"
-#include "kernels/cuda/peer_context_access.cuh"
+#include "kernels/cuda/peer_checks.cuh"
 #include "kernels/cuda/peer_einsum.h"
 #include "kernels/quant.h"
 
 namespace trove {
 
 namespace {
+
+using cuda::check_layout;
+using cuda::filled_config;
+using cuda::invalid;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops beyond
@@ -52,10 +56,6 @@ std::string str(int64_t v) {
 
 size_t sz(int64_t v) {
   return static_cast<size_t>(v);
-}
-
-Status invalid(const char* fn, const std::string& what) {
-  return Status::invalid_argument(std::string(fn) + ": " + what);
 }
 
 unsigned int grid_for(int64_t work) {
@@ -179,49 +179,6 @@ __global__ void act_gate_kernel(const float* z, const float* gates, int64_t n,
 }
 
 // ---- checks -----------------------------------------------------------------------------------
-
-Status check_layout(const char* fn, const PeerConfig& c, const RecordLayout& l) {
-  switch (l.dtype) {
-    case DType::kF32:
-    case DType::kF16:
-    case DType::kBF16:
-    case DType::kI8:
-    case DType::kI4:
-      break;
-    default:
-      return invalid(fn, "layout.dtype " + str(static_cast<int>(l.dtype)) +
-                             " is not a record dtype (f32, f16, bf16, int8, int4)");
-  }
-  if (l.width != 1) {
-    return Status::not_supported(std::string(fn) + ": layout.width " + str(l.width) +
-                                 ": expert_width m > 1 is not supported yet");
-  }
-  if (l.dim != c.dim || l.dim_out != c.dim_out) {
-    return invalid(fn, "layout is for dim " + str(l.dim) + ", dim_out " + str(l.dim_out) +
-                           " but the config has dim " + str(c.dim) + ", dim_out " + str(c.dim_out));
-  }
-  Result<RecordLayout> want = RecordLayout::make(l.dtype, l.dim, l.dim_out, 1);
-  if (!want.ok()) return want.status().with_context(fn);
-  if (l.down_scales_offset != want->down_scales_offset ||
-      l.up_scales_offset != want->up_scales_offset ||
-      l.down_codes_offset != want->down_codes_offset ||
-      l.up_codes_offset != want->up_codes_offset || l.record_bytes != want->record_bytes ||
-      l.stride < l.record_bytes) {
-    return invalid(fn, "layout offsets, record_bytes (" +
-                           str(static_cast<int64_t>(l.record_bytes)) + ") or stride (" +
-                           str(static_cast<int64_t>(l.stride)) +
-                           ") differ from RecordLayout::make(" + std::string(dtype_name(l.dtype)) +
-                           ", " + str(l.dim) + ", " + str(l.dim_out) + ")");
-  }
-  return Status::ok_status();
-}
-
-Result<PeerConfig> filled_config(const char* fn, const PeerConfig& config) {
-  PeerConfig c = config;
-  const Status s = c.validate_and_fill();
-  if (!s.ok()) return s.with_context(fn);
-  return c;
-}
 
 Status empty_peer(const char* fn) {
   return invalid(fn,
@@ -395,8 +352,8 @@ Status CudaEinsumPeer::forward_device(CudaPeerContext& context, const float* xha
   if (impl_ == nullptr) return empty_peer(kFn);
   if (!context.has_device()) return invalid(kFn, "the CudaPeerContext is empty");
   if (tokens == 0) return Status::ok_status();
-  return impl_->forward(cuda::PeerContextAccess::stream(context), xhat, tokens, routing.gates,
-                        routing.ids, y);
+  return impl_->forward(static_cast<cudaStream_t>(context.native_stream()), xhat, tokens,
+                        routing.gates, routing.ids, y);
 }
 
 Status CudaEinsumPeer::forward(CudaPeerContext& context, const float* xhat,
@@ -426,7 +383,7 @@ Status CudaEinsumPeer::forward(CudaPeerContext& context, const float* xhat,
   if (!context.has_device()) return invalid(kFn, "the CudaPeerContext is empty");
   if (tokens == 0) return Status::ok_status();
   Impl& im = *impl_;
-  const cudaStream_t stream = cuda::PeerContextAccess::stream(context);
+  const cudaStream_t stream = static_cast<cudaStream_t>(context.native_stream());
   const size_t slots = routing.ids.size();
   const Status queued = [&]() -> Status {
     TROVE_RETURN_IF_ERROR(im.reserve(&im.staged.xhat, sz(tokens * c.dim), stream));
