@@ -150,7 +150,7 @@ struct CudaPeerRunner::Impl {
   bool resident_stale = false;  // too many changes: write it whole
   CudaDeviceMemory updates, miss_count;
   PinnedHostBuffer miss_count_host;
-  CudaEvent routed, ids_back;
+  CudaEvent routed;
   bool try_resident = false;  // the last batch had no misses in T0
 
   // Scratch, per batch.
@@ -169,6 +169,7 @@ struct CudaPeerRunner::Impl {
   Status route_on_device(const PeerDenseParams& params, const float* x_host, int64_t tokens,
                          bool with_routing, PeerDeviceRouting* r);
   Status queue_routing_back(const PeerDeviceRouting& r, PeerRouting* routing);
+  Status copy_routing_back(const PeerDeviceRouting& r, PeerRouting* routing);
 
   Status upload_params(const PeerDenseParams& p) {
     if (!params_changed) return Status::ok_status();
@@ -371,7 +372,6 @@ Result<std::unique_ptr<CudaPeerRunner>> CudaPeerRunner::create(const PeerConfig&
   TROVE_ASSIGN_OR_RETURN(impl->copy_end, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->computed, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->routed, CudaEvent::create());
-  TROVE_ASSIGN_OR_RETURN(impl->ids_back, CudaEvent::create());
   if (options.vram_budget_bytes > 0) {
     ExpertCacheOptions o;
     o.budget_bytes = options.vram_budget_bytes;
@@ -447,9 +447,14 @@ Status CudaPeerRunner::Impl::route_on_device(const PeerDenseParams& params, cons
 
 // The device routing into `routing` (host) on the copy stream, after the context's work so far.
 Status CudaPeerRunner::Impl::queue_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
-  const size_t slots = routing->slots();
   TROVE_RETURN_IF_ERROR(ctx.record(routed));
   TROVE_RETURN_IF_ERROR(copies.wait(routed));
+  return copy_routing_back(r, routing);
+}
+
+// The three routing arrays, device -> `routing` (host), queued on the copy stream as it stands.
+Status CudaPeerRunner::Impl::copy_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
+  const size_t slots = routing->slots();
   TROVE_RETURN_IF_ERROR(copies.copy_async(routing->ids.data(), r.ids, slots * 8));
   TROVE_RETURN_IF_ERROR(copies.copy_async(routing->scores.data(), r.scores, slots * 4));
   return copies.copy_async(routing->gates.data(), r.gates, slots * 4);
@@ -510,11 +515,10 @@ Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float
                                                  reinterpret_cast<const float*>(m.xhat.data()),
                                                  tokens, r.gates, pointers, yd));
       TROVE_RETURN_IF_ERROR(m.ctx.record(m.computed));
-      TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->ids.data(), r.ids, slots * 8));
-      TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->scores.data(), r.scores, slots * 4));
-      TROVE_RETURN_IF_ERROR(m.copies.copy_async(routing->gates.data(), r.gates, slots * 4));
-      TROVE_RETURN_IF_ERROR(m.ids_back.record(m.copies));
-      TROVE_RETURN_IF_ERROR(m.ids_back.synchronize());
+      // The copy stream already waits for the lookup (`routed`), not for the kernel.
+      TROVE_RETURN_IF_ERROR(m.copy_routing_back(r, routing));
+      // Nothing else is queued on the copy stream: waiting for it waits for the routing only.
+      TROVE_RETURN_IF_ERROR(m.copies.synchronize());
       *computed = true;
       return Status::ok_status();
     }
