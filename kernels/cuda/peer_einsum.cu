@@ -30,6 +30,7 @@
 #include "kernels/cuda/device.cuh"
 #include "kernels/cuda/peer_checks.cuh"
 #include "kernels/cuda/peer_einsum.h"
+#include "kernels/cuda/record_element.cuh"
 #include "kernels/quant.h"
 
 namespace trove {
@@ -73,53 +74,14 @@ __device__ __forceinline__ uint16_t float_to_bf16_bits(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-__device__ __forceinline__ float fp16_bits_to_float(uint16_t bits) {
-  return __half2float(__ushort_as_half(bits));  // exact for every fp16 value
-}
-
-__device__ __forceinline__ uint16_t load_u16(const uint8_t* p) {
-  return static_cast<uint16_t>(p[0] | (p[1] << 8));
-}
-
-// Element e of a row whose scales start at `scales` and codes at `codes` (kernels/quant.h's
-// layout), dequantized exactly (q * d is exact in fp32, kernels/cuda/dequant.cu says why).
-__device__ float record_element(DType dtype, const uint8_t* scales, const uint8_t* codes,
-                                int64_t e) {
-  switch (dtype) {
-    case DType::kF32: {
-      unsigned int u = 0;
-      for (int b = 3; b >= 0; --b) u = (u << 8) | codes[4 * e + b];
-      return __uint_as_float(u);
-    }
-    case DType::kF16:
-      return fp16_bits_to_float(load_u16(codes + 2 * e));
-    case DType::kBF16:
-      return __uint_as_float(static_cast<unsigned int>(load_u16(codes + 2 * e)) << 16);
-    case DType::kI8: {
-      const float d = fp16_bits_to_float(load_u16(scales + 2 * (e / kQuantGroup)));
-      return static_cast<float>(static_cast<int8_t>(codes[e])) * d;
-    }
-    case DType::kI4: {
-      // ggml Q4_0 order: byte j of a group holds element j (low nibble), j + 16 (high), + 8.
-      const int64_t g = e / kQuantGroup;
-      const int j = static_cast<int>(e % kQuantGroup);
-      const unsigned int byte = codes[g * (kQuantGroup / 2) + (j & 15)];
-      const int q = static_cast<int>(j < 16 ? (byte & 0xfu) : (byte >> 4)) - 8;
-      const float d = fp16_bits_to_float(load_u16(scales + 2 * g));
-      return static_cast<float>(q) * d;
-    }
-    default:
-      return 0.0f;
-  }
-}
-
 // ---- kernels ----------------------------------------------------------------------------------
 
 // out[r * n + e] = bf16(element e of row (scales_offset, codes_offset) of record r), r < count.
 // Launch: 1-D grid-stride over count * n. Traffic: the rows' codes and scales, 2 bytes out each.
+template <DType kType>
 __global__ void records_to_bf16_kernel(const uint8_t* records, uint64_t stride, int64_t count,
-                                       int64_t n, DType dtype, uint64_t scales_offset,
-                                       uint64_t codes_offset, uint16_t* out) {
+                                       int64_t n, uint64_t scales_offset, uint64_t codes_offset,
+                                       uint16_t* out) {
   const int64_t total = count * n;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -127,9 +89,43 @@ __global__ void records_to_bf16_kernel(const uint8_t* records, uint64_t stride, 
     const int64_t r = i / n;
     const int64_t e = i - r * n;
     const uint8_t* record = records + static_cast<uint64_t>(r) * stride;
-    out[i] =
-        float_to_bf16_bits(record_element(dtype, record + scales_offset, record + codes_offset, e));
+    out[i] = float_to_bf16_bits(
+        cuda::row_element<kType>(record + scales_offset, record + codes_offset, e));
   }
+}
+
+// records_to_bf16_kernel for a record dtype (check_layout has vetted it).
+Status launch_records_to_bf16(DType dtype, const uint8_t* records, uint64_t stride, int64_t count,
+                              int64_t n, uint64_t scales_offset, uint64_t codes_offset,
+                              uint16_t* out, cudaStream_t stream) {
+  const unsigned int grid = grid_for(count * n);
+  switch (dtype) {
+    case DType::kF32:
+      records_to_bf16_kernel<DType::kF32><<<grid, kThreads, 0, stream>>>(
+          records, stride, count, n, scales_offset, codes_offset, out);
+      break;
+    case DType::kF16:
+      records_to_bf16_kernel<DType::kF16><<<grid, kThreads, 0, stream>>>(
+          records, stride, count, n, scales_offset, codes_offset, out);
+      break;
+    case DType::kBF16:
+      records_to_bf16_kernel<DType::kBF16><<<grid, kThreads, 0, stream>>>(
+          records, stride, count, n, scales_offset, codes_offset, out);
+      break;
+    case DType::kI8:
+      records_to_bf16_kernel<DType::kI8><<<grid, kThreads, 0, stream>>>(
+          records, stride, count, n, scales_offset, codes_offset, out);
+      break;
+    case DType::kI4:
+      records_to_bf16_kernel<DType::kI4><<<grid, kThreads, 0, stream>>>(
+          records, stride, count, n, scales_offset, codes_offset, out);
+      break;
+    default:
+      return invalid("CudaEinsumPeer::create",
+                     "record dtype " + std::string(dtype_name(dtype)) + " is not supported");
+  }
+  TROVE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return Status::ok_status();
 }
 
 // out[i] = bf16(in[i]), i < n. 1-D grid-stride.
@@ -321,14 +317,12 @@ Result<CudaEinsumPeer> CudaEinsumPeer::create(const PeerConfig& config, const Re
     TROVE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging.get(), records + first * stride,
                                                sz(count * stride), cudaMemcpyHostToDevice,
                                                stream.get()));
-    records_to_bf16_kernel<<<grid_for(count * c.dim), kThreads, 0, stream.get()>>>(
-        staging.get(), layout.stride, count, c.dim, layout.dtype, layout.down_scales_offset,
-        layout.down_codes_offset, impl->table_down.get() + first * c.dim);
-    TROVE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    records_to_bf16_kernel<<<grid_for(count * c.dim_out), kThreads, 0, stream.get()>>>(
-        staging.get(), layout.stride, count, c.dim_out, layout.dtype, layout.up_scales_offset,
-        layout.up_codes_offset, impl->table_up.get() + first * c.dim_out);
-    TROVE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    TROVE_RETURN_IF_ERROR(launch_records_to_bf16(
+        layout.dtype, staging.get(), layout.stride, count, c.dim, layout.down_scales_offset,
+        layout.down_codes_offset, impl->table_down.get() + first * c.dim, stream.get()));
+    TROVE_RETURN_IF_ERROR(launch_records_to_bf16(
+        layout.dtype, staging.get(), layout.stride, count, c.dim_out, layout.up_scales_offset,
+        layout.up_codes_offset, impl->table_up.get() + first * c.dim_out, stream.get()));
     // The next chunk's upload overwrites the staging slab: wait for this one's kernels.
     TROVE_RETURN_IF_ERROR(stream.synchronize().with_context(kFn));
   }
