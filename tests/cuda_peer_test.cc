@@ -173,19 +173,11 @@ TEST_F(CudaPeerTest, EveryStepMatchesTheOracleAcrossShapesActivationsGatesAndDTy
 }
 
 TEST_F(CudaPeerTest, ManyTokensAndTheBackgroundWidthMatchTheOracle) {
-  PeerConfig many = make_config(24, 40, 4, 9, 8, 5, 3);
-  many.input_norm = InputNorm::kRms;
-  many.activation = Activation::kSilu;
-  many.gate = Gate::kRelu;
-  check_parity({1000, many, DType::kI4}, 11);
+  check_parity({1000, testing::many_tokens_config(), DType::kI4}, 11);
 
   // D = 2048 as in the background documents (h = 4, k = 8, silu), every dtype; D = 5000 stages
   // xhat in two chunks (4096 + 904 floats).
-  PeerConfig wide = make_config(2048, 2048, 4, 6, 16, 8, 4);
-  wide.activation = Activation::kSilu;
-  wide.gate = Gate::kSoftmax;
-  wide.query_bias = true;
-  for (DType t : kAllDTypes) check_parity({5, wide, t}, 12);
+  for (DType t : kAllDTypes) check_parity({5, testing::background_width_config(), t}, 12);
   PeerConfig wider = make_config(5000, 300, 2, 4, 8, 3, 2);
   wider.input_norm = InputNorm::kRms;
   for (DType t : {DType::kI4, DType::kBF16, DType::kF32}) check_parity({3, wider, t}, 13);

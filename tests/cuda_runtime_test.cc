@@ -39,28 +39,15 @@ constexpr double kGradRel = 1e-5;
 constexpr int64_t kTokens = 16;  // per batch
 constexpr int64_t kBatches = 8;
 
-PeerConfig runtime_config() {
-  PeerConfig c;
-  c.dim = 72;  // not a multiple of 32
-  c.dim_out = 40;
-  c.heads = 3;
-  c.n_keys = 24;  // N = 576
-  c.dim_key = 6;
-  c.topk = 4;
-  c.topk_per_half = 4;
-  c.activation = Activation::kGelu;
-  c.gate = Gate::kSoftmax;
-  return c;
-}
 constexpr int64_t kWorkingSet = kTokens * 3 * 4;  // T * h * k: one batch's most experts
 
 std::string make_store(const ScratchDir& dir, DType dtype) {
-  return testing::pack_synthetic_store(dir, runtime_config(), dtype, 0.5f);
+  return testing::pack_synthetic_store(dir, testing::small_tier_config(), dtype, 0.5f);
 }
 
 // Gaussian batches; every other one repeats an earlier one, so a device tier gets hits.
 std::vector<std::vector<float>> batches(uint32_t seed) {
-  return testing::repeating_batches(seed, kBatches, kTokens, runtime_config().dim);
+  return testing::repeating_batches(seed, kBatches, kTokens, testing::small_tier_config().dim);
 }
 
 struct RunOutput {

@@ -207,18 +207,10 @@ TEST_P(PeerParityTest, EveryStepMatchesTheOracleAcrossShapesActivationsGatesAndD
 }
 
 TEST_P(PeerParityTest, ManyTokensAndTheBackgroundWidthMatchTheOracle) {
-  PeerConfig many = make_config(24, 40, 4, 9, 8, 5, 3);
-  many.input_norm = InputNorm::kRms;
-  many.activation = Activation::kSilu;
-  many.gate = Gate::kRelu;
-  check_parity({1000, many, DType::kI4}, 11);
+  check_parity({1000, testing::many_tokens_config(), DType::kI4}, 11);
 
   // D = 2048 as in the background documents, every dtype.
-  PeerConfig wide = make_config(2048, 2048, 4, 6, 16, 8, 4);
-  wide.activation = Activation::kSilu;
-  wide.gate = Gate::kSoftmax;
-  wide.query_bias = true;
-  for (DType t : kAllDTypes) check_parity({5, wide, t}, 12);
+  for (DType t : kAllDTypes) check_parity({5, testing::background_width_config(), t}, 12);
 }
 
 // ---- nasty cases -------------------------------------------------------------------------------

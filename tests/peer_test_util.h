@@ -253,6 +253,23 @@ inline PeerConfig make_config(int64_t dim, int64_t dim_out, int64_t heads, int64
   return c;
 }
 
+// The parity tests' large cases: 1000 tokens (rms norm, silu, relu gate) ...
+inline PeerConfig many_tokens_config() {
+  PeerConfig c = make_config(24, 40, 4, 9, 8, 5, 3);
+  c.input_norm = InputNorm::kRms;
+  c.activation = Activation::kSilu;
+  c.gate = Gate::kRelu;
+  return c;
+}
+// ... and D = 2048 as in the background documents (h = 4, silu, softmax gate, query bias).
+inline PeerConfig background_width_config() {
+  PeerConfig c = make_config(2048, 2048, 4, 6, 16, 8, 4);
+  c.activation = Activation::kSilu;
+  c.gate = Gate::kSoftmax;
+  c.query_bias = true;
+  return c;
+}
+
 inline constexpr DType kAllDTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kI8,
                                        DType::kI4};
 inline constexpr Activation kAllActivations[] = {Activation::kRelu, Activation::kGelu,

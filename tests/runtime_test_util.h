@@ -15,6 +15,22 @@
 
 namespace trove::testing {
 
+// The small layer the tier tests run (tiered_source_test, cuda_runtime_test): D = 72 (not a
+// multiple of 32), D_out = 40, h = 3, N = 576, k = k' = 4, gelu, softmax gates.
+inline PeerConfig small_tier_config() {
+  PeerConfig c;
+  c.dim = 72;  // not a multiple of 32
+  c.dim_out = 40;
+  c.heads = 3;
+  c.n_keys = 24;  // N = 576
+  c.dim_key = 6;
+  c.topk = 4;
+  c.topk_per_half = 4;
+  c.activation = Activation::kGelu;
+  c.gate = Gate::kSoftmax;
+  return c;
+}
+
 // One synthetic layer "blk.0.peer" of `config` (trove layout, fp32 tensors, router weights of
 // std `router_std`) packed as `dtype` into dir/m-<dtype>.trove; returns the path.
 inline std::string pack_synthetic_store(const ScratchDir& dir, const PeerConfig& config,

@@ -29,31 +29,17 @@ using Engine = RecordReaderOptions::Engine;
 constexpr int64_t kTokens = 16;  // per batch
 constexpr int64_t kBatches = 12;
 
-PeerConfig tiered_config() {
-  PeerConfig c;
-  c.dim = 72;  // not a multiple of 32
-  c.dim_out = 40;
-  c.heads = 3;
-  c.n_keys = 24;  // N = 576
-  c.dim_key = 6;
-  c.topk = 4;
-  c.topk_per_half = 4;
-  c.activation = Activation::kGelu;
-  c.gate = Gate::kSoftmax;
-  return c;
-}
-
 // One batch's working set can be every selection: T * h * k.
 constexpr int64_t kWorkingSet = kTokens * 3 * 4;
 
 std::string make_store(const ScratchDir& dir, DType dtype) {
-  return testing::pack_synthetic_store(dir, tiered_config(), dtype, 0.5f);
+  return testing::pack_synthetic_store(dir, testing::small_tier_config(), dtype, 0.5f);
 }
 
 // Batches of gaussian tokens, with every other batch repeating an earlier one (so later
 // batches hit what earlier ones loaded).
 std::vector<std::vector<float>> batches(uint32_t seed) {
-  return testing::repeating_batches(seed, kBatches, kTokens, tiered_config().dim);
+  return testing::repeating_batches(seed, kBatches, kTokens, testing::small_tier_config().dim);
 }
 
 std::vector<std::vector<float>> run(PeerLayer& layer, const std::vector<std::vector<float>>& xs,
