@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <tuple>
 
@@ -596,49 +597,42 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
   const RecordReaderOptions& io = tier.io;
 
   nlohmann::json calib = nlohmann::json::object();
-  if (!a.no_calibrate) {
+  // One machine limit: "calibrating <label> ..." first, then its figure under calib[key], or a
+  // warning saying why it is missing (the run goes on without that comparison).
+  auto calibrate = [&](const char* label, const char* key,
+                       const std::function<Result<double>()>& measure) {
     if (talk) {
-      std::printf("calibrating host memory bandwidth ...\n");
+      std::printf("calibrating %s ...\n", label);
       std::fflush(stdout);
     }
+    Result<double> r = measure();
+    if (r.ok()) {
+      calib[key] = *r;
+    } else if (talk) {
+      std::fprintf(stderr, "trove bench: warning: %s\n", r.status().to_string().c_str());
+    }
+  };
+  if (!a.no_calibrate) {
     // 1 GiB is well past any last-level cache; a quick calibration makes do with 256 MiB.
     const uint64_t bw_bytes = a.calibrate_seconds >= 0.5 ? uint64_t{1} << 30 : uint64_t{256} << 20;
-    Result<double> bw = measure_host_read_bandwidth(bw_bytes, a.threads, a.calibrate_seconds / 2);
-    if (bw.ok()) calib["host_read_bandwidth"] = *bw;
+    const double seconds = a.calibrate_seconds / 2;
+    calibrate("host memory bandwidth", "host_read_bandwidth",
+              [&] { return measure_host_read_bandwidth(bw_bytes, a.threads, seconds); });
     if (device->backend == PeerBackend::kCuda) {
-      if (talk) {
-        std::printf("calibrating host -> device bandwidth ...\n");
-        std::fflush(stdout);
-      }
-      Result<double> h2d = measure_h2d_bandwidth(bw_bytes, a.calibrate_seconds / 2);
-      if (h2d.ok()) {
-        calib["h2d_bandwidth"] = *h2d;
-      } else if (talk) {
-        std::fprintf(stderr, "trove bench: warning: %s\n", h2d.status().to_string().c_str());
-      }
+      calibrate("host -> device bandwidth", "h2d_bandwidth",
+                [&] { return measure_h2d_bandwidth(bw_bytes, seconds); });
       // The SM-driven ceiling at this run's record size (the --h2d gather method's).
-      Result<RecordLayout> rl =
+      const Result<RecordLayout> rl =
           RecordLayout::make(*dtype, a.dim, a.dim_out > 0 ? a.dim_out : a.dim);
-      Result<double> gather = rl.ok() ? measure_h2d_gather_bandwidth(bw_bytes, rl->record_bytes,
-                                                                     a.calibrate_seconds / 2)
-                                      : Result<double>(rl.status());
-      if (gather.ok()) {
-        calib["h2d_gather_bandwidth"] = *gather;
+      calibrate("host -> device bandwidth of an SM-driven gather", "h2d_gather_bandwidth", [&] {
+        return rl.ok() ? measure_h2d_gather_bandwidth(bw_bytes, rl->record_bytes, seconds)
+                       : Result<double>(rl.status());
+      });
+      if (calib.contains("h2d_gather_bandwidth"))
         calib["h2d_gather_record_bytes"] = rl->record_bytes;
-      } else if (talk) {
-        std::fprintf(stderr, "trove bench: warning: %s\n", gather.status().to_string().c_str());
-      }
-      if (talk) {
-        std::printf("calibrating device memory bandwidth ...\n");
-        std::fflush(stdout);
-      }
       // The fused expert kernel's limit (SPEC §8: H100 HBM3 3.35 TB/s): read + write bytes/s.
-      Result<double> hbm = measure_hbm_bandwidth(bw_bytes, a.calibrate_seconds / 2);
-      if (hbm.ok()) {
-        calib["hbm_bandwidth"] = *hbm;
-      } else if (talk) {
-        std::fprintf(stderr, "trove bench: warning: %s\n", hbm.status().to_string().c_str());
-      }
+      calibrate("device memory bandwidth", "hbm_bandwidth",
+                [&] { return measure_hbm_bandwidth(bw_bytes, seconds); });
     }
   }
 
