@@ -21,7 +21,7 @@ STAGE=${1:-tests}
 OUT=${OUT:-/tmp/out}
 LOG=${LOG:-/tmp/gpu_check}
 mkdir -p "$OUT" "$LOG"
-export PATH=$PATH:/usr/local/cuda/bin:/usr/local/cuda/compute-sanitizer
+export PATH=$PATH:/usr/local/cuda/bin:/usr/local/cuda/compute-sanitizer:$(ls -d /opt/nvidia/nsight-compute/*/ 2>/dev/null | tail -1)
 export LD_LIBRARY_PATH=$PWD/.deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 B=build-gpu
 TESTS="cuda_memory_test cuda_test cuda_train_test cuda_peer_backward_test cuda_peer_test
@@ -42,7 +42,10 @@ bounded() {
 build() {
   if [ "${GPU_CHECK_PREBUILT:-0}" = 1 ]; then
     # A carried .gpubin (trove and tests/*, built here) takes build-gpu's place.
-    if [ -d .gpubin ]; then mkdir -p $B/tests && cp .gpubin/trove $B/ && cp .gpubin/tests/* $B/tests/; fi
+    if [ -d .gpubin ]; then
+      mkdir -p $B/tests $B/bench && cp .gpubin/trove $B/ && cp .gpubin/tests/* $B/tests/ &&
+        { [ ! -d .gpubin/bench ] || cp .gpubin/bench/* $B/bench/; }
+    fi
     # The binaries carry /work/main/build-gpu (TROVE_BINARY_DIR) and the source path.
     [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
     export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:/usr/local/cuda/lib64
@@ -143,7 +146,7 @@ run_torch() {
 run_big() {
   df -h /tmp > "$LOG/df.txt"
   bench bench_4m_2layers 560 --experts 4M --layers 2 --routing zipf:1.09 --vram 16GiB \
-    --host 48GiB --batches "${BIG_BATCHES:-16}" --warmup 8
+    --host 48GiB --batches "${BIG_BATCHES:-16}" --warmup "${BIG_WARMUP:-8}"
 }
 
 case $STAGE in
@@ -185,8 +188,30 @@ case $STAGE in
     BIG_BATCHES=8 run_big
     summary
     ;;
+  speed)
+    # The speed figures with warm tiers, and where a batch's device time goes (ncu).
+    build device_peers_test cache_bench
+    step device_peers_test 60 $B/tests/device_peers_test
+    # pk: the device routes, so the peers' layer time includes the routing, as torch's does.
+    bench bench_pk 120 --experts 262144,1M --routing pk --host 100% --batches 8 --warmup 4
+    run_torch
+    # A warm host tier (48 warm-up batches) under a 16 GiB device tier: the device-tier misses
+    # move host -> device by each --h2d method instead of waiting on the disk.
+    bench bench_1m_vram_warm 150 --experts 1M --routing zipf:1.09 --host 100% --vram 16GiB \
+      --batches 16 --warmup 48
+    step ncu 150 ncu --clock-control none --target-processes all \
+      -k 'regex:expert|select|gemm|Gemm|einsum|gather|norm|dequant' --launch-skip 40 \
+      --launch-count 24 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      $B/trove bench --device cuda --dim 2048 --heads 4 --topk 8 --dim-key 64 --quant int4 \
+      --batch 2048 --experts 262144 --routing pk --host 100% --batches 2 --warmup 1 \
+      --no-calibrate --no-fio --store /tmp/tb
+    step cache_bench 60 $B/bench/cache_bench --benchmark_min_time=0.2
+    summary
+    BIG_BATCHES=16 BIG_WARMUP=40 run_big
+    summary
+    ;;
   *)
-    echo "usage: bench/gpu_check.sh tests|bench|big|lease" >&2
+    echo "usage: bench/gpu_check.sh tests|bench|big|lease|speed" >&2
     exit 2
     ;;
 esac

@@ -65,7 +65,8 @@ def main():
         sys.exit("torch_peer_baseline: no CUDA device (this baseline times the GPU module)")
     torch.manual_seed(1)
     for experts in (int(e) for e in a.experts.split(",")):
-        layer = BackgroundPeer(a.dim, experts, a.heads, a.topk, a.dim_key).cuda().bfloat16()
+        with torch.device("cuda"):  # built on the device: a CPU init of 2 x N x D takes minutes
+            layer = BackgroundPeer(a.dim, experts, a.heads, a.topk, a.dim_key).bfloat16()
         x = torch.randn(a.batch, a.dim, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             for _ in range(a.warmup):

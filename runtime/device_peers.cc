@@ -102,6 +102,12 @@ T* as(const PinnedHostBuffer& m) {
 using ExpertStep =
     std::function<Status(const float* xhat, const PeerDeviceRouting& routing, float* y)>;
 
+// One batch's seconds: the layer on the device (x in device memory -> y in device memory, by
+// CUDA events), its norm + routing part, and the host copies around it (wall).
+struct BatchTimes {
+  double layer = 0, route = 0, io = 0;
+};
+
 // The per-batch stages every peer shares (the timeline in device_peers.h), and their buffers.
 class BatchRunner {
  public:
@@ -131,6 +137,9 @@ class BatchRunner {
     TROVE_RETURN_IF_ERROR(r.upload(&r.keys_, p.keys));
     TROVE_RETURN_IF_ERROR(r.upload(&r.norm_weight_, p.norm_weight));
     TROVE_RETURN_IF_ERROR(r.ctx_.synchronize());
+    TROVE_ASSIGN_OR_RETURN(r.start_, CudaEvent::create());
+    TROVE_ASSIGN_OR_RETURN(r.routed_, CudaEvent::create());
+    TROVE_ASSIGN_OR_RETURN(r.end_, CudaEvent::create());
     r.y_host_.resize(sz(T * c.dim_out));
     return Result<BatchRunner>(std::move(r));
   }
@@ -138,9 +147,12 @@ class BatchRunner {
   CudaPeerContext& context() { return ctx_; }
   const std::vector<float>& y() const { return y_host_; }
 
-  // Runs batch `index` through `experts`; returns its wall seconds. last_ids() then holds the
-  // batch's routing on the host (downloaded after the timing when the device routed).
-  Result<double> run(int64_t index, const ExpertStep& experts) {
+  // Runs batch `index` through `experts` and returns its stages' seconds. The timed part starts
+  // with x (and a given routing) already in device memory and ends with y in device memory, as
+  // the layer runs inside a model on the GPU; the host copies around it are timed apart (io).
+  // last_ids() then holds the batch's routing on the host (downloaded after the timing when the
+  // device routed).
+  Result<BatchTimes> run(int64_t index, const ExpertStep& experts) {
     const int64_t T = o_->batch;
     const size_t slots = sz(T * c_.heads * c_.topk);
     DevicePeerBatch in;
@@ -151,8 +163,9 @@ class BatchRunner {
     const size_t x_bytes = sz(T * c_.dim) * sizeof(float);
     const size_t y_bytes = sz(T * c_.dim_out) * sizeof(float);
     PeerDeviceRouting routing{as<int64_t>(ids_), as<float>(scores_), as<float>(gates_)};
+    BatchTimes times;
 
-    const Stopwatch watch;
+    Stopwatch io;
     std::memcpy(host_x_.data(), in.x, x_bytes);
     TROVE_RETURN_IF_ERROR(ctx_.copy_async(x_.data(), host_x_.data(), x_bytes));
     if (in.routing != nullptr) {
@@ -163,6 +176,10 @@ class BatchRunner {
       TROVE_RETURN_IF_ERROR(
           ctx_.copy_async(gates_.data(), host_gates_.data(), slots * sizeof(float)));
     }
+    TROVE_RETURN_IF_ERROR(ctx_.synchronize());
+    times.io = io.seconds();
+
+    TROVE_RETURN_IF_ERROR(ctx_.record(start_));
     TROVE_RETURN_IF_ERROR(
         ctx_.norm_device(c_, as<float>(norm_weight_), as<float>(x_), T, as<float>(xhat_)));
     if (in.routing == nullptr) {
@@ -173,11 +190,18 @@ class BatchRunner {
       TROVE_RETURN_IF_ERROR(ctx_.query_device(c_, p, as<float>(xhat_), T, as<float>(q_)));
       TROVE_RETURN_IF_ERROR(ctx_.route_device(c_, p, as<float>(q_), T, routing));
     }
+    TROVE_RETURN_IF_ERROR(ctx_.record(routed_));
     TROVE_RETURN_IF_ERROR(experts(as<float>(xhat_), routing, as<float>(y_)));
+    TROVE_RETURN_IF_ERROR(ctx_.record(end_));
+    TROVE_RETURN_IF_ERROR(ctx_.synchronize());
+    TROVE_ASSIGN_OR_RETURN(times.layer, CudaEvent::elapsed_seconds(start_, end_));
+    TROVE_ASSIGN_OR_RETURN(times.route, CudaEvent::elapsed_seconds(start_, routed_));
+
+    io.restart();
     TROVE_RETURN_IF_ERROR(ctx_.copy_async(host_y_.data(), y_.data(), y_bytes));
     TROVE_RETURN_IF_ERROR(ctx_.synchronize());
     std::memcpy(y_host_.data(), host_y_.data(), y_bytes);
-    const double seconds = watch.seconds();
+    times.io += io.seconds();
 
     last_ids_.resize(slots);
     if (in.routing != nullptr) {
@@ -187,7 +211,7 @@ class BatchRunner {
           ctx_.copy_async(last_ids_.data(), ids_.data(), slots * sizeof(int64_t)));
       TROVE_RETURN_IF_ERROR(ctx_.synchronize());
     }
-    return seconds;
+    return times;
   }
 
   std::span<const int64_t> last_ids() const { return last_ids_; }
@@ -229,23 +253,27 @@ class BatchRunner {
   CudaDeviceMemory x_, xhat_, q_, y_, ids_, scores_, gates_;
   CudaDeviceMemory query_weight_, query_bias_, keys_, norm_weight_;
   PinnedHostBuffer host_x_, host_y_, host_ids_, host_gates_;
+  CudaEvent start_, routed_, end_;
   std::vector<float> y_host_;
   std::vector<int64_t> last_ids_;
 };
 
-// Runs every batch once as `peer`; *first_y gets batch 0's output when not null.
-Result<double> run_batches(BatchRunner& runner, const DevicePeerOptions& o, const char* peer,
-                           const ExpertStep& experts, std::vector<float>* first_y,
-                           const std::function<Status()>& after_batch = {}) {
-  double seconds = 0;
+// Runs every batch once as `peer` and sums their times; *first_y gets batch 0's output when not
+// null.
+Result<BatchTimes> run_batches(BatchRunner& runner, const DevicePeerOptions& o, const char* peer,
+                               const ExpertStep& experts, std::vector<float>* first_y,
+                               const std::function<Status()>& after_batch = {}) {
+  BatchTimes sum;
   for (int64_t b = 0; b < o.batches; ++b) {
-    TROVE_ASSIGN_OR_RETURN(const double s, runner.run(b, experts));
-    seconds += s;
+    TROVE_ASSIGN_OR_RETURN(const BatchTimes t, runner.run(b, experts));
+    sum.layer += t.layer;
+    sum.route += t.route;
+    sum.io += t.io;
     if (b == 0 && first_y != nullptr) *first_y = runner.y();
     if (o.on_output) o.on_output(peer, b, runner.y());
     if (after_batch) TROVE_RETURN_IF_ERROR(after_batch());
   }
-  return seconds;
+  return sum;
 }
 
 // max |got - want| / max |want| (0 when want is all zeros and got equals it).
@@ -310,9 +338,11 @@ Result<DevicePeerResult> run_device_peers(const DevicePeerOptions& o) {
             expert_kernel_bytes(c, o.layout, o.batch, count_distinct(runner.last_ids()));
         return Status::ok_status();
       };
-      TROVE_ASSIGN_OR_RETURN(const double s,
+      TROVE_ASSIGN_OR_RETURN(const BatchTimes s,
                              run_batches(runner, o, "resident", experts, &resident_y, after));
-      res.resident_tokens_per_second = tokens_per_second(o, s);
+      res.resident_tokens_per_second = tokens_per_second(o, s.layer);
+      res.route_seconds = s.route;
+      res.host_io_seconds = s.io;
     }
   }
 
@@ -328,9 +358,10 @@ Result<DevicePeerResult> run_device_peers(const DevicePeerOptions& o) {
       };
       std::vector<float> einsum_y;
       const Status warm = warm_up(experts);
-      Result<double> s = warm.ok() ? run_batches(runner, o, "einsum", experts, &einsum_y) : warm;
+      Result<BatchTimes> s =
+          warm.ok() ? run_batches(runner, o, "einsum", experts, &einsum_y) : warm;
       if (s.ok()) {
-        res.einsum_tokens_per_second = tokens_per_second(o, *s);
+        res.einsum_tokens_per_second = tokens_per_second(o, s->layer);
         if (!resident_y.empty()) res.einsum_max_error = max_error(einsum_y, resident_y);
       } else if (does_not_fit(s.status())) {
         // The gathered rows of a tile may not fit beside the tables.
@@ -361,8 +392,9 @@ Result<DevicePeerResult> run_device_peers(const DevicePeerOptions& o) {
       const ExpertStep experts = [&](const float* xhat, const PeerDeviceRouting& r, float* y) {
         return ctx.experts_device_indexed(c, o.layout, xhat, o.batch, r.gates, m_table, r.ids, y);
       };
-      TROVE_ASSIGN_OR_RETURN(const double s, run_batches(runner, o, "managed", experts, nullptr));
-      res.managed_tokens_per_second = tokens_per_second(o, s);
+      TROVE_ASSIGN_OR_RETURN(const BatchTimes s,
+                             run_batches(runner, o, "managed", experts, nullptr));
+      res.managed_tokens_per_second = tokens_per_second(o, s.layer);
     }
   }
   return res;

@@ -15,14 +15,17 @@
 //
 // One batch, every peer, all on the context's stream with one wait at the end:
 //
-//   host    x -> pinned ─┐                                                       ┌─ pinned -> y
-//   stream               H2D x [H2D ids, gates] norm [query, route] EXPERTS D2H y
+//   host    x -> pinned ─┐                 timed (CUDA events)                     ┌─ pinned -> y
+//   stream               H2D x [H2D ids, gates] | norm [query, route] EXPERTS | D2H y
 //                        (synthetic workloads bring their routing; pk routes on the device)
 //
 // EXPERTS is the fused kernel (resident, managed) or gather + GEMMs + act * gate + GEMM (einsum);
 // every other stage is the same code for the three. Each peer runs the batches once, in order,
 // after its table is built (building is not timed); tokens/s = tokens / the sum of the batches'
-// wall times.
+// layer times: from x in device memory to y in device memory, as the layer runs inside a model
+// on the GPU (and as the background's PyTorch module is timed). The host copies of x, the given
+// routing and y are timed apart (host_io_seconds): they would otherwise dominate (16 MiB each
+// way at D = 2048, T = 2048, through one host thread's memcpy).
 //
 // A peer whose table does not fit (device memory for resident and einsum, host memory for
 // managed) is skipped with the reason in its `*_skipped` field; that is not an error.
@@ -77,6 +80,10 @@ struct DevicePeerResult {
   // The einsum peer's output against resident's on the first batch: max |difference| / max |y|
   // (-1: not compared). A bf16 computation lands near 2^-8.
   double einsum_max_error = -1;
+  // Resident's batches, summed: the norm + query + routing part of the layer time (near 0 when
+  // the workload brings its routing), and the host copies around the timed part (wall).
+  double route_seconds = 0;
+  double host_io_seconds = 0;
   // The fused int4/int8/bf16 kernel alone in the resident peer, summed over the batches: seconds
   // by CUDA events and the bytes it must move (expert_kernel_bytes per batch).
   double expert_kernel_seconds = 0;

@@ -233,6 +233,11 @@ nlohmann::json device_peers_json(const BenchResult& r, const nlohmann::json& cal
     if (!one.empty()) peers[name] = one;
   }
   if (d.einsum_max_error >= 0) peers["einsum"]["max_error_vs_resident"] = d.einsum_max_error;
+  if (resident > 0) {
+    const double nb = static_cast<double>(r.batches);
+    peers["resident"]["route_ms_per_batch"] = d.route_seconds / nb * 1e3;
+    peers["resident"]["host_io_ms_per_batch"] = d.host_io_seconds / nb * 1e3;
+  }
   if (d.expert_kernel_seconds > 0) {
     const double nb = static_cast<double>(r.batches);
     const double bps = static_cast<double>(d.expert_kernel_bytes) / d.expert_kernel_seconds;
@@ -350,6 +355,14 @@ void print_device_peers(const BenchResult& r, const nlohmann::json& calib) {
     return;
   }
   line("ours all-resident (direct)", resident, d.resident_skipped, false);
+  if (resident > 0) {
+    const double nb = static_cast<double>(r.batches);
+    std::printf(
+        "%s  x and y in device memory; of a batch's %.3f ms, norm + routing %.3f ms "
+        "(host copies of x, routing and y around it: %.3f ms, not counted)\n",
+        indent, static_cast<double>(r.tokens) / nb / resident * 1e3, d.route_seconds / nb * 1e3,
+        d.host_io_seconds / nb * 1e3);
+  }
   line("bf16 gather + einsum", d.einsum_tokens_per_second, d.einsum_skipped, true);
   if (d.einsum_max_error >= 0) {
     std::printf("%s  its output within %.2g of ours (max |diff| / max |y|, first batch)\n", indent,
