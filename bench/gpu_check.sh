@@ -140,6 +140,20 @@ run_torch() {
   cat "$LOG/torch_baseline.log" | cut -c1-400
 }
 
+# Each kernel of a few pk batches at the background config, by ncu (durations, throughput,
+# occupancy), and a one-line-per-kernel digest.
+run_ncu() {
+  step ncu 150 ncu --clock-control none --target-processes all \
+    -k 'regex:expert|select|gemm|Gemm|einsum|gather|norm|dequant' --launch-skip 40 \
+    --launch-count 24 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    $B/trove bench --device cuda --dim 2048 --heads 4 --topk 8 --dim-key 64 --quant int4 \
+    --batch 2048 --experts 262144 --routing pk --host 100% --batches 2 --warmup 1 \
+    --no-calibrate --no-fio --store /tmp/tb
+  awk '/\([0-9]+, [0-9]+, [0-9]+\)x\(/{name=$0; sub(/Context.*/,"",name)}
+       /Duration/{printf "%10s us  %s\n", $NF, substr(name,1,110)}' "$LOG/ncu.log" |
+    sort -k3 | uniq -c -f2 | head -20
+}
+
 # SPEC §2's background configuration: 2 layers of 4M int4 experts (~9.7 GB each) under a
 # 16 GiB device budget (2 x 8 GiB), host tier 48 GiB (2 x 24 GiB) over the store on disk; the
 # all-resident comparison keeps both tables on the device (~19 GB).
@@ -188,6 +202,21 @@ case $STAGE in
     BIG_BATCHES=8 run_big
     summary
     ;;
+  kernels)
+    # After a kernel change: every CUDA test, the sanitizers on the router and expert kernels,
+    # the background config with device routing beside torch, and where the time goes (ncu).
+    # shellcheck disable=SC2086
+    build $TESTS
+    run_tests
+    step racecheck_route 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
+      $B/tests/cuda_peer_test --gtest_filter='*Route*:*Tie*:*Largest*:*Expert*:*Background*'
+    step memcheck_route 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      $B/tests/cuda_peer_test --gtest_filter='*Route*:*Tie*:*Largest*:*Expert*:*Background*'
+    bench bench_pk 120 --experts 262144,1M --routing pk --host 100% --batches 8 --warmup 4
+    run_torch
+    run_ncu
+    summary
+    ;;
   speed)
     # The speed figures with warm tiers, and where a batch's device time goes (ncu).
     build device_peers_test cache_bench
@@ -199,19 +228,14 @@ case $STAGE in
     # move host -> device by each --h2d method instead of waiting on the disk.
     bench bench_1m_vram_warm 150 --experts 1M --routing zipf:1.09 --host 100% --vram 16GiB \
       --batches 16 --warmup 48
-    step ncu 150 ncu --clock-control none --target-processes all \
-      -k 'regex:expert|select|gemm|Gemm|einsum|gather|norm|dequant' --launch-skip 40 \
-      --launch-count 24 --section SpeedOfLight --section Occupancy --section LaunchStats \
-      $B/trove bench --device cuda --dim 2048 --heads 4 --topk 8 --dim-key 64 --quant int4 \
-      --batch 2048 --experts 262144 --routing pk --host 100% --batches 2 --warmup 1 \
-      --no-calibrate --no-fio --store /tmp/tb
+    run_ncu
     step cache_bench 60 $B/bench/cache_bench --benchmark_min_time=0.2
     summary
     BIG_BATCHES=16 BIG_WARMUP=40 run_big
     summary
     ;;
   *)
-    echo "usage: bench/gpu_check.sh tests|bench|big|lease|speed" >&2
+    echo "usage: bench/gpu_check.sh tests|bench|big|lease|speed|kernels" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,15 @@
 // are gathered and bitonic-sorted. It needs no per-thread top-k lists, so k' and k up to 1024
 // and n up to 65536 run in the same code, and the k'^2 candidates are generated on the fly
 // from the two sorted half lists in shared memory (never stored).
+//
+// Why a second, warp-per-row selection for k', k <= 32 (every configuration the background and
+// PEER-pytorch use): the block radix select above spends its time on barriers, not data. On an
+// H200 at the background config (T = 2048, h = 4, n = 512, k' = k = 8) it took 265 us of a
+// 750 us layer, for 8192 blocks of 256 threads each making 3 selections of 2-4 passes. One warp
+// per (token, head) with no block barriers does the same selection exactly: each lane keeps the
+// top-CAP keys of its strided share in registers (CAP = the next of 8, 16, 32 at or above
+// max(k', k)), then k rounds of a warp-wide max pop the winners. The keys are the same distinct
+// 64-bit keys, so the result is the radix select's, bit for bit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -339,6 +348,148 @@ __global__ void __launch_bounds__(kSelectThreads) route_select_kernel(SelectArgs
   }
 }
 
+// ---- the warp-per-row selection (k', k <= 32) -------------------------------------------------
+
+constexpr int kWarpSelectMax = 32;   // the largest k' and k the warp path takes
+constexpr int kWarpSelectWarps = 8;  // rows per block
+
+// Inserts `key` into the descending list l[0, CAP) if it beats l[CAP-1]: one branch-free bubble
+// pass from the bottom (the list is sorted except for the slot just written).
+template <int CAP>
+__device__ __forceinline__ void list_insert(uint64_t (&l)[CAP], uint64_t key) {
+  l[CAP - 1] = key > l[CAP - 1] ? key : l[CAP - 1];
+#pragma unroll
+  for (int j = CAP - 1; j > 0; --j) {
+    const uint64_t a = l[j - 1];
+    const uint64_t b = l[j];
+    l[j - 1] = a > b ? a : b;
+    l[j] = a > b ? b : a;
+  }
+}
+
+// out[0, count) = the `count` largest keys over the warp's lists, descending. Each round takes
+// the warp-wide max of the lanes' heads; the keys are distinct, so one lane pops it (pads are 0
+// and never win while real keys remain: count <= the number of real keys). Warp-uniform.
+template <int CAP>
+__device__ __forceinline__ void warp_take_top(uint64_t (&l)[CAP], int count, uint64_t* out,
+                                              int lane) {
+  for (int r = 0; r < count; ++r) {
+    uint64_t best = l[0];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const uint64_t other = __shfl_xor_sync(kFullMask, best, offset);
+      best = other > best ? other : best;
+    }
+    const bool pop = l[0] == best;
+#pragma unroll
+    for (int j = 0; j < CAP - 1; ++j) l[j] = pop ? l[j + 1] : l[j];
+    l[CAP - 1] = pop ? kPadKey : l[CAP - 1];
+    if (lane == 0) out[r] = best;
+  }
+  __syncwarp();
+}
+
+// One warp's shared scratch.
+struct WarpSelectSmem {
+  uint64_t keys[kWarpSelectMax];
+  double exps[kWarpSelectMax];
+  float list_score[2 * kWarpSelectMax];
+  int32_t list_index[2 * kWarpSelectMax];
+  float top_score[kWarpSelectMax];
+};
+
+// Launch: grid = ceil(T*h / kWarpSelectWarps) blocks of kWarpSelectWarps warps, warp w of block b
+// on row b * kWarpSelectWarps + w. No block barriers (a warp past the last row returns). CAP >=
+// max(k', k). Traffic: the row's 2n sub-scores read once, k ids, scores and gates written.
+template <int CAP>
+__global__ void __launch_bounds__(kWarpSelectWarps * 32)
+    route_select_warp_kernel(SelectArgs a, int64_t rows) {
+  __shared__ WarpSelectSmem scratch[kWarpSelectWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpSelectWarps + warp;
+  if (row >= rows) return;  // the whole warp
+  WarpSelectSmem& w = scratch[warp];
+  const int kp = a.kp;
+  const int k = a.k;
+  const int64_t n = a.n;
+  const float* s0 = a.sub_scores + row * 2 * n;
+  const float* s1 = s0 + n;
+
+  // Each half's top-k' by (score desc, index asc); the lists keep the raw sub-scores.
+  for (int half = 0; half < 2; ++half) {
+    const float* s = half == 0 ? s0 : s1;
+    uint64_t l[CAP];
+#pragma unroll
+    for (int j = 0; j < CAP; ++j) l[j] = kPadKey;
+    for (int64_t i = lane; i < n; i += 32) {
+      list_insert(l, route_key(__ldg(s + i), static_cast<uint32_t>(i)));
+    }
+    warp_take_top(l, kp, w.keys, lane);
+    for (int j = lane; j < kp; j += 32) {
+      const uint32_t i = route_key_id(w.keys[j]);
+      w.list_index[half * kp + j] = static_cast<int32_t>(i);
+      w.list_score[half * kp + j] = s[i];
+    }
+    __syncwarp();
+  }
+
+  // The top-k of the k'^2 candidates, as in route_select_kernel.
+  {
+    uint64_t l[CAP];
+#pragma unroll
+    for (int j = 0; j < CAP; ++j) l[j] = kPadKey;
+    for (int m = lane; m < kp * kp; m += 32) {
+      const int ia = m / kp;
+      const int ib = m - ia * kp;
+      const float score = w.list_score[ia] + w.list_score[kp + ib];
+      const uint32_t id = static_cast<uint32_t>(w.list_index[ia]) * static_cast<uint32_t>(n) +
+                          static_cast<uint32_t>(w.list_index[kp + ib]);
+      list_insert(l, route_key(score, id));
+    }
+    warp_take_top(l, k, w.keys, lane);
+  }
+
+  int64_t* ids = a.ids + row * k;
+  float* scores = a.scores + row * k;
+  float* gates = a.gates + row * k;
+  for (int j = lane; j < k; j += 32) {
+    const uint32_t id = route_key_id(w.keys[j]);
+    const float score = s0[id / n] + s1[id % n];
+    ids[j] = id;
+    scores[j] = score;
+    w.top_score[j] = score;
+  }
+  __syncwarp();
+
+  // Gates: route_select_kernel's math exactly (double, one rounding, sums in slot order).
+  switch (a.gate) {
+    case Gate::kSoftmax: {
+      double mx = w.top_score[0];
+      for (int j = 1; j < k; ++j) {
+        const double v = w.top_score[j];
+        mx = v > mx ? v : mx;
+      }
+      for (int j = lane; j < k; j += 32) w.exps[j] = exp(w.top_score[j] - mx);
+      __syncwarp();
+      double sum = 0;
+      for (int j = 0; j < k; ++j) sum += w.exps[j];
+      for (int j = lane; j < k; j += 32) gates[j] = static_cast<float>(w.exps[j] / sum);
+      break;
+    }
+    case Gate::kRelu:
+      for (int j = lane; j < k; j += 32) {
+        gates[j] = w.top_score[j] > 0 ? w.top_score[j] : 0.0f;
+      }
+      break;
+    case Gate::kSigmoid:
+      for (int j = lane; j < k; j += 32) {
+        gates[j] = static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(w.top_score[j]))));
+      }
+      break;
+  }
+}
+
 unsigned int bias_blocks(int64_t total) {
   const int64_t blocks = (total + kBiasThreads - 1) / kBiasThreads;
   return static_cast<unsigned int>(std::min(blocks, kMaxBiasBlocks));
@@ -421,8 +572,23 @@ Status launch_route_select(const float* sub_scores, int64_t tokens, const RouteS
   a.ids = ids;
   a.scores = scores;
   a.gates = gates;
+  const int64_t rows = tokens * shape.heads;
+  const int cap = std::max(a.kp, a.k);
+  if (cap <= kWarpSelectMax) {
+    const auto blocks = static_cast<unsigned int>((rows + kWarpSelectWarps - 1) / kWarpSelectWarps);
+    constexpr unsigned int kThreads = kWarpSelectWarps * 32;
+    if (cap <= 8) {
+      route_select_warp_kernel<8><<<blocks, kThreads, 0, stream>>>(a, rows);
+    } else if (cap <= 16) {
+      route_select_warp_kernel<16><<<blocks, kThreads, 0, stream>>>(a, rows);
+    } else {
+      route_select_warp_kernel<32><<<blocks, kThreads, 0, stream>>>(a, rows);
+    }
+    TROVE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return Status::ok_status();
+  }
   const size_t smem = route_select_smem_bytes(shape);
-  const auto blocks = static_cast<unsigned int>(tokens * shape.heads);
+  const auto blocks = static_cast<unsigned int>(rows);
   route_select_kernel<<<blocks, kSelectThreads, smem, stream>>>(a);
   TROVE_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return Status::ok_status();
