@@ -54,7 +54,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kExpertThreads = 128;                // 4 warps
 constexpr int kExpertWarps = kExpertThreads / 32;  // phase-1 slot parallelism
 constexpr int64_t kMaxXChunk = 4096;               // xhat floats staged per pass
-constexpr int kSlotBatch = 8;                      // phase-2 slots with loads in flight
+constexpr int kSlotBatch = 4;                      // phase-2 slots with loads in flight
 static_assert(kMaxXChunk % kQuantGroup == 0, "chunks hold whole groups");
 
 // ---- loads ----------------------------------------------------------------------------------
@@ -272,52 +272,6 @@ __device__ float down_dot_lane(const uint8_t* record, const ExpertArgs& a, int64
   return acc;
 }
 
-// down_dot_lane for two rows at once, each with exactly down_dot_lane's arithmetic: for the
-// quantized dtypes both rows' loads of a group are issued before either's FMAs, so a warp has
-// twice the bytes in flight (phase 1 is bound by load latency, not bandwidth).
-template <DType kType>
-__device__ float2 down_dot_lane2(const uint8_t* ra, const uint8_t* rb, const ExpertArgs& a,
-                                 int64_t c0, int64_t c1, const float* xs, int lane) {
-  using C = Codec<kType>;
-  if constexpr (C::kQuantized) {
-    constexpr int kGroupBytes = kType == DType::kI4 ? 16 : 32;
-    const uint8_t* ca = ra + a.down_codes;
-    const uint8_t* cb = rb + a.down_codes;
-    float acc_a = 0.0f;
-    float acc_b = 0.0f;
-    for (int64_t g = c0 / kQuantGroup + lane; g < c1 / kQuantGroup; g += 32) {
-      const float* xg = xs + padded(g * kQuantGroup - c0);
-      const uint4 la = load16(ca + g * kGroupBytes);
-      const uint4 lb = load16(cb + g * kGroupBytes);
-      uint4 la2 = make_uint4(0, 0, 0, 0);
-      uint4 lb2 = make_uint4(0, 0, 0, 0);
-      if constexpr (kType == DType::kI8) {
-        la2 = load16(ca + g * kGroupBytes + 16);
-        lb2 = load16(cb + g * kGroupBytes + 16);
-      }
-      const float sa = load_scale(ra + a.down_scales, g);
-      const float sb = load_scale(rb + a.down_scales, g);
-      float v[kQuantGroup];
-      C::decode(la, v);
-      if constexpr (kType == DType::kI8) C::decode(la2, v + 16);
-      float partial = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kQuantGroup; ++j) partial = fmaf(v[j], xg[j], partial);
-      acc_a = fmaf(partial, sa, acc_a);
-      C::decode(lb, v);
-      if constexpr (kType == DType::kI8) C::decode(lb2, v + 16);
-      partial = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kQuantGroup; ++j) partial = fmaf(v[j], xg[j], partial);
-      acc_b = fmaf(partial, sb, acc_b);
-    }
-    return make_float2(acc_a, acc_b);
-  } else {
-    return make_float2(down_dot_lane<kType>(ra, a, c0, c1, xs, lane),
-                       down_dot_lane<kType>(rb, a, c0, c1, xs, lane));
-  }
-}
-
 // Thread's share of phase 2: y[t][e0, e0 + kE) for the 16-byte up-row column starting at
 // element e0, summed over the slots in order.
 template <DType kType, typename Records>
@@ -402,23 +356,10 @@ __global__ void __launch_bounds__(kExpertThreads)
       xs[padded(e - c0)] = e < a.dim ? xt[e] : 0.0f;
     }
     __syncthreads();
-    // The slot loop is warp-uniform, so every lane reaches the shuffles in warp_sum. Two slots
-    // (s, s + kExpertWarps) per trip, each with its own sums.
-    for (int s = warp; s < a.slots; s += 2 * kExpertWarps) {
-      const int s2 = s + kExpertWarps;
-      if (s2 < a.slots) {
-        const float2 p =
-            down_dot_lane2<kType>(records(slot0 + s), records(slot0 + s2), a, c0, c1, xs, lane);
-        const float pa = warp_sum(p.x);
-        const float pb = warp_sum(p.y);
-        if (lane == 0) {
-          zs[s] += pa;
-          zs[s2] += pb;
-        }
-      } else {
-        const float pa = warp_sum(down_dot_lane<kType>(records(slot0 + s), a, c0, c1, xs, lane));
-        if (lane == 0) zs[s] += pa;
-      }
+    // The slot loop is warp-uniform, so every lane reaches the shuffles in warp_sum.
+    for (int s = warp; s < a.slots; s += kExpertWarps) {
+      const float partial = warp_sum(down_dot_lane<kType>(records(slot0 + s), a, c0, c1, xs, lane));
+      if (lane == 0) zs[s] += partial;
     }
   }
   __syncthreads();
