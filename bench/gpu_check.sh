@@ -217,6 +217,17 @@ case $STAGE in
     run_ncu
     summary
     ;;
+  final)
+    # The figures of record after the sanitizers have run: every CUDA test, the background
+    # config with device routing beside torch, and the per-kernel times.
+    # shellcheck disable=SC2086
+    build $TESTS
+    run_tests
+    bench bench_pk 120 --experts 262144,1M --routing pk --host 100% --batches 8 --warmup 4
+    run_torch
+    run_ncu
+    summary
+    ;;
   speed)
     # The speed figures with warm tiers, and where a batch's device time goes (ncu).
     build device_peers_test cache_bench
@@ -235,7 +246,7 @@ case $STAGE in
     summary
     ;;
   *)
-    echo "usage: bench/gpu_check.sh tests|bench|big|lease|speed|kernels" >&2
+    echo "usage: bench/gpu_check.sh tests|bench|big|lease|speed|kernels|final" >&2
     exit 2
     ;;
 esac
