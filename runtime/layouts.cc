@@ -21,10 +21,12 @@ namespace trove {
 namespace {
 
 // topk when neither metadata nor --topk says: the background documents' PEER config uses
-// k = k' = 8 (mikeybeez, and trove files without metadata); PEER-pytorch's module defaults
-// to num_experts_per_head = product_key_topk = 16.
+// k = k' = 8 (mikeybeez, and trove files without metadata). PEER-pytorch's module defaults to
+// non_competing_scores=True: a relu gate over the final top-1 per head of the k'^2 candidates,
+// k' = product_key_topk = num_experts_per_head = 16 (SPEC §2).
 constexpr int64_t kDefaultTopk = 8;
-constexpr int64_t kLucidrainsDefaultTopk = 16;
+constexpr int64_t kLucidrainsDefaultTopk = 1;
+constexpr int64_t kLucidrainsDefaultTopkPerHalf = 16;
 // lucidrains' RMSNorm puts its eps on the L2 norm (F.normalize, 1e-12), not inside the mean
 // of squares as trove's rms-norm does. A tiny eps inside the mean makes the two agree to
 // below fp32 resolution for every input whose mean square is above ~1e-5; only (near-)zero
@@ -453,7 +455,7 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
         break;
       case ImportLayout::kLucidrains:
         config.activation = Activation::kGelu;
-        config.gate = Gate::kSoftmax;
+        config.gate = Gate::kRelu;
         config.input_norm = norm ? InputNorm::kRms : InputNorm::kNone;
         config.norm_eps = kLucidrainsNormEps;
         break;
@@ -471,8 +473,9 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
   if (overrides.gate) config.gate = *overrides.gate;
   if (overrides.input_norm) config.input_norm = *overrides.input_norm;
   if (overrides.norm_eps) config.norm_eps = *overrides.norm_eps;
-  const int64_t default_topk =
-      layout == ImportLayout::kLucidrains ? kLucidrainsDefaultTopk : kDefaultTopk;
+  const bool lucidrains = layout == ImportLayout::kLucidrains;
+  const int64_t default_topk = lucidrains ? kLucidrainsDefaultTopk : kDefaultTopk;
+  const int64_t default_topk_per_half = lucidrains ? kLucidrainsDefaultTopkPerHalf : kDefaultTopk;
   if (overrides.topk) {
     // --topk alone means k' = k (SPEC §2's default), even over a metadata k'.
     config.topk = *overrides.topk;
@@ -481,16 +484,18 @@ Result<ImportedLayer> import_layer(const std::vector<const SafetensorsFile*>& fi
     config.topk_per_half = *overrides.topk_per_half;
     if (!topk_known) config.topk = default_topk;
   } else if (!topk_known) {
-    if (n_keys < default_topk) {
+    if (n_keys < default_topk_per_half) {
       return Status::invalid_argument(str_printf(
-          "layout %s does not record topk and the default topk = topk_per_half = %lld needs "
-          "n_keys >= %lld, but n_keys is %lld (%s); pass --topk (and --topk-per-half <= "
+          "layout %s does not record topk and the default topk = %lld, topk_per_half = %lld "
+          "needs n_keys >= %lld, but n_keys is %lld (%s); pass --topk (and --topk-per-half <= "
           "n_keys)",
           layout_name.c_str(), static_cast<long long>(default_topk),
-          static_cast<long long>(default_topk), static_cast<long long>(n_keys), n_why.c_str()));
+          static_cast<long long>(default_topk_per_half),
+          static_cast<long long>(default_topk_per_half), static_cast<long long>(n_keys),
+          n_why.c_str()));
     }
     config.topk = default_topk;
-    config.topk_per_half = default_topk;
+    config.topk_per_half = default_topk_per_half;
   }
 
   if (config.input_norm == InputNorm::kRms && !norm) {

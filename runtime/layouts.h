@@ -18,15 +18,17 @@
 // expected one.
 //
 // Layout defaults (used when neither metadata nor an override says):
-//   all         topk = topk_per_half = 8 (the background config; 16 for lucidrains, PEER-
-//               pytorch's num_experts_per_head default); an error asking for --topk when
-//               n_keys is smaller. --topk without --topk-per-half sets k' = k.
+//   all         topk = topk_per_half = 8 (the background config); for lucidrains topk = 1,
+//               topk_per_half = 16 (PEER-pytorch's non_competing_scores=True default, k' =
+//               num_experts_per_head); an error asking for --topk when n_keys < k'.
+//               --topk without --topk-per-half sets k' = k.
 //   trove       with metadata: the metadata's config, which must agree with the shapes, the
 //               bias and the norm tensor. Without metadata: relu, softmax gate, input_norm
 //               rms (eps 1e-6) exactly when P.norm.weight is present.
 //   mikeybeez   silu, relu gate, input_norm none (the layout has no norm tensor).
-//   lucidrains  gelu, softmax gate (PEER-pytorch's softmax_on_scores=True default; a model
-//               built with softmax_on_scores=False needs --gate relu), input_norm
+//   lucidrains  gelu, relu gate (PEER-pytorch's default non_competing_scores=True; a model
+//               built with non_competing_scores=False is --gate softmax --topk K, K =
+//               num_experts_per_head, which also sets k' = K), input_norm
 //               rms when P.norm.gamma is present, stored as norm_weight = gamma + 1 with
 //               norm_eps 1e-12 (its eps sits on the L2 norm; see layouts.cc).
 #pragma once

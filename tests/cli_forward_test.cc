@@ -348,7 +348,7 @@ void write_checkpoint(const std::string& path,
 }
 
 // `trove pack --quant f32` of the layers written by write_checkpoint. The foreign layouts do
-// not record topk, so it is given on the command line (their defaults, 8 and 16, exceed n).
+// not record topk, so it is given on the command line (their default k', 8 and 16, exceed n).
 void pack(const ScratchDir& dir, const std::string& store,
           const std::vector<std::pair<std::string, const ForeignLayer*>>& layers) {
   const std::string ckpt = store + ".safetensors";
@@ -365,6 +365,12 @@ void pack(const ScratchDir& dir, const std::string& store,
                                  std::string("--topk-per-half"), std::to_string(L.topk_per_half)}) {
       args.push_back(a);
     }
+  }
+  // lucidrains' default gate is relu (PEER-pytorch's non_competing_scores=True); its softmax
+  // variant is asked for.
+  if (L.layout == Layout::kLucidrains && L.gate != GateFn::kRelu) {
+    args.push_back("--gate");
+    args.push_back(gate_name(L.gate));
   }
   RunResult r = run(dir, args);
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -505,6 +511,16 @@ TEST(CliForward, LucidrainsLayoutMatchesTheMathWithGeluSoftmaxAndItsNorm) {
   L.act = Act::kGelu;
   L.gate = GateFn::kSoftmax;
   check_import(L, 43);
+}
+
+TEST(CliForward, LucidrainsLayoutDefaultsToGeluAndReluGate) {
+  ForeignLayer L = make_layer(Layout::kLucidrains, 45);
+  std::mt19937 rng(46);
+  L.gamma = normal(rng, static_cast<size_t>(L.dim), 0.3);
+  L.norm = Norm::kLucidrains;
+  L.act = Act::kGelu;  // the layout's defaults: nothing on the command line says so
+  L.gate = GateFn::kRelu;
+  check_import(L, 47);
 }
 
 TEST(CliForward, LucidrainsLayoutWithoutNormMatchesTheMath) {

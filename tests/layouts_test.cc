@@ -765,6 +765,50 @@ TEST_F(LayoutsTest, LucidrainsLayoutImportsExactly) {
   }
 }
 
+// PEER-pytorch's default non_competing_scores=True: relu gate over the final top-1 per head
+// of the k'^2 candidates, k' = num_experts_per_head = 16 (SPEC §2).
+TEST_F(LayoutsTest, LucidrainsDefaultsAreNonCompetingScoresTopOneOfSixteenPerHalf) {
+  Dims d;
+  d.n_keys = 16;
+  d.dim_out = d.dim;
+  const CanonicalLayer l = make_layer(d, 15);
+  Result<ImportedLayer> r = import_one("a.safetensors", lucidrains_specs(l, "peer", true),
+                                       ImportLayout::kLucidrains, "peer");
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_EQ(r->config.gate, Gate::kRelu);
+  EXPECT_EQ(r->config.activation, Activation::kGelu);
+  EXPECT_EQ(r->config.topk, 1);
+  EXPECT_EQ(r->config.topk_per_half, 16);
+}
+
+// non_competing_scores=False: softmax gate, k = k' = num_experts_per_head; --topk alone sets k'.
+TEST_F(LayoutsTest, LucidrainsSoftmaxVariantIsGateSoftmaxWithTopk) {
+  Dims d;
+  d.n_keys = 16;
+  d.dim_out = d.dim;
+  const CanonicalLayer l = make_layer(d, 16);
+  ImportOverrides o;
+  o.gate = Gate::kSoftmax;
+  o.topk = 16;
+  Result<ImportedLayer> r = import_one("a.safetensors", lucidrains_specs(l, "peer", true),
+                                       ImportLayout::kLucidrains, "peer", o);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_EQ(r->config.gate, Gate::kSoftmax);
+  EXPECT_EQ(r->config.topk, 16);
+  EXPECT_EQ(r->config.topk_per_half, 16);
+}
+
+TEST_F(LayoutsTest, LucidrainsDefaultTopkPerHalfThatDoesNotFitAsksForTopk) {
+  Dims d;
+  d.n_keys = 15;
+  const CanonicalLayer l = make_layer(d, 17);
+  Result<ImportedLayer> r = import_one("a.safetensors", lucidrains_specs(l, "peer", true),
+                                       ImportLayout::kLucidrains, "peer");
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("topk_per_half = 16"));
+  EXPECT_THAT(r.status().message(), HasSubstr("n_keys is 15"));
+}
+
 TEST_F(LayoutsTest, LucidrainsWithoutNormHasNoInputNorm) {
   Dims d;
   d.norm = false;

@@ -202,7 +202,7 @@ TEST(Pack, SeveralLayersWithRenamesGoIntoOneStore) {
   PackOptions opt = pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
                                  ImportLayout::kLucidrains, DType::kI8, {});
   opt.layers = {{"l.19.peer", "first"}, {"l.21.peer", "second"}};
-  opt.overrides.topk = 4;  // lucidrains files do not record k; its default 16 exceeds n = 9
+  opt.overrides.topk = 4;  // lucidrains files do not record k; its default k' = 16 exceeds n = 9
   auto packed = pack_store(opt);
   ASSERT_TRUE(packed.ok()) << packed.status().to_string();
   auto store = StoreReader::open(dir.file("m.trove"));
