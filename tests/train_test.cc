@@ -272,7 +272,7 @@ TEST_F(Train, BadInputsAreRefusedBeforeAnyWork) {
       {"seed 7, now 8", [](TrainOptions& t) { t.seed = 8; }},
       {"batch 64, now 32", [](TrainOptions& t) { t.batch = 32; }},
       {"lr ", [](TrainOptions& t) { t.lr = 0.5f; }},
-      {"saturation_tolerance 0, now 64", [](TrainOptions& t) { t.saturation_tolerance = 64; }},
+      {"saturation_tolerance 64, now 0", [](TrainOptions& t) { t.saturation_tolerance = 0; }},
       {"train_router false, now true", [](TrainOptions& t) { t.train_router = true; }},
       {"optimizer \"adagrad\", now \"sgd\"",
        [](TrainOptions& t) { t.optimizer = TrainOptimizer::kSgd; }},
@@ -376,6 +376,7 @@ TEST_F(Train, CheckpointsWriteChangedRecordsInPlaceAsGenerations) {
 // their scale; with 0 nothing is ever clamped (SPEC §7).
 TEST_F(Train, SaturationToleranceClampsInsteadOfRescaling) {
   TrainOptions o = options(fresh_student("t0.trove"));
+  o.saturation_tolerance = 0;
   auto spec = run_train(o);
   ASSERT_TRUE(spec.ok()) << spec.status().to_string();
   EXPECT_EQ(spec->clamps, 0);

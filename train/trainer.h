@@ -59,9 +59,9 @@ struct TrainOptions {
   float router_lr = 1e-3f;         // Adam's rate for the routers
   std::vector<LrPhase> lr_phases;  // empty: lr and router_lr throughout
   TrainOptimizer optimizer = TrainOptimizer::kAdagrad;
-  // TrainStep::saturation_tolerance (kernels/train.h step 2c): 0 doubles a saturating group's
-  // scale (SPEC §7); T > 0 clamps overshoots of up to T codes instead.
-  int saturation_tolerance = 0;
+  // TrainStep::saturation_tolerance (kernels/train.h step 2c): overshoots of up to T codes are
+  // clamped, larger ones double the group's scale; 0 always doubles. SPEC §7's default is 64.
+  int saturation_tolerance = 64;
   uint64_t seed = 1;
   int64_t checkpoint_every = 200;  // 0: only at the end
   // A checkpoint is also taken when the records changed since the last one reach this many
