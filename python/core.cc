@@ -1,0 +1,305 @@
+// trove._core: the thin nanobind layer under the `trove` Python package (python/trove). It
+// binds the C++ API as it is: pack_store (runtime/pack.h), a stored PEER layer
+// (runtime/peer_layer.h) over a mapped store or a host tier, and its int4 trainer
+// (later). Nothing here knows torch: tensors cross as DLPack/buffer-protocol
+// ndarrays (nanobind), read and written in place, never copied; trove/torch.py does the
+// autograd, dtypes and shapes. Configs and statistics cross as JSON text, which Python parses.
+//
+// Errors are Status values turned into Python exceptions: ValueError (invalid argument, out of
+// range), KeyError (not found), RuntimeError (the rest), the message as trove wrote it.
+// Long calls release the GIL.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/bytes.h"
+#include "base/dtype.h"
+#include "base/status.h"
+#include "runtime/cache_policy.h"
+#include "runtime/pack.h"
+#include "runtime/peer_config_json.h"
+#include "runtime/peer_layer.h"
+#include "runtime/store_layer.h"
+#include "storage/store.h"
+
+namespace nb = nanobind;
+
+namespace trove {
+namespace {
+
+// Contiguous host arrays, as any DLPack producer (torch, numpy) hands them over.
+using F32In = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using F32Out = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+using I64Out = nb::ndarray<int64_t, nb::c_contig, nb::device::cpu>;
+
+[[noreturn]] void raise(const Status& s) {
+  switch (s.code()) {
+    case Status::Code::kInvalidArgument:
+    case Status::Code::kOutOfRange:
+      throw nb::value_error(s.message().c_str());
+    case Status::Code::kNotFound:
+      throw nb::key_error(s.message().c_str());
+    default:
+      throw std::runtime_error(s.to_string());
+  }
+}
+
+void check(const Status& s) {
+  if (!s.ok()) raise(s);
+}
+
+template <typename T>
+T take(Result<T> r) {
+  if (!r.ok()) raise(r.status());
+  return std::move(*r);
+}
+
+template <typename A>
+std::span<const float> in_span(const A& a) {
+  return {a.data(), a.size()};
+}
+std::span<float> out_span(F32Out& a) {
+  return {a.data(), a.size()};
+}
+
+// `what` must hold `want` elements (the binding's own contract with trove/torch.py).
+template <typename A>
+void check_size(const A& a, size_t want, const char* what) {
+  if (a.size() != want) {
+    throw nb::value_error((std::string(what) + " has " + std::to_string(a.size()) +
+                           " elements, expected " + std::to_string(want))
+                              .c_str());
+  }
+}
+
+std::string stats_json(const PeerBatchStats& s) {
+  nlohmann::json j = {{"tokens", s.tokens},
+                      {"slots", s.slots},
+                      {"unique_experts", s.unique_experts},
+                      {"record_bytes_used", s.record_bytes_used},
+                      {"record_bytes_unique", s.record_bytes_unique},
+                      {"route_seconds", s.route_seconds},
+                      {"acquire_seconds", s.acquire_seconds},
+                      {"expert_seconds", s.expert_seconds},
+                      {"host",
+                       {{"hits", s.fetch.hits},
+                        {"misses", s.fetch.misses},
+                        {"bytes_read", s.fetch.bytes_read},
+                        {"resolve_seconds", s.fetch.resolve_seconds},
+                        {"disk_seconds", s.fetch.disk_seconds},
+                        {"stall_seconds", s.fetch.stall_seconds}}},
+                      {"device",
+                       {{"hits", s.device.hits},
+                        {"misses", s.device.misses},
+                        {"bytes_copied", s.device.bytes_copied},
+                        {"copy_seconds", s.device.copy_seconds}}}};
+  return j.dump();
+}
+
+// A stored layer with its store, opened for Python.
+class Layer {
+ public:
+  Layer(const std::string& path, const std::string& name, const std::string& host,
+        const std::string& policy, const std::string& backend, const std::string& vram, int threads,
+        bool verify) {
+    PeerLayerOptions o;
+    o.backend = take(parse_peer_backend(backend));
+    o.threads = threads;
+    o.verify_checksums = verify;
+    if (!host.empty()) {
+      TieredSourceOptions t;
+      t.host_budget_bytes = take(parse_bytes(host));
+      t.policy = take(parse_eviction_policy(policy));
+      t.io.verify = verify;
+      o.tiers = t;
+    }
+    if (!vram.empty()) o.vram_budget_bytes = take(parse_bytes(vram));
+    store_ = std::make_unique<StoreReader>(take(StoreReader::open(path)));
+    layer_.emplace(take(PeerLayer::open(*store_, name, o)));
+  }
+
+  PeerLayer& layer() { return *layer_; }
+
+  std::string config_json() { return peer_config_to_json(layer().config()).dump(); }
+  std::string record_dtype() { return std::string(dtype_name(layer().record_layout().dtype)); }
+
+  // The router's tensors (copies) in the canonical arrangement (kernels/peer.h), by name.
+  nb::dict router() {
+    nb::dict d;
+    const PeerDenseParams& p = layer().params();
+    auto put = [&](const char* name, const std::vector<float>& v) {
+      if (v.empty()) return;
+      auto* copy = new std::vector<float>(v);
+      nb::capsule owner(copy, [](void* q) noexcept { delete static_cast<std::vector<float>*>(q); });
+      d[name] = nb::ndarray<nb::numpy, float>(copy->data(), {copy->size()}, owner);
+    };
+    put("query_weight", p.query_weight);
+    put("query_bias", p.query_bias);
+    put("keys", p.keys);
+    put("norm_weight", p.norm_weight);
+    return d;
+  }
+
+  // Copies Python's router tensors into the layer (after an optimizer changed them).
+  void set_router(F32In qw, std::optional<F32In> qb, F32In keys, std::optional<F32In> norm) {
+    PeerDenseParams& p = layer().mutable_params();
+    auto set = [](std::vector<float>& dst, const std::optional<F32In>& src, const char* what) {
+      if (dst.empty() && !src) return;
+      if (!src) throw nb::value_error((std::string(what) + " is missing").c_str());
+      check_size(*src, dst.size(), what);
+      std::memcpy(dst.data(), src->data(), dst.size() * sizeof(float));
+    };
+    set(p.query_weight, qw, "query_weight");
+    set(p.query_bias, qb, "query_bias");
+    set(p.keys, keys, "keys");
+    set(p.norm_weight, norm, "norm_weight");
+  }
+
+  // y [T, D_out] for x [T, D]; ids/gates [T, h, k] when given. Returns the stats as JSON.
+  std::string forward(F32In x, F32Out y, std::optional<I64Out> ids, std::optional<F32Out> gates) {
+    const PeerConfig& c = layer().config();
+    const int64_t T = static_cast<int64_t>(x.size()) / c.dim;
+    check_size(x, static_cast<size_t>(T * c.dim), "x");
+    check_size(y, static_cast<size_t>(T * c.dim_out), "y");
+    PeerBatchStats stats;
+    PeerRouting routing;
+    const bool want_routing = ids.has_value() || gates.has_value();
+    {
+      nb::gil_scoped_release unlocked;
+      check(layer().forward(in_span(x), T, out_span(y), want_routing ? &routing : nullptr, &stats));
+    }
+    if (ids) {
+      check_size(*ids, routing.ids.size(), "ids");
+      std::memcpy(ids->data(), routing.ids.data(), routing.ids.size() * sizeof(int64_t));
+    }
+    if (gates) {
+      check_size(*gates, routing.gates.size(), "gates");
+      std::memcpy(gates->data(), routing.gates.data(), routing.gates.size() * sizeof(float));
+    }
+    return stats_json(stats);
+  }
+
+  // The gradients of sum(dy * y) at x: dx and the router's, written into the given arrays (a
+  // router tensor the layer lacks is None).
+  void backward(F32In x, F32In dy, F32Out dx, F32Out dqw, std::optional<F32Out> dqb, F32Out dkeys,
+                std::optional<F32Out> dnorm) {
+    const PeerConfig& c = layer().config();
+    const int64_t T = static_cast<int64_t>(x.size()) / c.dim;
+    check_size(x, static_cast<size_t>(T * c.dim), "x");
+    check_size(dy, static_cast<size_t>(T * c.dim_out), "dy");
+    check_size(dx, x.size(), "dx");
+    {
+      nb::gil_scoped_release unlocked;
+      check(layer().backward(in_span(x), T, in_span(dy), &grads_));
+    }
+    auto put = [](const std::vector<float>& src, float* dst, size_t n, const char* what) {
+      if (src.size() != n) {
+        throw nb::value_error((std::string(what) + ": the layer's gradient has " +
+                               std::to_string(src.size()) + " elements, the output " +
+                               std::to_string(n))
+                                  .c_str());
+      }
+      std::memcpy(dst, src.data(), n * sizeof(float));
+    };
+    put(grads_.dx, dx.data(), dx.size(), "dx");
+    put(grads_.d_query_weight, dqw.data(), dqw.size(), "d_query_weight");
+    if (dqb) put(grads_.d_query_bias, dqb->data(), dqb->size(), "d_query_bias");
+    put(grads_.d_keys, dkeys.data(), dkeys.size(), "d_keys");
+    if (dnorm) put(grads_.d_norm_weight, dnorm->data(), dnorm->size(), "d_norm_weight");
+  }
+
+ private:
+  std::unique_ptr<StoreReader> store_;
+  std::optional<PeerLayer> layer_;
+  PeerGrads grads_;
+};
+
+// pack_store from safetensors files in a named layout; returns the report as JSON.
+std::string pack(const std::vector<std::string>& inputs, const std::string& output,
+                 const std::string& layout, const std::vector<std::string>& prefixes,
+                 const std::vector<std::string>& names, const std::string& quant,
+                 const std::string& overrides_json, int threads, const std::string& command_line) {
+  PackOptions o;
+  o.inputs = inputs;
+  o.output = output;
+  o.layout = take(parse_import_layout(layout));
+  o.dtype = take(parse_dtype(quant));
+  o.threads = threads;
+  o.command_line = command_line;
+  for (size_t i = 0; i < prefixes.size(); ++i) {
+    o.layers.push_back({prefixes[i], i < names.size() ? names[i] : std::string()});
+  }
+  const nlohmann::json ov = nlohmann::json::parse(overrides_json);
+  if (ov.contains("topk")) o.overrides.topk = ov["topk"].get<int64_t>();
+  if (ov.contains("topk_per_half")) o.overrides.topk_per_half = ov["topk_per_half"].get<int64_t>();
+  if (ov.contains("activation")) {
+    o.overrides.activation = take(parse_activation(ov["activation"].get<std::string>()));
+  }
+  if (ov.contains("gate")) o.overrides.gate = take(parse_gate(ov["gate"].get<std::string>()));
+  if (ov.contains("input_norm")) {
+    o.overrides.input_norm = take(parse_input_norm(ov["input_norm"].get<std::string>()));
+  }
+  if (ov.contains("norm_eps")) o.overrides.norm_eps = ov["norm_eps"].get<float>();
+  std::optional<Result<PackReport>> done;
+  {
+    nb::gil_scoped_release unlocked;
+    done.emplace(pack_store(o));
+  }
+  const PackReport r = take(std::move(*done));
+  nlohmann::json j = {{"output_bytes", r.output_bytes}, {"seconds", r.seconds}};
+  for (const PackedLayer& l : r.layers) {
+    j["layers"].push_back(nlohmann::json{{"name", l.name},
+                                         {"config", peer_config_to_json(l.config)},
+                                         {"dtype", std::string(dtype_name(l.record.dtype))},
+                                         {"down_rmse", l.down_error.rmse()},
+                                         {"up_rmse", l.up_error.rmse()}});
+  }
+  return j.dump();
+}
+
+std::vector<std::string> store_layers(const std::string& path) {
+  StoreReader store = take(StoreReader::open(path));
+  std::vector<std::string> names;
+  for (const StoreLayerInfo& l : store.layers()) names.push_back(l.name);
+  return names;
+}
+
+}  // namespace
+}  // namespace trove
+
+NB_MODULE(_core, m) {
+  using trove::Layer;
+  // Layers held by Python objects alive at interpreter exit are reclaimed by the OS, not
+  // reported as leaks (trove.torch keeps its layers in a registry for the custom ops).
+  nb::set_leak_warnings(false);
+  m.doc() = "trove's C++ core (runtime/peer_layer.h, runtime/pack.h, the trainer)";
+  m.def("pack", &trove::pack, nb::arg("inputs"), nb::arg("output"), nb::arg("layout"),
+        nb::arg("prefixes"), nb::arg("names"), nb::arg("quant"), nb::arg("overrides_json"),
+        nb::arg("threads") = 0, nb::arg("command_line") = "");
+  m.def("store_layers", &trove::store_layers, nb::arg("path"));
+
+  nb::class_<Layer>(m, "Layer")
+      .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
+                    const std::string&, const std::string&, int, bool>(),
+           nb::arg("path"), nb::arg("name"), nb::arg("host") = "", nb::arg("policy") = "frequency",
+           nb::arg("backend") = "cpu", nb::arg("vram") = "", nb::arg("threads") = 0,
+           nb::arg("verify") = true)
+      .def("config_json", &Layer::config_json)
+      .def("record_dtype", &Layer::record_dtype)
+      .def("router", &Layer::router)
+      .def("set_router", &Layer::set_router, nb::arg("query_weight"), nb::arg("query_bias").none(),
+           nb::arg("keys"), nb::arg("norm_weight").none())
+      .def("forward", &Layer::forward, nb::arg("x"), nb::arg("y"),
+           nb::arg("ids").none() = nb::none(), nb::arg("gates").none() = nb::none())
+      .def("backward", &Layer::backward, nb::arg("x"), nb::arg("dy"), nb::arg("dx"),
+           nb::arg("d_query_weight"), nb::arg("d_query_bias").none(), nb::arg("d_keys"),
+           nb::arg("d_norm_weight").none());
+}

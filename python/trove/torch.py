@@ -1,0 +1,302 @@
+"""trove for PyTorch: a stored PEER layer as an nn.Module.
+
+    import trove.torch as tt
+    peer = tt.PEER.from_module(module, "peer.trove", quant="int4", host="8GiB")
+    peer = tt.PEER.open("model.trove", layer="model.layers.19.mlp.peer", host="48GiB")
+    y = peer(x)                     # x [..., D] fp32/bf16/fp16 -> y [..., D_out], x's dtype
+
+Forward and backward are custom ops (`torch.ops.trove.peer_forward`, `peer_backward`,
+registered with torch.library), so autograd reaches x and the router, and torch.compile sees
+two opaque ops. The router (W_q, its bias, the sub-keys, the input norm's gamma) are ordinary
+Parameters in trove's canonical arrangement (SPEC §2: W_q rows (head, half, j), keys
+[hk, 2, n, dk]); any torch optimizer trains them. The expert tables stay in trove's records:
+no [N, D] tensor ever exists in torch.
+
+The C++ layer computes in fp32 on the CPU: other dtypes are converted on the way in and out,
+any leading dimensions are flattened to tokens. Tensors cross into C++ without copies
+(DLPack). A layer runs one batch at a time.
+"""
+import json
+import os
+import tempfile
+import warnings
+import weakref
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _core
+
+# The C++ layers by handle: custom ops take plain values, so a module passes its handle.
+_LAYERS = {}
+_NEXT_HANDLE = [0]
+_ROUTER_NAMES = ("query_weight", "query_bias", "keys", "norm_weight")
+
+
+def _register(entry):
+    _NEXT_HANDLE[0] += 1
+    _LAYERS[_NEXT_HANDLE[0]] = entry
+    return _NEXT_HANDLE[0]
+
+
+class _Entry:
+    """A C++ layer, its config, and what its last forward cost."""
+
+    def __init__(self, core, config):
+        self.core = core
+        self.config = config
+        self.stats = None
+
+
+def _f32(t):
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _sync_router(entry, params):
+    """Copies the router into the C++ layer. Every call: a tensor changed through `.data`
+    keeps its version counter, so no cheaper test is safe; the copy is the router's size
+    (6 MiB at the background's shapes), small beside a batch's work."""
+    qw, qb, keys, norm = (None if p is None else _f32(p) for p in params)
+    entry.core.set_router(qw, qb, keys, norm)
+
+
+def _tokens(x, dim, what):
+    if x.shape[-1] != dim:
+        raise ValueError(f"{what} has shape {tuple(x.shape)}; its last dimension must be the "
+                         f"layer's D = {dim}")
+    return _f32(x.reshape(-1, dim))
+
+
+@torch.library.custom_op("trove::peer_forward", mutates_args=())
+def peer_forward(x: Tensor, handle: int, query_weight: Tensor, query_bias: Optional[Tensor],
+                 keys: Tensor, norm_weight: Optional[Tensor]) -> Tensor:
+    """y [..., D_out] for x [..., D] through layer `handle` with the given router."""
+    entry = _LAYERS[handle]
+    c = entry.config
+    _sync_router(entry, (query_weight, query_bias, keys, norm_weight))
+    xt = _tokens(x, c["dim"], "x")
+    y = torch.empty(xt.shape[0], c["dim_out"], dtype=torch.float32)
+    entry.stats = entry.core.forward(xt, y)
+    return y.reshape(*x.shape[:-1], c["dim_out"]).to(device=x.device, dtype=x.dtype)
+
+
+@peer_forward.register_fake
+def _(x, handle, query_weight, query_bias, keys, norm_weight):
+    return x.new_empty(*x.shape[:-1], _LAYERS[handle].config["dim_out"])
+
+
+@torch.library.custom_op("trove::peer_backward", mutates_args=())
+def peer_backward(x: Tensor, dy: Tensor, handle: int, query_weight: Tensor,
+                  query_bias: Optional[Tensor], keys: Tensor,
+                  norm_weight: Optional[Tensor]) -> List[Tensor]:
+    """[dx, d_query_weight, d_query_bias, d_keys, d_norm_weight] of sum(dy * y); the absent
+    router tensors' gradients are empty. A layer opened for training also adds its expert rows'
+    gradients to the pending step of its optimizer (inside trove)."""
+    entry = _LAYERS[handle]
+    c = entry.config
+    _sync_router(entry, (query_weight, query_bias, keys, norm_weight))
+    xt = _tokens(x, c["dim"], "x")
+    dyt = _tokens(dy, c["dim_out"], "dy")
+    dx = torch.empty_like(xt)
+    grads = [torch.empty(p.shape, dtype=torch.float32) if p is not None else None
+             for p in (query_weight, query_bias, keys, norm_weight)]
+    entry.core.backward(xt, dyt, dx, *grads)
+    out = [dx.reshape(x.shape).to(device=x.device, dtype=x.dtype)]
+    for g, p in zip(grads, (query_weight, query_bias, keys, norm_weight)):
+        out.append(x.new_empty(0) if p is None else g.to(device=p.device, dtype=p.dtype))
+    return out
+
+
+@peer_backward.register_fake
+def _(x, dy, handle, query_weight, query_bias, keys, norm_weight):
+    out = [torch.empty_like(x)]
+    for p in (query_weight, query_bias, keys, norm_weight):
+        out.append(x.new_empty(0) if p is None else torch.empty_like(p))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, handle, qw, qb, keys, norm = inputs
+    ctx.handle = handle
+    ctx.save_for_backward(x, qw, qb, keys, norm)
+
+
+def _backward(ctx, dy):
+    x, qw, qb, keys, norm = ctx.saved_tensors
+    dx, dqw, dqb, dkeys, dnorm = peer_backward(x, dy.contiguous(), ctx.handle, qw, qb, keys, norm)
+    return (dx, None, dqw, dqb if qb is not None else None, dkeys,
+            dnorm if norm is not None else None)
+
+
+torch.library.register_autograd("trove::peer_forward", _backward, setup_context=_setup_context)
+
+
+def _bytes_arg(v):
+    if v is None:
+        return ""
+    if isinstance(v, int):
+        return str(v)
+    return str(v)
+
+
+class PEER(nn.Module):
+    """A stored PEER layer (SPEC §2) as a module: y = PEER(x), x [..., D] -> y [..., D_out].
+
+    Make one with PEER.open (a layer of a .trove store) or PEER.from_module (packs a PEER-pytorch
+    or background module into a store first). Attributes: `config` (the layer's PeerConfig as
+    a dict), `store` (the store's path), `layer` (the layer's name), `record_dtype`, and
+    `last_stats` (what the last forward cost: routing, leases, expert kernels, and the host
+    tier's hits, misses, bytes read and stall time, as a dict).
+    """
+
+    def __init__(self, core, store, layer):
+        super().__init__()
+        config = json.loads(core.config_json())
+        self._entry = _Entry(core, config)
+        self._handle = _register(self._entry)
+        weakref.finalize(self, _LAYERS.pop, self._handle, None)
+        self.store, self.layer, self.config = str(store), layer, config
+        self.record_dtype = core.record_dtype()
+        router = core.router()
+        h, dk, d = config["heads"], config["dim_key"], config["dim"]
+        hk, n = (1 if config["shared_keys"] else h), config["n_keys"]
+        shapes = {"query_weight": (h * 2 * dk, d), "query_bias": (h * 2 * dk,),
+                  "keys": (hk, 2, n, dk), "norm_weight": (d,)}
+        for name in _ROUTER_NAMES:
+            if name in router:
+                t = torch.from_numpy(router[name]).reshape(shapes[name]).clone()
+                self.register_parameter(name, nn.Parameter(t))
+            else:
+                self.register_parameter(name, None)
+
+    @classmethod
+    def open(cls, store, layer=None, host=None, device="cpu", vram=None, policy="frequency",
+             threads=0, verify=True):
+        """Layer `layer` of the store at `store` (the only layer when None).
+
+        host: a byte budget ("8GiB", "10%" is not accepted here) for a host tier over the store
+        file (records read on demand, verified); None maps the whole table. device "cuda" runs
+        the layer's kernels on the GPU (a build with CUDA), with `vram` a device tier's budget.
+        """
+        store = os.fspath(store)
+        if layer is None:
+            names = [n for n in _core.store_layers(store) if not n.endswith(".train")]
+            if len(names) != 1:
+                raise ValueError(f"{store} holds layers {names}; name one with layer=")
+            layer = names[0]
+        backend = {"cpu": "cpu", "cuda": "cuda", "ref": "ref"}.get(str(device))
+        if backend is None:
+            raise ValueError(f"device {device!r}: trove runs layers on 'cpu' or 'cuda'")
+        core = _core.Layer(store, layer, host=_bytes_arg(host), policy=policy, backend=backend,
+                           vram=_bytes_arg(vram), threads=threads, verify=verify)
+        return cls(core, store, layer)
+
+    @classmethod
+    def from_module(cls, module, path, quant="int4", host=None, layer="peer", device="cpu",
+                    vram=None, threads=0, **overrides):
+        """Packs `module` into a new store at `path` (replaced atomically) and opens it.
+
+        Accepted modules: PEER-pytorch's PEER (layout `lucidrains`; its scoring, k, k',
+        activation and norm are read from the module) and the background's PEER (layout
+        `mikeybeez`: to_queries, keys, expert_down, expert_up; silu, relu gate, k = k' =
+        module.topk). quant: int4, int8, bf16, f16 or f32 (f32 is lossless). `overrides`
+        (topk, topk_per_half, activation, gate, input_norm, norm_eps) win over what the module
+        says, as `trove pack`'s flags do.
+        """
+        layout, state, found = _describe_module(module)
+        found.update(overrides)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".trove-from-module-", suffix=".safetensors",
+                                   dir=folder)
+        os.close(fd)
+        try:
+            from safetensors.torch import save_file
+            save_file({f"{layer}.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+                      tmp)
+            _core.pack([tmp], path, layout, [layer], [layer], quant, json.dumps(found),
+                       threads=threads, command_line=f"trove.torch.PEER.from_module({layout})")
+        finally:
+            os.unlink(tmp)
+        return cls.open(path, layer=layer, host=host, device=device, vram=vram, threads=threads)
+
+    @property
+    def last_stats(self):
+        s = self._entry.stats
+        return None if s is None else json.loads(s)
+
+    def router_parameters(self):
+        """The router's Parameters (W_q, its bias, keys, norm), for a torch optimizer."""
+        return [p for p in (self.query_weight, self.query_bias, self.keys, self.norm_weight)
+                if p is not None]
+
+    @torch.no_grad()
+    def routing(self, x):
+        """(ids, gates), each [..., h, k] (int64, fp32; best first per head), that x routes to."""
+        entry, c = self._entry, self.config
+        _sync_router(entry, (self.query_weight, self.query_bias, self.keys, self.norm_weight))
+        xt = _tokens(x, c["dim"], "x")
+        shape = (*x.shape[:-1], c["heads"], c["topk"])
+        y = torch.empty(xt.shape[0], c["dim_out"], dtype=torch.float32)
+        ids = torch.empty(shape, dtype=torch.int64)
+        gates = torch.empty(shape, dtype=torch.float32)
+        entry.stats = entry.core.forward(xt, y, ids, gates)
+        return ids, gates
+
+    def forward(self, x):
+        return torch.ops.trove.peer_forward(x, self._handle, self.query_weight, self.query_bias,
+                                            self.keys, self.norm_weight)
+
+    def extra_repr(self):
+        c = self.config
+        return (f"store={self.store!r}, layer={self.layer!r}, {self.record_dtype}, "
+                f"D={c['dim']}, D_out={c['dim_out']}, experts={c['n_keys'] ** 2}, "
+                f"heads={c['heads']}, topk={c['topk']}, topk_per_half={c['topk_per_half']}, "
+                f"{c['activation']}, gate={c['gate']}")
+
+
+_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
+
+
+def _activation_name(act):
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    for cls, name in _ACTIVATIONS.items():
+        if isinstance(act, cls):
+            return name
+    raise ValueError(f"activation {type(act).__name__}: trove supports nn.ReLU, nn.GELU "
+                     "(erf or tanh) and nn.SiLU")
+
+
+def _describe_module(module):
+    """(layout, tensors by name under the layout, config overrides) for a PEER module."""
+    if hasattr(module, "weight_down_embed") and hasattr(module, "to_queries"):  # PEER-pytorch
+        if getattr(module, "separate_embed_per_head", False):
+            raise ValueError("PEER-pytorch module with separate_embed_per_head=True: trove's "
+                             "layers share one expert table between heads (SPEC §2)")
+        dropout = getattr(module, "dropout", None)
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            warnings.warn(f"the module's dropout p={dropout.p} is not part of trove's layer "
+                          "(it equals the module in eval mode)")
+        softmax = isinstance(module.score_activation, nn.Softmax)
+        if not softmax and not isinstance(module.score_activation, nn.ReLU):
+            raise ValueError(f"score activation {type(module.score_activation).__name__}: "
+                             "PEER-pytorch's are nn.Softmax and nn.ReLU")
+        found = {"topk": int(module.num_experts_per_head_topk),
+                 "topk_per_half": int(module.product_key_topk),
+                 "gate": "softmax" if softmax else "relu",
+                 "activation": _activation_name(module.activation)}
+        return "lucidrains", dict(module.state_dict()), found
+    if hasattr(module, "expert_down") and hasattr(module, "to_queries"):  # the background's
+        found = {"activation": "silu", "gate": "relu"}
+        topk = getattr(module, "topk", None)
+        if topk is not None:
+            found["topk"] = int(topk)
+            found["topk_per_half"] = int(getattr(module, "topk_per_half", topk))
+        state = {k: v for k, v in module.state_dict().items()
+                 if k.split(".")[0] in ("to_queries", "keys", "expert_down", "expert_up")}
+        return "mikeybeez", state, found
+    raise ValueError(f"{type(module).__name__} is not a PEER module trove knows: expected "
+                     "PEER-pytorch's PEER (weight_down_embed, weight_up_embed, to_queries, "
+                     "keys) or the background's (to_queries, keys, expert_down, expert_up)")
