@@ -1,7 +1,7 @@
 // trove._core: the thin nanobind layer under the `trove` Python package (python/trove). It
 // binds the C++ API as it is: pack_store (runtime/pack.h), a stored PEER layer
 // (runtime/peer_layer.h) over a mapped store or a host tier, and its int4 trainer
-// (later). Nothing here knows torch: tensors cross as DLPack/buffer-protocol
+// (train/table_trainer.h). Nothing here knows torch: tensors cross as DLPack/buffer-protocol
 // ndarrays (nanobind), read and written in place, never copied; trove/torch.py does the
 // autograd, dtypes and shapes. Configs and statistics cross as JSON text, which Python parses.
 //
@@ -29,6 +29,7 @@
 #include "runtime/peer_layer.h"
 #include "runtime/store_layer.h"
 #include "storage/store.h"
+#include "train/table_trainer.h"
 
 namespace nb = nanobind;
 
@@ -104,12 +105,14 @@ std::string stats_json(const PeerBatchStats& s) {
   return j.dump();
 }
 
-// A stored layer with its store, opened for Python.
+// A stored layer with its store, opened for Python. With `train`, the layer computes over a
+// TableTrainer's overlay of the records changed since the last checkpoint, and backward()
+// adds the expert rows' gradients to the trainer's pending step (they never reach Python).
 class Layer {
  public:
   Layer(const std::string& path, const std::string& name, const std::string& host,
         const std::string& policy, const std::string& backend, const std::string& vram, int threads,
-        bool verify) {
+        bool verify, bool train) {
     PeerLayerOptions o;
     o.backend = take(parse_peer_backend(backend));
     o.threads = threads;
@@ -122,11 +125,16 @@ class Layer {
       o.tiers = t;
     }
     if (!vram.empty()) o.vram_budget_bytes = take(parse_bytes(vram));
+    if (train) {
+      trainer_ = take(TableTrainer::open(path, name, o));
+      return;
+    }
     store_ = std::make_unique<StoreReader>(take(StoreReader::open(path)));
     layer_.emplace(take(PeerLayer::open(*store_, name, o)));
   }
 
-  PeerLayer& layer() { return *layer_; }
+  PeerLayer& layer() { return trainer_ ? trainer_->layer() : *layer_; }
+  bool training() const { return trainer_ != nullptr; }
 
   std::string config_json() { return peer_config_to_json(layer().config()).dump(); }
   std::string record_dtype() { return std::string(dtype_name(layer().record_layout().dtype)); }
@@ -199,6 +207,7 @@ class Layer {
     {
       nb::gil_scoped_release unlocked;
       check(layer().backward(in_span(x), T, in_span(dy), &grads_));
+      if (trainer_) check(trainer_->accumulate(grads_));
     }
     auto put = [](const std::vector<float>& src, float* dst, size_t n, const char* what) {
       if (src.size() != n) {
@@ -216,7 +225,50 @@ class Layer {
     if (dnorm) put(grads_.d_norm_weight, dnorm->data(), dnorm->size(), "d_norm_weight");
   }
 
+  TableTrainer& trainer() {
+    if (!trainer_) {
+      throw nb::value_error("this layer was opened for inference, not with train=True");
+    }
+    return *trainer_;
+  }
+
+  std::string step(float lr, int saturation_tolerance, const std::string& optimizer) {
+    TableTrainer& t = trainer();
+    if (optimizer != "adagrad" && optimizer != "sgd") {
+      throw nb::value_error(("optimizer '" + optimizer + "': adagrad or sgd").c_str());
+    }
+    const TrainOptimizer o = optimizer == "sgd" ? TrainOptimizer::kSgd : TrainOptimizer::kAdagrad;
+    std::optional<Result<nlohmann::json>> r;
+    {
+      nb::gil_scoped_release unlocked;
+      r.emplace(t.step(lr, saturation_tolerance, o));
+    }
+    return take(std::move(*r)).dump();
+  }
+
+  std::string checkpoint() {
+    TableTrainer& t = trainer();
+    std::optional<Result<nlohmann::json>> r;
+    {
+      nb::gil_scoped_release unlocked;
+      r.emplace(t.checkpoint());
+    }
+    return take(std::move(*r)).dump();
+  }
+
+  // The training view of experts `ids` (weight = d/16 * b) into down [n, D] and up [n, D_out].
+  void training_rows(nb::ndarray<const int64_t, nb::c_contig, nb::device::cpu> ids, F32Out down,
+                     F32Out up) {
+    std::vector<float> d, u;
+    check(trainer().training_rows({ids.data(), ids.size()}, &d, &u));
+    check_size(down, d.size(), "down");
+    check_size(up, u.size(), "up");
+    std::memcpy(down.data(), d.data(), d.size() * sizeof(float));
+    std::memcpy(up.data(), u.data(), u.size() * sizeof(float));
+  }
+
  private:
+  std::unique_ptr<TableTrainer> trainer_;
   std::unique_ptr<StoreReader> store_;
   std::optional<PeerLayer> layer_;
   PeerGrads grads_;
@@ -288,11 +340,19 @@ NB_MODULE(_core, m) {
 
   nb::class_<Layer>(m, "Layer")
       .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
-                    const std::string&, const std::string&, int, bool>(),
+                    const std::string&, const std::string&, int, bool, bool>(),
            nb::arg("path"), nb::arg("name"), nb::arg("host") = "", nb::arg("policy") = "frequency",
            nb::arg("backend") = "cpu", nb::arg("vram") = "", nb::arg("threads") = 0,
-           nb::arg("verify") = true)
+           nb::arg("verify") = true, nb::arg("train") = false)
       .def("config_json", &Layer::config_json)
+      .def_prop_ro("training", &Layer::training)
+      .def("step", &Layer::step, nb::arg("lr"), nb::arg("saturation_tolerance"),
+           nb::arg("optimizer"))
+      .def("zero_grad", [](Layer& l) { l.trainer().zero_grad(); })
+      .def("pending_experts", [](Layer& l) { return l.trainer().pending_experts(); })
+      .def("steps", [](Layer& l) { return l.trainer().steps(); })
+      .def("checkpoint", &Layer::checkpoint)
+      .def("training_rows", &Layer::training_rows, nb::arg("ids"), nb::arg("down"), nb::arg("up"))
       .def("record_dtype", &Layer::record_dtype)
       .def("router", &Layer::router)
       .def("set_router", &Layer::set_router, nb::arg("query_weight"), nb::arg("query_bias").none(),

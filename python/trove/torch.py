@@ -188,9 +188,11 @@ class PEER(nn.Module):
         backend = {"cpu": "cpu", "cuda": "cuda", "ref": "ref"}.get(str(device))
         if backend is None:
             raise ValueError(f"device {device!r}: trove runs layers on 'cpu' or 'cuda'")
-        core = _core.Layer(store, layer, host=_bytes_arg(host), policy=policy, backend=backend,
-                           vram=_bytes_arg(vram), threads=threads, verify=verify)
-        return cls(core, store, layer)
+        args = dict(host=_bytes_arg(host), policy=policy, backend=backend, vram=_bytes_arg(vram),
+                    threads=threads, verify=verify)
+        peer = cls(_core.Layer(store, layer, **args), store, layer)
+        peer._open_args = args
+        return peer
 
     @classmethod
     def from_module(cls, module, path, quant="int4", host=None, layer="peer", device="cpu",
@@ -220,6 +222,38 @@ class PEER(nn.Module):
         finally:
             os.unlink(tmp)
         return cls.open(path, layer=layer, host=host, device=device, vram=vram, threads=threads)
+
+    def _enable_training(self):
+        """Reopens the layer over a trainer (train/table_trainer.h): from then on backward adds
+        the expert rows' gradients to a pending step inside trove."""
+        if not self._entry.core.training:
+            self._entry.core = _core.Layer(self.store, self.layer, train=True, **self._open_args)
+
+    def checkpoint(self):
+        """Writes the expert tables trained since the last checkpoint, the training view, the
+        accumulators and the router as the store's next generation (crash-safe: the old or the
+        new generation). Returns what it wrote, as a dict."""
+        if not self._entry.core.training:
+            raise ValueError("checkpoint(): nothing trains this layer's experts (make an Int4SR "
+                             "over it first)")
+        _sync_router(self._entry, (self.query_weight, self.query_bias, self.keys,
+                                   self.norm_weight))
+        return json.loads(self._entry.core.checkpoint())
+
+    def get_extra_state(self):
+        core = self._entry.core
+        return {"store": self.store, "layer": self.layer,
+                "step": core.steps() if core.training else None}
+
+    def set_extra_state(self, state):
+        if state.get("layer") != self.layer:
+            raise ValueError(f"state dict of layer {state.get('layer')!r} loaded into layer "
+                             f"{self.layer!r}")
+        core = self._entry.core
+        step = core.steps() if core.training else None
+        if state.get("step") is not None and step is not None and state["step"] != step:
+            warnings.warn(f"the state dict was taken at step {state['step']}, the store "
+                          f"{self.store} holds step {step}'s expert tables")
 
     @property
     def last_stats(self):
@@ -300,3 +334,60 @@ def _describe_module(module):
     raise ValueError(f"{type(module).__name__} is not a PEER module trove knows: expected "
                      "PEER-pytorch's PEER (weight_down_embed, weight_up_embed, to_queries, "
                      "keys) or the background's (to_queries, keys, expert_down, expert_up)")
+
+
+class Int4SR:
+    """SPEC §7's update of trove PEER modules' expert tables, in place, on the experts the
+    backward passes since the last step touched:
+
+        opt = tt.Int4SR(peer, lr=1e-2)        # also a list of PEER modules
+        loss.backward(); opt.step(); opt.zero_grad(); peer.checkpoint()
+
+    Each weight is an 8-bit training code b at scale d/16 inside trove (int4 value plus an
+    accumulator nibble), moved by stochastic rounding of 16 * delta / d with a hash of (seed,
+    step, expert, element), so a run is reproducible; row-wise Adagrad (one fp32 per row) or
+    SGD; groups saturating by at most `saturation_tolerance` codes are clamped, beyond it the
+    group's scale doubles (kernels/train.h). Gradients of several backward passes add up until
+    step() (micro-batches), as torch's .grad does. The routers are ordinary Parameters: train
+    them with any torch optimizer.
+    """
+
+    def __init__(self, peers, lr=1e-2, saturation_tolerance=64, optimizer="adagrad"):
+        self.peers = [peers] if isinstance(peers, PEER) else list(peers)
+        if not self.peers or not all(isinstance(p, PEER) for p in self.peers):
+            raise ValueError("Int4SR trains trove.torch.PEER modules; got "
+                             f"{[type(p).__name__ for p in self.peers]}")
+        if not 0 <= saturation_tolerance <= 128:
+            raise ValueError(f"saturation_tolerance {saturation_tolerance}: 0..128 codes")
+        if optimizer not in ("adagrad", "sgd"):
+            raise ValueError(f"optimizer {optimizer!r}: 'adagrad' or 'sgd'")
+        for p in self.peers:
+            if p.record_dtype != "int4":
+                raise ValueError(f"layer {p.layer} of {p.store} holds {p.record_dtype} records; "
+                                 "Int4SR trains int4 tables (pack with quant='int4')")
+            p._enable_training()
+        self.lr, self.saturation_tolerance, self.optimizer = lr, saturation_tolerance, optimizer
+        self.last_stats = None
+
+    def step(self):
+        self.last_stats = [json.loads(p._entry.core.step(self.lr, self.saturation_tolerance,
+                                                          self.optimizer))
+                           for p in self.peers]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.peers:
+            p._entry.core.zero_grad()
+
+    def state_dict(self):
+        return {"lr": self.lr, "saturation_tolerance": self.saturation_tolerance,
+                "optimizer": self.optimizer,
+                "steps": [p._entry.core.steps() for p in self.peers]}
+
+    def load_state_dict(self, state):
+        steps = [p._entry.core.steps() for p in self.peers]
+        if state["steps"] != steps:
+            raise ValueError(f"the optimizer state is at steps {state['steps']}, the stores at "
+                             f"{steps}: load it with the stores it was checkpointed with")
+        self.lr = state["lr"]
+        self.saturation_tolerance = state["saturation_tolerance"]
+        self.optimizer = state["optimizer"]
