@@ -756,7 +756,7 @@ TEST_F(LayoutsTest, LucidrainsLayoutImportsExactly) {
       ASSERT_TRUE(r.ok()) << r.status().to_string();
       expect_canonical(*r, l, want_norm);
       EXPECT_EQ(r->config.activation, Activation::kGelu);
-      EXPECT_EQ(r->config.gate, Gate::kSoftmax);
+      EXPECT_EQ(r->config.gate, Gate::kRelu);  // non_competing_scores=True, PEER-pytorch's default
       EXPECT_EQ(r->config.input_norm, InputNorm::kRms);
       EXPECT_EQ(r->config.norm_eps, 1e-12f);
       EXPECT_EQ(r->config.topk, 5);
