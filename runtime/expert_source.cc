@@ -1,5 +1,10 @@
 #include "runtime/expert_source.h"
 
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+
 #include "base/strings.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/quant.h"
@@ -69,36 +74,68 @@ Status MemoryExpertSource::acquire(std::span<const int64_t> ids,
   return Status::ok_status();
 }
 
-MappedStoreExpertSource::MappedStoreExpertSource(const StoreReader& store,
-                                                 const StoreLayerInfo& layer,
-                                                 const RecordLayout& layout, bool verify)
+ResidentStoreExpertSource::ResidentStoreExpertSource(const StoreReader& store,
+                                                     const StoreLayerInfo& layer,
+                                                     const RecordLayout& layout, bool verify,
+                                                     uint8_t* table)
     : store_(store),
       layer_(layer),
       layout_(layout),
-      table_(store.mapped_records(layer)),
       verify_(verify),
-      verified_((layer.table.count + 63) / 64, 0) {
-  TROVE_CHECK(layout_.stride == layer.table.stride);
+      table_(table),
+      loaded_((layer.table.count + 63) / 64, 0) {}
+
+ResidentStoreExpertSource::~ResidentStoreExpertSource() {
+  ::munmap(table_, layer_.table.bytes);
 }
 
-std::string MappedStoreExpertSource::describe() const {
-  return "store " + store_.path() + ", layer " + layer_.name + " (mapped)";
+Result<std::unique_ptr<ResidentStoreExpertSource>> ResidentStoreExpertSource::open(
+    const StoreReader& store, const StoreLayerInfo& layer, const RecordLayout& layout,
+    bool verify) {
+  TROVE_CHECK(layout.stride == layer.table.stride);
+  // Address space for the whole table; pages are committed as records arrive.
+  void* table = ::mmap(nullptr, layer.table.bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (table == MAP_FAILED) {
+    const int err = errno;
+    return Status::from_errno(str_printf("%s: layer %s: reserving %llu bytes of address space for "
+                                         "its records",
+                                         store.path().c_str(), layer.name.c_str(),
+                                         static_cast<unsigned long long>(layer.table.bytes)),
+                              err);
+  }
+  return std::unique_ptr<ResidentStoreExpertSource>(
+      new ResidentStoreExpertSource(store, layer, layout, verify, static_cast<uint8_t*>(table)));
 }
 
-Status MappedStoreExpertSource::acquire(std::span<const int64_t> ids,
-                                        std::span<const uint8_t*> records) {
+std::string ResidentStoreExpertSource::describe() const {
+  return "store " + store_.path() + ", layer " + layer_.name + " (resident)";
+}
+
+Status ResidentStoreExpertSource::acquire(std::span<const int64_t> ids,
+                                          std::span<const uint8_t*> records) {
   check_ids(ids, records, num_experts());
-  for (size_t i = 0; i < ids.size(); ++i) {
-    const uint64_t id = static_cast<uint64_t>(ids[i]);
-    const uint8_t* record = table_.data() + id * layout_.stride;
-    uint64_t& word = verified_[id / 64];
-    const uint64_t bit = uint64_t{1} << (id % 64);
-    if (verify_ && (word & bit) == 0) {
-      TROVE_RETURN_IF_ERROR(store_.verify_record(layer_, ids[i], record));
-      word |= bit;
-      ++verified_count_;
+  const size_t stride = layout_.stride;
+  auto is_loaded = [&](int64_t id) {
+    return (loaded_[static_cast<size_t>(id) / 64] >> (id % 64) & 1) != 0;
+  };
+  missing_.clear();
+  for (int64_t id : ids) {
+    if (!is_loaded(id)) missing_.push_back(id);
+  }
+  if (!missing_.empty()) {
+    // One batched read (neighbours coalesced), every record verified before any is kept.
+    staging_.resize(missing_.size() * stride);
+    TROVE_RETURN_IF_ERROR(store_.read_records(layer_, missing_, staging_, verify_));
+    for (size_t i = 0; i < missing_.size(); ++i) {
+      const int64_t id = missing_[i];
+      std::memcpy(table_ + static_cast<size_t>(id) * stride, staging_.data() + i * stride, stride);
+      loaded_[static_cast<size_t>(id) / 64] |= uint64_t{1} << (id % 64);
     }
-    records[i] = record;
+    loaded_count_ += static_cast<int64_t>(missing_.size());
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    records[i] = table_ + static_cast<size_t>(ids[i]) * stride;
   }
   return Status::ok_status();
 }

@@ -5,8 +5,8 @@
 // them.
 //
 // Sources here: MemoryExpertSource (records in an owned buffer, e.g. packed from fp32 tensors)
-// and MappedStoreExpertSource (the store's record table memory-mapped, each record's checksum
-// verified the first time it is acquired).
+// and ResidentStoreExpertSource (each record read from the store, verified, the first time it
+// is acquired, and kept).
 #pragma once
 
 #include <cstdint>
@@ -107,16 +107,24 @@ class MemoryExpertSource final : public ExpertSource {
   int64_t num_experts_ = 0;
 };
 
-// The record table of one store layer, memory-mapped. Each record's checksum is verified the
-// first time it is acquired (unless `verify` is false); a mismatch is Status::corruption
-// naming the file, layer, expert and offset, and that record is never handed out.
+// The record table of one store layer, read through the store's checked reads
+// (StoreReader::read_records: O_DIRECT or pread, each record's checksum verified unless `verify`
+// is false) the first time each record is acquired, then kept in memory. A record the disk
+// fails to read, or one that fails its checksum, is a Status naming the file, layer, expert
+// and errno (a memory-mapped table would raise SIGBUS instead), and is never handed out.
+// Records stay resident for the source's life: memory grows with the experts used, up to the
+// whole table (address space for it is reserved, not committed, at open); a host budget
+// (TieredExpertSource) bounds it instead.
 // Not thread-safe: one batch at a time (the tiered store of SPEC §5 is the concurrent one).
-class MappedStoreExpertSource final : public ExpertSource {
+class ResidentStoreExpertSource final : public ExpertSource {
  public:
   // REQUIRES: `store` outlives this source; `layer` is one of store.layers() and `layout` its
   // record layout (runtime/store_layer.h).
-  MappedStoreExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
-                          const RecordLayout& layout, bool verify = true);
+  static Result<std::unique_ptr<ResidentStoreExpertSource>> open(const StoreReader& store,
+                                                                 const StoreLayerInfo& layer,
+                                                                 const RecordLayout& layout,
+                                                                 bool verify = true);
+  ~ResidentStoreExpertSource() override;
 
   const RecordLayout& layout() const override { return layout_; }
   int64_t num_experts() const override { return static_cast<int64_t>(layer_.table.count); }
@@ -124,16 +132,22 @@ class MappedStoreExpertSource final : public ExpertSource {
   Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   void release(std::span<const int64_t>) override {}
 
-  int64_t verified_records() const { return verified_count_; }
+  // Records read from the store so far (each once).
+  int64_t loaded_records() const { return loaded_count_; }
 
  private:
+  ResidentStoreExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
+                            const RecordLayout& layout, bool verify, uint8_t* table);
+
   const StoreReader& store_;
   const StoreLayerInfo& layer_;
   RecordLayout layout_;
-  std::span<const uint8_t> table_;
   bool verify_;
-  std::vector<uint64_t> verified_;  // one bit per expert
-  int64_t verified_count_ = 0;
+  uint8_t* table_;                // anonymous mapping of table.bytes
+  std::vector<uint64_t> loaded_;  // one bit per expert
+  int64_t loaded_count_ = 0;
+  std::vector<int64_t> missing_;  // scratch of acquire()
+  std::vector<uint8_t> staging_;  // scratch of acquire()
 };
 
 }  // namespace trove

@@ -75,6 +75,8 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
   }
 
   ForwardReport report;
+  report.store_generation = store.generation();
+  report.store_manifest_xxh3 = store.manifest_xxh3();
   report.input_tensor = x->name;
   report.input_shape = x->shape;
   report.input_dtype = st_dtype_name(x->dtype);

@@ -37,6 +37,10 @@ struct ForwardOptions {
 };
 
 struct ForwardReport {
+  // The generation of the store the run read (every record and router tensor came from it:
+  // a StoreReader pins its generation): its number and manifest checksum.
+  uint64_t store_generation = 0;
+  uint64_t store_manifest_xxh3 = 0;
   std::string input_tensor;
   std::vector<int64_t> input_shape;
   std::string input_dtype;

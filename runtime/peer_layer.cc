@@ -447,8 +447,10 @@ Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& n
     if (!tiered.ok()) return tiered.status();
     source = std::move(tiered).value();
   } else {
-    source = std::make_unique<MappedStoreExpertSource>(store, info, stored.record,
-                                                       options.verify_checksums);
+    auto resident =
+        ResidentStoreExpertSource::open(store, info, stored.record, options.verify_checksums);
+    if (!resident.ok()) return resident.status();
+    source = std::move(resident).value();
   }
   auto layer = create(stored.config, std::move(params), std::move(source), options);
   if (!layer.ok()) return layer.status().with_context(store.path() + ": layer " + name);

@@ -130,7 +130,7 @@ class PeerLayer {
   ~PeerLayer();
 
   // Layer `name` of `store` (which must outlive the layer): config and record layout from the
-  // manifest, router parameters read and verified, records through a MappedStoreExpertSource.
+  // manifest, router parameters read and verified, records through a ResidentStoreExpertSource.
   // A missing layer is Status::not_found listing the store's layers.
   static Result<PeerLayer> open(const StoreReader& store, const std::string& name,
                                 PeerLayerOptions options = {});

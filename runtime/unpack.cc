@@ -21,18 +21,15 @@ namespace trove {
 namespace {
 
 // Streams one expert table (down or up) of a stored layer as a safetensors tensor: the
-// writer asks for byte ranges, and each range is served by verifying and dequantizing just
-// the records it covers. The down and up fillers of a layer share `verified_end`: records
-// [0, verified_end) have passed their checksum, so the up table (written after the down
-// table) does not check them again.
+// writer asks for byte ranges, and each range is served by reading, verifying and dequantizing
+// just the records it covers.
 class TableFiller {
  public:
   TableFiller(const StoreReader& store, const StoredLayer& layer, bool up, StDType dtype,
-              int64_t* verified_end, ProgressBar* bar)
+              ProgressBar* bar)
       : store_(store),
         layer_(layer),
         up_(up),
-        verified_end_(verified_end),
         dtype_(dtype),
         out_dtype_(st_float_dtype(dtype)),
         bar_(bar) {}
@@ -46,16 +43,16 @@ class TableFiller {
     const int64_t first = static_cast<int64_t>(offset / row_bytes);
     const int64_t last = static_cast<int64_t>((end + row_bytes - 1) / row_bytes);  // exclusive
     const int64_t count = last - first;
-    const std::span<const uint8_t> table = store_.mapped_records(*layer_.info);
     rows_.resize(static_cast<size_t>(count) * row_len);
     bytes_.resize(static_cast<size_t>(count) * row_bytes);
-    const uint8_t* records = table.data() + static_cast<uint64_t>(first) * rec.stride;
-    for (int64_t id = std::max(first, *verified_end_); id < last; ++id) {
-      TROVE_RETURN_IF_ERROR(store_.verify_record(
-          *layer_.info, id, records + static_cast<uint64_t>(id - first) * rec.stride));
-    }
-    if (first <= *verified_end_) *verified_end_ = std::max(*verified_end_, last);
-    unpack_records(rec, records, count, up_ ? nullptr : rows_.data(), up_ ? rows_.data() : nullptr);
+    // Read through checked I/O and verified: a sector the disk cannot read is an error naming
+    // the expert and errno, never a SIGBUS from a mapping.
+    ids_.resize(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) ids_[static_cast<size_t>(i)] = first + i;
+    records_.resize(static_cast<size_t>(count) * rec.stride);
+    TROVE_RETURN_IF_ERROR(store_.read_records(*layer_.info, ids_, records_));
+    unpack_records(rec, records_.data(), count, up_ ? nullptr : rows_.data(),
+                   up_ ? rows_.data() : nullptr);
     convert_row_ref(out_dtype_, rows_.data(), count * static_cast<int64_t>(row_len), bytes_.data());
     std::memcpy(chunk.data(), bytes_.data() + (offset - static_cast<uint64_t>(first) * row_bytes),
                 chunk.size());
@@ -67,12 +64,13 @@ class TableFiller {
   const StoreReader& store_;
   const StoredLayer& layer_;
   bool up_;
-  int64_t* verified_end_;
   StDType dtype_;
   DType out_dtype_;  // the same type, as the kernels name it
   ProgressBar* bar_;
   std::vector<float> rows_;
   std::vector<uint8_t> bytes_;
+  std::vector<int64_t> ids_;
+  std::vector<uint8_t> records_;
 };
 
 std::span<const uint8_t> as_bytes(const std::vector<float>& v) {
@@ -124,14 +122,12 @@ Result<UnpackReport> unpack_store(const UnpackOptions& options) {
 
   ProgressBar bar("unpacking", table_bytes, ProgressBar::Unit::kBytes);
   std::vector<std::unique_ptr<TableFiller>> fillers;
-  std::vector<int64_t> verified_end(layers.size(), 0);
   for (size_t li = 0; li < layers.size(); ++li) {
     const StoredLayer& layer = layers[li];
     const std::string& name = layer.info->name;
     const int64_t n = layer.config.num_experts();
     for (bool up : {false, true}) {
-      fillers.push_back(
-          std::make_unique<TableFiller>(store, layer, up, options.dtype, &verified_end[li], &bar));
+      fillers.push_back(std::make_unique<TableFiller>(store, layer, up, options.dtype, &bar));
       TableFiller* f = fillers.back().get();
       tensors.push_back({name + (up ? ".up" : ".down"),
                          options.dtype,

@@ -121,6 +121,9 @@ class AtomicFileWriter {
   // Bytes appended so far (the offset of the next append).
   uint64_t offset() const { return offset_; }
   const std::string& dest() const { return dest_; }
+  // The new file's descriptor (read-write), for a lock taken on it before commit() publishes it.
+  // REQUIRES: not yet committed or abandoned.
+  int fd() const { return fd_; }
 
   // REQUIRES: not yet committed. After an error the writer is abandoned, and `dest` still
   // names the previous file, except when only the final fsync of the folder failed: then

@@ -19,8 +19,11 @@
 
 #include "base/status.h"
 #include "storage/file.h"
+#include "storage/store_lock.h"
 
 namespace trove {
+
+class FileOps;  // storage/record_io.h
 
 inline constexpr uint16_t kStoreVersionMajor = 1;
 inline constexpr uint16_t kStoreVersionMinor = 0;
@@ -69,6 +72,10 @@ class StoreWriter {
   Status end_layer();
   // Writes dense data, checksums, manifest, trailer and header, fsyncs and renames.
   Status finish();
+  // finish() for a writer that holds `lock`, the writer lock of the store at the same path (a
+  // training run rewriting its store): the new file is locked before it is renamed over the
+  // old one, and `lock` moves to it, so no second writer can slip in between.
+  Status finish(StoreLock* lock);
 
  private:
   struct Impl;
@@ -111,6 +118,14 @@ struct StoreOpenOptions {
   // Open a second descriptor with O_DIRECT for read_records (falls back to buffered reads,
   // with a debug log, where the filesystem refuses O_DIRECT, e.g. tmpfs).
   bool direct_io = true;
+  // Pin the generation opened: from open until the reader is destroyed, an update's commit waits
+  // before writing the store (storage/store_lock.h), so every byte this reader reads belongs to
+  // the generation it validated. False only for a process that holds the store's writer lock
+  // itself (its commits would otherwise wait for its own reader).
+  bool pin_generation = true;
+  // Test seam for the reads of read_records and verify (storage/fault_injection.h); null: the
+  // real syscalls.
+  std::shared_ptr<FileOps> file_ops;
 };
 
 // One failed check found by verify().
@@ -120,7 +135,11 @@ struct StoreFault {
   std::string item;     // "expert 1234", "query.weight", ...
   uint64_t offset = 0;  // absolute file offset of the damaged extent
   uint64_t bytes = 0;
-  std::string message() const;  // "records of layer L, expert 1234 at offset 8192 (2304 bytes)"
+  // What is wrong: "checksum mismatch", "not zero", or the failed read ("read failed:
+  // Input/output error (errno 5)").
+  std::string error;
+  // "records of layer L, expert 1234 at offset 8192 (2304 bytes): checksum mismatch"
+  std::string message() const;
 };
 
 class StoreReader {
@@ -161,13 +180,16 @@ class StoreReader {
   Result<std::vector<float>> read_dense(const StoreLayerInfo& layer, const std::string& name) const;
 
   // Copies records `ids` of `layer` into `out` (ids.size() * stride bytes, in the order of ids)
-  // with aligned O_DIRECT reads (buffered when unavailable), verifying each record's checksum.
-  // Errors name the file, offset and expert id; on error `out` is unspecified.
+  // with aligned O_DIRECT reads (buffered when unavailable), verifying each record's checksum
+  // (unless `verify` is false or the store was opened without verification). Errors name the
+  // file, layer, expert id, offset and errno; on error `out` is unspecified.
   Status read_records(const StoreLayerInfo& layer, std::span<const int64_t> ids,
-                      std::span<uint8_t> out) const;
+                      std::span<uint8_t> out, bool verify = true) const;
 
   // The whole record table, memory-mapped, NOT verified (callers verify with
-  // verify_record when the data matters).
+  // verify_record when the data matters). A page the disk fails to read raises SIGBUS in the
+  // thread touching it: trove's own read paths use read_records (errors name the expert and
+  // errno) and keep this for benchmarks of the page cache.
   // REQUIRES: `layer` belongs to this reader (one of layers(), or a copy of one: it is found
   // by name). Violations abort.
   std::span<const uint8_t> mapped_records(const StoreLayerInfo& layer) const;
@@ -181,7 +203,9 @@ class StoreReader {
   uint64_t record_checksum(const StoreLayerInfo& layer, int64_t id) const;
 
   // Checks every checksum in the file. Returns OK and no faults, or the list of every damaged
-  // extent found. `progress(done, total)` is called with bytes checked.
+  // extent found. `progress(done, total)` is called with bytes checked. Reads with pread (never
+  // the mapping): an extent the disk fails to read is a fault naming the errno, and verify reads
+  // on around it, record by record, so every readable record is still checked.
   Result<std::vector<StoreFault>> verify(
       const std::function<void(uint64_t, uint64_t)>& progress = nullptr) const;
 

@@ -18,8 +18,10 @@
 
 #include "base/log.h"
 #include "base/strings.h"
+#include "storage/record_io.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
+#include "storage/store_lock.h"
 #include "storage/store_update.h"
 
 namespace trove {
@@ -468,6 +470,7 @@ std::string StoreFault::message() const {
   if (!layer.empty()) s += " of layer " + layer;
   if (!item.empty()) s += ", " + item;
   s += str_printf(" at offset %llu (%llu bytes)", ull(offset), ull(bytes));
+  if (!error.empty()) s += ": " + error;
   return s;
 }
 
@@ -484,6 +487,7 @@ struct StoreReader::Impl {
   std::string path;
   StoreOpenOptions options;
   File file;         // buffered reads (header, trailer, manifest, dense)
+  StorePin pin;      // on `file` (declared after it: released before it closes)
   File direct_file;  // O_DIRECT reads of records; closed when the filesystem refuses O_DIRECT
   MappedFile map;
   StoreHeader header{};
@@ -527,19 +531,32 @@ struct StoreReader::Impl {
   // arrived or the file ends (an aligned extent may run past the end of the file); returns the
   // number of bytes read. With `direct`, offset, len and buf are kDirectAlignment-aligned and a
   // short read resumes at an aligned position.
+  // One pread(2) through the test seam: bytes read, or -errno.
+  int64_t pread_at(int fd, uint8_t* buf, uint64_t len, uint64_t offset) const {
+    if (options.file_ops != nullptr) return options.file_ops->read_at(fd, buf, len, offset);
+    const ssize_t n = ::pread(fd, buf, len, static_cast<off_t>(offset));
+    return n < 0 ? -errno : n;
+  }
+
+  // `what` (naming the records a read was for) and the failed read, with its errno.
+  Status read_error(const std::string& what, int err, uint64_t len, uint64_t offset,
+                    bool direct) const {
+    return Status::from_errno(
+        str_printf("%s: %s: read of %llu bytes at offset %llu%s", path.c_str(), what.c_str(),
+                   ull(len), ull(offset), direct ? " (O_DIRECT)" : ""),
+        err);
+  }
+
   Result<uint64_t> read_extent(bool direct, uint64_t offset, uint64_t len, uint64_t needed,
-                               uint8_t* buf) const {
+                               uint8_t* buf, const std::string& what) const {
     const int fd = direct ? direct_file.fd() : file.fd();
     uint64_t done = 0;
     while (done < needed) {
-      const ssize_t n = ::pread(fd, buf + done, len - done, static_cast<off_t>(offset + done));
+      const int64_t n = pread_at(fd, buf + done, len - done, offset + done);
       if (n < 0) {
-        const int err = errno;
-        if (err == EINTR) continue;
-        return Status::from_errno(
-            str_printf("%s: read of %llu bytes at offset %llu%s", path.c_str(), ull(len - done),
-                       ull(offset + done), direct ? " (O_DIRECT)" : ""),
-            err);
+        const int err = static_cast<int>(-n);
+        if (err == EINTR || err == EAGAIN) continue;
+        return read_error(what, err, len - done, offset + done, direct);
       }
       if (n == 0) break;  // end of file
       uint64_t next = done + static_cast<uint64_t>(n);
@@ -572,6 +589,21 @@ Result<StoreReader> StoreReader::open(const std::string& path, StoreOpenOptions 
   r.path = path;
   r.options = options;
   TROVE_ASSIGN_OR_RETURN(r.file, File::open_read(path));
+  if (options.pin_generation) {
+    // Pinned, the bytes cannot change until the reader is destroyed. They could be torn only if
+    // a writer crashed in the middle of a replay after recover_store above looked: then unpin,
+    // recover and pin again.
+    for (int attempt = 0;; ++attempt) {
+      TROVE_ASSIGN_OR_RETURN(r.pin, StorePin::take(r.file.fd(), path));
+      TROVE_ASSIGN_OR_RETURN(bool torn, store_needs_recovery(path, r.file.fd()));
+      if (!torn) break;
+      r.pin.release();
+      if (attempt == 3) {
+        return Status::aborted(path + ": its update journal keeps coming back; retry");
+      }
+      TROVE_RETURN_IF_ERROR(recover_store(path));
+    }
+  }
   TROVE_ASSIGN_OR_RETURN(uint64_t actual_size, r.file.size());
 
   // Header.
@@ -719,7 +751,7 @@ Result<std::vector<float>> StoreReader::read_dense(const StoreLayerInfo& layer,
 }
 
 Status StoreReader::read_records(const StoreLayerInfo& layer, std::span<const int64_t> ids,
-                                 std::span<uint8_t> out) const {
+                                 std::span<uint8_t> out, bool verify) const {
   const Impl& r = *impl_;
   TROVE_ASSIGN_OR_RETURN(size_t li, r.require_layer(layer));
   const StoreTableInfo& t = r.layers[li].table;
@@ -779,34 +811,61 @@ Status StoreReader::read_records(const StoreLayerInfo& layer, std::span<const in
   }
 
   TROVE_ASSIGN_OR_RETURN(AlignedBuffer buffer, AlignedBuffer::allocate(max_span));
+  const std::string& name = r.layers[li].name;
+  // Copies (and verifies) the record at order[k] out of `got` bytes read at file offset `base`.
+  auto deliver = [&](size_t k, size_t first_k, uint64_t base, uint64_t got) -> Status {
+    const size_t pos = order[k];
+    uint8_t* dst = out.data() + pos * stride;
+    if (k > first_k && ids[order[k - 1]] == ids[pos]) {
+      // A duplicate id: copied (and verified) just before.
+      std::memcpy(dst, out.data() + order[k - 1] * stride, stride);
+      return {};
+    }
+    if (record_offset(pos) + stride > base + got) {
+      return Status::corruption(
+          str_printf("%s: layer %s expert %lld at offset %llu (%llu bytes): truncated: the file "
+                     "ends at offset %llu",
+                     r.path.c_str(), name.c_str(), static_cast<long long>(ids[pos]),
+                     ull(record_offset(pos)), ull(stride), ull(base + got)));
+    }
+    std::memcpy(dst, buffer.data() + (record_offset(pos) - base), stride);
+    if (verify && r.options.verify_checksums) {
+      const uint64_t stored = r.record_checksums[li][static_cast<size_t>(ids[pos])];
+      const uint64_t computed = store_checksum({dst, stride});
+      if (computed != stored) return r.record_mismatch(li, ids[pos], stored, computed);
+    }
+    return {};
+  };
+  auto expert = [&](size_t k) {
+    return str_printf("layer %s expert %lld", name.c_str(), static_cast<long long>(ids[order[k]]));
+  };
   for (const Run& run : runs) {
-    const uint64_t needed = run.data_end - run.span.begin;
     // No buffered retry when an O_DIRECT read fails: EINVAL there means a misaligned request,
     // a bug this must surface rather than hide.
-    TROVE_ASSIGN_OR_RETURN(uint64_t got, r.read_extent(direct, run.span.begin, run.span.bytes(),
-                                                       needed, buffer.data()));
+    const std::string what = run.end - run.begin == 1
+                                 ? expert(run.begin)
+                                 : str_printf("layer %s experts %lld..%lld", name.c_str(),
+                                              static_cast<long long>(ids[order[run.begin]]),
+                                              static_cast<long long>(ids[order[run.end - 1]]));
+    const Result<uint64_t> read = r.read_extent(direct, run.span.begin, run.span.bytes(),
+                                                run.data_end - run.span.begin, buffer.data(), what);
+    if (read.ok()) {
+      for (size_t k = run.begin; k < run.end; ++k) {
+        TROVE_RETURN_IF_ERROR(deliver(k, run.begin, run.span.begin, *read));
+      }
+      continue;
+    }
+    if (run.end - run.begin == 1) return read.status();
+    // A coalesced read failed (a bad sector somewhere in its extent, perhaps between the records
+    // asked for): read record by record, so the error names the expert that cannot be read and
+    // records beside the damage still arrive.
     for (size_t k = run.begin; k < run.end; ++k) {
-      const size_t pos = order[k];
-      uint8_t* dst = out.data() + pos * stride;
-      if (k > run.begin && ids[order[k - 1]] == ids[pos]) {
-        // A duplicate id: copied (and verified) just before.
-        std::memcpy(dst, out.data() + order[k - 1] * stride, stride);
-        continue;
-      }
-      if (record_offset(pos) + stride > run.span.begin + got) {
-        return Status::corruption(
-            str_printf("%s: layer %s expert %lld at offset %llu (%llu bytes): truncated: the file "
-                       "ends at offset %llu",
-                       r.path.c_str(), r.layers[li].name.c_str(), static_cast<long long>(ids[pos]),
-                       ull(record_offset(pos)), ull(stride), ull(run.span.begin + got)));
-      }
-      const uint8_t* src = buffer.data() + (record_offset(pos) - run.span.begin);
-      std::memcpy(dst, src, stride);
-      if (r.options.verify_checksums) {
-        const uint64_t stored = r.record_checksums[li][static_cast<size_t>(ids[pos])];
-        const uint64_t computed = store_checksum({dst, stride});
-        if (computed != stored) return r.record_mismatch(li, ids[pos], stored, computed);
-      }
+      const uint64_t at = record_offset(order[k]);
+      const StoreDirectSpan one = extent_of(at, at + stride);
+      TROVE_ASSIGN_OR_RETURN(uint64_t got,
+                             r.read_extent(direct, one.begin, one.bytes(), at + stride - one.begin,
+                                           buffer.data(), expert(k)));
+      TROVE_RETURN_IF_ERROR(deliver(k, run.begin, one.begin, got));
     }
   }
   return {};
@@ -848,8 +907,8 @@ uint64_t StoreReader::record_checksum(const StoreLayerInfo& layer, int64_t id) c
 Result<std::vector<StoreFault>> StoreReader::verify(
     const std::function<void(uint64_t, uint64_t)>& progress) const {
   const Impl& r = *impl_;
-  const std::span<const uint8_t> file = r.map.bytes();
-  const uint64_t total = file.size();
+  const int fd = r.file.fd();
+  const uint64_t total = r.header.file_size;
   uint64_t done = 0;
   auto advance = [&](uint64_t bytes) {
     done += bytes;
@@ -857,23 +916,47 @@ Result<std::vector<StoreFault>> StoreReader::verify(
   };
   std::vector<StoreFault> faults;
   auto fault = [&](const char* region, std::string layer, std::string item, uint64_t offset,
-                   uint64_t bytes) {
-    faults.push_back({region, std::move(layer), std::move(item), offset, bytes});
+                   uint64_t bytes, std::string error) {
+    faults.push_back({region, std::move(layer), std::move(item), offset, bytes, std::move(error)});
   };
   // Sequential reads of the whole file: tell the kernel to read ahead.
-  if (!file.empty()) {
-    ::madvise(const_cast<uint8_t*>(file.data()), file.size(), MADV_SEQUENTIAL);
-  }
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  // Every byte comes through pread, so a sector the disk cannot read is an errno here, never a
+  // signal. Empty: read; else what went wrong.
+  std::vector<uint8_t> buf;
+  auto read = [&](uint64_t offset, uint64_t len) -> std::string {
+    buf.resize(len);
+    uint64_t got = 0;
+    while (got < len) {
+      const int64_t n = r.pread_at(fd, buf.data() + got, len - got, offset + got);
+      if (n < 0) {
+        const int err = static_cast<int>(-n);
+        if (err == EINTR || err == EAGAIN) continue;
+        return str_printf("read failed: %s (errno %d)", std::strerror(err), err);
+      }
+      if (n == 0) return "read failed: the file ends early (truncated while open)";
+      got += static_cast<uint64_t>(n);
+    }
+    return {};
+  };
+  auto bytes = [&]() { return std::span<const uint8_t>(buf); };
 
   // Header and trailer: the same checks as open, and they must still say what they said then.
-  Result<StoreHeader> header = check_header(r.path, file.first(kStoreHeaderBytes), total);
-  if (!header.ok() || std::memcmp(&*header, &r.header, sizeof(StoreHeader)) != 0) {
-    fault("header", "", "", 0, kStoreHeaderBytes);
+  if (std::string e = read(0, kStoreHeaderBytes); !e.empty()) {
+    fault("header", "", "", 0, kStoreHeaderBytes, e);
+  } else {
+    Result<StoreHeader> header = check_header(r.path, bytes(), total);
+    if (!header.ok() || std::memcmp(&*header, &r.header, sizeof(StoreHeader)) != 0) {
+      fault("header", "", "", 0, kStoreHeaderBytes,
+            header.ok() ? "differs from the header read at open" : header.status().message());
+    }
   }
   advance(kStoreHeaderBytes);
   const uint64_t trailer_offset = total - kStoreTrailerBytes;
-  if (!check_trailer(r.path, file.subspan(trailer_offset), r.header).ok()) {
-    fault("trailer", "", "", trailer_offset, kStoreTrailerBytes);
+  if (std::string e = read(trailer_offset, kStoreTrailerBytes); !e.empty()) {
+    fault("trailer", "", "", trailer_offset, kStoreTrailerBytes, e);
+  } else if (Status t = check_trailer(r.path, bytes(), r.header); !t.ok()) {
+    fault("trailer", "", "", trailer_offset, kStoreTrailerBytes, t.message());
   }
   advance(kStoreTrailerBytes);
 
@@ -898,38 +981,56 @@ Result<std::vector<StoreFault>> StoreReader::verify(
     checks.push_back({c.offset, c.bytes, Kind::kChecksums, li});
     checks.push_back({layer.table.offset, layer.table.bytes, Kind::kRecords, li});
   }
+  const std::string kMismatch = "checksum mismatch";
+  // A region checked whole against one checksum.
+  auto check_whole = [&](const char* region, const std::string& layer, const std::string& item,
+                         const Check& check, uint64_t want) {
+    if (std::string e = read(check.offset, check.bytes); !e.empty()) {
+      fault(region, layer, item, check.offset, check.bytes, e);
+    } else if (store_checksum(bytes()) != want) {
+      fault(region, layer, item, check.offset, check.bytes, kMismatch);
+    }
+    advance(check.bytes);
+  };
   auto run_check = [&](const Check& check) {
-    const std::span<const uint8_t> bytes = file.subspan(check.offset, check.bytes);
     const StoreLayerInfo& layer = r.layers[check.layer];
     switch (check.kind) {
       case Kind::kManifest:
-        if (store_checksum(bytes) != r.header.manifest_xxh3) {
-          fault("manifest", "", "", check.offset, check.bytes);
-        }
-        advance(check.bytes);
+        check_whole("manifest", "", "", check, r.header.manifest_xxh3);
         break;
       case Kind::kDense: {
         const StoreDenseInfo& d = layer.dense[check.dense];
-        if (store_checksum(bytes) != d.xxh3) fault("dense", layer.name, d.name, d.offset, d.bytes);
-        advance(check.bytes);
+        check_whole("dense", layer.name, d.name, check, d.xxh3);
         break;
       }
       case Kind::kChecksums:
-        if (store_checksum(bytes) != r.checksum_arrays[check.layer].xxh3) {
-          fault("checksums", layer.name, "", check.offset, check.bytes);
-        }
-        advance(check.bytes);
+        check_whole("checksums", layer.name, "", check, r.checksum_arrays[check.layer].xxh3);
         break;
       case Kind::kRecords: {
         const StoreTableInfo& t = layer.table;
         const std::vector<uint64_t>& sums = r.record_checksums[check.layer];
         const uint64_t per_chunk = std::max<uint64_t>(1, kVerifyChunkBytes / t.stride);
+        auto check_record = [&](uint64_t id, std::span<const uint8_t> record) {
+          if (store_checksum(record) != sums[id]) {
+            fault("records", layer.name, str_printf("expert %llu", ull(id)),
+                  t.offset + id * t.stride, t.stride, kMismatch);
+          }
+        };
         for (uint64_t first = 0; first < t.count; first += per_chunk) {
           const uint64_t last = std::min(t.count, first + per_chunk);
-          for (uint64_t id = first; id < last; ++id) {
-            const uint64_t off = t.offset + id * t.stride;
-            if (store_checksum(file.subspan(off, t.stride)) != sums[id]) {
-              fault("records", layer.name, str_printf("expert %llu", ull(id)), off, t.stride);
+          if (read(t.offset + first * t.stride, (last - first) * t.stride).empty()) {
+            for (uint64_t id = first; id < last; ++id) {
+              check_record(id, bytes().subspan((id - first) * t.stride, t.stride));
+            }
+          } else {
+            // Read around the damage: record by record, each unreadable one a fault.
+            for (uint64_t id = first; id < last; ++id) {
+              const uint64_t off = t.offset + id * t.stride;
+              if (std::string e = read(off, t.stride); !e.empty()) {
+                fault("records", layer.name, str_printf("expert %llu", ull(id)), off, t.stride, e);
+              } else {
+                check_record(id, bytes());
+              }
             }
           }
           advance((last - first) * t.stride);
@@ -942,12 +1043,16 @@ Result<std::vector<StoreFault>> StoreReader::verify(
             [](const Check& a, const Check& b) { return a.offset < b.offset; });
   uint64_t covered_end = kStoreHeaderBytes;
   auto check_padding = [&](uint64_t end) {
-    if (end <= covered_end) return;
-    const auto gap = file.subspan(covered_end, end - covered_end);
-    if (std::any_of(gap.begin(), gap.end(), [](uint8_t b) { return b != 0; })) {
-      fault("padding", "", "", covered_end, gap.size());
+    for (uint64_t at = covered_end; at < end;) {
+      const uint64_t n = std::min(end - at, kVerifyChunkBytes);
+      if (std::string e = read(at, n); !e.empty()) {
+        fault("padding", "", "", at, n, e);
+      } else if (std::any_of(buf.begin(), buf.end(), [](uint8_t b) { return b != 0; })) {
+        fault("padding", "", "", at, n, "not zero");
+      }
+      advance(n);
+      at += n;
     }
-    advance(gap.size());
   };
   // Regions do not overlap (checked at open), so covered_end only moves forward.
   for (const Check& check : checks) {

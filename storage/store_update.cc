@@ -29,6 +29,7 @@
 #include "base/strings.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
+#include "storage/store_lock.h"
 
 namespace trove {
 
@@ -278,6 +279,8 @@ Result<JournalCheck> check_journal(int fd, const std::string& jpath) {
   }
   const uint64_t writes_end = size - sizeof(StoreJournalCommit);
   uint64_t pos = sizeof(StoreJournalHeader);
+  uint64_t furthest = 0;  // the end of the write that reaches furthest into the new file
+  uint64_t written = 0;   // bytes of all writes
   for (uint64_t i = 0; i < h.write_count; ++i) {
     StoreJournalWrite w;
     if (writes_end - pos < sizeof(w)) {
@@ -295,10 +298,29 @@ Result<JournalCheck> check_journal(int fd, const std::string& jpath) {
                      ull(i), ull(w.bytes), ull(w.offset), ull(h.new_file_size)));
     }
     pos += w.bytes;
+    furthest = std::max(furthest, end);
+    written += w.bytes;  // <= the journal's size: no overflow
   }
   if (pos != writes_end) {
     return malformed(str_printf("%llu bytes between the last write and the commit record",
                                 ull(writes_end - pos)));
+  }
+  // Generation g + 1 ends with its trailer, which the journal writes (with the manifest), so its
+  // size is where the furthest write ends. A larger new_file_size would make the replay grow
+  // the store to a size nothing in the journal fills (a 1 TiB sparse file that no longer opens).
+  if (furthest != h.new_file_size) {
+    return malformed(str_printf(
+        "new_file_size = %llu, but its writes end at %llu (generation %llu ends with the "
+        "trailer the journal writes)",
+        ull(h.new_file_size), ull(furthest), ull(h.new_generation)));
+  }
+  // Regions never move, so the file grows only by what the journal writes past its old end: a
+  // few bytes written far past it would leave a vast hole.
+  if (h.new_file_size > h.target_file_size && h.new_file_size - h.target_file_size > written) {
+    return malformed(str_printf(
+        "new_file_size = %llu grows generation %llu's %llu bytes by more than the %llu bytes "
+        "the journal writes",
+        ull(h.new_file_size), ull(h.target_generation), ull(h.target_file_size), ull(written)));
   }
   return j;
 }
@@ -443,6 +465,9 @@ Status recover_locked(StoreUpdateOps& ops, const std::string& path, const std::s
         "replays the journal)",
         path.c_str(), ull(j.header.new_generation), jpath.c_str(), path.c_str()));
   }
+  // Readers pinned to generation g (opened before the crash) are reading it; the replay waits
+  // for them, and readers arriving meanwhile queue behind it.
+  TROVE_ASSIGN_OR_RETURN(StoreApplyLock apply, StoreApplyLock::take(store_fd, path));
   TROVE_RETURN_IF_ERROR(replay_journal(ops, store_fd, path, jfd.get(), jpath, j));
   TROVE_LOG_INFO("%s: replayed the update journal %s (generation %llu)", path.c_str(),
                  jpath.c_str(), ull(j.header.new_generation));
@@ -619,13 +644,22 @@ Result<StoreUpdate> StoreUpdate::begin(const std::string& path, StoreUpdateOptio
     return Status::from_errno("opening " + path + " to update it", -fd);
   }
   u.fd = UniqueFd(fd);
-  const int lock_rc = lock_file(fd, LOCK_EX | LOCK_NB);
-  if (lock_rc == -EWOULDBLOCK) {
-    return Status::aborted(path +
-                           ": another update or recovery of this store holds its lock; retry "
-                           "when it is done");
+  if (u.options.lock != nullptr) {
+    // The caller holds the writer lock for longer than this update (a training run).
+    TROVE_ASSIGN_OR_RETURN(bool covers, u.options.lock->covers(fd));
+    if (!covers) {
+      return Status::invalid_argument(path + ": the writer lock given (taken on " +
+                                      u.options.lock->path() + ") is not on this file");
+    }
+  } else {
+    const int lock_rc = lock_file(fd, LOCK_EX | LOCK_NB);
+    if (lock_rc == -EWOULDBLOCK) {
+      return Status::aborted(path +
+                             ": busy: another writer of this store (an update, a training run "
+                             "or a recovery) holds its lock; retry when it is done");
+    }
+    TROVE_RETURN_IF_ERROR(op_status(lock_rc, "locking " + path));
   }
-  TROVE_RETURN_IF_ERROR(op_status(lock_rc, "locking " + path));
   struct stat st;
   if (::fstat(fd, &st) == 0) u.mode = st.st_mode & 0777;
 
@@ -639,6 +673,9 @@ Result<StoreUpdate> StoreUpdate::begin(const std::string& path, StoreUpdateOptio
   }
   StoreOpenOptions open_options;
   open_options.direct_io = false;  // the update reads the manifest and checksums only
+  // This update holds the writer lock: nothing else changes the store while it reads it (and a
+  // pin of its own would make its commit wait for itself).
+  open_options.pin_generation = false;
   TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(path, open_options));
   // The reader opened `path` again; make sure it reached the file this descriptor holds
   // locked. Equal identities mean equal bytes (see StoreIdentity).
@@ -759,6 +796,13 @@ Result<uint64_t> StoreUpdate::commit() {
 }
 
 Result<uint64_t> StoreUpdate::Impl::commit() {
+  if (store_pinned_by_this_process(fd.get())) {
+    return Status::invalid_argument(str_printf(
+        "%s: this process has the store open for reading (a StoreReader pins generation %llu), "
+        "so writing generation %llu would wait for itself; close that reader first (the store "
+        "is unchanged)",
+        path.c_str(), ull(base.generation), ull(base.generation + 1)));
+  }
   const StoreReader& g = *store;
   const uint64_t generation = base.generation + 1;
   json manifest = g.manifest();
@@ -926,6 +970,10 @@ Result<uint64_t> StoreUpdate::Impl::commit() {
         "StoreReader::open or recover_store replays it",
         path.c_str(), ull(generation), jpath.c_str()));
   };
+  // Readers pinned to generation g keep reading it until they close; then g + 1 is written
+  // while new readers wait at the turnstile (FORMAT.md, "Readers and writers").
+  Result<StoreApplyLock> apply = StoreApplyLock::take(fd.get(), path);
+  if (!apply.ok()) return committed(apply.status());
   Result<JournalCheck> check = check_journal(jfd.get(), jpath);
   if (!check.ok()) return committed(check.status());
   if (check->state != JournalCheck::State::kCommitted) {
@@ -970,17 +1018,32 @@ Status recover_store(const std::string& path, StoreUpdateOptions options) {
   }
   if (fd < 0) return Status::from_errno("opening " + path, -fd);
   UniqueFd store_fd(fd);
-  int lock_rc = lock_file(fd, LOCK_EX | LOCK_NB);
+  const int lock_rc = lock_file(fd, LOCK_EX | LOCK_NB);
   if (lock_rc == -EWOULDBLOCK) {
-    // Someone holds the lock: an update in progress, or another recovery. An uncommitted
-    // journal is then the update's own, still being written, and the store is generation g.
-    Result<JournalCheck> peek = read_journal(jpath, nullptr);
-    if (peek.ok() && peek->state != JournalCheck::State::kCommitted) return {};
-    // Committed: the holder is applying it right now (a bounded wait); then look again.
-    lock_rc = lock_file(fd, LOCK_EX);
+    // A live writer holds the lock (an update, a training run, another recovery): its journal
+    // is its own, and it writes the store only under the apply lock, which a reader's pin
+    // excludes. Never wait for the writer lock: a training run holds it for hours.
+    return {};
   }
   TROVE_RETURN_IF_ERROR(op_status(lock_rc, "locking " + path));
   return recover_locked(*ops, path, jpath, fd, writable);
+}
+
+Result<bool> store_needs_recovery(const std::string& path, int fd) {
+  const std::string jpath = store_journal_path(path);
+  struct stat st;
+  if (::lstat(jpath.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT) return false;
+    return Status::from_errno("looking for the update journal " + jpath, err);
+  }
+  const int lock_rc = lock_file(fd, LOCK_EX | LOCK_NB);
+  if (lock_rc == -EWOULDBLOCK) return false;  // a live writer's journal
+  TROVE_RETURN_IF_ERROR(op_status(lock_rc, "locking " + path));
+  Result<JournalCheck> j = read_journal(jpath, nullptr);
+  lock_file(fd, LOCK_UN);
+  if (!j.ok()) return j.status();
+  return j->state == JournalCheck::State::kCommitted;
 }
 
 }  // namespace trove

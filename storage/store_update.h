@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/status.h"
+#include "storage/store_lock.h"
 
 namespace trove {
 
@@ -56,6 +57,10 @@ class StoreUpdateOps {
 struct StoreUpdateOptions {
   // Null: the real syscalls.
   std::shared_ptr<StoreUpdateOps> ops;
+  // The store's writer lock, held by the caller for longer than this update (a training run
+  // that commits many generations). Null: the update takes the lock itself, from begin() until
+  // commit() returns.
+  const StoreLock* lock = nullptr;
   // The journal is written in pieces of at most this many bytes (>= 64).
   uint64_t journal_buffer_bytes = uint64_t{1} << 20;
 };
@@ -77,17 +82,18 @@ std::string store_journal_path(const std::string& path);
 
 // One new generation of an existing store, built up in memory and then committed. Move-only;
 // one thread at a time.
-// From begin() until commit() returns or the object is destroyed, it holds an exclusive flock
-// on the store: a second update, or a recovery, of the same store waits for it or fails.
+// From begin() until commit() returns or the object is destroyed, it holds the store's writer
+// lock (or uses the StoreLock in its options): a second writer fails at once ("busy"). The
+// commit writes the store only once every reader pinned to generation g has closed
+// (storage/store_lock.h); readers never see a torn or mixed generation.
 //
 // Bad input (an unknown layer or tensor, an id out of range or repeated, a wrong byte count)
 // is a Status naming the layer, tensor, id and sizes; that call stages nothing, and the update
 // stays usable. Until the journal is committed the store is untouched, and an update destroyed
 // without commit() leaves it as it was.
 //
-// Readers opened before commit() hold generation g's checksums and manifest: reading a record
-// that changed through them fails its checksum (Corruption) rather than returning wrong bytes,
-// and mapped_records shows the new bytes unverified. Reopen after a commit.
+// Readers opened before commit() pin generation g: the commit waits for them to close. A
+// process that itself pins the store cannot commit to it (Status::invalid_argument).
 class StoreUpdate {
  public:
   StoreUpdate(StoreUpdate&&) noexcept;
@@ -135,12 +141,19 @@ class StoreUpdate {
 
 // Brings the store at `path` to a whole generation after a crash. With no journal: OK. A
 // journal that is incomplete or fails its checksum (a crash before the commit point) is removed
-// and generation g stands; when another process holds the lock (an update in progress) it is
-// left alone. A committed journal whose target is this store, at generation g or already at
-// g + 1 (possibly torn by an interrupted replay), is replayed (idempotent) and removed. Errors:
-// a committed journal written for another store or generation (Corruption, naming both; both
-// files are left as they are), one that needs write access this process lacks (naming the
-// journal and what to run), I/O errors. StoreReader::open calls this first.
+// and generation g stands; when a live writer holds the writer lock (an update in progress, a
+// training run) the journal is its own and is left alone, without waiting. A committed journal
+// whose target is this store, at generation g or already at g + 1 (possibly torn by an interrupted
+// replay), is replayed (idempotent) and removed. Errors: a committed journal written for another
+// store or generation (Corruption, naming both; both files are left as they are), one that needs
+// write access this process lacks (naming the journal and what to run), I/O errors.
+// StoreReader::open calls this first. A replay waits for the readers pinned to generation g
+// (storage/store_lock.h).
 Status recover_store(const std::string& path, StoreUpdateOptions options = {});
+
+// For a reader that has pinned the store open at `fd` (found at `path`): whether a committed
+// journal lies beside it that no live writer is applying, i.e. a writer crashed after its
+// commit point and the bytes may be torn. The reader then unpins and runs recover_store.
+Result<bool> store_needs_recovery(const std::string& path, int fd);
 
 }  // namespace trove

@@ -1,6 +1,10 @@
 // StoreWriter: streams record tables to an AtomicFileWriter, keeps what is small (per-record
 // checksums, 8 bytes each, and the dense tensors) in memory, and lays out the tail of the file
 // in finish(). The byte layout is specified in storage/FORMAT.md.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 #include <utility>
 
@@ -13,6 +17,15 @@ namespace trove {
 namespace {
 
 using nlohmann::json;
+
+// Whether `path` names the file `lock` is on.
+bool file_exists_as(const std::string& path, const StoreLock& lock) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const Result<bool> same = lock.covers(fd);
+  ::close(fd);
+  return same.ok() && *same;
+}
 
 struct DenseTensor {
   std::string name;
@@ -221,6 +234,10 @@ Status StoreWriter::end_layer() {
 }
 
 Status StoreWriter::finish() {
+  return finish(nullptr);
+}
+
+Status StoreWriter::finish(StoreLock* lock) {
   TROVE_CHECK_MSG(impl_ != nullptr, "use of a moved-from StoreWriter");
   Impl& w = *impl_;
   const char* op = "finish";
@@ -304,7 +321,22 @@ Status StoreWriter::finish() {
   std::vector<uint8_t> header_block(kStoreHeaderBytes);
   encode_store_header(header, std::span<uint8_t, kStoreHeaderBytes>(header_block));
   TROVE_RETURN_IF_ERROR(w.io(w.file.write_at(0, header_block)));
-  TROVE_RETURN_IF_ERROR(w.io(w.file.commit()));
+  // The caller's writer lock moves to the new file before anyone can open it by name.
+  StoreLock new_lock;
+  if (lock != nullptr) {
+    const int fd = ::fcntl(w.file.fd(), F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) {
+      const int err = errno;
+      return Status::from_errno(w.file.dest() + ": duplicating the new file's descriptor", err);
+    }
+    TROVE_ASSIGN_OR_RETURN(new_lock, StoreLock::adopt(fd, w.file.dest()));
+  }
+  const Status committed = w.io(w.file.commit());
+  // After a failed fsync of the folder the new file is in place: the lock follows it.
+  if (lock != nullptr && (committed.ok() || file_exists_as(w.file.dest(), new_lock))) {
+    *lock = std::move(new_lock);
+  }
+  TROVE_RETURN_IF_ERROR(committed);
   w.finished = true;
   return {};
 }

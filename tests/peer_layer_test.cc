@@ -89,13 +89,16 @@ TEST(PeerLayer, StoreAndMemorySourcesGiveIdenticalOutputs) {
   ASSERT_TRUE(mem.forward(x, T, y2, &r2).ok());
   EXPECT_EQ(r1.ids, r2.ids);
   EXPECT_EQ(0, std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)));
-  // Every record the batch used was verified against its checksum, once.
-  auto* mapped = dynamic_cast<MappedStoreExpertSource*>(&layer->experts());
-  ASSERT_NE(mapped, nullptr);
+  // Every record the batch used was read (and verified against its checksum) once.
+  auto* resident = dynamic_cast<ResidentStoreExpertSource*>(&layer->experts());
+  ASSERT_NE(resident, nullptr);
   std::vector<int64_t> ids = r1.ids;
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  EXPECT_EQ(mapped->verified_records(), static_cast<int64_t>(ids.size()));
+  EXPECT_EQ(resident->loaded_records(), static_cast<int64_t>(ids.size()));
+  // A second batch over the same experts reads nothing new.
+  ASSERT_TRUE(layer->forward(x, T, y1, &r1).ok());
+  EXPECT_EQ(resident->loaded_records(), static_cast<int64_t>(ids.size()));
 }
 
 TEST(PeerLayer, CpuBackendMatchesTheReferenceBackend) {

@@ -17,6 +17,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "storage/fault_injection.h"
 #include "storage/file.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
@@ -626,6 +627,42 @@ TEST_F(StoreTest, ShortReadAfterOpenIsCorruptionNamingTheExpert) {
     // The record before the cut still reads (its aligned extent ends past the new EOF).
     expect_records(reader, l, layers_[1], {99, 98});
   }
+}
+
+TEST_F(StoreTest, UnreadableExtentsAreErrorsNamingExpertAndErrnoAndVerifyReadsAroundThem) {
+  // Bad sectors under three records of L21 (a real one is in tests/cli_eio_test.cc).
+  auto faults = std::make_shared<FaultyFileOps>();
+  StoreOpenOptions options;
+  options.direct_io = false;
+  options.file_ops = faults;
+  StoreReader reader = open_ok(path_, options);
+  const StoreLayerInfo& l = reader.layers()[1];
+  ASSERT_EQ(l.name, "L21");
+  const std::vector<int64_t> bad = {40, 41, 200};
+  for (int64_t id : bad) faults->fail_offset(l.table.offset + id * l.table.stride + 10, EIO);
+
+  Result<std::vector<StoreFault>> found = reader.verify();
+  ASSERT_TRUE(found.ok()) << found.status().to_string();
+  ASSERT_EQ(found->size(), bad.size());
+  for (size_t i = 0; i < bad.size(); ++i) {
+    const StoreFault& f = (*found)[i];
+    EXPECT_EQ(f.region, "records");
+    EXPECT_EQ(f.layer, "L21");
+    EXPECT_EQ(f.item, "expert " + std::to_string(bad[i]));
+    EXPECT_EQ(f.offset, l.table.offset + bad[i] * l.table.stride);
+    EXPECT_EQ(f.error, "read failed: Input/output error (errno 5)");
+    EXPECT_THAT(f.message(), HasSubstr("expert " + std::to_string(bad[i])));
+  }
+
+  // A coalesced read over a bad record names that record, not the run.
+  std::vector<uint8_t> out(3 * l.table.stride);
+  const int64_t ids[] = {42, 39, 41};
+  const Status s = reader.read_records(l, ids, out);
+  EXPECT_TRUE(s.is_io_error()) << s.to_string();
+  EXPECT_THAT(s.message(), HasSubstr(path_ + ": layer L21 expert 41: read of"));
+  EXPECT_THAT(s.message(), HasSubstr("Input/output error"));
+  // Its neighbours read and verify.
+  expect_records(reader, l, layers_[1], {39, 42, 199, 201});
 }
 
 // ---- truncation, foreign files, versions ------------------------------------------------------

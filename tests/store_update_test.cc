@@ -7,14 +7,19 @@
 #include "storage/store_update.h"
 
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -303,7 +308,10 @@ TEST_F(StoreUpdateTest, CommitIsANewGenerationReadBackWhole) {
 }
 
 TEST_F(StoreUpdateTest, OnlyWhatChangedIsWritten) {
-  Result<StoreReader> before = StoreReader::open(path_);
+  // Kept open across the commit, so not pinned (a pin would make the commit refuse).
+  StoreOpenOptions unpinned;
+  unpinned.pin_generation = false;
+  Result<StoreReader> before = StoreReader::open(path_, unpinned);
   ASSERT_TRUE(before.ok());
   // Every byte the update may change: the changed strides, their checksum entries, the changed
   // dense tensors, the manifest and trailer (from the manifest on), and the header.
@@ -444,8 +452,12 @@ TEST_F(StoreUpdateTest, StoreWithItsManifestBeforeOtherRegionsIsUpdatedToo) {
   EXPECT_GE(decode_store_header(read_all(path_)).manifest_offset, end);
 }
 
-TEST_F(StoreUpdateTest, ReaderOpenedBeforeACommitFailsChecksumsInsteadOfReadingWrongBytes) {
-  Result<StoreReader> stale = StoreReader::open(path_);
+TEST_F(StoreUpdateTest, UnpinnedReaderOpenedBeforeACommitFailsChecksumsNotReadsWrongBytes) {
+  // Only a writer's own readers open unpinned; what they read of a changed record still never
+  // arrives wrong.
+  StoreOpenOptions unpinned;
+  unpinned.pin_generation = false;
+  Result<StoreReader> stale = StoreReader::open(path_, unpinned);
   ASSERT_TRUE(stale.ok());
   commit(old_, {});
   const StoreLayerInfo* l = stale->find_layer("L19");
@@ -527,7 +539,7 @@ TEST_F(StoreUpdateTest, OneUpdateAtATimeAndNoneAfterCommit) {
   Result<StoreUpdate> second = StoreUpdate::begin(path_);
   ASSERT_FALSE(second.ok());
   EXPECT_EQ(second.status().code(), Status::Code::kAborted);
-  EXPECT_THAT(second.status().message(), HasSubstr("another update or recovery"));
+  EXPECT_THAT(second.status().message(), HasSubstr("busy: another writer of this store"));
   ASSERT_TRUE(u->commit().ok());
   EXPECT_THAT(u->commit().status().message(), HasSubstr("the update has ended"));
   EXPECT_THAT(u->set_provenance(json::object()).message(), HasSubstr("the update has ended"));
@@ -773,6 +785,194 @@ TEST_F(StoreUpdateTest, CommittedJournalOfAReadOnlyStoreFailsOpenSayingWhatToRun
   write_all(jpath, std::vector<uint8_t>(journal.begin(), journal.end() - 1));
   expect_store(path_, old_);
   ASSERT_EQ(::chmod(path_.c_str(), 0644), 0);
+}
+
+// ---- readers and writers ---------------------------------------------------------------------
+
+// A StoreReader in a child process (a pin of this process would make the commit refuse to wait
+// for itself): it opens the store, says so, waits for go(), then reads every record of L19 and
+// reports whether they were exactly `want`, read without error.
+class ReaderProcess {
+ public:
+  ReaderProcess(const std::string& path, const std::vector<uint8_t>& want) {
+    if (::pipe(ready_) != 0 || ::pipe(go_) != 0) std::abort();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      uint8_t result = 0;
+      {
+        Result<StoreReader> r = StoreReader::open(path);
+        uint8_t opened = r.ok() ? 1 : 0;
+        if (::write(ready_[1], &opened, 1) != 1) ::_exit(2);
+        uint8_t go = 0;
+        if (::read(go_[0], &go, 1) != 1) ::_exit(2);
+        if (r.ok()) {
+          const StoreLayerInfo* l = r->find_layer("L19");
+          std::vector<int64_t> ids(l->table.count);
+          for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int64_t>(i);
+          std::vector<uint8_t> got(want.size());
+          result = r->read_records(*l, ids, got).ok() && got == want ? 1 : 0;
+        }
+      }
+      ::_exit(result == 1 ? 0 : 1);
+    }
+    uint8_t opened = 0;
+    EXPECT_EQ(::read(ready_[0], &opened, 1), 1);
+    EXPECT_EQ(opened, 1) << "the reader process could not open the store";
+  }
+  // Lets the reader read; true when it read exactly `want`.
+  bool go_and_wait() {
+    uint8_t go = 1;
+    EXPECT_EQ(::write(go_[1], &go, 1), 1);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    for (int fd : {ready_[0], ready_[1], go_[0], go_[1]}) ::close(fd);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int ready_[2] = {-1, -1};
+  int go_[2] = {-1, -1};
+};
+
+TEST_F(StoreUpdateTest, CommitWaitsForPinnedReadersAndNewReadersQueueBehindIt) {
+  ReaderProcess old_reader(path_, old_.layer("L19").records);
+  std::atomic<bool> committed{false};
+  StoreContent g2;
+  std::thread writer([&] {
+    g2 = commit(old_, {});
+    committed = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(committed) << "the commit wrote the store under a reader of generation 1";
+  // A reader arriving now waits at the turnstile for the commit, then reads generation 2.
+  std::atomic<uint64_t> new_generation{0};
+  std::thread new_reader([&] {
+    Result<StoreReader> r = StoreReader::open(path_);
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    if (r.ok()) new_generation = r->generation();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(new_generation, 0u) << "a new reader overtook the waiting commit";
+  EXPECT_FALSE(committed);
+  // The old reader reads generation 1 whole, though the commit is past its commit point.
+  EXPECT_TRUE(old_reader.go_and_wait());
+  writer.join();
+  new_reader.join();
+  EXPECT_TRUE(committed);
+  EXPECT_EQ(new_generation, 2u);
+  expect_store(path_, g2);
+}
+
+TEST_F(StoreUpdateTest, SecondWriterIsBusyAtOnceWhileARunHoldsTheLock) {
+  Result<StoreLock> run = StoreLock::acquire(path_);
+  ASSERT_TRUE(run.ok()) << run.status().to_string();
+  const Result<StoreLock> second = StoreLock::acquire(path_);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), Status::Code::kAborted);
+  EXPECT_THAT(second.status().message(), HasSubstr(path_ + ": busy"));
+  const Result<StoreUpdate> update = StoreUpdate::begin(path_);
+  EXPECT_THAT(update.status().message(), HasSubstr("busy"));
+  // The run commits generation after generation under its one lock.
+  StoreContent content = old_;
+  for (uint64_t seed : {3, 4}) {
+    StoreUpdateOptions options;
+    options.lock = &*run;
+    Result<StoreUpdate> u = StoreUpdate::begin(path_, options);
+    ASSERT_TRUE(u.ok()) << u.status().to_string();
+    ASSERT_TRUE(stage(*u, content, {"run", seed}).ok());
+    ASSERT_TRUE(u->commit().ok());
+    EXPECT_THAT(StoreUpdate::begin(path_).status().message(), HasSubstr("busy"));
+  }
+  // Readers read on while the run holds the lock.
+  expect_store(path_, content);
+  // A lock on another file is refused.
+  const std::string other = dir_.file("other.trove");
+  ASSERT_TRUE(write_store(other, old_).ok());
+  StoreUpdateOptions wrong;
+  wrong.lock = &*run;
+  EXPECT_THAT(StoreUpdate::begin(other, wrong).status().message(),
+              HasSubstr("the writer lock given"));
+  *run = StoreLock();
+  EXPECT_TRUE(StoreUpdate::begin(path_).ok());
+}
+
+TEST_F(StoreUpdateTest, RewriteUnderTheRunsLockMovesTheLockToTheNewFile) {
+  Result<StoreLock> run = StoreLock::acquire(path_);
+  ASSERT_TRUE(run.ok());
+  Result<StoreWriter> w = StoreWriter::create(path_, old_.provenance);
+  ASSERT_TRUE(w.ok());
+  for (const LayerData& l : old_.layers) {
+    ASSERT_TRUE(w->begin_layer(l.name, l.info, l.table).ok());
+    ASSERT_TRUE(w->append_records(l.records).ok());
+    for (const DenseData& d : l.dense) ASSERT_TRUE(w->add_dense(d.name, d.shape, d.values).ok());
+    ASSERT_TRUE(w->end_layer().ok());
+  }
+  ASSERT_TRUE(w->finish(&*run).ok());
+  // The path names a new file, and it is locked: no second writer slipped in at the rename.
+  EXPECT_THAT(StoreLock::acquire(path_).status().message(), HasSubstr("busy"));
+  StoreUpdateOptions options;
+  options.lock = &*run;
+  EXPECT_TRUE(StoreUpdate::begin(path_, options).ok());
+}
+
+TEST_F(StoreUpdateTest, ProcessThatPinsTheStoreCannotCommitToIt) {
+  {
+    Result<StoreReader> mine = StoreReader::open(path_);
+    ASSERT_TRUE(mine.ok());
+    Result<StoreUpdate> u = StoreUpdate::begin(path_);
+    ASSERT_TRUE(u.ok());
+    StoreContent next = old_;
+    ASSERT_TRUE(stage(*u, next, {}).ok());
+    const Result<uint64_t> g = u->commit();
+    ASSERT_FALSE(g.ok());
+    EXPECT_TRUE(g.status().is_invalid_argument());
+    EXPECT_THAT(g.status().message(), HasSubstr("would wait for itself"));
+    EXPECT_THAT(g.status().message(), HasSubstr("the store is unchanged"));
+  }
+  expect_store(path_, old_);
+  EXPECT_TRUE(read_all(path_) == pristine_);
+}
+
+TEST_F(StoreUpdateTest, ReadersNeverWaitForALiveWritersLock) {
+  // A writer crashed after its commit point (journal committed, store untouched), and a live
+  // run holds the lock now: a reader neither waits for the run nor replays its journal, and
+  // reads the whole generation the store holds.
+  const StoreContent g2 = committed_journal();
+  Result<StoreLock> run = StoreLock::acquire(path_);
+  ASSERT_TRUE(run.ok());
+  const auto start = std::chrono::steady_clock::now();
+  Result<StoreReader> r = StoreReader::open(path_);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+  EXPECT_EQ(r->generation(), 1u);
+  Result<std::vector<StoreFault>> faults = r->verify();
+  ASSERT_TRUE(faults.ok());
+  EXPECT_TRUE(faults->empty());
+  r = Status::aborted("closed");
+  // With the lock free, the next open replays it.
+  *run = StoreLock();
+  expect_store(path_, g2);
+}
+
+TEST_F(StoreUpdateTest, CommittedJournalThatWouldGrowTheStorePastItsWritesIsRefused) {
+  committed_journal();
+  const std::string jpath = store_journal_path(path_);
+  std::vector<uint8_t> journal = read_all(jpath);
+  StoreJournalHeader h;
+  std::memcpy(&h, journal.data(), sizeof(h));
+  h.new_file_size = uint64_t{1} << 40;  // 1 TiB
+  std::memcpy(journal.data(), &h, sizeof(h));
+  // Re-sealed: the checksum is valid, so the journal reads as committed.
+  const uint64_t sum = XXH3_64bits(journal.data(), journal.size() - 8);
+  std::memcpy(journal.data() + journal.size() - 8, &sum, 8);
+  write_all(jpath, journal);
+  Result<StoreReader> r = StoreReader::open(path_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().is_corruption());
+  EXPECT_THAT(r.status().message(), HasSubstr("committed update journal is malformed"));
+  EXPECT_THAT(r.status().message(), HasSubstr("new_file_size = 1099511627776, but its writes end"));
+  EXPECT_TRUE(read_all(path_) == pristine_);
 }
 
 }  // namespace

@@ -352,7 +352,11 @@ INSTANTIATE_TEST_SUITE_P(Engines, TieredFaults, ::testing::Values(Engine::kPread
 TEST(TieredSource, RefreshKeepsTheTierWarmAcrossAnInPlaceGeneration) {
   ScratchDir dir;
   const std::string path = make_store(dir, DType::kI8);
-  auto store = StoreReader::open(path);
+  // As the trainer does: its own readers stay open across its commits, unpinned (a pin would
+  // make the commit refuse to wait for its own process).
+  StoreOpenOptions own;
+  own.pin_generation = false;
+  auto store = StoreReader::open(path, own);
   ASSERT_TRUE(store.ok()) << store.status().to_string();
   const StoreLayerInfo& info = *store->find_layer("blk.0.peer");
   auto stored = load_stored_layer(*store, "blk.0.peer");
@@ -381,7 +385,7 @@ TEST(TieredSource, RefreshKeepsTheTierWarmAcrossAnInPlaceGeneration) {
     ASSERT_TRUE(u->put_records("blk.0.peer", ids, both).ok());
     ASSERT_TRUE(u->commit().ok());
   }
-  auto next = StoreReader::open(path);
+  auto next = StoreReader::open(path, own);
   ASSERT_TRUE(next.ok()) << next.status().to_string();
   const StoreLayerInfo& next_info = *next->find_layer("blk.0.peer");
   const std::vector<int64_t> changed = {4, 20};

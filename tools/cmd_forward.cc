@@ -16,6 +16,7 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
   const RoutingStats& s = r.stats;
   nlohmann::json j = {
       {"store", opt.store},
+      {"generation", {{"number", r.store_generation}, {"manifest_xxh3", r.store_manifest_xxh3}}},
       {"layer", opt.layer},
       {"backend", peer_backend_name(opt.layer_options.backend)},
       {"input",

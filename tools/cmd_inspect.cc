@@ -82,6 +82,7 @@ int run_verify(const std::string& path, const GlobalOptions& global) {
                       {"item", f.item},
                       {"offset", f.offset},
                       {"bytes", f.bytes},
+                      {"error", f.error},
                       {"message", f.message()}});
     }
     nlohmann::json j = {{"file", path},       {"ok", faults->empty()},

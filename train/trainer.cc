@@ -332,6 +332,34 @@ Status read_training_records(const TrainOptions& o, LayerRun* r, ExpertSource& c
   return Status::ok_status();
 }
 
+// The records of one acquire() read from the store into a buffer of its own (verified; I/O
+// errors name the expert), kept only until the next: a whole table streamed through it is never
+// all in memory at once.
+class ChunkStoreSource final : public ExpertSource {
+ public:
+  ChunkStoreSource(const StoreReader& store, const StoreLayerInfo& layer,
+                   const RecordLayout& layout)
+      : store_(store), layer_(layer), layout_(layout) {}
+  const RecordLayout& layout() const override { return layout_; }
+  int64_t num_experts() const override { return static_cast<int64_t>(layer_.table.count); }
+  std::string describe() const override {
+    return "store " + store_.path() + ", layer " + layer_.name;
+  }
+  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override {
+    buffer_.resize(ids.size() * layout_.stride);
+    TROVE_RETURN_IF_ERROR(store_.read_records(layer_, ids, buffer_));
+    for (size_t i = 0; i < ids.size(); ++i) records[i] = buffer_.data() + i * layout_.stride;
+    return Status::ok_status();
+  }
+  void release(std::span<const int64_t>) override {}
+
+ private:
+  const StoreReader& store_;
+  const StoreLayerInfo& layer_;
+  RecordLayout layout_;
+  std::vector<uint8_t> buffer_;
+};
+
 // Streams every record of a table, in id order and in chunks, to `sink`.
 Status stream_table(int64_t n, size_t stride,
                     const std::function<Status(std::span<const int64_t>, uint8_t*)>& read,
@@ -355,7 +383,7 @@ Status stream_table(int64_t n, size_t stride,
 // layers' records and routers and their state layers. Streams the tables; records read from
 // the store are verified on the way.
 Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vector<LayerRun>& runs,
-                     int64_t step) {
+                     int64_t step, StoreLock* lock) {
   TROVE_ASSIGN_OR_RETURN(StoreWriter w,
                          StoreWriter::create(o.store, trained_provenance(o, store, step)));
   auto run_of = [&](const std::string& name) -> LayerRun* {
@@ -364,12 +392,11 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
     }
     return nullptr;
   };
-  // Committed records come from the store's mapping, each verified on first touch (the host
-  // tier, if any, may hold fewer records than a chunk), changed ones from the overlays.
-  std::vector<std::unique_ptr<MappedStoreExpertSource>> committed;
+  // Committed records come from the store, chunk by chunk, each verified (the host tier, if
+  // any, may hold fewer records than a chunk), changed ones from the overlays.
+  std::vector<std::unique_ptr<ChunkStoreSource>> committed;
   for (LayerRun& r : runs) {
-    committed.push_back(
-        std::make_unique<MappedStoreExpertSource>(store, *r.stored.info, r.stored.record));
+    committed.push_back(std::make_unique<ChunkStoreSource>(store, *r.stored.info, r.stored.record));
   }
   auto serving_reader = [](LayerRun* r, ExpertSource* source) {
     return [r, source](std::span<const int64_t> ids, uint8_t* out) -> Status {
@@ -399,7 +426,13 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
                                          run->stored.record.stride, serving_reader(run, source),
                                          append));
     } else {
-      TROVE_RETURN_IF_ERROR(w.append_records(store.mapped_records(info)));
+      // Read (and verified) through checked I/O: a bad sector is an error naming the expert.
+      TROVE_RETURN_IF_ERROR(stream_table(
+          static_cast<int64_t>(info.table.count), info.table.stride,
+          [&](std::span<const int64_t> ids, uint8_t* out) {
+            return store.read_records(info, ids, {out, ids.size() * info.table.stride});
+          },
+          append));
     }
     for (const StoreDenseInfo& d : info.dense) {
       TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store.read_dense(info, d.name));
@@ -444,15 +477,18 @@ Status rewrite_store(const TrainOptions& o, const StoreReader& store, std::vecto
     }
     TROVE_RETURN_IF_ERROR(w.end_layer());
   }
-  return w.finish();
+  return w.finish(lock);  // the run's writer lock moves to the new file
 }
 
 // Every later checkpoint: the changed records (both tables), the optimizer states, the router
 // and the step, written in place as the store's next generation (storage/store_update.h: a
 // crash at any moment leaves the old or the new generation whole).
 Result<StoreUpdateStats> update_store(const TrainOptions& o, const StoreReader& store,
-                                      std::vector<LayerRun>& runs, int64_t step) {
-  TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(o.store));
+                                      std::vector<LayerRun>& runs, int64_t step,
+                                      const StoreLock& lock) {
+  StoreUpdateOptions options;
+  options.lock = &lock;
+  TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(o.store, options));
   std::vector<uint8_t> bytes;
   for (LayerRun& r : runs) {
     const std::string state = train_state_layer_name(r.name);
@@ -508,10 +544,12 @@ Result<LayerSources> open_sources(const TrainOptions& o, const StoreReader& stor
     s.tier = tiered.get();
     s.serving = std::move(tiered);
   } else {
-    s.serving = std::make_unique<MappedStoreExpertSource>(store, *s.stored.info, s.stored.record);
+    TROVE_ASSIGN_OR_RETURN(s.serving,
+                           ResidentStoreExpertSource::open(store, *s.stored.info, s.stored.record));
   }
   if (const StoreLayerInfo* saved = store.find_layer(train_state_layer_name(run.name))) {
-    s.training = std::make_unique<MappedStoreExpertSource>(store, *saved, run.training);
+    TROVE_ASSIGN_OR_RETURN(s.training,
+                           ResidentStoreExpertSource::open(store, *saved, run.training));
     s.has_adam_state = saved->find_dense(adam_name("m", 0)) != nullptr;
   }
   return s;
@@ -772,8 +810,15 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     }
   }
   TROVE_RETURN_IF_ERROR(check_lr_phase_groups(o.lr_phases, o.layers, o.train_router));
+  // The run is the store's one writer from here to its end: a second `trove train` of the store
+  // is refused now ("busy"), not at its first checkpoint, and readers never take the lock.
+  TROVE_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(o.store));
+  // This process's own readers do not pin their generation: nothing but this run changes the
+  // store, and a pin would make its own commits wait for it.
+  StoreOpenOptions own;
+  own.pin_generation = false;
   // The store is reopened at every new generation; the layers' sources follow it.
-  TROVE_ASSIGN_OR_RETURN(StoreReader opened, StoreReader::open(o.store));
+  TROVE_ASSIGN_OR_RETURN(StoreReader opened, StoreReader::open(o.store, own));
   auto store = std::make_unique<StoreReader>(std::move(opened));
   std::optional<StoreReader> teacher_store;
   if (o.teacher_kind == TrainOptions::TeacherKind::kPeer) {
@@ -814,18 +859,18 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     uint64_t dirty = 0;
     for (const LayerRun& r : runs) dirty += r.dirty_training->size();
     if (whole) {
-      TROVE_RETURN_IF_ERROR(rewrite_store(o, *store, runs, step));
+      TROVE_RETURN_IF_ERROR(rewrite_store(o, *store, runs, step, &lock));
       struct stat st {};
       if (::stat(o.store.c_str(), &st) == 0)
         report.checkpoint_bytes_written += static_cast<uint64_t>(st.st_size);
       ++report.whole_rewrites;
     } else {
-      TROVE_ASSIGN_OR_RETURN(StoreUpdateStats us, update_store(o, *store, runs, step));
+      TROVE_ASSIGN_OR_RETURN(StoreUpdateStats us, update_store(o, *store, runs, step, lock));
       report.checkpoint_bytes_written += us.journal_bytes + us.applied_bytes;
     }
     report.records_written += dirty;
     // The new generation: every layer's sources opened first, then all swapped in together.
-    TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(o.store));
+    TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(o.store, own));
     auto next = std::make_unique<StoreReader>(std::move(reopened));
     // A host tier over a store updated in place stays warm: its resident copies of the changed
     // records take the new bytes and it reads through the new generation's checksums.
