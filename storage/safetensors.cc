@@ -300,18 +300,34 @@ Status parse_image(std::span<const uint8_t> image, std::vector<StTensorView>* te
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
     return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
   });
-  // Empty tensors cover no bytes, so they overlap nothing wherever they point.
+  // The tensors must tile the data section exactly, as the format requires and its reference
+  // reader enforces: a hole (bytes inserted before a tensor) would otherwise shift nothing and
+  // go unnoticed, trailing bytes likewise. Empty tensors cover no bytes, so they overlap nothing
+  // and leave no hole wherever they point.
   const Entry* last = nullptr;
+  uint64_t covered = 0;  // the data section is tiled up to here
+  auto ull = [](uint64_t v) { return static_cast<unsigned long long>(v); };
   for (const Entry& e : entries) {
     if (e.begin == e.end) continue;
     if (last != nullptr && e.begin < last->end) {
       return Status::corruption(str_printf(
           "tensors '%s' [%llu, %llu) and '%s' [%llu, %llu) overlap", clip(last->name).c_str(),
-          static_cast<unsigned long long>(last->begin), static_cast<unsigned long long>(last->end),
-          clip(e.name).c_str(), static_cast<unsigned long long>(e.begin),
-          static_cast<unsigned long long>(e.end)));
+          ull(last->begin), ull(last->end), clip(e.name).c_str(), ull(e.begin), ull(e.end)));
     }
+    if (e.begin > covered) {
+      return Status::corruption(str_printf(
+          "data bytes [%llu, %llu) belong to no tensor: a hole before tensor '%s' [%llu, %llu) "
+          "(the tensors must tile the data section)",
+          ull(covered), ull(e.begin), clip(e.name).c_str(), ull(e.begin), ull(e.end)));
+    }
+    covered = e.end;
     last = &e;
+  }
+  if (covered != data.size()) {
+    return Status::corruption(str_printf(
+        "%llu trailing bytes: the tensors end at data byte %llu but the data section has %llu "
+        "(the tensors must tile the data section)",
+        ull(data.size() - covered), ull(covered), ull(data.size())));
   }
 
   tensors->reserve(entries.size());

@@ -531,25 +531,41 @@ TEST(SafetensorsHostile, OpenOfMissingOrEmptyFile) {
   EXPECT_THAT(empty.message(), AllOf(HasSubstr(dir.file("empty")), HasSubstr("0 bytes")));
 }
 
-// Not errors: the format allows what the reference writer never produces but other writers
-// may (gaps, trailing bytes, empty tensors anywhere, extra keys in an entry).
-TEST(SafetensorsLenient, GapsTrailingBytesAndEmptyTensorsAreAccepted) {
-  std::vector<uint8_t> d(40);
+// The tensors must tile the data section, as the format says and its reference reader
+// enforces: bytes inserted before a tensor (a hole: the later tensors would be read shifted if
+// offsets were recomputed, and silently padded if not) and bytes after the last tensor are
+// refused, naming the tensor and the extent. Empty tensors cover nothing and may point anywhere;
+// extra keys in an entry are allowed.
+TEST(SafetensorsStrict, HolesAndTrailingBytesAreRefusedEmptyTensorsAndExtraKeysAreNot) {
+  std::vector<uint8_t> d(20);
   for (size_t i = 0; i < d.size(); ++i) d[i] = static_cast<uint8_t>(i);
-  const std::vector<uint8_t> image = make_image(
-      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [8, 12], "extra": [1]},
+  const std::vector<uint8_t> tiled = make_image(
+      R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4], "extra": [1]},
           "e": {"dtype": "F32", "shape": [0], "data_offsets": [9, 9]},
-          "b": {"dtype": "I32", "shape": [], "data_offsets": [16, 20]}}   )",
+          "b": {"dtype": "I32", "shape": [4], "data_offsets": [4, 20]}}   )",
       d);
-  auto file = SafetensorsFile::parse(image, "lenient");
+  auto file = SafetensorsFile::parse(tiled, "tiled");
   ASSERT_TRUE(file.ok()) << file.status().to_string();
   ASSERT_EQ(file->tensors().size(), 3u);
-  EXPECT_EQ(file->tensors()[0].name, "a");
-  EXPECT_EQ(file->tensors()[1].name, "e");
-  EXPECT_EQ(file->tensors()[2].name, "b");
-  EXPECT_EQ(file->find("a")->bytes[0], 8);
-  EXPECT_EQ(file->find("b")->bytes.size(), 4u);
-  EXPECT_EQ(file->find("b")->numel(), 1);
+  EXPECT_EQ(file->find("b")->bytes[0], 4);
+  EXPECT_EQ(file->find("e")->bytes.size(), 0u);
+
+  // Four bytes inserted before 'b': a hole at [4, 8).
+  std::vector<uint8_t> d2(24, 0);
+  expect_corrupt(make_image(R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                                "b": {"dtype": "I32", "shape": [4], "data_offsets": [8, 24]}})",
+                            d2),
+                 {"data bytes [4, 8) belong to no tensor", "hole before tensor 'b' [8, 24)"});
+  // A hole before the first tensor.
+  expect_corrupt(make_image(R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}})",
+                            std::vector<uint8_t>(8)),
+                 {"data bytes [0, 4) belong to no tensor", "tensor 'a'"});
+  // Trailing bytes after the last tensor.
+  expect_corrupt(make_image(R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}})",
+                            std::vector<uint8_t>(7)),
+                 {"3 trailing bytes", "the tensors end at data byte 4 but the data section has 7"});
+  // A data section with no tensor at all.
+  expect_corrupt(make_image(R"({})", std::vector<uint8_t>(5)), {"5 trailing bytes"});
 }
 
 // ---- fuzz --------------------------------------------------------------------------------------
