@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <ctime>
 #include <set>
 #include <thread>
@@ -54,6 +55,45 @@ Status check_rows(DType dtype, const std::string& tensor, const float* rows, int
                                                  tensor.c_str(), static_cast<long long>(first + r),
                                                  s.message().c_str(),
                                                  std::string(dtype_name(dtype)).c_str()));
+    }
+  }
+  return {};
+}
+
+// The router's tensors (W_q, its bias, the keys, the norm's gamma) must be finite: a NaN or
+// an infinity there makes every token's scores NaN, and forward would route on them (or
+// return NaN) with no error. Errors name the file, the layer, the tensor (as stored) and the
+// element's index.
+Status check_finite_router(const ImportedLayer& layer) {
+  const PeerConfig& c = layer.config;
+  struct Tensor {
+    const char* name;
+    const std::vector<float>& values;
+    std::vector<int64_t> shape;
+  };
+  const Tensor tensors[] = {
+      {"query.weight", layer.query_weight, {c.query_rows(), c.dim}},
+      {"query.bias", layer.query_bias, {c.query_rows()}},
+      {"keys", layer.keys, {c.key_heads(), 2, c.n_keys, c.dim_key}},
+      {"norm.weight", layer.norm_weight, {c.dim}},
+  };
+  for (const Tensor& t : tensors) {
+    for (size_t i = 0; i < t.values.size(); ++i) {
+      const float v = t.values[i];
+      if (std::isfinite(v)) continue;
+      // The index in the tensor's shape, outermost first.
+      std::vector<int64_t> index(t.shape.size());
+      uint64_t rest = i;
+      for (size_t k = t.shape.size(); k-- > 0;) {
+        const uint64_t dim = static_cast<uint64_t>(std::max<int64_t>(t.shape[k], 1));
+        index[k] = static_cast<int64_t>(rest % dim);
+        rest /= dim;
+      }
+      return Status::invalid_argument(str_printf(
+          "%s: layer %s: tensor %s %s, element %s (flat index %zu) is %s; the router's "
+          "parameters must be finite (forward would route every token on NaN scores)",
+          layer.source_file.c_str(), layer.prefix.c_str(), t.name, shape_to_string(t.shape).c_str(),
+          shape_to_string(index).c_str(), i, std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf")));
     }
   }
   return {};
@@ -183,6 +223,8 @@ Result<PackReport> pack_store(const PackOptions& options) {
                                      {"command", options.command_line},
                                      {"layout", import_layout_name(options.layout)},
                                      {"sources", sources}};
+  // Before any file is created: a bad router fails in a second, not after the tables.
+  for (const ImportedLayer& layer : imported) TROVE_RETURN_IF_ERROR(check_finite_router(layer));
   TROVE_ASSIGN_OR_RETURN(StoreWriter writer, StoreWriter::create(options.output, provenance));
 
   ProgressBar bar("packing", report.source_bytes, ProgressBar::Unit::kBytes);

@@ -1,6 +1,7 @@
 #include "runtime/store_layer.h"
 
 #include "base/strings.h"
+#include "kernels/quant.h"
 #include "runtime/peer_config_json.h"
 
 namespace trove {
@@ -49,6 +50,64 @@ Status check_dense_shapes(const StoreLayerInfo& layer, const PeerConfig& c,
   return {};
 }
 
+// Every member of info.record must be one this build knows and, when declared, say what the
+// decoder implements (kernels/record.h, FORMAT.md "Expert records and layer info"): a store
+// declaring another group size, scale type, nibble order or field offset would otherwise be
+// decoded as if it were trove's layout, silently wrong. A different layout is NotSupported
+// (a newer writer's, valid but not readable here); a malformed value is Corruption.
+Status check_record_fields(const nlohmann::json& r, const RecordLayout& layout,
+                           const std::string& where) {
+  const bool quantized = dtype_is_quantized(layout.dtype);
+  struct Expected {
+    const char* key;
+    nlohmann::json value;  // null: the member must be absent for this dtype
+  };
+  auto when = [&](bool applies, nlohmann::json v) { return applies ? v : nlohmann::json(); };
+  const Expected expected[] = {
+      {"dtype", std::string(dtype_name(layout.dtype))},
+      {"dim", layout.dim},
+      {"dim_out", layout.dim_out},
+      {"width", layout.width},
+      {"record_bytes", layout.record_bytes},
+      {"stride", nullptr},  // checked against the table by the caller
+      {"group", when(quantized, kQuantGroup)},
+      {"scale_dtype", when(quantized, "f16")},
+      {"nibble_order", when(layout.dtype == DType::kI4, "ggml_q4_0")},
+      {"down_scales_offset", when(quantized, layout.down_scales_offset)},
+      {"up_scales_offset", when(quantized, layout.up_scales_offset)},
+      {"down_codes_offset", layout.down_codes_offset},
+      {"up_codes_offset", layout.up_codes_offset},
+  };
+  for (const auto& [key, value] : r.items()) {
+    const Expected* e = nullptr;
+    for (const Expected& x : expected) {
+      if (key == x.key) e = &x;
+    }
+    if (e == nullptr) {
+      return Status::not_supported(where + ".record." + key +
+                                   " is a record layout field this build does not know; the "
+                                   "store was written by a newer trove");
+    }
+    if (std::string_view(e->key) == "stride") continue;
+    if (e->value.is_null()) {
+      return Status::not_supported(where + ".record." + key + " = " + value.dump() +
+                                   " is declared, but " + std::string(dtype_name(layout.dtype)) +
+                                   " records have no such field in this build's layout");
+    }
+    if (value.type() != e->value.type() && !(value.is_number() && e->value.is_number())) {
+      return Status::corruption(where + ".record." + key + " = " + value.dump() + " is not a " +
+                                e->value.type_name());
+    }
+    if (value != e->value) {
+      return Status::not_supported(
+          where + ".record." + key + " = " + value.dump() + ", but this build decodes " +
+          std::string(dtype_name(layout.dtype)) + " records with " + key + " = " + e->value.dump() +
+          "; the store was written by another layout");
+    }
+  }
+  return {};
+}
+
 }  // namespace
 
 Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayerInfo& layer) {
@@ -80,6 +139,7 @@ Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayer
   auto record = RecordLayout::make(dtype, dim, dim_out, width);
   if (!record.ok()) return record.status().with_context(where + ".record");
   out.record = record.value();
+  TROVE_RETURN_IF_ERROR(check_record_fields(r, out.record, where));
 
   const StoreTableInfo& t = layer.table;
   if (t.dtype != dtype_name(dtype)) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 
 #include <gtest/gtest.h>
 
@@ -15,6 +16,7 @@
 #include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
 #include "storage/store.h"
+#include "storage/store_update.h"
 #include "tests/test_util.h"
 
 namespace trove {
@@ -258,6 +260,130 @@ TEST(Pack, NanInAnExpertIsAnErrorNamingTensorAndRowAndKeepsTheOldStore) {
   EXPECT_NE(r.status().message().find("row 5"), std::string::npos) << r.status().message();
   EXPECT_EQ(before, testing::read_all(dir.file("m.trove")));
   EXPECT_EQ(dir.list(), (std::vector<std::string>{"bad.safetensors", "in.safetensors", "m.trove"}));
+}
+
+TEST(Pack, NonFiniteRouterIsRefusedNamingTensorAndIndexBeforeAnyFile) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kTrove, StDType::kF32))
+                  .ok());
+  const PeerConfig c = small_config();
+  struct Case {
+    const char* tensor;
+    size_t flat;
+    float value;
+    const char* expected;
+  };
+  // keys [3, 2, 9, 6]: flat 10 is [0, 0, 1, 4].
+  const Case cases[] = {
+      {"query.weight", 2 * 72 + 7, std::nanf(""),
+       "tensor query.weight [36, 72], element [2, 7] (flat index 151) is nan"},
+      {"keys", 10, INFINITY,
+       "tensor keys [3, 2, 9, 6], element [0, 0, 1, 4] (flat index 10) is inf"},
+      {"keys", 3 * 2 * 9 * 6 - 1, -INFINITY, "element [2, 1, 8, 5] (flat index 323) is -inf"},
+  };
+  ASSERT_EQ(c.query_rows(), 36);
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.expected);
+    auto src = SafetensorsFile::open(dir.file("in.safetensors"));
+    ASSERT_TRUE(src.ok());
+    const StTensorView* t = src->find(std::string("blk.0.peer.") + k.tensor);
+    ASSERT_NE(t, nullptr);
+    std::vector<uint8_t> image = testing::read_all(dir.file("in.safetensors"));
+    // Locate the tensor's data in the file image by its bytes (unique for random data).
+    const std::vector<uint8_t> needle(t->bytes.begin(), t->bytes.begin() + 64);
+    auto it = std::search(image.begin(), image.end(), needle.begin(), needle.end());
+    ASSERT_NE(it, image.end());
+    std::memcpy(&*it + k.flat * sizeof(float), &k.value, sizeof(float));
+    testing::write_all(dir.file("bad.safetensors"), image);
+    auto r = pack_store(pack_options(dir.file("bad.safetensors"), dir.file("m.trove"),
+                                     ImportLayout::kTrove, DType::kI4));
+    ASSERT_FALSE(r.ok());
+    EXPECT_TRUE(r.status().is_invalid_argument());
+    EXPECT_NE(r.status().message().find(k.expected), std::string::npos) << r.status().message();
+    EXPECT_NE(r.status().message().find("layer blk.0.peer"), std::string::npos);
+    EXPECT_FALSE(file_exists(dir.file("m.trove")));
+  }
+}
+
+TEST(StoredLayer, DeclaredRecordLayoutFieldsMustBeWhatTheDecoderImplements) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_synthetic_checkpoint(dir.file("in.safetensors"),
+                                         make_spec(ImportLayout::kTrove, StDType::kF32))
+                  .ok());
+  ASSERT_TRUE(pack_store(pack_options(dir.file("in.safetensors"), dir.file("m.trove"),
+                                      ImportLayout::kTrove, DType::kI4))
+                  .ok());
+  nlohmann::json info;
+  {
+    auto store = StoreReader::open(dir.file("m.trove"));
+    ASSERT_TRUE(store.ok());
+    info = store->layers()[0].info;
+    ASSERT_TRUE(load_stored_layer(*store, "blk.0.peer").ok());
+  }
+  struct Case {
+    const char* field;
+    nlohmann::json value;
+    Status::Code code;
+    const char* expected;
+  };
+  const Case cases[] = {
+      {"group", 64, Status::Code::kNotSupported, "info.record.group = 64, but this build decodes"},
+      {"nibble_order", "msb_first", Status::Code::kNotSupported,
+       "info.record.nibble_order = \"msb_first\", but this build decodes int4 records with "
+       "nibble_order = \"ggml_q4_0\""},
+      {"scale_dtype", "bf16", Status::Code::kNotSupported, "info.record.scale_dtype = \"bf16\""},
+      {"down_scales_offset", 8, Status::Code::kNotSupported, "info.record.down_scales_offset = 8"},
+      {"up_scales_offset", 0, Status::Code::kNotSupported, "info.record.up_scales_offset = 0"},
+      {"down_codes_offset", 1, Status::Code::kNotSupported, "info.record.down_codes_offset = 1"},
+      {"up_codes_offset", 2, Status::Code::kNotSupported, "info.record.up_codes_offset = 2"},
+      {"code_order", "row_major", Status::Code::kNotSupported,
+       "info.record.code_order is a record layout field this build does not know"},
+      {"group", "32", Status::Code::kCorruption, "info.record.group = \"32\" is not a number"},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.field);
+    // The same store with one field of its info changed (through an update: checksums valid).
+    std::filesystem::copy_file(dir.file("m.trove"), dir.file("edited.trove"),
+                               std::filesystem::copy_options::overwrite_existing);
+    nlohmann::json edited = info;
+    edited["record"][k.field] = k.value;
+    {
+      auto u = StoreUpdate::begin(dir.file("edited.trove"));
+      ASSERT_TRUE(u.ok());
+      ASSERT_TRUE(u->set_layer_info("blk.0.peer", edited).ok());
+      ASSERT_TRUE(u->commit().ok());
+    }
+    auto store = StoreReader::open(dir.file("edited.trove"));
+    ASSERT_TRUE(store.ok());
+    auto layer = load_stored_layer(*store, "blk.0.peer");
+    ASSERT_FALSE(layer.ok());
+    EXPECT_EQ(layer.status().code(), k.code) << layer.status().to_string();
+    EXPECT_NE(layer.status().message().find(k.expected), std::string::npos)
+        << layer.status().message();
+    EXPECT_NE(layer.status().message().find("layer blk.0.peer"), std::string::npos);
+  }
+  // A field declared for a dtype that has none: group on an f32 table.
+  ASSERT_TRUE(pack_store(pack_options(dir.file("in.safetensors"), dir.file("f.trove"),
+                                      ImportLayout::kTrove, DType::kF32))
+                  .ok());
+  {
+    auto store = StoreReader::open(dir.file("f.trove"));
+    ASSERT_TRUE(store.ok());
+    info = store->layers()[0].info;
+  }
+  info["record"]["group"] = 32;
+  {
+    auto u = StoreUpdate::begin(dir.file("f.trove"));
+    ASSERT_TRUE(u.ok());
+    ASSERT_TRUE(u->set_layer_info("blk.0.peer", info).ok());
+    ASSERT_TRUE(u->commit().ok());
+  }
+  auto store = StoreReader::open(dir.file("f.trove"));
+  ASSERT_TRUE(store.ok());
+  const Status s = load_stored_layer(*store, "blk.0.peer").status();
+  EXPECT_EQ(s.code(), Status::Code::kNotSupported) << s.to_string();
+  EXPECT_NE(s.message().find("f32 records have no such field"), std::string::npos) << s.message();
 }
 
 TEST(Pack, MissingPrefixIsNotFoundAndWritesNothing) {
