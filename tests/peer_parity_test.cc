@@ -350,6 +350,42 @@ TEST_P(PeerParityTest, ThreadCountDoesNotChangeAnyBit) {
   }
 }
 
+// q and the sub-key scores come from the BLAS in fixed blocks of tokens: token counts on both
+// sides of a block boundary, a last block of one token, shared and per-head keys, k' = n.
+TEST_P(PeerParityTest, QueryAndRoutingAreBitIdenticalForAnyThreadCount) {
+  struct Case {
+    int64_t tokens, dim, n_keys, dk, heads, topk, topk_per_half;
+    bool shared_keys;
+  };
+  const Case cases[] = {{1, 33, 5, 7, 2, 3, 2, false},      {63, 100, 13, 16, 3, 4, 4, true},
+                        {64, 64, 9, 9, 1, 2, 9, false},     {65, 129, 31, 64, 4, 8, 8, false},
+                        {129, 2048, 20, 64, 4, 8, 8, true}, {257, 45, 40, 5, 2, 16, 6, false}};
+  for (const Case& k : cases) {
+    PeerConfig c = make_config(k.dim, k.dim, k.heads, k.n_keys, k.dk, k.topk, k.topk_per_half);
+    c.shared_keys = k.shared_keys;
+    c.query_bias = true;
+    const PeerShape shape{k.tokens, c, DType::kI8};
+    SCOPED_TRACE(describe(shape));
+    const PeerLayer l = random_layer(shape, 71);
+    const PeerRouterParams p = l.router();
+    std::vector<float> q1(sz(l.tokens * c.query_rows()));
+    PeerRouting r1;
+    peer_query(c, p, l.x.data(), l.tokens, q1.data(), 1);
+    peer_route(c, p, q1.data(), l.tokens, &r1, 1);
+    for (int threads : {2, 3, 8}) {
+      const std::string what = "threads " + std::to_string(threads);
+      std::vector<float> q(q1.size(), -1.0f);
+      PeerRouting r;
+      peer_query(c, p, l.x.data(), l.tokens, q.data(), threads);
+      peer_route(c, p, q.data(), l.tokens, &r, threads);
+      expect_bits_equal(q, q1, what + " q");
+      EXPECT_EQ(r.ids, r1.ids) << what;
+      expect_bits_equal(r.scores, r1.scores, what + " scores");
+      expect_bits_equal(r.gates, r1.gates, what + " gates");
+    }
+  }
+}
+
 TEST_P(PeerParityTest, ExpertsInWavesEqualOnePassBitForBit) {
   // The tiered store's two-wave expert pass: records missing from a wave (nullptr) arrive in a
   // later one; whatever the pattern, y is peer_experts' to the bit.

@@ -4,9 +4,11 @@
 //
 // Thread-count independence, step by step: every parallel loop is a base/thread_pool.h
 // parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
-//   norm, query, route, experts: chunks of tokens; each token's row by one thread. Query and
-//     route block up to 4 tokens per weight row, and dot_block computes each token's dot with
-//     the same operations whatever the block, so chunk boundaries change no bit.
+//   norm, experts: chunks of tokens; each token's row by one thread.
+//   query, route: fixed blocks of kRouteBlock tokens from the batch's first, one single-threaded
+//     BLAS call per block (kernels/cpu/blas.h), so chunk boundaries change no bit. A token's q
+//     and scores may differ in the last bits with its place in the batch (a shorter last block
+//     can take other GEMM kernels), never with the thread count.
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
 //     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
 //     columns of gamma, key rows, unique experts), each row adding its terms in token order.
@@ -24,6 +26,7 @@
 #include "base/check.h"
 #include "base/half.h"
 #include "base/thread_pool.h"
+#include "kernels/cpu/blas.h"
 #include "kernels/cpu/peer_avx2.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/quant.h"
@@ -32,7 +35,6 @@ namespace trove {
 
 namespace {
 
-using peer_internal::kMaxDotBlock;
 using peer_internal::PeerKernels;
 
 // ---- scalar inner loops --------------------------------------------------------------------
@@ -77,19 +79,6 @@ float scalar_scale(const uint8_t* scales, int64_t g) {
 
 int64_t group_code_bytes(DType t) {
   return t == DType::kI8 ? kQuantGroup : kQuantGroup / 2;
-}
-
-// Eight running sums (what one AVX2 vector holds), added pairwise at the end.
-float scalar_dot_f32(const float* a, const float* b, int64_t n) {
-  float lanes[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 float scalar_coded_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
@@ -143,16 +132,11 @@ void scalar_coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int
   }
 }
 
-void scalar_dot_block(const float* w, const float* const* x, int m, int64_t n, float* out) {
-  for (int j = 0; j < m; ++j) out[j] = scalar_dot_f32(w, x[j], n);
-}
-
 void scalar_axpy(float alpha, const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_dot_block,
-                                        scalar_axpy};
+constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_axpy};
 
 const PeerKernels& kernels() {
   return active_cpu_path() == CpuPath::kAvx2 ? avx2::peer_kernels() : kScalarKernels;
@@ -270,26 +254,15 @@ void gate_backward(Gate gate, const float* scores, const float* gates, const dou
   }
 }
 
-// q rows [rows] of tokens [begin, end): W_q row blocks that stay in L2 across the tokens,
-// up to kMaxDotBlock tokens sharing each row load.
-void query_tokens(const PeerKernels& kr, const PeerConfig& c, const PeerRouterParams& p,
-                  const float* xhat, int64_t begin, int64_t end, float* q) {
-  const int64_t D = c.dim, rows = c.query_rows();
-  const int64_t row_block = std::max<int64_t>(1, (int64_t{64} << 10) / D);  // ~256 KiB of W_q
-  for (int64_t r0 = 0; r0 < rows; r0 += row_block) {
-    const int64_t r1 = std::min(rows, r0 + row_block);
-    for (int64_t t0 = begin; t0 < end; t0 += kMaxDotBlock) {
-      const int m = static_cast<int>(std::min<int64_t>(kMaxDotBlock, end - t0));
-      const float* xs[kMaxDotBlock];
-      for (int j = 0; j < m; ++j) xs[j] = xhat + (t0 + j) * D;
-      for (int64_t r = r0; r < r1; ++r) {
-        float out[kMaxDotBlock];
-        kr.dot_block(p.query_weight + r * D, xs, m, D, out);
-        const float b = p.query_bias != nullptr ? p.query_bias[r] : 0.0f;
-        for (int j = 0; j < m; ++j) q[(t0 + j) * rows + r] = out[j] + b;
-      }
-    }
-  }
+// Routing runs in blocks of kRouteBlock tokens counted from the batch's first token: one BLAS
+// call per block (and per head and half for the sub-key scores), each on one thread. The
+// blocks, and so every bit of q and of the scores, do not depend on the thread count.
+// 64 tokens: the sub-scores of a block's (head, half) pair, 64 x n floats, stay in L2 up to
+// n = 2048 while the two halves are merged, and a block is big enough for the GEMM kernels.
+constexpr int64_t kRouteBlock = 64;
+
+int64_t route_blocks(int64_t T) {
+  return (T + kRouteBlock - 1) / kRouteBlock;
 }
 
 }  // namespace
@@ -328,9 +301,17 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
                 int64_t T, float* q, int threads) {
   check_common(config, nullptr);
-  const PeerKernels& kr = kernels();
-  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
-    query_tokens(kr, config, params, xhat, begin, end, q);
+  const int64_t D = config.dim, rows = config.query_rows();
+  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+      float* qb = q + t0 * rows;
+      blas::gemm_nt(m, rows, D, xhat + t0 * D, D, params.query_weight, D, qb, rows);
+      if (params.query_bias == nullptr) continue;
+      for (int64_t t = 0; t < m; ++t) {
+        for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
+      }
+    }
   });
 }
 
@@ -340,35 +321,30 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
-  const PeerKernels& kr = kernels();
-  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
-    // Sub-scores [token in block][half][n], per-half selections, the merge heap.
-    std::vector<float> scores(static_cast<size_t>(kMaxDotBlock * 2 * n));
+  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
+    // the merge heap.
+    std::vector<float> scores(static_cast<size_t>(2 * kRouteBlock * n));
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));
     std::vector<Candidate> best;
     best.reserve(static_cast<size_t>(k));
-    for (int64_t t0 = begin; t0 < end; t0 += kMaxDotBlock) {
-      const int m = static_cast<int>(std::min<int64_t>(kMaxDotBlock, end - t0));
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
         for (int half = 0; half < 2; ++half) {
-          const float* qs[kMaxDotBlock];
-          for (int j = 0; j < m; ++j) qs[j] = q + (t0 + j) * rows + (head * 2 + half) * dk;
-          const float* keys = params.keys + (hk * 2 + half) * n * dk;
-          for (int64_t i = 0; i < n; ++i) {
-            float out[kMaxDotBlock];
-            kr.dot_block(keys + i * dk, qs, m, dk, out);
-            for (int j = 0; j < m; ++j)
-              scores[static_cast<size_t>((j * 2 + half) * n + i)] = out[j];
-          }
+          // s[t][i] = <q[t][head][half], K[hk][half][i]>: [m, dk] x [n, dk]^T.
+          blas::gemm_nt(m, n, dk, q + t0 * rows + (head * 2 + half) * dk, rows,
+                        params.keys + (hk * 2 + half) * n * dk, dk,
+                        &scores[static_cast<size_t>(half * kRouteBlock * n)], n);
         }
-        for (int j = 0; j < m; ++j) {
-          const float* s0 = &scores[static_cast<size_t>(j * 2 * n)];
-          const float* s1 = s0 + n;
+        for (int64_t t = 0; t < m; ++t) {
+          const float* s0 = &scores[static_cast<size_t>(t * n)];
+          const float* s1 = s0 + kRouteBlock * n;
           top_indices(s0, n, kp, top.data());
           top_indices(s1, n, kp, top.data() + kp);
           merge_halves(s0, s1, top.data(), top.data() + kp, kp, n, k, &best);
-          const size_t base = static_cast<size_t>(((t0 + j) * h + head) * k);
+          const size_t base = static_cast<size_t>(((t0 + t) * h + head) * k);
           for (int64_t s = 0; s < k; ++s) {
             routing->ids[base + s] = best[s].id;
             routing->scores[base + s] = best[s].score;

@@ -1,12 +1,16 @@
 // The optimized CPU PEER layer: the steps of kernels/cpu/ref/peer_ref.h with threads over
-// tokens and SIMD dot products and axpys straight on the int4/int8/bf16/f16 codes of a record
-// (per-group fp16 scales applied to the group's partial sum; no dequantized copy of a record).
-// AVX2 (+FMA/F16C) when the CPU has it (kernels/cpu/quant.h's CpuPath chooses, so tests can
-// force the scalar path), portable scalar code otherwise.
+// tokens. The query projection and the sub-key scores are GEMMs through a BLAS
+// (kernels/cpu/blas.h, oneDNN) on fixed blocks of tokens; the expert stage runs SIMD dot
+// products and axpys straight on the int4/int8/bf16/f16 codes of a record (per-group fp16
+// scales applied to the group's partial sum; no dequantized copy of a record). AVX2
+// (+FMA/F16C) when the CPU has it (kernels/cpu/quant.h's CpuPath chooses, so tests can force
+// the scalar path), portable scalar code otherwise.
 //
 // Results match the _ref oracle within the tolerances written in tests/peer_parity_test.cc
 // (fp32 accumulation in a different order), and do not depend on the thread count: each
-// output row is computed by one thread in a fixed order.
+// output row is computed by one thread in a fixed order. q and the sub-key scores of a token
+// may differ in the last bits with the token's place in its batch (its block of tokens; see
+// peer.cc), so routing ties at the k-th position are broken as the tolerances allow.
 //
 // Same shapes and REQUIRES as the _ref functions. `threads`: 0 means hardware concurrency.
 #pragma once

@@ -20,7 +20,6 @@ namespace trove::avx2 {
 
 namespace {
 
-using peer_internal::kMaxDotBlock;
 using peer_internal::PeerKernels;
 
 constexpr int kHalf = kQuantGroup / 2;
@@ -207,48 +206,6 @@ void coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
   }
 }
 
-// Every out[j] follows the same sequence of operations for any M (two accumulators over 16
-// elements a step, one more 8-wide step, horizontal sum, scalar fma tail).
-template <int M>
-void dot_block_m(const float* w, const float* const* x, int64_t n, float* out) {
-  __m256 acc[M][2];
-  for (int j = 0; j < M; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + i);
-    const __m256 w1 = _mm256_loadu_ps(w + i + 8);
-    for (int j = 0; j < M; ++j) {
-      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc[j][0]);
-      acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[j] + i + 8), acc[j][1]);
-    }
-  }
-  if (i + 8 <= n) {
-    const __m256 w0 = _mm256_loadu_ps(w + i);
-    for (int j = 0; j < M; ++j)
-      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc[j][0]);
-    i += 8;
-  }
-  for (int j = 0; j < M; ++j) {
-    float s = horizontal_sum(_mm256_add_ps(acc[j][0], acc[j][1]));
-    for (int64_t r = i; r < n; ++r) s = std::fma(w[r], x[j][r], s);
-    out[j] = s;
-  }
-}
-
-void dot_block(const float* w, const float* const* x, int m, int64_t n, float* out) {
-  static_assert(kMaxDotBlock == 4);
-  switch (m) {
-    case 1:
-      return dot_block_m<1>(w, x, n, out);
-    case 2:
-      return dot_block_m<2>(w, x, n, out);
-    case 3:
-      return dot_block_m<3>(w, x, n, out);
-    default:
-      return dot_block_m<4>(w, x, n, out);
-  }
-}
-
 void axpy(float alpha, const float* x, int64_t n, float* y) {
   float_axpy<load8_f32, load1_f32>(reinterpret_cast<const uint8_t*>(x), n, alpha, y);
 }
@@ -256,7 +213,7 @@ void axpy(float alpha, const float* x, int64_t n, float* y) {
 }  // namespace
 
 const PeerKernels& peer_kernels() {
-  static constexpr PeerKernels kKernels = {coded_dot, coded_axpy, dot_block, axpy};
+  static constexpr PeerKernels kKernels = {coded_dot, coded_axpy, axpy};
   return kKernels;
 }
 

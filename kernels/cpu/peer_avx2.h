@@ -23,14 +23,9 @@ struct PeerKernels {
   // y[i] += alpha * row[i].
   void (*coded_axpy)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha,
                      float* y);
-  // out[j] = <w, x[j]> for j < m (1 <= m <= kMaxDotBlock), w loaded once for all m. Each
-  // out[j] is computed with the same operations whatever m is, so blocking never changes a bit.
-  void (*dot_block)(const float* w, const float* const* x, int m, int64_t n, float* out);
   // y[i] += alpha * x[i].
   void (*axpy)(float alpha, const float* x, int64_t n, float* y);
 };
-
-inline constexpr int kMaxDotBlock = 4;
 
 }  // namespace trove::peer_internal
 
