@@ -27,7 +27,7 @@
 #include "base/half.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/blas.h"
-#include "kernels/cpu/peer_avx2.h"
+#include "kernels/cpu/peer_kernels.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/quant.h"
 
@@ -35,6 +35,7 @@ namespace trove {
 
 namespace {
 
+using peer_internal::Int8Activations;
 using peer_internal::PeerKernels;
 
 // ---- scalar inner loops --------------------------------------------------------------------
@@ -136,11 +137,99 @@ void scalar_axpy(float alpha, const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_axpy};
+// Keeps a sorted list and scans ascending, so an element enters only when strictly greater than
+// the list's last (an equal score has a higher index) and goes after every element not smaller.
+void scalar_top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = s[i];
+    if (size == kp && !(v > s[out[kp - 1]])) continue;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && s[out[pos - 1]] < v) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = i;
+  }
+}
+
+// The int8 dot in the order kernels/cpu/peer_kernels.h fixes for every path.
+float scalar_int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+                      const Int8Activations& x) {
+  (void)n;
+  float lanes[16] = {};
+  for (int64_t g = 0; g < x.groups; ++g) {
+    const uint8_t* group = codes + g * group_code_bytes(t);
+    const int8_t* xq = x.codes + g * kQuantGroup;
+    const float s = scalar_scale(scales, g) * x.scales[g];
+    for (int j = 0; j < 8; ++j) {
+      int32_t lane = 0;
+      for (int b = 0; b < 4; ++b) lane += scalar_quant_code(t, group, 4 * j + b) * xq[4 * j + b];
+      float& acc = lanes[(g % 2) * 8 + j];
+      acc = std::fma(static_cast<float>(lane), s, acc);
+    }
+  }
+  float v[8];
+  for (int j = 0; j < 8; ++j) v[j] = lanes[j] + lanes[8 + j];
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_axpy,
+                                        scalar_top_indices, scalar_int8_dot};
 
 const PeerKernels& kernels() {
-  return active_cpu_path() == CpuPath::kAvx2 ? avx2::peer_kernels() : kScalarKernels;
+  switch (active_cpu_path()) {
+    case CpuPath::kAvx512:
+      return avx512::peer_kernels();
+    case CpuPath::kAvxVnni:
+      return avxvnni::peer_kernels();
+    case CpuPath::kAvx2:
+      return avx2::peer_kernels();
+    case CpuPath::kAuto:
+    case CpuPath::kScalar:
+      break;
+  }
+  return kScalarKernels;
 }
+
+// One token's xhat quantized for the int8 dot (kernels/cpu/peer_kernels.h), in buffers kept
+// across the tokens of a thread.
+class TokenActivations {
+ public:
+  explicit TokenActivations(int64_t n)
+      : n_(n),
+        groups_(quant_groups(n)),
+        codes_(static_cast<size_t>(groups_ * kQuantGroup), 0),
+        half_scales_(static_cast<size_t>(groups_)),
+        scales_(static_cast<size_t>(groups_)),
+        int4_bias_(static_cast<size_t>(groups_ * 8)) {}
+
+  // False (and nothing usable) when x is out of the int8 quantizer's range (non-finite, or
+  // beyond quant_max_abs): the caller takes the float dot for this token.
+  bool quantize(const float* x) {
+    if (!quant_check_range(DType::kI8, x, n_).ok()) return false;
+    quantize_row_int8(x, n_, half_scales_.data(), codes_.data());
+    for (int64_t g = 0; g < groups_; ++g) {
+      scales_[static_cast<size_t>(g)] = fp16_to_fp32(half_scales_[static_cast<size_t>(g)]);
+    }
+    for (size_t lane = 0; lane < int4_bias_.size(); ++lane) {
+      const int8_t* q = &codes_[4 * lane];
+      int4_bias_[lane] = -8 * (q[0] + q[1] + q[2] + q[3]);
+    }
+    return true;
+  }
+
+  Int8Activations view() const {
+    return {groups_, codes_.data(), scales_.data(), int4_bias_.data()};
+  }
+
+ private:
+  int64_t n_, groups_;
+  std::vector<int8_t> codes_;  // past n_: zeros, never written
+  std::vector<uint16_t> half_scales_;
+  std::vector<float> scales_;
+  std::vector<int32_t> int4_bias_;
+};
 
 // ---- shared helpers ------------------------------------------------------------------------
 
@@ -185,23 +274,6 @@ struct Candidate {
 // Score descending, then id ascending: the order of routing slots.
 bool better(const Candidate& a, const Candidate& b) {
   return a.score != b.score ? a.score > b.score : a.id < b.id;
-}
-
-// Indices of the kp largest of s[0..n), best first; ties: lower index first. Keeps a sorted
-// list and scans ascending, so an element enters only when strictly greater than the list's
-// last (an equal score has a higher index) and goes after every element not smaller.
-void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
-  int64_t size = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = s[i];
-    if (size == kp && !(v > s[out[kp - 1]])) continue;
-    int64_t pos = size < kp ? size++ : kp - 1;
-    while (pos > 0 && s[out[pos - 1]] < v) {
-      out[pos] = out[pos - 1];
-      --pos;
-    }
-    out[pos] = i;
-  }
 }
 
 // The k best of the kp^2 sums s0[top0[a]] + s1[top1[b]], best first, into `best` (a heap whose
@@ -265,6 +337,40 @@ int64_t route_blocks(int64_t T) {
   return (T + kRouteBlock - 1) / kRouteBlock;
 }
 
+// The down-row dot of one token: on its fp32 xhat, or (ExpertDot::kInt8 on int8/int4 records)
+// on xhat quantized once per token and shared by its slots.
+class TokenDown {
+ public:
+  TokenDown(const RecordLayout& layout, const PeerKernels& kr, ExpertDot dot)
+      : layout_(layout), kr_(kr) {
+    if (dot == ExpertDot::kInt8 && dtype_is_quantized(layout.dtype)) {
+      quantized_.emplace_back(layout.dim);
+    }
+  }
+
+  // Before the token's slots.
+  void set_token(const float* xhat_t) {
+    xhat_t_ = xhat_t;
+    use_int8_ = !quantized_.empty() && quantized_[0].quantize(xhat_t);
+  }
+
+  float dot(const uint8_t* record) const {
+    const CodedRow down = down_row(layout_, record);
+    if (use_int8_) {
+      return kr_.int8_dot(layout_.dtype, down.scales, down.codes, layout_.dim,
+                          quantized_[0].view());
+    }
+    return kr_.coded_dot(layout_.dtype, down.scales, down.codes, layout_.dim, xhat_t_);
+  }
+
+ private:
+  const RecordLayout& layout_;
+  const PeerKernels& kr_;
+  std::vector<TokenActivations> quantized_;  // one, for ExpertDot::kInt8 on int8/int4 records
+  const float* xhat_t_ = nullptr;
+  bool use_int8_ = false;
+};
+
 }  // namespace
 
 // ---- public entry points ---------------------------------------------------------------------
@@ -272,6 +378,12 @@ int64_t route_blocks(int64_t T) {
 float record_down_dot(const RecordLayout& layout, const uint8_t* record, const float* x) {
   const CodedRow row = down_row(layout, record);
   return kernels().coded_dot(layout.dtype, row.scales, row.codes, layout.dim, x);
+}
+
+float record_down_dot_int8(const RecordLayout& layout, const uint8_t* record, const float* x) {
+  TokenDown down(layout, kernels(), ExpertDot::kInt8);
+  down.set_token(x);
+  return down.dot(record);
 }
 
 void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y) {
@@ -321,6 +433,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
+  const PeerKernels& kr = kernels();
   parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
     // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
     // the merge heap.
@@ -341,8 +454,8 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
         for (int64_t t = 0; t < m; ++t) {
           const float* s0 = &scores[static_cast<size_t>(t * n)];
           const float* s1 = s0 + kRouteBlock * n;
-          top_indices(s0, n, kp, top.data());
-          top_indices(s1, n, kp, top.data() + kp);
+          kr.top_indices(s0, n, kp, top.data());
+          kr.top_indices(s1, n, kp, top.data() + kp);
           merge_halves(s0, s1, top.data(), top.data() + kp, kp, n, k, &best);
           const size_t base = static_cast<size_t>(((t0 + t) * h + head) * k);
           for (int64_t s = 0; s < k; ++s) {
@@ -357,19 +470,21 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
 }
 
 // How many slots ahead peer_experts prefetches records, and the prefetch itself (every cache
-// line of the record's useful bytes).
-constexpr size_t kPrefetchSlots = 2;
+// line of the record's useful bytes, into L2: prefetcht2). The expert stage waits on memory
+// (perf put 96% of the pass's own samples on the prefetch instructions at 2 slots ahead with
+// prefetchnta, which holds an L1 fill buffer per line); into L2 at 4 slots ahead it ran in
+// 57-68 ms instead of 95-104 ms per 2048-token batch at N = 262K int4 (2 threads, best of 3
+// interleaved runs on a loaded 2-core VM).
+constexpr size_t kPrefetchSlots = 4;
 inline void prefetch_record(const uint8_t* record, size_t bytes) {
-  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 0);
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 1);
 }
 
 // gate * activation of one slot: the down-row dot. Shared by both expert passes so a slot
 // computes to the same bits in either.
-inline float slot_gated_activation(const PeerConfig& config, const RecordLayout& layout,
-                                   const PeerKernels& kr, const float* xhat_t, float gate,
+inline float slot_gated_activation(const PeerConfig& config, const TokenDown& down, float gate,
                                    const uint8_t* record) {
-  const CodedRow down = down_row(layout, record);
-  const float z = kr.coded_dot(layout.dtype, down.scales, down.codes, config.dim, xhat_t);
+  const float z = down.dot(record);
   return static_cast<float>(gate * activation_ref(config.activation, z));
 }
 
@@ -381,14 +496,15 @@ inline void slot_accumulate(const RecordLayout& layout, const PeerKernels& kr, f
 }
 
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
-                  const PeerRouting& routing, const uint8_t* const* records, float* y,
-                  int threads) {
+                  const PeerRouting& routing, const uint8_t* const* records, float* y, int threads,
+                  ExpertDot dot) {
   check_common(config, &layout);
   check_routing(config, routing);
   const int64_t D = config.dim, Dout = config.dim_out;
   const int64_t per_token = routing.heads * routing.topk;
   const PeerKernels& kr = kernels();
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    TokenDown down(layout, kr, dot);
     // Records sit at random addresses, so each one starts a fresh stream of cache misses that
     // the hardware prefetcher learns too late: fetch the records kPrefetchSlots ahead.
     const size_t first = static_cast<size_t>(begin * per_token);
@@ -399,13 +515,13 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
     for (int64_t t = begin; t < end; ++t) {
       float* yt = y + t * Dout;
       std::fill(yt, yt + Dout, 0.0f);
+      down.set_token(xhat + t * D);
       for (int64_t s = 0; s < per_token; ++s) {
         const size_t slot = static_cast<size_t>(t * per_token + s);
         if (slot + kPrefetchSlots < last) {
           prefetch_record(records[slot + kPrefetchSlots], layout.record_bytes);
         }
-        const float ga = slot_gated_activation(config, layout, kr, xhat + t * D,
-                                               routing.gates[slot], records[slot]);
+        const float ga = slot_gated_activation(config, down, routing.gates[slot], records[slot]);
         slot_accumulate(layout, kr, ga, records[slot], Dout, yt);
       }
     }
@@ -421,7 +537,7 @@ void PeerExpertProgress::reset(int64_t tokens, int64_t slots_per_token) {
 
 void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                          const PeerRouting& routing, const uint8_t* const* records, float* y,
-                         PeerExpertProgress* progress, int threads) {
+                         PeerExpertProgress* progress, int threads, ExpertDot dot) {
   check_common(config, &layout);
   check_routing(config, routing);
   const int64_t D = config.dim, Dout = config.dim_out;
@@ -432,6 +548,7 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
   const PeerKernels& kr = kernels();
   std::atomic<int64_t> pending{0};
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    TokenDown down(layout, kr, dot);
     int64_t unfinished = 0;
     for (int64_t t = begin; t < end; ++t) {
       int32_t& next = p.next_slot[static_cast<size_t>(t)];
@@ -439,6 +556,7 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
       float* yt = y + t * Dout;
       if (next == 0) std::fill(yt, yt + Dout, 0.0f);  // nothing accumulated yet
       bool blocked = false;
+      bool token_set = false;
       for (int64_t s = next; s < per_token; ++s) {
         const size_t slot = static_cast<size_t>(t * per_token + s);
         const uint8_t* record = records[slot];
@@ -447,8 +565,11 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
           continue;
         }
         if (p.has_ga[slot] == 0) {
-          p.ga[slot] =
-              slot_gated_activation(config, layout, kr, xhat + t * D, routing.gates[slot], record);
+          if (!token_set) {
+            down.set_token(xhat + t * D);
+            token_set = true;
+          }
+          p.ga[slot] = slot_gated_activation(config, down, routing.gates[slot], record);
           p.has_ga[slot] = 1;
         }
         if (!blocked) {
