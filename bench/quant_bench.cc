@@ -36,7 +36,7 @@ std::vector<float> normal_values(size_t n, uint32_t seed) {
 bool select_path(benchmark::State& state, Path path) {
   set_cpu_path(CpuPath::kAuto);
   if (path == Path::kAvx2) {
-    if (active_cpu_path() != CpuPath::kAvx2) {
+    if (!cpu_path_supported(CpuPath::kAvx2)) {
       state.SkipWithError("CPU lacks AVX2/FMA/F16C");
       return false;
     }

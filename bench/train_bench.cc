@@ -102,7 +102,7 @@ void set_rates(benchmark::State& state, const Workload& w) {
 bool select_path(benchmark::State& state, Path path) {
   set_cpu_path(CpuPath::kAuto);
   if (path == Path::kAvx2) {
-    if (active_cpu_path() != CpuPath::kAvx2) {
+    if (!cpu_path_supported(CpuPath::kAvx2)) {
       state.SkipWithError("CPU lacks AVX2/FMA/F16C");
       return false;
     }

@@ -68,6 +68,19 @@ struct PeerGrads {
   std::vector<float> d_up;            // [U, D_out]
 };
 
+// How the expert stage takes the down rows' dot products <u_e, xhat> on int8/int4 records.
+enum class ExpertDot {
+  // The codes widened to fp32 against fp32 xhat: within the parity tolerances of the oracle.
+  kFloat,
+  // xhat quantized per 32-group to int8 as an int8 record row is (ggml's Q8_0 beside Q4_0),
+  // once per token, and integer dot products on the codes (VNNI where the CPU has it; the CPU
+  // backend implements it, kernels/cpu/peer.h). Its error against the oracle is the
+  // activations' quantization error (bench/peer_cpu_bench reports it on y), far beyond the fp32
+  // tolerances, hence a mode. Every CPU path gives the same bits. Float records, and tokens
+  // whose xhat the int8 quantizer cannot take (non-finite, |x| > quant_max_abs(kI8)), use kFloat.
+  kInt8,
+};
+
 // ---- scalar math shared by the backends --------------------------------------------------------
 // TROVE_HD: the CUDA kernels call these very functions. The math is spelled exp/erf/tanh, not
 // std::, so device code finds CUDA's double overloads; on the host both name the C library's

@@ -254,17 +254,18 @@ struct PeerLayer::Impl {
       if (r.tokens > 0 && ref()) {
         peer_experts_ref(c, layout, xhat.data(), r, slot_records.data(), y);
       } else if (r.tokens > 0) {
-        peer_experts(c, layout, xhat.data(), r, slot_records.data(), y, options.threads);
+        peer_experts(c, layout, xhat.data(), r, slot_records.data(), y, options.threads,
+                     options.expert_dot);
       }
     } else {
       point_slots();
       progress.reset(r.tokens, r.heads * r.topk);
       peer_experts_resume(c, layout, xhat.data(), r, slot_records.data(), y, &progress,
-                          options.threads);
+                          options.threads, options.expert_dot);
       TROVE_RETURN_IF_ERROR(lease.finish(unique_records));
       point_slots();
       peer_experts_resume(c, layout, xhat.data(), r, slot_records.data(), y, &progress,
-                          options.threads);
+                          options.threads, options.expert_dot);
       TROVE_CHECK(progress.done());
     }
     if (stats != nullptr) {

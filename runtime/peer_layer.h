@@ -71,7 +71,11 @@ struct H2dMethodTotals {
 
 struct PeerLayerOptions {
   PeerBackend backend = PeerBackend::kCpu;
-  int threads = 0;               // 0: all cores
+  int threads = 0;  // 0: all cores
+  // kCpu only: the expert stage's down-row dots on int8/int4 records (kernels/cpu/peer.h).
+  // kInt8 quantizes each token's xhat to int8 for integer dot products: faster where compute
+  // bounds the stage, outside the fp32 parity tolerances, hence off by default.
+  ExpertDot expert_dot = ExpertDot::kFloat;
   bool verify_checksums = true;  // verify each record read from a store the first time
   // open(): with a host budget, records come through a TieredExpertSource (host tier over the
   // store file, runtime/tiered_source.h); without, the whole table is memory-mapped.

@@ -1,5 +1,5 @@
-// A test fixture run once per CPU path (scalar, AVX2): the parameterized tests of kernels
-// that dispatch at run time. AVX2 cases skip, with a message, on CPUs without it.
+// A test fixture run once per CPU path (scalar, AVX2, ...): the parameterized tests of kernels
+// that dispatch at run time. A path the CPU lacks skips, with a message.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -12,8 +12,9 @@ class CpuPathTest : public ::testing::TestWithParam<CpuPath> {
  protected:
   void SetUp() override {
     set_cpu_path(CpuPath::kAuto);
-    if (GetParam() == CpuPath::kAvx2 && active_cpu_path() != CpuPath::kAvx2) {
-      GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C; the AVX2 path cannot run here";
+    if (!cpu_path_supported(GetParam())) {
+      GTEST_SKIP() << "this CPU lacks the instructions of the " << cpu_path_name(GetParam())
+                   << " path; it cannot run here";
     }
     set_cpu_path(GetParam());
   }

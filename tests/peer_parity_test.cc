@@ -315,6 +315,116 @@ TEST_P(PeerParityTest, ExactTiesAreBrokenByLowerIdIdenticallyOnBothPaths) {
   EXPECT_GT(ties, 50) << "the integer scores should tie often";
 }
 
+// ---- int8 activations (ExpertDot::kInt8) ------------------------------------------------------
+
+// xhat through the int8 quantizer and back: the activations the int8 dot sees. Row by row, as
+// the kernel quantizes each token.
+std::vector<float> int8_round_trip(const std::vector<float>& xhat, int64_t tokens, int64_t D) {
+  std::vector<float> out(xhat.size());
+  std::vector<uint16_t> scales(sz(quant_groups(D)));
+  std::vector<int8_t> codes(sz(quant_groups(D) * kQuantGroup));
+  for (int64_t t = 0; t < tokens; ++t) {
+    quantize_row_int8_ref(&xhat[sz(t * D)], D, scales.data(), codes.data());
+    dequantize_row_int8_ref(scales.data(), codes.data(), D, &out[sz(t * D)]);
+  }
+  return out;
+}
+
+std::vector<float> experts_y(const PeerLayer& l, const RefForward& ref, const float* xhat,
+                             ExpertDot dot, int threads = kThreads) {
+  std::vector<float> y(sz(l.tokens * l.config.dim_out), -1.0f);
+  const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
+  peer_experts(l.config, l.layout, xhat, ref.routing, records.data(), y.data(), threads, dot);
+  return y;
+}
+
+// The integer dot is exact per lane of 4 products and the oracle's dot on the dequantized
+// activations is exact in double, so the two differ by the fp32 sums alone: the forward
+// tolerances hold, at the sweep's odd widths (partial last groups) and every activation.
+TEST_P(PeerParityTest, Int8ActivationsMatchTheOracleOnTheQuantizedActivations) {
+  const int64_t token_counts[] = {1, 7, 40, 7, 128};
+  const int64_t dims[][2] = {{37, 37}, {100, 45}, {200, 200}, {45, 100}};
+  int checked = 0;
+  for_each_sweep_shape(token_counts, dims, [&](PeerShape shape, uint32_t seed) {
+    if (!dtype_is_quantized(shape.dtype)) return;
+    if (shape.config.n_keys == 128) {
+      shape.config.dim = std::min<int64_t>(shape.config.dim, 45);
+      shape.tokens = std::min<int64_t>(shape.tokens, 40);
+    }
+    SCOPED_TRACE(describe(shape));
+    const PeerLayer l = random_layer(shape, seed);
+    const RefForward ref = ref_forward(l);
+    const std::vector<float> xq = int8_round_trip(ref.xhat, l.tokens, l.config.dim);
+    std::vector<float> want(sz(l.tokens * l.config.dim_out));
+    const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
+    peer_experts_ref(l.config, l.layout, xq.data(), ref.routing, records.data(), want.data());
+    expect_close(experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8), want, kForwardAbs,
+                 kForwardRel, "y (int8 activations)");
+    ++checked;
+  });
+  EXPECT_GT(checked, 10);
+  // D = 2048, as in the background documents.
+  for (DType t : {DType::kI8, DType::kI4}) {
+    const PeerLayer l = random_layer({5, testing::background_width_config(), t}, 12);
+    const RefForward ref = ref_forward(l);
+    const std::vector<float> xq = int8_round_trip(ref.xhat, l.tokens, l.config.dim);
+    std::vector<float> want(sz(l.tokens * l.config.dim_out));
+    const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
+    peer_experts_ref(l.config, l.layout, xq.data(), ref.routing, records.data(), want.data());
+    expect_close(experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8), want, kForwardAbs,
+                 kForwardRel, "D = 2048 " + std::string(dtype_name(t)));
+  }
+}
+
+// Float records have no integer codes, and a token whose xhat the int8 quantizer cannot take
+// (beyond quant_max_abs(kI8), here 1e30) falls back to the float dot: the same bits as kFloat.
+TEST_P(PeerParityTest, Int8ActivationsFallBackToTheFloatDotWhereTheyCannotApply) {
+  PeerConfig c = make_config(70, 50, 2, 9, 6, 4, 3);
+  for (DType t : kAllDTypes) {
+    const PeerShape shape{23, c, t};
+    SCOPED_TRACE(describe(shape));
+    const PeerLayer l = random_layer(shape, 81);
+    RefForward ref = ref_forward(l);
+    ref.xhat[sz(5 * c.dim + 3)] = 1e30f;  // token 5
+    const std::vector<float> exact = experts_y(l, ref, ref.xhat.data(), ExpertDot::kFloat);
+    const std::vector<float> int8 = experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8);
+    if (!dtype_is_quantized(t)) {
+      expect_bits_equal(int8, exact, "float records");
+      continue;
+    }
+    const auto row = [&](const std::vector<float>& y, int64_t token) {
+      return std::vector<float>(y.begin() + token * c.dim_out, y.begin() + (token + 1) * c.dim_out);
+    };
+    expect_bits_equal(row(int8, 5), row(exact, 5), "token 5, out of the int8 range");
+    EXPECT_NE(row(int8, 4), row(exact, 4)) << "token 4 should take the int8 dot";
+  }
+}
+
+TEST_P(PeerParityTest, Int8ActivationsInWavesEqualOnePassBitForBit) {
+  PeerConfig c = make_config(77, 50, 4, 10, 9, 6, 3);
+  c.activation = Activation::kRelu;
+  for (DType t : {DType::kI4, DType::kI8}) {
+    const PeerShape shape{61, c, t};
+    SCOPED_TRACE(describe(shape));
+    const PeerLayer l = random_layer(shape, 91);
+    const RefForward ref = ref_forward(l);
+    const std::vector<float> want = experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8, 2);
+    const std::vector<const uint8_t*> all = l.slot_records(ref.routing);
+    std::vector<float> y(want.size(), std::nanf(""));
+    PeerExpertProgress progress;
+    progress.reset(l.tokens, c.heads * c.topk);
+    for (int w = 0; w < 3; ++w) {  // slot s arrives in wave s % 3
+      std::vector<const uint8_t*> records(all.size());
+      for (size_t s = 0; s < all.size(); ++s)
+        records[s] = static_cast<int>(s % 3) <= w ? all[s] : nullptr;
+      peer_experts_resume(c, l.layout, ref.xhat.data(), ref.routing, records.data(), y.data(),
+                          &progress, w + 1, ExpertDot::kInt8);
+    }
+    EXPECT_TRUE(progress.done());
+    expect_bits_equal(y, want, "three waves");
+  }
+}
+
 // ---- threads -----------------------------------------------------------------------------------
 
 TEST_P(PeerParityTest, ThreadCountDoesNotChangeAnyBit) {
@@ -346,6 +456,42 @@ TEST_P(PeerParityTest, ThreadCountDoesNotChangeAnyBit) {
       expect_bits_equal(many.grads.d_norm_weight, one.grads.d_norm_weight, what + " dgamma");
       expect_bits_equal(many.grads.d_down, one.grads.d_down, what + " d_down");
       expect_bits_equal(many.grads.d_up, one.grads.d_up, what + " d_up");
+    }
+  }
+}
+
+// q and the sub-key scores come from the BLAS in fixed blocks of tokens: token counts on both
+// sides of a block boundary, a last block of one token, shared and per-head keys, k' = n.
+TEST_P(PeerParityTest, QueryAndRoutingAreBitIdenticalForAnyThreadCount) {
+  struct Case {
+    int64_t tokens, dim, n_keys, dk, heads, topk, topk_per_half;
+    bool shared_keys;
+  };
+  const Case cases[] = {{1, 33, 5, 7, 2, 3, 2, false},      {63, 100, 13, 16, 3, 4, 4, true},
+                        {64, 64, 9, 9, 1, 2, 9, false},     {65, 129, 31, 64, 4, 8, 8, false},
+                        {129, 2048, 20, 64, 4, 8, 8, true}, {257, 45, 40, 5, 2, 16, 6, false}};
+  for (const Case& k : cases) {
+    PeerConfig c = make_config(k.dim, k.dim, k.heads, k.n_keys, k.dk, k.topk, k.topk_per_half);
+    c.shared_keys = k.shared_keys;
+    c.query_bias = true;
+    const PeerShape shape{k.tokens, c, DType::kI8};
+    SCOPED_TRACE(describe(shape));
+    const PeerLayer l = random_layer(shape, 71);
+    const PeerRouterParams p = l.router();
+    std::vector<float> q1(sz(l.tokens * c.query_rows()));
+    PeerRouting r1;
+    peer_query(c, p, l.x.data(), l.tokens, q1.data(), 1);
+    peer_route(c, p, q1.data(), l.tokens, &r1, 1);
+    for (int threads : {2, 3, 8}) {
+      const std::string what = "threads " + std::to_string(threads);
+      std::vector<float> q(q1.size(), -1.0f);
+      PeerRouting r;
+      peer_query(c, p, l.x.data(), l.tokens, q.data(), threads);
+      peer_route(c, p, q.data(), l.tokens, &r, threads);
+      expect_bits_equal(q, q1, what + " q");
+      EXPECT_EQ(r.ids, r1.ids) << what;
+      expect_bits_equal(r.scores, r1.scores, what + " scores");
+      expect_bits_equal(r.gates, r1.gates, what + " gates");
     }
   }
 }
@@ -392,8 +538,90 @@ TEST_P(PeerParityTest, ExpertsInWavesEqualOnePassBitForBit) {
   }
 }
 
+// ---- every path alike --------------------------------------------------------------------------
+
+// The CPU paths this machine can run, scalar first.
+std::vector<CpuPath> supported_paths() {
+  std::vector<CpuPath> paths;
+  for (CpuPath p : {CpuPath::kScalar, CpuPath::kAvx2, CpuPath::kAvxVnni, CpuPath::kAvx512}) {
+    if (cpu_path_supported(p)) paths.push_back(p);
+  }
+  return paths;
+}
+
+// The int8 dot sums the same exact integer lanes in the same fp32 order on every path
+// (kernels/cpu/peer_kernels.h): the same bits everywhere, and the oracle's double dot on the
+// dequantized activations within the row tolerance, at every length (partial last groups, odd
+// and even group counts for AVX-512's pairs).
+TEST(PeerPathsTest, Int8DotGivesTheSameBitsOnEveryPathAndMatchesTheQuantizedOracle) {
+  const std::vector<CpuPath> paths = supported_paths();
+  std::mt19937 rng(19);
+  std::vector<int64_t> lengths;
+  for (int64_t n = 1; n <= 200; ++n) lengths.push_back(n);
+  lengths.push_back(2048);
+  for (DType t : {DType::kI8, DType::kI4}) {
+    for (int64_t n : lengths) {
+      const RecordLayout l = layout_of(t, n, n);
+      const std::vector<float> down = normal_values(sz(n), 1.0, &rng);
+      std::vector<uint8_t> record(l.stride);
+      pack_record_ref(l, down.data(), down.data(), record.data());
+      std::vector<float> u(sz(n)), v(sz(n));
+      unpack_record_ref(l, record.data(), u.data(), v.data());
+      std::vector<float> x = normal_values(sz(n) + kQuantGroup, 1.0, &rng);
+      std::fill(x.begin() + n, x.end(), std::numeric_limits<float>::quiet_NaN());
+      const std::vector<float> xq = int8_round_trip(x, 1, n);
+      double want = 0, sum_abs = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        want += static_cast<double>(u[sz(i)]) * xq[sz(i)];
+        sum_abs += std::abs(static_cast<double>(u[sz(i)]) * xq[sz(i)]);
+      }
+      float first = 0;
+      for (CpuPath p : paths) {
+        set_cpu_path(p);
+        const float got = record_down_dot_int8(l, record.data(), x.data());
+        if (p == paths.front()) {
+          first = got;
+          EXPECT_NEAR(got, want, kRowAbs * sum_abs + kRowRel * std::abs(want))
+              << dtype_name(t) << " n " << n;
+        } else {
+          EXPECT_EQ(std::memcmp(&got, &first, sizeof(float)), 0)
+              << dtype_name(t) << " n " << n << " on " << cpu_path_name(p) << ": " << got << " vs "
+              << first;
+        }
+      }
+      set_cpu_path(CpuPath::kAuto);
+    }
+  }
+}
+
+// Sub-scores with many exact ties (small integers): every path's top-k' picks the same indices.
+TEST(PeerPathsTest, TiedScoresSelectTheSameIndicesOnEveryPath) {
+  const std::vector<CpuPath> paths = supported_paths();
+  if (paths.size() < 2) GTEST_SKIP() << "this CPU runs the scalar path only";
+  PeerConfig c = make_config(10, 10, 2, 53, 3, 9, 7);
+  ASSERT_TRUE(c.validate_and_fill().ok());
+  constexpr int64_t kTokens = 70;
+  std::mt19937 rng(43);
+  std::uniform_int_distribution<int> small(-1, 1);
+  std::vector<float> q(sz(kTokens * c.query_rows())), keys(sz(c.key_heads() * 2 * 53 * 3));
+  for (float& v : q) v = static_cast<float>(small(rng));
+  for (float& v : keys) v = static_cast<float>(small(rng));
+  PeerRouterParams p;
+  p.keys = keys.data();
+  PeerRouting want;
+  peer_route_ref(c, p, q.data(), kTokens, &want);
+  for (CpuPath path : paths) {
+    set_cpu_path(path);
+    PeerRouting got;
+    peer_route(c, p, q.data(), kTokens, &got, kThreads);
+    EXPECT_EQ(got.ids, want.ids) << cpu_path_name(path);
+  }
+  set_cpu_path(CpuPath::kAuto);
+}
+
 INSTANTIATE_TEST_SUITE_P(CpuPaths, PeerParityTest,
-                         ::testing::Values(CpuPath::kScalar, CpuPath::kAvx2),
+                         ::testing::Values(CpuPath::kScalar, CpuPath::kAvx2, CpuPath::kAvxVnni,
+                                           CpuPath::kAvx512),
                          [](const ::testing::TestParamInfo<CpuPath>& param_info) {
                            return std::string(cpu_path_name(param_info.param));
                          });

@@ -4,9 +4,11 @@
 //
 // Thread-count independence, step by step: every parallel loop is a base/thread_pool.h
 // parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
-//   norm, query, route, experts: chunks of tokens; each token's row by one thread. Query and
-//     route block up to 4 tokens per weight row, and dot_block computes each token's dot with
-//     the same operations whatever the block, so chunk boundaries change no bit.
+//   norm, experts: chunks of tokens; each token's row by one thread.
+//   query, route: fixed blocks of kRouteBlock tokens from the batch's first, one single-threaded
+//     BLAS call per block (kernels/cpu/blas.h), so chunk boundaries change no bit. A token's q
+//     and scores may differ in the last bits with its place in the batch (a shorter last block
+//     can take other GEMM kernels), never with the thread count.
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
 //     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
 //     columns of gamma, key rows, unique experts), each row adding its terms in token order.
@@ -24,7 +26,8 @@
 #include "base/check.h"
 #include "base/half.h"
 #include "base/thread_pool.h"
-#include "kernels/cpu/peer_avx2.h"
+#include "kernels/cpu/blas.h"
+#include "kernels/cpu/peer_kernels.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/quant.h"
 
@@ -32,7 +35,7 @@ namespace trove {
 
 namespace {
 
-using peer_internal::kMaxDotBlock;
+using peer_internal::Int8Activations;
 using peer_internal::PeerKernels;
 
 // ---- scalar inner loops --------------------------------------------------------------------
@@ -77,19 +80,6 @@ float scalar_scale(const uint8_t* scales, int64_t g) {
 
 int64_t group_code_bytes(DType t) {
   return t == DType::kI8 ? kQuantGroup : kQuantGroup / 2;
-}
-
-// Eight running sums (what one AVX2 vector holds), added pairwise at the end.
-float scalar_dot_f32(const float* a, const float* b, int64_t n) {
-  float lanes[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 float scalar_coded_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
@@ -143,20 +133,103 @@ void scalar_coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int
   }
 }
 
-void scalar_dot_block(const float* w, const float* const* x, int m, int64_t n, float* out) {
-  for (int j = 0; j < m; ++j) out[j] = scalar_dot_f32(w, x[j], n);
-}
-
 void scalar_axpy(float alpha, const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_dot_block,
-                                        scalar_axpy};
+// Keeps a sorted list and scans ascending, so an element enters only when strictly greater than
+// the list's last (an equal score has a higher index) and goes after every element not smaller.
+void scalar_top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = s[i];
+    if (size == kp && !(v > s[out[kp - 1]])) continue;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && s[out[pos - 1]] < v) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = i;
+  }
+}
+
+// The int8 dot in the order kernels/cpu/peer_kernels.h fixes for every path.
+float scalar_int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+                      const Int8Activations& x) {
+  (void)n;
+  float lanes[16] = {};
+  for (int64_t g = 0; g < x.groups; ++g) {
+    const uint8_t* group = codes + g * group_code_bytes(t);
+    const int8_t* xq = x.codes + g * kQuantGroup;
+    const float s = scalar_scale(scales, g) * x.scales[g];
+    for (int j = 0; j < 8; ++j) {
+      int32_t lane = 0;
+      for (int b = 0; b < 4; ++b) lane += scalar_quant_code(t, group, 4 * j + b) * xq[4 * j + b];
+      float& acc = lanes[(g % 2) * 8 + j];
+      acc = std::fma(static_cast<float>(lane), s, acc);
+    }
+  }
+  float v[8];
+  for (int j = 0; j < 8; ++j) v[j] = lanes[j] + lanes[8 + j];
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_axpy,
+                                        scalar_top_indices, scalar_int8_dot};
 
 const PeerKernels& kernels() {
-  return active_cpu_path() == CpuPath::kAvx2 ? avx2::peer_kernels() : kScalarKernels;
+  switch (active_cpu_path()) {
+    case CpuPath::kAvx512:
+      return avx512::peer_kernels();
+    case CpuPath::kAvxVnni:
+      return avxvnni::peer_kernels();
+    case CpuPath::kAvx2:
+      return avx2::peer_kernels();
+    case CpuPath::kAuto:
+    case CpuPath::kScalar:
+      break;
+  }
+  return kScalarKernels;
 }
+
+// One token's xhat quantized for the int8 dot (kernels/cpu/peer_kernels.h), in buffers kept
+// across the tokens of a thread.
+class TokenActivations {
+ public:
+  explicit TokenActivations(int64_t n)
+      : n_(n),
+        groups_(quant_groups(n)),
+        codes_(static_cast<size_t>(groups_ * kQuantGroup), 0),
+        half_scales_(static_cast<size_t>(groups_)),
+        scales_(static_cast<size_t>(groups_)),
+        int4_bias_(static_cast<size_t>(groups_ * 8)) {}
+
+  // False (and nothing usable) when x is out of the int8 quantizer's range (non-finite, or
+  // beyond quant_max_abs): the caller takes the float dot for this token.
+  bool quantize(const float* x) {
+    if (!quant_check_range(DType::kI8, x, n_).ok()) return false;
+    quantize_row_int8(x, n_, half_scales_.data(), codes_.data());
+    for (int64_t g = 0; g < groups_; ++g) {
+      scales_[static_cast<size_t>(g)] = fp16_to_fp32(half_scales_[static_cast<size_t>(g)]);
+    }
+    for (size_t lane = 0; lane < int4_bias_.size(); ++lane) {
+      const int8_t* q = &codes_[4 * lane];
+      int4_bias_[lane] = -8 * (q[0] + q[1] + q[2] + q[3]);
+    }
+    return true;
+  }
+
+  Int8Activations view() const {
+    return {groups_, codes_.data(), scales_.data(), int4_bias_.data()};
+  }
+
+ private:
+  int64_t n_, groups_;
+  std::vector<int8_t> codes_;  // past n_: zeros, never written
+  std::vector<uint16_t> half_scales_;
+  std::vector<float> scales_;
+  std::vector<int32_t> int4_bias_;
+};
 
 // ---- shared helpers ------------------------------------------------------------------------
 
@@ -201,23 +274,6 @@ struct Candidate {
 // Score descending, then id ascending: the order of routing slots.
 bool better(const Candidate& a, const Candidate& b) {
   return a.score != b.score ? a.score > b.score : a.id < b.id;
-}
-
-// Indices of the kp largest of s[0..n), best first; ties: lower index first. Keeps a sorted
-// list and scans ascending, so an element enters only when strictly greater than the list's
-// last (an equal score has a higher index) and goes after every element not smaller.
-void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
-  int64_t size = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = s[i];
-    if (size == kp && !(v > s[out[kp - 1]])) continue;
-    int64_t pos = size < kp ? size++ : kp - 1;
-    while (pos > 0 && s[out[pos - 1]] < v) {
-      out[pos] = out[pos - 1];
-      --pos;
-    }
-    out[pos] = i;
-  }
 }
 
 // The k best of the kp^2 sums s0[top0[a]] + s1[top1[b]], best first, into `best` (a heap whose
@@ -270,27 +326,50 @@ void gate_backward(Gate gate, const float* scores, const float* gates, const dou
   }
 }
 
-// q rows [rows] of tokens [begin, end): W_q row blocks that stay in L2 across the tokens,
-// up to kMaxDotBlock tokens sharing each row load.
-void query_tokens(const PeerKernels& kr, const PeerConfig& c, const PeerRouterParams& p,
-                  const float* xhat, int64_t begin, int64_t end, float* q) {
-  const int64_t D = c.dim, rows = c.query_rows();
-  const int64_t row_block = std::max<int64_t>(1, (int64_t{64} << 10) / D);  // ~256 KiB of W_q
-  for (int64_t r0 = 0; r0 < rows; r0 += row_block) {
-    const int64_t r1 = std::min(rows, r0 + row_block);
-    for (int64_t t0 = begin; t0 < end; t0 += kMaxDotBlock) {
-      const int m = static_cast<int>(std::min<int64_t>(kMaxDotBlock, end - t0));
-      const float* xs[kMaxDotBlock];
-      for (int j = 0; j < m; ++j) xs[j] = xhat + (t0 + j) * D;
-      for (int64_t r = r0; r < r1; ++r) {
-        float out[kMaxDotBlock];
-        kr.dot_block(p.query_weight + r * D, xs, m, D, out);
-        const float b = p.query_bias != nullptr ? p.query_bias[r] : 0.0f;
-        for (int j = 0; j < m; ++j) q[(t0 + j) * rows + r] = out[j] + b;
-      }
+// Routing runs in blocks of kRouteBlock tokens counted from the batch's first token: one BLAS
+// call per block (and per head and half for the sub-key scores), each on one thread. The
+// blocks, and so every bit of q and of the scores, do not depend on the thread count.
+// 64 tokens: the sub-scores of a block's (head, half) pair, 64 x n floats, stay in L2 up to
+// n = 2048 while the two halves are merged, and a block is big enough for the GEMM kernels.
+constexpr int64_t kRouteBlock = 64;
+
+int64_t route_blocks(int64_t T) {
+  return (T + kRouteBlock - 1) / kRouteBlock;
+}
+
+// The down-row dot of one token: on its fp32 xhat, or (ExpertDot::kInt8 on int8/int4 records)
+// on xhat quantized once per token and shared by its slots.
+class TokenDown {
+ public:
+  TokenDown(const RecordLayout& layout, const PeerKernels& kr, ExpertDot dot)
+      : layout_(layout), kr_(kr) {
+    if (dot == ExpertDot::kInt8 && dtype_is_quantized(layout.dtype)) {
+      quantized_.emplace_back(layout.dim);
     }
   }
-}
+
+  // Before the token's slots.
+  void set_token(const float* xhat_t) {
+    xhat_t_ = xhat_t;
+    use_int8_ = !quantized_.empty() && quantized_[0].quantize(xhat_t);
+  }
+
+  float dot(const uint8_t* record) const {
+    const CodedRow down = down_row(layout_, record);
+    if (use_int8_) {
+      return kr_.int8_dot(layout_.dtype, down.scales, down.codes, layout_.dim,
+                          quantized_[0].view());
+    }
+    return kr_.coded_dot(layout_.dtype, down.scales, down.codes, layout_.dim, xhat_t_);
+  }
+
+ private:
+  const RecordLayout& layout_;
+  const PeerKernels& kr_;
+  std::vector<TokenActivations> quantized_;  // one, for ExpertDot::kInt8 on int8/int4 records
+  const float* xhat_t_ = nullptr;
+  bool use_int8_ = false;
+};
 
 }  // namespace
 
@@ -299,6 +378,12 @@ void query_tokens(const PeerKernels& kr, const PeerConfig& c, const PeerRouterPa
 float record_down_dot(const RecordLayout& layout, const uint8_t* record, const float* x) {
   const CodedRow row = down_row(layout, record);
   return kernels().coded_dot(layout.dtype, row.scales, row.codes, layout.dim, x);
+}
+
+float record_down_dot_int8(const RecordLayout& layout, const uint8_t* record, const float* x) {
+  TokenDown down(layout, kernels(), ExpertDot::kInt8);
+  down.set_token(x);
+  return down.dot(record);
 }
 
 void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y) {
@@ -328,9 +413,17 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
                 int64_t T, float* q, int threads) {
   check_common(config, nullptr);
-  const PeerKernels& kr = kernels();
-  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
-    query_tokens(kr, config, params, xhat, begin, end, q);
+  const int64_t D = config.dim, rows = config.query_rows();
+  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+      float* qb = q + t0 * rows;
+      blas::gemm_nt(m, rows, D, xhat + t0 * D, D, params.query_weight, D, qb, rows);
+      if (params.query_bias == nullptr) continue;
+      for (int64_t t = 0; t < m; ++t) {
+        for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
+      }
+    }
   });
 }
 
@@ -341,34 +434,30 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
   const PeerKernels& kr = kernels();
-  parallel_for(T, threads, [&](int64_t begin, int64_t end) {
-    // Sub-scores [token in block][half][n], per-half selections, the merge heap.
-    std::vector<float> scores(static_cast<size_t>(kMaxDotBlock * 2 * n));
+  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
+    // the merge heap.
+    std::vector<float> scores(static_cast<size_t>(2 * kRouteBlock * n));
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));
     std::vector<Candidate> best;
     best.reserve(static_cast<size_t>(k));
-    for (int64_t t0 = begin; t0 < end; t0 += kMaxDotBlock) {
-      const int m = static_cast<int>(std::min<int64_t>(kMaxDotBlock, end - t0));
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
         for (int half = 0; half < 2; ++half) {
-          const float* qs[kMaxDotBlock];
-          for (int j = 0; j < m; ++j) qs[j] = q + (t0 + j) * rows + (head * 2 + half) * dk;
-          const float* keys = params.keys + (hk * 2 + half) * n * dk;
-          for (int64_t i = 0; i < n; ++i) {
-            float out[kMaxDotBlock];
-            kr.dot_block(keys + i * dk, qs, m, dk, out);
-            for (int j = 0; j < m; ++j)
-              scores[static_cast<size_t>((j * 2 + half) * n + i)] = out[j];
-          }
+          // s[t][i] = <q[t][head][half], K[hk][half][i]>: [m, dk] x [n, dk]^T.
+          blas::gemm_nt(m, n, dk, q + t0 * rows + (head * 2 + half) * dk, rows,
+                        params.keys + (hk * 2 + half) * n * dk, dk,
+                        &scores[static_cast<size_t>(half * kRouteBlock * n)], n);
         }
-        for (int j = 0; j < m; ++j) {
-          const float* s0 = &scores[static_cast<size_t>(j * 2 * n)];
-          const float* s1 = s0 + n;
-          top_indices(s0, n, kp, top.data());
-          top_indices(s1, n, kp, top.data() + kp);
+        for (int64_t t = 0; t < m; ++t) {
+          const float* s0 = &scores[static_cast<size_t>(t * n)];
+          const float* s1 = s0 + kRouteBlock * n;
+          kr.top_indices(s0, n, kp, top.data());
+          kr.top_indices(s1, n, kp, top.data() + kp);
           merge_halves(s0, s1, top.data(), top.data() + kp, kp, n, k, &best);
-          const size_t base = static_cast<size_t>(((t0 + j) * h + head) * k);
+          const size_t base = static_cast<size_t>(((t0 + t) * h + head) * k);
           for (int64_t s = 0; s < k; ++s) {
             routing->ids[base + s] = best[s].id;
             routing->scores[base + s] = best[s].score;
@@ -381,19 +470,21 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
 }
 
 // How many slots ahead peer_experts prefetches records, and the prefetch itself (every cache
-// line of the record's useful bytes).
-constexpr size_t kPrefetchSlots = 2;
+// line of the record's useful bytes, into L2: prefetcht2). The expert stage waits on memory
+// (perf put 96% of the pass's own samples on the prefetch instructions at 2 slots ahead with
+// prefetchnta, which holds an L1 fill buffer per line); into L2 at 4 slots ahead it ran in
+// 57-68 ms instead of 95-104 ms per 2048-token batch at N = 262K int4 (2 threads, best of 3
+// interleaved runs on a loaded 2-core VM).
+constexpr size_t kPrefetchSlots = 4;
 inline void prefetch_record(const uint8_t* record, size_t bytes) {
-  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 0);
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 1);
 }
 
 // gate * activation of one slot: the down-row dot. Shared by both expert passes so a slot
 // computes to the same bits in either.
-inline float slot_gated_activation(const PeerConfig& config, const RecordLayout& layout,
-                                   const PeerKernels& kr, const float* xhat_t, float gate,
+inline float slot_gated_activation(const PeerConfig& config, const TokenDown& down, float gate,
                                    const uint8_t* record) {
-  const CodedRow down = down_row(layout, record);
-  const float z = kr.coded_dot(layout.dtype, down.scales, down.codes, config.dim, xhat_t);
+  const float z = down.dot(record);
   return static_cast<float>(gate * activation_ref(config.activation, z));
 }
 
@@ -405,14 +496,15 @@ inline void slot_accumulate(const RecordLayout& layout, const PeerKernels& kr, f
 }
 
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
-                  const PeerRouting& routing, const uint8_t* const* records, float* y,
-                  int threads) {
+                  const PeerRouting& routing, const uint8_t* const* records, float* y, int threads,
+                  ExpertDot dot) {
   check_common(config, &layout);
   check_routing(config, routing);
   const int64_t D = config.dim, Dout = config.dim_out;
   const int64_t per_token = routing.heads * routing.topk;
   const PeerKernels& kr = kernels();
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    TokenDown down(layout, kr, dot);
     // Records sit at random addresses, so each one starts a fresh stream of cache misses that
     // the hardware prefetcher learns too late: fetch the records kPrefetchSlots ahead.
     const size_t first = static_cast<size_t>(begin * per_token);
@@ -423,13 +515,13 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
     for (int64_t t = begin; t < end; ++t) {
       float* yt = y + t * Dout;
       std::fill(yt, yt + Dout, 0.0f);
+      down.set_token(xhat + t * D);
       for (int64_t s = 0; s < per_token; ++s) {
         const size_t slot = static_cast<size_t>(t * per_token + s);
         if (slot + kPrefetchSlots < last) {
           prefetch_record(records[slot + kPrefetchSlots], layout.record_bytes);
         }
-        const float ga = slot_gated_activation(config, layout, kr, xhat + t * D,
-                                               routing.gates[slot], records[slot]);
+        const float ga = slot_gated_activation(config, down, routing.gates[slot], records[slot]);
         slot_accumulate(layout, kr, ga, records[slot], Dout, yt);
       }
     }
@@ -445,7 +537,7 @@ void PeerExpertProgress::reset(int64_t tokens, int64_t slots_per_token) {
 
 void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                          const PeerRouting& routing, const uint8_t* const* records, float* y,
-                         PeerExpertProgress* progress, int threads) {
+                         PeerExpertProgress* progress, int threads, ExpertDot dot) {
   check_common(config, &layout);
   check_routing(config, routing);
   const int64_t D = config.dim, Dout = config.dim_out;
@@ -456,6 +548,7 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
   const PeerKernels& kr = kernels();
   std::atomic<int64_t> pending{0};
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    TokenDown down(layout, kr, dot);
     int64_t unfinished = 0;
     for (int64_t t = begin; t < end; ++t) {
       int32_t& next = p.next_slot[static_cast<size_t>(t)];
@@ -463,6 +556,7 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
       float* yt = y + t * Dout;
       if (next == 0) std::fill(yt, yt + Dout, 0.0f);  // nothing accumulated yet
       bool blocked = false;
+      bool token_set = false;
       for (int64_t s = next; s < per_token; ++s) {
         const size_t slot = static_cast<size_t>(t * per_token + s);
         const uint8_t* record = records[slot];
@@ -471,8 +565,11 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
           continue;
         }
         if (p.has_ga[slot] == 0) {
-          p.ga[slot] =
-              slot_gated_activation(config, layout, kr, xhat + t * D, routing.gates[slot], record);
+          if (!token_set) {
+            down.set_token(xhat + t * D);
+            token_set = true;
+          }
+          p.ga[slot] = slot_gated_activation(config, down, routing.gates[slot], record);
           p.has_ga[slot] = 1;
         }
         if (!blocked) {

@@ -1,12 +1,16 @@
 // The optimized CPU PEER layer: the steps of kernels/cpu/ref/peer_ref.h with threads over
-// tokens and SIMD dot products and axpys straight on the int4/int8/bf16/f16 codes of a record
-// (per-group fp16 scales applied to the group's partial sum; no dequantized copy of a record).
-// AVX2 (+FMA/F16C) when the CPU has it (kernels/cpu/quant.h's CpuPath chooses, so tests can
-// force the scalar path), portable scalar code otherwise.
+// tokens. The query projection and the sub-key scores are GEMMs through a BLAS
+// (kernels/cpu/blas.h, oneDNN) on fixed blocks of tokens; the expert stage runs SIMD dot
+// products and axpys straight on the int4/int8/bf16/f16 codes of a record (per-group fp16
+// scales applied to the group's partial sum; no dequantized copy of a record), with AVX2
+// (+FMA/F16C), AVX-VNNI or AVX-512 VNNI as the CPU has them (kernels/cpu/quant.h's CpuPath
+// chooses, so tests can force each path), portable scalar code otherwise.
 //
 // Results match the _ref oracle within the tolerances written in tests/peer_parity_test.cc
 // (fp32 accumulation in a different order), and do not depend on the thread count: each
-// output row is computed by one thread in a fixed order.
+// output row is computed by one thread in a fixed order. q and the sub-key scores of a token
+// may differ in the last bits with the token's place in its batch (its block of tokens; see
+// peer.cc), so routing ties at the k-th position are broken as the tolerances allow.
 //
 // Same shapes and REQUIRES as the _ref functions. `threads`: 0 means hardware concurrency.
 #pragma once
@@ -30,7 +34,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
 
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y,
-                  int threads = 0);
+                  int threads = 0, ExpertDot dot = ExpertDot::kFloat);
 
 // The expert pass in waves, for records that arrive while it runs (runtime's tiered source
 // computes on resident experts while the disk reads the rest). records[slot] == nullptr means
@@ -51,10 +55,12 @@ struct PeerExpertProgress {
 };
 
 // REQUIRES: as for peer_experts; `progress` reset for this routing before the first call, y
-// untouched by the caller between calls (a token's row is zeroed by its first call).
+// untouched by the caller between calls (a token's row is zeroed by its first call), the same
+// `dot` in every call.
 void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                          const PeerRouting& routing, const uint8_t* const* records, float* y,
-                         PeerExpertProgress* progress, int threads = 0);
+                         PeerExpertProgress* progress, int threads = 0,
+                         ExpertDot dot = ExpertDot::kFloat);
 
 void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
                    const RecordLayout& layout, const float* x, int64_t T,
@@ -64,6 +70,9 @@ void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
 // <u, x> for the down row of one record, and y += alpha * v for its up row, on the codes
 // (exposed for the benchmarks and the parity tests; width 1).
 float record_down_dot(const RecordLayout& layout, const uint8_t* record, const float* x);
+// <u, x> as ExpertDot::kInt8 takes it: x quantized per 32-group to int8, the integer dot on an
+// int8/int4 record's codes (the float dot where kInt8 falls back to it).
+float record_down_dot_int8(const RecordLayout& layout, const uint8_t* record, const float* x);
 void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y);
 
 }  // namespace trove

@@ -7,7 +7,7 @@
 // one of two running accumulators (even and odd groups, to halve the dependency chain). A
 // partial last group runs on a zero-padded copy of x (dot) or of y (axpy), so nothing past n
 // is read or written; its padding codes are zero and add nothing.
-#include "kernels/cpu/peer_avx2.h"
+#include "kernels/cpu/peer_kernels.h"
 
 #include <immintrin.h>
 
@@ -20,7 +20,6 @@ namespace trove::avx2 {
 
 namespace {
 
-using peer_internal::kMaxDotBlock;
 using peer_internal::PeerKernels;
 
 constexpr int kHalf = kQuantGroup / 2;
@@ -207,46 +206,70 @@ void coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
   }
 }
 
-// Every out[j] follows the same sequence of operations for any M (two accumulators over 16
-// elements a step, one more 8-wide step, horizontal sum, scalar fma tail).
-template <int M>
-void dot_block_m(const float* w, const float* const* x, int64_t n, float* out) {
-  __m256 acc[M][2];
-  for (int j = 0; j < M; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + i);
-    const __m256 w1 = _mm256_loadu_ps(w + i + 8);
-    for (int j = 0; j < M; ++j) {
-      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc[j][0]);
-      acc[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[j] + i + 8), acc[j][1]);
-    }
+// One step of the top-k' scan (kernels/cpu/peer.cc's scalar_top_indices): element i enters
+// when the list is not full or it beats the list's last strictly.
+inline void top_step(const float* s, int64_t i, int64_t kp, int64_t* out, int64_t* size) {
+  const float v = s[i];
+  if (*size == kp && !(v > s[out[kp - 1]])) return;
+  int64_t pos = *size < kp ? (*size)++ : kp - 1;
+  while (pos > 0 && s[out[pos - 1]] < v) {
+    out[pos] = out[pos - 1];
+    --pos;
   }
-  if (i + 8 <= n) {
-    const __m256 w0 = _mm256_loadu_ps(w + i);
-    for (int j = 0; j < M; ++j)
-      acc[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[j] + i), acc[j][0]);
-    i += 8;
-  }
-  for (int j = 0; j < M; ++j) {
-    float s = horizontal_sum(_mm256_add_ps(acc[j][0], acc[j][1]));
-    for (int64_t r = i; r < n; ++r) s = std::fma(w[r], x[j][r], s);
-    out[j] = s;
-  }
+  out[pos] = i;
 }
 
-void dot_block(const float* w, const float* const* x, int m, int64_t n, float* out) {
-  static_assert(kMaxDotBlock == 4);
-  switch (m) {
-    case 1:
-      return dot_block_m<1>(w, x, n, out);
-    case 2:
-      return dot_block_m<2>(w, x, n, out);
-    case 3:
-      return dot_block_m<3>(w, x, n, out);
-    default:
-      return dot_block_m<4>(w, x, n, out);
+// Once the list is full, 8 scores at a time are compared with its last; only those above it
+// take the scalar step, in index order (the threshold only rises, so the result is the scalar
+// scan's).
+void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  int64_t size = 0, i = 0;
+  for (; i < n && size < kp; ++i) top_step(s, i, kp, out, &size);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 threshold = _mm256_set1_ps(s[out[kp - 1]]);
+    unsigned mask = static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), threshold, _CMP_GT_OQ)));
+    for (; mask != 0; mask &= mask - 1) top_step(s, i + __builtin_ctz(mask), kp, out, &size);
   }
+  for (; i < n; ++i) top_step(s, i, kp, out, &size);
+}
+
+// ---- the int8 dot (kernels/cpu/peer_kernels.h gives the order every path follows) ----------
+
+// The 32 codes of int4 group g as unsigned nibbles 0..15, elements 0..31 in order.
+inline __m256i int4_nibbles(const uint8_t* codes) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  const __m128i low = _mm_and_si128(bytes, nibble);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+  return _mm256_set_m128i(high, low);
+}
+
+// Lane j: sum over elements 4j..4j+3 of unsigned a * signed b (every |pair sum| <= 2 * 255 * 127
+// fits the int16 of maddubs only when a <= 128: nibbles are <= 15, |int8 codes| <= 127).
+inline __m256i lane_dot_u8s8(__m256i a, __m256i b) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+               const peer_internal::Int8Activations& x) {
+  (void)n;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < x.groups; ++g) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.codes + g * 32));
+    __m256i lanes;
+    if (t == DType::kI4) {
+      const __m256i bias =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.int4_bias + g * 8));
+      lanes = _mm256_add_epi32(lane_dot_u8s8(int4_nibbles(codes + g * kHalf), xq), bias);
+    } else {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 32));
+      lanes = lane_dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
+    }
+    const float s = load_scale(scales, g) * x.scales[g];
+    acc[g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(s), acc[g & 1]);
+  }
+  return horizontal_sum(_mm256_add_ps(acc[0], acc[1]));
 }
 
 void axpy(float alpha, const float* x, int64_t n, float* y) {
@@ -256,7 +279,7 @@ void axpy(float alpha, const float* x, int64_t n, float* y) {
 }  // namespace
 
 const PeerKernels& peer_kernels() {
-  static constexpr PeerKernels kKernels = {coded_dot, coded_axpy, dot_block, axpy};
+  static constexpr PeerKernels kKernels = {coded_dot, coded_axpy, axpy, top_indices, int8_dot};
   return kKernels;
 }
 

@@ -27,8 +27,20 @@ bool cpu_has_avx2() {
   return has;
 }
 
+bool cpu_has_avx_vnni() {
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+  return has;
+}
+
+bool cpu_has_avx512() {
+  static const bool has =
+      cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
 bool use_avx2() {
-  return active_cpu_path() == CpuPath::kAvx2;
+  return cpu_path_has_avx2(active_cpu_path());
 }
 
 // Calls fn(begin, end) over [0, count) in at most `threads` contiguous chunks (0: one per
@@ -120,12 +132,29 @@ void unpack_row(DType t, const uint8_t* scales_at, const uint8_t* codes_at, int6
 CpuPath active_cpu_path() {
   const CpuPath p = g_requested_path.load(std::memory_order_relaxed);
   if (p != CpuPath::kAuto) return p;
+  if (cpu_has_avx512()) return CpuPath::kAvx512;
+  if (cpu_has_avx_vnni()) return CpuPath::kAvxVnni;
   return cpu_has_avx2() ? CpuPath::kAvx2 : CpuPath::kScalar;
 }
 
+bool cpu_path_supported(CpuPath path) {
+  switch (path) {
+    case CpuPath::kAuto:
+    case CpuPath::kScalar:
+      return true;
+    case CpuPath::kAvx2:
+      return cpu_has_avx2();
+    case CpuPath::kAvxVnni:
+      return cpu_has_avx_vnni();
+    case CpuPath::kAvx512:
+      return cpu_has_avx512();
+  }
+  return false;
+}
+
 void set_cpu_path(CpuPath path) {
-  TROVE_CHECK_MSG(path != CpuPath::kAvx2 || cpu_has_avx2(),
-                  "set_cpu_path(kAvx2) on a CPU without AVX2/FMA/F16C");
+  TROVE_CHECK_MSG(cpu_path_supported(path), "set_cpu_path(%s) on a CPU without its instructions",
+                  cpu_path_name(path));
   g_requested_path.store(path, std::memory_order_relaxed);
 }
 
@@ -137,6 +166,10 @@ const char* cpu_path_name(CpuPath path) {
       return "scalar";
     case CpuPath::kAvx2:
       return "avx2";
+    case CpuPath::kAvxVnni:
+      return "avxvnni";
+    case CpuPath::kAvx512:
+      return "avx512";
   }
   return "unknown";
 }

@@ -105,7 +105,7 @@ constexpr TrainKernels kScalarKernels = {scalar_sum_square_lanes, scalar_try_ful
                                          scalar_halve_full_group};
 
 const TrainKernels& kernels() {
-  return active_cpu_path() == CpuPath::kAvx2 ? avx2::train_kernels() : kScalarKernels;
+  return cpu_path_has_avx2(active_cpu_path()) ? avx2::train_kernels() : kScalarKernels;
 }
 
 // ---- the update ------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+// Internal to the optimized CPU PEER layer (kernels/cpu/peer.cc): the inner loops it
+// dispatches to, one table per CpuPath (kernels/cpu/quant.h): portable scalar versions in
+// peer.cc, AVX2 (+FMA/F16C) in peer_avx2.cc, AVX-VNNI in peer_avxvnni.cc and AVX-512 in
+// peer_avx512.cc. Plain C++ with no intrinsics, so any translation unit may include it; each
+// SIMD file alone is compiled for its instructions, and is called only on a CPU that has them.
+//
+// A coded row is one down or up row of a record (kernels/record.h): `codes` of n elements of
+// dtype t and, for int8/int4, the row's quant_groups(n) fp16 scales at `scales` (no alignment
+// needed). Per 32-element group the float kernels sum code * x in fp32 and multiply the group's
+// partial by its scale; a row's zero-padded last group never reads x or writes y past n.
+//
+// The int8 dot (ExpertDot::kInt8) takes x quantized per 32-group to int8 exactly as an int8
+// record row is (fp16 scale absmax/127, codes round(x/d); kernels/quant.h), so its oracle is the
+// float dot with x's dequantized row. Every path computes the same bits, in this order:
+//   per group g, lane j (0..7): the exact integer sum of code * x_code over elements 4j..4j+3
+//     (int4: the signed value q = nibble - 8), converted to fp32;
+//   lane accumulators L[16], all 0: L[(g % 2) * 8 + j] = fma(lane, s_g, L[...]) in group
+//     order, with s_g = scale_w[g] * scale_x[g] rounded to fp32;
+//   v[j] = L[j] + L[8 + j]; then ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+// (One AVX2/AVX-VNNI ymm of 8 lanes per group with even and odd accumulators; one AVX-512 zmm of
+// two groups.)
+#pragma once
+
+#include <cstdint>
+
+#include "base/dtype.h"
+
+namespace trove::peer_internal {
+
+// A row of activations quantized for the int8 dot: `groups` = quant_groups(n) groups.
+struct Int8Activations {
+  int64_t groups = 0;
+  const int8_t* codes = nullptr;       // groups * 32 codes; those past n are 0
+  const float* scales = nullptr;       // groups scales (the fp16 scales, widened)
+  const int32_t* int4_bias = nullptr;  // groups * 8: -8 * (sum of lane j's 4 codes), so that an
+                                       // int4 lane sums nibble * x_code + bias = q * x_code
+};
+
+// The inner loops of one CPU path.
+struct PeerKernels {
+  // sum_i row[i] * x[i].
+  float (*coded_dot)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+                     const float* x);
+  // y[i] += alpha * row[i].
+  void (*coded_axpy)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha,
+                     float* y);
+  // y[i] += alpha * x[i].
+  void (*axpy)(float alpha, const float* x, int64_t n, float* y);
+  // Indices of the kp largest of s[0..n), best first; ties: lower index first (an element
+  // enters only when strictly greater than the kp-th kept). Every path gives the same indices.
+  // REQUIRES: 1 <= kp <= n, s finite.
+  void (*top_indices)(const float* s, int64_t n, int64_t kp, int64_t* out);
+  // sum_i row[i] * x[i] for an int8 or int4 row (t) against x quantized (above).
+  // REQUIRES: t is kI8 or kI4; x.groups == quant_groups(n).
+  float (*int8_dot)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+                    const Int8Activations& x);
+};
+
+}  // namespace trove::peer_internal
+
+namespace trove::avx2 {
+// REQUIRES: the CPU supports AVX2, FMA and F16C.
+const peer_internal::PeerKernels& peer_kernels();
+}  // namespace trove::avx2
+
+namespace trove::avxvnni {
+// The AVX2 table with the int8 dot on AVX-VNNI. REQUIRES: AVX2, FMA, F16C and AVX-VNNI.
+const peer_internal::PeerKernels& peer_kernels();
+}  // namespace trove::avxvnni
+
+namespace trove::avx512 {
+// REQUIRES: AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
+const peer_internal::PeerKernels& peer_kernels();
+}  // namespace trove::avx512
