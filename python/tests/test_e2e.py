@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from trove import bench_e2e, train_e2e  # noqa: E402
+from trove import bench_e2e, plot, train_e2e  # noqa: E402
 from trove.e2e import Shape  # noqa: E402
 
 
@@ -42,6 +42,8 @@ def test_bench_runs_every_variant_and_reports_tokens_per_second(tmp_path, capsys
     assert host["by_batch"][0]["last_peer_stats"]["host"]["misses"] > 0
     assert "| 2 x 8 | trove-host |" in capsys.readouterr().out
     assert png.stat().st_size > 0
+    assert plot.main([str(out), "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 0
 
 
 def test_training_run_reports_both_validation_losses_and_the_gap(tmp_path):
@@ -59,3 +61,26 @@ def test_training_run_reports_both_validation_losses_and_the_gap(tmp_path):
     assert len(int4["train_loss"]) == 3
     assert report["gap"] == pytest.approx(int4["final_val_loss"] - fp32["final_val_loss"])
     assert png.stat().st_size > 0
+    assert plot.main([str(out), "-o", str(tmp_path / "again.png")]) == 0
+
+
+def test_row_adagrad_moves_only_touched_rows_by_the_int4sr_rule():
+    import torch
+    w = torch.nn.Parameter(torch.ones(3, 4))
+    w.grad = torch.tensor([[0.0] * 4, [1.0, -1.0, 2.0, -2.0], [0.0] * 4])
+    opt = train_e2e.RowAdagrad([w], lr=0.1)
+    opt.step()
+    g = w.grad[1]
+    a = 0.1 / (g.square().mean().sqrt() + 1e-8)
+    assert torch.equal(w[0].detach(), torch.ones(4)) and torch.equal(w[2].detach(), torch.ones(4))
+    assert torch.allclose(w[1].detach(), 1 - a * g)
+    assert opt.accum[0][1] == pytest.approx(2.5)
+
+
+def test_bench_runs_the_torch_peer_in_bf16_forward_only(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_e2e.main(["--scale", "0.03", "--experts", "256", "--batch", "1", "--seq", "8",
+                           "--iters", "1", "--warmup", "0", "--in-process", "--variants", "torch",
+                           "--torch-dtype", "bf16", "--no-train", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["variants"][0]["by_batch"]
+    assert row["forward_tokens_per_s"] > 0 and "train_tokens_per_s" not in row

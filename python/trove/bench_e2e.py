@@ -74,7 +74,17 @@ def _make_peers(variant, shape, bg_peers, args, workdir):
     import trove.torch as tt
     if variant == "torch":
         if args.torch_dtype == "bf16":
-            return [_Cast(p.to(torch.bfloat16), torch.bfloat16) for p in bg_peers], None, {}
+            class Cast(torch.nn.Module):
+                """The peer in bf16 inside the fp32 model."""
+
+                def __init__(self, peer):
+                    super().__init__()
+                    self.peer = peer.to(torch.bfloat16)
+
+                def forward(self, x):
+                    return self.peer(x.to(torch.bfloat16)).to(x.dtype)
+
+            return [Cast(p) for p in bg_peers], None, {}
         return bg_peers, None, {}
     peers, info = [], {"pack_s": 0.0, "store_bytes": 0}
     for i, (idx, bg) in enumerate(zip(shape.peer_layers, bg_peers)):
@@ -97,26 +107,6 @@ def _make_peers(variant, shape, bg_peers, args, workdir):
     if not args.no_train and args.quant == "int4":
         opt = tt.Int4SR(peers, lr=1e-2)
     return peers, opt, info
-
-
-def _cast_module():
-    from torch import nn
-
-    class Cast(nn.Module):
-        """Runs `peer` in `dtype` inside an fp32 model."""
-
-        def __init__(self, peer, dtype):
-            super().__init__()
-            self.peer, self.dtype = peer, dtype
-
-        def forward(self, x):
-            return self.peer(x.to(self.dtype)).to(x.dtype)
-
-    return Cast
-
-
-def _Cast(peer, dtype):
-    return _cast_module()(peer, dtype)
 
 
 def _run_child(args):

@@ -2,8 +2,10 @@
 (counted from the top, trove.e2e) trained on text that ships with Debian, twice from the same
 initial weights, seed and batches:
 
-  fp32   the background's PEER in plain PyTorch, expert tables fp32, trained by torch's
-         Adagrad (elementwise)
+  fp32   the background's PEER in plain PyTorch, expert tables fp32, trained by the same
+         row-wise Adagrad as Int4SR's (kernels/train.h step 1: per touched row, G += mean g^2,
+         w -= lr g / (sqrt(G) + 1e-8)) in fp32 (RowAdagrad below), so that the gap is int4 +
+         stochastic rounding alone; --fp32-optimizer adagrad takes torch's elementwise one
   int4   trove.torch.PEER over int4 stores packed from the same initial module, tables trained
          in place by trove.torch.Int4SR (SPEC §7: row-wise Adagrad, stochastic rounding)
 
@@ -45,6 +47,8 @@ def _parse(argv):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW: the model and the routers")
     p.add_argument("--table-lr", type=float, default=1e-2, help="the expert tables' Adagrad")
+    p.add_argument("--fp32-optimizer", choices=("rowwise", "adagrad"), default="rowwise",
+                   help="the fp32 tables' optimizer: Int4SR's row-wise Adagrad or torch's")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--runs", default="fp32,int4")
@@ -53,6 +57,31 @@ def _parse(argv):
     p.add_argument("--json", dest="json_out", default=None, help="write the report here (- = stdout)")
     p.add_argument("--plot", default=None, help="draw the loss curves to FILE")
     return p.parse_args(argv)
+
+
+class RowAdagrad:
+    """Int4SR's row-wise Adagrad (kernels/train.h, step 1) on fp32 [N, D] tables: a row with
+    a nonzero gradient is a touched row; G_row += mean(g^2); w -= lr * g / (sqrt(G) + eps)."""
+
+    def __init__(self, params, lr, eps=1e-8):
+        import torch
+        self.params, self.lr, self.eps = list(params), lr, eps
+        self.accum = [torch.zeros(p.shape[0]) for p in self.params]
+
+    def step(self):
+        import torch
+        with torch.no_grad():
+            for p, acc in zip(self.params, self.accum):
+                if p.grad is None:
+                    continue
+                rows = p.grad.abs().sum(-1).nonzero().squeeze(-1)
+                g = p.grad[rows]
+                acc[rows] += g.double().square().mean(-1).float()
+                p[rows] -= self.lr * g / (acc[rows].sqrt() + self.eps).unsqueeze(-1)
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
 
 
 def load_text(files, val_frac):
@@ -119,7 +148,10 @@ def run_one(kind, args, shape, train_ids, val_ids, workdir, bar_pos=0):
     tids = {id(p) for p in table_params}
     dense = [p for p in model.parameters() if id(p) not in tids]
     opt = torch.optim.AdamW(dense, lr=args.lr, weight_decay=0.0)
-    topt = torch.optim.Adagrad(table_params, lr=args.table_lr) if table_params else None
+    topt = None
+    if table_params:
+        topt = (RowAdagrad(table_params, args.table_lr) if args.fp32_optimizer == "rowwise"
+                else torch.optim.Adagrad(table_params, lr=args.table_lr))
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     n_val = min(args.eval_batches * args.batch, (len(val_ids) - 1) // args.seq)
