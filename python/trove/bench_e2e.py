@@ -55,8 +55,9 @@ def _parse(argv):
     p.add_argument("--json", dest="json_out", default=None, help="write the report here (- = stdout)")
     p.add_argument("--plot", default=None, help="draw tokens/s per variant (and batch) to FILE")
     p.add_argument("--in-process", action="store_true",
-                   help="measure every variant in this process (faster to start; the peak "
-                        "RSS is then the process's, not each variant's)")
+                   help="measure every variant in this process, iteration by iteration in turn "
+                        "(fairer ratios on a loaded machine; the peak RSS is then the "
+                        "process's, not each variant's)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -109,112 +110,146 @@ def _make_peers(variant, shape, bg_peers, args, workdir):
     return peers, opt, info
 
 
-def _run_child(args):
-    """Measures one variant; returns its report (a dict)."""
+class _Variant:
+    """One variant's model, PEER modules and optimizers, measured an iteration at a time."""
+
+    def __init__(self, variant, args, shape, workdir):
+        import torch
+
+        from .e2e import PeerTimer, add_peers, build_model, rss_bytes
+        self.name, self.args = variant, args
+        self.device = torch.device(args.device)
+        model, bg_peers = build_model(shape, args.seed)
+        self.timer = PeerTimer(self.device)
+        self.peers, self.table_opt, info = _make_peers(variant, shape, bg_peers, args, workdir)
+        del bg_peers
+        add_peers(model, self.peers, shape.peer_layers, self.timer)
+        self.model = model.to(self.device)
+        peer_params = [p for m in self.peers for p in m.parameters()]
+        ids_peer = {id(p) for p in peer_params}
+        base_params = [p for p in model.parameters() if id(p) not in ids_peer]
+        if not args.no_train:
+            self.opt_base = torch.optim.AdamW(base_params, lr=1e-4)
+            self.opt_peer = torch.optim.AdamW(peer_params, lr=1e-4)
+        self.report = {"variant": variant, "rss_after_build_bytes": rss_bytes(), **info,
+                       "torch_threads": torch.get_num_threads(), "by_batch": []}
+
+    def sync(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def forward(self, ids):
+        """(seconds, seconds inside PEER) of one forward without autograd."""
+        import torch
+        self.model.eval()
+        self.timer.reset()
+        self.sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.model(ids)
+        self.sync()
+        return time.perf_counter() - t0, self.timer.forward_s
+
+    def train_step(self, ids):
+        """(seconds, PEER forward, PEER backward, PEER optimizer seconds, loss) of one step."""
+        self.model.train()
+        t = self.timer
+        t.reset()
+        self.sync()
+        t0 = time.perf_counter()
+        loss = self.model(ids, labels=ids).loss
+        loss.backward()
+        self.opt_base.step()
+        t1 = t.now()
+        self.opt_peer.step()
+        if self.table_opt is not None:
+            self.table_opt.step()
+        t.optimizer_s += t.now() - t1
+        self.opt_base.zero_grad(set_to_none=True)
+        self.opt_peer.zero_grad(set_to_none=True)
+        if self.table_opt is not None:
+            self.table_opt.zero_grad()
+        self.sync()
+        return (time.perf_counter() - t0, t.forward_s, t.backward_s, t.optimizer_s,
+                float(loss.detach()))
+
+
+def _run_variants(names, args, workdir):
+    """Measures `names` in this process, iteration by iteration in turn (so that a machine's
+    changing load falls on all of them alike); returns their reports. With one variant the
+    peak RSS is its own, with several it is the process's."""
     import torch
 
-    from .e2e import PeerTimer, add_peers, build_model, progress, rss_bytes, rss_peak_bytes
-    variant = args.child
+    from .e2e import progress, rss_peak_bytes
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = _sizes(args)
-    device = torch.device(args.device)
-    workdir = args.workdir
-    model, bg_peers = build_model(shape, args.seed)
-    timer = PeerTimer(device)
-    peers, table_opt, info = _make_peers(variant, shape, bg_peers, args, workdir)
-    if variant != "torch":
-        del bg_peers
-    add_peers(model, peers, shape.peer_layers, timer)
-    model.to(device)
-    peer_params = [p for m in peers for p in m.parameters()]
-    ids_peer = {id(p) for p in peer_params}
-    base_params = [p for p in model.parameters() if id(p) not in ids_peer]
-    rss_built = rss_bytes()
+    variants = [_Variant(v, args, shape, workdir) for v in names]
+    device = variants[0].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    report = {"variant": variant, "rss_after_build_bytes": rss_built, **info,
-              "torch_threads": torch.get_num_threads(), "by_batch": []}
     gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [int(b) for b in args.batch.split(",")]
-    opt_base = torch.optim.AdamW(base_params, lr=1e-4) if not args.no_train else None
-    opt_peer = torch.optim.AdamW(peer_params, lr=1e-4) if not args.no_train else None
-    bar = progress(total=len(batches) * (args.warmup + args.iters) * (1 if args.no_train else 2),
-                   desc=variant, unit="it")
+    n_it = args.warmup + args.iters
+    bar = progress(total=len(batches) * n_it * len(variants) * (1 if args.no_train else 2),
+                   desc=",".join(names), unit="it")
     for b in batches:
-        # A fresh batch for every iteration: a repeated batch would route to the same experts
-        # and leave the host tier nothing to read after the first.
-        n_it = args.warmup + args.iters
+        # A fresh batch for every iteration, the same for every variant: a repeated batch
+        # would route to the same experts and leave the host tier nothing to read.
         fwd_ids = [torch.randint(0, shape.vocab, (b, args.seq), generator=gen).to(device)
                    for _ in range(n_it)]
         train_ids = [torch.randint(0, shape.vocab, (b, args.seq), generator=gen).to(device)
                      for _ in range(n_it)]
         tokens = b * args.seq
-        row = {"batch": b, "seq": args.seq, "tokens": tokens}
-        model.eval()
-        fwd, pf = [], []
-        with torch.no_grad():
-            for it in range(args.warmup + args.iters):
-                timer.reset()
-                sync()
-                t0 = time.perf_counter()
-                model(fwd_ids[it])
-                sync()
+        fwd = {v.name: [] for v in variants}
+        for it in range(n_it):
+            for v in variants:
+                r = v.forward(fwd_ids[it])
                 if it >= args.warmup:
-                    fwd.append(time.perf_counter() - t0)
-                    pf.append(timer.forward_s)
+                    fwd[v.name].append(r)
                 bar.update()
-        row["forward_s"] = statistics.median(fwd)
-        row["forward_tokens_per_s"] = tokens / row["forward_s"]
-        row["forward_peer_s"] = statistics.median(pf)
-        if variant != "torch":
-            row["last_peer_stats"] = peers[0].last_stats
-        row["rss_peak_forward_bytes"] = rss_peak_bytes()
+        rows = {}
+        for v in variants:
+            f, pf = zip(*fwd[v.name])
+            row = {"batch": b, "seq": args.seq, "tokens": tokens,
+                   "forward_s": statistics.median(f), "forward_peer_s": statistics.median(pf)}
+            row["forward_tokens_per_s"] = tokens / row["forward_s"]
+            if v.name != "torch":
+                row["last_peer_stats"] = v.peers[0].last_stats
+            row["rss_peak_forward_bytes"] = rss_peak_bytes()
+            rows[v.name] = row
         if not args.no_train:
-            model.train()
-            step, pfw, pbw, popt = [], [], [], []
-            for it in range(args.warmup + args.iters):
-                timer.reset()
-                sync()
-                t0 = time.perf_counter()
-                loss = model(train_ids[it], labels=train_ids[it]).loss
-                loss.backward()
-                opt_base.step()
-                t1 = timer.now()
-                opt_peer.step()
-                if table_opt is not None:
-                    table_opt.step()
-                timer.optimizer_s += timer.now() - t1
-                opt_base.zero_grad(set_to_none=True)
-                opt_peer.zero_grad(set_to_none=True)
-                if table_opt is not None:
-                    table_opt.zero_grad()
-                sync()
-                if it >= args.warmup:
-                    step.append(time.perf_counter() - t0)
-                    pfw.append(timer.forward_s)
-                    pbw.append(timer.backward_s)
-                    popt.append(timer.optimizer_s)
-                bar.update()
-            row["train_step_s"] = statistics.median(step)
-            row["train_tokens_per_s"] = tokens / row["train_step_s"]
-            row["train_peer_forward_s"] = statistics.median(pfw)
-            row["train_peer_backward_s"] = statistics.median(pbw)
-            row["train_peer_optimizer_s"] = statistics.median(popt)
-            row["loss"] = float(loss.detach())
-        report["by_batch"].append(row)
+            steps = {v.name: [] for v in variants}
+            for it in range(n_it):
+                for v in variants:
+                    r = v.train_step(train_ids[it])
+                    if it >= args.warmup:
+                        steps[v.name].append(r)
+                    bar.update()
+            for v in variants:
+                s, pfw, pbw, popt, loss = zip(*steps[v.name])
+                row = rows[v.name]
+                row["train_step_s"] = statistics.median(s)
+                row["train_tokens_per_s"] = tokens / row["train_step_s"]
+                row["train_peer_forward_s"] = statistics.median(pfw)
+                row["train_peer_backward_s"] = statistics.median(pbw)
+                row["train_peer_optimizer_s"] = statistics.median(popt)
+                row["loss"] = loss[-1]
+        for v in variants:
+            v.report["by_batch"].append(rows[v.name])
     bar.close()
-    report["rss_peak_bytes"] = rss_peak_bytes()
-    if device.type == "cuda":
-        report["vram_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    report["torch_table_bytes"] = sum(p.numel() * p.element_size() for m in peers
-                                      for n, p in m.named_parameters() if "expert_" in n)
-    return report
+    reports = []
+    for v in variants:
+        r = v.report
+        r["rss_peak_bytes"] = rss_peak_bytes()
+        r["rss_is_the_process_peak_of_all_variants"] = len(variants) > 1
+        if device.type == "cuda":
+            r["vram_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        r["torch_table_bytes"] = sum(p.numel() * p.element_size() for m in v.peers
+                                     for n, p in m.named_parameters() if "expert_" in n)
+        reports.append(r)
+    return reports
 
 
 def _machine():
@@ -265,7 +300,8 @@ def format_table(report):
             else:
                 ts, tr, pt = "-", "-", "-"
             lines.append(f"| {row['batch']} x {row['seq']} | {v} | {f:,.0f} | {fr} | {ts} | {tr} | "
-                         f"{row['forward_peer_s'] * 1e3:.0f} | {pt} | {_gib(r['rss_peak_bytes'])} |")
+                         f"{row['forward_peer_s'] * 1e3:.0f} | {pt} | {_gib(r['rss_peak_bytes'])}"
+                         f"{' (process)' if r.get('rss_is_the_process_peak_of_all_variants') else ''} |")
     for v, r in by.items():
         extra = []
         if r.get("torch_table_bytes"):
@@ -318,7 +354,7 @@ def plot(report, path):
 def main(argv=None):
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.child:
-        print(json.dumps(_run_child(args)))
+        print(json.dumps(_run_variants([args.child], args, args.workdir)[0]))
         return 0
     import dataclasses
     shape = _sizes(args)
@@ -337,12 +373,9 @@ def main(argv=None):
               "shape": {**dataclasses.asdict(shape), "peer_layers": list(shape.peer_layers)},
               "variants": []}
     try:
-        for v in variants:
-            if args.in_process:
-                args.child, args.workdir = v, workdir
-                report["variants"].append(_run_child(args))
-                args.child, args.workdir = None, None
-                continue
+        if args.in_process:
+            report["variants"] = _run_variants(variants, args, workdir)
+        for v in [] if args.in_process else variants:
             cmd = [sys.executable, "-m", "trove.bench_e2e", *(sys.argv[1:] if argv is None else argv),
                    "--child", v, "--workdir", workdir]
             print(f"bench_e2e: {v} ...", file=sys.stderr, flush=True)
