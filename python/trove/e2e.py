@@ -168,6 +168,18 @@ def rss_peak_bytes():
     return 0
 
 
+def reset_rss_peak():
+    """Restarts the peak (VmHWM) at the current RSS (Linux: "5" to /proc/self/clear_refs), so
+    that what was freed before (a module packed and dropped) does not count; False where the
+    kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def rss_bytes():
     try:
         with open("/proc/self/status") as f:
