@@ -119,7 +119,12 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     // Checked here too so that the error names the token of the file, not of the batch.
     TROVE_RETURN_IF_ERROR(check_finite_rows("input", xb, c.dim, first).with_context(where));
     PeerBatchStats bs;
-    TROVE_RETURN_IF_ERROR(layer.forward(xb, n, yb, &routing, &bs).with_context(where));
+    // Named by the tokens, not the input file: an error here is the store's or the tier's
+    // (the input's own faults are caught above), and its message names the store file.
+    TROVE_RETURN_IF_ERROR(
+        layer.forward(xb, n, yb, &routing, &bs)
+            .with_context(str_printf("forward of tokens %lld..%lld", static_cast<long long>(first),
+                                     static_cast<long long>(first + n - 1))));
     convert_row_ref(out_type, yb.data(), n * c.dim_out,
                     y_bytes.data() + static_cast<size_t>(first * c.dim_out) * out_elem);
     if (dump) {
