@@ -7,17 +7,35 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <map>
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "base/log.h"
 #include "base/strings.h"
 
 namespace trove {
+
+struct StorePinState {
+  int fd = -1;
+  bool replaced = false;  // guarded by the gate's mutex
+};
+
+struct StoreGate {
+  std::shared_mutex mu;  // reads shared, this process's commits exclusive
+  std::mutex pins_mu;    // guards pins
+  std::vector<std::shared_ptr<StorePinState>> pins;
+
+  bool pinned() {
+    std::lock_guard<std::mutex> lock(pins_mu);
+    return !pins.empty();
+  }
+};
 
 namespace {
 
@@ -28,31 +46,26 @@ int flock_retrying(int fd, int operation) {
   }
 }
 
-// This process's pins, by file: a second pin of a file skips the turnstile, and a commit or a
-// recovery refuses to wait for a pin of its own process.
+// This process's pins, by file (a gate per file): a second pin of a file skips the turnstile,
+// and a commit of this process replaces the generation of its own pins instead of waiting for
+// them.
 class PinRegistry {
  public:
   static PinRegistry& get() {
     static PinRegistry* registry = new PinRegistry();  // never destroyed: used from destructors
     return *registry;
   }
-  void add(dev_t dev, ino_t ino) {
+  // The gate of the file, created on first use.
+  std::shared_ptr<StoreGate> gate(dev_t dev, ino_t ino) {
     std::lock_guard<std::mutex> lock(mu_);
-    ++pins_[{dev, ino}];
-  }
-  void remove(dev_t dev, ino_t ino) {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = pins_.find({dev, ino});
-    if (it != pins_.end() && --it->second == 0) pins_.erase(it);
-  }
-  bool has(dev_t dev, ino_t ino) const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return pins_.count({dev, ino}) > 0;
+    std::shared_ptr<StoreGate>& g = gates_[{dev, ino}];
+    if (g == nullptr) g = std::make_shared<StoreGate>();
+    return g;
   }
 
  private:
-  mutable std::mutex mu_;
-  std::map<std::pair<dev_t, ino_t>, int> pins_;
+  std::mutex mu_;
+  std::map<std::pair<dev_t, ino_t>, std::shared_ptr<StoreGate>> gates_;
 };
 
 }  // namespace
@@ -150,34 +163,48 @@ Result<bool> StoreLock::covers(int fd) const {
 
 // ---- StorePin ---------------------------------------------------------------------------------
 
+StorePin::StorePin() = default;
+
 StorePin::~StorePin() {
   release();
 }
 
 StorePin::StorePin(StorePin&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)), dev_(other.dev_), ino_(other.ino_) {}
+    : state_(std::move(other.state_)), gate_(std::move(other.gate_)) {}
 
 StorePin& StorePin::operator=(StorePin&& other) noexcept {
   if (this != &other) {
     release();
-    fd_ = std::exchange(other.fd_, -1);
-    dev_ = other.dev_;
-    ino_ = other.ino_;
+    state_ = std::move(other.state_);
+    gate_ = std::move(other.gate_);
   }
   return *this;
 }
 
 void StorePin::release() {
-  if (fd_ < 0) return;
-  store_byte_lock(fd_, F_UNLCK, kStoreGenerationLockByte, /*wait=*/false);
-  PinRegistry::get().remove(dev_, ino_);
-  fd_ = -1;
+  if (state_ == nullptr) return;
+  // Unlocking twice (after a commit of this process dropped the pin) is harmless.
+  store_byte_lock(state_->fd, F_UNLCK, kStoreGenerationLockByte, /*wait=*/false);
+  {
+    std::lock_guard<std::mutex> lock(gate_->pins_mu);
+    auto& pins = gate_->pins;
+    pins.erase(std::remove(pins.begin(), pins.end(), state_), pins.end());
+  }
+  state_.reset();
+  gate_.reset();
 }
 
-bool store_pinned_by_this_process(int fd) {
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return false;
-  return PinRegistry::get().has(st.st_dev, st.st_ino);
+Status StorePin::begin_read(std::shared_lock<std::shared_mutex>* read,
+                            const std::string& path) const {
+  if (state_ == nullptr) return {};
+  *read = std::shared_lock<std::shared_mutex>(gate_->mu);
+  if (state_->replaced) {
+    read->unlock();
+    return Status::aborted(path +
+                           ": this process committed a new generation of the store after this "
+                           "reader opened it; reopen the store to read it");
+  }
+  return {};
 }
 
 Result<StorePin> StorePin::take(int fd, const std::string& path) {
@@ -186,57 +213,83 @@ Result<StorePin> StorePin::take(int fd, const std::string& path) {
     const int err = errno;
     return Status::from_errno("stat of " + path, err);
   }
-  const bool second = PinRegistry::get().has(st.st_dev, st.st_ino);
+  std::shared_ptr<StoreGate> gate = PinRegistry::get().gate(st.st_dev, st.st_ino);
+  // Held until the pin is registered: a commit of this process either replaces it or starts
+  // after it, never waits for it.
+  std::shared_lock<std::shared_mutex> local(gate->mu);
+  const bool second = gate->pinned();
+  const std::string waiting =
+      path + ": an update of this store is being written; reading starts once it is done";
   if (!second) {
-    TROVE_RETURN_IF_ERROR(store_byte_lock_waiting(
-        fd, F_RDLCK, kStoreTurnstileLockByte,
-        path + ": an update of this store is being written; reading starts once it is done"));
+    TROVE_RETURN_IF_ERROR(store_byte_lock_waiting(fd, F_RDLCK, kStoreTurnstileLockByte, waiting));
   }
-  const Status pinned = store_byte_lock_waiting(
-      fd, F_RDLCK, kStoreGenerationLockByte,
-      path + ": an update of this store is being written; reading starts once it is done");
+  const Status pinned = store_byte_lock_waiting(fd, F_RDLCK, kStoreGenerationLockByte, waiting);
   if (!second) store_byte_lock(fd, F_UNLCK, kStoreTurnstileLockByte, /*wait=*/false);
   TROVE_RETURN_IF_ERROR(pinned);
   StorePin pin;
-  pin.fd_ = fd;
-  pin.dev_ = st.st_dev;
-  pin.ino_ = st.st_ino;
-  PinRegistry::get().add(st.st_dev, st.st_ino);
+  pin.state_ = std::make_shared<StorePinState>();
+  pin.state_->fd = fd;
+  pin.gate_ = std::move(gate);
+  std::lock_guard<std::mutex> lock(pin.gate_->pins_mu);
+  pin.gate_->pins.push_back(pin.state_);
   return pin;
 }
 
 // ---- StoreApplyLock ---------------------------------------------------------------------------
 
+void StoreApplyLock::release() {
+  if (fd_ >= 0) {
+    store_byte_lock(fd_, F_UNLCK, kStoreGenerationLockByte, /*wait=*/false);
+    store_byte_lock(fd_, F_UNLCK, kStoreTurnstileLockByte, /*wait=*/false);
+  }
+  fd_ = -1;
+  if (local_.owns_lock()) local_.unlock();
+  local_ = {};
+  gate_.reset();
+}
+
 StoreApplyLock::~StoreApplyLock() {
-  if (fd_ < 0) return;
-  store_byte_lock(fd_, F_UNLCK, kStoreGenerationLockByte, /*wait=*/false);
-  store_byte_lock(fd_, F_UNLCK, kStoreTurnstileLockByte, /*wait=*/false);
+  release();
 }
 
 StoreApplyLock::StoreApplyLock(StoreApplyLock&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)) {}
+    : fd_(std::exchange(other.fd_, -1)),
+      gate_(std::move(other.gate_)),
+      local_(std::move(other.local_)) {}
 
 StoreApplyLock& StoreApplyLock::operator=(StoreApplyLock&& other) noexcept {
   if (this != &other) {
-    StoreApplyLock old(std::move(*this));
+    release();
     fd_ = std::exchange(other.fd_, -1);
+    gate_ = std::move(other.gate_);
+    local_ = std::move(other.local_);
   }
   return *this;
 }
 
 Result<StoreApplyLock> StoreApplyLock::take(int fd, const std::string& path) {
-  if (store_pinned_by_this_process(fd)) {
-    return Status::invalid_argument(
-        path +
-        ": this process has the store open for reading (a StoreReader pins its generation), so "
-        "writing a new generation would wait for itself; close the reader, or open it with "
-        "StoreOpenOptions::pin_generation = false while this process holds the writer lock");
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    return Status::from_errno("stat of " + path, err);
   }
   StoreApplyLock lock;
+  // This process's own readers: their reads in progress finish, then their generation is
+  // replaced (a commit cannot wait for its own process to close them).
+  lock.gate_ = PinRegistry::get().gate(st.st_dev, st.st_ino);
+  lock.local_ = std::unique_lock<std::shared_mutex>(lock.gate_->mu);
+  {
+    std::lock_guard<std::mutex> pins(lock.gate_->pins_mu);
+    for (const std::shared_ptr<StorePinState>& pin : lock.gate_->pins) {
+      if (pin->replaced) continue;
+      pin->replaced = true;
+      store_byte_lock(pin->fd, F_UNLCK, kStoreGenerationLockByte, /*wait=*/false);
+    }
+  }
   TROVE_RETURN_IF_ERROR(
       store_byte_lock_waiting(fd, F_WRLCK, kStoreTurnstileLockByte,
                               path + ": another process is writing a generation of this store"));
-  lock.fd_ = fd;  // from here the destructor unlocks
+  lock.fd_ = fd;  // from here release() unlocks
   TROVE_RETURN_IF_ERROR(store_byte_lock_waiting(
       fd, F_WRLCK, kStoreGenerationLockByte,
       path + ": the new generation is committed; writing it into the store waits for the readers "

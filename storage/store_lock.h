@@ -23,6 +23,9 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
 #include <string>
 
 #include "base/status.h"
@@ -70,13 +73,21 @@ int store_byte_lock(int fd, short type, uint64_t byte, bool wait);
 // seconds. OK, or the errno of a failing fcntl.
 Status store_byte_lock_waiting(int fd, short type, uint64_t byte, const std::string& what);
 
+struct StorePinState;  // store_lock.cc
+struct StoreGate;      // store_lock.cc
+
 // A reader's pin on the generation of the store open at `fd` (see above): the turnstile passed
 // and the generation byte locked shared; released on destruction (and when `fd` closes).
 // While this process already pins the same file the turnstile is skipped: a commit waiting for
-// this process's first pin would otherwise block its second forever. Move-only.
+// this process's first pin would otherwise block its second forever.
+//
+// A commit made by this same process cannot wait for this process's own readers (it would wait
+// for itself); it replaces their generation instead: it waits for their reads in progress
+// (begin_read), drops their pins, and from then on begin_read is Status::aborted, "reopen".
+// Move-only.
 class StorePin {
  public:
-  StorePin() = default;
+  StorePin();
   ~StorePin();
   StorePin(StorePin&& other) noexcept;
   StorePin& operator=(StorePin&& other) noexcept;
@@ -87,18 +98,19 @@ class StorePin {
   static Result<StorePin> take(int fd, const std::string& path);
   void release();
 
+  // Holds off this process's commits of the file until `*read` is released; Aborted (naming
+  // `path`) when one already replaced the pinned generation. OK at once without a pin.
+  Status begin_read(std::shared_lock<std::shared_mutex>* read, const std::string& path) const;
+
  private:
-  int fd_ = -1;
-  dev_t dev_ = 0;
-  ino_t ino_ = 0;
+  std::shared_ptr<StorePinState> state_;
+  std::shared_ptr<StoreGate> gate_;
 };
 
-// Whether a StorePin of this process holds the file open at `fd`.
-bool store_pinned_by_this_process(int fd);
-
-// Exclusive access for writing generation g + 1 into the store open read-write at `fd`: the
-// turnstile and the generation byte locked exclusive, waiting for pinned readers to close.
-// Released on destruction. Move-only.
+// Exclusive access for writing generation g + 1 into the store open read-write at `fd`: this
+// process's own pins of the file replaced (see StorePin), then the turnstile and the generation
+// byte locked exclusive, waiting for other processes' pinned readers to close. Released on
+// destruction. Move-only.
 class StoreApplyLock {
  public:
   StoreApplyLock() = default;
@@ -108,12 +120,13 @@ class StoreApplyLock {
   StoreApplyLock(const StoreApplyLock&) = delete;
   StoreApplyLock& operator=(const StoreApplyLock&) = delete;
 
-  // A process that pins the file itself would wait for itself: that is
-  // Status::invalid_argument, before any wait.
   static Result<StoreApplyLock> take(int fd, const std::string& path);
 
  private:
+  void release();
   int fd_ = -1;
+  std::shared_ptr<StoreGate> gate_;
+  std::unique_lock<std::shared_mutex> local_;  // this process's readers held off
 };
 
 }  // namespace trove

@@ -734,6 +734,9 @@ Result<std::vector<float>> StoreReader::read_dense(const StoreLayerInfo& layer,
     return Status::not_found(r.path + ": layer " + r.layers[li].name +
                              " has no dense tensor named '" + name + "'");
   }
+  // Pinned: no commit of this process writes the file during the read (FORMAT.md).
+  std::shared_lock<std::shared_mutex> reading;
+  TROVE_RETURN_IF_ERROR(r.pin.begin_read(&reading, r.path));
   std::vector<float> out(d->bytes / sizeof(float));
   std::span<uint8_t> bytes(reinterpret_cast<uint8_t*>(out.data()), d->bytes);
   TROVE_RETURN_IF_ERROR(r.file.read_exact(d->offset, bytes));
@@ -770,6 +773,9 @@ Status StoreReader::read_records(const StoreLayerInfo& layer, std::span<const in
     }
   }
   if (ids.empty()) return {};
+  // Pinned: no commit of this process writes the file during the read (FORMAT.md).
+  std::shared_lock<std::shared_mutex> reading;
+  TROVE_RETURN_IF_ERROR(r.pin.begin_read(&reading, r.path));
 
   // Visit ids in file order so neighbours can share one read; `order` maps back to `out`.
   std::vector<size_t> order(ids.size());
@@ -907,6 +913,9 @@ uint64_t StoreReader::record_checksum(const StoreLayerInfo& layer, int64_t id) c
 Result<std::vector<StoreFault>> StoreReader::verify(
     const std::function<void(uint64_t, uint64_t)>& progress) const {
   const Impl& r = *impl_;
+  // Pinned: no commit of this process writes the file during the read (FORMAT.md).
+  std::shared_lock<std::shared_mutex> reading;
+  TROVE_RETURN_IF_ERROR(r.pin.begin_read(&reading, r.path));
   const int fd = r.file.fd();
   const uint64_t total = r.header.file_size;
   uint64_t done = 0;

@@ -796,13 +796,6 @@ Result<uint64_t> StoreUpdate::commit() {
 }
 
 Result<uint64_t> StoreUpdate::Impl::commit() {
-  if (store_pinned_by_this_process(fd.get())) {
-    return Status::invalid_argument(str_printf(
-        "%s: this process has the store open for reading (a StoreReader pins generation %llu), "
-        "so writing generation %llu would wait for itself; close that reader first (the store "
-        "is unchanged)",
-        path.c_str(), ull(base.generation), ull(base.generation + 1)));
-  }
   const StoreReader& g = *store;
   const uint64_t generation = base.generation + 1;
   json manifest = g.manifest();

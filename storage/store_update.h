@@ -92,8 +92,9 @@ std::string store_journal_path(const std::string& path);
 // stays usable. Until the journal is committed the store is untouched, and an update destroyed
 // without commit() leaves it as it was.
 //
-// Readers opened before commit() pin generation g: the commit waits for them to close. A
-// process that itself pins the store cannot commit to it (Status::invalid_argument).
+// Readers opened before commit() pin generation g: the commit waits for those of other
+// processes to close; those of this process have their generation replaced (their reads fail
+// with Aborted, "reopen") since the commit cannot wait for its own process.
 class StoreUpdate {
  public:
   StoreUpdate(StoreUpdate&&) noexcept;

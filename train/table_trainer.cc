@@ -26,6 +26,13 @@ const std::vector<float>& router_tensor(const PeerDenseParams& p, int i) {
   return *all[i];
 }
 
+// The trainer's own readers: unpinned, since it holds the writer lock (storage/store_lock.h).
+StoreOpenOptions own_reader() {
+  StoreOpenOptions o;
+  o.pin_generation = false;
+  return o;
+}
+
 }  // namespace
 
 TableTrainer::~TableTrainer() = default;
@@ -37,7 +44,10 @@ Result<std::unique_ptr<TableTrainer>> TableTrainer::open(const std::string& path
   t->path_ = path;
   t->name_ = name;
   t->options_ = options;
-  TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(path));
+  // The trainer is the store's one writer while it lives (a second one gets "busy"); its own
+  // reader then need not pin the generation (a pin would make its commits wait for itself).
+  TROVE_ASSIGN_OR_RETURN(t->lock_, StoreLock::acquire(path));
+  TROVE_ASSIGN_OR_RETURN(StoreReader store, StoreReader::open(path, own_reader()));
   t->store_ = std::make_unique<StoreReader>(std::move(store));
   TROVE_ASSIGN_OR_RETURN(t->stored_, load_stored_layer(*t->store_, name));
   const PeerConfig& c = t->stored_.config;
@@ -91,15 +101,18 @@ Status TableTrainer::open_sources() {
     TROVE_ASSIGN_OR_RETURN(
         serving, TieredExpertSource::open(*store_, *stored_.info, stored_.record, *options_.tiers));
   } else {
-    serving = std::make_unique<MappedStoreExpertSource>(*store_, *stored_.info, stored_.record,
-                                                        options_.verify_checksums);
+    TROVE_ASSIGN_OR_RETURN(serving,
+                           ResidentStoreExpertSource::open(*store_, *stored_.info, stored_.record,
+                                                           options_.verify_checksums));
   }
-  committed_ = std::make_unique<MappedStoreExpertSource>(*store_, *stored_.info, stored_.record,
-                                                         options_.verify_checksums);
+  TROVE_ASSIGN_OR_RETURN(committed_,
+                         ResidentStoreExpertSource::open(*store_, *stored_.info, stored_.record,
+                                                         options_.verify_checksums));
   training_base_.reset();
   if (const StoreLayerInfo* saved = store_->find_layer(train_state_layer_name(name_))) {
-    training_base_ = std::make_unique<MappedStoreExpertSource>(*store_, *saved, training_,
-                                                               options_.verify_checksums);
+    TROVE_ASSIGN_OR_RETURN(
+        training_base_,
+        ResidentStoreExpertSource::open(*store_, *saved, training_, options_.verify_checksums));
   }
   if (serving_ != nullptr) {
     serving_->reset_base(std::move(serving));
@@ -270,23 +283,23 @@ Result<nlohmann::json> TableTrainer::checkpoint() {
       const StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
                                  info.table.stride};
       TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
-      if (info.name == name_) {  // the committed records in chunks, changed ones replaced
-        const std::span<const uint8_t> all = store_->mapped_records(info);
-        const size_t stride = info.table.stride;
-        std::vector<uint8_t> chunk;
-        for (size_t first = 0; first < info.table.count; first += 4096) {
-          const size_t count = std::min<size_t>(4096, info.table.count - first);
-          chunk.assign(all.begin() + static_cast<ptrdiff_t>(first * stride),
-                       all.begin() + static_cast<ptrdiff_t>((first + count) * stride));
-          for (size_t i = 0; i < count; ++i) {
-            if (const uint8_t* changed = dirty_serving_.find(static_cast<int64_t>(first + i))) {
-              std::memcpy(&chunk[i * stride], changed, stride);
-            }
+      // Every table in chunks through checked reads (verified; a bad sector is an error naming
+      // the expert), the trained layer's changed records replaced.
+      const size_t stride = info.table.stride;
+      std::vector<int64_t> ids_chunk;
+      std::vector<uint8_t> chunk;
+      for (size_t first = 0; first < info.table.count; first += 4096) {
+        const size_t count = std::min<size_t>(4096, info.table.count - first);
+        ids_chunk.resize(count);
+        for (size_t i = 0; i < count; ++i) ids_chunk[i] = static_cast<int64_t>(first + i);
+        chunk.resize(count * stride);
+        TROVE_RETURN_IF_ERROR(store_->read_records(info, ids_chunk, chunk));
+        for (size_t i = 0; info.name == name_ && i < count; ++i) {
+          if (const uint8_t* changed = dirty_serving_.find(static_cast<int64_t>(first + i))) {
+            std::memcpy(&chunk[i * stride], changed, stride);
           }
-          TROVE_RETURN_IF_ERROR(w.append_records(chunk));
         }
-      } else {
-        TROVE_RETURN_IF_ERROR(w.append_records(store_->mapped_records(info)));
+        TROVE_RETURN_IF_ERROR(w.append_records(chunk));
       }
       for (const StoreDenseInfo& d : info.dense) {
         TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store_->read_dense(info, d.name));
@@ -312,9 +325,11 @@ Result<nlohmann::json> TableTrainer::checkpoint() {
     }
     TROVE_RETURN_IF_ERROR(w.add_dense("adagrad", {n, 2 * stored_.config.expert_width}, accum_));
     TROVE_RETURN_IF_ERROR(w.end_layer());
-    TROVE_RETURN_IF_ERROR(w.finish());
+    TROVE_RETURN_IF_ERROR(w.finish(&lock_));  // the writer lock moves to the new file
   } else {
-    TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(path_));
+    StoreUpdateOptions update_options;
+    update_options.lock = &lock_;
+    TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(path_, update_options));
     std::vector<uint8_t> bytes;
     for (const RecordOverlay* overlay : {&dirty_serving_, &dirty_training_}) {
       bytes.resize(ids.size() * overlay->stride());
@@ -333,7 +348,7 @@ Result<nlohmann::json> TableTrainer::checkpoint() {
     TROVE_RETURN_IF_ERROR(u.commit().status());
   }
   // The new generation: sources over it first, then the overlays emptied.
-  TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(path_));
+  TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(path_, own_reader()));
   auto next = std::make_unique<StoreReader>(std::move(reopened));
   std::swap(store_, next);
   TROVE_RETURN_IF_ERROR(open_sources());

@@ -27,6 +27,7 @@
 #include "runtime/peer_layer.h"
 #include "runtime/store_layer.h"
 #include "storage/store.h"
+#include "storage/store_lock.h"
 
 namespace trove {
 
@@ -37,8 +38,11 @@ class TableTrainer {
   ~TableTrainer();
 
   // Layer `name` of the store at `path`, an int4 table (else invalid_argument naming its
-  // dtype). `options` as for PeerLayer::open (tiers: the serving table through a host tier).
-  // Resumes the step and the accumulators from a state layer when the store has one.
+  // dtype). The trainer holds the store's writer lock until it is destroyed: another writer
+  // (a second trainer, `trove train`) is refused as busy, and a reader of the store in this
+  // process would make checkpoint() refuse (storage/store_lock.h). `options` as for PeerLayer::open
+  // (tiers: the serving table through a host tier). Resumes the step and the accumulators from a
+  // state layer when the store has one.
   static Result<std::unique_ptr<TableTrainer>> open(const std::string& path,
                                                     const std::string& name,
                                                     PeerLayerOptions options = {});
@@ -71,6 +75,7 @@ class TableTrainer {
 
   std::string path_, name_;
   PeerLayerOptions options_;
+  StoreLock lock_;  // the store's writer lock, for the trainer's life
   std::unique_ptr<StoreReader> store_;
   StoredLayer stored_;
   RecordLayout training_;
@@ -80,7 +85,7 @@ class TableTrainer {
   RecordOverlay dirty_serving_{64}, dirty_training_{64};
   OverlayExpertSource* serving_ = nullptr;        // the layer's source (the layer owns it)
   std::unique_ptr<ExpertSource> pending_source_;  // serving_ before the layer takes it
-  std::unique_ptr<ExpertSource> committed_;       // the committed serving records, mapped
+  std::unique_ptr<ExpertSource> committed_;       // the committed serving records
   std::unique_ptr<ExpertSource> training_base_;   // the state layer, or null before one
   std::unique_ptr<PeerLayer> layer_;
   std::unordered_map<int64_t, size_t> pending_;  // expert -> row in pending_down_/up_
