@@ -71,11 +71,7 @@ struct H2dMethodTotals {
 
 struct PeerLayerOptions {
   PeerBackend backend = PeerBackend::kCpu;
-  int threads = 0;  // 0: all cores
-  // kCpu only: the expert stage's down-row dots on int8/int4 records (kernels/cpu/peer.h).
-  // kInt8 quantizes each token's xhat to int8 for integer dot products: faster where compute
-  // bounds the stage, outside the fp32 parity tolerances, hence off by default.
-  ExpertDot expert_dot = ExpertDot::kFloat;
+  int threads = 0;               // 0: all cores
   bool verify_checksums = true;  // verify each record read from a store the first time
   // open(): with a host budget, records come through a TieredExpertSource (host tier over the
   // store file, runtime/tiered_source.h); without, the whole table is memory-mapped.
@@ -90,6 +86,11 @@ struct PeerLayerOptions {
   // kCuda only: a batch's transfer and expert kernel run in this many chunks of tokens, chunk
   // c's kernel overlapping chunk c + 1's transfer. 0: one per 256 tokens, 1 to 4.
   int pipeline_chunks = 0;
+  // kCpu only (last, so that positional initializers of the fields above stay valid): the expert
+  // stage's down-row dots on int8/int4 records (kernels/cpu/peer.h). kInt8 quantizes each token's
+  // xhat to int8 for integer dot products: faster where compute bounds the stage, outside the fp32
+  // parity tolerances, hence off by default.
+  ExpertDot expert_dot = ExpertDot::kFloat;
 };
 
 // kCuda: what making a batch's records visible to the device cost.
