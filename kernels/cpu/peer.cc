@@ -6,9 +6,10 @@
 // parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
 //   norm, experts: chunks of tokens; each token's row by one thread.
 //   query, route: fixed blocks of kRouteBlock tokens from the batch's first, one single-threaded
-//     BLAS call per block (kernels/cpu/blas.h), so chunk boundaries change no bit. A token's q
-//     and scores may differ in the last bits with its place in the batch (a shorter last block
-//     can take other GEMM kernels), never with the thread count.
+//     BLAS call per block (kernels/cpu/blas.h), so chunk boundaries change no bit. A shorter
+//     last block is zero-padded to kRouteBlock rows, so every call has the same shape (the
+//     library picks its kernels by shape): a token's q and scores do not depend on the batch's
+//     size or the thread count (a one-token run equals the first token of a longer one).
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
 //     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
 //     columns of gamma, key rows, unique experts), each row adding its terms in token order.
@@ -415,10 +416,20 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   check_common(config, nullptr);
   const int64_t D = config.dim, rows = config.query_rows();
   parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> pad_x, pad_q;  // a short last block, zero-padded to kRouteBlock rows
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
       float* qb = q + t0 * rows;
-      blas::gemm_nt(m, rows, D, xhat + t0 * D, D, params.query_weight, D, qb, rows);
+      if (m == kRouteBlock) {
+        blas::gemm_nt(m, rows, D, xhat + t0 * D, D, params.query_weight, D, qb, rows);
+      } else {
+        pad_x.assign(static_cast<size_t>(kRouteBlock * D), 0.0f);
+        pad_q.resize(static_cast<size_t>(kRouteBlock * rows));
+        std::memcpy(pad_x.data(), xhat + t0 * D, static_cast<size_t>(m * D) * sizeof(float));
+        blas::gemm_nt(kRouteBlock, rows, D, pad_x.data(), D, params.query_weight, D, pad_q.data(),
+                      rows);
+        std::memcpy(qb, pad_q.data(), static_cast<size_t>(m * rows) * sizeof(float));
+      }
       if (params.query_bias == nullptr) continue;
       for (int64_t t = 0; t < m; ++t) {
         for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
@@ -441,13 +452,21 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));
     std::vector<Candidate> best;
     best.reserve(static_cast<size_t>(k));
+    std::vector<float> pad_q;  // a short last block's q, zero-padded to kRouteBlock rows
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+      const float* qb = q + t0 * rows;
+      if (m < kRouteBlock) {
+        pad_q.assign(static_cast<size_t>(kRouteBlock * rows), 0.0f);
+        std::memcpy(pad_q.data(), qb, static_cast<size_t>(m * rows) * sizeof(float));
+        qb = pad_q.data();
+      }
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
         for (int half = 0; half < 2; ++half) {
-          // s[t][i] = <q[t][head][half], K[hk][half][i]>: [m, dk] x [n, dk]^T.
-          blas::gemm_nt(m, n, dk, q + t0 * rows + (head * 2 + half) * dk, rows,
+          // s[t][i] = <q[t][head][half], K[hk][half][i]>: [kRouteBlock, dk] x [n, dk]^T, every
+          // call the same shape (the padding rows' scores are not read).
+          blas::gemm_nt(kRouteBlock, n, dk, qb + (head * 2 + half) * dk, rows,
                         params.keys + (hk * 2 + half) * n * dk, dk,
                         &scores[static_cast<size_t>(half * kRouteBlock * n)], n);
         }

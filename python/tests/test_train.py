@@ -1,5 +1,6 @@
 """trove.torch.Int4SR: SPEC §7 on the experts a step touched, against plain torch on the
 unquantized layer, gradient accumulation, checkpoints as store generations, state dicts."""
+import gc
 import pytest
 import torch
 
@@ -117,6 +118,13 @@ def test_checkpoints_are_generations_and_reopen_as_trained(tmp_path):
     # State dicts: the router and the store's step; the optimizer's step must match its store.
     state, ostate = peer.state_dict(), opt.state_dict()
     assert state["_extra_state"]["step"] == 3 and ostate["steps"] == [3]
+    with torch.no_grad():
+        y = peer(x)
+    # One writer per store: a second trainer is refused while the first lives, then allowed.
+    with pytest.raises(RuntimeError, match="busy"):
+        tt.Int4SR(tt.PEER.open(tmp_path / "s.trove", layer="peer"), lr=1.0)
+    del opt, router_opt, peer
+    gc.collect()
     fresh = tt.PEER.open(tmp_path / "s.trove", layer="peer")
     with torch.no_grad():
         fresh.query_weight.zero_()
@@ -125,7 +133,7 @@ def test_checkpoints_are_generations_and_reopen_as_trained(tmp_path):
     fresh_opt.load_state_dict(ostate)
     assert fresh_opt.lr == 1e-2
     with torch.no_grad():
-        assert torch.equal(fresh(x), peer(x))
+        assert torch.equal(fresh(x), y)
     ostate["steps"] = [5]
     with pytest.raises(ValueError, match="steps"):
         fresh_opt.load_state_dict(ostate)
