@@ -74,7 +74,8 @@ struct PeerLayerOptions {
   int threads = 0;               // 0: all cores
   bool verify_checksums = true;  // verify each record read from a store the first time
   // open(): with a host budget, records come through a TieredExpertSource (host tier over the
-  // store file, runtime/tiered_source.h); without, the whole table is memory-mapped.
+  // store file, runtime/tiered_source.h); without, each record is read (checked I/O) the first
+  // time it is used and kept (ResidentStoreExpertSource).
   std::optional<TieredSourceOptions> tiers;
   // kCuda only: the device tier's (T0's) byte budget (--vram). 0: no device tier; each batch's
   // records are copied to the device afresh (one staging slab per batch).
