@@ -86,7 +86,14 @@ class LoopMount {
     mount_point_ = mount_point;
   }
   ~LoopMount() {
-    if (!mount_point_.empty()) sh("umount -l " + mount_point_);
+    // A plain unmount (retried: the CLI's last reader may be closing), lazy only as a last
+    // resort; then the device goes.
+    bool unmounted = mount_point_.empty();
+    for (int attempt = 0; attempt < 20 && !unmounted; ++attempt) {
+      unmounted = sh("umount " + mount_point_) == 0;
+      if (!unmounted) ::usleep(100 * 1000);
+    }
+    if (!unmounted) sh("umount -l " + mount_point_);
     if (!device_.empty()) sh("losetup -d " + device_);
   }
   LoopMount(const LoopMount&) = delete;
