@@ -496,6 +496,42 @@ TEST_P(PeerParityTest, QueryAndRoutingAreBitIdenticalForAnyThreadCount) {
   }
 }
 
+// A token's q and routing are the same bits alone, at any place of any batch: the BLAS always
+// runs 64-row blocks (a short last block zero-padded), whose rows round alike wherever they sit.
+TEST_P(PeerParityTest, QueryAndRoutingOfATokenDoNotDependOnItsBatch) {
+  PeerConfig c = make_config(2048, 40, 4, 23, 64, 8, 8);
+  c.query_bias = true;
+  const PeerShape shape{150, c, DType::kI4};
+  SCOPED_TRACE(describe(shape));
+  const PeerLayer l = random_layer(shape, 111);
+  const PeerRouterParams p = l.router();
+  const int64_t rows = l.config.query_rows(), D = l.config.dim, hk = c.heads * c.topk;
+  std::vector<float> q_all(sz(l.tokens * rows));
+  PeerRouting all;
+  peer_query(l.config, p, l.x.data(), l.tokens, q_all.data(), kThreads);
+  peer_route(l.config, p, q_all.data(), l.tokens, &all, kThreads);
+  // Sub-batches [first, first + count): one token, a block's tail, across a block boundary.
+  const int64_t spans[][2] = {{0, 1}, {149, 1}, {70, 1}, {3, 5}, {60, 10}, {64, 64}, {100, 50}};
+  for (const auto& span : spans) {
+    const int64_t first = span[0], count = span[1];
+    std::vector<float> q(sz(count * rows));
+    PeerRouting r;
+    peer_query(l.config, p, l.x.data() + first * D, count, q.data(), kThreads);
+    peer_route(l.config, p, q.data(), count, &r, kThreads);
+    const std::string what = "tokens " + std::to_string(first) + " + " + std::to_string(count);
+    expect_bits_equal(
+        q, std::vector<float>(q_all.begin() + first * rows, q_all.begin() + (first + count) * rows),
+        what + " q");
+    EXPECT_EQ(r.ids, std::vector<int64_t>(all.ids.begin() + first * hk,
+                                          all.ids.begin() + (first + count) * hk))
+        << what;
+    expect_bits_equal(r.scores,
+                      std::vector<float>(all.scores.begin() + first * hk,
+                                         all.scores.begin() + (first + count) * hk),
+                      what + " scores");
+  }
+}
+
 TEST_P(PeerParityTest, ExpertsInWavesEqualOnePassBitForBit) {
   // The tiered store's two-wave expert pass: records missing from a wave (nullptr) arrive in a
   // later one; whatever the pattern, y is peer_experts' to the bit.

@@ -8,9 +8,7 @@
 //
 // Results match the _ref oracle within the tolerances written in tests/peer_parity_test.cc
 // (fp32 accumulation in a different order), and do not depend on the thread count: each
-// output row is computed by one thread in a fixed order. q and the sub-key scores of a token
-// may differ in the last bits with the token's place in its batch (its block of tokens; see
-// peer.cc), so routing ties at the k-th position are broken as the tolerances allow.
+// output row is computed by one thread in a fixed order, nor on the batch a token is in.
 //
 // Same shapes and REQUIRES as the _ref functions. `threads`: 0 means hardware concurrency.
 #pragma once
