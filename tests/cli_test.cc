@@ -19,6 +19,7 @@
 
 #include "runtime/store_layer.h"
 #include "runtime/synthetic.h"
+#include "storage/file.h"
 #include "storage/store.h"
 #include "tests/cli_util.h"
 #include "tests/test_util.h"
@@ -58,8 +59,8 @@ TEST(Cli, HelpExplainsEveryCommand) {
   ScratchDir dir;
   RunResult r = run(dir, {"--help"});
   EXPECT_EQ(r.exit_code, 0);
-  for (const char* cmd :
-       {"pack", "unpack", "inspect", "verify", "demo", "forward", "bench", "train", "Exit codes"}) {
+  for (const char* cmd : {"pack", "unpack", "inspect", "verify", "demo", "forward", "bench",
+                          "train", "export", "import", "Exit codes"}) {
     EXPECT_NE(r.out.find(cmd), std::string::npos) << cmd;
   }
 }
@@ -123,6 +124,45 @@ TEST(Cli, VerifyNamesTheDamagedExpertAndExitsThree) {
   RunResult v = run(dir, {"verify", dir.file("m.trove")});
   EXPECT_EQ(v.exit_code, 3);
   EXPECT_NE(v.err.find("expert 37"), std::string::npos) << v.err;
+}
+
+TEST(Cli, ExportImportRoundTripsAndRefusesDamage) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_checkpoint(dir.file("in.safetensors"), 64, 12).ok());
+  ASSERT_EQ(run(dir, pack_args(dir)).exit_code, 0);
+  RunResult e = run(dir, {"export", dir.file("m.trove"), dir.file("m.zst"), "--json"});
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  auto j = nlohmann::json::parse(e.out);
+  EXPECT_TRUE(j["verified"].get<bool>());
+  EXPECT_GT(j["by_dtype"]["int4"]["bytes"].get<uint64_t>(), 0u);
+  EXPECT_LT(j["archive_bytes"].get<uint64_t>(), j["store_bytes"].get<uint64_t>());
+
+  RunResult i = run(dir, {"import", dir.file("m.zst"), dir.file("r.trove")});
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  EXPECT_EQ(testing::read_all(dir.file("r.trove")), testing::read_all(dir.file("m.trove")));
+  RunResult again = run(dir, {"import", dir.file("m.zst"), dir.file("r.trove")});
+  EXPECT_EQ(again.exit_code, 1);
+  EXPECT_NE(again.err.find("already exists"), std::string::npos) << again.err;
+  EXPECT_EQ(run(dir, {"import", dir.file("m.zst"), dir.file("r.trove"), "--force", "-q"}).exit_code,
+            0);
+
+  // A damaged store is not exported (exit 3, the expert named); a damaged archive not imported.
+  auto store = StoreReader::open(dir.file("m.trove"));
+  ASSERT_TRUE(store.ok());
+  const StoreTableInfo table = store->layers()[0].table;
+  auto bytes = testing::read_all(dir.file("m.trove"));
+  bytes[table.offset + 37 * table.stride + 5] ^= 0x10;
+  testing::write_all(dir.file("m.trove"), bytes);
+  RunResult bad = run(dir, {"export", dir.file("m.trove"), dir.file("bad.zst")});
+  EXPECT_EQ(bad.exit_code, 3);
+  EXPECT_NE(bad.err.find("expert 37"), std::string::npos) << bad.err;
+  auto archive = testing::read_all(dir.file("m.zst"));
+  archive.resize(archive.size() - 10);
+  testing::write_all(dir.file("cut.zst"), archive);
+  RunResult cut = run(dir, {"import", dir.file("cut.zst"), dir.file("c.trove")});
+  EXPECT_EQ(cut.exit_code, 3);
+  EXPECT_NE(cut.err.find("cut.zst"), std::string::npos) << cut.err;
+  EXPECT_FALSE(file_exists(dir.file("c.trove")));
 }
 
 TEST(Cli, BadInputsGiveClearErrors) {

@@ -26,7 +26,7 @@ struct GlobalOptions {
 // Exit codes, documented in `trove --help`.
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitError = 1;    // bad input, I/O error, ...
-inline constexpr int kExitCorrupt = 3;  // verify found damage
+inline constexpr int kExitCorrupt = 3;  // verify found damage (export, import: damaged data)
 
 void add_pack(CLI::App& app, GlobalOptions& global);
 void add_unpack(CLI::App& app, GlobalOptions& global);
@@ -36,6 +36,8 @@ void add_demo(CLI::App& app, GlobalOptions& global);
 void add_forward(CLI::App& app, GlobalOptions& global);
 void add_bench(CLI::App& app, GlobalOptions& global);
 void add_train(CLI::App& app, GlobalOptions& global);
+void add_export(CLI::App& app, GlobalOptions& global);
+void add_import(CLI::App& app, GlobalOptions& global);
 
 // `trove demo`'s last step: `trove bench` on an int4 table of `experts` (e.g. "256K") records
 // of `dim` (written in `dir`) through a host budget of 10% of it. The --json document goes to

@@ -15,9 +15,10 @@ int main(int argc, char** argv) {
       "trove: a tiered, out-of-core runtime for PEER expert layers.\n"
       "Packs safetensors checkpoints into .trove stores of int4/int8 expert records, runs their\n"
       "PEER layers on activations (forward), checks and "
-      "inspects them, and turns them back into safetensors.\n\n"
-      "Exit codes: 0 success, 1 error (message on stderr), 2 bad command line, 3 verify found\n"
-      "damage. Start with `trove demo`."};
+      "inspects them, turns them back into safetensors, and ships them as zstd archives\n"
+      "(export/import).\n\n"
+      "Exit codes: 0 success, 1 error (message on stderr), 2 bad command line, 3 verify, export\n"
+      "or import found damage. Start with `trove demo`."};
   app.name("trove");
   app.set_version_flag("--version", "trove " TROVE_VERSION);
   app.require_subcommand(1);
@@ -34,6 +35,8 @@ int main(int argc, char** argv) {
   add_forward(app, global);
   add_bench(app, global);
   add_train(app, global);
+  add_export(app, global);
+  add_import(app, global);
   add_demo(app, global);
 
   app.parse_complete_callback([&global] {
