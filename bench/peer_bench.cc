@@ -27,6 +27,8 @@
 //     unique_experts   distinct experts per batch (of T*h*k = 65536 slots at T = 2048)
 //     active_slots     fraction of slots with a nonzero gate (a zero gate skips the up row,
 //                      which would make the byte counts above overstate the traffic)
+//   BM_PeerBackward/<dtype>/N:<N>   PeerLayer::backward on the same batch, dy ~ N(0, 1):
+//                      tokens/s, backward_ms, dense_GFLOPs (its two router GEMMs' rate)
 //   BM_ExpertsBf16VsInt4/N:<N>      the peer comparison: the same routing through a bf16 and
 //                      an int4 table (kernels/cpu/peer.h peer_experts on leased records),
 //                      bf16_ms, int4_ms, time_ratio = bf16/int4, bytes_ratio = 8192/2304, and
@@ -412,6 +414,38 @@ void BM_PeerForward(benchmark::State& state, DType dtype, int64_t n) {
                             layer->record_layout().record_bytes));
 }
 
+// PeerLayer::backward on the batch with dy ~ N(0, 1): the layer's training step on the CPU less
+// the update. Counters: tokens/s, backward_ms, and dense_GFLOPs, the rate of its two dense
+// products (dx += dq W_q and dW_q = dq^T xhat, 2 * T * rows * D multiply-adds).
+void BM_PeerBackward(benchmark::State& state, DType dtype, int64_t n) {
+  PeerLayer* layer = cached_layer(state, dtype, n);
+  if (layer == nullptr) return;
+  const int64_t T = g_tokens;
+  const std::vector<float>& x = batch_input();
+  static const std::vector<float> dy = normal_floats(static_cast<size_t>(T * kDim), 1.0f, 19);
+  PeerGrads grads;
+  if (Status s = layer->backward(x, T, dy, &grads); !s.ok()) {  // warm-up
+    state.SkipWithError(s.to_string().c_str());
+    return;
+  }
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    if (Status s = layer->backward(x, T, dy, &grads); !s.ok()) {
+      state.SkipWithError(s.to_string().c_str());
+      return;
+    }
+    seconds += seconds_since(start);
+  }
+  const auto iterations = static_cast<double>(state.iterations());
+  const PeerConfig& c = layer->config();
+  const double dense_flops = 4.0 * static_cast<double>(T * c.query_rows() * c.dim);
+  state.counters["tokens/s"] = static_cast<double>(T) * iterations / seconds;
+  state.counters["backward_ms"] = seconds / iterations * 1e3;
+  state.counters["dense_GFLOPs"] = dense_flops * iterations / seconds / 1e9;
+  state.SetLabel(str_printf("T=%lld", static_cast<long long>(T)));
+}
+
 // The expert stage of one table on a fixed routing: the records of its unique experts leased
 // for the whole measurement.
 struct ExpertStage {
@@ -520,6 +554,14 @@ void register_benchmarks() {
     for (const DType dtype : {DType::kI4, DType::kBF16}) {
       const std::string name = "BM_PeerForward/" + std::string(dtype_name(dtype)) + "/N:" + experts;
       benchmark::RegisterBenchmark(name.c_str(), BM_PeerForward, dtype, n)
+          ->Iterations(g_iterations)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+    for (const DType dtype : {DType::kI4, DType::kBF16}) {
+      const std::string name =
+          "BM_PeerBackward/" + std::string(dtype_name(dtype)) + "/N:" + experts;
+      benchmark::RegisterBenchmark(name.c_str(), BM_PeerBackward, dtype, n)
           ->Iterations(g_iterations)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);

@@ -635,19 +635,19 @@ void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
   std::vector<int64_t> key_term_count(sz(T), 0);
   std::vector<float> slot_ga(sz(slots)), slot_dz(sz(slots));
   std::vector<float> dq(sz(T * rows), 0.0f);
-  std::vector<float> dxhat_all(rms ? sz(T * D) : 0);
+  std::vector<float> dxhat_all(sz(T * D), 0.0f);
   std::vector<double> inv_rms(rms ? sz(T) : 0);
   grads->dx.assign(sz(T * D), 0.0f);
 
+  // 1. Per token: the experts' part of dxhat, and dq.
   parallel_for(T, threads, [&](int64_t begin, int64_t end) {
-    std::vector<float> dxhat(sz(D));
     std::vector<double> dg(sz(k)), dscore(sz(k));
     std::vector<std::pair<int64_t, double>> ds(sz(k));  // (sub-key index, ds) of one half
     for (int64_t t = begin; t < end; ++t) {
       const float* xh = &xhat[sz(t * D)];
       const float* dyt = dy + t * Dout;
       float* dqt = &dq[sz(t * rows)];
-      std::fill(dxhat.begin(), dxhat.end(), 0.0f);
+      float* dxhat = &dxhat_all[sz(t * D)];
       for (int64_t head = 0; head < h; ++head) {
         const size_t base = sz((t * h + head) * k);
         for (int64_t s = 0; s < k; ++s) {
@@ -662,8 +662,7 @@ void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
           slot_ga[base + s] = static_cast<float>(g * a);
           slot_dz[base + s] = static_cast<float>(dz);
           if (slot_dz[base + s] != 0.0f) {
-            kr.coded_axpy(layout.dtype, down.scales, down.codes, D, slot_dz[base + s],
-                          dxhat.data());
+            kr.coded_axpy(layout.dtype, down.scales, down.codes, D, slot_dz[base + s], dxhat);
           }
         }
         gate_backward(config.gate, &routing.scores[base], &routing.gates[base], dg.data(), k,
@@ -691,53 +690,71 @@ void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
           }
         }
       }
-      // q = W_q xhat + b: dxhat += W_q^T dq.
-      for (int64_t r = 0; r < rows; ++r) {
-        if (dqt[r] != 0.0f) kr.axpy(dqt[r], params.query_weight + r * D, D, dxhat.data());
-      }
-      // xhat = x r gamma: dx = r gamma dxhat - x r^3 / D * sum(gamma dxhat x).
-      float* dxt = &grads->dx[sz(t * D)];
-      if (!rms) {
-        std::copy(dxhat.begin(), dxhat.end(), dxt);
-        continue;
-      }
-      const float* xt = x + t * D;
-      const double r = inverse_rms(xt, D, config.norm_eps);
-      double wx = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        wx += static_cast<double>(params.norm_weight[d]) * dxhat[sz(d)] * xt[d];
-      }
-      const double c = r * r * r * wx / static_cast<double>(D);
-      for (int64_t d = 0; d < D; ++d) {
-        dxt[d] = static_cast<float>(r * params.norm_weight[d] * dxhat[sz(d)] - xt[d] * c);
-      }
-      std::copy(dxhat.begin(), dxhat.end(), &dxhat_all[sz(t * D)]);
-      inv_rms[sz(t)] = r;
     }
   });
 
-  // d W_q and d b_q: rows of W_q partitioned, tokens summed in order; four rows share each
-  // xhat row load.
-  grads->d_query_weight.assign(sz(rows * D), 0.0f);
-  std::vector<double> d_bias(sz(rows), 0.0);
-  parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin; r0 < end; r0 += 4) {
-      const int64_t r1 = std::min(end, r0 + 4);
-      for (int64_t t = 0; t < T; ++t) {
-        const float* xh = &xhat[sz(t * D)];
-        for (int64_t r = r0; r < r1; ++r) {
-          const float g = dq[sz(t * rows + r)];
-          if (g == 0.0f) continue;
-          d_bias[sz(r)] += g;
-          kr.axpy(g, xh, D, &grads->d_query_weight[sz(r * D)]);
-        }
+  // 2. q = W_q xhat + b: dxhat += dq W_q, one BLAS call per block of kRouteBlock tokens (a
+  //    short last block zero-padded, as in peer_query), so no bit depends on the thread count.
+  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    std::vector<float> pad_dq, pad_dxhat;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+      float* dxb = &dxhat_all[sz(t0 * D)];
+      if (m == kRouteBlock) {
+        blas::gemm_nn(m, D, rows, &dq[sz(t0 * rows)], rows, params.query_weight, D, dxb, D,
+                      /*accumulate=*/true);
+        continue;
       }
+      pad_dq.assign(sz(kRouteBlock * rows), 0.0f);
+      pad_dxhat.assign(sz(kRouteBlock * D), 0.0f);
+      std::memcpy(pad_dq.data(), &dq[sz(t0 * rows)], sz(m * rows) * sizeof(float));
+      std::memcpy(pad_dxhat.data(), dxb, sz(m * D) * sizeof(float));
+      blas::gemm_nn(kRouteBlock, D, rows, pad_dq.data(), rows, params.query_weight, D,
+                    pad_dxhat.data(), D, /*accumulate=*/true);
+      std::memcpy(dxb, pad_dxhat.data(), sz(m * D) * sizeof(float));
     }
   });
-  if (config.query_bias) {
-    grads->d_query_bias.assign(d_bias.begin(), d_bias.end());
+
+  // 3. Per token, xhat = x r gamma: dx = r gamma dxhat - x r^3 / D * sum(gamma dxhat x).
+  if (!rms) {
+    grads->dx.assign(dxhat_all.begin(), dxhat_all.end());
   } else {
-    grads->d_query_bias.clear();
+    parallel_for(T, threads, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* xt = x + t * D;
+        const float* dxhat = &dxhat_all[sz(t * D)];
+        float* dxt = &grads->dx[sz(t * D)];
+        const double r = inverse_rms(xt, D, config.norm_eps);
+        double wx = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          wx += static_cast<double>(params.norm_weight[d]) * dxhat[d] * xt[d];
+        }
+        const double c = r * r * r * wx / static_cast<double>(D);
+        for (int64_t d = 0; d < D; ++d) {
+          dxt[d] = static_cast<float>(r * params.norm_weight[d] * dxhat[d] - xt[d] * c);
+        }
+        inv_rms[sz(t)] = r;
+      }
+    });
+  }
+
+  // d W_q = dq^T xhat: one BLAS call per block of kRouteBlock rows of W_q (fixed by the shape,
+  // not the thread count), each summing all tokens. d b_q: columns of dq summed in token order.
+  grads->d_query_weight.assign(sz(rows * D), 0.0f);
+  parallel_for((rows + kRouteBlock - 1) / kRouteBlock, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r0 = b * kRouteBlock, m = std::min(kRouteBlock, rows - r0);
+      blas::gemm_tn(m, D, T, &dq[sz(r0)], rows, xhat.data(), D, &grads->d_query_weight[sz(r0 * D)],
+                    D);
+    }
+  });
+  grads->d_query_bias.clear();
+  if (config.query_bias) {
+    std::vector<double> d_bias(sz(rows), 0.0);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t r = 0; r < rows; ++r) d_bias[sz(r)] += dq[sz(t * rows + r)];
+    }
+    grads->d_query_bias.assign(d_bias.begin(), d_bias.end());
   }
 
   // d gamma: columns partitioned, tokens summed in order.
