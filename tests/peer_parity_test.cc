@@ -630,6 +630,69 @@ TEST(PeerPathsTest, Int8DotGivesTheSameBitsOnEveryPathAndMatchesTheQuantizedOrac
   }
 }
 
+// The up-row axpy is element-wise (y[i] = fma(code_i, alpha * scale_g, y[i])), so every SIMD
+// path, whatever its vector width, gives the same bits (the scalar path rounds the product
+// apart: within one rounding of them), and none writes past n (partial last groups; y one
+// float off alignment).
+TEST(PeerPathsTest, CodedAxpyGivesTheSameBitsOnEveryPathAndWritesNothingPastN) {
+  const std::vector<CpuPath> paths = supported_paths();
+  constexpr float kSentinel = 12345.0f;
+  std::mt19937 rng(23);
+  std::vector<int64_t> lengths;
+  for (int64_t n = 1; n <= 100; ++n) lengths.push_back(n);
+  lengths.push_back(2048);
+  lengths.push_back(2047);
+  for (DType t : {DType::kI4, DType::kI8, DType::kBF16, DType::kF16, DType::kF32}) {
+    for (int64_t n : lengths) {
+      const RecordLayout l = layout_of(t, n, n);
+      const std::vector<float> up = normal_values(sz(n), 1.0, &rng);
+      std::vector<uint8_t> record(l.stride);
+      pack_record_ref(l, up.data(), up.data(), record.data());
+      // Nonzero padding codes, so that a kernel writing past n would change what it writes.
+      if (dtype_is_quantized(t) && n % kQuantGroup != 0) {
+        const int64_t g = n / kQuantGroup;
+        uint8_t* codes = record.data() + l.up_codes_offset;
+        for (int64_t j = n % kQuantGroup; j < kQuantGroup; ++j) {
+          if (t == DType::kI8) {
+            codes[sz(g * kQuantGroup + j)] = 0x55;
+          } else {
+            uint8_t& b = codes[sz(g * kQuantGroup / 2 + j % (kQuantGroup / 2))];
+            b = j < kQuantGroup / 2 ? static_cast<uint8_t>((b & 0xf0) | 0x3)
+                                    : static_cast<uint8_t>((b & 0x0f) | 0x30);
+          }
+        }
+      }
+      const std::vector<float> y0 = normal_values(sz(n) + 1 + kQuantGroup, 1.0, &rng);
+      std::vector<float> first, scalar;
+      for (CpuPath p : paths) {
+        set_cpu_path(p);
+        std::vector<float> y = y0;
+        std::fill(y.begin() + 1 + n, y.end(), kSentinel);  // not NaN: fma(c, a, NaN) is NaN
+        record_up_axpy(l, record.data(), 0.37f, y.data() + 1);
+        EXPECT_EQ(y[0], y0[0]) << dtype_name(t) << " n " << n << " on " << cpu_path_name(p);
+        for (size_t i = sz(1 + n); i < y.size(); ++i) {
+          ASSERT_EQ(y[i], kSentinel)
+              << dtype_name(t) << " n " << n << " wrote past n on " << cpu_path_name(p);
+        }
+        if (p == CpuPath::kScalar) {
+          scalar = y;
+        } else if (first.empty()) {
+          first = y;
+        } else {
+          EXPECT_EQ(std::memcmp(y.data(), first.data(), sz(1 + n) * sizeof(float)), 0)
+              << dtype_name(t) << " n " << n << " on " << cpu_path_name(p);
+        }
+      }
+      set_cpu_path(CpuPath::kAuto);
+      if (scalar.empty() || first.empty()) continue;
+      for (int64_t i = 1; i <= n; ++i) {
+        const double bound = 1e-6 * (std::abs(y0[sz(i)]) + std::abs(first[sz(i)])) + 1e-30;
+        ASSERT_NEAR(scalar[sz(i)], first[sz(i)], bound) << dtype_name(t) << " n " << n;
+      }
+    }
+  }
+}
+
 // Sub-scores with many exact ties (small integers): every path's top-k' picks the same indices.
 TEST(PeerPathsTest, TiedScoresSelectTheSameIndicesOnEveryPath) {
   const std::vector<CpuPath> paths = supported_paths();
