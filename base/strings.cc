@@ -81,4 +81,15 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.ends_with(suffix);
 }
 
+std::string with_commas(int64_t v) {
+  const uint64_t mag = v < 0 ? 0 - static_cast<uint64_t>(v) : static_cast<uint64_t>(v);
+  const std::string digits = std::to_string(mag);
+  std::string out = v < 0 ? "-" : "";
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
 }  // namespace trove

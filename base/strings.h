@@ -28,6 +28,9 @@ int json_nesting_depth(std::string_view text);
 // Documents trove reads never need more than this.
 inline constexpr int kMaxJsonDepth = 64;
 
+// 4194304 -> "4,194,304"; -1234 -> "-1,234".
+std::string with_commas(int64_t v);
+
 bool starts_with(std::string_view s, std::string_view prefix);
 bool ends_with(std::string_view s, std::string_view suffix);
 

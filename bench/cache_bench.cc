@@ -1,4 +1,4 @@
-// The per-batch bookkeeping of a residency tier (runtime/expert_cache.h) for a batch whose
+// The per-batch bookkeeping of a residency tier (runtime/tiers/expert_cache.h) for a batch whose
 // experts are all resident: admit + commit_fills + release of U distinct ids out of N, with
 // each replacement policy. On the cuda backend this runs on the host for every batch while the
 // device's expert kernel takes ~0.1 ms at the background config (65,536 slots of 2.3 KB records
@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/expert_cache.h"
+#include "runtime/tiers/expert_cache.h"
 
 namespace trove {
 namespace {

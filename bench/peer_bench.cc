@@ -1,7 +1,7 @@
-// Forward throughput of one PEER layer on the CPU (runtime/peer_layer.h, kernels/cpu/peer.h) in
-// the background's configuration: D = D_out = 2048, h = 4, k = k' = 8, dk = 64, silu, relu
-// gate, no input norm, one batch of T tokens (2048 by default) per iteration, at N = 16K, 262K
-// and 1M experts (n = 128, 512, 1024), records in int4 and bf16.
+// Forward throughput of one PEER layer on the CPU (runtime/layer/peer_layer.h, kernels/cpu/peer.h)
+// in the background's configuration: D = D_out = 2048, h = 4, k = k' = 8, dk = 64, silu, relu gate,
+// no input norm, one batch of T tokens (2048 by default) per iteration, at N = 16K, 262K and 1M
+// experts (n = 128, 512, 1024), records in int4 and bf16.
 //
 // Why: the expert stage reads T*h*k scattered records (2304 B in int4, 8192 B in bf16 at
 // D = 2048) and does ~2 flops per weight, so its ceiling at large N is memory bandwidth, and
@@ -79,8 +79,8 @@
 #include "kernels/cpu/peer.h"
 #include "kernels/peer.h"
 #include "kernels/record.h"
-#include "runtime/expert_source.h"
-#include "runtime/peer_layer.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/tiers/expert_source.h"
 
 namespace trove {
 namespace {

@@ -8,8 +8,8 @@
 // runs R + 1 forward passes of the whole batch through PeerLayer (the first warms the mapped
 // table and oneDNN's kernels and is not counted); the fastest pass counts, and its stages
 // (route, acquire, experts) are reported. The expert stage's record bytes / expert seconds is
-// compared with measure_host_read_bandwidth over 1 GiB (runtime/calibrate.h), both on the same
-// threads. Errors of y against the oracle (the _ref kernels, double accumulation) on the same
+// compared with measure_host_read_bandwidth over 1 GiB (runtime/bench/calibrate.h), both on the
+// same threads. Errors of y against the oracle (the _ref kernels, double accumulation) on the same
 // routing: relative Frobenius norm and max |error| / max |y|. --y-out writes y of kFloat as
 // safetensors 'y', for the driver's check that trove and PyTorch compute the same layer.
 // Prints one JSON object.
@@ -25,8 +25,8 @@
 
 #include "base/thread_pool.h"
 #include "kernels/cpu/quant.h"
-#include "runtime/calibrate.h"
-#include "runtime/peer_layer.h"
+#include "runtime/bench/calibrate.h"
+#include "runtime/layer/peer_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 

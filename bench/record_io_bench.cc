@@ -6,8 +6,8 @@
 // same depth and the same requests. With O_DIRECT a 2304-byte record at a multiple of 2304 is
 // read as its extent aligned to the file's direct-I/O alignment (the "alignment" counter): at
 // 512 always 2560 bytes (amplification 1.11), at 4096 one 4 KiB block or two, half the time
-// each (6144 / 2304 = 2.67). runtime/calibrate.h's run_fio_randread with FioOptions{.alignment,
-// .record_stride = 2304} builds the matching fio command; by hand:
+// each (6144 / 2304 = 2.67). runtime/bench/calibrate.h's run_fio_randread with
+// FioOptions{.alignment, .record_stride = 2304} builds the matching fio command; by hand:
 //
 //   fio --name=r --filename=$FILE --rw=randread --bs=2560 --blockalign=512 --direct=1
 //       --ioengine=io_uring --iodepth=16 --runtime=5 --time_based        # alignment 512

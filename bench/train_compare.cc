@@ -59,8 +59,8 @@
 #include "kernels/peer_config.h"
 #include "kernels/record.h"
 #include "kernels/train.h"
-#include "runtime/expert_source.h"
-#include "runtime/peer_layer.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/tiers/expert_source.h"
 
 namespace trove {
 namespace {

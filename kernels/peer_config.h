@@ -1,5 +1,5 @@
 // The configuration of one PEER layer (SPEC §2). Kernels take it as plain data; runtime
-// reads and writes it as JSON in the store's manifest (runtime/peer_config_json.h).
+// reads and writes it as JSON in the store's manifest (runtime/layer/peer_config_json.h).
 #pragma once
 
 #include <cstdint>

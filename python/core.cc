@@ -1,6 +1,6 @@
 // trove._core: the thin nanobind layer under the `trove` Python package (python/trove). It
-// binds the C++ API as it is: pack_store (runtime/pack.h), a stored PEER layer
-// (runtime/peer_layer.h) over a mapped store or a host tier, and its int4 trainer
+// binds the C++ API as it is: pack_store (runtime/convert/pack.h), a stored PEER layer
+// (runtime/layer/peer_layer.h) over a mapped store or a host tier, and its int4 trainer
 // (train/table_trainer.h). Nothing here knows torch: tensors cross as DLPack/buffer-protocol
 // ndarrays (nanobind), read and written in place, never copied; trove/torch.py does the
 // autograd, dtypes and shapes. Configs and statistics cross as JSON text, which Python parses.
@@ -23,11 +23,11 @@
 #include "base/bytes.h"
 #include "base/dtype.h"
 #include "base/status.h"
-#include "runtime/cache_policy.h"
-#include "runtime/pack.h"
-#include "runtime/peer_config_json.h"
-#include "runtime/peer_layer.h"
-#include "runtime/store_layer.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_config_json.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/store_layer.h"
+#include "runtime/tiers/cache_policy.h"
 #include "storage/store.h"
 #include "train/table_trainer.h"
 
@@ -332,7 +332,7 @@ NB_MODULE(_core, m) {
   // Layers held by Python objects alive at interpreter exit are reclaimed by the OS, not
   // reported as leaks (trove.torch keeps its layers in a registry for the custom ops).
   nb::set_leak_warnings(false);
-  m.doc() = "trove's C++ core (runtime/peer_layer.h, runtime/pack.h, the trainer)";
+  m.doc() = "trove's C++ core (runtime/layer/peer_layer.h, runtime/convert/pack.h, the trainer)";
   m.def("pack", &trove::pack, nb::arg("inputs"), nb::arg("output"), nb::arg("layout"),
         nb::arg("prefixes"), nb::arg("names"), nb::arg("quant"), nb::arg("overrides_json"),
         nb::arg("threads") = 0, nb::arg("command_line") = "");

@@ -21,7 +21,7 @@
 // record, pread it into their own bounce buffer, verify and copy it.
 //
 // LevelDB's Env/fault_injection is the model for the FileOps seam: tests swap in
-// FaultyFileOps (storage/fault_injection.h) to turn reads into EIO, EAGAIN, short reads,
+// FaultyFileOps (tests/fault_injection.h) to turn reads into EIO, EAGAIN, short reads,
 // flipped bytes or a slow disk, for both engines.
 #pragma once
 
@@ -46,7 +46,7 @@ struct RecordRead {
 };
 
 // How the reader reaches the file. The default forwards to the real syscalls; tests derive
-// from it to inject faults (storage/fault_injection.h). Methods may be called from several
+// from it to inject faults (tests/fault_injection.h). Methods may be called from several
 // I/O threads at once.
 class FileOps {
  public:

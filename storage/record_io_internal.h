@@ -15,6 +15,7 @@
 #include <span>
 #include <string>
 
+#include "base/numeric.h"
 #include "base/status.h"
 #include "storage/file.h"
 #include "storage/record_io.h"
@@ -218,12 +219,5 @@ inline constexpr uint64_t kMaxRequestBytes = uint64_t{1} << 30;
 
 // Bounce bytes a fresh engine reserves (a record of up to 4 KiB + 1 straddles two blocks).
 inline constexpr uint64_t kInitialExtentBytes = 2 * kDirectAlignment;
-
-inline uint64_t align_down(uint64_t x, uint64_t align) {
-  return x / align * align;
-}
-inline uint64_t align_up(uint64_t x, uint64_t align) {
-  return (x + align - 1) / align * align;
-}
 
 }  // namespace trove::record_io

@@ -123,7 +123,7 @@ struct StoreOpenOptions {
   // the generation it validated. False only for a process that holds the store's writer lock
   // itself (its commits would otherwise wait for its own reader).
   bool pin_generation = true;
-  // Test seam for the reads of read_records and verify (storage/fault_injection.h); null: the
+  // Test seam for the reads of read_records and verify (tests/fault_injection.h); null: the
   // real syscalls.
   std::shared_ptr<FileOps> file_ops;
 };

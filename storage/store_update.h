@@ -35,7 +35,7 @@ namespace trove {
 // How an update and its recovery change the file system: every call that writes, syncs,
 // truncates, creates or removes goes through here (reads do not). The default runs the real
 // syscalls; tests derive from it to crash at the N-th call and to drop what was not synced
-// (CrashingStoreUpdateOps in storage/fault_injection.h). Calls come from one thread at a time.
+// (CrashingStoreUpdateOps in tests/fault_injection.h). Calls come from one thread at a time.
 class StoreUpdateOps {
  public:
   StoreUpdateOps() = default;

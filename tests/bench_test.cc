@@ -1,7 +1,7 @@
 // runtime/bench: workloads, the synthetic bench store, and the accounting of run_bench on
 // small tables (every workload; Belady never below the policy; budgets refused before work;
 // layers stacked on the residual stream, their figures summed and their budgets split).
-#include "runtime/bench.h"
+#include "runtime/bench/bench.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,8 +11,8 @@
 #include <gtest/gtest.h>
 
 #include "base/random.h"
-#include "runtime/peer_layer.h"
-#include "runtime/store_layer.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/store_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/test_util.h"

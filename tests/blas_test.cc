@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/numeric.h"
 #include "kernels/cpu/blas.h"
 
 namespace trove {
@@ -23,10 +24,6 @@ enum class Form { kNT, kTN, kNN };
 struct Shape {
   int64_t m, n, k;
 };
-
-size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
-}
 
 std::vector<float> normal(size_t count, std::mt19937* rng) {
   std::normal_distribution<float> d;

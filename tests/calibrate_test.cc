@@ -1,4 +1,4 @@
-// Calibration (runtime/calibrate.h): host bandwidth is a sane positive number; our reader's
+// Calibration (runtime/bench/calibrate.h): host bandwidth is a sane positive number; our reader's
 // random-read IOPS on a scratch file with both engines, counted reads and sane latencies;
 // fio's figures parsed from its JSON when fio is installed (skipped with a message
 // otherwise); fio asked for the requests our reader makes (a fake fio shows the command);
@@ -20,7 +20,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "runtime/calibrate.h"
+#include "runtime/bench/calibrate.h"
 #include "tests/test_util.h"
 
 namespace trove {

@@ -25,7 +25,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "runtime/synthetic.h"
+#include "runtime/bench/synthetic.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/cli_util.h"

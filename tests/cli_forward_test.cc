@@ -26,7 +26,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "runtime/peer_layer.h"
+#include "runtime/layer/peer_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/cli_util.h"

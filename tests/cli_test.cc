@@ -17,8 +17,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "runtime/store_layer.h"
-#include "runtime/synthetic.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/layer/store_layer.h"
 #include "storage/file.h"
 #include "storage/store.h"
 #include "tests/cli_util.h"

@@ -1,4 +1,4 @@
-// The PEER layer on the cuda backend (runtime/peer_layer_cuda.h): forward, forward_routed and
+// The PEER layer on the cuda backend (runtime/layer/peer_layer_cuda.h): forward, forward_routed and
 // backward equal the CPU layer's within the tolerances of tests/cuda_peer_test.cc and
 // tests/cuda_peer_backward_test.cc, with and without a device tier, over the mapped table and
 // over the host tier at several budgets; the device tier's hits need no copy; a device budget
@@ -11,12 +11,12 @@
 #include <gtest/gtest.h>
 
 #include "base/strings.h"
-#include "runtime/pack.h"
-#include "runtime/peer_layer.h"
-#include "runtime/peer_layer_cuda.h"
-#include "runtime/store_layer.h"
-#include "runtime/synthetic.h"
-#include "runtime/tiered_source.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/peer_layer_cuda.h"
+#include "runtime/layer/store_layer.h"
+#include "runtime/tiers/tiered_source.h"
 #include "storage/store.h"
 #include "tests/peer_test_util.h"
 #include "tests/runtime_test_util.h"

@@ -1,9 +1,9 @@
-// The bench's GPU peers driver (runtime/device_peers.h): the byte model of the fused kernel's
+// The bench's GPU peers driver (runtime/bench/device_peers.h): the byte model of the fused kernel's
 // roofline; bad options named before any device work; not_supported without CUDA or a device
 // (these run on every machine); and on a device, every peer on the same batches: resident equals
 // the host form of the fused kernel bit for bit on given routing, managed equals resident bit for
 // bit, einsum stays near resident, also when the device routes (pk); and the HBM calibration.
-#include "runtime/device_peers.h"
+#include "runtime/bench/device_peers.h"
 
 #include <algorithm>
 #include <cmath>
@@ -15,7 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/quant.h"
-#include "runtime/calibrate.h"
+#include "runtime/bench/calibrate.h"
 #include "tests/peer_test_util.h"
 
 #if TROVE_HAVE_CUDA

@@ -26,15 +26,15 @@
 #include <gtest/gtest.h>
 
 #include "base/log.h"
-#include "runtime/pack.h"
-#include "runtime/peer_layer.h"
-#include "runtime/store_layer.h"
-#include "runtime/synthetic.h"
-#include "storage/fault_injection.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/store_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
 #include "storage/store_update.h"
+#include "tests/fault_injection.h"
 #include "tests/test_util.h"
 
 namespace trove {

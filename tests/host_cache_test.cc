@@ -1,7 +1,7 @@
 // The host tier's residency cache: each policy's choices on hand-built sequences, leases,
 // the budget errors, aborted fills, slot memory, metrics, concurrent batches, and the offline
 // simulator against Belady's optimum and exhaustive search.
-#include "runtime/expert_cache.h"
+#include "runtime/tiers/expert_cache.h"
 
 #include <algorithm>
 #include <atomic>
@@ -17,8 +17,8 @@
 
 #include <gtest/gtest.h>
 
-#include "runtime/cache_policy.h"
-#include "runtime/cache_sim.h"
+#include "runtime/bench/cache_sim.h"
+#include "runtime/tiers/cache_policy.h"
 
 namespace trove {
 namespace {

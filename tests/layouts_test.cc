@@ -1,10 +1,10 @@
-// Checkpoint import (runtime/layouts.h) and the PEER config it produces (kernels/peer_config.h,
-// runtime/peer_config_json.h).
+// Checkpoint import (runtime/convert/layouts.h) and the PEER config it produces
+// (kernels/peer_config.h, runtime/layer/peer_config_json.h).
 //
 // Each layout is verified the way SPEC §2 asks: the test builds one small layer in canonical
 // form, writes it in the layout's own arrangement with explicit index loops (independent of
 // layouts.cc), imports it, and requires every canonical tensor back bit for bit.
-#include "runtime/layouts.h"
+#include "runtime/convert/layouts.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "base/half.h"
-#include "runtime/peer_config_json.h"
+#include "runtime/layer/peer_config_json.h"
 
 namespace trove {
 namespace {

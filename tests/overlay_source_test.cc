@@ -1,7 +1,7 @@
 // runtime/overlay_source: changed records in memory over a source that still holds the old
 // ones. The overlay's copy wins, the base serves the rest, in both acquire forms; release and
 // reset_base reach the base.
-#include "runtime/overlay_source.h"
+#include "runtime/tiers/overlay_source.h"
 
 #include <gtest/gtest.h>
 

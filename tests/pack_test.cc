@@ -1,6 +1,6 @@
 // pack -> store -> unpack, end to end through the runtime API: exactness of float formats,
 // bit-exactness of int8/int4 against the _ref oracles, layouts, errors, inspect.
-#include "runtime/pack.h"
+#include "runtime/convert/pack.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,10 +11,10 @@
 
 #include "base/half.h"
 #include "kernels/cpu/ref/quant_ref.h"
-#include "runtime/inspect.h"
-#include "runtime/peer_config_json.h"
-#include "runtime/store_layer.h"
-#include "runtime/synthetic.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/inspect.h"
+#include "runtime/layer/peer_config_json.h"
+#include "runtime/layer/store_layer.h"
 #include "storage/store.h"
 #include "storage/store_update.h"
 #include "tests/test_util.h"

@@ -1,6 +1,6 @@
 // PeerLayer through the runtime API: the same layer from a store and from memory, backends
 // against each other, the checks on every input, corrupt records, and RoutingStats.
-#include "runtime/peer_layer.h"
+#include "runtime/layer/peer_layer.h"
 
 #include <cmath>
 #include <cstring>
@@ -9,9 +9,9 @@
 
 #include <gtest/gtest.h>
 
-#include "runtime/pack.h"
-#include "runtime/routing_stats.h"
-#include "runtime/synthetic.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/routing_stats.h"
 #include "storage/store.h"
 #include "tests/test_util.h"
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "base/check.h"
+#include "base/numeric.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/ref/peer_ref.h"
 #include "kernels/peer.h"
@@ -44,10 +45,6 @@ inline std::vector<float> uniform_values(size_t n, double stddev, std::mt19937* 
   std::vector<float> v(n);
   for (float& x : v) x = static_cast<float>(((*rng)() * 0x1p-32 * 2.0 - 1.0) * half_width);
   return v;
-}
-
-inline size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
 }
 
 // One parity case: the config, the record dtype and the batch size.

@@ -19,9 +19,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "storage/fault_injection.h"
 #include "storage/record_io.h"
 #include "storage/store.h"
+#include "tests/fault_injection.h"
 #include "tests/test_util.h"
 
 namespace trove {

@@ -9,8 +9,8 @@
 
 #include <gtest/gtest.h>
 
-#include "runtime/pack.h"
-#include "runtime/synthetic.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/pack.h"
 #include "tests/test_util.h"
 
 namespace trove::testing {

@@ -17,10 +17,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "storage/fault_injection.h"
 #include "storage/file.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
+#include "tests/fault_injection.h"
 
 namespace trove {
 namespace {

@@ -27,9 +27,9 @@
 
 #include "base/log.h"
 #include "base/strings.h"
-#include "storage/fault_injection.h"
 #include "storage/store.h"
 #include "storage/store_format.h"
+#include "tests/fault_injection.h"
 #include "tests/test_util.h"
 
 namespace trove {

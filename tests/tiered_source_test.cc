@@ -3,20 +3,20 @@
 // on both I/O engines and every policy; budgets too small are clear errors before any work;
 // disk faults surface as documented errors or correct results, never a wrong output, and the
 // store file is never touched.
-#include "runtime/tiered_source.h"
+#include "runtime/tiers/tiered_source.h"
 
 #include <cstring>
 #include <random>
 
 #include <gtest/gtest.h>
 
-#include "runtime/pack.h"
-#include "runtime/peer_layer.h"
-#include "runtime/store_layer.h"
-#include "runtime/synthetic.h"
-#include "storage/fault_injection.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/store_layer.h"
 #include "storage/store.h"
 #include "storage/store_update.h"
+#include "tests/fault_injection.h"
 #include "tests/runtime_test_util.h"
 #include "tests/test_util.h"
 

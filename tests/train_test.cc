@@ -18,9 +18,9 @@
 
 #include <gtest/gtest.h>
 
-#include "runtime/pack.h"
-#include "runtime/peer_layer.h"
-#include "runtime/synthetic.h"
+#include "runtime/bench/synthetic.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_layer.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "tests/test_util.h"

@@ -1,5 +1,5 @@
 // trove bench: the PEER layer over the tiered store on a synthetic table, per-tier figures
-// beside the limits calibrated in the same run (runtime/bench.h, runtime/calibrate.h).
+// beside the limits calibrated in the same run (runtime/bench/bench.h, runtime/bench/calibrate.h).
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -16,10 +16,10 @@
 #include "base/plot.h"
 #include "base/progress.h"
 #include "base/strings.h"
-#include "runtime/bench.h"
-#include "runtime/calibrate.h"
-#include "runtime/peer_config_json.h"
-#include "runtime/store_layer.h"
+#include "runtime/bench/bench.h"
+#include "runtime/bench/calibrate.h"
+#include "runtime/layer/peer_config_json.h"
+#include "runtime/layer/store_layer.h"
 #include "storage/store.h"
 #include "tools/commands.h"
 
@@ -41,16 +41,6 @@ struct BenchArgs {
   uint64_t seed = 1;
 };
 
-// 4194304 -> "4,194,304".
-std::string with_commas(int64_t v) {
-  std::string digits = std::to_string(v), out;
-  for (size_t i = 0; i < digits.size(); ++i) {
-    if (i > 0 && (digits.size() - i) % 3 == 0 && digits[i - 1] != '-') out += ',';
-    out += digits[i];
-  }
-  return out;
-}
-
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
   size_t start = 0;
@@ -65,7 +55,7 @@ std::vector<std::string> split_list(const std::string& s) {
 }
 
 // The most experts and tokens per batch a count may give. The host tier indexes at most
-// INT32_MAX experts (runtime/expert_cache.h): a larger table is refused here, not after its
+// INT32_MAX experts (runtime/tiers/expert_cache.h): a larger table is refused here, not after its
 // store has been written.
 constexpr int64_t kMaxExperts = INT32_MAX;
 constexpr int64_t kMaxBatchTokens = int64_t{1} << 20;
@@ -212,7 +202,7 @@ double ratio(double a, double b) {
   return a > 0 && b > 0 ? a / b : 0.0;
 }
 
-// The GPU peers (runtime/device_peers.h) beside ours: each peer's tokens/s as a ratio of ours
+// The GPU peers (runtime/bench/device_peers.h) beside ours: each peer's tokens/s as a ratio of ours
 // all-resident, and the fused kernel's bytes/s as a fraction of the calibrated HBM bandwidth.
 nlohmann::json device_peers_json(const BenchResult& r, const nlohmann::json& calib) {
   const DevicePeerResult& d = r.device_peers;
@@ -328,7 +318,7 @@ nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
   return j;
 }
 
-// The GPU peers' lines (runtime/device_peers.h), each figure beside ours or its limit.
+// The GPU peers' lines (runtime/bench/device_peers.h), each figure beside ours or its limit.
 void print_device_peers(const BenchResult& r, const nlohmann::json& calib) {
   const DevicePeerResult& d = r.device_peers;
   const double resident = d.resident_tokens_per_second;
@@ -691,7 +681,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
       }
       if (!a.no_fio) {
         // fio makes the requests our reader makes: each record's extent at our O_DIRECT
-        // alignment, at offsets aligned alike (runtime/calibrate.h: FioOptions).
+        // alignment, at offsets aligned alike (runtime/bench/calibrate.h: FioOptions).
         FioOptions fo;
         fo.direct = true;
         if (ours.ok() && ours->direct_io) fo.alignment = ours->direct_alignment;

@@ -4,9 +4,9 @@
 #include "base/bytes.h"
 #include "base/progress.h"
 #include "base/strings.h"
-#include "runtime/cache_policy.h"
-#include "runtime/forward.h"
+#include "runtime/tiers/cache_policy.h"
 #include "tools/commands.h"
+#include "tools/forward.h"
 
 namespace trove::cli {
 

@@ -4,7 +4,7 @@
 
 #include "base/bytes.h"
 #include "base/progress.h"
-#include "runtime/inspect.h"
+#include "runtime/convert/inspect.h"
 #include "storage/store.h"
 #include "tools/commands.h"
 

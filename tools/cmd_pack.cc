@@ -3,7 +3,7 @@
 
 #include "base/bytes.h"
 #include "base/strings.h"
-#include "runtime/pack.h"
+#include "runtime/convert/pack.h"
 #include "tools/commands.h"
 
 namespace trove::cli {

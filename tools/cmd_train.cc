@@ -11,7 +11,7 @@
 #include "base/plot.h"
 #include "base/progress.h"
 #include "base/strings.h"
-#include "runtime/calibrate.h"
+#include "runtime/bench/calibrate.h"
 #include "tools/commands.h"
 #include "train/schedule.h"
 #include "train/trainer.h"

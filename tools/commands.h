@@ -9,9 +9,9 @@
 
 #include "base/bytes.h"
 #include "base/status.h"
-#include "runtime/pack.h"
-#include "runtime/peer_layer.h"
-#include "runtime/tiered_source.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/tiers/tiered_source.h"
 
 namespace trove::cli {
 

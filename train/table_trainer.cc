@@ -3,21 +3,18 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/numeric.h"
 #include "base/strings.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/train.h"
-#include "runtime/pack.h"
-#include "runtime/peer_config_json.h"
-#include "runtime/tiered_source.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_config_json.h"
+#include "runtime/tiers/tiered_source.h"
 #include "storage/store_update.h"
 #include "train/trainer.h"
 
 namespace trove {
 namespace {
-
-size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
-}
 
 constexpr const char* kRouterTensors[] = {"query.weight", "query.bias", "keys", "norm.weight"};
 

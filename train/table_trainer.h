@@ -23,9 +23,9 @@
 
 #include "base/status.h"
 #include "kernels/train.h"
-#include "runtime/overlay_source.h"
-#include "runtime/peer_layer.h"
-#include "runtime/store_layer.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/store_layer.h"
+#include "runtime/tiers/overlay_source.h"
 #include "storage/store.h"
 #include "storage/store_lock.h"
 

@@ -7,16 +7,17 @@
 #include <cstring>
 #include <optional>
 
+#include "base/numeric.h"
 #include "base/random.h"
 #include "base/stopwatch.h"
 #include "base/strings.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/train.h"
-#include "runtime/overlay_source.h"
-#include "runtime/pack.h"
-#include "runtime/peer_config_json.h"
-#include "runtime/peer_layer.h"
-#include "runtime/store_layer.h"
+#include "runtime/convert/pack.h"
+#include "runtime/layer/peer_config_json.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/layer/store_layer.h"
+#include "runtime/tiers/overlay_source.h"
 #include "storage/safetensors.h"
 #include "storage/store.h"
 #include "storage/store_update.h"
@@ -25,10 +26,6 @@
 namespace trove {
 
 namespace {
-
-size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
-}
 
 // The inputs of step s: gaussian rows drawn from (seed, s), or the next rows of a file.
 class InputSource {

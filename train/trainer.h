@@ -33,7 +33,7 @@
 
 #include "base/status.h"
 #include "kernels/train.h"
-#include "runtime/tiered_source.h"
+#include "runtime/tiers/tiered_source.h"
 #include "train/schedule.h"
 
 namespace trove {
@@ -68,7 +68,7 @@ struct TrainOptions {
   // bytes (0: no limit): it bounds the memory the changes hold.
   uint64_t max_dirty_bytes = uint64_t{1} << 30;
   // With a host budget the student's int4 records come through the host tier over the store
-  // file (runtime/tiered_source.h); without, the table is memory-mapped.
+  // file (runtime/tiers/tiered_source.h); without, the table is memory-mapped.
   std::optional<TieredSourceOptions> tiers;
   int threads = 0;
   // After each step: (step done, steps in all, loss of that step, the mean over the layers).

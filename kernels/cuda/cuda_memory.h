@@ -43,7 +43,7 @@ class CudaDeviceMemory {
 
 // `bytes` of managed (unified) memory (cudaMallocManaged, attached globally): one address that
 // the host and the device both use, its pages moved on demand to whichever touches them (no
-// prefetch or advice is given). For the bench's managed-memory peer (runtime/device_peers.h);
+// prefetch or advice is given). For the bench's managed-memory peer (runtime/bench/device_peers.h);
 // the tiers never use it. A device without concurrent managed access cannot let the host touch
 // the memory while a kernel may be running: synchronize first. Empty when bytes == 0.
 // Errors: kResourceExhausted when the allocation fails, kNotSupported without a device.

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/numeric.h"
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/device.cuh"
@@ -233,10 +234,6 @@ cuda::ExpertPass expert_pass(const PeerConfig& c, const RecordLayout& l, int64_t
   p.down_codes_offset = l.down_codes_offset;
   p.up_codes_offset = l.up_codes_offset;
   return p;
-}
-
-size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
 }
 
 }  // namespace

@@ -123,7 +123,7 @@ class CudaPeerContext {
                                 const float* xhat, int64_t tokens, const float* gates,
                                 const uint8_t* table, const int64_t* record_index, float* y);
 
-  // Stream order with other streams (runtime/peer_layer_cuda.h's pipeline): work queued after
+  // Stream order with other streams (runtime/layer/peer_layer_cuda.h's pipeline): work queued after
   // wait() starts once `event` is reached; record() marks the point of the work queued so far.
   Status wait(const CudaEvent& event);
   Status record(CudaEvent& event);
@@ -131,7 +131,7 @@ class CudaPeerContext {
   // Queues a copy of `bytes` from src to dst on the context's stream, in order with the
   // device-form calls around it (cudaMemcpyDefault: either side may be host or device memory,
   // unified addressing tells which). For a caller that stages its own inputs and outputs (the
-  // bench's device peers, runtime/device_peers.h). bytes == 0 queues nothing.
+  // bench's device peers, runtime/bench/device_peers.h). bytes == 0 queues nothing.
   // REQUIRES: both ranges stay valid until the copy completes (synchronize()).
   Status copy_async(void* dst, const void* src, size_t bytes);
 

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/numeric.h"
 #include "kernels/cuda/blas.cuh"
 #include "kernels/cuda/device.cuh"
 #include "kernels/cuda/peer_checks.cuh"
@@ -53,10 +54,6 @@ constexpr int64_t kMaxInt = 2147483647;
 
 std::string str(int64_t v) {
   return std::to_string(v);
-}
-
-size_t sz(int64_t v) {
-  return static_cast<size_t>(v);
 }
 
 unsigned int grid_for(int64_t work) {

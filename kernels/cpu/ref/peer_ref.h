@@ -8,7 +8,7 @@
 // with the _ref dequantizers.
 //
 // REQUIRES (all functions): `config` validated (PeerConfig::validate_and_fill), width 1,
-// buffers of the stated sizes, finite inputs. Callers (runtime/peer_layer.h) check these and
+// buffers of the stated sizes, finite inputs. Callers (runtime/layer/peer_layer.h) check these and
 // return a Status; kernels only TROVE_CHECK them.
 #pragma once
 

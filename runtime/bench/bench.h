@@ -1,0 +1,184 @@
+// The benchmark behind `trove bench` (SPEC §8): N PEER layers of a synthetic store run batch
+// after batch over the tiered store (host budget over the store file), with the routing drawn
+// from a workload, every stage of every batch timed, and the same batches run all-resident and
+// through the optimal offline policy (Belady) for comparison.
+//
+// Layers are stacked as in a transformer's residual stream: layer l + 1 reads x + y of layer l,
+// so its pk routing sees real inputs. Each layer has its own tiers, each an even share of the
+// run's budgets, and its own routing stream (its own seed; trace: the same trace for each).
+//
+// Workloads:
+//   uniform     ids uniform over [0, N)
+//   zipf:A      ids by popularity rank r with P(r) ~ 1/(r+1)^A, ranks scattered over the table
+//               (a hot expert is not next to the next-hottest on disk)
+//   pk          the layer's own product-key routing of gaussian tokens
+//   trace:FILE  the routing in a `trove forward --dump-routing` file, batch after batch
+// Gates are the softmax of gaussian scores for synthetic ids (their values do not change the
+// cost) and the router's own for pk and trace.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "base/dtype.h"
+#include "base/status.h"
+#include "kernels/peer_config.h"
+#include "runtime/bench/device_peers.h"
+#include "runtime/layer/peer_layer.h"
+#include "runtime/tiers/cache_policy.h"
+#include "storage/record_io.h"
+
+namespace trove {
+
+struct BenchWorkload {
+  enum class Kind { kUniform, kZipf, kProductKey, kTrace };
+  Kind kind = Kind::kZipf;
+  double exponent = 1.09;  // zipf
+  std::string trace;       // trace: the routing file
+
+  // "uniform", "zipf:1.09", "pk", "trace:r.safetensors"; errors list the forms.
+  static Result<BenchWorkload> parse(const std::string& text);
+  std::string name() const;
+};
+
+// The name of the benchmark's layer `index`: "bench", then "bench.1", "bench.2", ... (so a
+// store written before layers were counted is a one-layer bench store).
+std::string bench_layer_name(int64_t index);
+
+// A synthetic store for benchmarks: `layers` layers (bench_layer_name(0), ...) of `config`, each
+// with random records of `dtype` and a gaussian router of its own (layer 0's seed is `seed`, so
+// it is the layer a one-layer store of the same seed holds), written atomically. Records are
+// distinct (each has its own bytes and checksum) but cheap to make: a pool of packed experts
+// with each copy's codes varied by its id. `progress` gets (records written, records in all
+// layers).
+Status write_bench_store(const std::string& path, const PeerConfig& config, DType dtype,
+                         uint64_t seed, const std::function<void(int64_t, int64_t)>& progress,
+                         int64_t layers = 1);
+
+struct BenchOptions {
+  std::string store;   // written by write_bench_store (layers "bench", "bench.1", ...)
+  int64_t layers = 1;  // run through the store's first `layers` bench layers
+  BenchWorkload workload;
+  int64_t batch = 2048;        // tokens per batch
+  int64_t batches = 32;        // measured
+  int64_t warmup_batches = 8;  // run first, not measured (the host tier fills)
+  // The run's budgets (this and vram_budget_bytes), split evenly over the layers: each layer
+  // has its own tiers of budget / layers.
+  uint64_t host_budget_bytes = 0;
+  EvictionPolicy policy = EvictionPolicy::kFrequency;
+  RecordReaderOptions io;
+  bool resident_baseline = true;  // also run the same batches with the table in memory
+  bool oracle = true;             // Belady's hit rate on the same batches
+  int threads = 0;
+  // kCpu or kCuda (kRef works too, slowly). kCuda: vram_budget_bytes > 0 adds the device tier
+  // above the host tier (one per layer), with the host tier's eviction policy.
+  PeerBackend backend = PeerBackend::kCpu;
+  uint64_t vram_budget_bytes = 0;
+  H2dMethod h2d = H2dMethod::kAuto;
+  uint64_t seed = 1;
+  std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
+};
+
+// Percentiles of per-batch seconds.
+struct StageTimes {
+  double p50 = 0, p90 = 0, p99 = 0, mean = 0;
+};
+
+// One layer of the run: its figures over the measured batches (the cold-run and Belady rates
+// over every batch, as BenchResult's).
+struct BenchLayerResult {
+  std::string name;
+  uint64_t host_budget_bytes = 0;  // its share of the run's
+  uint64_t vram_budget_bytes = 0;
+  int64_t capacity_slots = 0;
+  int64_t device_capacity_slots = 0;
+  int64_t requested = 0;
+  int64_t unique = 0;
+  int64_t hits = 0;
+  int64_t misses = 0;
+  double hit_rate = 0;
+  uint64_t bytes_read = 0;
+  int64_t device_hits = 0;
+  int64_t device_misses = 0;
+  double device_hit_rate = 0;
+  double oracle_hit_rate = -1;  // the host tier's, or with a device tier the device's
+  double achieved_hit_rate_all = -1;
+  double device_oracle_hit_rate = -1;
+  double device_hit_rate_all = -1;
+};
+
+// Figures of the whole run: counts and per-batch times are sums over the layers, rates are
+// their ratios (Belady's: its hits over all layers / their unique experts), and tokens count a
+// token once however many layers it passed.
+struct BenchResult {
+  PeerConfig config;
+  std::string record_dtype;
+  uint64_t record_bytes = 0;
+  uint64_t record_stride = 0;
+  uint64_t table_bytes = 0;    // all layers'
+  int64_t capacity_slots = 0;  // the host tiers' records
+  std::string engine;          // io_uring or pread
+  bool direct_io = false;
+  std::vector<BenchLayerResult> layers;  // one per layer, in order
+
+  int64_t batches = 0;  // measured
+  int64_t tokens = 0;
+  double seconds = 0;  // wall time of the measured batches
+  double tokens_per_second = 0;
+  int64_t requested = 0;  // expert selections (T * h * k summed)
+  int64_t unique = 0;     // distinct experts per batch, summed
+  int64_t hits = 0;
+  int64_t misses = 0;
+  double hit_rate = 0;  // hits / unique
+  // Over every batch from a cold tier (warm-up included): Belady's hit rate and the policy's,
+  // side by side (-1: not run). With a device tier these are the device tier's (the host tier
+  // then sees only its misses, a stream the trace does not hold), and the host's are -1.
+  double oracle_hit_rate = -1;
+  double achieved_hit_rate_all = -1;
+  uint64_t bytes_read = 0;  // from the store file
+  double disk_busy_seconds = 0;
+  double iops = 0;                 // misses / disk busy time
+  uint64_t record_bytes_used = 0;  // what the expert kernels read
+  double compute_seconds = 0;
+  // Per batch, in seconds.
+  StageTimes route, resolve, disk, compute, stall, total;
+
+  // The all-resident run of the same batches (0: not run). kCuda: the whole table in the
+  // device tier, filled by one unmeasured pass over the batches first.
+  double resident_tokens_per_second = 0;
+  std::string resident_skipped;  // why it was not run, when asked for (e.g. tables too large)
+
+  // kCuda: the device tier (zeros without one) and the host -> device transfers.
+  std::string backend = "cpu";
+  int64_t device_capacity_slots = 0;
+  int64_t device_hits = 0;
+  int64_t device_misses = 0;
+  double device_hit_rate = 0;          // device_hits / unique
+  double device_oracle_hit_rate = -1;  // see oracle_hit_rate
+  double device_hit_rate_all = -1;
+  uint64_t h2d_bytes = 0;  // copied host -> device (records and tables)
+  double h2d_seconds = 0;  // those copies, by CUDA events
+  bool h2d_pinned = true;  // every staging slab was pinned
+  StageTimes transfer;     // per batch
+  // Records moved by each H2D method over the whole run (warm-up included, where --h2d auto
+  // tries them), and the method kept at the end.
+  std::vector<H2dMethodTotals> h2d_methods;
+  H2dMethod h2d_method = H2dMethod::kAuto;
+
+  // kCuda with the resident baseline: the GPU peers on the same measured batches
+  // (runtime/bench/device_peers.h): ours all-resident indexed by the routing directly, bf16 gather
+  // + einsum, managed memory, and the fused kernel's own time and bytes for the HBM roofline. One
+  // layer only: with layers > 1 every peer is skipped, saying so.
+  DevicePeerResult device_peers;
+};
+
+// Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then
+// (when asked) the same measured batches all-resident, and on kCuda through the GPU peers.
+// Errors: a store with fewer bench layers than asked (naming the store), layers > 1 with
+// dim_out != dim (no residual stream), a budget share below one batch's working set (before any
+// work, naming the layer), a trace that does not fit the layers.
+Result<BenchResult> run_bench(const BenchOptions& options);
+
+}  // namespace trove

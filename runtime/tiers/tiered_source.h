@@ -1,0 +1,119 @@
+// TieredExpertSource: a store layer's records served from a byte-budgeted host tier (T1, an
+// ExpertCache) over the store file on disk (T2, a RecordReader), SPEC §5. The layer runs over
+// it unchanged: it is an ExpertSource.
+//
+// One batch, as PeerLayer::forward drives it (the prefetch pipeline):
+//
+//   layer     route ─ begin_acquire ─┬─ wave 1 ─────────────── finish_acquire ─┬─ wave 2 ─ release
+//                     admit: hits    │  every slot whose record  (stall while   │  the rest of
+//                     leased, misses │  is here; each token      the disk is    │  every token
+//                     get "filling"  │  accumulated up to its    busy), commit  │
+//                     slots          │  first missing slot       the fills      │
+//   I/O thread               start ──┴─ read misses: verify XXH3, copy to slots ─┘
+//   disk (T2)                           ████ queue_depth reads in flight ████
+//
+// Hits of the batch are computed while its misses are read; when the reads land, each token
+// resumes where it stopped, so the output equals the all-resident output bit for bit
+// (kernels/cpu/peer.h: peer_experts_resume). Misses are written straight into their host slots
+// (leased and marked "filling", invisible to other batches until committed), and verified
+// against the store's per-record checksum before they can be used; a failed read aborts the
+// batch's fills and leaves the host tier and the store as they were.
+//
+// The host tier must hold one batch's working set (its unique experts, all leased while it
+// computes): check_batch() says so before any work. Not thread-safe: one batch at a time (the
+// ExpertCache beneath is the thread-safe part, shared with the device tier later).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "kernels/record.h"
+#include "runtime/tiers/cache_policy.h"
+#include "runtime/tiers/expert_cache.h"
+#include "runtime/tiers/expert_source.h"
+#include "storage/record_io.h"
+#include "storage/store.h"
+
+namespace trove {
+
+struct TieredSourceOptions {
+  uint64_t host_budget_bytes = 0;  // --host
+  EvictionPolicy policy = EvictionPolicy::kFrequency;
+  RecordReaderOptions io;  // engine, queue depth, O_DIRECT, verify, fault injection
+  // Where the host tier's slots live; null: plain host memory. The cuda backend passes pinned,
+  // mapped memory (runtime/layer/peer_layer_cuda.h) so the device tier's fills come straight from
+  // the slots.
+  std::shared_ptr<SlotMemory> host_memory;
+};
+
+class TieredExpertSource final : public ExpertSource {
+ public:
+  // REQUIRES: `store` outlives the source; `layer` is one of store.layers() and `layout` its
+  // record layout. Errors: a budget below one record, the store file that cannot be opened
+  // for reading, an io engine the kernel refuses (when asked for explicitly).
+  static Result<std::unique_ptr<TieredExpertSource>> open(const StoreReader& store,
+                                                          const StoreLayerInfo& layer,
+                                                          const RecordLayout& layout,
+                                                          const TieredSourceOptions& options);
+  ~TieredExpertSource() override;
+
+  // OK when a batch of up to `max_unique` distinct experts fits the host tier, else
+  // resource_exhausted: "the host budget 64 MiB holds 27,000 records of 2,368 bytes; one batch
+  // of 2048 tokens x 32 selections can need 65,536 (155 MiB): raise --host to at least
+  // 155 MiB or lower --batch". `what` describes the batch ("2048 tokens x 32 selections").
+  Status check_batch(int64_t max_unique, const std::string& what) const override;
+
+  const RecordLayout& layout() const override { return layout_; }
+  int64_t num_experts() const override { return static_cast<int64_t>(layer_->table.count); }
+  std::string describe() const override;
+  Status acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
+  void release(std::span<const int64_t> ids) override;
+  Status begin_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
+  Status finish_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
+  ExpertFetchStats last_fetch() const override { return last_; }
+  const uint8_t* device_address(const uint8_t* record) const override {
+    return cache_->device_address(record);
+  }
+
+  // After the store was updated in place to a new generation (storage/store_update.h) with
+  // new bytes for experts `ids`: the resident copies of those experts take the new bytes
+  // (`bytes(id)`, stride bytes each), so the tier stays warm, and the source reads through
+  // `store` (reopened at the new generation; `layer` one of its layers) from now on: its
+  // checksums verify later reads. The file must be the same one, updated in place (a rewrite
+  // by rename needs a new source). The rewritten residents count as hits in metrics().
+  // Errors: `layer` of another geometry.
+  // REQUIRES: no batch acquired.
+  Status refresh(const StoreReader& store, const StoreLayerInfo& layer,
+                 std::span<const int64_t> ids, const std::function<const uint8_t*(int64_t)>& bytes);
+
+  const ExpertCache& host() const { return *cache_; }
+  const RecordReader& disk() const { return *reader_; }
+
+ private:
+  TieredExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
+                     const RecordLayout& layout);
+
+  const StoreReader* store_;
+  const StoreLayerInfo* layer_;
+  RecordLayout layout_;
+  std::unique_ptr<ExpertCache> cache_;
+  std::unique_ptr<RecordReader> reader_;
+
+  // The batch between begin_acquire and finish_acquire.
+  std::vector<int64_t> batch_ids_;  // a copy: the destructor may outlive the caller's ids
+  CacheBatch batch_;
+  std::vector<RecordRead> reads_;
+  bool in_flight_ = false;
+  double begin_time_ = 0;    // monotonic seconds at begin_acquire
+  double disk_busy_ = 0;     // reader's busy_seconds at begin_acquire
+  uint64_t disk_bytes_ = 0;  // reader's bytes_read at begin_acquire
+  ExpertFetchStats last_;
+};
+
+}  // namespace trove
