@@ -86,6 +86,18 @@ def engram_hash(tokens, mult, max_ngram, heads, vocab):
     return torch.stack(out)
 
 
+def engram_mix(m, x, rows):
+    """Engram's dense part: y [B, T, D] from x [B, T, D] and the looked-up rows [B, T, E],
+    through m's key_proj, value_proj, norm_k, norm_q and conv (ordinary torch layers)."""
+    d = x.shape[-1]
+    g = (m.norm_k(m.key_proj(rows)) * m.norm_q(x)).sum(-1, keepdim=True)
+    g = g / math.sqrt(d)
+    g = g.abs().clamp(min=1e-8, max=100.0).sqrt() * g.sign()
+    value = torch.sigmoid(g.clamp(-10, 10)) * m.value_proj(rows)
+    conv = m.conv(value.transpose(1, 2))[:, :, :x.shape[1]].transpose(1, 2)
+    return value + F.silu(conv)
+
+
 class BackgroundEngram(nn.Module):
     """Engram as the background's LlamaEngram computes it; (x [B, T, D], tokens [B, T]) ->
     y [B, T, D].
@@ -133,14 +145,7 @@ class BackgroundEngram(nn.Module):
         return torch.cat([emb(ids[i]) for i, emb in enumerate(self.embeddings)], dim=-1)
 
     def mix(self, x, rows):
-        """The dense part: y [B, T, D] from x [B, T, D] and the looked-up rows [B, T, E]."""
-        d = x.shape[-1]
-        g = (self.norm_k(self.key_proj(rows)) * self.norm_q(x)).sum(-1, keepdim=True)
-        g = g / math.sqrt(d)
-        g = g.abs().clamp(min=1e-8, max=100.0).sqrt() * g.sign()
-        value = torch.sigmoid(g.clamp(-10, 10)) * self.value_proj(rows)
-        conv = self.conv(value.transpose(1, 2))[:, :, :x.shape[1]].transpose(1, 2)
-        return value + F.silu(conv)
+        return engram_mix(self, x, rows)
 
     def forward(self, x, tokens):
         return self.mix(x, self.lookup(tokens))

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "base/bytes.h"
 #include "base/strings.h"
 
 namespace trove {
@@ -312,6 +313,72 @@ Result<QuantError> write_engram_layer(StoreWriter* w, const std::string& name,
   TROVE_RETURN_IF_ERROR(w->add_dense("conv.weight", {d, 1, c.kernel_size}, dense.conv));
   TROVE_RETURN_IF_ERROR(w->end_layer());
   return err;
+}
+
+Result<nlohmann::json> engram_inspect_json(const StoreReader& store, const StoreLayerInfo& layer) {
+  TROVE_ASSIGN_OR_RETURN(EngramStoredLayer s, read_engram_layer(store, layer));
+  const EngramConfig& c = s.config;
+  nlohmann::json j;
+  j["name"] = layer.name;
+  j["kind"] = kEngramKind;
+  j["config"] = engram_config_json(c);
+  j["dtype"] = layer.table.dtype;
+  j["tables"] = c.tables();
+  j["rows"] = c.rows();
+  j["row_bytes"] = s.rows.row_bytes;
+  j["rows_per_record"] = s.rows.rows_per_record;
+  j["record_bytes"] = s.rows.record_bytes;
+  j["records"] = layer.table.count;
+  j["table_bytes"] = layer.table.bytes;
+  j["table_offset"] = layer.table.offset;
+  j["bf16_bytes"] = static_cast<uint64_t>(c.rows()) * static_cast<uint64_t>(c.embed_per_head) * 2;
+  j["overhead"] = s.rows.overhead(c.rows());
+  nlohmann::json dense = nlohmann::json::array();
+  for (const StoreDenseInfo& d : layer.dense) {
+    dense.push_back({{"name", d.name}, {"shape", d.shape}, {"bytes", d.bytes}});
+  }
+  j["dense"] = dense;
+  if (layer.info.contains("quant_error") && layer.info["quant_error"].is_object()) {
+    j["quant_error"] = layer.info["quant_error"];
+  }
+  if (layer.info.contains("source")) j["source"] = layer.info["source"];
+  return j;
+}
+
+std::string render_engram_inspect(const nlohmann::json& j) {
+  const auto& c = j["config"];
+  std::string s = str_printf("engram layer %s\n", j["name"].get<std::string>().c_str());
+  s += str_printf(
+      "  config     D=%lld orders 2..%lld x %lld heads = %lld tables of %s rows x e=%lld "
+      "(E=%lld), conv K=%lld, hash mult %s\n",
+      c["hidden"].get<long long>(), c["max_ngram"].get<long long>(), c["heads"].get<long long>(),
+      j["tables"].get<long long>(), with_commas(c["vocab"].get<int64_t>()).c_str(),
+      c["embed_per_head"].get<long long>(),
+      j["tables"].get<long long>() * c["embed_per_head"].get<long long>(),
+      c["kernel_size"].get<long long>(), c["hash_mult"].dump().c_str());
+  const uint64_t table = j["table_bytes"].get<uint64_t>();
+  const uint64_t bf16 = j["bf16_bytes"].get<uint64_t>();
+  s += str_printf(
+      "  rows       %s, %llu bytes a row, %lld rows a record (%llu bytes, no padding); table %s "
+      "(%.2fx smaller than bf16's %s), %.4fx the row bytes\n",
+      j["dtype"].get<std::string>().c_str(),
+      static_cast<unsigned long long>(j["row_bytes"].get<uint64_t>()),
+      j["rows_per_record"].get<long long>(),
+      static_cast<unsigned long long>(j["record_bytes"].get<uint64_t>()),
+      format_bytes(table).c_str(),
+      table == 0 ? 0.0 : static_cast<double>(bf16) / static_cast<double>(table),
+      format_bytes(bf16).c_str(), j["overhead"].get<double>());
+  std::string dense;
+  for (const auto& d : j["dense"]) {
+    dense += (dense.empty() ? "" : ", ") + d["name"].get<std::string>() + " " + d["shape"].dump();
+  }
+  s += "  dense      " + dense + " (fp32)\n";
+  if (j.contains("quant_error")) {
+    const auto& e = j["quant_error"];
+    s += str_printf("  error      rmse %.4g max %.4g rel %.4g\n", e.value("rmse", 0.0),
+                    e.value("max_abs", 0.0), e.value("rel_fro", 0.0));
+  }
+  return s;
 }
 
 }  // namespace trove

@@ -76,4 +76,10 @@ Result<QuantError> write_engram_layer(StoreWriter* w, const std::string& name,
                                       const nlohmann::json& source = nlohmann::json::object(),
                                       size_t min_record_bytes = 512);
 
+// `trove inspect`'s report of an Engram layer (config, row encoding, record size, table bytes
+// and the bf16 size they replace, overhead over the useful row bytes, quantization error,
+// dense tensors) and its rendering.
+Result<nlohmann::json> engram_inspect_json(const StoreReader& store, const StoreLayerInfo& layer);
+std::string render_engram_inspect(const nlohmann::json& j);
+
 }  // namespace trove
