@@ -96,6 +96,11 @@ class PyEngramTable {
     check(engram_hash(table_->config().hash, tokens.data(), batch, seq, ids.data()));
   }
 
+  void preload() {
+    nb::gil_scoped_release unlocked;
+    check(table_->preload());
+  }
+
   void prefetch(I64In ids, int64_t n) {
     nb::gil_scoped_release unlocked;
     check(table_->prefetch({ids.data(), ids.size()}, n));
@@ -159,6 +164,7 @@ void bind_engram(nb::module_& m) {
       .def("dense", &PyEngramTable::dense, nb::arg("name"))
       .def("hash", &PyEngramTable::hash, nb::arg("tokens"), nb::arg("batch"), nb::arg("seq"),
            nb::arg("ids"))
+      .def("preload", &PyEngramTable::preload)
       .def("prefetch", &PyEngramTable::prefetch, nb::arg("ids"), nb::arg("n"))
       .def("lookup", &PyEngramTable::lookup, nb::arg("ids"), nb::arg("n"), nb::arg("out"))
       .def("row_grads", &PyEngramTable::row_grads, nb::arg("ids"), nb::arg("n"), nb::arg("dy"),

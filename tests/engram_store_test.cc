@@ -143,6 +143,15 @@ TEST(EngramStore, LookupsEqualThePackedRowsOnEveryTier) {
           }
         }
       }
+      {
+        // Preloaded, all resident: lookups read nothing more from the store.
+        auto t = EngramTable::open(*store, *layer);
+        ASSERT_TRUE(t.ok());
+        ASSERT_TRUE((*t)->preload().ok());
+        const auto* src = dynamic_cast<const ResidentStoreExpertSource*>(&(*t)->source());
+        ASSERT_NE(src, nullptr);
+        EXPECT_EQ(src->loaded_records(), static_cast<int64_t>(layer->table.count));
+      }
       auto dense = read_engram_dense(*store, *layer, stored->config);
       ASSERT_TRUE(dense.ok());
       EXPECT_EQ(dense->value_proj, m.dense.value_proj);

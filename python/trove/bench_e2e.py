@@ -113,6 +113,8 @@ def _make_engrams(variant, bg_engrams, layers, args, workdir, max_tokens):
             info.setdefault("engram_host_budget_bytes", 0)
             info["engram_host_budget_bytes"] += budget
             e = tt.Engram.open(path, e.layer, host=budget, threads=max(1, args.threads))
+        else:
+            e.preload()  # all resident: every row in memory before the first batch
         engrams.append(e)
     return engrams, info
 

@@ -497,6 +497,11 @@ class Engram(nn.Module):
             os.unlink(tmp)
         return cls.open(path, layer, host=host, threads=threads)
 
+    def preload(self):
+        """Reads the whole table once (opened without a host budget: all resident from then
+        on)."""
+        self._core.preload()
+
     def hash(self, tokens):
         """Row ids [tables, B, T] (int64) of tokens [B, T], by trove's kernel."""
         tokens = tokens.detach().to(device="cpu", dtype=torch.long).contiguous()

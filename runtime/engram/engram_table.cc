@@ -80,6 +80,22 @@ void EngramTable::cancel_prefetch() {
   if (source_->finish_acquire(pending_recs_, pending_ptrs_).ok()) source_->release(pending_recs_);
 }
 
+Status EngramTable::preload() {
+  cancel_prefetch();
+  const int64_t count = source_->num_experts();
+  std::vector<int64_t> ids;
+  std::vector<const uint8_t*> ptrs;
+  for (int64_t first = 0; first < count; first += 1024) {
+    const int64_t n = std::min<int64_t>(1024, count - first);
+    ids.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = first + i;
+    ptrs.assign(ids.size(), nullptr);
+    TROVE_RETURN_IF_ERROR(source_->acquire(ids, ptrs));
+    source_->release(ids);
+  }
+  return {};
+}
+
 Status EngramTable::prefetch(std::span<const int64_t> ids, int64_t n) {
   cancel_prefetch();
   TROVE_RETURN_IF_ERROR(records_of(ids, n, &pending_recs_));

@@ -70,6 +70,9 @@ class EngramTable {
   Status lookup(std::span<const int64_t> ids, int64_t n, float* out);
   // Drops a pending prefetch (its records are released).
   void cancel_prefetch();
+  // Reads every record through the source once (all resident: the whole table is then in
+  // memory, verified; a host tier keeps what its budget holds). Errors as lookup's.
+  Status preload();
 
   const EngramLookupStats& last_lookup() const { return last_; }
 
