@@ -24,6 +24,7 @@
 
 #include "base/dtype.h"
 #include "base/status.h"
+#include "kernels/train.h"
 
 namespace trove {
 
@@ -80,5 +81,28 @@ void engram_gather_table(const EngramRowLayout& layout, const uint8_t* table, co
 // bits). No dense table gradient exists.
 void engram_row_grads(const int64_t* ids, int64_t n, const float* dy, int64_t ld_dy, int64_t dim,
                       std::vector<int64_t>* unique, std::vector<float>* grads);
+
+// ---- training (SPEC §7, as PEER's tables: kernels/train.h) ------------------------------------
+//
+// An int4 Engram row trains in the int8 training view of kernels/train.h: the row's fp16
+// scales with int8 codes b (weight = d/16 · b), imported from int4 as b = 16 q and exported as
+// q = train_code_to_int4(b). One row updates exactly as the down row of a PEER record of width
+// 1 whose up row has a zero gradient: SR with the counter hash (seed, step, table, row, element)
+// where `row` is the global row id (k * vocab + r), row-wise Adagrad with one fp32 accumulator
+// per row. `training` is the kI8 EngramRowLayout of the serving row's dim.
+
+// serving int4 row -> training int8 row (same scales), and back.
+void engram_train_import_row(const EngramRowLayout& serving, const EngramRowLayout& training,
+                             const uint8_t* in, uint8_t* out);
+void engram_train_export_row(const EngramRowLayout& serving, const EngramRowLayout& training,
+                             const uint8_t* in, uint8_t* out);
+
+// One step over `n` training rows (rows[i] points at row_ids[i]'s training bytes, grads
+// [n][dim] segment-summed, accum[n] the rows' Adagrad accumulators, nullptr for SGD). Bad input
+// (step, non-finite gradient or scale, negative accumulator) changes nothing; a row whose scale
+// would overflow fp16 is left unchanged and named. Returns the summed stats.
+Result<TrainStats> engram_train_update_rows(const EngramRowLayout& training, const TrainStep& step,
+                                            const int64_t* row_ids, int64_t n, const float* grads,
+                                            uint8_t* const* rows, float* accum);
 
 }  // namespace trove

@@ -4,11 +4,13 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <random>
 #include <vector>
 
+#include "base/half.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/ref/engram_ref.h"
 #include "kernels/engram.h"
@@ -195,6 +197,96 @@ TEST_P(EngramKernels, RowGradsMatchTheOracleAndTheDenseSum) {
         }
       }
     }
+  }
+}
+
+TEST(EngramTrain, ImportExportRoundTripAndTheSrUpdateIsUnbiased) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  for (int64_t d : {32, 7, 64}) {
+    const auto serving = EngramRowLayout::make(DType::kI4, d).value();
+    const auto training = EngramRowLayout::make(DType::kI8, d).value();
+    const int64_t n = 4000;
+    std::vector<float> x(static_cast<size_t>(n * d));
+    for (auto& v : x) v = nd(rng);
+    std::vector<uint8_t> served(static_cast<size_t>(n) * serving.row_bytes);
+    engram_pack_rows(serving, x.data(), n, served.data());
+    std::vector<uint8_t> train(static_cast<size_t>(n) * training.row_bytes);
+    std::vector<uint8_t> back(served.size());
+    for (int64_t i = 0; i < n; ++i) {
+      engram_train_import_row(serving, training, served.data() + i * serving.row_bytes,
+                              train.data() + i * training.row_bytes);
+      engram_train_export_row(serving, training, train.data() + i * training.row_bytes,
+                              back.data() + i * serving.row_bytes);
+    }
+    ASSERT_EQ(served, back) << "d " << d;
+
+    // One SGD step with the same gradient on every row: the dequantized change averages
+    // -lr * g (SR is unbiased), and each element moves by less than one int8 code + |lr g|.
+    std::vector<float> before(static_cast<size_t>(n * d)), after(before.size());
+    auto dequant_train = [&](std::vector<float>* out) {
+      for (int64_t i = 0; i < n; ++i) {
+        const uint8_t* r = train.data() + i * training.row_bytes;
+        for (int64_t j = 0; j < d; ++j) {
+          uint16_t h;
+          std::memcpy(&h, r + 2 * (j / 32), 2);
+          (*out)[static_cast<size_t>(i * d + j)] =
+              fp16_to_fp32(h) / 16.0f * static_cast<int8_t>(r[training.scale_bytes + j]);
+        }
+      }
+    };
+    dequant_train(&before);
+    std::vector<float> g(static_cast<size_t>(n * d));
+    for (int64_t j = 0; j < n * d; ++j) g[static_cast<size_t>(j)] = (j % d) % 2 ? 0.5f : -0.25f;
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    std::vector<uint8_t*> ptrs(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      ids[static_cast<size_t>(i)] = 1000 + i;
+      ptrs[static_cast<size_t>(i)] = train.data() + i * training.row_bytes;
+    }
+    TrainStep step;
+    step.optimizer = TrainOptimizer::kSgd;
+    step.lr = 0.002f;
+    step.seed = 5;
+    step.step = 1;
+    auto stats =
+        engram_train_update_rows(training, step, ids.data(), n, g.data(), ptrs.data(), nullptr);
+    ASSERT_TRUE(stats.ok()) << stats.status().to_string();
+    EXPECT_GT(stats->elements_changed, 0);
+    dequant_train(&after);
+    for (int64_t j = 0; j < 2; ++j) {
+      double mean = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        mean += after[static_cast<size_t>(i * d + j)] - before[static_cast<size_t>(i * d + j)];
+      }
+      mean /= static_cast<double>(n);
+      const double want = -0.002 * (j % 2 ? 0.5 : -0.25);
+      EXPECT_NEAR(mean, want, 0.15 * std::abs(want)) << "d " << d << " element " << j;
+    }
+    // Adagrad: the row's accumulator gains the mean squared gradient; a zero gradient moves
+    // nothing.
+    std::vector<float> acc(static_cast<size_t>(n), 0.0f);
+    std::vector<float> zero(g.size(), 0.0f);
+    const std::vector<uint8_t> snapshot = train;
+    step.optimizer = TrainOptimizer::kAdagrad;
+    step.step = 2;
+    ASSERT_TRUE(engram_train_update_rows(training, step, ids.data(), n, zero.data(), ptrs.data(),
+                                         acc.data())
+                    .ok());
+    EXPECT_EQ(snapshot, train);
+    ASSERT_TRUE(
+        engram_train_update_rows(training, step, ids.data(), 1, g.data(), ptrs.data(), acc.data())
+            .ok());
+    double ms = 0;
+    for (int64_t j = 0; j < d; ++j) ms += static_cast<double>(g[j]) * g[j];
+    EXPECT_FLOAT_EQ(acc[0], static_cast<float>(ms / static_cast<double>(d)));
+    // A non-finite gradient is refused and changes nothing.
+    g[3] = std::nanf("");
+    const std::vector<uint8_t> snap2 = train;
+    EXPECT_FALSE(
+        engram_train_update_rows(training, step, ids.data(), n, g.data(), ptrs.data(), acc.data())
+            .ok());
+    EXPECT_EQ(snap2, train);
   }
 }
 

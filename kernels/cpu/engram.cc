@@ -10,7 +10,9 @@
 #include "base/strings.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/train.h"
 #include "kernels/quant.h"
+#include "kernels/record.h"
 
 namespace trove {
 
@@ -222,6 +224,73 @@ void engram_row_grads(const int64_t* ids, int64_t n, const float* dy, int64_t ld
       for (int64_t j = 0; j < dim; ++j) g[j] += row[j];
     }
   }
+}
+
+void engram_train_import_row(const EngramRowLayout& serving, const EngramRowLayout& training,
+                             const uint8_t* in, uint8_t* out) {
+  std::memcpy(out, in, serving.scale_bytes);
+  const uint8_t* q = in + serving.scale_bytes;
+  auto* b = reinterpret_cast<int8_t*>(out + training.scale_bytes);
+  const int64_t padded = quant_groups(serving.dim) * kQuantGroup;
+  for (int64_t g = 0; g < padded / kQuantGroup; ++g) {
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t byte = q[g * 16 + j];
+      b[g * 32 + j] = int4_to_train_code((byte & 0x0f) - 8);
+      b[g * 32 + j + 16] = int4_to_train_code((byte >> 4) - 8);
+    }
+  }
+}
+
+void engram_train_export_row(const EngramRowLayout& serving, const EngramRowLayout& training,
+                             const uint8_t* in, uint8_t* out) {
+  std::memcpy(out, in, serving.scale_bytes);
+  const auto* b = reinterpret_cast<const int8_t*>(in + training.scale_bytes);
+  uint8_t* q = out + serving.scale_bytes;
+  const int64_t groups = quant_groups(serving.dim);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int j = 0; j < 16; ++j) {
+      const int lo = train_code_to_int4(b[g * 32 + j]) + 8;
+      const int hi = train_code_to_int4(b[g * 32 + j + 16]) + 8;
+      q[g * 16 + j] = static_cast<uint8_t>(lo | (hi << 4));
+    }
+  }
+}
+
+Result<TrainStats> engram_train_update_rows(const EngramRowLayout& training, const TrainStep& step,
+                                            const int64_t* row_ids, int64_t n, const float* grads,
+                                            uint8_t* const* rows, float* accum) {
+  if (training.dtype != DType::kI8) {
+    return Status::invalid_argument("engram training rows must be the int8 training view");
+  }
+  // Each row is the down row of a width-1 PEER training record whose up row (one element,
+  // scale 1.0, code 0, gradient 0) never changes: kernels/train.h's update, unchanged.
+  TROVE_ASSIGN_OR_RETURN(const RecordLayout rec,
+                         RecordLayout::make(DType::kI8, training.dim, 1, 1, 64));
+  const size_t stride = rec.stride;
+  std::vector<uint8_t> records(static_cast<size_t>(n) * stride, 0);
+  std::vector<float> up_grad(static_cast<size_t>(n), 0.0f);
+  std::vector<float> acc(static_cast<size_t>(2 * n), 0.0f);
+  const uint16_t one = fp32_to_fp16(1.0f);
+  const size_t codes = training.row_bytes - training.scale_bytes;
+  for (int64_t i = 0; i < n; ++i) {
+    uint8_t* r = records.data() + static_cast<size_t>(i) * stride;
+    std::memcpy(r + rec.down_scales_offset, rows[i], training.scale_bytes);
+    std::memcpy(r + rec.up_scales_offset, &one, 2);
+    std::memcpy(r + rec.down_codes_offset, rows[i] + training.scale_bytes, codes);
+    if (accum != nullptr) acc[static_cast<size_t>(2 * i)] = accum[i];
+  }
+  Result<TrainStats> stats =
+      train_update_records(rec, step, row_ids, n, grads, up_grad.data(), records.data(),
+                           accum != nullptr ? acc.data() : nullptr, /*threads=*/1);
+  // Rows the update changed (all of them, or all but those it names) go back.
+  if (!stats.ok() && stats.status().code() != Status::Code::kOutOfRange) return stats;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* r = records.data() + static_cast<size_t>(i) * stride;
+    std::memcpy(rows[i], r + rec.down_scales_offset, training.scale_bytes);
+    std::memcpy(rows[i] + training.scale_bytes, r + rec.down_codes_offset, codes);
+    if (accum != nullptr) accum[i] = acc[static_cast<size_t>(2 * i)];
+  }
+  return stats;
 }
 
 }  // namespace trove
