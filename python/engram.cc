@@ -15,6 +15,7 @@
 #include "base/status.h"
 #include "kernels/engram.h"
 #include "runtime/engram/engram_table.h"
+#include "runtime/engram/engram_trainer.h"
 #include "runtime/tiers/cache_policy.h"
 #include "storage/store.h"
 
@@ -152,9 +153,85 @@ class PyEngramTable {
   std::unique_ptr<EngramTable> table_;
 };
 
+// The int4 trainer of a stored Engram layer (runtime/engram/engram_trainer.h).
+class PyEngramTrainer {
+ public:
+  PyEngramTrainer(const std::string& path, const std::string& name, uint64_t seed,
+                  const std::string& optimizer, int saturation_tolerance, uint32_t table_id) {
+    EngramTrainOptions o;
+    o.seed = seed;
+    if (optimizer == "sgd") {
+      o.optimizer = TrainOptimizer::kSgd;
+    } else if (optimizer != "adagrad") {
+      throw nb::value_error(("optimizer '" + optimizer + "': 'adagrad' or 'sgd'").c_str());
+    }
+    o.saturation_tolerance = saturation_tolerance;
+    o.table_id = table_id;
+    trainer_ = take(EngramTrainer::open(path, name, o));
+  }
+
+  void add_row_grads(int64_t table, I64In ids, F32In grads) {
+    check(trainer_->add_row_grads(table, {ids.data(), ids.size()}, {grads.data(), grads.size()}));
+  }
+
+  std::string step(float lr) {
+    TrainStats s;
+    {
+      nb::gil_scoped_release unlocked;
+      s = take(trainer_->step(lr));
+    }
+    return nlohmann::json{{"elements_changed", s.elements_changed},
+                          {"rescales", s.rescales},
+                          {"clamps", s.clamps},
+                          {"scale_inits", s.scale_inits},
+                          {"step", trainer_->steps()}}
+        .dump();
+  }
+
+  // out [n, E]: each table's rows ids [tables, n] at its columns (the training view).
+  void lookup(I64In ids, int64_t n, F32Out out) {
+    const EngramConfig& c = trainer_->config();
+    const int64_t tables = c.tables(), e = c.embed_per_head;
+    want_size(ids, static_cast<size_t>(tables * n), "ids");
+    want_size(out, static_cast<size_t>(n * tables * e), "out");
+    std::vector<float> tmp(static_cast<size_t>(n * e));
+    nb::gil_scoped_release unlocked;
+    for (int64_t k = 0; k < tables; ++k) {
+      check(trainer_->read_rows(k, {ids.data() + k * n, static_cast<size_t>(n)}, tmp.data()));
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(out.data() + i * tables * e + k * e, tmp.data() + i * e,
+                    static_cast<size_t>(e) * 4);
+      }
+    }
+  }
+
+  uint64_t checkpoint() {
+    nb::gil_scoped_release unlocked;
+    return take(trainer_->checkpoint());
+  }
+
+  EngramTrainer& trainer() { return *trainer_; }
+
+ private:
+  std::unique_ptr<EngramTrainer> trainer_;
+};
+
 }  // namespace
 
 void bind_engram(nb::module_& m) {
+  nb::class_<PyEngramTrainer>(m, "EngramTrainer")
+      .def(nb::init<const std::string&, const std::string&, uint64_t, const std::string&, int,
+                    uint32_t>(),
+           nb::arg("path"), nb::arg("name"), nb::arg("seed") = 0, nb::arg("optimizer") = "adagrad",
+           nb::arg("saturation_tolerance") = 0, nb::arg("table_id") = 0)
+      .def("add_row_grads", &PyEngramTrainer::add_row_grads, nb::arg("table"), nb::arg("ids"),
+           nb::arg("grads"))
+      .def("step", &PyEngramTrainer::step, nb::arg("lr"))
+      .def("lookup", &PyEngramTrainer::lookup, nb::arg("ids"), nb::arg("n"), nb::arg("out"))
+      .def("checkpoint", &PyEngramTrainer::checkpoint)
+      .def("zero_grad", [](PyEngramTrainer& t) { t.trainer().zero_grad(); })
+      .def("steps", [](PyEngramTrainer& t) { return t.trainer().steps(); })
+      .def("pending_rows", [](PyEngramTrainer& t) { return t.trainer().pending_rows(); });
   nb::class_<PyEngramTable>(m, "EngramTable")
       .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
                     int, bool>(),

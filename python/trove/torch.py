@@ -404,7 +404,11 @@ class _EngramLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, module, ids, b, t):
         out = torch.empty(b * t, module.concat_dim, dtype=torch.float32)
-        module.last_stats = json.loads(module._core.lookup(ids, b * t, out))
+        if module._trainer is not None:
+            # Training: the rows as the trainer holds them (the int8 training view).
+            module._trainer.lookup(ids, b * t, out)
+        else:
+            module.last_stats = json.loads(module._core.lookup(ids, b * t, out))
         ctx.module, ctx.ids, ctx.n = module, ids, b * t
         return out.view(b, t, module.concat_dim)
 
@@ -414,6 +418,9 @@ class _EngramLookup(torch.autograd.Function):
         dy = dy.detach().to(torch.float32).contiguous().view(ctx.n, m.concat_dim)
         m.row_grads = [tuple(torch.from_numpy(a) for a in m._core.row_grads(ctx.ids, ctx.n, dy, k))
                        for k in range(m.tables)]
+        if m._trainer is not None:
+            for k, (ids, grads) in enumerate(m.row_grads):
+                m._trainer.add_row_grads(k, ids, grads.contiguous())
         return None, None, None, None, None
 
 
@@ -457,6 +464,7 @@ class Engram(nn.Module):
                 mod.weight.copy_(w.view_as(mod.weight))
         self.register_buffer("hash_mult", torch.tensor(c["hash_mult"], dtype=torch.long))
         self._anchor = torch.empty(0, requires_grad=True)
+        self._trainer = None
         self._pending = None
         self.row_grads = None
         self.last_stats = None
@@ -496,6 +504,24 @@ class Engram(nn.Module):
         finally:
             os.unlink(tmp)
         return cls.open(path, layer, host=host, threads=threads)
+
+    def _enable_training(self, seed, optimizer, saturation_tolerance, table_id):
+        if self._trainer is None:
+            if self.config["dtype"] != "int4":
+                raise ValueError(f"layer {self.layer} of {self.store} holds "
+                                 f"{self.config['dtype']} rows; EngramInt4SR trains int4 rows "
+                                 "(pack with quant='int4')")
+            self._trainer = _core.EngramTrainer(self.store, self.layer, seed, optimizer,
+                                                saturation_tolerance, table_id)
+
+    def checkpoint(self):
+        """Writes the rows trained since the last checkpoint (served int4) as the store's next
+        generation, crash-safe; returns it. The training view's finer codes and the Adagrad
+        accumulators stay in this process (runtime/engram/engram_trainer.h)."""
+        if self._trainer is None:
+            raise ValueError("checkpoint(): nothing trains this Engram layer's rows (make an "
+                             "EngramInt4SR over it first)")
+        return self._trainer.checkpoint()
 
     def preload(self):
         """Reads the whole table once (opened without a host budget: all resident from then
@@ -551,3 +577,28 @@ def prefetch_engram(model, input_ids):
     for m in model.modules():
         if isinstance(m, Engram):
             m.prefetch(input_ids)
+
+
+class EngramInt4SR:
+    """Trains the int4 rows of trove.torch.Engram modules (SPEC §7: stochastic rounding,
+    row-wise Adagrad or SGD) on the rows the last backward touched; the dense layers go to any
+    torch optimizer. step() applies the pending row gradients, zero_grad() drops them."""
+
+    def __init__(self, engrams, lr=1e-2, optimizer="adagrad", seed=0, saturation_tolerance=0):
+        self.engrams = [engrams] if isinstance(engrams, Engram) else list(engrams)
+        if not self.engrams or not all(isinstance(e, Engram) for e in self.engrams):
+            raise ValueError("EngramInt4SR trains trove.torch.Engram modules; got "
+                             f"{[type(e).__name__ for e in self.engrams]}")
+        if optimizer not in ("adagrad", "sgd"):
+            raise ValueError(f"optimizer {optimizer!r}: 'adagrad' or 'sgd'")
+        for i, e in enumerate(self.engrams):
+            e._enable_training(seed, optimizer, saturation_tolerance, i)
+        self.lr = lr
+        self.last_stats = None
+
+    def step(self):
+        self.last_stats = [json.loads(e._trainer.step(self.lr)) for e in self.engrams]
+
+    def zero_grad(self, set_to_none=True):
+        for e in self.engrams:
+            e._trainer.zero_grad()

@@ -61,6 +61,8 @@ class EngramTrainer {
   // opens the store at a whole generation.
   Result<uint64_t> checkpoint(const StoreUpdateOptions& update = {});
 
+  // Drops the pending gradients.
+  void zero_grad() { pending_.clear(); }
   uint64_t steps() const { return steps_; }
   int64_t pending_rows() const { return static_cast<int64_t>(pending_.size()); }
   int64_t dirty_records() const { return static_cast<int64_t>(dirty_.size()); }
