@@ -90,8 +90,8 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
   TROVE_CHECK(!in_flight_ && ids.size() == records.size());
   const Stopwatch start;
   last_ = ExpertFetchStats{};
-  // The oldest prefetch is this batch's: its reads land and commit, and its leases hold the
-  // records until this batch has leased them itself.
+  // The oldest prefetch is this batch's: its reads land and commit, and its leases (which kept
+  // the records resident since it was made) end.
   std::unique_ptr<Prefetch> mine;
   if (!groups_.empty()) {
     mine = std::move(groups_.front());
@@ -106,6 +106,9 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
     last_.prefetched = mine->ids.empty() ? 0 : count_common(read_ids, ids);
     prefetch_stats_.consumed_ids += static_cast<int64_t>(mine->ids.size());
     prefetch_stats_.consumed_hits += count_common(mine->ids, ids);
+    // Its leases end before this batch's admit: the admit leases the batch's hits before its
+    // misses take any room, so what the prefetch read for it stays; the rest may make room.
+    end(*mine);
   }
   settle_overlapping(ids);
   Status admitted = cache_->admit(ids, &batch_);
@@ -121,7 +124,6 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
     }
     if (held) admitted = cache_->admit(ids, &batch_);
   }
-  if (mine != nullptr) end(*mine);
   TROVE_RETURN_IF_ERROR(admitted.with_context(describe()));
   reads_.clear();
   reads_.reserve(batch_.miss_index.size());

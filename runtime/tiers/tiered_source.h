@@ -23,10 +23,10 @@
 // prefetch admits its batch's experts into the host tier (leased, so they stay until their batch
 // has used them) and reads its misses on a reader of its own, so the disk works for the batches
 // to come while this one computes. The batch that consumes it (the next begin_acquire) waits for
-// what is still in flight, commits it, leases its ids as a batch of its own (the prefetched ones
-// are hits) and ends the prefetch's leases:
+// what is still in flight, commits it, ends the prefetch's leases and admits its ids as any
+// batch (the prefetched ones are hits, leased before its misses take room):
 //
-//   batch b     ─ consume P(b): wait, commit ─ admit b (hits) ─ wave 1 ─ wave 2 ─ release b
+//   batch b     ─ consume P(b): wait, commit, end ─ admit b (hits) ─ wave 1 ─ wave 2 ─ release
 //   reader P(b+1)    █████ reads of b+1's misses ██████ (issued before batch b began)
 //
 // Budgets hold: a prefetch that does not fit the tier's free slots is skipped (counted), and a
