@@ -517,16 +517,17 @@ TEST_F(TieredPrefetch, ReadsAheadTakesLessWithoutRoomAndGivesRoomBack) {
   EXPECT_EQ(source_->prefetch_stats().read_errors, 0);
 }
 
-TEST_F(TieredPrefetch, IdsBeingReadAreLeftOutAndNothingDeadlocks) {
+TEST_F(TieredPrefetch, IdsBeingReadAreWaitedForAndNothingDeadlocks) {
   auto faults = std::make_shared<FaultyFileOps>();
   faults->delay_each_read(std::chrono::milliseconds(20));  // reads still in flight below
   ASSERT_NO_FATAL_FAILURE(open(40, faults));
   source_->prefetch(range(0, 6));
-  source_->prefetch(range(3, 9));  // 3, 4, 5 are being read by the first
-  EXPECT_EQ(source_->prefetch_stats().left_out, 3);
+  source_->prefetch(range(3, 9));  // 3, 4, 5 are being read by the first: it lands first
+  EXPECT_EQ(source_->prefetch_stats().waits, 1);
+  EXPECT_EQ(source_->prefetch_stats().records_read, 9);
   ASSERT_TRUE(acquire_and_check(range(0, 6)).ok());
   EXPECT_EQ(source_->last_fetch().prefetched, 6);
-  EXPECT_GT(source_->last_fetch().stall_seconds, 0.0);
+  EXPECT_GT(source_->last_fetch().prefetch_wait_seconds, 0.0);  // the wait in prefetch()
   ASSERT_TRUE(acquire_and_check(range(3, 9)).ok());
   EXPECT_EQ(source_->last_fetch().misses, 0);
   EXPECT_EQ(source_->last_fetch().prefetched, 3);

@@ -144,7 +144,7 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     report.prefetched += bs.fetch.prefetched;
     report.bytes_read += bs.fetch.bytes_read;
     report.disk_seconds += bs.fetch.disk_seconds;
-    report.stall_seconds += bs.fetch.stall_seconds;
+    report.stall_seconds += bs.fetch.stall_seconds + bs.fetch.prefetch_wait_seconds;
     report.device_hits += bs.device.hits;
     report.device_misses += bs.device.misses;
     report.h2d_bytes += bs.device.bytes_copied;

@@ -30,9 +30,12 @@ struct ExpertFetchStats {
   double disk_seconds = 0;     // from issuing the reads to the last one verified in memory
   double stall_seconds = 0;    // the caller blocked in finish_acquire() waiting for them
   // Look-ahead (ExpertSource::prefetch): unique experts of the batch that a prefetch read ahead
-  // of it (counted in hits: the batch itself did not read them). bytes_read and disk_seconds
-  // include that prefetch's reads; stall_seconds the wait for any still in flight.
+  // of it (counted in hits: the batch itself did not read them), and the time spent waiting for
+  // prefetch reads still in flight: at begin_acquire (within resolve_seconds) and in prefetch()
+  // calls since the last batch (outside the layer's call). bytes_read and disk_seconds include
+  // the consumed prefetch's reads.
   int64_t prefetched = 0;
+  double prefetch_wait_seconds = 0;
 };
 
 class ExpertSource {

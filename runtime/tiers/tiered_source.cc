@@ -97,8 +97,10 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
     mine = std::move(groups_.front());
     groups_.erase(groups_.begin());
     const Stopwatch wait;
-    settle(*mine, &last_);
-    last_.stall_seconds += wait.seconds();
+    settle(*mine);
+    last_.disk_seconds += mine->disk_seconds;
+    last_.bytes_read += mine->bytes_read;
+    last_.prefetch_wait_seconds += wait.seconds();
     prefetch_stats_.wait_seconds += wait.seconds();
     std::vector<int64_t> read_ids;
     read_ids.reserve(mine->reads.size());
@@ -110,7 +112,8 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
     // misses take any room, so what the prefetch read for it stays; the rest may make room.
     end(*mine);
   }
-  settle_overlapping(ids);
+  last_.prefetch_wait_seconds += settle_overlapping(ids) + pending_wait_;
+  pending_wait_ = 0;
   Status admitted = cache_->admit(ids, &batch_);
   if (admitted.code() == Status::Code::kResourceExhausted) {
     // Later prefetches hold the room this batch needs: they give it back (staying in the queue,
@@ -229,15 +232,13 @@ void TieredExpertSource::mark_filling(std::span<const int64_t> ids, const CacheB
   for (uint32_t i : batch.miss_index) filling_[static_cast<size_t>(ids[i])] = on ? 1 : 0;
 }
 
-void TieredExpertSource::settle(Prefetch& p, ExpertFetchStats* into) {
+void TieredExpertSource::settle(Prefetch& p) {
   if (!p.in_flight) return;
   const Status s = p.reader->wait();
   p.in_flight = false;
   const RecordReaderStats after = p.reader->stats();
-  if (into != nullptr) {
-    into->disk_seconds += after.busy_seconds - p.busy_before;
-    into->bytes_read += after.bytes_read - p.bytes_before;
-  }
+  p.disk_seconds = after.busy_seconds - p.busy_before;
+  p.bytes_read = after.bytes_read - p.bytes_before;
   mark_filling(p.ids, p.batch, false);
   if (s.ok()) {
     cache_->commit_fills(p.ids, p.batch);
@@ -252,16 +253,19 @@ void TieredExpertSource::settle(Prefetch& p, ExpertFetchStats* into) {
 }
 
 void TieredExpertSource::end(Prefetch& p) {
-  settle(p, nullptr);
+  settle(p);
   if (!p.ids.empty()) cache_->release(p.ids);
   p.ids.clear();
 }
 
-void TieredExpertSource::settle_overlapping(std::span<const int64_t> ids) {
+double TieredExpertSource::settle_overlapping(std::span<const int64_t> ids) {
   bool overlap = false;
   for (int64_t id : ids) overlap = overlap || filling_[static_cast<size_t>(id)] != 0;
-  if (!overlap) return;
-  for (auto& p : groups_) settle(*p, nullptr);
+  if (!overlap) return 0;
+  const Stopwatch wait;
+  for (auto& p : groups_) settle(*p);
+  prefetch_stats_.wait_seconds += wait.seconds();
+  return wait.seconds();
 }
 
 void TieredExpertSource::prefetch(std::span<const int64_t> ids) {
@@ -272,18 +276,24 @@ void TieredExpertSource::prefetch(std::span<const int64_t> ids) {
     groups_.push_back(std::move(p));
     return;
   }
-  p->ids.reserve(ids.size());
   for (size_t i = 0; i < ids.size(); ++i) {
-    const int64_t id = ids[i];
-    TROVE_CHECK_MSG(id >= 0 && id < num_experts() && (i == 0 || id > ids[i - 1]),
+    TROVE_CHECK_MSG(ids[i] >= 0 && ids[i] < num_experts() && (i == 0 || ids[i] > ids[i - 1]),
                     "prefetch: expert ids must be unique, ascending and in range (%lld at %zu)",
-                    static_cast<long long>(id), i);
-    if (filling_[static_cast<size_t>(id)] != 0) {
-      ++prefetch_stats_.left_out;
-    } else {
-      p->ids.push_back(id);
-    }
+                    static_cast<long long>(ids[i]), i);
   }
+  if (in_flight_) {
+    // Between a batch's begin_acquire and finish_acquire (drivers prefetch between batches):
+    // nothing, so the batch's own fills are never waited on here.
+    ++prefetch_stats_.skipped;
+    groups_.push_back(std::move(p));
+    return;
+  }
+  // Ids an earlier prefetch is still reading: that one lands first.
+  if (const double waited = settle_overlapping(ids); waited > 0) {
+    pending_wait_ += waited;
+    ++prefetch_stats_.waits;
+  }
+  p->ids.assign(ids.begin(), ids.end());
   // What does not fit is not prefetched: a shorter prefix, then nothing.
   Status admitted = cache_->admit(p->ids, &p->batch);
   for (int tries = 0; !admitted.ok() && tries < 2 && p->ids.size() > 1; ++tries) {

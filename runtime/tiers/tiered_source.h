@@ -31,9 +31,10 @@
 //
 // Budgets hold: a prefetch that does not fit the tier's free slots is skipped (counted), and a
 // batch that cannot be admitted while later prefetches hold slots drops them and is admitted
-// alone. Ids another fill of this source has in flight are left out of a prefetch (the tier's
-// admit would wait on them): its batch finds them resident or reads them itself. A prefetch
-// read that fails is dropped (counted); its batch reads the record again and reports the error.
+// alone. A prefetch that needs ids an earlier one is still reading first waits for that one
+// (the tier's admit would wait on them; the time counts as the next batch's wait), so the disk
+// reads one prefetch after another, each the moment the one before lands. A prefetch read that
+// fails is dropped (counted); its batch reads the record again and reports the error.
 //
 // The host tier must hold one batch's working set (its unique experts, all leased while it
 // computes): check_batch() says so before any work. Not thread-safe: one batch at a time (the
@@ -75,10 +76,10 @@ struct PrefetchStats {
   int64_t dropped = 0;        // ended before their batch consumed them (room, drop_prefetches)
   int64_t read_errors = 0;    // prefetches whose reads failed (their batch read again)
   int64_t records_read = 0;   // misses read ahead
-  int64_t left_out = 0;       // ids another fill had in flight (see tiered_source.h)
+  int64_t waits = 0;          // prefetch() calls that waited for an earlier prefetch's reads
   int64_t consumed_hits = 0;  // ids of consumed prefetches that their batch asked for
   int64_t consumed_ids = 0;   // ids of consumed prefetches
-  double wait_seconds = 0;    // batches waited for their prefetch's reads
+  double wait_seconds = 0;    // waited for prefetch reads (in begin_acquire and prefetch())
 };
 
 class TieredExpertSource final : public ExpertSource {
@@ -142,15 +143,17 @@ class TieredExpertSource final : public ExpertSource {
     bool in_flight = false;
     double busy_before = 0;  // reader's busy_seconds and bytes_read at start
     uint64_t bytes_before = 0;
+    double disk_seconds = 0;  // what its reads cost, once settled
+    uint64_t bytes_read = 0;
   };
   // Waits for p's reads and commits them (or on error drops its fills and leases: p.ids then
-  // empty); the reader goes back to the spares. Adds the reads' cost to `into` when given.
-  void settle(Prefetch& p, ExpertFetchStats* into);
+  // empty); the reader goes back to the spares, the reads' cost into p.
+  void settle(Prefetch& p);
   // settle(), then ends p's leases.
   void end(Prefetch& p);
-  // Settles every prefetch with a fill among `ids` (and those before it), so an admit of them
-  // does not wait on this source's own reads.
-  void settle_overlapping(std::span<const int64_t> ids);
+  // Settles every prefetch if one has a fill among `ids`, so an admit of them does not wait on
+  // this source's own reads. Returns the seconds it waited.
+  double settle_overlapping(std::span<const int64_t> ids);
   void mark_filling(std::span<const int64_t> ids, const CacheBatch& batch, bool on);
 
   const StoreReader* store_;
@@ -175,6 +178,7 @@ class TieredExpertSource final : public ExpertSource {
   std::vector<std::unique_ptr<RecordReader>> spare_readers_;
   std::vector<uint8_t> filling_;  // per expert: a read of this source is in flight for it
   PrefetchStats prefetch_stats_;
+  double pending_wait_ = 0;  // waited in prefetch() since the last begin_acquire
 };
 
 }  // namespace trove
