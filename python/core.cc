@@ -14,6 +14,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -23,7 +24,9 @@
 #include "base/bytes.h"
 #include "base/dtype.h"
 #include "base/status.h"
+#include "base/strings.h"
 #include "runtime/convert/pack.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/layer/peer_config_json.h"
 #include "runtime/layer/peer_layer.h"
 #include "runtime/layer/store_layer.h"
@@ -85,6 +88,30 @@ void check_size(const A& a, size_t want, const char* what) {
   }
 }
 
+// Adds batch `s` to `sum` (a forward split into look-ahead batches reports their sum).
+void add_batch_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
+  sum->tokens += s.tokens;
+  sum->slots += s.slots;
+  sum->unique_experts += s.unique_experts;
+  sum->record_bytes_used += s.record_bytes_used;
+  sum->record_bytes_unique += s.record_bytes_unique;
+  sum->route_seconds += s.route_seconds;
+  sum->acquire_seconds += s.acquire_seconds;
+  sum->expert_seconds += s.expert_seconds;
+  sum->fetch.hits += s.fetch.hits;
+  sum->fetch.misses += s.fetch.misses;
+  sum->fetch.bytes_read += s.fetch.bytes_read;
+  sum->fetch.resolve_seconds += s.fetch.resolve_seconds;
+  sum->fetch.disk_seconds += s.fetch.disk_seconds;
+  sum->fetch.stall_seconds += s.fetch.stall_seconds;
+  sum->fetch.prefetched += s.fetch.prefetched;
+  sum->fetch.prefetch_wait_seconds += s.fetch.prefetch_wait_seconds;
+  sum->device.hits += s.device.hits;
+  sum->device.misses += s.device.misses;
+  sum->device.bytes_copied += s.device.bytes_copied;
+  sum->device.copy_seconds += s.device.copy_seconds;
+}
+
 std::string stats_json(const PeerBatchStats& s) {
   nlohmann::json j = {{"tokens", s.tokens},
                       {"slots", s.slots},
@@ -100,7 +127,9 @@ std::string stats_json(const PeerBatchStats& s) {
                         {"bytes_read", s.fetch.bytes_read},
                         {"resolve_seconds", s.fetch.resolve_seconds},
                         {"disk_seconds", s.fetch.disk_seconds},
-                        {"stall_seconds", s.fetch.stall_seconds}}},
+                        {"stall_seconds", s.fetch.stall_seconds},
+                        {"prefetched", s.fetch.prefetched},
+                        {"prefetch_wait_seconds", s.fetch.prefetch_wait_seconds}}},
                       {"device",
                        {{"hits", s.device.hits},
                         {"misses", s.device.misses},
@@ -116,7 +145,17 @@ class Layer {
  public:
   Layer(const std::string& path, const std::string& name, const std::string& host,
         const std::string& policy, const std::string& backend, const std::string& vram, int threads,
-        bool verify, bool train) {
+        bool verify, bool train, int lookahead, int64_t batch)
+      : lookahead_(lookahead), batch_(batch) {
+    if (lookahead < 0 || lookahead > kMaxLookahead) {
+      throw nb::value_error(
+          str_printf("lookahead=%d: expected 0 (off) to %d batches", lookahead, kMaxLookahead)
+              .c_str());
+    }
+    if (batch < 1) {
+      throw nb::value_error(
+          str_printf("batch=%lld: expected a positive number of tokens", (long long)batch).c_str());
+    }
     PeerLayerOptions o;
     o.backend = take(parse_peer_backend(backend));
     o.threads = threads;
@@ -184,7 +223,39 @@ class Layer {
     PeerBatchStats stats;
     PeerRouting routing;
     const bool want_routing = ids.has_value() || gates.has_value();
-    {
+    if (lookahead_ > 0 && T > batch_) {
+      // Batches of batch_ tokens, later ones routed and their experts prefetched while one
+      // computes (runtime/layer/lookahead.h); y is the same bit for bit.
+      const int64_t per_token = c.heads * c.topk;
+      if (want_routing) {
+        routing.tokens = T;
+        routing.heads = c.heads;
+        routing.topk = c.topk;
+        routing.ids.resize(static_cast<size_t>(T * per_token));
+        routing.gates.resize(routing.ids.size());
+      }
+      const float* xs = x.data();
+      float* ys = y.data();
+      nb::gil_scoped_release unlocked;
+      check(forward_with_lookahead(
+          layer(), (T + batch_ - 1) / batch_, lookahead_,
+          [&](int64_t b, std::vector<float>* xb, int64_t* n) {
+            const int64_t first = b * batch_;
+            *n = std::min(batch_, T - first);
+            xb->assign(xs + first * c.dim, xs + (first + *n) * c.dim);
+            return Status::ok_status();
+          },
+          [&](int64_t b, std::span<const float> yb, const PeerRouting& r, const PeerBatchStats& s) {
+            const int64_t first = b * batch_;
+            std::copy(yb.begin(), yb.end(), ys + first * c.dim_out);
+            if (want_routing) {
+              std::copy(r.ids.begin(), r.ids.end(), routing.ids.begin() + first * per_token);
+              std::copy(r.gates.begin(), r.gates.end(), routing.gates.begin() + first * per_token);
+            }
+            add_batch_stats(s, &stats);
+            return Status::ok_status();
+          }));
+    } else {
       nb::gil_scoped_release unlocked;
       check(layer().forward(in_span(x), T, out_span(y), want_routing ? &routing : nullptr, &stats));
     }
@@ -272,6 +343,8 @@ class Layer {
   }
 
  private:
+  int lookahead_ = 0;  // forward(): batches routed and prefetched ahead (0: one call)
+  int64_t batch_ = 0;  // forward() with look-ahead: tokens per batch
   std::unique_ptr<TableTrainer> trainer_;
   std::unique_ptr<StoreReader> store_;
   std::optional<PeerLayer> layer_;
@@ -360,10 +433,11 @@ NB_MODULE(_core, m) {
 
   nb::class_<Layer>(m, "Layer")
       .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
-                    const std::string&, const std::string&, int, bool, bool>(),
+                    const std::string&, const std::string&, int, bool, bool, int, int64_t>(),
            nb::arg("path"), nb::arg("name"), nb::arg("host") = "", nb::arg("policy") = "frequency",
            nb::arg("backend") = "cpu", nb::arg("vram") = "", nb::arg("threads") = 0,
-           nb::arg("verify") = true, nb::arg("train") = false)
+           nb::arg("verify") = true, nb::arg("train") = false, nb::arg("lookahead") = 0,
+           nb::arg("batch") = 4096)
       .def("config_json", &Layer::config_json)
       .def_prop_ro("training", &Layer::training)
       .def("step", &Layer::step, nb::arg("lr"), nb::arg("saturation_tolerance"),

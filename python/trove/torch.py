@@ -173,12 +173,15 @@ class PEER(nn.Module):
 
     @classmethod
     def open(cls, store, layer=None, host=None, device="cpu", vram=None, policy="frequency",
-             threads=0, verify=True):
+             threads=0, verify=True, lookahead=0, batch=4096):
         """Layer `layer` of the store at `store` (the only layer when None).
 
         host: a byte budget ("8GiB", "10%" is not accepted here) for a host tier over the store
         file (records read on demand, verified); None maps the whole table. device "cuda" runs
         the layer's kernels on the GPU (a build with CUDA), with `vram` a device tier's budget.
+        lookahead: with it > 0, a forward of more than `batch` tokens runs in batches of `batch`
+        tokens, the next `lookahead` ones routed and their missing records read from disk while
+        one computes (within the host budget); the output is the same bit for bit.
         """
         store = os.fspath(store)
         if layer is None:
@@ -190,7 +193,7 @@ class PEER(nn.Module):
         if backend is None:
             raise ValueError(f"device {device!r}: trove runs layers on 'cpu' or 'cuda'")
         args = dict(host=_bytes_arg(host), policy=policy, backend=backend, vram=_bytes_arg(vram),
-                    threads=threads, verify=verify)
+                    threads=threads, verify=verify, lookahead=lookahead, batch=batch)
         peer = cls(_core.Layer(store, layer, **args), store, layer)
         peer._open_args = args
         return peer

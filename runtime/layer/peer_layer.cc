@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "base/numeric.h"
 #include "base/stopwatch.h"
 #include "base/strings.h"
 #include "kernels/cpu/peer.h"
@@ -143,6 +144,8 @@ struct PeerLayer::Impl {
   std::vector<const uint8_t*> slot_records;
   std::vector<int32_t> slot_index;
   std::vector<int32_t> index_of_expert;  // see dedupe
+  std::vector<uint8_t> prefetch_mark;    // prefetch(): per expert, all 0 between calls
+  std::vector<int64_t> prefetch_ids;
   PeerExpertProgress progress;
 
   PeerRouterParams router() const {
@@ -456,6 +459,29 @@ Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& n
   auto layer = create(stored.config, std::move(params), std::move(source), options);
   if (!layer.ok()) return layer.status().with_context(store.path() + ": layer " + name);
   return layer;
+}
+
+Status PeerLayer::route(std::span<const float> x, int64_t T, PeerRouting* routing) {
+  Impl& m = *impl_;
+  TROVE_RETURN_IF_ERROR(m.check_input(x, T));
+  if (m.on_cuda()) return m.cuda->route(m.params, x.data(), T, routing);
+  return m.route(x.data(), T, routing);
+}
+
+void PeerLayer::prefetch(const PeerRouting& routing) {
+  Impl& m = *impl_;
+  if (m.prefetch_mark.empty()) m.prefetch_mark.assign(sz(m.config.num_experts()), 0);
+  m.prefetch_ids.clear();
+  for (int64_t id : routing.ids) {
+    uint8_t& mark = m.prefetch_mark[static_cast<size_t>(id)];
+    if (mark == 0) {
+      mark = 1;
+      m.prefetch_ids.push_back(id);
+    }
+  }
+  std::sort(m.prefetch_ids.begin(), m.prefetch_ids.end());
+  for (int64_t id : m.prefetch_ids) m.prefetch_mark[static_cast<size_t>(id)] = 0;
+  m.experts->prefetch(m.prefetch_ids);
 }
 
 std::span<const int64_t> PeerLayer::last_experts() const {

@@ -177,6 +177,15 @@ class PeerLayer {
   Status forward_routed(std::span<const float> x, int64_t T, const PeerRouting& routing,
                         std::span<float> y, PeerBatchStats* stats = nullptr);
 
+  // Look-ahead (runtime/layer/lookahead.h): the routing forward() computes for x, without the
+  // experts; forward_routed(x, T, routing) then gives forward()'s y bit for bit. Errors: as
+  // forward()'s for x.
+  Status route(std::span<const float> x, int64_t T, PeerRouting* routing);
+  // Tells the expert source the distinct experts of `routing`, a batch to come
+  // (ExpertSource::prefetch: the source reads ahead what it lacks). Never fails.
+  // REQUIRES: the routing's ids in [0, N) (as route() gives).
+  void prefetch(const PeerRouting& routing);
+
   // The distinct experts the last forward() used, ascending (valid until the next call).
   std::span<const int64_t> last_experts() const;
 
