@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cpu/ref/engram_ref.h"
+#include "runtime/convert/inspect.h"
 #include "runtime/engram/engram_store.h"
 #include "runtime/engram/engram_table.h"
 #include "storage/store.h"
@@ -161,6 +162,28 @@ TEST(EngramStore, LookupsEqualThePackedRowsOnEveryTier) {
       EXPECT_TRUE(faults->empty());
     }
   }
+}
+
+TEST(EngramStore, InspectReportsTheLayer) {
+  testing::ScratchDir dir;
+  const Model m = make_model(2003, 32, 8);
+  ASSERT_TRUE(write(dir.file("e.trove"), m, DType::kI4).ok());
+  auto store = StoreReader::open(dir.file("e.trove"));
+  ASSERT_TRUE(store.ok());
+  auto j = inspect_store(*store, {});
+  ASSERT_TRUE(j.ok()) << j.status().to_string();
+  ASSERT_TRUE(j->contains("engram_layers"));
+  const auto& e = (*j)["engram_layers"][0];
+  EXPECT_EQ(e["name"], "model.layers.1.engram");
+  EXPECT_EQ(e["tables"], 6);
+  EXPECT_EQ(e["row_bytes"], 18);
+  EXPECT_EQ(e["rows_per_record"], 32);
+  EXPECT_EQ(e["table_bytes"], (6 * 2003 + 31) / 32 * 576);
+  EXPECT_LT(e["overhead"].get<double>(), 1.01);
+  EXPECT_TRUE((*j)["layers"].empty());
+  const std::string text = render_inspect(*j);
+  EXPECT_THAT(text, HasSubstr("engram layer model.layers.1.engram"));
+  EXPECT_THAT(text, HasSubstr("18 bytes a row, 32 rows a record (576 bytes, no padding)"));
 }
 
 TEST(EngramStore, DamageIsFoundAndBadIdsAreClearErrors) {
