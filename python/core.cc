@@ -37,6 +37,10 @@
 namespace nb = nanobind;
 
 namespace trove {
+void bind_engram(nb::module_& m);  // python/engram.cc
+}  // namespace trove
+
+namespace trove {
 namespace {
 
 // Contiguous host arrays, as any DLPack producer (torch, numpy) hands them over.
@@ -351,7 +355,9 @@ class Layer {
 std::string pack(const std::vector<std::string>& inputs, const std::string& output,
                  const std::string& layout, const std::vector<std::string>& prefixes,
                  const std::vector<std::string>& names, const std::string& quant,
-                 const std::string& overrides_json, int threads, const std::string& command_line) {
+                 const std::string& overrides_json, int threads, const std::string& command_line,
+                 const std::vector<std::string>& engram_prefixes,
+                 const std::vector<std::string>& engram_names) {
   PackOptions o;
   o.inputs = inputs;
   o.output = output;
@@ -361,6 +367,10 @@ std::string pack(const std::vector<std::string>& inputs, const std::string& outp
   o.command_line = command_line;
   for (size_t i = 0; i < prefixes.size(); ++i) {
     o.layers.push_back({prefixes[i], i < names.size() ? names[i] : std::string()});
+  }
+  for (size_t i = 0; i < engram_prefixes.size(); ++i) {
+    o.engram_layers.push_back(
+        {engram_prefixes[i], i < engram_names.size() ? engram_names[i] : std::string()});
   }
   const nlohmann::json ov = nlohmann::json::parse(overrides_json);
   if (ov.contains("topk")) o.overrides.topk = ov["topk"].get<int64_t>();
@@ -387,6 +397,13 @@ std::string pack(const std::vector<std::string>& inputs, const std::string& outp
                                          {"down_rmse", l.down_error.rmse()},
                                          {"up_rmse", l.up_error.rmse()}});
   }
+  for (const PackedEngram& e : r.engram_layers) {
+    j["engram_layers"].push_back(nlohmann::json{{"name", e.name},
+                                                {"tables", e.tables},
+                                                {"rows", e.rows},
+                                                {"table_bytes", e.table_bytes},
+                                                {"rmse", e.error.rmse()}});
+  }
   return j.dump();
 }
 
@@ -408,8 +425,11 @@ NB_MODULE(_core, m) {
   m.doc() = "trove's C++ core (runtime/layer/peer_layer.h, runtime/convert/pack.h, the trainer)";
   m.def("pack", &trove::pack, nb::arg("inputs"), nb::arg("output"), nb::arg("layout"),
         nb::arg("prefixes"), nb::arg("names"), nb::arg("quant"), nb::arg("overrides_json"),
-        nb::arg("threads") = 0, nb::arg("command_line") = "");
+        nb::arg("threads") = 0, nb::arg("command_line") = "",
+        nb::arg("engram_prefixes") = std::vector<std::string>(),
+        nb::arg("engram_names") = std::vector<std::string>());
   m.def("store_layers", &trove::store_layers, nb::arg("path"));
+  trove::bind_engram(m);
 
   nb::class_<Layer>(m, "Layer")
       .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
