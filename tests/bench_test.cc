@@ -2,6 +2,7 @@
 // small tables (every workload; Belady never below the policy; budgets refused before work;
 // layers stacked on the residual stream, their figures summed and their budgets split).
 #include "runtime/bench/bench.h"
+#include "runtime/layer/lookahead.h"
 
 #include <algorithm>
 #include <cmath>
@@ -302,6 +303,38 @@ TEST(BenchStore, WritesEachLayerWithItsOwnTableAndProgressOverAllOfThem) {
       write_bench_store(dir.file("none.trove"), bench_config(), DType::kI4, 5, nullptr, 0).ok());
 }
 
+// Look-ahead runs the same batches (same selections, same distinct experts) and reads ahead of
+// them; without it nothing is prefetched and every record read is a batch's own miss.
+TEST_F(BenchRun, LookaheadRunsTheSameBatchesAndReadsAheadOfThem) {
+  for (const std::string w : {"uniform", "zipf:1.09", "pk"}) {
+    SCOPED_TRACE(w);
+    BenchOptions o = options(w);
+    auto off = run_bench(o);
+    ASSERT_TRUE(off.ok()) << off.status().to_string();
+    EXPECT_EQ(off->lookahead, 0);
+    EXPECT_EQ(off->prefetched, 0);
+    EXPECT_EQ(off->records_read, off->misses);
+    o.lookahead = 2;
+    auto on = run_bench(o);
+    ASSERT_TRUE(on.ok()) << on.status().to_string();
+    EXPECT_EQ(on->lookahead, 2);
+    EXPECT_EQ(on->requested, off->requested);
+    EXPECT_EQ(on->unique, off->unique);
+    EXPECT_EQ(on->hits + on->misses, on->unique);
+    EXPECT_GT(on->prefetched, 0);
+    EXPECT_LE(on->prefetched, on->hits);
+    EXPECT_GE(on->records_read, on->misses + on->prefetched);
+    EXPECT_GT(on->resident_tokens_per_second, 0.0);
+    EXPECT_EQ(on->predicted_of, 0);  // one layer: nothing to predict
+  }
+  BenchOptions bad = options("uniform");
+  bad.lookahead = kMaxLookahead + 1;
+  auto refused = run_bench(bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(refused.status().is_invalid_argument()) << refused.status().to_string();
+  EXPECT_NE(refused.status().message().find("look-ahead"), std::string::npos);
+}
+
 // Layers of dim_out = dim, so they stack on the residual stream.
 class BenchLayers : public BenchRun {
  protected:
@@ -322,6 +355,35 @@ class BenchLayers : public BenchRun {
   }
   uint64_t stride_ = 0;
 };
+
+// Cross-layer prediction (pk): each layer after the first is predicted from the input of the one
+// before, and its recall counts the experts it then used; a synthetic routing (zipf) does not
+// depend on the input, so nothing is predicted there.
+TEST_F(BenchLayers, CrossLayerPredictionReportsRecallOverTheLaterLayersExperts) {
+  BenchOptions o = stacked("pk", 3);
+  auto off = run_bench(o);
+  ASSERT_TRUE(off.ok()) << off.status().to_string();
+  EXPECT_EQ(off->predicted_of, 0);
+  EXPECT_EQ(off->recall(), -1);
+  o.cross_layer = true;
+  auto on = run_bench(o);
+  ASSERT_TRUE(on.ok()) << on.status().to_string();
+  EXPECT_TRUE(on->cross_layer);
+  // Layers 1 and 2 are predicted: their distinct experts over the measured batches.
+  EXPECT_EQ(on->predicted_of, on->layers[1].unique + on->layers[2].unique);
+  EXPECT_GT(on->predicted_used, 0);
+  EXPECT_LE(on->predicted_used, on->predicted_of);
+  EXPECT_GT(on->recall(), 0.0);
+  EXPECT_LE(on->recall(), 1.0);
+  EXPECT_GE(on->records_read, on->misses);
+  // The same batches either way (pk routes by the layers' own routers on the same tokens).
+  EXPECT_EQ(on->unique, off->unique);
+  o = stacked("zipf:1.09", 2);
+  o.cross_layer = true;
+  auto zipf = run_bench(o);
+  ASSERT_TRUE(zipf.ok()) << zipf.status().to_string();
+  EXPECT_EQ(zipf->predicted_of, 0);
+}
 
 TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   const BenchOptions o = stacked("zipf:1.09", 2);

@@ -657,11 +657,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   double measured = 0;
   res.lookahead = opt.lookahead;
   res.cross_layer = opt.cross_layer;
-  int64_t read_ahead_before = 0;  // the prefetches' reads before the measured batches
   for (int64_t b = 0; b < total; ++b) {
-    if (b == opt.warmup_batches) {
-      for (BenchLayer& L : layers) read_ahead_before += L.tiered->prefetch_stats().records_read;
-    }
     const Stopwatch start;
     TROVE_RETURN_IF_ERROR(
         look_ahead(layers, opt.lookahead, b, total, opt.batch).with_context("bench look-ahead"));
@@ -689,6 +685,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         res.predicted_of += L.predicted_of;
         res.predicted += L.predicted_of > 0 ? static_cast<int64_t>(L.predicted_ids.size()) : 0;
         res.prefetched += L.last.fetch.prefetched;
+        res.records_read += L.last.fetch.misses + L.last.fetch.prefetch_reads;
       }
       L.predicted_used = L.predicted_of = 0;
     }
@@ -720,8 +717,6 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     }
     if (opt.progress) opt.progress(b + 1, total);
   }
-  res.records_read = res.misses - read_ahead_before;
-  for (BenchLayer& L : layers) res.records_read += L.tiered->prefetch_stats().records_read;
   res.batches = opt.batches;
   res.tokens = opt.batch * opt.batches;  // each token once, through every layer
   res.seconds = measured;

@@ -150,7 +150,8 @@ struct BenchResult {
   uint64_t record_bytes_used = 0;  // what the expert kernels read
   double compute_seconds = 0;
   // Look-ahead and cross-layer prediction (over the measured batches): unique experts read
-  // ahead of their batch, records read from disk in all (by the batches and their prefetches),
+  // ahead of their batch, records read from disk for them in all (their misses and what their
+  // prefetches read, used or not),
   // and for the prediction: predicted ∩ used over used, summed over the layers it ran for.
   int lookahead = 0;
   bool cross_layer = false;

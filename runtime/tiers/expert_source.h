@@ -35,6 +35,7 @@ struct ExpertFetchStats {
   // calls since the last batch (outside the layer's call). bytes_read and disk_seconds include
   // the consumed prefetch's reads.
   int64_t prefetched = 0;
+  int64_t prefetch_reads = 0;  // records the batch's prefetch read, used by the batch or not
   double prefetch_wait_seconds = 0;
 };
 

@@ -106,6 +106,7 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
     read_ids.reserve(mine->reads.size());
     for (const RecordRead& r : mine->reads) read_ids.push_back(r.id);
     last_.prefetched = mine->ids.empty() ? 0 : count_common(read_ids, ids);
+    last_.prefetch_reads = static_cast<int64_t>(mine->reads.size());
     prefetch_stats_.consumed_ids += static_cast<int64_t>(mine->ids.size());
     prefetch_stats_.consumed_hits += count_common(mine->ids, ids);
     // Its leases end before this batch's admit: the admit leases the batch's hits before its
