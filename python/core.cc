@@ -124,7 +124,7 @@ class Layer {
       t.io.verify = verify;
       o.tiers = t;
     }
-    if (!vram.empty()) o.vram_budget_bytes = take(parse_bytes(vram));
+    if (!vram.empty()) o.cuda.vram_budget_bytes = take(parse_bytes(vram));
     if (train) {
       trainer_ = take(TableTrainer::open(path, name, o));
       return;

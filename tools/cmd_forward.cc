@@ -49,7 +49,7 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
            : nlohmann::json(nullptr)},
       {"record_bytes_unique", r.record_bytes_unique},
       {"device", opt.layer_options.backend == PeerBackend::kCuda
-                     ? nlohmann::json{{"vram_budget_bytes", opt.layer_options.vram_budget_bytes},
+                     ? nlohmann::json{{"vram_budget_bytes", opt.layer_options.cuda.vram_budget_bytes},
                                       {"hits", r.device_hits},
                                       {"misses", r.device_misses},
                                       {"h2d_bytes", r.h2d_bytes},
@@ -213,9 +213,9 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.batch = args->batch;
     opt.layer_options.threads = args->threads;
     opt.layer_options.backend = device->backend;
-    opt.layer_options.vram_budget_bytes = device->vram_budget_bytes;
-    opt.layer_options.h2d = device->h2d;
-    opt.layer_options.vram_policy = parse_eviction_policy(args->tier.policy).value();
+    opt.layer_options.cuda.vram_budget_bytes = device->vram_budget_bytes;
+    opt.layer_options.cuda.h2d = device->h2d;
+    opt.layer_options.cuda.vram_policy = parse_eviction_policy(args->tier.policy).value();
     opt.layer_options.verify_checksums = !args->no_verify;
     if (!args->host.empty()) {
       opt.layer_options.tiers = tier_options(args->tier, parse_bytes(args->host).value());
