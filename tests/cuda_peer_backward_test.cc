@@ -30,7 +30,6 @@ using testing::kAllGates;
 using testing::layout_of;
 using testing::make_config;
 using testing::PeerShape;
-using testing::sz;
 
 // ---- tolerances --------------------------------------------------------------------------------
 // The oracle accumulates in double and rounds once. The CUDA path accumulates in fp32 in other

@@ -58,7 +58,6 @@ using testing::PeerShape;
 using testing::random_layer;
 using testing::ref_forward;
 using testing::RefForward;
-using testing::sz;
 
 void expect_routing_close(const PeerRouting& got, const PeerRouting& want,
                           const std::string& what) {

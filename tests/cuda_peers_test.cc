@@ -37,7 +37,6 @@ using testing::PeerShape;
 using testing::random_layer;
 using testing::ref_forward;
 using testing::RefForward;
-using testing::sz;
 
 // ---- the bf16 bound ----------------------------------------------------------------------------
 // The einsum rounds u, xhat, v and w = gate * act(z) to bf16 (8 significant bits: each within

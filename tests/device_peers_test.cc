@@ -27,7 +27,6 @@ namespace trove {
 namespace {
 
 using testing::make_config;
-using testing::sz;
 
 bool have_device() {
 #if TROVE_HAVE_CUDA

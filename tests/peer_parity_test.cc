@@ -75,7 +75,6 @@ using testing::PeerShape;
 using testing::random_layer;
 using testing::ref_forward;
 using testing::RefForward;
-using testing::sz;
 
 // The CPU path against the oracle: its routing tolerances.
 constexpr testing::RoutingTolerance kRoutingTolerance = {kScoreAbs, kScoreRel, kGateAbs};
