@@ -31,6 +31,29 @@ Status check_backend_available(PeerBackend b) {
   return b == PeerBackend::kCuda ? cuda_executor_available() : Status::ok_status();
 }
 
+Metrics batch_metrics(const PeerBatchStats& s) {
+  Metrics m;
+  m.count("tokens", s.tokens);
+  m.count("slots", s.slots);
+  m.count("unique_experts", s.unique_experts);
+  m.count("record_bytes_used", static_cast<int64_t>(s.record_bytes_used));
+  m.count("record_bytes_unique", static_cast<int64_t>(s.record_bytes_unique));
+  m.add("route_seconds", s.route_seconds);
+  m.add("acquire_seconds", s.acquire_seconds);
+  m.add("expert_seconds", s.expert_seconds);
+  m.count("host.hits", s.fetch.hits);
+  m.count("host.misses", s.fetch.misses);
+  m.count("host.bytes_read", static_cast<int64_t>(s.fetch.bytes_read));
+  m.add("host.resolve_seconds", s.fetch.resolve_seconds);
+  m.add("host.disk_seconds", s.fetch.disk_seconds);
+  m.add("host.stall_seconds", s.fetch.stall_seconds);
+  m.count("device.hits", s.device.hits);
+  m.count("device.misses", s.device.misses);
+  m.count("device.bytes_copied", static_cast<int64_t>(s.device.bytes_copied));
+  m.add("device.copy_seconds", s.device.copy_seconds);
+  return m;
+}
+
 Status PeerExecutor::forward(const PeerDenseParams& params, const float* x, int64_t T,
                              ExpertSource& source, PeerRouting* routing, float* y,
                              PeerBatchStats* stats) {

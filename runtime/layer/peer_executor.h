@@ -20,6 +20,7 @@
 #include <string_view>
 #include <vector>
 
+#include "base/metrics.h"
 #include "base/status.h"
 #include "kernels/peer.h"
 #include "kernels/record.h"
@@ -65,6 +66,11 @@ struct PeerBatchStats {
   ExpertFetchStats fetch;      // what the source did (tiers: hits, misses, disk, stall)
   DeviceTransferStats device;  // executors with a device tier (cuda); zero otherwise
 };
+
+// One batch's stats as metrics (base/metrics.h): tokens, slots, unique_experts, the record bytes
+// and stage seconds, "host.*" (what the source did) and "device.*" (the device transfers), the
+// names the Python side's last_stats and the reports read.
+Metrics batch_metrics(const PeerBatchStats& s);
 
 class PeerExecutor {
  public:
