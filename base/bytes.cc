@@ -76,6 +76,10 @@ std::string format_bytes(uint64_t bytes) {
     v /= 1024;
     ++u;
   }
+  const uint64_t unit = uint64_t{1} << (10 * u);
+  if (bytes % unit == 0) {  // a size as the user typed it: "64 MiB", not "64.0 MiB"
+    return str_printf("%llu %s", static_cast<unsigned long long>(bytes / unit), kUnits[u]);
+  }
   return str_printf(v >= 100 ? "%.0f %s" : v >= 10 ? "%.1f %s" : "%.2f %s", v, kUnits[u]);
 }
 

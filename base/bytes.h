@@ -14,7 +14,8 @@ namespace trove {
 
 Result<uint64_t> parse_bytes(std::string_view text);
 
-// "0 B", "4.00 KiB", "1.50 GiB": binary units, three significant decimals at most.
+// "0 B", "4 KiB", "1.50 GiB": binary units; a whole number of the unit is printed whole,
+// anything else with three significant digits ("1.86 KiB", "10.5 MiB").
 std::string format_bytes(uint64_t bytes);
 
 // "1.23 GB/s" (decimal, as bandwidths are quoted by hardware vendors).

@@ -14,6 +14,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -23,7 +24,9 @@
 #include "base/bytes.h"
 #include "base/dtype.h"
 #include "base/status.h"
+#include "base/strings.h"
 #include "runtime/convert/pack.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/layer/peer_config_json.h"
 #include "runtime/layer/peer_layer.h"
 #include "runtime/layer/store_layer.h"
@@ -32,6 +35,10 @@
 #include "train/table_trainer.h"
 
 namespace nb = nanobind;
+
+namespace trove {
+void bind_engram(nb::module_& m);  // python/engram.cc
+}  // namespace trove
 
 namespace trove {
 namespace {
@@ -81,6 +88,30 @@ void check_size(const A& a, size_t want, const char* what) {
   }
 }
 
+// Adds batch `s` to `sum` (a forward split into look-ahead batches reports their sum).
+void add_batch_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
+  sum->tokens += s.tokens;
+  sum->slots += s.slots;
+  sum->unique_experts += s.unique_experts;
+  sum->record_bytes_used += s.record_bytes_used;
+  sum->record_bytes_unique += s.record_bytes_unique;
+  sum->route_seconds += s.route_seconds;
+  sum->acquire_seconds += s.acquire_seconds;
+  sum->expert_seconds += s.expert_seconds;
+  sum->fetch.hits += s.fetch.hits;
+  sum->fetch.misses += s.fetch.misses;
+  sum->fetch.bytes_read += s.fetch.bytes_read;
+  sum->fetch.resolve_seconds += s.fetch.resolve_seconds;
+  sum->fetch.disk_seconds += s.fetch.disk_seconds;
+  sum->fetch.stall_seconds += s.fetch.stall_seconds;
+  sum->fetch.prefetched += s.fetch.prefetched;
+  sum->fetch.prefetch_wait_seconds += s.fetch.prefetch_wait_seconds;
+  sum->device.hits += s.device.hits;
+  sum->device.misses += s.device.misses;
+  sum->device.bytes_copied += s.device.bytes_copied;
+  sum->device.copy_seconds += s.device.copy_seconds;
+}
+
 std::string stats_json(const PeerBatchStats& s) {
   return batch_metrics(s).to_json().dump();
 }
@@ -92,7 +123,17 @@ class Layer {
  public:
   Layer(const std::string& path, const std::string& name, const std::string& host,
         const std::string& policy, const std::string& backend, const std::string& vram, int threads,
-        bool verify, bool train) {
+        bool verify, bool train, int lookahead, int64_t batch)
+      : lookahead_(lookahead), batch_(batch) {
+    if (lookahead < 0 || lookahead > kMaxLookahead) {
+      throw nb::value_error(
+          str_printf("lookahead=%d: expected 0 (off) to %d batches", lookahead, kMaxLookahead)
+              .c_str());
+    }
+    if (batch < 1) {
+      throw nb::value_error(
+          str_printf("batch=%lld: expected a positive number of tokens", (long long)batch).c_str());
+    }
     PeerLayerOptions o;
     o.backend = take(parse_peer_backend(backend));
     o.threads = threads;
@@ -160,7 +201,39 @@ class Layer {
     PeerBatchStats stats;
     PeerRouting routing;
     const bool want_routing = ids.has_value() || gates.has_value();
-    {
+    if (lookahead_ > 0 && T > batch_) {
+      // Batches of batch_ tokens, later ones routed and their experts prefetched while one
+      // computes (runtime/layer/lookahead.h); y is the same bit for bit.
+      const int64_t per_token = c.heads * c.topk;
+      if (want_routing) {
+        routing.tokens = T;
+        routing.heads = c.heads;
+        routing.topk = c.topk;
+        routing.ids.resize(static_cast<size_t>(T * per_token));
+        routing.gates.resize(routing.ids.size());
+      }
+      const float* xs = x.data();
+      float* ys = y.data();
+      nb::gil_scoped_release unlocked;
+      check(forward_with_lookahead(
+          layer(), (T + batch_ - 1) / batch_, lookahead_,
+          [&](int64_t b, std::vector<float>* xb, int64_t* n) {
+            const int64_t first = b * batch_;
+            *n = std::min(batch_, T - first);
+            xb->assign(xs + first * c.dim, xs + (first + *n) * c.dim);
+            return Status::ok_status();
+          },
+          [&](int64_t b, std::span<const float> yb, const PeerRouting& r, const PeerBatchStats& s) {
+            const int64_t first = b * batch_;
+            std::copy(yb.begin(), yb.end(), ys + first * c.dim_out);
+            if (want_routing) {
+              std::copy(r.ids.begin(), r.ids.end(), routing.ids.begin() + first * per_token);
+              std::copy(r.gates.begin(), r.gates.end(), routing.gates.begin() + first * per_token);
+            }
+            add_batch_stats(s, &stats);
+            return Status::ok_status();
+          }));
+    } else {
       nb::gil_scoped_release unlocked;
       check(layer().forward(in_span(x), T, out_span(y), want_routing ? &routing : nullptr, &stats));
     }
@@ -248,6 +321,8 @@ class Layer {
   }
 
  private:
+  int lookahead_ = 0;  // forward(): batches routed and prefetched ahead (0: one call)
+  int64_t batch_ = 0;  // forward() with look-ahead: tokens per batch
   std::unique_ptr<TableTrainer> trainer_;
   std::unique_ptr<StoreReader> store_;
   std::optional<PeerLayer> layer_;
@@ -258,7 +333,9 @@ class Layer {
 std::string pack(const std::vector<std::string>& inputs, const std::string& output,
                  const std::string& layout, const std::vector<std::string>& prefixes,
                  const std::vector<std::string>& names, const std::string& quant,
-                 const std::string& overrides_json, int threads, const std::string& command_line) {
+                 const std::string& overrides_json, int threads, const std::string& command_line,
+                 const std::vector<std::string>& engram_prefixes,
+                 const std::vector<std::string>& engram_names) {
   PackOptions o;
   o.inputs = inputs;
   o.output = output;
@@ -268,6 +345,10 @@ std::string pack(const std::vector<std::string>& inputs, const std::string& outp
   o.command_line = command_line;
   for (size_t i = 0; i < prefixes.size(); ++i) {
     o.layers.push_back({prefixes[i], i < names.size() ? names[i] : std::string()});
+  }
+  for (size_t i = 0; i < engram_prefixes.size(); ++i) {
+    o.engram_layers.push_back(
+        {engram_prefixes[i], i < engram_names.size() ? engram_names[i] : std::string()});
   }
   const nlohmann::json ov = nlohmann::json::parse(overrides_json);
   if (ov.contains("topk")) o.overrides.topk = ov["topk"].get<int64_t>();
@@ -294,6 +375,13 @@ std::string pack(const std::vector<std::string>& inputs, const std::string& outp
                                          {"down_rmse", l.down_error.rmse()},
                                          {"up_rmse", l.up_error.rmse()}});
   }
+  for (const PackedEngram& e : r.engram_layers) {
+    j["engram_layers"].push_back(nlohmann::json{{"name", e.name},
+                                                {"tables", e.tables},
+                                                {"rows", e.rows},
+                                                {"table_bytes", e.table_bytes},
+                                                {"rmse", e.error.rmse()}});
+  }
   return j.dump();
 }
 
@@ -315,15 +403,19 @@ NB_MODULE(_core, m) {
   m.doc() = "trove's C++ core (runtime/layer/peer_layer.h, runtime/convert/pack.h, the trainer)";
   m.def("pack", &trove::pack, nb::arg("inputs"), nb::arg("output"), nb::arg("layout"),
         nb::arg("prefixes"), nb::arg("names"), nb::arg("quant"), nb::arg("overrides_json"),
-        nb::arg("threads") = 0, nb::arg("command_line") = "");
+        nb::arg("threads") = 0, nb::arg("command_line") = "",
+        nb::arg("engram_prefixes") = std::vector<std::string>(),
+        nb::arg("engram_names") = std::vector<std::string>());
   m.def("store_layers", &trove::store_layers, nb::arg("path"));
+  trove::bind_engram(m);
 
   nb::class_<Layer>(m, "Layer")
       .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
-                    const std::string&, const std::string&, int, bool, bool>(),
+                    const std::string&, const std::string&, int, bool, bool, int, int64_t>(),
            nb::arg("path"), nb::arg("name"), nb::arg("host") = "", nb::arg("policy") = "frequency",
            nb::arg("backend") = "cpu", nb::arg("vram") = "", nb::arg("threads") = 0,
-           nb::arg("verify") = true, nb::arg("train") = false)
+           nb::arg("verify") = true, nb::arg("train") = false, nb::arg("lookahead") = 0,
+           nb::arg("batch") = 4096)
       .def("config_json", &Layer::config_json)
       .def_prop_ro("training", &Layer::training)
       .def("step", &Layer::step, nb::arg("lr"), nb::arg("saturation_tolerance"),

@@ -739,6 +739,58 @@ TEST_F(CliForwardStore, HostBudgetGivesTheResidentOutputBitForBitOrAClearErrorFi
   EXPECT_NE(bad.err.find("--host"), std::string::npos) << bad.err;
 }
 
+// --lookahead routes and prefetches later batches while one computes: the output files are
+// the same bytes as without it and as all-resident, at host budgets from one batch's working set
+// (no room to prefetch: it prefetches less) to the whole table, on both I/O engines; and with
+// room, records were read ahead of their batch.
+TEST_F(CliForwardStore, LookaheadGivesTheSameBytesAtEveryHostBudget) {
+  const int64_t D = layer_.dim;
+  constexpr int64_t kMany = 41;  // 11 batches of 4, the last short
+  std::mt19937 rng(112);
+  const std::vector<float> x = normal(rng, static_cast<size_t>(kMany * D), 1.0);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(write_f32(xin, "x", {kMany, D}, x));
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  const uint64_t stride = store->find_layer(kPrefix)->table.stride;
+  const int64_t per_batch = 4 * layer_.heads * layer_.topk;
+  const std::string routing = dir_.file("r.safetensors");
+  ASSERT_EQ(forward(xin, {"--batch", "4", "--dump-routing", routing}).exit_code, 0);
+  const std::string resident = slurp(y_path());
+  const std::string resident_routing = slurp(routing);
+  for (const char* io : {"pread", "auto"}) {
+    for (int64_t slots : {per_batch, per_batch + 3, layer_.num_experts()}) {
+      for (const char* depth : {"0", "1", "2", "8"}) {
+        SCOPED_TRACE(std::string(io) + " " + std::to_string(slots) + " slots, lookahead " + depth);
+        std::remove(y_path().c_str());
+        std::remove(routing.c_str());
+        RunResult r =
+            run(dir_, {"forward", store_, "--layer", kPrefix, "-i", xin, "-o", y_path(), "--json",
+                       "--batch", "4", "--io", io, "--lookahead", depth, "--dump-routing", routing,
+                       "--host", std::to_string(static_cast<uint64_t>(slots) * stride)});
+        ASSERT_EQ(r.exit_code, 0) << r.err;
+        EXPECT_EQ(slurp(y_path()), resident) << "output differs from the resident one";
+        EXPECT_EQ(slurp(routing), resident_routing) << "routing differs from the resident one";
+        const nlohmann::json j = nlohmann::json::parse(r.out);
+        EXPECT_EQ(j["batches"], 11);
+        EXPECT_EQ(j["tiers"]["lookahead"], std::stoi(depth));
+        const int64_t prefetched = j["tiers"]["prefetched"].get<int64_t>();
+        if (std::string(depth) == "0") {
+          EXPECT_EQ(prefetched, 0);
+        } else if (slots == layer_.num_experts()) {
+          // The whole table fits: every record is read once, and all of them ahead of their
+          // batch (the first batch's too: it is prefetched, then waited for).
+          EXPECT_EQ(j["tiers"]["misses"], 0) << r.out;
+          EXPECT_GT(prefetched, 0) << r.out;
+        }
+      }
+    }
+  }
+  RunResult bad = forward(xin, {"--lookahead", "9"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--lookahead"), std::string::npos) << bad.err;
+}
+
 TEST(CliForward, TwoLayerStoreNeedsLayerAndRunsTheOneNamed) {
   ScratchDir dir;
   ForeignLayer a = make_layer(Layout::kMikeybeez, 91), b = make_layer(Layout::kMikeybeez, 92);

@@ -362,7 +362,7 @@ TEST(ExpertCache, CreateRejectsABudgetBelowOneSlotAndBadSizes) {
   auto small = ExpertCache::create(o);
   ASSERT_FALSE(small.ok());
   EXPECT_EQ(small.status().message(),
-            "the host budget 1.9 KiB cannot hold one record of 2,304 bytes: raise --host");
+            "the host budget 1.86 KiB cannot hold one record of 2,304 bytes: raise --host");
 
   o.budget_bytes = 1 << 20;
   for (size_t bad_align : {size_t{0}, size_t{48}, size_t{8192}}) {

@@ -5,13 +5,16 @@
 // store file is never touched.
 #include "runtime/tiers/tiered_source.h"
 
+#include <chrono>
 #include <cstring>
+#include <optional>
 #include <random>
 
 #include <gtest/gtest.h>
 
 #include "runtime/bench/synthetic.h"
 #include "runtime/convert/pack.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/layer/peer_layer.h"
 #include "runtime/layer/store_layer.h"
 #include "storage/store.h"
@@ -345,6 +348,227 @@ INSTANTIATE_TEST_SUITE_P(Engines, TieredFaults, ::testing::Values(Engine::kPread
                          [](const ::testing::TestParamInfo<Engine>& p) {
                            return std::string(p.param == Engine::kPread ? "Pread" : "IoUring");
                          });
+
+// ---- look-ahead (prefetch) ---------------------------------------------------------------------
+
+// forward_with_lookahead over the batches at `depth`: the outputs, and each batch's stats.
+std::vector<std::vector<float>> run_ahead(PeerLayer& layer,
+                                          const std::vector<std::vector<float>>& xs, int depth,
+                                          std::vector<PeerBatchStats>* stats) {
+  std::vector<std::vector<float>> ys(xs.size());
+  const Status s = forward_with_lookahead(
+      layer, static_cast<int64_t>(xs.size()), depth,
+      [&](int64_t b, std::vector<float>* x, int64_t* n) {
+        *x = xs[static_cast<size_t>(b)];
+        *n = kTokens;
+        return Status::ok_status();
+      },
+      [&](int64_t b, std::span<const float> y, const PeerRouting&, const PeerBatchStats& st) {
+        ys[static_cast<size_t>(b)].assign(y.begin(), y.end());
+        stats->push_back(st);
+        return Status::ok_status();
+      });
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  return ys;
+}
+
+// Look-ahead at every depth and budget, from one batch's working set (no room to prefetch
+// beside the batch computing: it prefetches less) to the whole table, on both engines: outputs
+// equal the resident layer's to the bit, every lease ends, and where the table fits every record
+// is read ahead of its batch.
+TEST(TieredSource, LookaheadOutputsEqualTheResidentLayerAtEveryDepthAndBudget) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  PeerLayerOptions resident_options;
+  resident_options.threads = 2;
+  auto resident = PeerLayer::open(*store, "blk.0.peer", resident_options);
+  ASSERT_TRUE(resident.ok()) << resident.status().to_string();
+  const auto xs = batches(7);
+  const auto want = run(*resident, xs);
+  const size_t stride = resident->record_layout().stride;
+  const int64_t n = resident->config().num_experts();
+  for (Engine engine : {Engine::kPread, Engine::kIoUring}) {
+    for (int64_t slots : {kWorkingSet, kWorkingSet + 7, 2 * kWorkingSet, n}) {
+      for (int depth : {0, 1, 2, 5}) {
+        SCOPED_TRACE(std::string(engine == Engine::kPread ? "pread " : "io_uring ") +
+                     std::to_string(slots) + " slots, depth " + std::to_string(depth));
+        auto layer = PeerLayer::open(*store, "blk.0.peer", tiered(slots, stride, engine));
+        if (engine == Engine::kIoUring && io_uring_refused(layer)) continue;
+        ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+        std::vector<PeerBatchStats> stats;
+        const auto got = run_ahead(*layer, xs, depth, &stats);
+        ASSERT_EQ(got.size(), want.size());
+        int64_t misses = 0, prefetched = 0;
+        for (size_t b = 0; b < got.size(); ++b) {
+          EXPECT_TRUE(same_bits(got[b], want[b])) << "batch " << b;
+          const ExpertFetchStats& f = stats[b].fetch;
+          EXPECT_EQ(f.hits + f.misses, stats[b].unique_experts) << "batch " << b;
+          EXPECT_LE(f.prefetched, f.hits) << "batch " << b;
+          misses += f.misses;
+          prefetched += f.prefetched;
+        }
+        auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+        ASSERT_NE(source, nullptr);
+        const CacheMetrics m = source->host().metrics();
+        EXPECT_EQ(m.leased_slots, 0);
+        EXPECT_LE(m.peak_leased_slots, m.capacity_slots);
+        EXPECT_EQ(source->pending_prefetches(), 0);
+        const PrefetchStats p = source->prefetch_stats();
+        if (depth == 0) {
+          EXPECT_EQ(p.prefetches, 0);
+          EXPECT_EQ(prefetched, 0);
+        } else {
+          EXPECT_EQ(p.prefetches, kBatches);
+          EXPECT_EQ(p.read_errors, 0);
+        }
+        if (depth > 0 && slots == n) {
+          // Nothing is ever evicted: each record is read once, by a prefetch.
+          EXPECT_EQ(misses, 0);
+          EXPECT_EQ(prefetched, m.fills_committed);
+          EXPECT_EQ(p.skipped, 0);
+        }
+      }
+    }
+  }
+}
+
+// The source's prefetch() alone: what it reads is the store's bytes; a prefetch that does not fit
+// takes less; one holding the room a batch needs gives it back; ids another prefetch is reading
+// are left out (no deadlock); a failed prefetch read is the batch's to report.
+class TieredPrefetch : public ::testing::Test {
+ protected:
+  void open(int64_t slots, std::shared_ptr<FileOps> ops = nullptr) {
+    store_path_ = make_store(dir_, DType::kI8);
+    auto store = StoreReader::open(store_path_);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    store_.emplace(std::move(*store));
+    auto stored = load_stored_layer(*store_, "blk.0.peer");
+    ASSERT_TRUE(stored.ok()) << stored.status().to_string();
+    stored_.emplace(std::move(*stored));
+    TieredSourceOptions t;
+    t.host_budget_bytes = static_cast<uint64_t>(slots) * stored_->record.stride;
+    t.policy = EvictionPolicy::kLru;
+    t.io.engine = Engine::kPread;
+    t.io.pread_threads = 2;
+    t.io.file_ops = std::move(ops);
+    auto source = TieredExpertSource::open(*store_, *stored_->info, stored_->record, t);
+    ASSERT_TRUE(source.ok()) << source.status().to_string();
+    source_ = std::move(*source);
+  }
+  // acquire(ids): OK with every record equal to the store's, then release.
+  Status acquire_and_check(const std::vector<int64_t>& ids) {
+    std::vector<const uint8_t*> records(ids.size());
+    Status s = source_->acquire(ids, records);
+    if (!s.ok()) return s;
+    const std::span<const uint8_t> table = store_->mapped_records(*stored_->info);
+    const size_t stride = stored_->record.stride;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      EXPECT_EQ(std::memcmp(records[i], table.data() + static_cast<size_t>(ids[i]) * stride,
+                            stored_->record.record_bytes),
+                0)
+          << "expert " << ids[i];
+    }
+    source_->release(ids);
+    return s;
+  }
+  static std::vector<int64_t> range(int64_t first, int64_t last) {
+    std::vector<int64_t> v;
+    for (int64_t i = first; i < last; ++i) v.push_back(i);
+    return v;
+  }
+
+  ScratchDir dir_;
+  std::string store_path_;
+  std::optional<StoreReader> store_;
+  std::optional<StoredLayer> stored_;
+  std::unique_ptr<TieredExpertSource> source_;
+};
+
+TEST_F(TieredPrefetch, ReadsAheadTakesLessWithoutRoomAndGivesRoomBack) {
+  ASSERT_NO_FATAL_FAILURE(open(10));
+  source_->prefetch(range(0, 6));
+  source_->prefetch(range(6, 14));  // 8 more do not fit beside 6: half of them do
+  EXPECT_EQ(source_->host().metrics().leased_slots, 10);
+  EXPECT_EQ(source_->prefetch_stats().records_read, 10);
+  ASSERT_TRUE(acquire_and_check(range(0, 6)).ok());
+  EXPECT_EQ(source_->last_fetch().misses, 0);
+  EXPECT_EQ(source_->last_fetch().prefetched, 6);
+  EXPECT_EQ(source_->last_fetch().hits, 6);
+  // The next batch is not what was predicted for it: what was read stays resident, the rest is
+  // read by the batch itself.
+  ASSERT_TRUE(acquire_and_check(range(8, 18)).ok());
+  EXPECT_EQ(source_->last_fetch().prefetched, 2);  // 8 and 9 (of 6..9)
+  EXPECT_EQ(source_->last_fetch().hits, 2);
+  EXPECT_EQ(source_->last_fetch().misses, 8);
+  // A prefetch holds 5 slots; a batch of all 10 that was not prefetched still runs.
+  source_->prefetch(range(20, 25));
+  source_->prefetch(range(30, 35));
+  ASSERT_TRUE(acquire_and_check(range(20, 25)).ok());  // consumes the first
+  ASSERT_TRUE(acquire_and_check(range(40, 50)).ok());  // consumes the second: it ends first
+  source_->prefetch(range(50, 55));
+  source_->prefetch(range(60, 65));
+  ASSERT_TRUE(acquire_and_check(range(70, 80)).ok());  // the pending 60..64 gives its room back
+  EXPECT_EQ(source_->prefetch_stats().dropped, 1);
+  EXPECT_EQ(source_->pending_prefetches(), 1);  // kept, empty, for the next batch
+  ASSERT_TRUE(acquire_and_check(range(60, 65)).ok());
+  EXPECT_EQ(source_->last_fetch().prefetched, 0);
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+  EXPECT_EQ(source_->prefetch_stats().read_errors, 0);
+}
+
+TEST_F(TieredPrefetch, IdsBeingReadAreWaitedForAndNothingDeadlocks) {
+  auto faults = std::make_shared<FaultyFileOps>();
+  faults->delay_each_read(std::chrono::milliseconds(20));  // reads still in flight below
+  ASSERT_NO_FATAL_FAILURE(open(40, faults));
+  source_->prefetch(range(0, 6));
+  source_->prefetch(range(3, 9));  // 3, 4, 5 are being read by the first: it lands first
+  EXPECT_EQ(source_->prefetch_stats().waits, 1);
+  EXPECT_EQ(source_->prefetch_stats().records_read, 9);
+  ASSERT_TRUE(acquire_and_check(range(0, 6)).ok());
+  EXPECT_EQ(source_->last_fetch().prefetched, 6);
+  EXPECT_GT(source_->last_fetch().prefetch_wait_seconds, 0.0);  // the wait in prefetch()
+  ASSERT_TRUE(acquire_and_check(range(3, 9)).ok());
+  EXPECT_EQ(source_->last_fetch().misses, 0);
+  EXPECT_EQ(source_->last_fetch().prefetched, 3);
+  // A batch that needs what a pending prefetch is still reading waits for it, not forever.
+  source_->prefetch(range(10, 14));
+  source_->prefetch(range(20, 24));
+  ASSERT_TRUE(acquire_and_check(range(18, 24)).ok());  // consumes 10..13, needs 20..23
+  EXPECT_EQ(source_->last_fetch().misses, 2);          // 18, 19
+  ASSERT_TRUE(acquire_and_check(range(20, 24)).ok());
+  EXPECT_EQ(source_->last_fetch().misses, 0);
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+}
+
+TEST_F(TieredPrefetch, AFailedPrefetchReadIsTheBatchsToReportAndLeavesNothingLeased) {
+  auto faults = std::make_shared<FaultyFileOps>();
+  ASSERT_NO_FATAL_FAILURE(open(40, faults));
+  const StoreLayerInfo& info = *stored_->info;
+  // A bad sector under expert 4: the prefetch fails, and the batch's own read too (the error
+  // names the first record whose read covers it: O_DIRECT reads aligned extents).
+  faults->fail_offset(info.table.offset + 4 * info.table.stride + 1);
+  source_->prefetch(range(0, 8));
+  const Status s = acquire_and_check(range(0, 8));
+  EXPECT_EQ(s.code(), Status::Code::kIOError) << s.to_string();
+  EXPECT_NE(s.message().find(": expert "), std::string::npos) << s.to_string();
+  EXPECT_NE(s.message().find(store_path_), std::string::npos) << s.to_string();
+  EXPECT_EQ(source_->prefetch_stats().read_errors, 1);
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+  // A transient failure: the prefetch fails, the batch reads again and gets the right bytes.
+  faults->fail_nth_read(faults->reads_seen() + 1);
+  source_->prefetch(range(10, 16));
+  ASSERT_TRUE(acquire_and_check(range(10, 16)).ok());
+  EXPECT_EQ(source_->prefetch_stats().read_errors, 2);
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+  // Dropped prefetches leave nothing leased, and the source can be destroyed with some pending.
+  source_->prefetch(range(20, 30));
+  source_->drop_prefetches();
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+  source_->prefetch(range(30, 35));
+  source_->prefetch(range(35, 40));
+  source_.reset();
+}
 
 // refresh(): after the store is updated in place, resident copies of the changed records take
 // the new bytes with no disk read, others are read through the new generation's checksums,

@@ -18,6 +18,7 @@
 #include "base/strings.h"
 #include "runtime/bench/bench.h"
 #include "runtime/bench/calibrate.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/layer/peer_config_json.h"
 #include "runtime/layer/store_layer.h"
 #include "storage/store.h"
@@ -29,6 +30,7 @@ namespace {
 
 struct BenchArgs {
   std::string experts = "1M", batch = "2048", host = "10%", routing = "zipf:1.09";
+  std::string lookahead = "0", cross_layer = "0";
   int64_t dim = 2048, dim_out = 0, heads = 4, topk = 8, topk_per_half = 0, dim_key = 64;
   std::string quant = "int4", store, plot;
   std::string device = "cpu", vram, h2d = "auto";
@@ -94,6 +96,8 @@ struct Point {
   BenchWorkload workload;
   uint64_t host_bytes = 0;
   uint64_t vram_bytes = 0;  // --vram (0: none)
+  int lookahead = 0;
+  bool cross_layer = false;
   BenchResult result;
   nlohmann::json disk;  // this table's disk calibration (ours, fio)
 };
@@ -242,6 +246,40 @@ nlohmann::json device_peers_json(const BenchResult& r, const nlohmann::json& cal
   return peers;
 }
 
+// Look-ahead and cross-layer prediction, and the bound of issue 17: a batch is no faster than the
+// slower of its all-resident compute and its disk reads at the calibrated IOPS (both from this
+// run); the disk's utilization is its reads over what the calibrated IOPS could do in the time.
+nlohmann::json lookahead_json(const Point& p, const nlohmann::json& calib) {
+  const BenchResult& r = p.result;
+  const double nb = static_cast<double>(r.batches);
+  nlohmann::json j = {{"depth", r.lookahead},
+                      {"cross_layer", r.cross_layer},
+                      {"prefetched_per_batch", static_cast<double>(r.prefetched) / nb},
+                      {"records_read_per_batch", static_cast<double>(r.records_read) / nb},
+                      {"stall_ms_per_batch", r.stall.mean * 1e3}};
+  if (r.predicted_of > 0) {
+    j["cross_layer_recall"] = r.recall();
+    j["cross_layer_precision"] =
+        r.predicted > 0 ? static_cast<double>(r.predicted_used) / r.predicted : 0.0;
+  }
+  if (calib.contains("disk_iops_ours") && r.seconds > 0) {
+    const double iops = calib["disk_iops_ours"].get<double>();
+    const double disk_s = static_cast<double>(r.records_read) / nb / iops;
+    j["disk_utilization"] = static_cast<double>(r.records_read) / (iops * r.seconds);
+    j["disk_ms_per_batch_at_calibrated_iops"] = disk_s * 1e3;
+    if (r.resident_tokens_per_second > 0) {
+      const double resident_s = static_cast<double>(p.batch) / r.resident_tokens_per_second;
+      const double bound_s = std::max(resident_s, disk_s);
+      const double bound_tps = static_cast<double>(p.batch) / bound_s;
+      j["resident_ms_per_batch"] = resident_s * 1e3;
+      j["bound_tokens_per_second"] = bound_tps;
+      j["bound_over_resident"] = bound_tps / r.resident_tokens_per_second;
+      j["tokens_per_second_over_bound"] = r.tokens_per_second / bound_tps;
+    }
+  }
+  return j;
+}
+
 nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
   const BenchResult& r = p.result;
   nlohmann::json j = {
@@ -276,6 +314,7 @@ nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
         {"stall", stage_json(r.stall)},
         {"batch", stage_json(r.total)}}},
   };
+  j["lookahead"] = lookahead_json(p, calib);
   // The figures above are the run's over every layer (budgets: totals, split evenly).
   j["layer_count"] = r.layers.size();
   j["layers"] = nlohmann::json::array();
@@ -492,6 +531,30 @@ void print_point(const Point& p, const nlohmann::json& calib) {
     const double bw = calib["host_read_bandwidth"].get<double>();
     std::printf(" (%.2f of the host's %s)", gbs / bw, format_rate(bw).c_str());
   }
+  {
+    const nlohmann::json la = lookahead_json(p, calib);
+    std::printf("\n  look-ahead    %12d batches%s: %.0f records/batch read ahead, %.0f read in all",
+                r.lookahead, r.cross_layer ? " + cross-layer prediction" : "",
+                la["prefetched_per_batch"].get<double>(),
+                la["records_read_per_batch"].get<double>());
+    if (la.contains("cross_layer_recall")) {
+      std::printf("; prediction recall %.3f, precision %.3f",
+                  la["cross_layer_recall"].get<double>(),
+                  la["cross_layer_precision"].get<double>());
+    }
+    if (la.contains("disk_utilization")) {
+      std::printf("; disk %.2f utilized", la["disk_utilization"].get<double>());
+    }
+    if (la.contains("bound_tokens_per_second")) {
+      std::printf(
+          "\n  bound         %12.0f tokens/s (max of all-resident %.1f ms and disk %.1f ms per "
+          "batch; %.2f of all-resident); tiered = %.2f of the bound",
+          la["bound_tokens_per_second"].get<double>(), la["resident_ms_per_batch"].get<double>(),
+          la["disk_ms_per_batch_at_calibrated_iops"].get<double>(),
+          la["bound_over_resident"].get<double>(),
+          la["tokens_per_second_over_bound"].get<double>());
+    }
+  }
   std::printf("\n  stage ms            p50      p90      p99\n");
   const std::pair<const char*, const StageTimes*> stages[] = {
       {"route", &r.route},     {"resolve", &r.resolve}, {"disk", &r.disk},
@@ -550,6 +613,24 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
       return share > 0 ? static_cast<uint64_t>(share * static_cast<double>(table_bytes)) : bytes;
     }
   };
+  std::vector<int> lookaheads;
+  for (const auto& v : split_list(a.lookahead)) {
+    char* end = nullptr;
+    const long d = std::strtol(v.c_str(), &end, 10);
+    if (*end != '\0' || d < 0 || d > kMaxLookahead) {
+      return fail(Status::invalid_argument(
+          str_printf("--lookahead %s: expected batch counts from 0 to %d, e.g. 0,2", v.c_str(),
+                     kMaxLookahead)));
+    }
+    lookaheads.push_back(static_cast<int>(d));
+  }
+  std::vector<bool> cross_layers;
+  for (const auto& v : split_list(a.cross_layer)) {
+    if (v != "0" && v != "1") {
+      return fail(Status::invalid_argument("--cross-layer " + v + ": expected 0, 1 or 0,1"));
+    }
+    cross_layers.push_back(v == "1");
+  }
   std::vector<HostBudget> hosts;
   for (const std::string& h : split_list(a.host)) {
     HostBudget budget{h};
@@ -735,49 +816,57 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     for (int64_t batch : batches) {
       for (const BenchWorkload& w : workloads) {
         for (const HostBudget& h : hosts) {
-          Point p;
-          p.experts = n;
-          p.batch = batch;
-          p.workload = w;
-          p.host = h.text;
-          p.host_bytes = h.for_table(tables_bytes);
-          BenchOptions o;
-          o.store = *path;
-          o.layers = a.layers;
-          o.workload = w;
-          o.batch = batch;
-          o.batches = a.batches;
-          o.warmup_batches = a.warmup;
-          o.host_budget_bytes = p.host_bytes;
-          o.policy = tier.policy;
-          o.io = io;
-          o.resident_baseline = !a.no_resident;
-          o.threads = a.threads;
-          o.backend = device->backend;
-          o.vram_budget_bytes = device->vram_budget_bytes;
-          o.h2d = device->h2d;
-          p.vram_bytes = device->vram_budget_bytes;
-          o.seed = a.seed;
-          std::unique_ptr<ProgressBar> bar;
-          if (talk) {
-            bar = std::make_unique<ProgressBar>(
-                str_printf("N=%s batch=%lld %s host=%s", with_commas(n).c_str(), (long long)batch,
-                           w.name().c_str(), h.text.c_str()),
-                static_cast<uint64_t>(a.warmup + a.batches));
-            o.progress = [&bar](int64_t done, int64_t) {
-              bar->update(static_cast<uint64_t>(done));
-            };
+          for (int depth : lookaheads) {
+            for (bool cross : cross_layers) {
+              Point p;
+              p.lookahead = depth;
+              p.cross_layer = cross;
+              p.experts = n;
+              p.batch = batch;
+              p.workload = w;
+              p.host = h.text;
+              p.host_bytes = h.for_table(tables_bytes);
+              BenchOptions o;
+              o.store = *path;
+              o.layers = a.layers;
+              o.workload = w;
+              o.batch = batch;
+              o.batches = a.batches;
+              o.warmup_batches = a.warmup;
+              o.host_budget_bytes = p.host_bytes;
+              o.policy = tier.policy;
+              o.io = io;
+              o.resident_baseline = !a.no_resident;
+              o.threads = a.threads;
+              o.backend = device->backend;
+              o.vram_budget_bytes = device->vram_budget_bytes;
+              o.h2d = device->h2d;
+              p.vram_bytes = device->vram_budget_bytes;
+              o.seed = a.seed;
+              o.lookahead = depth;
+              o.cross_layer = cross;
+              std::unique_ptr<ProgressBar> bar;
+              if (talk) {
+                bar = std::make_unique<ProgressBar>(
+                    str_printf("N=%s batch=%lld %s host=%s", with_commas(n).c_str(),
+                               (long long)batch, w.name().c_str(), h.text.c_str()),
+                    static_cast<uint64_t>(a.warmup + a.batches));
+                o.progress = [&bar](int64_t done, int64_t) {
+                  bar->update(static_cast<uint64_t>(done));
+                };
+              }
+              Result<BenchResult> r = run_bench(o);
+              if (bar) bar->finish();
+              if (!r.ok()) return fail(r.status());
+              p.result = std::move(r).value();
+              p.disk = disk;
+              if (talk) {
+                print_point(p, calib);
+                std::fflush(stdout);
+              }
+              points.push_back(std::move(p));
+            }
           }
-          Result<BenchResult> r = run_bench(o);
-          if (bar) bar->finish();
-          if (!r.ok()) return fail(r.status());
-          p.result = std::move(r).value();
-          p.disk = disk;
-          if (talk) {
-            print_point(p, calib);
-            std::fflush(stdout);
-          }
-          points.push_back(std::move(p));
         }
       }
     }
@@ -934,6 +1023,17 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--host", a->host,
                   "Host budget for records: a size (2GiB) or a share of the table (10%); a list\n"
                   "sweeps. With --layers N: the total of the N layers' tables, N x (budget / N)")
+      ->capture_default_str();
+  cmd->add_option(
+         "--lookahead", a->lookahead,
+         "Batches the first layer routes and prefetches ahead of the one computing, their\n"
+         "missing records read while it computes (0: none); a list (0,2) sweeps on the\n"
+         "same batches")
+      ->capture_default_str();
+  cmd->add_option("--cross-layer", a->cross_layer,
+                  "1: with --routing pk and --layers > 1, each later layer's router runs on the\n"
+                  "input of the layer before, and what it picks is read while that layer\n"
+                  "computes (recall reported); 0,1 sweeps")
       ->capture_default_str();
   cmd->add_option("--layers", a->layers,
                   "PEER layers stacked on the residual stream (bench, bench.1, ...), each with\n"

@@ -4,6 +4,7 @@
 #include "base/bytes.h"
 #include "base/progress.h"
 #include "base/strings.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/tiers/cache_policy.h"
 #include "tools/commands.h"
 #include "tools/forward.h"
@@ -45,7 +46,9 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
                                              : 0.0},
                             {"bytes_read", r.bytes_read},
                             {"disk_seconds", r.disk_seconds},
-                            {"stall_seconds", r.stall_seconds}}
+                            {"stall_seconds", r.stall_seconds},
+                            {"lookahead", opt.lookahead},
+                            {"prefetched", r.prefetched}}
            : nlohmann::json(nullptr)},
       {"record_bytes_unique", r.record_bytes_unique},
       {"device",
@@ -99,6 +102,10 @@ void print_forward_report(const nlohmann::json& j, bool stats) {
         t["hits"].get<long long>(), t["misses"].get<long long>(),
         format_bytes(t["bytes_read"].get<uint64_t>()).c_str(), t["disk_seconds"].get<double>(),
         t["stall_seconds"].get<double>());
+    if (t["lookahead"].get<int>() > 0) {
+      std::printf("  look-ahead %d batches: %lld of the hits were read ahead of their batch\n",
+                  t["lookahead"].get<int>(), t["prefetched"].get<long long>());
+    }
   }
   if (const auto& d = j["device"]; !d.is_null()) {
     const uint64_t vram = d["vram_budget_bytes"].get<uint64_t>();
@@ -147,6 +154,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     std::string host, device = "cpu", vram, h2d = "auto";
     TierFlags tier;
     int64_t batch = 4096;
+    int lookahead = 0;
     int threads = 0;
     bool stats = false, no_verify = false;
   };
@@ -171,6 +179,13 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
                 "Print expert usage, KL unevenness from uniform and unique experts per batch");
   cmd->add_option("--batch", args->batch, "Tokens per layer call")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--lookahead", args->lookahead,
+                  "Batches to route and prefetch ahead of the one computing (0: none): with\n"
+                  "--host, their missing records are read from disk while this batch computes,\n"
+                  "within the budget (less when it has no room). The output is the same bit\n"
+                  "for bit")
+      ->check(CLI::Range(0, kMaxLookahead))
       ->capture_default_str();
   cmd->add_option("--threads", args->threads, "Worker threads (0: all cores)")
       ->check(CLI::NonNegativeNumber)
@@ -211,6 +226,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.output = args->output;
     opt.routing_output = args->routing;
     opt.batch = args->batch;
+    opt.lookahead = args->lookahead;
     opt.layer_options.threads = args->threads;
     opt.layer_options.backend = device->backend;
     opt.layer_options.cuda.vram_budget_bytes = device->vram_budget_bytes;

@@ -1,4 +1,5 @@
 // trove pack / trove unpack.
+#include <algorithm>
 #include <cstdio>
 
 #include "base/bytes.h"
@@ -32,10 +33,20 @@ void print_pack_report(const PackOptions& opt, const PackReport& r) {
                   e.max_abs, e.rel_fro());
     }
   }
+  for (const PackedEngram& e : r.engram_layers) {
+    std::printf("%-48s %-16s %-5s %-5s %10.3e %10.3e %10.3e\n", (e.name + ".rows").c_str(),
+                str_printf("%lldx[%lld, %lld]", static_cast<long long>(e.tables),
+                           static_cast<long long>(e.rows / std::max<int64_t>(1, e.tables)),
+                           static_cast<long long>(e.dim))
+                    .c_str(),
+                e.source_dtype.c_str(), std::string(dtype_name(opt.dtype)).c_str(), e.error.rmse(),
+                e.error.max_abs, e.error.rel_fro());
+  }
   std::printf(
       "\nwrote %s: %zu layer%s, %s from %s of expert tables (%.2fx smaller) in %.2f s "
       "(%s)\n",
-      opt.output.c_str(), r.layers.size(), r.layers.size() == 1 ? "" : "s",
+      opt.output.c_str(), r.layers.size() + r.engram_layers.size(),
+      r.layers.size() + r.engram_layers.size() == 1 ? "" : "s",
       format_bytes(r.output_bytes).c_str(), format_bytes(r.source_bytes).c_str(),
       r.output_bytes ? static_cast<double>(r.source_bytes) / r.output_bytes : 0.0, r.seconds,
       format_rate(r.seconds > 0 ? r.source_bytes / r.seconds : 0).c_str());
@@ -56,25 +67,36 @@ nlohmann::json pack_report_json(const PackOptions& opt, const PackReport& r) {
          {"stride", l.record.stride},
          {"error", {{"down", error_json(l.down_error)}, {"up", error_json(l.up_error)}}}});
   }
-  return {{"output", opt.output},
-          {"output_bytes", r.output_bytes},
-          {"source_bytes", r.source_bytes},
-          {"seconds", r.seconds},
-          {"layers", layers}};
+  nlohmann::json engram = nlohmann::json::array();
+  for (const PackedEngram& e : r.engram_layers) {
+    engram.push_back({{"name", e.name},
+                      {"prefix", e.prefix},
+                      {"tables", e.tables},
+                      {"rows", e.rows},
+                      {"dim", e.dim},
+                      {"dtype", dtype_name(opt.dtype)},
+                      {"source_dtype", e.source_dtype},
+                      {"table_bytes", e.table_bytes},
+                      {"error", error_json(e.error)}});
+  }
+  return {{"output", opt.output},           {"engram_layers", engram},
+          {"output_bytes", r.output_bytes}, {"source_bytes", r.source_bytes},
+          {"seconds", r.seconds},           {"layers", layers}};
 }
 
 void add_pack(CLI::App& app, GlobalOptions& global) {
   auto* cmd = app.add_subcommand(
       "pack",
-      "Pack PEER layers from safetensors checkpoint(s) into a .trove store.\n"
+      "Pack PEER (and Engram) layers from safetensors checkpoint(s) into a .trove store.\n"
       "Example: trove pack model.safetensors -o model.trove --layout mikeybeez \\\n"
-      "           --prefix model.layers.19.mlp.peer --prefix model.layers.21.mlp.peer --quant "
-      "int4");
+      "           --prefix model.layers.19.mlp.peer --prefix model.layers.21.mlp.peer \\\n"
+      "           --engram model.layers.1.engram --engram model.layers.5.engram --quant int4");
   struct Args {
     std::vector<std::string> inputs;
     std::string output;
     std::string layout = "trove";
     std::vector<std::string> prefixes;
+    std::vector<std::string> engram;
     std::string quant = "int4";
     int64_t heads = 0, topk = 0, topk_per_half = 0;
     std::string activation, gate, input_norm;
@@ -95,8 +117,12 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
       ->capture_default_str();
   cmd->add_option("--prefix", args->prefixes,
                   "Tensor-name prefix of a PEER layer, e.g. model.layers.19.mlp.peer; repeat for "
-                  "several layers; PREFIX=NAME stores it under another name")
-      ->required();
+                  "several layers; PREFIX=NAME stores it under another name");
+  cmd->add_option("--engram", args->engram,
+                  "Tensor-name prefix of an Engram layer (--layout mikeybeez: LlamaEngram's "
+                  "embeddings.J.weight, value_proj, key_proj, norm_k, norm_q, conv, hash_mult), "
+                  "e.g. model.layers.1.engram; repeatable; PREFIX=NAME as for --prefix. Its "
+                  "rows are stored in the --quant dtype");
   cmd->add_option("--quant", args->quant, "Record dtype: int4, int8, bf16, f16 or f32")
       ->check(CLI::IsMember({"int4", "int8", "bf16", "f16", "f32"}))
       ->capture_default_str();
@@ -134,6 +160,12 @@ void add_pack(CLI::App& app, GlobalOptions& global) {
       opt.layers.push_back(eq == std::string::npos
                                ? PackLayerRequest{p, p}
                                : PackLayerRequest{p.substr(0, eq), p.substr(eq + 1)});
+    }
+    for (const std::string& p : args->engram) {
+      const size_t eq = p.find('=');
+      opt.engram_layers.push_back(eq == std::string::npos
+                                      ? PackLayerRequest{p, p}
+                                      : PackLayerRequest{p.substr(0, eq), p.substr(eq + 1)});
     }
     if (args->heads > 0) opt.overrides.heads = args->heads;
     if (args->topk > 0) opt.overrides.topk = args->topk;

@@ -9,6 +9,7 @@
 
 #include "base/strings.h"
 #include "kernels/cpu/ref/quant_ref.h"
+#include "runtime/layer/lookahead.h"
 
 namespace trove {
 
@@ -108,23 +109,21 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     all_gates.resize(all_ids.size());
   }
 
-  std::vector<float> xb, yb;
-  PeerRouting routing;
-  const auto start = std::chrono::steady_clock::now();
-  for (int64_t first = 0; first < T; first += opt.batch) {
-    const int64_t n = std::min(opt.batch, T - first);
-    xb.resize(static_cast<size_t>(n * c.dim));
-    yb.resize(static_cast<size_t>(n * c.dim_out));
-    TROVE_RETURN_IF_ERROR(read_rows_f32(rows, first, n, xb.data()).with_context(where));
+  bool input_failed = false;  // the error is the input file's (it names it), not the layer's
+  auto read_batch = [&](int64_t b, std::vector<float>* xb, int64_t* n) -> Status {
+    const int64_t first = b * opt.batch;
+    *n = std::min(opt.batch, T - first);
+    xb->resize(static_cast<size_t>(*n * c.dim));
+    Status s = read_rows_f32(rows, first, *n, xb->data());
     // Checked here too so that the error names the token of the file, not of the batch.
-    TROVE_RETURN_IF_ERROR(check_finite_rows("input", xb, c.dim, first).with_context(where));
-    PeerBatchStats bs;
-    // Named by the tokens, not the input file: an error here is the store's or the tier's
-    // (the input's own faults are caught above), and its message names the store file.
-    TROVE_RETURN_IF_ERROR(
-        layer.forward(xb, n, yb, &routing, &bs)
-            .with_context(str_printf("forward of tokens %lld..%lld", static_cast<long long>(first),
-                                     static_cast<long long>(first + n - 1))));
+    if (s.ok()) s = check_finite_rows("input", *xb, c.dim, first);
+    input_failed = !s.ok();
+    return s.with_context(where);
+  };
+  auto output = [&](int64_t b, std::span<const float> yb, const PeerRouting& routing,
+                    const PeerBatchStats& bs) -> Status {
+    const int64_t first = b * opt.batch;
+    const int64_t n = routing.tokens;
     convert_row_ref(out_type, yb.data(), n * c.dim_out,
                     y_bytes.data() + static_cast<size_t>(first * c.dim_out) * out_elem);
     if (dump) {
@@ -142,16 +141,29 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     report.record_bytes_unique += bs.record_bytes_unique;
     report.hits += bs.fetch.hits;
     report.misses += bs.fetch.misses;
+    report.prefetched += bs.fetch.prefetched;
     report.bytes_read += bs.fetch.bytes_read;
     report.disk_seconds += bs.fetch.disk_seconds;
-    report.stall_seconds += bs.fetch.stall_seconds;
+    report.stall_seconds += bs.fetch.stall_seconds + bs.fetch.prefetch_wait_seconds;
     report.device_hits += bs.device.hits;
     report.device_misses += bs.device.misses;
     report.h2d_bytes += bs.device.bytes_copied;
     report.h2d_seconds += bs.device.copy_seconds;
     report.h2d_pinned = report.h2d_pinned && bs.device.pinned;
     if (opt.progress) opt.progress(first + n, T);
+    return Status::ok_status();
+  };
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t batches = (T + opt.batch - 1) / opt.batch;
+  Status ran = forward_with_lookahead(layer, batches, opt.lookahead, read_batch, output);
+  if (!ran.ok() && !input_failed) {
+    // Named by the tokens, not the input file: an error here is the store's or the tier's
+    // (the input's own faults are caught by `input`), and its message names the store file.
+    return ran.with_context(str_printf(
+        "forward of tokens %lld..%lld", static_cast<long long>(report.batches * opt.batch),
+        static_cast<long long>(std::min(T, (report.batches + 1) * opt.batch) - 1)));
   }
+  TROVE_RETURN_IF_ERROR(ran);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.device = !layer.h2d_totals().empty();
   report.h2d_method = std::string(h2d_method_name(layer.h2d_method()));

@@ -31,6 +31,9 @@ struct ForwardOptions {
   std::string routing_output;        // empty: no routing dump
   std::optional<StDType> out_dtype;  // default: the input's
   int64_t batch = 4096;              // tokens per layer call
+  // Batches routed and prefetched ahead of the one computing (runtime/layer/lookahead.h); 0:
+  // none. The output is the same bit for bit at any depth.
+  int lookahead = 0;
   PeerLayerOptions layer_options;
   // Called after each batch with (tokens done, tokens in all).
   std::function<void(int64_t, int64_t)> progress;
@@ -60,6 +63,7 @@ struct ForwardReport {
   // read from the store file, the disk's busy time and the time the layer waited for it.
   int64_t hits = 0;
   int64_t misses = 0;
+  int64_t prefetched = 0;  // unique experts read ahead of their batch by the look-ahead
   uint64_t bytes_read = 0;
   double disk_seconds = 0;
   double stall_seconds = 0;

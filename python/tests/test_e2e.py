@@ -30,7 +30,15 @@ def test_bench_runs_every_variant_and_reports_tokens_per_second(tmp_path, capsys
                            "--workdir", str(tmp_path / "w"), "--json", str(out),
                            "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert [v["variant"] for v in report["variants"]] == ["torch", "trove", "trove-host"]
+    assert [v["variant"] for v in report["variants"]] == ["torch", "trove", "trove-host",
+                                                          "trove-engram-host"]
+    # Engram at layers 1 and 5, clamped to the 3-layer model; its tables beyond the host tier.
+    assert report["shape"]["engram_layers"] == [1, 2]
+    eng = report["variants"][3]
+    assert 0 < eng["engram_host_budget_bytes"] < eng["engram_store_bytes"]
+    assert "host_budget_bytes" not in eng  # PEER all resident
+    assert eng["by_batch"][0]["last_engram_stats"]["misses"] > 0
+    assert all(r["forward_engram_s"] > 0 for v in report["variants"] for r in v["by_batch"])
     for v in report["variants"]:
         assert [r["batch"] for r in v["by_batch"]] == [1, 2]
         for r in v["by_batch"]:

@@ -125,6 +125,26 @@ def test_host_tier_gives_the_same_output_and_reports_hits(tmp_path):
     assert tiered.last_stats["host"]["hits"] > 0
 
 
+def test_lookahead_gives_the_batches_outputs_bit_for_bit_and_reads_ahead(tmp_path):
+    torch.manual_seed(6)
+    m = BackgroundPeer(dim=64, num_experts=1024, heads=2, topk=4, dim_key=8)
+    resident = tt.PEER.from_module(m, tmp_path / "l.trove", quant="int4")
+    x = torch.randn(100, 64)
+    # The same batches of 16 tokens (the last short) without look-ahead.
+    want = torch.cat([resident(x[i:i + 16]) for i in range(0, 100, 16)])
+    want_ids = torch.cat([resident.routing(x[i:i + 16])[0] for i in range(0, 100, 16)])
+    for depth in (1, 3):
+        ahead = tt.PEER.open(tmp_path / "l.trove", host="200KiB", lookahead=depth, batch=16)
+        assert torch.equal(ahead(x), want)
+        host = ahead.last_stats["host"]
+        assert ahead.last_stats["tokens"] == 100
+        assert host["prefetched"] > 0
+        assert host["hits"] >= host["prefetched"]
+        assert torch.equal(ahead.routing(x)[0], want_ids)
+    with pytest.raises(ValueError, match="lookahead"):
+        tt.PEER.open(tmp_path / "l.trove", host="200KiB", lookahead=-1)
+
+
 # ---- gradients ------------------------------------------------------------------------------
 
 def smooth_layer(tmp_path):

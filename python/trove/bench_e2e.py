@@ -6,6 +6,17 @@ layers 19 and 21 (hidden + PEER(hidden)), forward and training step, for
   trove       trove.torch.PEER over int4 stores, all resident (the store mapped)
   trove-host  the same stores through a host tier of --host-frac of the tables' bytes
               (records read from disk on demand, O_DIRECT), SPEC §5
+  trove-engram-host
+              PEER all resident as in `trove`, the Engram tables through a host tier of
+              --host-frac of their bytes: the cost of an Engram table beyond the host budget
+
+Engram (issue 18): the background's LlamaEngram at decoder layers 1 and 5 (--engram-layers;
+clamped to the model's depth), hidden = hidden + Engram(hidden, input_ids) before the layer,
+as the background places it: n-gram orders 2..3, 8 heads, 256 per order (e = 32), conv K = 4,
+--engram-vocab rows per table. torch runs trove.background.BackgroundEngram (nn.Embedding
+tables, trained by AdamW with the rest); trove variants run trove.torch.Engram over a store of
+--quant rows, prefetched from the batch's tokens before the model runs (tables not trained
+by the trove variants yet: their row gradients are computed and dropped).
 
 all in one run, each in its own child process so that each peak RSS is its own. Random
 weights and tokens from --seed; nothing is downloaded. Also reported: the time inside the PEER
@@ -26,7 +37,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("torch", "trove", "trove-host")
+VARIANTS = ("torch", "trove", "trove-host", "trove-engram-host")
 
 
 def _parse(argv):
@@ -58,6 +69,10 @@ def _parse(argv):
                    help="measure every variant in this process, iteration by iteration in turn "
                         "(fairer ratios on a loaded machine; the peak RSS is then the "
                         "process's, not each variant's)")
+    p.add_argument("--engram-layers", default="1,5",
+                   help="decoder layers with Engram (comma-separated; '' for none)")
+    p.add_argument("--engram-vocab", type=int, default=None,
+                   help="rows per Engram table (default: 100000 x scale, at least 1024)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -68,11 +83,49 @@ def _sizes(args):
     return Shape.scaled(args.scale, **over)
 
 
+def _engram_layers(args, shape):
+    want = [int(i) for i in args.engram_layers.split(",") if i.strip()]
+    return tuple(sorted({min(i, shape.layers - 1) for i in want}))
+
+
+def _engram_vocab(args):
+    return args.engram_vocab or max(1024, round(100000 * args.scale))
+
+
+def _make_engrams(variant, bg_engrams, layers, args, workdir, max_tokens):
+    """The Engram modules of `variant`."""
+    import trove.torch as tt
+    if variant == "torch":
+        return bg_engrams, {}
+    engrams, info = [], {"engram_store_bytes": 0}
+    for idx, bg in zip(layers, bg_engrams):
+        path = os.path.join(workdir, f"{variant}-engram{idx}.trove")
+        e = tt.Engram.from_module(bg, path, quant=args.quant, layer=f"model.layers.{idx}.engram",
+                                  threads=max(1, args.threads))
+        size = os.path.getsize(path)
+        info["engram_store_bytes"] += size
+        if variant in ("trove-host", "trove-engram-host"):
+            # --host-frac of the table, but at least what one batch's rows can need (every row
+            # in its own record), which the tier must hold while the lookup runs.
+            rec = e.config["row_bytes"] * e.config["rows_per_record"]
+            need = int(e.tables * max_tokens * rec * 1.02) + 4 * rec
+            budget = min(size, max(int(size * args.host_frac), need))
+            info.setdefault("engram_host_budget_bytes", 0)
+            info["engram_host_budget_bytes"] += budget
+            e = tt.Engram.open(path, e.layer, host=budget, threads=max(1, args.threads))
+        else:
+            e.preload()  # all resident: every row in memory before the first batch
+        engrams.append(e)
+    return engrams, info
+
+
 def _make_peers(variant, shape, bg_peers, args, workdir):
     """The PEER modules of `variant` and the table optimizer (None for torch)."""
     import torch
 
     import trove.torch as tt
+    if variant == "trove-engram-host":
+        variant = "trove"
     if variant == "torch":
         if args.torch_dtype == "bf16":
             class Cast(torch.nn.Module):
@@ -116,16 +169,28 @@ class _Variant:
     def __init__(self, variant, args, shape, workdir):
         import torch
 
-        from .e2e import PeerTimer, add_peers, build_model, rss_bytes
+        from .background import BackgroundEngram
+        from .e2e import PeerTimer, add_engrams, add_peers, build_model, rss_bytes
         self.name, self.args = variant, args
         self.device = torch.device(args.device)
         model, bg_peers = build_model(shape, args.seed)
         self.timer = PeerTimer(self.device)
         self.peers, self.table_opt, info = _make_peers(variant, shape, bg_peers, args, workdir)
         del bg_peers
+        self.engram_layers = _engram_layers(args, shape)
+        torch.manual_seed(args.seed + 7)
+        bg_engrams = [BackgroundEngram(shape.hidden, layer_idx=i, vocab=_engram_vocab(args))
+                      for i in self.engram_layers]
+        max_tokens = max(int(b) for b in args.batch.split(",")) * args.seq
+        self.engrams, einfo = _make_engrams(variant, bg_engrams, self.engram_layers, args,
+                                            workdir, max_tokens)
+        info.update(einfo)
+        del bg_engrams
+        self.engram_state = add_engrams(model, self.engrams, self.engram_layers)
         add_peers(model, self.peers, shape.peer_layers, self.timer)
         self.model = model.to(self.device)
         peer_params = [p for m in self.peers for p in m.parameters()]
+        peer_params += [p for m in self.engrams for p in m.parameters()]
         ids_peer = {id(p) for p in peer_params}
         base_params = [p for p in model.parameters() if id(p) not in ids_peer]
         if not args.no_train:
@@ -139,6 +204,13 @@ class _Variant:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def start_batch(self, ids):
+        """The batch's tokens are known: every Engram layer's rows are asked for now."""
+        self.engram_state.start(ids)
+        if self.name != "torch":
+            for e in self.engrams:
+                e.prefetch(ids)
+
     def forward(self, ids):
         """(seconds, seconds inside PEER) of one forward without autograd."""
         import torch
@@ -146,6 +218,7 @@ class _Variant:
         self.timer.reset()
         self.sync()
         t0 = time.perf_counter()
+        self.start_batch(ids)
         with torch.no_grad():
             self.model(ids)
         self.sync()
@@ -158,6 +231,7 @@ class _Variant:
         t.reset()
         self.sync()
         t0 = time.perf_counter()
+        self.start_batch(ids)
         loss = self.model(ids, labels=ids).loss
         loss.backward()
         self.opt_base.step()
@@ -207,6 +281,8 @@ def _run_variants(names, args, workdir):
                      for _ in range(n_it)]
         tokens = b * args.seq
         fwd = {v.name: [] for v in variants}
+        for v in variants:
+            v.engram_state.forward_s = 0.0
         for it in range(n_it):
             for v in variants:
                 r = v.forward(fwd_ids[it])
@@ -219,8 +295,11 @@ def _run_variants(names, args, workdir):
             row = {"batch": b, "seq": args.seq, "tokens": tokens,
                    "forward_s": statistics.median(f), "forward_peer_s": statistics.median(pf)}
             row["forward_tokens_per_s"] = tokens / row["forward_s"]
+            row["forward_engram_s"] = v.engram_state.forward_s / max(1, n_it)
             if v.name != "torch":
                 row["last_peer_stats"] = v.peers[0].last_stats
+                if v.engrams:
+                    row["last_engram_stats"] = v.engrams[0].last_stats
             row["rss_peak_forward_bytes"] = rss_peak_bytes()
             rows[v.name] = row
         if not args.no_train:
@@ -254,6 +333,10 @@ def _run_variants(names, args, workdir):
             r["vram_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         r["torch_table_bytes"] = sum(p.numel() * p.element_size() for m in v.peers
                                      for n, p in m.named_parameters() if "expert_" in n)
+        r["torch_engram_table_bytes"] = sum(
+            p.numel() * p.element_size() for m in v.engrams
+            for n, p in m.named_parameters() if "embeddings" in n)
+        r["engram_layers"] = list(v.engram_layers)
         reports.append(r)
     return reports
 
@@ -286,8 +369,10 @@ def format_table(report):
     lines.append(f"model: hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']}; PEER on "
                  f"layers {s['peer_layers']}: N = {s['experts']:,}, h = {s['peer_heads']}, "
                  f"k = {s['peer_topk']}, dk = {s['peer_dim_key']}")
+    if s.get("engram_layers"):
+        lines.append(f"Engram on layers {s['engram_layers']}: {s['engram_vocab']:,} rows per table")
     hdr = ("| batch x seq | variant | fwd tok/s | vs torch | train tok/s | vs torch | PEER fwd ms "
-           "| PEER train fwd+bwd+opt ms | peak RSS |")
+           "| PEER train fwd+bwd+opt ms | Engram fwd ms | peak RSS |")
     lines += [hdr, "|---" * (hdr.count("|") - 1) + "|"]
     by = {r["variant"]: r for r in report["variants"]}
     nb = len(next(iter(by.values()))["by_batch"])
@@ -306,7 +391,8 @@ def format_table(report):
             else:
                 ts, tr, pt = "-", "-", "-"
             lines.append(f"| {row['batch']} x {row['seq']} | {v} | {f:,.0f} | {fr} | {ts} | {tr} | "
-                         f"{row['forward_peer_s'] * 1e3:.0f} | {pt} | {_gib(r['rss_peak_bytes'])}"
+                         f"{row['forward_peer_s'] * 1e3:.0f} | {pt} | "
+                         f"{row.get('forward_engram_s', 0) * 1e3:.0f} | {_gib(r['rss_peak_bytes'])}"
                          f"{' (process)' if r.get('rss_is_the_process_peak_of_all_variants') else ''} |")
     for v, r in by.items():
         extra = []
@@ -316,6 +402,10 @@ def format_table(report):
             extra.append(f"stores {_gib(r['store_bytes'])} (pack {r['pack_s']:.1f} s)")
         if r.get("host_budget_bytes"):
             extra.append(f"host tier budget {_gib(r['host_budget_bytes'])}")
+        if r.get("engram_store_bytes"):
+            extra.append(f"Engram stores {_gib(r['engram_store_bytes'])}")
+        if r.get("engram_host_budget_bytes"):
+            extra.append(f"Engram host tier budget {_gib(r['engram_host_budget_bytes'])}")
         if "vram_peak_bytes" in r:
             extra.append(f"peak VRAM (torch allocator) {_gib(r['vram_peak_bytes'])}")
         extra.append(f"RSS after build {_gib(r['rss_after_build_bytes'])}")
@@ -379,7 +469,9 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     report = {"command": "python -m trove.bench_e2e " + " ".join(sys.argv[1:] if argv is None else argv),
               "args": vars(args), "machine": _machine(),
-              "shape": {**dataclasses.asdict(shape), "peer_layers": list(shape.peer_layers)},
+              "shape": {**dataclasses.asdict(shape), "peer_layers": list(shape.peer_layers),
+                        "engram_layers": list(_engram_layers(args, shape)),
+                        "engram_vocab": _engram_vocab(args)},
               "variants": []}
     try:
         if args.in_process:

@@ -146,6 +146,42 @@ def add_peers(model, peers, layers, timer):
     return model
 
 
+class EngramState:
+    """The batch's token ids, for the Engram layers (they hash the input tokens), and the time
+    spent inside them."""
+
+    def __init__(self):
+        self.ids = None
+        self.forward_s = 0.0
+
+    def start(self, ids):
+        self.ids = ids
+
+
+def add_engrams(model, engrams, layers):
+    """Adds engrams[i] before decoder layer layers[i], as the background does:
+    hidden = hidden + Engram(hidden, input_ids). Returns the EngramState whose start(ids) a
+    caller calls with each batch's ids before the model runs."""
+    state = EngramState()
+    for idx, eng in zip(layers, engrams):
+        block = model.model.layers[idx]
+        block.engram = eng
+
+        def hook(module, args, kwargs):
+            t0 = time.perf_counter()
+            if args:
+                h = args[0]
+                args = (h + module.engram(h, state.ids),) + tuple(args[1:])
+            else:
+                h = kwargs["hidden_states"]
+                kwargs = {**kwargs, "hidden_states": h + module.engram(h, state.ids)}
+            state.forward_s += time.perf_counter() - t0
+            return args, kwargs
+
+        block.register_forward_pre_hook(hook, with_kwargs=True)
+    return state
+
+
 def build_model(shape, seed):
     """(LlamaForCausalLM with random weights from `seed`, the background PEER modules for
     shape.peer_layers with weights from `seed` too); PEER not yet attached."""

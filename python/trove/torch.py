@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
+from .background import engram_mix as _engram_mix
 
 # The C++ layers by handle: custom ops take plain values, so a module passes its handle.
 _LAYERS = {}
@@ -172,12 +173,15 @@ class PEER(nn.Module):
 
     @classmethod
     def open(cls, store, layer=None, host=None, device="cpu", vram=None, policy="frequency",
-             threads=0, verify=True):
+             threads=0, verify=True, lookahead=0, batch=4096):
         """Layer `layer` of the store at `store` (the only layer when None).
 
         host: a byte budget ("8GiB", "10%" is not accepted here) for a host tier over the store
         file (records read on demand, verified); None maps the whole table. device "cuda" runs
         the layer's kernels on the GPU (a build with CUDA), with `vram` a device tier's budget.
+        lookahead: with it > 0, a forward of more than `batch` tokens runs in batches of `batch`
+        tokens, the next `lookahead` ones routed and their missing records read from disk while
+        one computes (within the host budget); the output is the same bit for bit.
         """
         store = os.fspath(store)
         if layer is None:
@@ -189,7 +193,7 @@ class PEER(nn.Module):
         if backend is None:
             raise ValueError(f"device {device!r}: trove runs layers on 'cpu' or 'cuda'")
         args = dict(host=_bytes_arg(host), policy=policy, backend=backend, vram=_bytes_arg(vram),
-                    threads=threads, verify=verify)
+                    threads=threads, verify=verify, lookahead=lookahead, batch=batch)
         peer = cls(_core.Layer(store, layer, **args), store, layer)
         peer._open_args = args
         return peer
@@ -391,3 +395,162 @@ class Int4SR:
         self.lr = state["lr"]
         self.saturation_tolerance = state["saturation_tolerance"]
         self.optimizer = state["optimizer"]
+
+
+# ---- Engram (issue 18) ------------------------------------------------------------------------
+
+class _EngramLookup(torch.autograd.Function):
+    """rows [B, T, E] of the hashed ids through the C++ table; backward hands the segment-summed
+    row gradients per table to the module (trove's tables are no torch tensors, so no dense
+    table gradient is ever formed) and returns nothing for the anchor."""
+
+    @staticmethod
+    def forward(ctx, anchor, module, ids, b, t):
+        out = torch.empty(b * t, module.concat_dim, dtype=torch.float32)
+        module.last_stats = json.loads(module._core.lookup(ids, b * t, out))
+        ctx.module, ctx.ids, ctx.n = module, ids, b * t
+        return out.view(b, t, module.concat_dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        m = ctx.module
+        dy = dy.detach().to(torch.float32).contiguous().view(ctx.n, m.concat_dim)
+        m.row_grads = [tuple(torch.from_numpy(a) for a in m._core.row_grads(ctx.ids, ctx.n, dy, k))
+                       for k in range(m.tables)]
+        return None, None, None, None, None
+
+
+class Engram(nn.Module):
+    """A stored Engram layer (the background's LlamaEngram) as an nn.Module.
+
+        eng = tt.Engram.from_module(llama_engram, "engram.trove", quant="f32", host="1GiB")
+        y = eng(x, input_ids)          # x [B, T, D], input_ids [B, T] -> y [B, T, D]
+
+    The (max_ngram - 1) * heads embedding tables are trove's: rows in the store, read through
+    its tiers (all resident, or a host budget over the file), dequantized by trove's kernels.
+    value_proj, key_proj, norm_k, norm_q and conv stay ordinary torch layers (Parameters any
+    optimizer trains). Backward gives the dense layers and x their gradients through torch,
+    and leaves the tables' gradients as `row_grads`: per table, (unique row ids, summed
+    gradients [U, e]), the only rows a step touches.
+
+    prefetch(input_ids) begins reading a batch's rows as soon as its tokens are known (they
+    depend on nothing else); the forward with the same tokens then finishes the reads.
+    """
+
+    def __init__(self, core, store, layer):
+        super().__init__()
+        self._core, self.store, self.layer = core, store, layer
+        c = json.loads(core.config_json())
+        self.config = c
+        self.dim, self.max_ngram, self.heads = c["hidden"], c["max_ngram"], c["heads"]
+        self.vocab, self.embed_per_head = c["vocab"], c["embed_per_head"]
+        self.tables = (self.max_ngram - 1) * self.heads
+        self.concat_dim = self.tables * self.embed_per_head
+        k = c["kernel_size"]
+        self.value_proj = nn.Linear(self.concat_dim, self.dim, bias=False)
+        self.key_proj = nn.Linear(self.concat_dim, self.dim, bias=False)
+        self.norm_k = nn.RMSNorm(self.dim, eps=c["norm_eps"])
+        self.norm_q = nn.RMSNorm(self.dim, eps=c["norm_eps"])
+        self.conv = nn.Conv1d(self.dim, self.dim, k, padding=k - 1, groups=self.dim, bias=False)
+        with torch.no_grad():
+            for name, mod in (("value_proj", self.value_proj), ("key_proj", self.key_proj),
+                              ("norm_k", self.norm_k), ("norm_q", self.norm_q),
+                              ("conv", self.conv)):
+                w = torch.tensor(core.dense(f"{name}.weight"), dtype=torch.float32)
+                mod.weight.copy_(w.view_as(mod.weight))
+        self.register_buffer("hash_mult", torch.tensor(c["hash_mult"], dtype=torch.long))
+        self._anchor = torch.empty(0, requires_grad=True)
+        self._pending = None
+        self.row_grads = None
+        self.last_stats = None
+
+    @classmethod
+    def open(cls, store, layer, host=None, policy="frequency", threads=1, verify=True):
+        """Opens Engram layer `layer` of `store`; host: a byte budget ("8GiB") for the host tier
+        over the file, else every record read once (verified) and kept."""
+        core = _core.EngramTable(os.fspath(store), layer, _bytes_arg(host), policy, threads,
+                                 verify)
+        return cls(core, os.fspath(store), layer)
+
+    @classmethod
+    def from_module(cls, module, path, quant="int4", host=None, layer="engram", threads=1):
+        """Packs the background's LlamaEngram (or trove.background.BackgroundEngram) into a new
+        store at `path` (replaced atomically) and opens it. quant: int4, int8, bf16, f16 or f32
+        (f32 is lossless)."""
+        state = module.state_dict()
+        need = {"value_proj.weight", "key_proj.weight", "norm_k.weight", "norm_q.weight",
+                "conv.weight", "hash_mult", "embeddings.0.weight"}
+        missing = sorted(need - set(state))
+        if missing:
+            raise ValueError(f"{type(module).__name__} is not an Engram module of the background's "
+                             f"layout: its state dict lacks {missing}")
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".trove-from-module-", suffix=".safetensors",
+                                   dir=folder)
+        os.close(fd)
+        try:
+            from safetensors.torch import save_file
+            save_file({f"{layer}.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
+                      tmp)
+            _core.pack([tmp], path, "mikeybeez", [], [], quant, "{}", threads=threads,
+                       command_line="trove.torch.Engram.from_module(mikeybeez)",
+                       engram_prefixes=[layer], engram_names=[layer])
+        finally:
+            os.unlink(tmp)
+        return cls.open(path, layer, host=host, threads=threads)
+
+    def preload(self):
+        """Reads the whole table once (opened without a host budget: all resident from then
+        on)."""
+        self._core.preload()
+
+    def hash(self, tokens):
+        """Row ids [tables, B, T] (int64) of tokens [B, T], by trove's kernel."""
+        tokens = tokens.detach().to(device="cpu", dtype=torch.long).contiguous()
+        b, t = tokens.shape
+        ids = torch.empty(self.tables, b, t, dtype=torch.long)
+        self._core.hash(tokens, b, t, ids)
+        return ids
+
+    def prefetch(self, tokens):
+        """Begins reading the rows of tokens [B, T]; the forward over the same tokens finishes."""
+        ids = self.hash(tokens)
+        self._core.prefetch(ids, ids.shape[1] * ids.shape[2])
+        self._pending = (tokens.detach().cpu().clone(), ids)
+
+    def lookup(self, tokens):
+        """The concatenated rows [B, T, E] of tokens [B, T] (fp32, CPU)."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens have shape {tuple(tokens.shape)}; expected [B, T]")
+        b, t = tokens.shape
+        ids = None
+        if self._pending is not None:
+            old, old_ids = self._pending
+            self._pending = None
+            if old.shape == tokens.shape and torch.equal(old, tokens.detach().cpu()):
+                ids = old_ids
+        if ids is None:
+            ids = self.hash(tokens)
+        return _EngramLookup.apply(self._anchor, self, ids, b, t)
+
+    def forward(self, x, tokens):
+        if x.dim() != 3 or x.shape[:2] != tokens.shape or x.shape[-1] != self.dim:
+            raise ValueError(f"x {tuple(x.shape)} and tokens {tuple(tokens.shape)}: expected "
+                             f"[B, T, {self.dim}] and [B, T]")
+        rows = self.lookup(tokens).to(device=x.device, dtype=x.dtype)
+        return _engram_mix(self, x, rows)
+
+    def extra_repr(self):
+        c = self.config
+        return (f"store={self.store!r}, layer={self.layer!r}, D={self.dim}, "
+                f"orders=2..{self.max_ngram}, heads={self.heads}, vocab={self.vocab}, "
+                f"e={self.embed_per_head}, rows={c['dtype']}, {c['source']}")
+
+
+def prefetch_engram(model, input_ids):
+    """Begins reading every Engram layer's rows of `input_ids` [B, T] (call as soon as a batch's
+    tokens are known, before the layers in front of the Engram layers run)."""
+    for m in model.modules():
+        if isinstance(m, Engram):
+            m.prefetch(input_ids)

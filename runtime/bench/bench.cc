@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -19,6 +20,7 @@
 #include "kernels/record.h"
 #include "runtime/bench/cache_sim.h"
 #include "runtime/convert/pack.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/layer/peer_config_json.h"
 #include "runtime/layer/peer_layer.h"
 #include "runtime/layer/store_layer.h"
@@ -233,19 +235,104 @@ struct BenchLayer {
   std::vector<std::vector<int64_t>> trace;  // unique ids per batch from cold, for Belady
   int64_t hits_all = 0, unique_all = 0, device_hits_all = 0;
   BenchLayerResult res;
+  // Look-ahead (the first layer only: the one whose input a real stack knows ahead): the
+  // routings of the batches routed ahead, oldest first, and the next batch to route.
+  bool looks_ahead = false;
+  std::deque<PeerRouting> ahead;
+  int64_t next_ahead = 0;
+  // Cross-layer prediction: this layer's router on the layer before's input, its distinct
+  // experts, and how they compared with the ones the batch used.
+  PeerRouting predicted;
+  std::vector<int64_t> predicted_ids;
+  std::vector<uint8_t> mark;  // per expert, all 0 between uses
+  bool has_prediction = false;
+  int64_t predicted_used = 0, predicted_of = 0;  // the last batch's
 };
+
+// The distinct ids of `r`, ascending, into *out (`mark`: one byte per expert, all 0).
+void unique_ids(const PeerRouting& r, std::vector<uint8_t>* mark, std::vector<int64_t>* out) {
+  out->clear();
+  for (int64_t id : r.ids) {
+    uint8_t& m = (*mark)[static_cast<size_t>(id)];
+    if (m == 0) {
+      m = 1;
+      out->push_back(id);
+    }
+  }
+  std::sort(out->begin(), out->end());
+  for (int64_t id : *out) (*mark)[static_cast<size_t>(id)] = 0;
+}
+
+int64_t count_common(std::span<const int64_t> a, std::span<const int64_t> b) {
+  int64_t n = 0;
+  for (size_t i = 0, j = 0; i < a.size() && j < b.size();) {
+    if (a[i] < b[j]) {
+      ++i;
+    } else if (b[j] < a[i]) {
+      ++j;
+    } else {
+      ++n, ++i, ++j;
+    }
+  }
+  return n;
+}
+
+// Look-ahead: each layer that looks ahead routes its batches up to b + depth (of `total`) and
+// prefetches their experts (PeerLayer::prefetch), in order, each once.
+Status look_ahead(std::vector<BenchLayer>& layers, int depth, int64_t b, int64_t total, int64_t T) {
+  for (BenchLayer& L : layers) {
+    if (!L.looks_ahead) continue;
+    for (; L.next_ahead < total && L.next_ahead <= b + depth; ++L.next_ahead) {
+      PeerRouting r;
+      if (L.src.routes_itself()) {
+        TROVE_RETURN_IF_ERROR(L.layer.route(L.src.x(L.next_ahead), T, &r));
+      } else {
+        L.src.routing(L.next_ahead, &r);
+      }
+      L.layer.prefetch(r);
+      L.ahead.push_back(std::move(r));
+    }
+  }
+  return Status::ok_status();
+}
 
 // Runs batch b through every layer (their resident twins when `resident`), each on x + y of
 // the layer before it, as a transformer's residual stream; layer l's stats go to its `last`.
-// `h` holds the stream between layers.
+// `h` holds the stream between layers. Through the tiers, a layer that looks ahead runs the
+// routing it was given ahead (look_ahead), and with `cross_layer` each pk layer after the first
+// prefetches what its router picks on the input of the layer before, before that one runs.
 Status run_layers(std::vector<BenchLayer>& layers, bool resident, int64_t b, int64_t T,
-                  std::vector<float>* h) {
+                  std::vector<float>* h, bool cross_layer = false) {
   std::span<const float> x = layers[0].src.x(b);
   for (size_t l = 0; l < layers.size(); ++l) {
     BenchLayer& L = layers[l];
     PeerLayer& layer = resident ? *L.resident : L.layer;
     L.last = PeerBatchStats();
-    Status s = run_batch(layer, L.src, b, T, x, &L.routing, &L.y, resident ? nullptr : &L.last);
+    if (!resident && cross_layer && l + 1 < layers.size()) {
+      BenchLayer& next = layers[l + 1];
+      if (next.src.routes_itself() && !next.looks_ahead) {
+        TROVE_RETURN_IF_ERROR(next.layer.route(x, T, &next.predicted));
+        next.layer.prefetch(next.predicted);
+        next.has_prediction = true;
+      }
+    }
+    Status s;
+    if (!resident && L.looks_ahead) {
+      TROVE_CHECK(!L.ahead.empty());
+      L.routing = std::move(L.ahead.front());
+      L.ahead.pop_front();
+      s = layer.forward_routed(x, T, L.routing, L.y, &L.last);
+    } else {
+      s = run_batch(layer, L.src, b, T, x, &L.routing, &L.y, resident ? nullptr : &L.last);
+    }
+    if (s.ok() && L.has_prediction) {
+      if (L.mark.empty()) L.mark.assign(static_cast<size_t>(layer.config().num_experts()), 0);
+      unique_ids(L.predicted, &L.mark, &L.predicted_ids);
+      const std::span<const int64_t> used = layer.last_experts();
+      L.predicted_used = count_common(L.predicted_ids, used);
+      L.predicted_of = static_cast<int64_t>(used.size());
+      L.has_prediction = false;
+    }
     if (!s.ok()) {
       std::string what = str_printf("bench batch %lld", (long long)b);
       if (!L.context.empty()) what += ", " + L.context;
@@ -272,7 +359,8 @@ void add_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
   sum->fetch.misses += s.fetch.misses;
   sum->fetch.bytes_read += s.fetch.bytes_read;
   sum->fetch.disk_seconds += s.fetch.disk_seconds;
-  sum->fetch.stall_seconds += s.fetch.stall_seconds;
+  // Waits for prefetch reads are stalls too.
+  sum->fetch.stall_seconds += s.fetch.stall_seconds + s.fetch.prefetch_wait_seconds;
   sum->device.hits += s.device.hits;
   sum->device.misses += s.device.misses;
   sum->device.bytes_copied += s.device.bytes_copied;
@@ -513,6 +601,7 @@ Result<std::vector<BenchLayer>> open_bench_layers(const StoreReader& store,
     layers.push_back(BenchLayer{std::move(*stored), std::move(*layer), tiered, std::move(*src)});
     layers.back().y.resize(sz(opt.batch * dim_out));
     layers.back().context = context.empty() ? context : "layer " + name;
+    layers.back().looks_ahead = l == 0 && opt.lookahead > 0;
     layers.back().res.name = name;
     layers.back().res.host_budget_bytes = host_share;
     layers.back().res.vram_budget_bytes = vram_share;
@@ -527,6 +616,10 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     return Status::invalid_argument(
         str_printf("bench: batch %lld, batches %lld and warm-up %lld must be >= 1, >= 1 and >= 0",
                    (long long)opt.batch, (long long)opt.batches, (long long)opt.warmup_batches));
+  }
+  if (opt.lookahead < 0 || opt.lookahead > kMaxLookahead) {
+    return Status::invalid_argument(
+        str_printf("bench: look-ahead %d must be 0 (off) to %d", opt.lookahead, kMaxLookahead));
   }
   if (opt.layers < 1) {
     return Status::invalid_argument(
@@ -562,9 +655,17 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   std::vector<float> h;  // the residual stream between layers
   int64_t hits_all = 0, unique_all = 0, device_hits_all = 0;
   double measured = 0;
+  res.lookahead = opt.lookahead;
+  res.cross_layer = opt.cross_layer;
+  int64_t read_ahead_before = 0;  // the prefetches' reads before the measured batches
   for (int64_t b = 0; b < total; ++b) {
+    if (b == opt.warmup_batches) {
+      for (BenchLayer& L : layers) read_ahead_before += L.tiered->prefetch_stats().records_read;
+    }
     const Stopwatch start;
-    TROVE_RETURN_IF_ERROR(run_layers(layers, false, b, opt.batch, &h));
+    TROVE_RETURN_IF_ERROR(
+        look_ahead(layers, opt.lookahead, b, total, opt.batch).with_context("bench look-ahead"));
+    TROVE_RETURN_IF_ERROR(run_layers(layers, false, b, opt.batch, &h, opt.cross_layer));
     const double seconds = start.seconds();
     PeerBatchStats st;  // summed over the layers
     for (BenchLayer& L : layers) {
@@ -584,7 +685,12 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         L.res.bytes_read += L.last.fetch.bytes_read;
         L.res.device_hits += L.last.device.hits;
         L.res.device_misses += L.last.device.misses;
+        res.predicted_used += L.predicted_used;
+        res.predicted_of += L.predicted_of;
+        res.predicted += L.predicted_of > 0 ? static_cast<int64_t>(L.predicted_ids.size()) : 0;
+        res.prefetched += L.last.fetch.prefetched;
       }
+      L.predicted_used = L.predicted_of = 0;
     }
     hits_all += st.fetch.hits;
     device_hits_all += st.device.hits;
@@ -614,6 +720,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     }
     if (opt.progress) opt.progress(b + 1, total);
   }
+  res.records_read = res.misses - read_ahead_before;
+  for (BenchLayer& L : layers) res.records_read += L.tiered->prefetch_stats().records_read;
   res.batches = opt.batches;
   res.tokens = opt.batch * opt.batches;  // each token once, through every layer
   res.seconds = measured;
@@ -621,7 +729,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.hit_rate =
       res.unique > 0 ? static_cast<double>(res.hits) / static_cast<double>(res.unique) : 0;
   res.iops =
-      res.disk_busy_seconds > 0 ? static_cast<double>(res.misses) / res.disk_busy_seconds : 0;
+      res.disk_busy_seconds > 0 ? static_cast<double>(res.records_read) / res.disk_busy_seconds : 0;
   res.route = stage_times(route);
   res.resolve = stage_times(resolve);
   res.disk = stage_times(disk);

@@ -78,6 +78,13 @@ struct BenchOptions {
   uint64_t vram_budget_bytes = 0;
   H2dMethod h2d = H2dMethod::kAuto;
   uint64_t seed = 1;
+  // Look-ahead (runtime/layer/lookahead.h): each layer whose routing is known before its input
+  // (every layer of a synthetic or trace workload; the first of pk) routes batches b+1..b+N and
+  // prefetches their experts before batch b runs. 0: none.
+  int lookahead = 0;
+  // Cross-layer prediction (pk, layers > 1): before layer l runs, layer l + 1's router runs on
+  // layer l's input and layer l + 1 prefetches the experts it picks, read while layer l computes.
+  bool cross_layer = false;
   std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
 };
 
@@ -139,9 +146,22 @@ struct BenchResult {
   double achieved_hit_rate_all = -1;
   uint64_t bytes_read = 0;  // from the store file
   double disk_busy_seconds = 0;
-  double iops = 0;                 // misses / disk busy time
+  double iops = 0;                 // records read (records_read) / disk busy time
   uint64_t record_bytes_used = 0;  // what the expert kernels read
   double compute_seconds = 0;
+  // Look-ahead and cross-layer prediction (over the measured batches): unique experts read
+  // ahead of their batch, records read from disk in all (by the batches and their prefetches),
+  // and for the prediction: predicted ∩ used over used, summed over the layers it ran for.
+  int lookahead = 0;
+  bool cross_layer = false;
+  int64_t prefetched = 0;
+  int64_t records_read = 0;
+  int64_t predicted_used = 0;  // predicted ∩ used
+  int64_t predicted_of = 0;    // used, of the layers predicted
+  int64_t predicted = 0;       // predicted (distinct), for precision
+  double recall() const {
+    return predicted_of > 0 ? static_cast<double>(predicted_used) / predicted_of : -1;
+  }
   // Per batch, in seconds.
   StageTimes route, resolve, disk, compute, stall, total;
 

@@ -4,6 +4,7 @@
 
 #include "base/bytes.h"
 #include "base/strings.h"
+#include "runtime/engram/engram_store.h"
 #include "runtime/layer/peer_config_json.h"
 #include "runtime/layer/store_layer.h"
 
@@ -63,7 +64,16 @@ Result<nlohmann::json> inspect_store(const StoreReader& store, const TierBudgets
   uint64_t total_dense = 0;
   uint64_t total_bf16 = 0;
   nlohmann::json layers = nlohmann::json::array();
+  nlohmann::json engram = nlohmann::json::array();
   for (const StoreLayerInfo& info : store.layers()) {
+    if (is_engram_layer(info)) {
+      TROVE_ASSIGN_OR_RETURN(nlohmann::json e, engram_inspect_json(store, info));
+      for (const StoreDenseInfo& d : info.dense) total_dense += d.bytes;
+      total_table += info.table.bytes;
+      total_bf16 += e["bf16_bytes"].get<uint64_t>();
+      engram.push_back(std::move(e));
+      continue;
+    }
     TROVE_ASSIGN_OR_RETURN(StoredLayer layer, load_stored_layer(store, info));
     const RecordLayout& r = layer.record;
     nlohmann::json l;
@@ -103,6 +113,7 @@ Result<nlohmann::json> inspect_store(const StoreReader& store, const TierBudgets
     layers.push_back(std::move(l));
   }
   out["layers"] = layers;
+  if (!engram.empty()) out["engram_layers"] = engram;
   out["totals"] = {
       {"table_bytes", total_table}, {"dense_bytes", total_dense}, {"bf16_bytes", total_bf16}};
 
@@ -193,6 +204,9 @@ std::string render_inspect(const nlohmann::json& j) {
           src["dtype"].get<std::string>().c_str());
     }
     s += "\n";
+  }
+  if (j.contains("engram_layers")) {
+    for (const auto& e : j["engram_layers"]) s += render_engram_inspect(e) + "\n";
   }
   const auto& t = j["totals"];
   s += str_printf("total      tables %s, dense %s (bf16 tables would be %s)\n",

@@ -16,6 +16,7 @@
 #include "base/progress.h"
 #include "base/strings.h"
 #include "kernels/cpu/quant.h"
+#include "runtime/engram/engram_import.h"
 #include "runtime/layer/peer_config_json.h"
 #include "storage/store.h"
 
@@ -174,8 +175,13 @@ nlohmann::json record_layout_json(const RecordLayout& r) {
 Result<PackReport> pack_store(const PackOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   if (options.inputs.empty()) return Status::invalid_argument("pack: no input checkpoint given");
-  if (options.layers.empty()) {
-    return Status::invalid_argument("pack: no layer given; name one with --prefix");
+  if (options.layers.empty() && options.engram_layers.empty()) {
+    return Status::invalid_argument("pack: no layer given; name one with --prefix (or --engram)");
+  }
+  if (!options.engram_layers.empty() && options.layout != ImportLayout::kMikeybeez) {
+    return Status::invalid_argument(std::string("pack: Engram layers (--engram) come from the "
+                                                "mikeybeez layout; this pack is --layout ") +
+                                    std::string(import_layout_name(options.layout)));
   }
   if (options.output.empty()) return Status::invalid_argument("pack: no output path (-o) given");
 
@@ -214,6 +220,30 @@ Result<PackReport> pack_store(const PackOptions& options) {
     report.source_bytes += layer.down->bytes.size() + layer.up->bytes.size();
     report.layers.push_back(std::move(packed));
     imported.push_back(std::move(layer));
+  }
+
+  std::vector<ImportedEngram> engram;
+  for (const PackLayerRequest& req : options.engram_layers) {
+    const std::string name = req.name.empty() ? req.prefix : req.name;
+    if (name.empty()) {
+      return Status::invalid_argument(
+          "pack: an Engram layer needs a name when its prefix is "
+          "empty");
+    }
+    if (!names.insert(name).second) {
+      return Status::invalid_argument("pack: layer name '" + name + "' given twice");
+    }
+    TROVE_ASSIGN_OR_RETURN(ImportedEngram layer, import_engram(file_ptrs, req.prefix));
+    PackedEngram packed;
+    packed.name = name;
+    packed.prefix = req.prefix;
+    packed.tables = layer.config.tables();
+    packed.rows = layer.config.rows();
+    packed.dim = layer.config.embed_per_head;
+    packed.source_dtype = layer.source_dtype;
+    for (const StTensorView* t : layer.tables) report.source_bytes += t->bytes.size();
+    report.engram_layers.push_back(std::move(packed));
+    engram.push_back(std::move(layer));
   }
 
   nlohmann::json sources = nlohmann::json::array();
@@ -286,6 +316,16 @@ Result<PackReport> pack_store(const PackOptions& options) {
       TROVE_RETURN_IF_ERROR(writer.add_dense("norm.weight", {d}, layer.norm_weight));
     }
     TROVE_RETURN_IF_ERROR(writer.end_layer());
+  }
+  for (size_t li = 0; li < engram.size(); ++li) {
+    PackedEngram& packed = report.engram_layers[li];
+    TROVE_ASSIGN_OR_RETURN(packed.error,
+                           write_imported_engram(&writer, packed.name, engram[li], options.dtype));
+    TROVE_ASSIGN_OR_RETURN(const EngramRowLayout rows,
+                           EngramRowLayout::make(options.dtype, packed.dim));
+    packed.table_bytes = static_cast<uint64_t>(rows.records(packed.rows)) * rows.record_bytes;
+    for (const StTensorView* t : engram[li].tables) done_bytes += t->bytes.size();
+    bar.update(done_bytes);
   }
   TROVE_RETURN_IF_ERROR(writer.finish());
   bar.finish();

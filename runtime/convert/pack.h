@@ -30,8 +30,11 @@ struct PackOptions {
   std::vector<std::string> inputs;  // one checkpoint, or the shards of one
   std::string output;
   ImportLayout layout = ImportLayout::kTrove;
-  std::vector<PackLayerRequest> layers;  // at least one
-  DType dtype = DType::kI4;              // expert record dtype
+  std::vector<PackLayerRequest> layers;  // PEER layers; with engram_layers, at least one
+  // Engram layers (runtime/engram, layout mikeybeez only), stored beside the PEER layers with
+  // rows of `dtype`.
+  std::vector<PackLayerRequest> engram_layers;
+  DType dtype = DType::kI4;  // expert record dtype
   ImportOverrides overrides;
   size_t stride_align = 64;  // 64 (dense), 512 or 4096 (no O_DIRECT read amplification)
   int threads = 0;           // 0: all cores
@@ -48,8 +51,20 @@ struct PackedLayer {
   QuantError up_error;
 };
 
+struct PackedEngram {
+  std::string name;
+  std::string prefix;
+  int64_t tables = 0;
+  int64_t rows = 0;
+  int64_t dim = 0;
+  uint64_t table_bytes = 0;
+  std::string source_dtype;
+  QuantError error;
+};
+
 struct PackReport {
   std::vector<PackedLayer> layers;
+  std::vector<PackedEngram> engram_layers;
   uint64_t output_bytes = 0;
   uint64_t source_bytes = 0;  // bytes of expert tables read from the checkpoint
   double seconds = 0;

@@ -90,6 +90,8 @@ Result<UnpackReport> unpack_store(const UnpackOptions& options) {
   std::vector<StoredLayer> layers;
   if (options.layers.empty()) {
     for (const auto& l : store.layers()) {
+      // Engram tables (runtime/engram) are not PEER layers; unpack writes the PEER ones.
+      if (l.info.is_object() && l.info.value("kind", nlohmann::json()) == "engram") continue;
       TROVE_ASSIGN_OR_RETURN(StoredLayer s, load_stored_layer(store, l));
       layers.push_back(s);
     }

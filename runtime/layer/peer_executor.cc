@@ -47,6 +47,8 @@ Metrics batch_metrics(const PeerBatchStats& s) {
   m.add("host.resolve_seconds", s.fetch.resolve_seconds);
   m.add("host.disk_seconds", s.fetch.disk_seconds);
   m.add("host.stall_seconds", s.fetch.stall_seconds);
+  m.count("host.prefetched", s.fetch.prefetched);
+  m.add("host.prefetch_wait_seconds", s.fetch.prefetch_wait_seconds);
   m.count("device.hits", s.device.hits);
   m.count("device.misses", s.device.misses);
   m.count("device.bytes_copied", static_cast<int64_t>(s.device.bytes_copied));

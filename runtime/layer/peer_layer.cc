@@ -1,7 +1,10 @@
 #include "runtime/layer/peer_layer.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
+#include "base/numeric.h"
 #include "base/stopwatch.h"
 #include "base/strings.h"
 #include "runtime/layer/store_layer.h"
@@ -41,7 +44,9 @@ struct PeerLayer::Impl {
   std::unique_ptr<ExpertSource> experts;
   PeerLayerOptions options;
   std::unique_ptr<PeerExecutor> executor;
-  PeerRouting routing;  // scratch, for calls without one
+  PeerRouting routing;                 // scratch, for calls without one
+  std::vector<uint8_t> prefetch_mark;  // prefetch(): per expert, all 0 between calls
+  std::vector<int64_t> prefetch_ids;
 
   Status check_input(std::span<const float> x, int64_t T) const {
     if (T < 0) return Status::invalid_argument(str_printf("batch of %lld tokens", (long long)T));
@@ -175,6 +180,22 @@ Result<PeerLayer> PeerLayer::open(const StoreReader& store, const std::string& n
   auto layer = create(stored.config, std::move(params), std::move(source), options);
   if (!layer.ok()) return layer.status().with_context(store.path() + ": layer " + name);
   return layer;
+}
+
+void PeerLayer::prefetch(const PeerRouting& routing) {
+  Impl& m = *impl_;
+  if (m.prefetch_mark.empty()) m.prefetch_mark.assign(sz(m.config.num_experts()), 0);
+  m.prefetch_ids.clear();
+  for (int64_t id : routing.ids) {
+    uint8_t& mark = m.prefetch_mark[static_cast<size_t>(id)];
+    if (mark == 0) {
+      mark = 1;
+      m.prefetch_ids.push_back(id);
+    }
+  }
+  std::sort(m.prefetch_ids.begin(), m.prefetch_ids.end());
+  for (int64_t id : m.prefetch_ids) m.prefetch_mark[static_cast<size_t>(id)] = 0;
+  m.experts->prefetch(m.prefetch_ids);
 }
 
 std::span<const int64_t> PeerLayer::last_experts() const {

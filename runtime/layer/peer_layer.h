@@ -99,16 +99,20 @@ class PeerLayer {
   Status forward(std::span<const float> x, int64_t T, std::span<float> y,
                  PeerRouting* routing = nullptr, PeerBatchStats* stats = nullptr);
 
-  // The routing of x [T, D] into *routing, without the expert pass: a look-ahead caller routes
-  // batch b + 1 now, prefetches its experts (routing->ids) and computes it later with
-  // forward_routed(x, T, *routing, y), which gives the bits forward() would. Errors as forward().
-  Status route(std::span<const float> x, int64_t T, PeerRouting* routing);
-
   // forward() with the routing given instead of computed (benchmarks replay synthetic or
   // recorded routings through the same expert path): `routing` must hold T tokens of h x k
   // ids in [0, N) and finite gates. x is still normalized (the experts read x-hat).
   Status forward_routed(std::span<const float> x, int64_t T, const PeerRouting& routing,
                         std::span<float> y, PeerBatchStats* stats = nullptr);
+
+  // Look-ahead (runtime/layer/lookahead.h): the routing forward() computes for x (the
+  // executor's route), without the experts; forward_routed(x, T, routing) then gives forward()'s
+  // y bit for bit. Errors: as forward()'s for x.
+  Status route(std::span<const float> x, int64_t T, PeerRouting* routing);
+  // Tells the expert source the distinct experts of `routing`, a batch to come
+  // (ExpertSource::prefetch: the source reads ahead what it lacks). Never fails.
+  // REQUIRES: the routing's ids in [0, N) (as route() gives).
+  void prefetch(const PeerRouting& routing);
 
   // The distinct experts the last forward() used, ascending (valid until the next call).
   std::span<const int64_t> last_experts() const;

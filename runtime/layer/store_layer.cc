@@ -113,6 +113,11 @@ Status check_record_fields(const nlohmann::json& r, const RecordLayout& layout,
 Result<StoredLayer> load_stored_layer(const StoreReader& store, const StoreLayerInfo& layer) {
   const std::string where = store.path() + ": layer " + layer.name + ": info";
   const nlohmann::json& info = layer.info;
+  if (info.is_object() && info.value("kind", nlohmann::json()) == "engram") {
+    return Status::not_supported(store.path() + ": layer " + layer.name +
+                                 " is an Engram table (runtime/engram), not a PEER layer; open "
+                                 "it with trove.torch.Engram");
+  }
   if (!info.is_object() || !info.contains("config") || !info.contains("record") ||
       !info["record"].is_object()) {
     return Status::corruption(where +

@@ -29,6 +29,13 @@ struct ExpertFetchStats {
   double resolve_seconds = 0;  // residency lookup, leases, issuing the reads
   double disk_seconds = 0;     // from issuing the reads to the last one verified in memory
   double stall_seconds = 0;    // the caller blocked in finish_acquire() waiting for them
+  // Look-ahead (ExpertSource::prefetch): unique experts of the batch that a prefetch read ahead
+  // of it (counted in hits: the batch itself did not read them), and the time spent waiting for
+  // prefetch reads still in flight: at begin_acquire (within resolve_seconds) and in prefetch()
+  // calls since the last batch (outside the layer's call). bytes_read and disk_seconds include
+  // the consumed prefetch's reads.
+  int64_t prefetched = 0;
+  double prefetch_wait_seconds = 0;
 };
 
 class ExpertSource {
@@ -76,6 +83,18 @@ class ExpertSource {
   // it (pinned, mapped host memory: copies from it are DMA and an SM-driven gather can read
   // it), or null when the device cannot (pageable memory). The default: null.
   virtual const uint8_t* device_address(const uint8_t* /*record*/) const { return nullptr; }
+
+  // Look-ahead: the experts `ids` of a batch still to come, so that a source with a slower tier
+  // leases the ones it holds and starts reading the ones it lacks now, while the batches before
+  // them compute. Prefetches are consumed in order, one by each later begin_acquire() (or
+  // acquire()): call prefetch() once per batch, for the batches in the order they will run (a
+  // prediction whose ids differ from the batch's is fine: what it read stays resident). A hint:
+  // it never fails and never makes a batch fail; when the budget has no room, it prefetches less
+  // or nothing. The default: nothing.
+  // REQUIRES: ids ascending and unique, each in [0, num_experts()).
+  virtual void prefetch(std::span<const int64_t> /*ids*/) {}
+  // Ends every prefetch not yet consumed (what was read stays resident).
+  virtual void drop_prefetches() {}
 };
 
 // Records in memory, owned.

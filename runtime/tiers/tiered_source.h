@@ -19,6 +19,23 @@
 // against the store's per-record checksum before they can be used; a failed read aborts the
 // batch's fills and leaves the host tier and the store as they were.
 //
+// Look-ahead (prefetch(): the driver routes batches b+1..b+N while batch b computes): each
+// prefetch admits its batch's experts into the host tier (leased, so they stay until their batch
+// has used them) and reads its misses on a reader of its own, so the disk works for the batches
+// to come while this one computes. The batch that consumes it (the next begin_acquire) waits for
+// what is still in flight, commits it, ends the prefetch's leases and admits its ids as any
+// batch (the prefetched ones are hits, leased before its misses take room):
+//
+//   batch b     ─ consume P(b): wait, commit, end ─ admit b (hits) ─ wave 1 ─ wave 2 ─ release
+//   reader P(b+1)    █████ reads of b+1's misses ██████ (issued before batch b began)
+//
+// Budgets hold: a prefetch that does not fit the tier's free slots is skipped (counted), and a
+// batch that cannot be admitted while later prefetches hold slots drops them and is admitted
+// alone. A prefetch that needs ids an earlier one is still reading first waits for that one
+// (the tier's admit would wait on them; the time counts as the next batch's wait), so the disk
+// reads one prefetch after another, each the moment the one before lands. A prefetch read that
+// fails is dropped (counted); its batch reads the record again and reports the error.
+//
 // The host tier must hold one batch's working set (its unique experts, all leased while it
 // computes): check_batch() says so before any work. Not thread-safe: one batch at a time (the
 // ExpertCache beneath is the thread-safe part, shared with the device tier later).
@@ -52,6 +69,19 @@ struct TieredSourceOptions {
   std::shared_ptr<SlotMemory> host_memory;
 };
 
+// What the look-ahead did over a source's life (TieredExpertSource::prefetch).
+struct PrefetchStats {
+  int64_t prefetches = 0;     // prefetch() calls
+  int64_t skipped = 0;        // admitted nothing: no room in the host tier (or no reader)
+  int64_t dropped = 0;        // ended before their batch consumed them (room, drop_prefetches)
+  int64_t read_errors = 0;    // prefetches whose reads failed (their batch read again)
+  int64_t records_read = 0;   // misses read ahead
+  int64_t waits = 0;          // prefetch() calls that waited for an earlier prefetch's reads
+  int64_t consumed_hits = 0;  // ids of consumed prefetches that their batch asked for
+  int64_t consumed_ids = 0;   // ids of consumed prefetches
+  double wait_seconds = 0;    // waited for prefetch reads (in begin_acquire and prefetch())
+};
+
 class TieredExpertSource final : public ExpertSource {
  public:
   // REQUIRES: `store` outlives the source; `layer` is one of store.layers() and `layout` its
@@ -77,6 +107,11 @@ class TieredExpertSource final : public ExpertSource {
   Status begin_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   Status finish_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   ExpertFetchStats last_fetch() const override { return last_; }
+  void prefetch(std::span<const int64_t> ids) override;
+  void drop_prefetches() override;
+  // Prefetches admitted and not yet consumed.
+  int64_t pending_prefetches() const { return static_cast<int64_t>(groups_.size()); }
+  PrefetchStats prefetch_stats() const { return prefetch_stats_; }
   const uint8_t* device_address(const uint8_t* record) const override {
     return cache_->device_address(record);
   }
@@ -99,6 +134,28 @@ class TieredExpertSource final : public ExpertSource {
   TieredExpertSource(const StoreReader& store, const StoreLayerInfo& layer,
                      const RecordLayout& layout);
 
+  // One prefetch: its ids (those admitted), its leases and fills, and the reader of its misses.
+  struct Prefetch {
+    std::vector<int64_t> ids;
+    CacheBatch batch;
+    std::vector<RecordRead> reads;
+    std::unique_ptr<RecordReader> reader;  // null when nothing was read
+    bool in_flight = false;
+    double busy_before = 0;  // reader's busy_seconds and bytes_read at start
+    uint64_t bytes_before = 0;
+    double disk_seconds = 0;  // what its reads cost, once settled
+    uint64_t bytes_read = 0;
+  };
+  // Waits for p's reads and commits them (or on error drops its fills and leases: p.ids then
+  // empty); the reader goes back to the spares, the reads' cost into p.
+  void settle(Prefetch& p);
+  // settle(), then ends p's leases.
+  void end(Prefetch& p);
+  // Settles every prefetch if one has a fill among `ids`, so an admit of them does not wait on
+  // this source's own reads. Returns the seconds it waited.
+  double settle_overlapping(std::span<const int64_t> ids);
+  void mark_filling(std::span<const int64_t> ids, const CacheBatch& batch, bool on);
+
   const StoreReader* store_;
   const StoreLayerInfo* layer_;
   RecordLayout layout_;
@@ -114,6 +171,14 @@ class TieredExpertSource final : public ExpertSource {
   double disk_busy_ = 0;     // reader's busy_seconds at begin_acquire
   uint64_t disk_bytes_ = 0;  // reader's bytes_read at begin_acquire
   ExpertFetchStats last_;
+
+  // Look-ahead.
+  RecordReaderOptions io_;
+  std::vector<std::unique_ptr<Prefetch>> groups_;  // oldest first
+  std::vector<std::unique_ptr<RecordReader>> spare_readers_;
+  std::vector<uint8_t> filling_;  // per expert: a read of this source is in flight for it
+  PrefetchStats prefetch_stats_;
+  double pending_wait_ = 0;  // waited in prefetch() since the last begin_acquire
 };
 
 }  // namespace trove
