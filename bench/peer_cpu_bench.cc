@@ -120,7 +120,7 @@ int run(int argc, char** argv) {
   std::vector<ExpertDot> modes = {ExpertDot::kFloat};
   if (dtype_is_quantized(layout.dtype)) modes.push_back(ExpertDot::kInt8);
   for (ExpertDot mode : modes) {
-    options.expert_dot = mode;
+    options.cpu.expert_dot = mode;
     layer = value_or_die(PeerLayer::open(store, layer_name, options), layer_name);
     std::vector<float> y(static_cast<size_t>(T * config.dim_out));
     PeerBatchStats best;

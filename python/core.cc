@@ -113,29 +113,7 @@ void add_batch_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
 }
 
 std::string stats_json(const PeerBatchStats& s) {
-  nlohmann::json j = {{"tokens", s.tokens},
-                      {"slots", s.slots},
-                      {"unique_experts", s.unique_experts},
-                      {"record_bytes_used", s.record_bytes_used},
-                      {"record_bytes_unique", s.record_bytes_unique},
-                      {"route_seconds", s.route_seconds},
-                      {"acquire_seconds", s.acquire_seconds},
-                      {"expert_seconds", s.expert_seconds},
-                      {"host",
-                       {{"hits", s.fetch.hits},
-                        {"misses", s.fetch.misses},
-                        {"bytes_read", s.fetch.bytes_read},
-                        {"resolve_seconds", s.fetch.resolve_seconds},
-                        {"disk_seconds", s.fetch.disk_seconds},
-                        {"stall_seconds", s.fetch.stall_seconds},
-                        {"prefetched", s.fetch.prefetched},
-                        {"prefetch_wait_seconds", s.fetch.prefetch_wait_seconds}}},
-                      {"device",
-                       {{"hits", s.device.hits},
-                        {"misses", s.device.misses},
-                        {"bytes_copied", s.device.bytes_copied},
-                        {"copy_seconds", s.device.copy_seconds}}}};
-  return j.dump();
+  return batch_metrics(s).to_json().dump();
 }
 
 // A stored layer with its store, opened for Python. With `train`, the layer computes over a
@@ -167,7 +145,7 @@ class Layer {
       t.io.verify = verify;
       o.tiers = t;
     }
-    if (!vram.empty()) o.vram_budget_bytes = take(parse_bytes(vram));
+    if (!vram.empty()) o.cuda.vram_budget_bytes = take(parse_bytes(vram));
     if (train) {
       trainer_ = take(TableTrainer::open(path, name, o));
       return;

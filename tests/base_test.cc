@@ -13,6 +13,7 @@
 
 #include "base/bytes.h"
 #include "base/half.h"
+#include "base/metrics.h"
 #include "base/progress.h"
 #include "base/status.h"
 #include "base/strings.h"
@@ -389,6 +390,59 @@ TEST(Strings, PrintfAndAffixes) {
   EXPECT_FALSE(starts_with("w", "layers."));
   EXPECT_TRUE(ends_with("model.safetensors", ".safetensors"));
   EXPECT_FALSE(ends_with("a", "abc"));
+}
+
+TEST(Metrics, CountersAddNestByDotsAndSumWithPlusEquals) {
+  Metrics a;
+  a.count("tokens", 7);
+  a.count("host.hits", 3);
+  a.add("host.disk_seconds", 0.25);
+  Metrics b;
+  b.count("tokens", 5);
+  b.count("host.misses", 2);
+  b.add("host.disk_seconds", 0.5);
+  a += b;
+  EXPECT_EQ(a.counter("tokens"), 12);
+  EXPECT_EQ(a.counter("host.hits"), 3);
+  EXPECT_EQ(a.counter("host.misses"), 2);
+  EXPECT_EQ(a.counter("never"), 0);
+  EXPECT_DOUBLE_EQ(a.real("host.disk_seconds"), 0.75);
+  const nlohmann::json j = a.to_json();
+  EXPECT_EQ(j["tokens"], 12);
+  EXPECT_TRUE(j["tokens"].is_number_integer());
+  EXPECT_EQ(j["host"]["hits"], 3);
+  EXPECT_EQ(j["host"]["misses"], 2);
+  EXPECT_DOUBLE_EQ(j["host"]["disk_seconds"].get<double>(), 0.75);
+  EXPECT_EQ(Metrics{}.to_json(), nlohmann::json::object());
+}
+
+TEST(Metrics, HistogramsGiveNearestRankPercentilesAndMerge) {
+  Metrics a, b;
+  for (int i = 1; i <= 60; ++i) a.observe("route", i * 1e-3);
+  for (int i = 61; i <= 101; ++i) b.observe("route", i * 1e-3);  // 101 samples in all
+  a += b;
+  const LatencyHistogram* h = a.histogram("route");
+  ASSERT_NE(h, nullptr);
+  EXPECT_EQ(h->count(), 101);
+  EXPECT_DOUBLE_EQ(h->quantile(0.5), 51e-3);
+  EXPECT_DOUBLE_EQ(h->quantile(0.9), 91e-3);
+  EXPECT_DOUBLE_EQ(h->quantile(0.99), 100e-3);
+  EXPECT_DOUBLE_EQ(h->quantile(1.0), 101e-3);
+  EXPECT_DOUBLE_EQ(h->quantile(0.0), 1e-3);
+  const nlohmann::json j = a.to_json()["route"];
+  EXPECT_EQ(j["count"], 101);
+  EXPECT_NEAR(j["mean"].get<double>(), 51e-3, 1e-12);
+  EXPECT_DOUBLE_EQ(j["p90"].get<double>(), 91e-3);
+  EXPECT_EQ(a.histogram("other"), nullptr);
+  EXPECT_DOUBLE_EQ(LatencyHistogram{}.quantile(0.5), 0.0);
+  EXPECT_EQ(LatencyHistogram{}.to_json()["count"], 0);
+}
+
+TEST(MetricsDeathTest, ANameIsOneKindOfMetric) {
+  Metrics m;
+  m.count("x", 1);
+  EXPECT_DEATH(m.add("x", 1.0), "");
+  EXPECT_DEATH(m.observe("x", 1.0), "");
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// The PEER layer on the cuda backend (runtime/layer/peer_layer_cuda.h): forward, forward_routed and
+// The PEER layer on the cuda backend (runtime/layer/cuda_executor.h): forward, forward_routed and
 // backward equal the CPU layer's within the tolerances of tests/cuda_peer_test.cc and
 // tests/cuda_peer_backward_test.cc, with and without a device tier, over the mapped table and
 // over the host tier at several budgets; the device tier's hits need no copy; a device budget
@@ -13,8 +13,8 @@
 #include "base/strings.h"
 #include "runtime/bench/synthetic.h"
 #include "runtime/convert/pack.h"
+#include "runtime/layer/cuda_executor.h"
 #include "runtime/layer/peer_layer.h"
-#include "runtime/layer/peer_layer_cuda.h"
 #include "runtime/layer/store_layer.h"
 #include "runtime/tiers/tiered_source.h"
 #include "storage/store.h"
@@ -75,7 +75,7 @@ PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t s
   PeerLayerOptions o;
   o.backend = PeerBackend::kCuda;
   o.threads = 2;
-  o.vram_budget_bytes = vram_slots * stride;
+  o.cuda.vram_budget_bytes = vram_slots * stride;
   if (host_slots > 0) {
     TieredSourceOptions t;
     t.host_budget_bytes = host_slots * stride;
@@ -121,7 +121,7 @@ TEST(CudaRuntime, BackendNamesRoundTripAndAVramBudgetNeedsTheCudaBackend) {
   auto store = StoreReader::open(make_store(dir, DType::kI8));
   ASSERT_TRUE(store.ok()) << store.status().to_string();
   PeerLayerOptions o;
-  o.vram_budget_bytes = 1 << 20;
+  o.cuda.vram_budget_bytes = 1 << 20;
   auto layer = PeerLayer::open(*store, "blk.0.peer", o);
   ASSERT_FALSE(layer.ok());
   EXPECT_EQ(layer.status().code(), Status::Code::kInvalidArgument);
@@ -145,7 +145,7 @@ TEST(CudaRuntime, H2dMethodNamesAndPipelineChunksAreChecked) {
   ASSERT_TRUE(store.ok()) << store.status().to_string();
   for (int chunks : {-1, 65}) {
     PeerLayerOptions o;
-    o.pipeline_chunks = chunks;
+    o.cuda.pipeline_chunks = chunks;
     auto layer = PeerLayer::open(*store, "blk.0.peer", o);
     ASSERT_FALSE(layer.ok());
     EXPECT_NE(layer.status().message().find("pipeline chunks must be 0 (auto) to 64, got " +
@@ -275,8 +275,8 @@ TEST_F(CudaRuntimeDevice, EveryH2dMethodAndPipelineChunkingGivesTheSameBits) {
                                   (long long)vram, std::string(h2d_method_name(method)).c_str(),
                                   chunks));
           PeerLayerOptions o = cuda_options(vram, host, stride);
-          o.h2d = method;
-          o.pipeline_chunks = chunks;
+          o.cuda.h2d = method;
+          o.cuda.pipeline_chunks = chunks;
           auto layer = PeerLayer::open(*store, "blk.0.peer", o);
           ASSERT_TRUE(layer.ok()) << layer.status().to_string();
           const RunOutput got = run(*layer, xs);
@@ -452,7 +452,7 @@ TEST_F(CudaRuntimeDevice, VramBudgetBelowOneBatchIsAClearErrorBeforeAnyWork) {
   auto tiny = PeerLayer::open(*store, "blk.0.peer", cuda_options(0, 0, stride));
   ASSERT_TRUE(tiny.ok());
   PeerLayerOptions o = cuda_options(0, 0, stride);
-  o.vram_budget_bytes = stride - 1;
+  o.cuda.vram_budget_bytes = stride - 1;
   auto refused = PeerLayer::open(*store, "blk.0.peer", o);
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.status().message().find("--vram"), std::string::npos)

@@ -132,6 +132,45 @@ TEST(PeerLayer, CpuBackendMatchesTheReferenceBackend) {
   }
 }
 
+// The look-ahead contract: route() now, forward_routed() later gives forward()'s routing and
+// bits on every host executor, and the layer reports which executor ran
+// through the interface alone.
+TEST(PeerLayer, RouteThenForwardRoutedGivesForwardsBitsOnEveryHostExecutor) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok());
+  for (PeerBackend b : {PeerBackend::kCpu, PeerBackend::kRef}) {
+    SCOPED_TRACE(std::string(peer_backend_name(b)));
+    auto layer = PeerLayer::open(*store, "blk.0.peer", {b, 2});
+    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+    EXPECT_EQ(layer->executor().name(), peer_backend_name(b));
+    EXPECT_TRUE(layer->h2d_totals().empty());
+    const int64_t T = 23;  // odd
+    const std::vector<float> x0 = gaussian(T * 72, 11), x1 = gaussian(T * 72, 12);
+    std::vector<float> y_forward(T * 72), y_routed(T * 72, -1.0f);
+    PeerRouting r_forward, r_ahead;
+    ASSERT_TRUE(layer->forward(x1, T, y_forward, &r_forward).ok());
+    // Route batch 1 ahead, run batch 0 in between (its x-hat replaces batch 1's), then batch 1.
+    ASSERT_TRUE(layer->route(x1, T, &r_ahead).ok());
+    EXPECT_EQ(r_ahead.ids, r_forward.ids);
+    EXPECT_EQ(r_ahead.gates, r_forward.gates);
+    std::vector<float> y0(T * 72);
+    ASSERT_TRUE(layer->forward(x0, T, y0).ok());
+    PeerBatchStats st;
+    ASSERT_TRUE(layer->forward_routed(x1, T, r_ahead, y_routed, &st).ok());
+    EXPECT_EQ(std::memcmp(y_routed.data(), y_forward.data(), y_forward.size() * 4), 0);
+    EXPECT_EQ(st.tokens, T);
+    EXPECT_EQ(st.slots, static_cast<int64_t>(r_ahead.ids.size()));
+    EXPECT_EQ(st.unique_experts, static_cast<int64_t>(layer->last_experts().size()));
+    // Bad input is refused by route() as by forward().
+    std::vector<float> bad = x1;
+    bad[5] = std::nanf("");
+    const Status s = layer->route(bad, T, &r_ahead);
+    EXPECT_EQ(s.code(), Status::Code::kInvalidArgument);
+    EXPECT_NE(s.message().find("token 0, element 5 is nan"), std::string::npos) << s.to_string();
+  }
+}
+
 TEST(PeerLayer, RejectsInputsOfTheWrongSizeNamingTheShape) {
   ScratchDir dir;
   auto store = StoreReader::open(make_store(dir));

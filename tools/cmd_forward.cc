@@ -51,17 +51,17 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
                             {"prefetched", r.prefetched}}
            : nlohmann::json(nullptr)},
       {"record_bytes_unique", r.record_bytes_unique},
-      {"device", opt.layer_options.backend == PeerBackend::kCuda
-                     ? nlohmann::json{{"vram_budget_bytes", opt.layer_options.vram_budget_bytes},
-                                      {"hits", r.device_hits},
-                                      {"misses", r.device_misses},
-                                      {"h2d_bytes", r.h2d_bytes},
-                                      {"h2d_seconds", r.h2d_seconds},
-                                      {"h2d_gb_per_second",
-                                       r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
-                                      {"pinned", r.h2d_pinned},
-                                      {"h2d_method", r.h2d_method}}
-                     : nlohmann::json(nullptr)},
+      {"device",
+       r.device ? nlohmann::json{{"vram_budget_bytes", opt.layer_options.cuda.vram_budget_bytes},
+                                 {"hits", r.device_hits},
+                                 {"misses", r.device_misses},
+                                 {"h2d_bytes", r.h2d_bytes},
+                                 {"h2d_seconds", r.h2d_seconds},
+                                 {"h2d_gb_per_second",
+                                  r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
+                                 {"pinned", r.h2d_pinned},
+                                 {"h2d_method", r.h2d_method}}
+                : nlohmann::json(nullptr)},
       {"record_gb_per_second",
        r.expert_seconds > 0 ? r.record_bytes_used / r.expert_seconds / 1e9 : 0.0},
   };
@@ -229,9 +229,9 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.lookahead = args->lookahead;
     opt.layer_options.threads = args->threads;
     opt.layer_options.backend = device->backend;
-    opt.layer_options.vram_budget_bytes = device->vram_budget_bytes;
-    opt.layer_options.h2d = device->h2d;
-    opt.layer_options.vram_policy = parse_eviction_policy(args->tier.policy).value();
+    opt.layer_options.cuda.vram_budget_bytes = device->vram_budget_bytes;
+    opt.layer_options.cuda.h2d = device->h2d;
+    opt.layer_options.cuda.vram_policy = parse_eviction_policy(args->tier.policy).value();
     opt.layer_options.verify_checksums = !args->no_verify;
     if (!args->host.empty()) {
       opt.layer_options.tiers = tier_options(args->tier, parse_bytes(args->host).value());

@@ -67,8 +67,10 @@ struct ForwardReport {
   uint64_t bytes_read = 0;
   double disk_seconds = 0;
   double stall_seconds = 0;
-  // The cuda backend: the device tier's unique hits and misses (misses are every unique expert
-  // without one) and the host -> device copies (bytes, seconds by CUDA events, all pinned).
+  // An executor that moves records to a device (cuda; `device` says whether this one does): the
+  // device tier's unique hits and misses (misses are every unique expert without one) and the
+  // host -> device copies (bytes, seconds by CUDA events, all pinned).
+  bool device = false;
   int64_t device_hits = 0;
   int64_t device_misses = 0;
   uint64_t h2d_bytes = 0;

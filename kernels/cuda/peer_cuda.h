@@ -123,7 +123,7 @@ class CudaPeerContext {
                                 const float* xhat, int64_t tokens, const float* gates,
                                 const uint8_t* table, const int64_t* record_index, float* y);
 
-  // Stream order with other streams (runtime/layer/peer_layer_cuda.h's pipeline): work queued after
+  // Stream order with other streams (runtime/layer/cuda_executor.h's pipeline): work queued after
   // wait() starts once `event` is reached; record() marks the point of the work queued so far.
   Status wait(const CudaEvent& event);
   Status record(CudaEvent& event);

@@ -1,4 +1,4 @@
-// The device tier's residency on the device (runtime/layer/peer_layer_cuda.h, the all-hit path): a
+// The device tier's residency on the device (runtime/layer/cuda_executor.h, the all-hit path): a
 // table of N device record addresses, one per expert, null where the expert is not resident.
 // Looking the routing's ids up there on the device tells whether a batch is all hits without
 // copying its ids to the host first; when it is, the expert kernel runs on the addresses found.

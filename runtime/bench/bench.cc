@@ -572,9 +572,9 @@ Result<std::vector<BenchLayer>> open_bench_layers(const StoreReader& store,
     PeerLayerOptions lo;
     lo.threads = opt.threads;
     lo.backend = opt.backend;
-    lo.vram_budget_bytes = vram_share;
-    lo.h2d = opt.h2d;
-    lo.vram_policy = opt.policy;
+    lo.cuda.vram_budget_bytes = vram_share;
+    lo.cuda.h2d = opt.h2d;
+    lo.cuda.vram_policy = opt.policy;
     TieredSourceOptions tiers;
     tiers.host_budget_bytes = host_share;
     tiers.policy = opt.policy;
@@ -805,7 +805,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         ro.threads = opt.threads;
         ro.backend = opt.backend;
         // On the device, resident means the whole table in the device tier.
-        if (cuda) ro.vram_budget_bytes = L.stored.info->table.bytes;
+        if (cuda) ro.cuda.vram_budget_bytes = L.stored.info->table.bytes;
         Result<PeerLayer> resident =
             PeerLayer::create(L.layer.config(), L.layer.params(), std::move(source), ro);
         if (!resident.ok()) {

@@ -54,7 +54,7 @@ class SlotMemory {
   // REQUIRES: `data` and `bytes` of one allocate() not yet released.
   virtual void release(uint8_t* data, size_t bytes) = 0;
   // Where a CUDA kernel reads the byte at host address `p` of an allocated block: pinned, mapped
-  // host memory (runtime/layer/peer_layer_cuda.h: make_pinned_slot_memory) says; null when the
+  // host memory (runtime/layer/cuda_executor.h: make_pinned_slot_memory) says; null when the
   // device cannot read it there (pageable memory, device memory). The default: null.
   virtual const uint8_t* device_address(const uint8_t* /*p*/) const { return nullptr; }
 };
@@ -90,7 +90,7 @@ struct CacheBatch {
   // record of ids[miss_index[j]], then calls commit_fills (or abort_fills).
   std::vector<uint32_t> miss_index;
   // The ids admit() evicted to make room (no longer resident, whatever happens to the fills):
-  // for a mirror of the residency kept elsewhere (the device's, runtime/layer/peer_layer_cuda.h).
+  // for a mirror of the residency kept elsewhere (the device's, runtime/layer/cuda_executor.h).
   std::vector<int64_t> evicted;
 };
 

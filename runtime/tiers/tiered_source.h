@@ -64,7 +64,7 @@ struct TieredSourceOptions {
   EvictionPolicy policy = EvictionPolicy::kFrequency;
   RecordReaderOptions io;  // engine, queue depth, O_DIRECT, verify, fault injection
   // Where the host tier's slots live; null: plain host memory. The cuda backend passes pinned,
-  // mapped memory (runtime/layer/peer_layer_cuda.h) so the device tier's fills come straight from
+  // mapped memory (runtime/layer/cuda_executor.h) so the device tier's fills come straight from
   // the slots.
   std::shared_ptr<SlotMemory> host_memory;
 };

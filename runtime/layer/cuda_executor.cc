@@ -1,4 +1,33 @@
-#include "runtime/layer/peer_layer_cuda.h"
+#include "runtime/layer/cuda_executor.h"
+
+#include "base/strings.h"
+#include "runtime/layer/peer_executor.h"
+
+namespace trove {
+
+std::string_view h2d_method_name(H2dMethod m) {
+  switch (m) {
+    case H2dMethod::kSlab:
+      return "slab";
+    case H2dMethod::kBatch:
+      return "batch";
+    case H2dMethod::kGather:
+      return "gather";
+    case H2dMethod::kAuto:
+      break;
+  }
+  return "auto";
+}
+
+Result<H2dMethod> parse_h2d_method(std::string_view s) {
+  for (H2dMethod m : {H2dMethod::kAuto, H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather}) {
+    if (s == h2d_method_name(m)) return m;
+  }
+  return Status::invalid_argument("unknown host -> device method '" + clip(s) +
+                                  "' (expected auto, slab, batch or gather)");
+}
+
+}  // namespace trove
 
 #if TROVE_HAVE_CUDA
 
@@ -11,10 +40,13 @@
 #include "base/check.h"
 #include "base/log.h"
 #include "base/numeric.h"
+#include "base/stopwatch.h"
 #include "base/strings.h"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/peer_cuda.h"
+#include "kernels/cuda/peer_cuda_backward.h"
 #include "kernels/cuda/residency.h"
+#include "runtime/layer/expert_batch.h"
 #include "runtime/tiers/expert_cache.h"
 
 namespace trove {
@@ -115,7 +147,49 @@ std::shared_ptr<SlotMemory> make_pinned_slot_memory() {
   return std::make_shared<PinnedSlotMemory>();
 }
 
-struct CudaPeerRunner::Impl {
+// The executor; its public methods are PeerExecutor's, the rest the steps of its flow.
+class CudaExecutor final : public PeerExecutor {
+ public:
+  struct Impl;
+  explicit CudaExecutor(std::unique_ptr<Impl> impl);
+  ~CudaExecutor() override;
+
+  std::string_view name() const override { return "cuda"; }
+  Status check_batch(int64_t max_unique, const std::string& what) const override;
+  void params_changed() override;
+  Status route(const PeerDenseParams& params, const float* x, int64_t tokens,
+               PeerRouting* routing) override;
+  Status experts(const PeerRouting& routing, ExpertSource& source, float* y,
+                 PeerBatchStats* stats) override;
+  Status forward(const PeerDenseParams& params, const float* x, int64_t tokens,
+                 ExpertSource& source, PeerRouting* routing, float* y,
+                 PeerBatchStats* stats) override;
+  Status backward(const PeerDenseParams& params, ExpertSource& source, const float* x,
+                  int64_t tokens, const float* dy, PeerRouting* routing, PeerGrads* grads) override;
+  std::span<const int64_t> last_experts() const override;
+  std::vector<H2dMethodTotals> h2d_totals() const override;
+  H2dMethod h2d_method() const override;
+
+ private:
+  // route() that, when the device tier holds every expert the routing chose (looked up on the
+  // device), also queues the expert pass and sets *computed; the routing is copied back either
+  // way. After *computed, finish_resident() copies y back; else run_experts() as after route().
+  Status route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
+                        PeerRouting* routing, bool* computed);
+  // The T0 bookkeeping of an all-hit batch (batch_'s unique ids) while its kernel runs, then y.
+  Status finish_resident(const PeerRouting& routing, float* y, DeviceTransferStats* stats);
+  // The expert pass over `routing` on the x-hat of the last route(), batch_ deduped.
+  Status run_experts(const PeerRouting& routing, ExpertSource& source, float* y,
+                     DeviceTransferStats* stats);
+  // The counters of a batch that took `start` until now.
+  void count(const PeerRouting& routing, const DeviceTransferStats& device,
+             const ExpertFetchStats& fetch, const Stopwatch& start, PeerBatchStats* stats) const;
+
+  std::unique_ptr<Impl> impl_;
+  ExpertBatch batch_;
+};
+
+struct CudaExecutor::Impl {
   PeerConfig config;
   RecordLayout layout;
   H2dMethod h2d = H2dMethod::kAuto;  // as asked
@@ -348,12 +422,17 @@ struct CudaPeerRunner::Impl {
   }
 };
 
-CudaPeerRunner::CudaPeerRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-CudaPeerRunner::~CudaPeerRunner() = default;
+CudaExecutor::CudaExecutor(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaExecutor::~CudaExecutor() = default;
 
-Result<std::unique_ptr<CudaPeerRunner>> CudaPeerRunner::create(const PeerConfig& config,
-                                                               const RecordLayout& layout,
-                                                               const PeerLayerOptions& options) {
+Status cuda_executor_available() {
+  return cuda_device_available();
+}
+
+Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig& config,
+                                                         const RecordLayout& layout,
+                                                         const CudaExecutorOptions& options) {
+  using Impl = CudaExecutor::Impl;
   auto impl = std::make_unique<Impl>();
   impl->config = config;
   TROVE_RETURN_IF_ERROR(impl->config.validate_and_fill());
@@ -380,10 +459,10 @@ Result<std::unique_ptr<CudaPeerRunner>> CudaPeerRunner::create(const PeerConfig&
     o.memory = std::make_shared<DeviceSlotMemory>();
     TROVE_ASSIGN_OR_RETURN(impl->device_tier, ExpertCache::create(o));
   }
-  return std::unique_ptr<CudaPeerRunner>(new CudaPeerRunner(std::move(impl)));
+  return std::unique_ptr<PeerExecutor>(new CudaExecutor(std::move(impl)));
 }
 
-Status CudaPeerRunner::check_batch(int64_t max_unique, const std::string& what) const {
+Status CudaExecutor::check_batch(int64_t max_unique, const std::string& what) const {
   const ExpertCache* t0 = impl_->device_tier.get();
   if (t0 == nullptr) return Status::ok_status();
   const int64_t need = std::min<int64_t>(max_unique, impl_->config.num_experts());
@@ -398,25 +477,25 @@ Status CudaPeerRunner::check_batch(int64_t max_unique, const std::string& what) 
       format_bytes(need_bytes).c_str()));
 }
 
-void CudaPeerRunner::mark_params_changed() {
+void CudaExecutor::params_changed() {
   impl_->params_changed = true;
 }
 
-std::vector<H2dMethodTotals> CudaPeerRunner::h2d_totals() const {
+std::vector<H2dMethodTotals> CudaExecutor::h2d_totals() const {
   return {impl_->totals[method_index(H2dMethod::kSlab)],
           impl_->totals[method_index(H2dMethod::kBatch)],
           impl_->totals[method_index(H2dMethod::kGather)]};
 }
 
-H2dMethod CudaPeerRunner::h2d_method() const {
+H2dMethod CudaExecutor::h2d_method() const {
   return impl_->h2d == H2dMethod::kAuto ? impl_->chosen : impl_->h2d;
 }
 
 // Norm (and with `routing`, query and route) of x on the device; waits for none of it. *r
 // receives the device routing.
-Status CudaPeerRunner::Impl::route_on_device(const PeerDenseParams& params, const float* x_host,
-                                             int64_t tokens, bool with_routing,
-                                             PeerDeviceRouting* r) {
+Status CudaExecutor::Impl::route_on_device(const PeerDenseParams& params, const float* x_host,
+                                           int64_t tokens, bool with_routing,
+                                           PeerDeviceRouting* r) {
   const PeerConfig& c = config;
   TROVE_RETURN_IF_ERROR(upload_params(params));
   const size_t n = static_cast<size_t>(tokens * c.dim);
@@ -443,22 +522,22 @@ Status CudaPeerRunner::Impl::route_on_device(const PeerDenseParams& params, cons
 }
 
 // The device routing into `routing` (host) on the copy stream, after the context's work so far.
-Status CudaPeerRunner::Impl::queue_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
+Status CudaExecutor::Impl::queue_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
   TROVE_RETURN_IF_ERROR(ctx.record(routed));
   TROVE_RETURN_IF_ERROR(copies.wait(routed));
   return copy_routing_back(r, routing);
 }
 
 // The three routing arrays, device -> `routing` (host), queued on the copy stream as it stands.
-Status CudaPeerRunner::Impl::copy_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
+Status CudaExecutor::Impl::copy_routing_back(const PeerDeviceRouting& r, PeerRouting* routing) {
   const size_t slots = routing->slots();
   TROVE_RETURN_IF_ERROR(copies.copy_async(routing->ids.data(), r.ids, slots * 8));
   TROVE_RETURN_IF_ERROR(copies.copy_async(routing->scores.data(), r.scores, slots * 4));
   return copies.copy_async(routing->gates.data(), r.gates, slots * 4);
 }
 
-Status CudaPeerRunner::route(const PeerDenseParams& params, const float* x, int64_t tokens,
-                             PeerRouting* routing) {
+Status CudaExecutor::route(const PeerDenseParams& params, const float* x, int64_t tokens,
+                           PeerRouting* routing) {
   Impl& m = *impl_;
   const PeerConfig& c = m.config;
   if (routing != nullptr) routing->resize(tokens, c.heads, c.topk);
@@ -473,8 +552,8 @@ Status CudaPeerRunner::route(const PeerDenseParams& params, const float* x, int6
   return copied;
 }
 
-Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
-                                      PeerRouting* routing, bool* computed) {
+Status CudaExecutor::route_resident(const PeerDenseParams& params, const float* x, int64_t tokens,
+                                    PeerRouting* routing, bool* computed) {
   Impl& m = *impl_;
   *computed = false;
   if (m.device_tier == nullptr || !m.try_resident || tokens == 0) {
@@ -533,10 +612,10 @@ Status CudaPeerRunner::route_resident(const PeerDenseParams& params, const float
   return s;
 }
 
-Status CudaPeerRunner::finish_resident(const PeerRouting& routing,
-                                       std::span<const int64_t> unique_ids, float* y,
-                                       DeviceTransferStats* stats) {
+Status CudaExecutor::finish_resident(const PeerRouting& routing, float* y,
+                                     DeviceTransferStats* stats) {
   Impl& m = *impl_;
+  const std::span<const int64_t> unique_ids = batch_.unique_ids;
   ExpertCache& t0 = *m.device_tier;
   *stats = DeviceTransferStats{};
   // The policy sees the hits while the kernel runs. Every id is resident: the table on the
@@ -570,10 +649,11 @@ Status CudaPeerRunner::finish_resident(const PeerRouting& routing,
   return Status::ok_status();
 }
 
-Status CudaPeerRunner::experts(const PeerRouting& routing, std::span<const int64_t> unique_ids,
-                               std::span<const int32_t> slot_index, ExpertSource& source, float* y,
-                               DeviceTransferStats* stats) {
+Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& source, float* y,
+                                 DeviceTransferStats* stats) {
   Impl& m = *impl_;
+  const std::span<const int64_t> unique_ids = batch_.unique_ids;
+  const std::span<const int32_t> slot_index = batch_.slot_index;
   const PeerConfig& c = m.config;
   const size_t slots = routing.slots();
   const size_t unique = unique_ids.size();
@@ -736,51 +816,85 @@ Status CudaPeerRunner::experts(const PeerRouting& routing, std::span<const int64
   return Status::ok_status();
 }
 
+Status CudaExecutor::experts(const PeerRouting& routing, ExpertSource& source, float* y,
+                             PeerBatchStats* stats) {
+  Stopwatch start;
+  batch_.dedupe(routing, impl_->config.num_experts());
+  DeviceTransferStats device;
+  TROVE_RETURN_IF_ERROR(run_experts(routing, source, y, &device));
+  count(routing, device, source.last_fetch(), start, stats);
+  return Status::ok_status();
+}
+
+Status CudaExecutor::forward(const PeerDenseParams& params, const float* x, int64_t tokens,
+                             ExpertSource& source, PeerRouting* routing, float* y,
+                             PeerBatchStats* stats) {
+  Stopwatch start;
+  bool computed = false;  // an all-hit batch's expert pass is already queued
+  TROVE_RETURN_IF_ERROR(route_resident(params, x, tokens, routing, &computed));
+  const double route_seconds = start.seconds();
+  if (computed) {
+    // Dedupe and T0's bookkeeping while the kernel runs; the source was not asked for anything.
+    Stopwatch finish;
+    batch_.dedupe(*routing, impl_->config.num_experts());
+    DeviceTransferStats device;
+    TROVE_RETURN_IF_ERROR(finish_resident(*routing, y, &device));
+    count(*routing, device, ExpertFetchStats{}, finish, stats);
+  } else {
+    TROVE_RETURN_IF_ERROR(experts(*routing, source, y, stats));
+  }
+  if (stats != nullptr) stats->route_seconds = route_seconds;
+  return Status::ok_status();
+}
+
+// The routing is the device's (as forward's); the gradients come from the CUDA backward on the
+// leased host records (it copies each distinct record to the device once).
+Status CudaExecutor::backward(const PeerDenseParams& params, ExpertSource& source, const float* x,
+                              int64_t tokens, const float* dy, PeerRouting* routing,
+                              PeerGrads* grads) {
+  TROVE_RETURN_IF_ERROR(route(params, x, tokens, routing));
+  batch_.dedupe(*routing, impl_->config.num_experts());
+  ExpertLease lease(source);
+  TROVE_RETURN_IF_ERROR(lease.all(batch_));
+  return cuda_peer_backward(impl_->config, router_params(params), source.layout(), x, tokens,
+                            *routing, batch_.slot_records.data(), dy, grads);
+}
+
+std::span<const int64_t> CudaExecutor::last_experts() const {
+  return batch_.unique_ids;
+}
+
+// expert_seconds covers the transfer and the kernel; stats->device splits out the transfer.
+void CudaExecutor::count(const PeerRouting& routing, const DeviceTransferStats& device,
+                         const ExpertFetchStats& fetch, const Stopwatch& start,
+                         PeerBatchStats* stats) const {
+  if (stats == nullptr) return;
+  count_batch(routing, batch_, impl_->layout.record_bytes, stats);
+  stats->fetch = fetch;
+  stats->device = device;
+  stats->acquire_seconds = stats->fetch.resolve_seconds + stats->fetch.stall_seconds;
+  stats->expert_seconds = std::max(0.0, start.seconds() - stats->acquire_seconds);
+}
+
 }  // namespace trove
 
 #else  // !TROVE_HAVE_CUDA
 
 namespace trove {
 
-struct CudaPeerRunner::Impl {};
+Status cuda_executor_available() {
+  return Status::not_supported(
+      "no CUDA device is available (trove was built without CUDA: configure with "
+      "-DTROVE_CUDA=ON where nvcc is installed)");
+}
 
-CudaPeerRunner::CudaPeerRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-CudaPeerRunner::~CudaPeerRunner() = default;
-
-Result<std::unique_ptr<CudaPeerRunner>> CudaPeerRunner::create(const PeerConfig&,
-                                                               const RecordLayout&,
-                                                               const PeerLayerOptions&) {
+Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig&, const RecordLayout&,
+                                                         const CudaExecutorOptions&) {
   return Status::not_supported(
       "the cuda backend: trove was built without CUDA (configure with -DTROVE_CUDA=ON where nvcc "
       "is installed)");
 }
 
-Status CudaPeerRunner::check_batch(int64_t, const std::string&) const {
-  return Status::ok_status();
-}
-void CudaPeerRunner::mark_params_changed() {}
-Status CudaPeerRunner::route(const PeerDenseParams&, const float*, int64_t, PeerRouting*) {
-  return Status::not_supported("trove was built without CUDA");
-}
-Status CudaPeerRunner::route_resident(const PeerDenseParams&, const float*, int64_t, PeerRouting*,
-                                      bool*) {
-  return Status::not_supported("trove was built without CUDA");
-}
-Status CudaPeerRunner::finish_resident(const PeerRouting&, std::span<const int64_t>, float*,
-                                       DeviceTransferStats*) {
-  return Status::not_supported("trove was built without CUDA");
-}
-Status CudaPeerRunner::experts(const PeerRouting&, std::span<const int64_t>,
-                               std::span<const int32_t>, ExpertSource&, float*,
-                               DeviceTransferStats*) {
-  return Status::not_supported("trove was built without CUDA");
-}
-std::vector<H2dMethodTotals> CudaPeerRunner::h2d_totals() const {
-  return {};
-}
-H2dMethod CudaPeerRunner::h2d_method() const {
-  return H2dMethod::kAuto;
-}
 std::shared_ptr<SlotMemory> make_pinned_slot_memory() {
   return nullptr;
 }

@@ -1,0 +1,28 @@
+// The cpu executor (runtime/layer/peer_executor.h): the PEER layer's SIMD + threaded kernels
+// (kernels/cpu/peer.h). Its expert pass overlaps the expert source's fetch: wave 1 runs on the
+// records that are here while the tiers read the rest, wave 2 on those once they land
+// (runtime/tiers/tiered_source.h has the timeline; the result does not depend on which records
+// came late, kernels/cpu/peer.h: peer_experts_resume).
+#pragma once
+
+#include <memory>
+
+#include "kernels/peer.h"
+
+namespace trove {
+
+class PeerExecutor;
+
+// PeerLayerOptions::cpu.
+struct CpuExecutorOptions {
+  // The expert stage's down-row dots on int8/int4 records (kernels/cpu/peer.h). kInt8 quantizes
+  // each token's xhat to int8 for integer dot products: faster where compute bounds the stage,
+  // outside the fp32 parity tolerances, hence off by default.
+  ExpertDot expert_dot = ExpertDot::kFloat;
+};
+
+// `threads`: 0 for all cores.
+std::unique_ptr<PeerExecutor> make_cpu_executor(const PeerConfig& config, int threads,
+                                                const CpuExecutorOptions& options);
+
+}  // namespace trove

@@ -1,0 +1,88 @@
+#include "runtime/layer/expert_batch.h"
+
+#include <algorithm>
+
+#include "base/check.h"
+
+namespace trove {
+
+void ExpertBatch::dedupe(const PeerRouting& r, int64_t num_experts) {
+  if (index_of_expert.empty()) index_of_expert.assign(static_cast<size_t>(num_experts), -1);
+  unique_ids.clear();
+  // The marks are scattered over N entries: each slot's is prefetched 16 slots ahead.
+  constexpr size_t kAhead = 16;
+  for (size_t s = 0; s < r.ids.size(); ++s) {
+    if (s + kAhead < r.ids.size()) {
+      __builtin_prefetch(&index_of_expert[static_cast<size_t>(r.ids[s + kAhead])], 1);
+    }
+    const int64_t id = r.ids[s];
+    int32_t& mark = index_of_expert[static_cast<size_t>(id)];
+    if (mark < 0) {
+      mark = 0;
+      unique_ids.push_back(id);
+    }
+  }
+  std::sort(unique_ids.begin(), unique_ids.end());
+  for (size_t u = 0; u < unique_ids.size(); ++u) {
+    index_of_expert[static_cast<size_t>(unique_ids[u])] = static_cast<int32_t>(u);
+  }
+  slot_index.resize(r.ids.size());
+  for (size_t s = 0; s < r.ids.size(); ++s) {
+    slot_index[s] = index_of_expert[static_cast<size_t>(r.ids[s])];
+  }
+  for (int64_t id : unique_ids) index_of_expert[static_cast<size_t>(id)] = -1;
+  unique_records.resize(unique_ids.size());
+  slot_records.resize(r.ids.size());
+}
+
+void ExpertBatch::point_slots() {
+  for (size_t s = 0; s < slot_records.size(); ++s) {
+    slot_records[s] = unique_records[static_cast<size_t>(slot_index[s])];
+  }
+}
+
+ExpertLease::~ExpertLease() {
+  if (held_) source_.release(ids_);
+}
+
+Status ExpertLease::begin(std::span<const int64_t> ids, std::span<const uint8_t*> records) {
+  TROVE_CHECK(!held_);
+  TROVE_RETURN_IF_ERROR(source_.begin_acquire(ids, records));
+  ids_ = ids;
+  held_ = true;
+  return Status::ok_status();
+}
+
+Status ExpertLease::finish(std::span<const uint8_t*> records) {
+  TROVE_CHECK(held_);
+  Status s = source_.finish_acquire(ids_, records);
+  if (!s.ok()) held_ = false;
+  return s;
+}
+
+Status ExpertLease::all(ExpertBatch& b) {
+  TROVE_RETURN_IF_ERROR(begin(b.unique_ids, b.unique_records));
+  TROVE_RETURN_IF_ERROR(finish(b.unique_records));
+  b.point_slots();
+  return Status::ok_status();
+}
+
+PeerRouterParams router_params(const PeerDenseParams& params) {
+  PeerRouterParams p;
+  p.query_weight = params.query_weight.data();
+  p.query_bias = params.query_bias.empty() ? nullptr : params.query_bias.data();
+  p.keys = params.keys.data();
+  p.norm_weight = params.norm_weight.empty() ? nullptr : params.norm_weight.data();
+  return p;
+}
+
+void count_batch(const PeerRouting& r, const ExpertBatch& b, uint64_t record_bytes,
+                 PeerBatchStats* stats) {
+  stats->tokens = r.tokens;
+  stats->slots = static_cast<int64_t>(r.ids.size());
+  stats->unique_experts = static_cast<int64_t>(b.unique_ids.size());
+  stats->record_bytes_used = record_bytes * r.ids.size();
+  stats->record_bytes_unique = record_bytes * b.unique_ids.size();
+}
+
+}  // namespace trove

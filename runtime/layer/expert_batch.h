@@ -1,0 +1,60 @@
+// What the executors (runtime/layer/peer_executor.h) share for one batch: the distinct experts of
+// a routing with each slot's index among them, a lease on their records, and the batch's
+// counters. Internal to runtime/layer.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "base/status.h"
+#include "kernels/peer.h"
+#include "runtime/layer/peer_executor.h"
+#include "runtime/tiers/expert_source.h"
+
+namespace trove {
+
+// One batch's distinct experts. Dedupe goes through a flat id -> index array (4 bytes per
+// expert, all -1 between calls) instead of a search per slot: a batch has tens of thousands of
+// slots, and this runs on the critical path of every layer call.
+struct ExpertBatch {
+  std::vector<int64_t> unique_ids;             // ascending
+  std::vector<int32_t> slot_index;             // per slot: its index in unique_ids
+  std::vector<const uint8_t*> unique_records;  // per unique id (sized by dedupe)
+  std::vector<const uint8_t*> slot_records;    // per slot (point_slots)
+  std::vector<int32_t> index_of_expert;        // [N], see above
+
+  // unique_ids and slot_index of `r`, whose ids are in [0, num_experts).
+  void dedupe(const PeerRouting& r, int64_t num_experts);
+  // slot_records from unique_records (nullptr for a record not here yet).
+  void point_slots();
+};
+
+// Releases what it acquired when it goes out of scope.
+class ExpertLease {
+ public:
+  explicit ExpertLease(ExpertSource& source) : source_(source) {}
+  ~ExpertLease();
+  ExpertLease(const ExpertLease&) = delete;
+  ExpertLease& operator=(const ExpertLease&) = delete;
+  // ExpertSource::begin_acquire and finish_acquire; an error from either ends the lease (the
+  // source has let go of everything). REQUIRES: `ids` outlives the lease.
+  Status begin(std::span<const int64_t> ids, std::span<const uint8_t*> records);
+  Status finish(std::span<const uint8_t*> records);
+  // begin and finish of b's unique experts, then b's slot_records.
+  Status all(ExpertBatch& b);
+
+ private:
+  ExpertSource& source_;
+  std::span<const int64_t> ids_;
+  bool held_ = false;
+};
+
+// Pointers into `params` for the kernels.
+PeerRouterParams router_params(const PeerDenseParams& params);
+
+// The counters every executor reports the same way: tokens, slots, unique experts, record bytes.
+void count_batch(const PeerRouting& r, const ExpertBatch& b, uint64_t record_bytes,
+                 PeerBatchStats* stats);
+
+}  // namespace trove
