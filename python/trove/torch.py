@@ -518,9 +518,11 @@ class Engram(nn.Module):
                                                 saturation_tolerance, table_id)
 
     def checkpoint(self):
-        """Writes the rows trained since the last checkpoint (served int4) as the store's next
-        generation, crash-safe; returns it. The training view's finer codes and the Adagrad
-        accumulators stay in this process (runtime/engram/engram_trainer.h)."""
+        """Writes the rows trained since the last checkpoint as the store's next generation,
+        crash-safe, and returns it: the served int4 rows, and in the state layer "<layer>.train"
+        the training view's finer codes, the Adagrad accumulators, the step and the seed, so a
+        trainer opened on the store later resumes exactly (runtime/engram/engram_trainer.h). The
+        first checkpoint adds the state layer by rewriting the store (generation 1)."""
         if self._trainer is None:
             raise ValueError("checkpoint(): nothing trains this Engram layer's rows (make an "
                              "EngramInt4SR over it first)")

@@ -17,7 +17,9 @@ Result<int64_t> get_int(const nlohmann::json& obj, const char* key, const std::s
   return it->get<int64_t>();
 }
 
-nlohmann::json rows_json(const EngramRowLayout& l, int64_t tables, int64_t rows) {
+}  // namespace
+
+nlohmann::json engram_rows_json(const EngramRowLayout& l, int64_t tables, int64_t rows) {
   nlohmann::json j = {{"dtype", dtype_name(l.dtype)},
                       {"dim", l.dim},
                       {"row_bytes", l.row_bytes},
@@ -32,8 +34,6 @@ nlohmann::json rows_json(const EngramRowLayout& l, int64_t tables, int64_t rows)
   }
   return j;
 }
-
-}  // namespace
 
 Status EngramConfig::validate() const {
   TROVE_RETURN_IF_ERROR(hash.validate());
@@ -200,7 +200,11 @@ Result<EngramStoredLayer> read_engram_layer(const StoreReader& store, const Stor
       {"norm_k.weight", {c.hidden}},
       {"norm_q.weight", {c.hidden}},
       {"conv.weight", {c.hidden, 1, c.kernel_size}}};
+  // A training state layer (runtime/engram/engram_trainer.h) holds rows and the accumulators;
+  // the module's tensors stay with the layer it trains.
+  const bool state = info.contains("training_view");
   for (const auto& [name, shape] : dense) {
+    if (state) break;
     const StoreDenseInfo* d = layer.find_dense(name);
     if (d == nullptr) {
       return Status::corruption(store.path() + ": layer " + layer.name + " lacks dense tensor '" +
@@ -255,7 +259,7 @@ Result<QuantError> write_engram_layer(StoreWriter* w, const std::string& name,
   const int64_t rows = c.rows();
   nlohmann::json info = {{"kind", kEngramKind},
                          {"config", engram_config_json(c)},
-                         {"rows", rows_json(l, c.tables(), rows)},
+                         {"rows", engram_rows_json(l, c.tables(), rows)},
                          {"source", source}};
   StoreTableSpec spec;
   spec.dtype = std::string(dtype_name(dtype));
@@ -342,6 +346,7 @@ Result<nlohmann::json> engram_inspect_json(const StoreReader& store, const Store
     j["quant_error"] = layer.info["quant_error"];
   }
   if (layer.info.contains("source")) j["source"] = layer.info["source"];
+  if (layer.info.contains("training_view")) j["training_view"] = layer.info["training_view"];
   return j;
 }
 
@@ -373,6 +378,13 @@ std::string render_engram_inspect(const nlohmann::json& j) {
     dense += (dense.empty() ? "" : ", ") + d["name"].get<std::string>() + " " + d["shape"].dump();
   }
   s += "  dense      " + dense + " (fp32)\n";
+  if (j.contains("training_view")) {
+    const auto& tv = j["training_view"];
+    s += str_printf("  training   the training state of %s at step %lld (%s)\n",
+                    tv.value("of", std::string("?")).c_str(),
+                    static_cast<long long>(tv.value("step", int64_t{0})),
+                    tv.value("meaning", std::string()).c_str());
+  }
   if (j.contains("quant_error")) {
     const auto& e = j["quant_error"];
     s += str_printf("  error      rmse %.4g max %.4g rel %.4g\n", e.value("rmse", 0.0),

@@ -38,6 +38,9 @@ struct EngramConfig {
 
 inline constexpr const char* kEngramKind = "engram";
 
+// The info.rows object of a table of `rows` rows (tables x vocab) in `layout`.
+nlohmann::json engram_rows_json(const EngramRowLayout& layout, int64_t tables, int64_t rows);
+
 // Whether a store layer is an Engram layer (info.kind == "engram"); PEER layers have no kind.
 bool is_engram_layer(const StoreLayerInfo& layer);
 

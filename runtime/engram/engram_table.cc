@@ -10,6 +10,13 @@ namespace trove {
 Result<std::unique_ptr<EngramTable>> EngramTable::open(const StoreReader& store,
                                                        const StoreLayerInfo& layer,
                                                        const EngramTableOptions& options) {
+  if (layer.info.contains("training_view")) {
+    // int8 codes at scale d/16 (runtime/engram/engram_trainer.h): 16x too big as they are.
+    return Status::invalid_argument(
+        store.path() + ": layer " + layer.name + " is the training state of Engram layer " +
+        layer.info["training_view"].value("of", std::string("?")) +
+        " (int8 codes at scale d/16, not servable); open that layer instead");
+  }
   TROVE_ASSIGN_OR_RETURN(EngramStoredLayer stored, read_engram_layer(store, layer));
   std::unique_ptr<EngramTable> t(new EngramTable());
   t->store_ = &store;

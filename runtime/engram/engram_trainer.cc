@@ -1,12 +1,18 @@
 #include "runtime/engram/engram_trainer.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "base/half.h"
 #include "base/strings.h"
 #include "kernels/quant.h"
+#include "storage/store_lock.h"
 
 namespace trove {
+
+std::string engram_state_layer_name(const std::string& layer) {
+  return layer + ".train";
+}
 
 Result<std::unique_ptr<EngramTrainer>> EngramTrainer::open(const std::string& path,
                                                            const std::string& layer,
@@ -15,24 +21,57 @@ Result<std::unique_ptr<EngramTrainer>> EngramTrainer::open(const std::string& pa
   t->path_ = path;
   t->name_ = layer;
   t->options_ = options;
+  t->seed_ = options.seed;
   TROVE_RETURN_IF_ERROR(t->reopen());
+  if (t->layer_->info.contains("training_view")) {
+    return Status::invalid_argument(path + ": layer " + layer +
+                                    " is a training state; train the layer it belongs to");
+  }
   if (t->stored_.rows.dtype != DType::kI4) {
     return Status::invalid_argument(path + ": Engram layer " + layer + " holds " +
                                     std::string(dtype_name(t->stored_.rows.dtype)) +
                                     " rows; training runs on int4 rows (pack with --quant int4)");
   }
   TROVE_ASSIGN_OR_RETURN(t->training_, EngramRowLayout::make(DType::kI8, t->stored_.rows.dim));
+  const int64_t rows = t->stored_.config.rows();
+  t->accum_.assign(static_cast<size_t>(rows), 0.0f);
+  if (const StoreLayerInfo* state = t->state_) {
+    // Resume: the state layer must be this layer's, in this build's training layout.
+    const std::string where = path + ": training state " + state->name;
+    const nlohmann::json tv = state->info.value("training_view", nlohmann::json());
+    if (!tv.is_object() || tv.value("of", std::string()) != layer) {
+      return Status::corruption(where + ": info.training_view.of does not name layer " + layer);
+    }
+    if (state->table.record_bytes != t->training_.record_bytes ||
+        state->table.count != static_cast<uint64_t>(t->training_.records(rows))) {
+      return Status::corruption(str_printf(
+          "%s: %llu records of %llu bytes, expected %lld of %zu", where.c_str(),
+          static_cast<unsigned long long>(state->table.count),
+          static_cast<unsigned long long>(state->table.record_bytes),
+          static_cast<long long>(t->training_.records(rows)), t->training_.record_bytes));
+    }
+    TROVE_ASSIGN_OR_RETURN(t->accum_, t->store_->read_dense(*state, "adagrad"));
+    if (t->accum_.size() != static_cast<size_t>(rows)) {
+      return Status::corruption(str_printf("%s: 'adagrad' holds %zu values for %lld rows",
+                                           where.c_str(), t->accum_.size(),
+                                           static_cast<long long>(rows)));
+    }
+    t->steps_ = tv.value("step", uint64_t{0});
+    t->seed_ = tv.value("seed", options.seed);
+  }
   return t;
 }
 
 Status EngramTrainer::reopen() {
   layer_ = nullptr;
+  state_ = nullptr;
   store_.reset();
   TROVE_ASSIGN_OR_RETURN(StoreReader r, StoreReader::open(path_));
   store_ = std::make_unique<StoreReader>(std::move(r));
   layer_ = store_->find_layer(name_);
   if (layer_ == nullptr) return Status::not_found(path_ + " has no layer '" + name_ + "'");
   TROVE_ASSIGN_OR_RETURN(stored_, read_engram_layer(*store_, *layer_));
+  state_ = store_->find_layer(engram_state_layer_name(name_));
   return {};
 }
 
@@ -44,18 +83,27 @@ Status EngramTrainer::check_open() const {
 
 Result<uint8_t*> EngramTrainer::training_row(int64_t g) {
   auto it = rows_.find(g);
-  if (it != rows_.end()) return it->second.bytes.data();
+  if (it != rows_.end()) return it->second.data();
   TROVE_RETURN_IF_ERROR(check_open());
-  const EngramRowLayout& s = stored_.rows;
-  const int64_t rec = g / s.rows_per_record;
-  std::vector<uint8_t> record(s.record_bytes);
-  TROVE_RETURN_IF_ERROR(store_->read_records(*layer_, {&rec, 1}, record));
-  Row row;
-  row.bytes.resize(training_.row_bytes);
-  engram_train_import_row(s, training_,
-                          record.data() + static_cast<size_t>(g % s.rows_per_record) * s.row_bytes,
-                          row.bytes.data());
-  return rows_.emplace(g, std::move(row)).first->second.bytes.data();
+  std::vector<uint8_t> row(training_.row_bytes);
+  if (state_ != nullptr) {
+    const int64_t rec = g / training_.rows_per_record;
+    std::vector<uint8_t> record(training_.record_bytes);
+    TROVE_RETURN_IF_ERROR(store_->read_records(*state_, {&rec, 1}, record));
+    std::memcpy(
+        row.data(),
+        record.data() + static_cast<size_t>(g % training_.rows_per_record) * training_.row_bytes,
+        training_.row_bytes);
+  } else {
+    const EngramRowLayout& s = stored_.rows;
+    const int64_t rec = g / s.rows_per_record;
+    std::vector<uint8_t> record(s.record_bytes);
+    TROVE_RETURN_IF_ERROR(store_->read_records(*layer_, {&rec, 1}, record));
+    engram_train_import_row(
+        s, training_, record.data() + static_cast<size_t>(g % s.rows_per_record) * s.row_bytes,
+        row.data());
+  }
+  return rows_.emplace(g, std::move(row)).first->second.data();
 }
 
 Status EngramTrainer::add_row_grads(int64_t table, std::span<const int64_t> ids,
@@ -93,7 +141,7 @@ Result<TrainStats> EngramTrainer::step(float lr) {
   s.optimizer = options_.optimizer;
   s.lr = lr;
   s.eps = options_.eps;
-  s.seed = options_.seed;
+  s.seed = seed_;
   s.step = steps_ + 1;
   s.table = options_.table_id;
   s.saturation_tolerance = options_.saturation_tolerance;
@@ -107,15 +155,15 @@ Result<TrainStats> EngramTrainer::step(float lr) {
     ids.push_back(g);
     grads.insert(grads.end(), grad.begin(), grad.end());
     ptrs.push_back(row);
-    accum.push_back(rows_[g].accum);
+    accum.push_back(accum_[static_cast<size_t>(g)]);
   }
   Result<TrainStats> stats =
       engram_train_update_rows(training_, s, ids.data(), static_cast<int64_t>(ids.size()),
                                grads.data(), ptrs.data(), accum.data());
   if (!stats.ok() && stats.status().code() != Status::Code::kOutOfRange) return stats;
   for (size_t i = 0; i < ids.size(); ++i) {
-    rows_[ids[i]].accum = accum[i];
-    dirty_.insert(ids[i] / stored_.rows.rows_per_record);
+    accum_[static_cast<size_t>(ids[i])] = accum[i];
+    dirty_.insert(ids[i]);
   }
   pending_.clear();
   ++steps_;
@@ -141,37 +189,162 @@ Status EngramTrainer::read_rows(int64_t table, std::span<const int64_t> ids, flo
   return {};
 }
 
+nlohmann::json EngramTrainer::state_info() const {
+  nlohmann::json info = layer_->info;
+  info.erase("quant_error");
+  info.erase("source");
+  info["rows"] = engram_rows_json(training_, stored_.config.tables(), stored_.config.rows());
+  info["training_view"] = {
+      {"of", name_},
+      {"step", steps_},
+      {"seed", seed_},
+      {"optimizer", options_.optimizer == TrainOptimizer::kAdagrad ? "adagrad" : "sgd"},
+      {"meaning", "int8 code b at scale d/16; served int4 q = clamp((b + 8) >> 4, -8, 7)"}};
+  return info;
+}
+
 Result<uint64_t> EngramTrainer::checkpoint(const StoreUpdateOptions& update) {
   TROVE_RETURN_IF_ERROR(check_open());
+  // The served records of the changed rows, re-encoded from the training view.
   const EngramRowLayout& s = stored_.rows;
-  std::vector<int64_t> recs(dirty_.begin(), dirty_.end());
-  std::vector<uint8_t> strides(recs.size() * s.record_bytes);
-  if (!recs.empty()) {
-    TROVE_RETURN_IF_ERROR(store_->read_records(*layer_, recs, strides));
-  }
+  std::set<int64_t> dirty_recs;
+  for (int64_t g : dirty_) dirty_recs.insert(g / s.rows_per_record);
+  std::vector<int64_t> recs(dirty_recs.begin(), dirty_recs.end());
+  std::vector<uint8_t> served(recs.size() * s.record_bytes);
+  if (!recs.empty()) TROVE_RETURN_IF_ERROR(store_->read_records(*layer_, recs, served));
   for (size_t i = 0; i < recs.size(); ++i) {
-    uint8_t* record = strides.data() + i * s.record_bytes;
+    uint8_t* record = served.data() + i * s.record_bytes;
     const int64_t first = recs[i] * s.rows_per_record;
     for (auto it = rows_.lower_bound(first);
          it != rows_.end() && it->first < first + s.rows_per_record; ++it) {
-      engram_train_export_row(s, training_, it->second.bytes.data(),
+      engram_train_export_row(s, training_, it->second.data(),
                               record + static_cast<size_t>(it->first - first) * s.row_bytes);
     }
   }
-  // Our own reader would pin the generation the commit replaces: closed around it.
-  layer_ = nullptr;
-  store_.reset();
   Result<uint64_t> generation = [&]() -> Result<uint64_t> {
-    TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(path_, update));
-    TROVE_RETURN_IF_ERROR(u.put_records(name_, recs, strides));
-    return u.commit();
+    if (state_ == nullptr) {
+      TROVE_RETURN_IF_ERROR(rewrite_with_state(recs, served));
+      return uint64_t{1};
+    }
+    return update_in_place(recs, served, update);
   }();
   // A failed commit leaves the trainer closed: the store is generation g, or g + 1 behind a
   // committed journal that the next StoreReader::open replays; a new trainer starts from it.
-  if (!generation.ok()) return generation;
+  if (!generation.ok()) {
+    layer_ = state_ = nullptr;
+    store_.reset();
+    return generation;
+  }
   TROVE_RETURN_IF_ERROR(reopen());
   dirty_.clear();
-  return generation;
+  return store_->generation();
+}
+
+Status EngramTrainer::rewrite_with_state(std::span<const int64_t> recs,
+                                         std::span<const uint8_t> served) {
+  // One writer: the lock moves to the new file before it replaces the old one. Pinned readers
+  // (ours included) keep the old file's inode, which the rename leaves as it was.
+  TROVE_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(path_));
+  TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(path_, store_->provenance()));
+  std::vector<int64_t> ids;
+  std::vector<uint8_t> chunk;
+  for (const StoreLayerInfo& info : store_->layers()) {
+    const StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
+                               info.table.stride};
+    TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
+    // Every table through checked reads (a bad sector is an error naming the record), this
+    // layer's changed records replaced.
+    const size_t stride = info.table.stride;
+    size_t next = 0;  // the next of `recs` to place
+    for (size_t first = 0; first < info.table.count; first += 4096) {
+      const size_t count = std::min<size_t>(4096, info.table.count - first);
+      ids.resize(count);
+      for (size_t i = 0; i < count; ++i) ids[i] = static_cast<int64_t>(first + i);
+      chunk.resize(count * stride);
+      TROVE_RETURN_IF_ERROR(store_->read_records(info, ids, chunk));
+      for (;
+           &info == layer_ && next < recs.size() && static_cast<size_t>(recs[next]) < first + count;
+           ++next) {
+        std::memcpy(&chunk[(static_cast<size_t>(recs[next]) - first) * stride],
+                    &served[next * stride], stride);
+      }
+      TROVE_RETURN_IF_ERROR(w.append_records(chunk));
+    }
+    for (const StoreDenseInfo& d : info.dense) {
+      TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store_->read_dense(info, d.name));
+      TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, v));
+    }
+    TROVE_RETURN_IF_ERROR(w.end_layer());
+  }
+  // The state layer: every row's training view, the trainer's where it has one, else imported
+  // from the served row it had before this checkpoint (untouched rows did not change).
+  const EngramRowLayout& s = stored_.rows;
+  const int64_t rows = stored_.config.rows();
+  const int64_t records = training_.records(rows);
+  const StoreTableSpec table{"int8", static_cast<uint64_t>(records), training_.record_bytes,
+                             training_.record_bytes};
+  TROVE_RETURN_IF_ERROR(w.begin_layer(engram_state_layer_name(name_), state_info(), table));
+  const int64_t chunk_records = 1024;
+  std::vector<uint8_t> old_served, out;
+  for (int64_t r0 = 0; r0 < records; r0 += chunk_records) {
+    const int64_t nrec = std::min(chunk_records, records - r0);
+    const int64_t g0 = r0 * training_.rows_per_record;
+    const int64_t g1 = std::min(rows, (r0 + nrec) * training_.rows_per_record);
+    const int64_t s0 = g0 / s.rows_per_record, s1 = (g1 - 1) / s.rows_per_record + 1;
+    ids.resize(static_cast<size_t>(s1 - s0));
+    for (int64_t i = s0; i < s1; ++i) ids[static_cast<size_t>(i - s0)] = i;
+    old_served.resize(ids.size() * s.record_bytes);
+    TROVE_RETURN_IF_ERROR(store_->read_records(*layer_, ids, old_served));
+    out.assign(static_cast<size_t>(nrec) * training_.record_bytes, 0);
+    for (int64_t g = g0; g < g1; ++g) {
+      uint8_t* row = out.data() + static_cast<size_t>(g - g0) * training_.row_bytes;
+      auto it = rows_.find(g);
+      if (it != rows_.end()) {
+        std::memcpy(row, it->second.data(), training_.row_bytes);
+      } else {
+        engram_train_import_row(
+            s, training_,
+            old_served.data() + static_cast<size_t>(g - s0 * s.rows_per_record) * s.row_bytes, row);
+      }
+    }
+    TROVE_RETURN_IF_ERROR(w.append_records(out));
+  }
+  TROVE_RETURN_IF_ERROR(w.add_dense("adagrad", {rows}, accum_));
+  TROVE_RETURN_IF_ERROR(w.end_layer());
+  return w.finish(&lock);
+}
+
+Result<uint64_t> EngramTrainer::update_in_place(std::span<const int64_t> recs,
+                                                std::span<const uint8_t> served,
+                                                const StoreUpdateOptions& update) {
+  // The state layer's changed records: read, the trainer's rows laid over them.
+  std::set<int64_t> dirty_recs;
+  for (int64_t g : dirty_) dirty_recs.insert(g / training_.rows_per_record);
+  std::vector<int64_t> trecs(dirty_recs.begin(), dirty_recs.end());
+  std::vector<uint8_t> training(trecs.size() * training_.record_bytes);
+  if (!trecs.empty()) TROVE_RETURN_IF_ERROR(store_->read_records(*state_, trecs, training));
+  for (size_t i = 0; i < trecs.size(); ++i) {
+    const int64_t first = trecs[i] * training_.rows_per_record;
+    for (auto it = rows_.lower_bound(first);
+         it != rows_.end() && it->first < first + training_.rows_per_record; ++it) {
+      std::memcpy(training.data() + i * training_.record_bytes +
+                      static_cast<size_t>(it->first - first) * training_.row_bytes,
+                  it->second.data(), training_.row_bytes);
+    }
+  }
+  const nlohmann::json info = state_info();
+  const std::string state = state_->name;
+  // Our own reader would pin the generation the commit replaces: closed around it.
+  layer_ = state_ = nullptr;
+  store_.reset();
+  TROVE_ASSIGN_OR_RETURN(StoreUpdate u, StoreUpdate::begin(path_, update));
+  if (!recs.empty()) {
+    TROVE_RETURN_IF_ERROR(u.put_records(name_, recs, served));
+    TROVE_RETURN_IF_ERROR(u.put_records(state, trecs, training));
+  }
+  TROVE_RETURN_IF_ERROR(u.put_dense(state, "adagrad", accum_));
+  TROVE_RETURN_IF_ERROR(u.set_layer_info(state, info));
+  return u.commit();
 }
 
 }  // namespace trove
