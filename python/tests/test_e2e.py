@@ -31,7 +31,8 @@ def test_bench_runs_every_variant_and_reports_tokens_per_second(tmp_path, capsys
                            "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
     assert [v["variant"] for v in report["variants"]] == ["torch", "trove", "trove-host",
-                                                          "trove-engram-host"]
+                                                          "trove-engram-host",
+                                                          "trove-engram-ahead"]
     # Engram at layers 1 and 5, clamped to the 3-layer model; its tables beyond the host tier.
     assert report["shape"]["engram_layers"] == [1, 2]
     eng = report["variants"][3]

@@ -218,6 +218,32 @@ def test_prefetch_then_forward(tmp_path):
         assert 0 < rel_err(eng.lookup(tokens), m.lookup(tokens)) < 0.2
 
 
+def test_prefetch_next_reads_the_next_batch_after_this_lookup(tmp_path):
+    m = background(seed=6, vocab=20011)
+    eng = tt.Engram.from_module(m, tmp_path / "e.trove", quant="int4", host="512KiB")
+    batches = [torch.randint(0, 32000, (2, 29)) for _ in range(3)]
+    x = torch.randn(2, 29, m.dim)
+    with torch.no_grad():
+        plain = [eng(x, b) for b in batches]
+        # Batch 0 with batch 1 queued: batch 1's rows are on their way once batch 0 looked up.
+        tt.prefetch_engram(torch.nn.Sequential(eng), batches[0], batches[1])
+        assert eng._pending is not None and eng._next is not None
+        y0 = eng(x, batches[0])
+        assert eng.last_stats["prefetched"] is True
+        assert eng._next is None and torch.equal(eng._pending[0], batches[1])
+        # The next batch's own prefetch finds its reads on the way and keeps them.
+        tt.prefetch_engram(torch.nn.Sequential(eng), batches[1], batches[2])
+        y1 = eng(x, batches[1])
+        assert eng.last_stats["prefetched"] is True
+        y2 = eng(x, batches[2])
+        assert eng.last_stats["prefetched"] is True
+        for got, want in zip((y0, y1, y2), plain):
+            assert torch.equal(got, want)
+        # Nothing pending: prefetch_next starts at once.
+        eng.prefetch_next(batches[0])
+        assert eng._pending is not None and eng._next is None
+
+
 def test_pack_engram_beside_peer_and_bad_input(tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(5)

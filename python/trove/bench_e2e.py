@@ -9,6 +9,9 @@ layers 19 and 21 (hidden + PEER(hidden)), forward and training step, for
   trove-engram-host
               PEER all resident as in `trove`, the Engram tables through a host tier of
               --host-frac of their bytes: the cost of an Engram table beyond the host budget
+  trove-engram-ahead
+              trove-engram-host with look-ahead over batches: each Engram layer starts reading
+              the next batch's rows as soon as it has looked up this batch's
 
 Engram (issue 18): the background's LlamaEngram at decoder layers 1 and 5 (--engram-layers;
 clamped to the model's depth), hidden = hidden + Engram(hidden, input_ids) before the layer,
@@ -37,7 +40,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("torch", "trove", "trove-host", "trove-engram-host")
+VARIANTS = ("torch", "trove", "trove-host", "trove-engram-host", "trove-engram-ahead")
 
 
 def _parse(argv):
@@ -104,7 +107,7 @@ def _make_engrams(variant, bg_engrams, layers, args, workdir, max_tokens):
                                   threads=max(1, args.threads))
         size = os.path.getsize(path)
         info["engram_store_bytes"] += size
-        if variant in ("trove-host", "trove-engram-host"):
+        if variant in ("trove-host", "trove-engram-host", "trove-engram-ahead"):
             # --host-frac of the table, but at least what one batch's rows can need (every row
             # in its own record), which the tier must hold while the lookup runs.
             rec = e.config["row_bytes"] * e.config["rows_per_record"]
@@ -124,7 +127,7 @@ def _make_peers(variant, shape, bg_peers, args, workdir):
     import torch
 
     import trove.torch as tt
-    if variant == "trove-engram-host":
+    if variant in ("trove-engram-host", "trove-engram-ahead"):
         variant = "trove"
     if variant == "torch":
         if args.torch_dtype == "bf16":
@@ -204,34 +207,37 @@ class _Variant:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def start_batch(self, ids):
-        """The batch's tokens are known: every Engram layer's rows are asked for now."""
+    def start_batch(self, ids, next_ids=None):
+        """The batch's tokens are known: every Engram layer's rows are asked for now (and, for
+        trove-engram-ahead, the next batch's once each layer has looked up this batch's)."""
         self.engram_state.start(ids)
         if self.name != "torch":
             for e in self.engrams:
                 e.prefetch(ids)
+                if next_ids is not None and self.name == "trove-engram-ahead":
+                    e.prefetch_next(next_ids)
 
-    def forward(self, ids):
+    def forward(self, ids, next_ids=None):
         """(seconds, seconds inside PEER) of one forward without autograd."""
         import torch
         self.model.eval()
         self.timer.reset()
         self.sync()
         t0 = time.perf_counter()
-        self.start_batch(ids)
+        self.start_batch(ids, next_ids)
         with torch.no_grad():
             self.model(ids)
         self.sync()
         return time.perf_counter() - t0, self.timer.forward_s
 
-    def train_step(self, ids):
+    def train_step(self, ids, next_ids=None):
         """(seconds, PEER forward, PEER backward, PEER optimizer seconds, loss) of one step."""
         self.model.train()
         t = self.timer
         t.reset()
         self.sync()
         t0 = time.perf_counter()
-        self.start_batch(ids)
+        self.start_batch(ids, next_ids)
         loss = self.model(ids, labels=ids).loss
         loss.backward()
         self.opt_base.step()
@@ -285,7 +291,7 @@ def _run_variants(names, args, workdir):
             v.engram_state.forward_s = 0.0
         for it in range(n_it):
             for v in variants:
-                r = v.forward(fwd_ids[it])
+                r = v.forward(fwd_ids[it], fwd_ids[it + 1] if it + 1 < n_it else None)
                 if it >= args.warmup:
                     fwd[v.name].append(r)
                 bar.update()
@@ -306,7 +312,8 @@ def _run_variants(names, args, workdir):
             steps = {v.name: [] for v in variants}
             for it in range(n_it):
                 for v in variants:
-                    r = v.train_step(train_ids[it])
+                    r = v.train_step(train_ids[it],
+                                     train_ids[it + 1] if it + 1 < n_it else None)
                     if it >= args.warmup:
                         steps[v.name].append(r)
                     bar.update()

@@ -442,6 +442,9 @@ class Engram(nn.Module):
 
     prefetch(input_ids) begins reading a batch's rows as soon as its tokens are known (they
     depend on nothing else); the forward with the same tokens then finishes the reads.
+    prefetch_next(input_ids) looks one batch ahead: the next batch's reads begin as soon as this
+    layer has looked up the current batch's rows, so they overlap the rest of this batch's
+    forward and backward (outputs are the same bits either way).
     """
 
     def __init__(self, core, store, layer):
@@ -469,6 +472,7 @@ class Engram(nn.Module):
         self._anchor = torch.empty(0, requires_grad=True)
         self._trainer = None
         self._pending = None
+        self._next = None
         self.row_grads = None
         self.last_stats = None
 
@@ -542,10 +546,25 @@ class Engram(nn.Module):
         return ids
 
     def prefetch(self, tokens):
-        """Begins reading the rows of tokens [B, T]; the forward over the same tokens finishes."""
+        """Begins reading the rows of tokens [B, T]; the forward over the same tokens finishes.
+        A prefetch of other tokens is dropped; one of the same tokens already on its way
+        continues."""
+        if self._pending is not None:
+            old, _ = self._pending
+            if old.shape == tokens.shape and torch.equal(old, tokens.detach().cpu()):
+                return
         ids = self.hash(tokens)
         self._core.prefetch(ids, ids.shape[1] * ids.shape[2])
         self._pending = (tokens.detach().cpu().clone(), ids)
+
+    def prefetch_next(self, tokens):
+        """Queues the rows of the batch after the one being computed, tokens [B, T]: their reads
+        begin once this layer has looked up the current batch's rows (at once if no batch is
+        pending). Look-ahead of one batch; the host tier needs room for one batch's rows."""
+        if self._pending is None:
+            self.prefetch(tokens)
+        else:
+            self._next = tokens.detach().cpu().clone()
 
     def lookup(self, tokens):
         """The concatenated rows [B, T, E] of tokens [B, T] (fp32, CPU)."""
@@ -560,7 +579,11 @@ class Engram(nn.Module):
                 ids = old_ids
         if ids is None:
             ids = self.hash(tokens)
-        return _EngramLookup.apply(self._anchor, self, ids, b, t)
+        rows = _EngramLookup.apply(self._anchor, self, ids, b, t)
+        if self._next is not None:
+            nxt, self._next = self._next, None
+            self.prefetch(nxt)
+        return rows
 
     def forward(self, x, tokens):
         if x.dim() != 3 or x.shape[:2] != tokens.shape or x.shape[-1] != self.dim:
@@ -576,12 +599,16 @@ class Engram(nn.Module):
                 f"e={self.embed_per_head}, rows={c['dtype']}, {c['source']}")
 
 
-def prefetch_engram(model, input_ids):
+def prefetch_engram(model, input_ids, next_input_ids=None):
     """Begins reading every Engram layer's rows of `input_ids` [B, T] (call as soon as a batch's
-    tokens are known, before the layers in front of the Engram layers run)."""
+    tokens are known, before the layers in front of the Engram layers run). With
+    `next_input_ids`, each layer also reads the next batch's rows as soon as it has looked up
+    this batch's (Engram.prefetch_next)."""
     for m in model.modules():
         if isinstance(m, Engram):
             m.prefetch(input_ids)
+            if next_input_ids is not None:
+                m.prefetch_next(next_input_ids)
 
 
 class EngramInt4SR:
