@@ -181,7 +181,7 @@ nlohmann::json layer_json(const BenchLayerResult& l, const BenchResult& r) {
     j["cold_run_hit_rate"] = l.achieved_hit_rate_all;
     j["belady_hit_rate"] = l.oracle_hit_rate;
   }
-  if (r.backend == "cuda") {
+  if (r.device_memory) {
     j["device_budget_bytes"] = l.vram_budget_bytes;
     j["device_capacity_records"] = l.device_capacity_slots;
     j["device_hit_rate"] = l.device_hit_rate;
@@ -321,7 +321,7 @@ nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
   for (const BenchLayerResult& l : r.layers) j["layers"].push_back(layer_json(l, r));
   if (!r.resident_skipped.empty()) j["resident_skipped"] = r.resident_skipped;
   j["backend"] = r.backend;
-  if (r.backend == "cuda") {
+  if (r.device_memory) {
     j["device"] = {
         {"vram_budget_bytes", p.vram_bytes},
         {"capacity_records", r.device_capacity_slots},
@@ -445,7 +445,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
   std::printf("  experts/batch %12.0f requested, %.0f unique (%.2f selections per expert)\n",
               static_cast<double>(r.requested) / nb, static_cast<double>(r.unique) / nb,
               static_cast<double>(r.requested) / std::max<double>(1, r.unique));
-  if (r.backend == "cuda") {
+  if (r.device_memory) {
     std::printf(
         "  device        %s: %.1f%% hit of unique experts (warm), %s/batch copied host -> "
         "device at %s%s\n",
@@ -486,7 +486,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
           r.device_oracle_hit_rate > 0 ? r.device_hit_rate_all / r.device_oracle_hit_rate : 0.0);
     }
   }
-  if (r.backend == "cuda") print_device_peers(r, calib);
+  if (r.device_memory) print_device_peers(r, calib);
   std::printf("  host tier     %11.1f%% hit of unique experts (warm)", 100 * r.hit_rate);
   if (r.oracle_hit_rate >= 0) {
     std::printf("; from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)",
@@ -502,7 +502,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
         std::printf("; from cold %.1f%% vs Belady's %.1f%%", 100 * l.achieved_hit_rate_all,
                     100 * l.oracle_hit_rate);
       }
-      if (r.backend == "cuda") {
+      if (r.device_memory) {
         std::printf("; device %.1f%% hit", 100 * l.device_hit_rate);
         if (l.device_oracle_hit_rate >= 0) {
           std::printf(" (from cold %.1f%% vs Belady's %.1f%%)", 100 * l.device_hit_rate_all,
@@ -702,7 +702,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     const double seconds = a.calibrate_seconds / 2;
     calibrate("host memory bandwidth", "host_read_bandwidth",
               [&] { return measure_host_read_bandwidth(bw_bytes, a.threads, seconds); });
-    if (device->backend == PeerBackend::kCuda) {
+    if (peer_backend_traits(device->backend).device_memory) {
       calibrate("host -> device bandwidth", "h2d_bandwidth",
                 [&] { return measure_h2d_bandwidth(bw_bytes, seconds); });
       // The SM-driven ceiling at this run's record size (the --h2d gather method's).

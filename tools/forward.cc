@@ -165,7 +165,7 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
   }
   TROVE_RETURN_IF_ERROR(ran);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  report.device = !layer.h2d_totals().empty();
+  report.device = peer_backend_traits(opt.layer_options.backend).device_memory;
   report.h2d_method = std::string(h2d_method_name(layer.h2d_method()));
 
   const std::map<std::string, std::string> meta = {

@@ -638,6 +638,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.engine = layers[0].tiered->disk().engine_name();
   res.direct_io = layers[0].tiered->disk().direct_io();
   res.backend = std::string(peer_backend_name(opt.backend));
+  res.device_memory = peer_backend_traits(opt.backend).device_memory;
   for (BenchLayer& L : layers) {
     res.table_bytes += L.stored.info->table.bytes;
     L.res.capacity_slots = L.tiered->host().capacity_slots();
@@ -789,7 +790,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     // in half of RAM).
     const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
                          static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-    const bool cuda = opt.backend == PeerBackend::kCuda;
+    const ExecutorTraits traits = peer_backend_traits(opt.backend);
     if (res.table_bytes > ram / 2) {
       res.resident_skipped =
           str_printf("the table%s (%s) would take more than half of this machine's %s of memory",
@@ -804,8 +805,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         PeerLayerOptions ro;
         ro.threads = opt.threads;
         ro.backend = opt.backend;
-        // On the device, resident means the whole table in the device tier.
-        if (cuda) ro.cuda.vram_budget_bytes = L.stored.info->table.bytes;
+        // Resident in the executor's own memory too, where it has one (a device tier).
+        set_resident_options(L.stored.info->table.bytes, &ro);
         Result<PeerLayer> resident =
             PeerLayer::create(L.layer.config(), L.layer.params(), std::move(source), ro);
         if (!resident.ok()) {
@@ -815,8 +816,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         L.resident.emplace(std::move(*resident));
       }
       if (made.ok()) {
-        // Twice over the batches on the device: the first pass fills the device tier.
-        for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
+        // The executor's fill passes first (a device tier fills), then the measured one.
+        for (int pass = 0; pass <= traits.resident_fill_passes; ++pass) {
           for (BenchLayer& L : layers) {
             L.src.reset();
             for (int64_t b = 0; b < opt.warmup_batches; ++b) {
@@ -831,7 +832,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
           }
           res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
         }
-      } else if (cuda && made.code() == Status::Code::kResourceExhausted) {
+      } else if (traits.device_memory && made.code() == Status::Code::kResourceExhausted) {
         // (Tables larger than the device are no error: the comparison is left out.)
         res.resident_skipped = "the tables do not fit the device: " + made.message();
       } else {
@@ -839,7 +840,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       }
     }
     for (BenchLayer& L : layers) L.resident.reset();  // (their memory back for what follows)
-    if (opt.backend == PeerBackend::kCuda) {
+    if (traits.device_memory) {
       if (layers.size() == 1) {
         BenchLayer& L = layers[0];
         TROVE_ASSIGN_OR_RETURN(res.device_peers,

@@ -72,8 +72,9 @@ struct BenchOptions {
   bool resident_baseline = true;  // also run the same batches with the table in memory
   bool oracle = true;             // Belady's hit rate on the same batches
   int threads = 0;
-  // kCpu or kCuda (kRef works too, slowly). kCuda: vram_budget_bytes > 0 adds the device tier
-  // above the host tier (one per layer), with the host tier's eviction policy.
+  // Any backend (ref works too, slowly). With an executor that has a device memory
+  // (ExecutorTraits::device_memory: cuda), vram_budget_bytes > 0 adds its device tier above the
+  // host tier (one per layer), with the host tier's eviction policy.
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
   H2dMethod h2d = H2dMethod::kAuto;
@@ -166,13 +167,17 @@ struct BenchResult {
   // Per batch, in seconds.
   StageTimes route, resolve, disk, compute, stall, total;
 
-  // The all-resident run of the same batches (0: not run). kCuda: the whole table in the
-  // device tier, filled by one unmeasured pass over the batches first.
+  // The all-resident run of the same batches (0: not run), with the executor's resident
+  // options (set_resident_options: on a device, the whole table in the device tier, filled by
+  // the executor's unmeasured passes over the batches first).
   double resident_tokens_per_second = 0;
   std::string resident_skipped;  // why it was not run, when asked for (e.g. tables too large)
 
-  // kCuda: the device tier (zeros without one) and the host -> device transfers.
+  // The executor's name ("cpu", "cuda", ...) and whether it has a device memory
+  // (ExecutorTraits::device_memory); with one, the device tier (zeros without one) and the host
+  // -> device transfers.
   std::string backend = "cpu";
+  bool device_memory = false;
   int64_t device_capacity_slots = 0;
   int64_t device_hits = 0;
   int64_t device_misses = 0;
@@ -188,7 +193,7 @@ struct BenchResult {
   std::vector<H2dMethodTotals> h2d_methods;
   H2dMethod h2d_method = H2dMethod::kAuto;
 
-  // kCuda with the resident baseline: the GPU peers on the same measured batches
+  // With a device memory and the resident baseline: the GPU peers on the same measured batches
   // (runtime/bench/device_peers.h): ours all-resident indexed by the routing directly, bf16 gather
   // + einsum, managed memory, and the fused kernel's own time and bytes for the HBM roofline. One
   // layer only: with layers > 1 every peer is skipped, saying so.
@@ -196,7 +201,8 @@ struct BenchResult {
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then
-// (when asked) the same measured batches all-resident, and on kCuda through the GPU peers.
+// (when asked) the same measured batches all-resident, and with an executor that has a device
+// memory through the GPU peers.
 // Errors: a store with fewer bench layers than asked (naming the store), layers > 1 with
 // dim_out != dim (no residual stream), a budget share below one batch's working set (before any
 // work, naming the layer), a trace that does not fit the layers.

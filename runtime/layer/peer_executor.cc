@@ -67,6 +67,19 @@ Status PeerExecutor::forward(const PeerDenseParams& params, const float* x, int6
   return Status::ok_status();
 }
 
+ExecutorTraits peer_backend_traits(PeerBackend b) {
+  ExecutorTraits t;
+  if (b == PeerBackend::kCuda) {
+    t.device_memory = true;
+    t.resident_fill_passes = 1;
+  }
+  return t;
+}
+
+void set_resident_options(uint64_t table_bytes, PeerLayerOptions* options) {
+  if (options->backend == PeerBackend::kCuda) options->cuda.vram_budget_bytes = table_bytes;
+}
+
 Result<std::unique_ptr<PeerExecutor>> make_peer_executor(const PeerConfig& config,
                                                          const RecordLayout& layout,
                                                          const PeerLayerOptions& options) {
