@@ -49,10 +49,12 @@ Metrics batch_metrics(const PeerBatchStats& s) {
   m.add("host.stall_seconds", s.fetch.stall_seconds);
   m.count("host.prefetched", s.fetch.prefetched);
   m.add("host.prefetch_wait_seconds", s.fetch.prefetch_wait_seconds);
+  m.count("host.prefetch_reads", s.fetch.prefetch_reads);
   m.count("device.hits", s.device.hits);
   m.count("device.misses", s.device.misses);
   m.count("device.bytes_copied", static_cast<int64_t>(s.device.bytes_copied));
   m.add("device.copy_seconds", s.device.copy_seconds);
+  m.count("device.pageable_batches", s.device.pinned ? 0 : 1);  // copies not all pinned
   return m;
 }
 
