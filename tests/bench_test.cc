@@ -138,17 +138,33 @@ void expect_consistent(const BenchResult& r, const BenchOptions& o) {
   const int64_t per_batch = o.batch * 2 * 4;
   EXPECT_EQ(r.batches, o.batches);
   EXPECT_EQ(r.tokens, o.batch * o.batches);
-  EXPECT_EQ(r.requested, per_batch * o.batches);
-  EXPECT_EQ(r.hits + r.misses, r.unique);
-  EXPECT_LE(r.unique, r.requested);
-  EXPECT_GE(r.unique, o.batches);
+  EXPECT_EQ(r.requested(), per_batch * o.batches);
+  EXPECT_EQ(r.hits() + r.misses(), r.unique());
+  EXPECT_LE(r.unique(), r.requested());
+  EXPECT_GE(r.unique(), o.batches);
   EXPECT_GE(r.hit_rate, 0.0);
   EXPECT_LE(r.hit_rate, 1.0);
   EXPECT_GT(r.tokens_per_second, 0.0);
   EXPECT_GT(r.resident_tokens_per_second, 0.0);
-  EXPECT_GE(r.bytes_read, static_cast<uint64_t>(r.misses) * r.record_stride);
-  EXPECT_LE(r.total.p50, r.total.p99);
-  EXPECT_LE(r.route.p50, r.total.p99);
+  EXPECT_GE(r.bytes_read(), static_cast<uint64_t>(r.misses()) * r.record_stride);
+  // Every stage's latency: one sample per measured batch, its percentiles in order, and the
+  // stages of a batch within its wall time.
+  for (const char* stage : {"batch", "route", "resolve", "disk", "compute", "stall", "transfer"}) {
+    SCOPED_TRACE(stage);
+    const LatencyHistogram t = r.latency(stage);
+    EXPECT_EQ(t.count(), o.batches);
+    EXPECT_GE(t.quantile(0.5), 0.0);
+    EXPECT_LE(t.quantile(0.5), t.quantile(0.9));
+    EXPECT_LE(t.quantile(0.9), t.quantile(0.99));
+    EXPECT_LE(t.quantile(0.99), t.quantile(1.0));
+  }
+  EXPECT_LE(r.latency("route").quantile(0.5), r.latency("batch").quantile(1.0));
+  EXPECT_LE(r.latency("compute").sum(), r.latency("batch").sum());
+  EXPECT_NEAR(r.latency("batch").sum(), r.seconds, 1e-9);
+  // The histograms hold the samples the counters add.
+  EXPECT_NEAR(r.latency("route").sum(), r.metrics.real("route_seconds"), 1e-9);
+  EXPECT_NEAR(r.latency("compute").sum(), r.metrics.real("expert_seconds"), 1e-9);
+  EXPECT_EQ(r.metrics.counter("tokens"), r.tokens * static_cast<int64_t>(r.layers.size()));
   // Belady is optimal for demand fills: no policy beats it on the same batches.
   EXPECT_GE(r.oracle_hit_rate + 1e-12, r.achieved_hit_rate_all);
   EXPECT_GE(r.achieved_hit_rate_all, 0.0);
@@ -198,9 +214,9 @@ TEST_F(BenchRun, OnTheCudaBackendTheGpuPeersRunTheMeasuredBatches) {
     EXPECT_GT(d.expert_kernel_seconds, 0.0);
     // At least xhat, gates, ids and y of every measured batch, at most every slot's record too.
     const uint64_t activations = static_cast<uint64_t>(o.batch * o.batches) * (96 + 64) * 4 +
-                                 static_cast<uint64_t>(res->requested) * 12;
+                                 static_cast<uint64_t>(res->requested()) * 12;
     EXPECT_GT(d.expert_kernel_bytes, activations);
-    EXPECT_LE(d.expert_kernel_bytes, activations + res->requested * res->record_bytes);
+    EXPECT_LE(d.expert_kernel_bytes, activations + res->requested() * res->record_bytes);
   }
   BenchOptions o = options("uniform");
   o.backend = PeerBackend::kCuda;
@@ -218,7 +234,7 @@ TEST_F(BenchRun, SkewedRoutingHitsMoreThanUniformAtTheSameBudget) {
   ASSERT_TRUE(uniform.ok() && zipf.ok());
   EXPECT_GT(zipf->hit_rate, uniform->hit_rate + 0.1)
       << "zipf " << zipf->hit_rate << " uniform " << uniform->hit_rate;
-  EXPECT_LT(zipf->unique, uniform->unique);
+  EXPECT_LT(zipf->unique(), uniform->unique());
 }
 
 TEST_F(BenchRun, BudgetBelowOneBatchAndBadTracesAreRefusedBeforeAnyWork) {
@@ -312,18 +328,18 @@ TEST_F(BenchRun, LookaheadRunsTheSameBatchesAndReadsAheadOfThem) {
     auto off = run_bench(o);
     ASSERT_TRUE(off.ok()) << off.status().to_string();
     EXPECT_EQ(off->lookahead, 0);
-    EXPECT_EQ(off->prefetched, 0);
-    EXPECT_EQ(off->records_read, off->misses);
+    EXPECT_EQ(off->metrics.counter("host.prefetched"), 0);
+    EXPECT_EQ(off->records_read(), off->misses());
     o.lookahead = 2;
     auto on = run_bench(o);
     ASSERT_TRUE(on.ok()) << on.status().to_string();
     EXPECT_EQ(on->lookahead, 2);
-    EXPECT_EQ(on->requested, off->requested);
-    EXPECT_EQ(on->unique, off->unique);
-    EXPECT_EQ(on->hits + on->misses, on->unique);
-    EXPECT_GT(on->prefetched, 0);
-    EXPECT_LE(on->prefetched, on->hits);
-    EXPECT_GE(on->records_read, on->misses + on->prefetched);
+    EXPECT_EQ(on->requested(), off->requested());
+    EXPECT_EQ(on->unique(), off->unique());
+    EXPECT_EQ(on->hits() + on->misses(), on->unique());
+    EXPECT_GT(on->metrics.counter("host.prefetched"), 0);
+    EXPECT_LE(on->metrics.counter("host.prefetched"), on->hits());
+    EXPECT_GE(on->records_read(), on->misses() + on->metrics.counter("host.prefetched"));
     EXPECT_GT(on->resident_tokens_per_second, 0.0);
     EXPECT_EQ(on->predicted_of, 0);  // one layer: nothing to predict
   }
@@ -375,9 +391,9 @@ TEST_F(BenchLayers, CrossLayerPredictionReportsRecallOverTheLaterLayersExperts) 
   EXPECT_LE(on->predicted_used, on->predicted_of);
   EXPECT_GT(on->recall(), 0.0);
   EXPECT_LE(on->recall(), 1.0);
-  EXPECT_GE(on->records_read, on->misses);
+  EXPECT_GE(on->records_read(), on->misses());
   // The same batches either way (pk routes by the layers' own routers on the same tokens).
-  EXPECT_EQ(on->unique, off->unique);
+  EXPECT_EQ(on->unique(), off->unique());
   o = stacked("zipf:1.09", 2);
   o.cross_layer = true;
   auto zipf = run_bench(o);
@@ -395,7 +411,7 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   // A token through both layers is one token; every selection of both layers is counted.
   EXPECT_EQ(r->tokens, o.batch * o.batches);
   EXPECT_DOUBLE_EQ(r->tokens_per_second, static_cast<double>(r->tokens) / r->seconds);
-  EXPECT_EQ(r->requested, 2 * o.batch * 2 * 4 * o.batches);
+  EXPECT_EQ(r->requested(), 2 * o.batch * 2 * 4 * o.batches);
   int64_t requested = 0, unique = 0, hits = 0, misses = 0, slots = 0;
   uint64_t bytes_read = 0;
   for (const BenchLayerResult& l : r->layers) {
@@ -412,11 +428,11 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
     bytes_read += l.bytes_read;
     slots += l.capacity_slots;
   }
-  EXPECT_EQ(r->requested, requested);
-  EXPECT_EQ(r->unique, unique);
-  EXPECT_EQ(r->hits, hits);
-  EXPECT_EQ(r->misses, misses);
-  EXPECT_EQ(r->bytes_read, bytes_read);
+  EXPECT_EQ(r->requested(), requested);
+  EXPECT_EQ(r->unique(), unique);
+  EXPECT_EQ(r->hits(), hits);
+  EXPECT_EQ(r->misses(), misses);
+  EXPECT_EQ(r->bytes_read(), bytes_read);
   EXPECT_EQ(r->capacity_slots, slots);
   EXPECT_DOUBLE_EQ(r->hit_rate, static_cast<double>(hits) / static_cast<double>(unique));
   EXPECT_EQ(r->table_bytes, 2 * 48 * 48 * stride_);
@@ -435,8 +451,8 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   auto one = run_bench(single);
   ASSERT_TRUE(one.ok()) << one.status().to_string();
   ASSERT_EQ(one->layers.size(), 1u);
-  EXPECT_EQ(one->unique, r->layers[0].unique);
-  EXPECT_EQ(one->hits, r->layers[0].hits);
+  EXPECT_EQ(one->unique(), r->layers[0].unique);
+  EXPECT_EQ(one->hits(), r->layers[0].hits);
   EXPECT_TRUE(r->layers[1].unique != r->layers[0].unique || r->layers[1].hits != r->layers[0].hits);
 }
 
@@ -455,11 +471,11 @@ TEST_F(BenchLayers, ThreeLayersRunEveryWorkloadAndATraceRoutesEachLayerAlike) {
     ASSERT_TRUE(r.ok()) << r.status().to_string();
     ASSERT_EQ(r->layers.size(), 3u);
     EXPECT_EQ(r->tokens, o.batch * o.batches);
-    EXPECT_EQ(r->requested, 3 * o.batch * 2 * 4 * o.batches);
+    EXPECT_EQ(r->requested(), 3 * o.batch * 2 * 4 * o.batches);
     int64_t unique = 0;
     for (const BenchLayerResult& l : r->layers) unique += l.unique;
-    EXPECT_EQ(r->unique, unique);
-    EXPECT_EQ(r->hits + r->misses, r->unique);
+    EXPECT_EQ(r->unique(), unique);
+    EXPECT_EQ(r->hits() + r->misses(), r->unique());
     EXPECT_GT(r->resident_tokens_per_second, 0.0);
     if (w.rfind("trace:", 0) == 0) {
       // The same trace for every layer: the same experts, so the same figures.

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "base/dtype.h"
+#include "base/metrics.h"
 #include "base/status.h"
 #include "kernels/peer_config.h"
 #include "runtime/bench/device_peers.h"
@@ -89,11 +90,6 @@ struct BenchOptions {
   std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
 };
 
-// Percentiles of per-batch seconds.
-struct StageTimes {
-  double p50 = 0, p90 = 0, p99 = 0, mean = 0;
-};
-
 // One layer of the run: its figures over the measured batches (the cold-run and Belady rates
 // over every batch, as BenchResult's).
 struct BenchLayerResult {
@@ -135,37 +131,45 @@ struct BenchResult {
   int64_t tokens = 0;
   double seconds = 0;  // wall time of the measured batches
   double tokens_per_second = 0;
-  int64_t requested = 0;  // expert selections (T * h * k summed)
-  int64_t unique = 0;     // distinct experts per batch, summed
-  int64_t hits = 0;
-  int64_t misses = 0;
+  // The measured batches (base/metrics.h), summed over the layers and the batches: each layer's
+  // batch_metrics ("slots": expert selections, "unique_experts", record bytes, stage seconds,
+  // "host.*": the host tiers' hits, misses, bytes read, disk and stall seconds, look-ahead reads;
+  // "device.*": the device tiers and the host -> device copies), and the per-batch latency
+  // histograms (seconds, all layers' summed per batch) "latency.batch" (wall time),
+  // "latency.route", "latency.resolve", "latency.disk", "latency.compute", "latency.stall"
+  // (prefetch waits included) and "latency.transfer" (host -> device copies).
+  Metrics metrics;
+  int64_t requested() const { return metrics.counter("slots"); }
+  int64_t unique() const { return metrics.counter("unique_experts"); }
+  int64_t hits() const { return metrics.counter("host.hits"); }
+  int64_t misses() const { return metrics.counter("host.misses"); }
+  uint64_t bytes_read() const { return static_cast<uint64_t>(metrics.counter("host.bytes_read")); }
+  // Records read from disk: the misses and what the look-ahead's prefetches read, used or not.
+  int64_t records_read() const {
+    return metrics.counter("host.misses") + metrics.counter("host.prefetch_reads");
+  }
+  // "latency.<stage>"; an empty histogram when the run has none.
+  LatencyHistogram latency(const std::string& stage) const {
+    const LatencyHistogram* h = metrics.histogram("latency." + stage);
+    return h != nullptr ? *h : LatencyHistogram{};
+  }
   double hit_rate = 0;  // hits / unique
   // Over every batch from a cold tier (warm-up included): Belady's hit rate and the policy's,
   // side by side (-1: not run). With a device tier these are the device tier's (the host tier
   // then sees only its misses, a stream the trace does not hold), and the host's are -1.
   double oracle_hit_rate = -1;
   double achieved_hit_rate_all = -1;
-  uint64_t bytes_read = 0;  // from the store file
-  double disk_busy_seconds = 0;
-  double iops = 0;                 // records read (records_read) / disk busy time
-  uint64_t record_bytes_used = 0;  // what the expert kernels read
-  double compute_seconds = 0;
-  // Look-ahead and cross-layer prediction (over the measured batches): unique experts read
-  // ahead of their batch, records read from disk for them in all (their misses and what their
-  // prefetches read, used or not),
+  double iops = 0;  // records_read() / the disk's busy time
+  // Look-ahead and cross-layer prediction (over the measured batches; the reads in metrics),
   // and for the prediction: predicted ∩ used over used, summed over the layers it ran for.
   int lookahead = 0;
   bool cross_layer = false;
-  int64_t prefetched = 0;
-  int64_t records_read = 0;
   int64_t predicted_used = 0;  // predicted ∩ used
   int64_t predicted_of = 0;    // used, of the layers predicted
   int64_t predicted = 0;       // predicted (distinct), for precision
   double recall() const {
     return predicted_of > 0 ? static_cast<double>(predicted_used) / predicted_of : -1;
   }
-  // Per batch, in seconds.
-  StageTimes route, resolve, disk, compute, stall, total;
 
   // The all-resident run of the same batches (0: not run), with the executor's resident
   // options (set_resident_options: on a device, the whole table in the device tier, filled by
@@ -179,15 +183,9 @@ struct BenchResult {
   std::string backend = "cpu";
   bool device_memory = false;
   int64_t device_capacity_slots = 0;
-  int64_t device_hits = 0;
-  int64_t device_misses = 0;
-  double device_hit_rate = 0;          // device_hits / unique
+  double device_hit_rate = 0;          // device.hits / unique
   double device_oracle_hit_rate = -1;  // see oracle_hit_rate
   double device_hit_rate_all = -1;
-  uint64_t h2d_bytes = 0;  // copied host -> device (records and tables)
-  double h2d_seconds = 0;  // those copies, by CUDA events
-  bool h2d_pinned = true;  // every staging slab was pinned
-  StageTimes transfer;     // per batch
   // Records moved by each H2D method over the whole run (warm-up included, where --h2d auto
   // tries them), and the method kept at the end.
   std::vector<H2dMethodTotals> h2d_methods;
