@@ -10,6 +10,7 @@
 #include <set>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "base/random.h"
 #include "runtime/layer/peer_layer.h"
@@ -386,7 +387,7 @@ TEST_F(BenchLayers, CrossLayerPredictionReportsRecallOverTheLaterLayersExperts) 
   ASSERT_TRUE(on.ok()) << on.status().to_string();
   EXPECT_TRUE(on->cross_layer);
   // Layers 1 and 2 are predicted: their distinct experts over the measured batches.
-  EXPECT_EQ(on->predicted_of, on->layers[1].unique + on->layers[2].unique);
+  EXPECT_EQ(on->predicted_of, on->layers[1].unique() + on->layers[2].unique());
   EXPECT_GT(on->predicted_used, 0);
   EXPECT_LE(on->predicted_used, on->predicted_of);
   EXPECT_GT(on->recall(), 0.0);
@@ -416,16 +417,16 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   uint64_t bytes_read = 0;
   for (const BenchLayerResult& l : r->layers) {
     SCOPED_TRACE(l.name);
-    EXPECT_EQ(l.requested, o.batch * 2 * 4 * o.batches);
-    EXPECT_EQ(l.hits + l.misses, l.unique);
-    EXPECT_DOUBLE_EQ(l.hit_rate, static_cast<double>(l.hits) / static_cast<double>(l.unique));
+    EXPECT_EQ(l.requested(), o.batch * 2 * 4 * o.batches);
+    EXPECT_EQ(l.hits() + l.misses(), l.unique());
+    EXPECT_DOUBLE_EQ(l.hit_rate, static_cast<double>(l.hits()) / static_cast<double>(l.unique()));
     EXPECT_EQ(l.host_budget_bytes, 400u * 1024);
     EXPECT_GE(l.oracle_hit_rate + 1e-12, l.achieved_hit_rate_all);
-    requested += l.requested;
-    unique += l.unique;
-    hits += l.hits;
-    misses += l.misses;
-    bytes_read += l.bytes_read;
+    requested += l.requested();
+    unique += l.unique();
+    hits += l.hits();
+    misses += l.misses();
+    bytes_read += l.bytes_read();
     slots += l.capacity_slots;
   }
   EXPECT_EQ(r->requested(), requested);
@@ -435,6 +436,25 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   EXPECT_EQ(r->bytes_read(), bytes_read);
   EXPECT_EQ(r->capacity_slots, slots);
   EXPECT_DOUBLE_EQ(r->hit_rate, static_cast<double>(hits) / static_cast<double>(unique));
+  // Every counter of the run is its layers' summed with += (added in another order: reals to
+  // rounding); the latency histograms are the run's own.
+  Metrics layers_sum;
+  for (const BenchLayerResult& l : r->layers) layers_sum += l.metrics;
+  nlohmann::json want = layers_sum.to_json(), got = r->metrics.to_json();
+  ASSERT_TRUE(got.contains("latency"));
+  got.erase("latency");
+  const nlohmann::json want_flat = want.flatten(), got_flat = got.flatten();
+  ASSERT_EQ(want_flat.size(), got_flat.size()) << got.dump();
+  for (const auto& [key, value] : want_flat.items()) {
+    SCOPED_TRACE(key);
+    ASSERT_TRUE(got_flat.contains(key));
+    const nlohmann::json& g = got_flat.at(key);
+    if (value.is_number_float()) {
+      EXPECT_NEAR(g.get<double>(), value.get<double>(), 1e-9 * (1 + value.get<double>()));
+    } else {
+      EXPECT_EQ(g, value);
+    }
+  }
   EXPECT_EQ(r->table_bytes, 2 * 48 * 48 * stride_);
   // Belady over the layers lies between theirs, and no policy beats it.
   EXPECT_GE(r->oracle_hit_rate,
@@ -451,9 +471,10 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   auto one = run_bench(single);
   ASSERT_TRUE(one.ok()) << one.status().to_string();
   ASSERT_EQ(one->layers.size(), 1u);
-  EXPECT_EQ(one->unique(), r->layers[0].unique);
-  EXPECT_EQ(one->hits(), r->layers[0].hits);
-  EXPECT_TRUE(r->layers[1].unique != r->layers[0].unique || r->layers[1].hits != r->layers[0].hits);
+  EXPECT_EQ(one->unique(), r->layers[0].unique());
+  EXPECT_EQ(one->hits(), r->layers[0].hits());
+  EXPECT_TRUE(r->layers[1].unique() != r->layers[0].unique() ||
+              r->layers[1].hits() != r->layers[0].hits());
 }
 
 TEST_F(BenchLayers, ThreeLayersRunEveryWorkloadAndATraceRoutesEachLayerAlike) {
@@ -473,14 +494,14 @@ TEST_F(BenchLayers, ThreeLayersRunEveryWorkloadAndATraceRoutesEachLayerAlike) {
     EXPECT_EQ(r->tokens, o.batch * o.batches);
     EXPECT_EQ(r->requested(), 3 * o.batch * 2 * 4 * o.batches);
     int64_t unique = 0;
-    for (const BenchLayerResult& l : r->layers) unique += l.unique;
+    for (const BenchLayerResult& l : r->layers) unique += l.unique();
     EXPECT_EQ(r->unique(), unique);
     EXPECT_EQ(r->hits() + r->misses(), r->unique());
     EXPECT_GT(r->resident_tokens_per_second, 0.0);
     if (w.rfind("trace:", 0) == 0) {
       // The same trace for every layer: the same experts, so the same figures.
-      EXPECT_EQ(r->layers[1].unique, r->layers[0].unique);
-      EXPECT_EQ(r->layers[2].hits, r->layers[0].hits);
+      EXPECT_EQ(r->layers[1].unique(), r->layers[0].unique());
+      EXPECT_EQ(r->layers[2].hits(), r->layers[0].hits());
     }
   }
 }
@@ -504,13 +525,13 @@ TEST_F(BenchLayers, PkRoutingOfALaterLayerReadsTheResidualStream) {
   std::vector<float> x(static_cast<size_t>(T * 96)), y(x.size()), h(x.size()), y1(x.size());
   fill_gaussian(x, 1.0, splitmix64(o.seed * 1000003 + 0));
   ASSERT_TRUE(first->forward(x, T, y).ok());
-  ASSERT_EQ(static_cast<int64_t>(first->last_experts().size()), r->layers[0].unique)
+  ASSERT_EQ(static_cast<int64_t>(first->last_experts().size()), r->layers[0].unique())
       << "the hand-made batch is not the bench's";
   for (size_t i = 0; i < x.size(); ++i) h[i] = x[i] + y[i];
   ASSERT_TRUE(second->forward(h, T, y1).ok());
   const std::vector<int64_t> through_stream(second->last_experts().begin(),
                                             second->last_experts().end());
-  EXPECT_EQ(static_cast<int64_t>(through_stream.size()), r->layers[1].unique);
+  EXPECT_EQ(static_cast<int64_t>(through_stream.size()), r->layers[1].unique());
   ASSERT_TRUE(second->forward(x, T, y1).ok());
   const std::vector<int64_t> on_x(second->last_experts().begin(), second->last_experts().end());
   EXPECT_NE(through_stream, on_x) << "layer 1's routing does not depend on layer 0's output";

@@ -175,11 +175,11 @@ nlohmann::json layer_json(const BenchLayerResult& l, const BenchResult& r) {
   nlohmann::json j = {{"name", l.name},
                       {"host_budget_bytes", l.host_budget_bytes},
                       {"host_capacity_records", l.capacity_slots},
-                      {"requested_per_batch", static_cast<double>(l.requested) / nb},
-                      {"unique_per_batch", static_cast<double>(l.unique) / nb},
+                      {"requested_per_batch", static_cast<double>(l.requested()) / nb},
+                      {"unique_per_batch", static_cast<double>(l.unique()) / nb},
                       {"hit_rate", l.hit_rate},
-                      {"misses_per_batch", static_cast<double>(l.misses) / nb},
-                      {"bytes_read_per_batch", static_cast<double>(l.bytes_read) / nb}};
+                      {"misses_per_batch", static_cast<double>(l.misses()) / nb},
+                      {"bytes_read_per_batch", static_cast<double>(l.bytes_read()) / nb}};
   if (l.oracle_hit_rate >= 0) {
     j["cold_run_hit_rate"] = l.achieved_hit_rate_all;
     j["belady_hit_rate"] = l.oracle_hit_rate;
@@ -188,7 +188,7 @@ nlohmann::json layer_json(const BenchLayerResult& l, const BenchResult& r) {
     j["device_budget_bytes"] = l.vram_budget_bytes;
     j["device_capacity_records"] = l.device_capacity_slots;
     j["device_hit_rate"] = l.device_hit_rate;
-    j["device_misses_per_batch"] = static_cast<double>(l.device_misses) / nb;
+    j["device_misses_per_batch"] = static_cast<double>(l.metrics.counter("device.misses")) / nb;
     if (l.device_oracle_hit_rate >= 0) {
       j["device_cold_run_hit_rate"] = l.device_hit_rate_all;
       j["device_belady_hit_rate"] = l.device_oracle_hit_rate;
@@ -519,7 +519,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
   if (nl > 1) {
     for (const BenchLayerResult& l : r.layers) {
       std::printf("    %-12s host %5.1f%% hit, %.0f unique/batch", l.name.c_str(), 100 * l.hit_rate,
-                  static_cast<double>(l.unique) / nb);
+                  static_cast<double>(l.unique()) / nb);
       if (l.oracle_hit_rate >= 0) {
         std::printf("; from cold %.1f%% vs Belady's %.1f%%", 100 * l.achieved_hit_rate_all,
                     100 * l.oracle_hit_rate);

@@ -630,7 +630,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     const double seconds = start.seconds();
     Metrics m;  // this batch's, summed over the layers
     for (BenchLayer& L : layers) {
-      m += batch_metrics(L.last);
+      const Metrics lm = batch_metrics(L.last);
+      m += lm;
       if (opt.oracle) {
         const std::span<const int64_t> u = L.layer.last_experts();
         L.trace.emplace_back(u.begin(), u.end());
@@ -639,13 +640,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       L.device_hits_all += L.last.device.hits;
       L.unique_all += L.last.unique_experts;
       if (b >= opt.warmup_batches) {
-        L.res.requested += L.last.slots;
-        L.res.unique += L.last.unique_experts;
-        L.res.hits += L.last.fetch.hits;
-        L.res.misses += L.last.fetch.misses;
-        L.res.bytes_read += L.last.fetch.bytes_read;
-        L.res.device_hits += L.last.device.hits;
-        L.res.device_misses += L.last.device.misses;
+        L.res.metrics += lm;
         res.predicted_used += L.predicted_used;
         res.predicted_of += L.predicted_of;
         res.predicted += L.predicted_of > 0 ? static_cast<int64_t>(L.predicted_ids.size()) : 0;
@@ -697,8 +692,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.h2d_method = layers[0].layer.h2d_method();
   res.device_hit_rate = ratio(m.counter("device.hits"), m.counter("unique_experts"));
   for (BenchLayer& L : layers) {
-    L.res.hit_rate = ratio(L.res.hits, L.res.unique);
-    L.res.device_hit_rate = ratio(L.res.device_hits, L.res.unique);
+    L.res.hit_rate = ratio(L.res.hits(), L.res.unique());
+    L.res.device_hit_rate = ratio(L.res.metrics.counter("device.hits"), L.res.unique());
   }
   if (opt.oracle) {
     // Over every batch from a cold tier, as the policy saw them, beside the policy's own; each

@@ -98,14 +98,15 @@ struct BenchLayerResult {
   uint64_t vram_budget_bytes = 0;
   int64_t capacity_slots = 0;
   int64_t device_capacity_slots = 0;
-  int64_t requested = 0;
-  int64_t unique = 0;
-  int64_t hits = 0;
-  int64_t misses = 0;
+  // Its batch_metrics summed over the measured batches (BenchResult::metrics' names, without
+  // the latency histograms).
+  Metrics metrics;
+  int64_t requested() const { return metrics.counter("slots"); }
+  int64_t unique() const { return metrics.counter("unique_experts"); }
+  int64_t hits() const { return metrics.counter("host.hits"); }
+  int64_t misses() const { return metrics.counter("host.misses"); }
+  uint64_t bytes_read() const { return static_cast<uint64_t>(metrics.counter("host.bytes_read")); }
   double hit_rate = 0;
-  uint64_t bytes_read = 0;
-  int64_t device_hits = 0;
-  int64_t device_misses = 0;
   double device_hit_rate = 0;
   double oracle_hit_rate = -1;  // the host tier's, or with a device tier the device's
   double achieved_hit_rate_all = -1;
