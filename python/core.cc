@@ -88,34 +88,6 @@ void check_size(const A& a, size_t want, const char* what) {
   }
 }
 
-// Adds batch `s` to `sum` (a forward split into look-ahead batches reports their sum).
-void add_batch_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
-  sum->tokens += s.tokens;
-  sum->slots += s.slots;
-  sum->unique_experts += s.unique_experts;
-  sum->record_bytes_used += s.record_bytes_used;
-  sum->record_bytes_unique += s.record_bytes_unique;
-  sum->route_seconds += s.route_seconds;
-  sum->acquire_seconds += s.acquire_seconds;
-  sum->expert_seconds += s.expert_seconds;
-  sum->fetch.hits += s.fetch.hits;
-  sum->fetch.misses += s.fetch.misses;
-  sum->fetch.bytes_read += s.fetch.bytes_read;
-  sum->fetch.resolve_seconds += s.fetch.resolve_seconds;
-  sum->fetch.disk_seconds += s.fetch.disk_seconds;
-  sum->fetch.stall_seconds += s.fetch.stall_seconds;
-  sum->fetch.prefetched += s.fetch.prefetched;
-  sum->fetch.prefetch_wait_seconds += s.fetch.prefetch_wait_seconds;
-  sum->device.hits += s.device.hits;
-  sum->device.misses += s.device.misses;
-  sum->device.bytes_copied += s.device.bytes_copied;
-  sum->device.copy_seconds += s.device.copy_seconds;
-}
-
-std::string stats_json(const PeerBatchStats& s) {
-  return batch_metrics(s).to_json().dump();
-}
-
 // A stored layer with its store, opened for Python. With `train`, the layer computes over a
 // TableTrainer's overlay of the records changed since the last checkpoint, and backward()
 // adds the expert rows' gradients to the trainer's pending step (they never reach Python).
@@ -198,7 +170,7 @@ class Layer {
     const int64_t T = static_cast<int64_t>(x.size()) / c.dim;
     check_size(x, static_cast<size_t>(T * c.dim), "x");
     check_size(y, static_cast<size_t>(T * c.dim_out), "y");
-    PeerBatchStats stats;
+    Metrics stats;  // a forward split into look-ahead batches reports their sum
     PeerRouting routing;
     const bool want_routing = ids.has_value() || gates.has_value();
     if (lookahead_ > 0 && T > batch_) {
@@ -230,12 +202,16 @@ class Layer {
               std::copy(r.ids.begin(), r.ids.end(), routing.ids.begin() + first * per_token);
               std::copy(r.gates.begin(), r.gates.end(), routing.gates.begin() + first * per_token);
             }
-            add_batch_stats(s, &stats);
+            stats += batch_metrics(s);
             return Status::ok_status();
           }));
     } else {
-      nb::gil_scoped_release unlocked;
-      check(layer().forward(in_span(x), T, out_span(y), want_routing ? &routing : nullptr, &stats));
+      PeerBatchStats s;
+      {
+        nb::gil_scoped_release unlocked;
+        check(layer().forward(in_span(x), T, out_span(y), want_routing ? &routing : nullptr, &s));
+      }
+      stats = batch_metrics(s);
     }
     if (ids) {
       check_size(*ids, routing.ids.size(), "ids");
@@ -245,7 +221,7 @@ class Layer {
       check_size(*gates, routing.gates.size(), "gates");
       std::memcpy(gates->data(), routing.gates.data(), routing.gates.size() * sizeof(float));
     }
-    return stats_json(stats);
+    return stats.to_json().dump();
   }
 
   // The gradients of sum(dy * y) at x: dx and the router's, written into the given arrays (a

@@ -10,6 +10,7 @@
 #include <set>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "base/random.h"
 #include "runtime/layer/peer_layer.h"
@@ -138,17 +139,33 @@ void expect_consistent(const BenchResult& r, const BenchOptions& o) {
   const int64_t per_batch = o.batch * 2 * 4;
   EXPECT_EQ(r.batches, o.batches);
   EXPECT_EQ(r.tokens, o.batch * o.batches);
-  EXPECT_EQ(r.requested, per_batch * o.batches);
-  EXPECT_EQ(r.hits + r.misses, r.unique);
-  EXPECT_LE(r.unique, r.requested);
-  EXPECT_GE(r.unique, o.batches);
+  EXPECT_EQ(r.requested(), per_batch * o.batches);
+  EXPECT_EQ(r.hits() + r.misses(), r.unique());
+  EXPECT_LE(r.unique(), r.requested());
+  EXPECT_GE(r.unique(), o.batches);
   EXPECT_GE(r.hit_rate, 0.0);
   EXPECT_LE(r.hit_rate, 1.0);
   EXPECT_GT(r.tokens_per_second, 0.0);
   EXPECT_GT(r.resident_tokens_per_second, 0.0);
-  EXPECT_GE(r.bytes_read, static_cast<uint64_t>(r.misses) * r.record_stride);
-  EXPECT_LE(r.total.p50, r.total.p99);
-  EXPECT_LE(r.route.p50, r.total.p99);
+  EXPECT_GE(r.bytes_read(), static_cast<uint64_t>(r.misses()) * r.record_stride);
+  // Every stage's latency: one sample per measured batch, its percentiles in order, and the
+  // stages of a batch within its wall time.
+  for (const char* stage : {"batch", "route", "resolve", "disk", "compute", "stall", "transfer"}) {
+    SCOPED_TRACE(stage);
+    const LatencyHistogram t = r.latency(stage);
+    EXPECT_EQ(t.count(), o.batches);
+    EXPECT_GE(t.quantile(0.5), 0.0);
+    EXPECT_LE(t.quantile(0.5), t.quantile(0.9));
+    EXPECT_LE(t.quantile(0.9), t.quantile(0.99));
+    EXPECT_LE(t.quantile(0.99), t.quantile(1.0));
+  }
+  EXPECT_LE(r.latency("route").quantile(0.5), r.latency("batch").quantile(1.0));
+  EXPECT_LE(r.latency("compute").sum(), r.latency("batch").sum());
+  EXPECT_NEAR(r.latency("batch").sum(), r.seconds, 1e-9);
+  // The histograms hold the samples the counters add.
+  EXPECT_NEAR(r.latency("route").sum(), r.metrics.real("route_seconds"), 1e-9);
+  EXPECT_NEAR(r.latency("compute").sum(), r.metrics.real("expert_seconds"), 1e-9);
+  EXPECT_EQ(r.metrics.counter("tokens"), r.tokens * static_cast<int64_t>(r.layers.size()));
   // Belady is optimal for demand fills: no policy beats it on the same batches.
   EXPECT_GE(r.oracle_hit_rate + 1e-12, r.achieved_hit_rate_all);
   EXPECT_GE(r.achieved_hit_rate_all, 0.0);
@@ -198,9 +215,9 @@ TEST_F(BenchRun, OnTheCudaBackendTheGpuPeersRunTheMeasuredBatches) {
     EXPECT_GT(d.expert_kernel_seconds, 0.0);
     // At least xhat, gates, ids and y of every measured batch, at most every slot's record too.
     const uint64_t activations = static_cast<uint64_t>(o.batch * o.batches) * (96 + 64) * 4 +
-                                 static_cast<uint64_t>(res->requested) * 12;
+                                 static_cast<uint64_t>(res->requested()) * 12;
     EXPECT_GT(d.expert_kernel_bytes, activations);
-    EXPECT_LE(d.expert_kernel_bytes, activations + res->requested * res->record_bytes);
+    EXPECT_LE(d.expert_kernel_bytes, activations + res->requested() * res->record_bytes);
   }
   BenchOptions o = options("uniform");
   o.backend = PeerBackend::kCuda;
@@ -218,7 +235,7 @@ TEST_F(BenchRun, SkewedRoutingHitsMoreThanUniformAtTheSameBudget) {
   ASSERT_TRUE(uniform.ok() && zipf.ok());
   EXPECT_GT(zipf->hit_rate, uniform->hit_rate + 0.1)
       << "zipf " << zipf->hit_rate << " uniform " << uniform->hit_rate;
-  EXPECT_LT(zipf->unique, uniform->unique);
+  EXPECT_LT(zipf->unique(), uniform->unique());
 }
 
 TEST_F(BenchRun, BudgetBelowOneBatchAndBadTracesAreRefusedBeforeAnyWork) {
@@ -312,18 +329,18 @@ TEST_F(BenchRun, LookaheadRunsTheSameBatchesAndReadsAheadOfThem) {
     auto off = run_bench(o);
     ASSERT_TRUE(off.ok()) << off.status().to_string();
     EXPECT_EQ(off->lookahead, 0);
-    EXPECT_EQ(off->prefetched, 0);
-    EXPECT_EQ(off->records_read, off->misses);
+    EXPECT_EQ(off->metrics.counter("host.prefetched"), 0);
+    EXPECT_EQ(off->records_read(), off->misses());
     o.lookahead = 2;
     auto on = run_bench(o);
     ASSERT_TRUE(on.ok()) << on.status().to_string();
     EXPECT_EQ(on->lookahead, 2);
-    EXPECT_EQ(on->requested, off->requested);
-    EXPECT_EQ(on->unique, off->unique);
-    EXPECT_EQ(on->hits + on->misses, on->unique);
-    EXPECT_GT(on->prefetched, 0);
-    EXPECT_LE(on->prefetched, on->hits);
-    EXPECT_GE(on->records_read, on->misses + on->prefetched);
+    EXPECT_EQ(on->requested(), off->requested());
+    EXPECT_EQ(on->unique(), off->unique());
+    EXPECT_EQ(on->hits() + on->misses(), on->unique());
+    EXPECT_GT(on->metrics.counter("host.prefetched"), 0);
+    EXPECT_LE(on->metrics.counter("host.prefetched"), on->hits());
+    EXPECT_GE(on->records_read(), on->misses() + on->metrics.counter("host.prefetched"));
     EXPECT_GT(on->resident_tokens_per_second, 0.0);
     EXPECT_EQ(on->predicted_of, 0);  // one layer: nothing to predict
   }
@@ -370,14 +387,14 @@ TEST_F(BenchLayers, CrossLayerPredictionReportsRecallOverTheLaterLayersExperts) 
   ASSERT_TRUE(on.ok()) << on.status().to_string();
   EXPECT_TRUE(on->cross_layer);
   // Layers 1 and 2 are predicted: their distinct experts over the measured batches.
-  EXPECT_EQ(on->predicted_of, on->layers[1].unique + on->layers[2].unique);
+  EXPECT_EQ(on->predicted_of, on->layers[1].unique() + on->layers[2].unique());
   EXPECT_GT(on->predicted_used, 0);
   EXPECT_LE(on->predicted_used, on->predicted_of);
   EXPECT_GT(on->recall(), 0.0);
   EXPECT_LE(on->recall(), 1.0);
-  EXPECT_GE(on->records_read, on->misses);
+  EXPECT_GE(on->records_read(), on->misses());
   // The same batches either way (pk routes by the layers' own routers on the same tokens).
-  EXPECT_EQ(on->unique, off->unique);
+  EXPECT_EQ(on->unique(), off->unique());
   o = stacked("zipf:1.09", 2);
   o.cross_layer = true;
   auto zipf = run_bench(o);
@@ -395,30 +412,49 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   // A token through both layers is one token; every selection of both layers is counted.
   EXPECT_EQ(r->tokens, o.batch * o.batches);
   EXPECT_DOUBLE_EQ(r->tokens_per_second, static_cast<double>(r->tokens) / r->seconds);
-  EXPECT_EQ(r->requested, 2 * o.batch * 2 * 4 * o.batches);
+  EXPECT_EQ(r->requested(), 2 * o.batch * 2 * 4 * o.batches);
   int64_t requested = 0, unique = 0, hits = 0, misses = 0, slots = 0;
   uint64_t bytes_read = 0;
   for (const BenchLayerResult& l : r->layers) {
     SCOPED_TRACE(l.name);
-    EXPECT_EQ(l.requested, o.batch * 2 * 4 * o.batches);
-    EXPECT_EQ(l.hits + l.misses, l.unique);
-    EXPECT_DOUBLE_EQ(l.hit_rate, static_cast<double>(l.hits) / static_cast<double>(l.unique));
+    EXPECT_EQ(l.requested(), o.batch * 2 * 4 * o.batches);
+    EXPECT_EQ(l.hits() + l.misses(), l.unique());
+    EXPECT_DOUBLE_EQ(l.hit_rate, static_cast<double>(l.hits()) / static_cast<double>(l.unique()));
     EXPECT_EQ(l.host_budget_bytes, 400u * 1024);
     EXPECT_GE(l.oracle_hit_rate + 1e-12, l.achieved_hit_rate_all);
-    requested += l.requested;
-    unique += l.unique;
-    hits += l.hits;
-    misses += l.misses;
-    bytes_read += l.bytes_read;
+    requested += l.requested();
+    unique += l.unique();
+    hits += l.hits();
+    misses += l.misses();
+    bytes_read += l.bytes_read();
     slots += l.capacity_slots;
   }
-  EXPECT_EQ(r->requested, requested);
-  EXPECT_EQ(r->unique, unique);
-  EXPECT_EQ(r->hits, hits);
-  EXPECT_EQ(r->misses, misses);
-  EXPECT_EQ(r->bytes_read, bytes_read);
+  EXPECT_EQ(r->requested(), requested);
+  EXPECT_EQ(r->unique(), unique);
+  EXPECT_EQ(r->hits(), hits);
+  EXPECT_EQ(r->misses(), misses);
+  EXPECT_EQ(r->bytes_read(), bytes_read);
   EXPECT_EQ(r->capacity_slots, slots);
   EXPECT_DOUBLE_EQ(r->hit_rate, static_cast<double>(hits) / static_cast<double>(unique));
+  // Every counter of the run is its layers' summed with += (added in another order: reals to
+  // rounding); the latency histograms are the run's own.
+  Metrics layers_sum;
+  for (const BenchLayerResult& l : r->layers) layers_sum += l.metrics;
+  nlohmann::json want = layers_sum.to_json(), got = r->metrics.to_json();
+  ASSERT_TRUE(got.contains("latency"));
+  got.erase("latency");
+  const nlohmann::json want_flat = want.flatten(), got_flat = got.flatten();
+  ASSERT_EQ(want_flat.size(), got_flat.size()) << got.dump();
+  for (const auto& [key, value] : want_flat.items()) {
+    SCOPED_TRACE(key);
+    ASSERT_TRUE(got_flat.contains(key));
+    const nlohmann::json& g = got_flat.at(key);
+    if (value.is_number_float()) {
+      EXPECT_NEAR(g.get<double>(), value.get<double>(), 1e-9 * (1 + value.get<double>()));
+    } else {
+      EXPECT_EQ(g, value);
+    }
+  }
   EXPECT_EQ(r->table_bytes, 2 * 48 * 48 * stride_);
   // Belady over the layers lies between theirs, and no policy beats it.
   EXPECT_GE(r->oracle_hit_rate,
@@ -435,9 +471,10 @@ TEST_F(BenchLayers, TwoLayersSumTheirFiguresAndCountEachTokenOnce) {
   auto one = run_bench(single);
   ASSERT_TRUE(one.ok()) << one.status().to_string();
   ASSERT_EQ(one->layers.size(), 1u);
-  EXPECT_EQ(one->unique, r->layers[0].unique);
-  EXPECT_EQ(one->hits, r->layers[0].hits);
-  EXPECT_TRUE(r->layers[1].unique != r->layers[0].unique || r->layers[1].hits != r->layers[0].hits);
+  EXPECT_EQ(one->unique(), r->layers[0].unique());
+  EXPECT_EQ(one->hits(), r->layers[0].hits());
+  EXPECT_TRUE(r->layers[1].unique() != r->layers[0].unique() ||
+              r->layers[1].hits() != r->layers[0].hits());
 }
 
 TEST_F(BenchLayers, ThreeLayersRunEveryWorkloadAndATraceRoutesEachLayerAlike) {
@@ -455,16 +492,16 @@ TEST_F(BenchLayers, ThreeLayersRunEveryWorkloadAndATraceRoutesEachLayerAlike) {
     ASSERT_TRUE(r.ok()) << r.status().to_string();
     ASSERT_EQ(r->layers.size(), 3u);
     EXPECT_EQ(r->tokens, o.batch * o.batches);
-    EXPECT_EQ(r->requested, 3 * o.batch * 2 * 4 * o.batches);
+    EXPECT_EQ(r->requested(), 3 * o.batch * 2 * 4 * o.batches);
     int64_t unique = 0;
-    for (const BenchLayerResult& l : r->layers) unique += l.unique;
-    EXPECT_EQ(r->unique, unique);
-    EXPECT_EQ(r->hits + r->misses, r->unique);
+    for (const BenchLayerResult& l : r->layers) unique += l.unique();
+    EXPECT_EQ(r->unique(), unique);
+    EXPECT_EQ(r->hits() + r->misses(), r->unique());
     EXPECT_GT(r->resident_tokens_per_second, 0.0);
     if (w.rfind("trace:", 0) == 0) {
       // The same trace for every layer: the same experts, so the same figures.
-      EXPECT_EQ(r->layers[1].unique, r->layers[0].unique);
-      EXPECT_EQ(r->layers[2].hits, r->layers[0].hits);
+      EXPECT_EQ(r->layers[1].unique(), r->layers[0].unique());
+      EXPECT_EQ(r->layers[2].hits(), r->layers[0].hits());
     }
   }
 }
@@ -488,13 +525,13 @@ TEST_F(BenchLayers, PkRoutingOfALaterLayerReadsTheResidualStream) {
   std::vector<float> x(static_cast<size_t>(T * 96)), y(x.size()), h(x.size()), y1(x.size());
   fill_gaussian(x, 1.0, splitmix64(o.seed * 1000003 + 0));
   ASSERT_TRUE(first->forward(x, T, y).ok());
-  ASSERT_EQ(static_cast<int64_t>(first->last_experts().size()), r->layers[0].unique)
+  ASSERT_EQ(static_cast<int64_t>(first->last_experts().size()), r->layers[0].unique())
       << "the hand-made batch is not the bench's";
   for (size_t i = 0; i < x.size(); ++i) h[i] = x[i] + y[i];
   ASSERT_TRUE(second->forward(h, T, y1).ok());
   const std::vector<int64_t> through_stream(second->last_experts().begin(),
                                             second->last_experts().end());
-  EXPECT_EQ(static_cast<int64_t>(through_stream.size()), r->layers[1].unique);
+  EXPECT_EQ(static_cast<int64_t>(through_stream.size()), r->layers[1].unique());
   ASSERT_TRUE(second->forward(x, T, y1).ok());
   const std::vector<int64_t> on_x(second->last_experts().begin(), second->last_experts().end());
   EXPECT_NE(through_stream, on_x) << "layer 1's routing does not depend on layer 0's output";

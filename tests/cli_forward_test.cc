@@ -880,6 +880,65 @@ TEST_F(CliForwardStore, StatsJsonMatchesTheRoutingOfEachBatch) {
   EXPECT_LE(u["min"].get<int64_t>(), layer_.heads * layer_.topk);
 }
 
+// The report's "metrics" (base/metrics.h): the batches' counters summed, each per-batch latency
+// a histogram of one sample per batch, and the figures above them read from the same sums.
+TEST_F(CliForwardStore, JsonMetricsSumTheBatchesAndHistogramEachOne) {
+  const int64_t D = layer_.dim;
+  constexpr int64_t kMany = 41;  // 11 batches of 4, the last short
+  std::mt19937 rng(115);
+  const std::vector<float> x = normal(rng, static_cast<size_t>(kMany * D), 1.0);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(write_f32(xin, "x", {kMany, D}, x));
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  const uint64_t stride = store->find_layer(kPrefix)->table.stride;
+  const int64_t per_batch = 4 * layer_.heads * layer_.topk;
+  for (const char* depth : {"0", "2"}) {
+    SCOPED_TRACE(std::string("lookahead ") + depth);
+    RunResult r = run(dir_, {"forward", store_, "--layer", kPrefix, "-i", xin, "-o", y_path(),
+                             "--json", "--batch", "4", "--lookahead", depth, "--host",
+                             std::to_string(static_cast<uint64_t>(per_batch + 5) * stride)});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const nlohmann::json j = nlohmann::json::parse(r.out);
+    ASSERT_TRUE(j.contains("metrics")) << r.out;
+    const nlohmann::json& m = j["metrics"];
+    EXPECT_EQ(m["tokens"], kMany);
+    EXPECT_EQ(m["slots"], kMany * layer_.heads * layer_.topk);
+    EXPECT_LE(m["unique_experts"].get<int64_t>(), m["slots"].get<int64_t>());
+    EXPECT_EQ(m["host"]["hits"].get<int64_t>() + m["host"]["misses"].get<int64_t>(),
+              m["unique_experts"].get<int64_t>());
+    // A cold tier reads its first batch's records: as misses, or ahead of it.
+    EXPECT_GT(m["host"]["misses"].get<int64_t>() + m["host"]["prefetched"].get<int64_t>(), 0);
+    EXPECT_EQ(j["tiers"]["hits"], m["host"]["hits"]);
+    EXPECT_EQ(j["tiers"]["misses"], m["host"]["misses"]);
+    EXPECT_EQ(j["tiers"]["prefetched"], m["host"]["prefetched"]);
+    EXPECT_EQ(j["tiers"]["bytes_read"], m["host"]["bytes_read"]);
+    EXPECT_GE(m["host"]["bytes_read"].get<uint64_t>(),
+              m["host"]["misses"].get<uint64_t>() * stride);
+    EXPECT_EQ(j["record_bytes_used"], m["record_bytes_used"]);
+    EXPECT_EQ(j["stage_seconds"]["experts"], m["expert_seconds"]);
+    for (const char* name : {"batch", "route", "acquire", "experts"}) {
+      SCOPED_TRACE(name);
+      const nlohmann::json& h = m["latency"][name];
+      EXPECT_EQ(h["count"], 11);
+      const double p50 = h["p50"], p90 = h["p90"], p99 = h["p99"], max = h["max"];
+      EXPECT_GE(p50, 0.0);
+      EXPECT_LE(p50, p90);
+      EXPECT_LE(p90, p99);
+      EXPECT_LE(p99, max);
+      EXPECT_LE(max, h["sum"].get<double>());
+      EXPECT_NEAR(h["mean"].get<double>() * 11, h["sum"].get<double>(), 1e-9);
+    }
+    // A stage's histogram holds the same samples its sum adds.
+    EXPECT_NEAR(m["latency"]["route"]["sum"].get<double>(), j["stage_seconds"]["route"], 1e-9);
+    EXPECT_NEAR(m["latency"]["experts"]["sum"].get<double>(), j["stage_seconds"]["experts"], 1e-9);
+    // Batch latencies lie within the run, and cover its stages.
+    EXPECT_LE(m["latency"]["batch"]["sum"].get<double>(), j["seconds"].get<double>() + 1e-9);
+    EXPECT_GE(m["latency"]["batch"]["sum"].get<double>(),
+              m["latency"]["experts"]["sum"].get<double>());
+  }
+}
+
 // ---- 5. --device cuda -------------------------------------------------------------------------
 
 bool have_cuda() {

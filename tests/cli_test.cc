@@ -287,8 +287,18 @@ TEST(Cli, BenchSweepsWritesJsonAndAPlotAndRefusesBadSizes) {
   for (const auto& p : j["points"]) {
     EXPECT_EQ(p["requested_per_batch"].get<double>(), 16 * 2 * 4);
     for (const char* stage : {"route", "resolve", "disk", "compute", "stall", "batch"}) {
-      EXPECT_TRUE(p["stages"].contains(stage)) << stage;
+      ASSERT_TRUE(p["stages"].contains(stage)) << stage;
+      const auto& t = p["stages"][stage];
+      EXPECT_LE(t["p50_ms"].get<double>(), t["p90_ms"].get<double>()) << stage;
+      EXPECT_LE(t["p90_ms"].get<double>(), t["p99_ms"].get<double>()) << stage;
+      EXPECT_LE(t["p99_ms"].get<double>(), t["max_ms"].get<double>()) << stage;
+      EXPECT_LE(t["mean_ms"].get<double>(), t["max_ms"].get<double>() + 1e-12) << stage;
+      // The same histogram, in seconds, under "metrics": one sample per measured batch.
+      const auto& h = p["metrics"]["latency"][stage];
+      EXPECT_EQ(h["count"], 4) << stage;
+      EXPECT_NEAR(h["max"].get<double>() * 1e3, t["max_ms"].get<double>(), 1e-9) << stage;
     }
+    EXPECT_EQ(p["metrics"]["slots"], 4 * 16 * 2 * 4);
     EXPECT_LE(p["cold_run_hit_rate"].get<double>(), p["belady_hit_rate"].get<double>() + 1e-12);
   }
   EXPECT_GT(j["calibration"]["host_read_bandwidth"].get<double>(), 0.0);

@@ -309,6 +309,35 @@ TEST(PeerLayer, CorruptRecordFailsTheBatchNamingTheExpertAndLeavesTheStoreAlone)
   EXPECT_TRUE(unchecked->forward(x, T, y).ok());
 }
 
+// What the bench and the reports ask of a backend instead of its name: host executors have no
+// memory of their own, so their resident options stay as given and need no fill pass; cuda's
+// hold the whole table in the device tier, filled by one pass.
+TEST(PeerExecutorTraits, HostBackendsHaveNoDeviceMemoryAndCudaHasOne) {
+  PeerConfig c = small_config();
+  ASSERT_TRUE(c.validate_and_fill().ok());
+  const RecordLayout layout =
+      RecordLayout::make(DType::kI4, c.dim, c.dim_out, c.expert_width).value();
+  for (PeerBackend b : {PeerBackend::kCpu, PeerBackend::kRef}) {
+    SCOPED_TRACE(std::string(peer_backend_name(b)));
+    EXPECT_FALSE(peer_backend_traits(b).device_memory);
+    EXPECT_EQ(peer_backend_traits(b).resident_fill_passes, 0);
+    PeerLayerOptions o;
+    o.backend = b;
+    o.threads = 3;
+    set_resident_options(uint64_t{1} << 30, &o);
+    EXPECT_EQ(o.cuda.vram_budget_bytes, 0u);
+    EXPECT_EQ(o.threads, 3);
+    // So the options make a layer here (a device budget would be refused on a host backend).
+    EXPECT_TRUE(make_peer_executor(c, layout, o).ok());
+  }
+  EXPECT_TRUE(peer_backend_traits(PeerBackend::kCuda).device_memory);
+  EXPECT_EQ(peer_backend_traits(PeerBackend::kCuda).resident_fill_passes, 1);
+  PeerLayerOptions o;
+  o.backend = PeerBackend::kCuda;
+  set_resident_options(12345, &o);
+  EXPECT_EQ(o.cuda.vram_budget_bytes, 12345u);
+}
+
 TEST(RoutingStats, UsageUnevennessAndUniquePerBatch) {
   RoutingStats even(4);
   PeerRouting r;

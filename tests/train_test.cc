@@ -174,7 +174,23 @@ TEST_F(Train, LossFallsAndEveryCheckpointIsAServableVerifiedStore) {
   ASSERT_EQ(r->losses.size(), 120u);
   EXPECT_LT(mean(r->losses, 115, 120), 0.7 * mean(r->losses, 0, 5))
       << "loss " << r->losses.front() << " -> " << r->losses.back();
-  EXPECT_GT(r->expert_updates, 0);
+  const Metrics& m = r->metrics;
+  EXPECT_GT(m.counter("expert_updates"), 0);
+  EXPECT_EQ(m.counter("tokens"), 120 * o.batch);
+  // One latency sample per step and per checkpoint, one update per layer and step.
+  ASSERT_NE(m.histogram("latency.step"), nullptr);
+  EXPECT_EQ(m.histogram("latency.step")->count(), 120);
+  EXPECT_EQ(m.histogram("latency.update")->count(), 120);
+  EXPECT_EQ(r->checkpoints(), 4);
+  EXPECT_EQ(m.counter("checkpoint.whole_rewrites"), 1);
+  for (const char* name : {"latency.step", "latency.update", "latency.checkpoint"}) {
+    const LatencyHistogram& h = *m.histogram(name);
+    EXPECT_LE(h.quantile(0.5), h.quantile(0.9)) << name;
+    EXPECT_LE(h.quantile(0.9), h.quantile(0.99)) << name;
+    EXPECT_LE(h.quantile(0.99), h.quantile(1.0)) << name;
+  }
+  EXPECT_LE(r->update_seconds(), r->seconds());
+  EXPECT_GT(m.counter("checkpoint.bytes_written"), 0);
   // The served records are the export of the training view (kept in the same store).
   EXPECT_NE(records(store, kLayer), records(student0_, kLayer));
 }
@@ -314,14 +330,17 @@ TEST_F(Train, CheckpointsWriteChangedRecordsInPlaceAsGenerations) {
   ASSERT_TRUE(a.ok()) << a.status().to_string();
   // The first checkpoint rewrote the store (adding the training state), the others updated it.
   EXPECT_EQ(generations, (std::vector<uint64_t>{1, 2, 3, 4}));
-  EXPECT_EQ(a->whole_rewrites, 1);
-  EXPECT_GT(a->records_written, 0);
+  EXPECT_EQ(a->metrics.counter("checkpoint.whole_rewrites"), 1);
+  EXPECT_GT(a->metrics.counter("checkpoint.records_written"), 0);
   // What the in-place checkpoints wrote follows the changed records: each is journaled and
   // applied (2x) in both tables, plus checksums, the optimizer state, manifest and header.
   const uint64_t strides = records(whole, kLayer).size() / 144 +
                            records(whole, train_state_layer_name(kLayer)).size() / 144;
-  EXPECT_LE(a->checkpoint_bytes_written,
-            first_size + 2 * static_cast<uint64_t>(a->records_written) * strides + 3 * 65536);
+  EXPECT_LE(
+      static_cast<uint64_t>(a->metrics.counter("checkpoint.bytes_written")),
+      first_size +
+          2 * static_cast<uint64_t>(a->metrics.counter("checkpoint.records_written")) * strides +
+          3 * 65536);
   EXPECT_GT(a->peak_dirty_bytes, 0u);
   EXPECT_FALSE(std::filesystem::exists(whole + ".journal"));
 
@@ -379,14 +398,14 @@ TEST_F(Train, SaturationToleranceClampsInsteadOfRescaling) {
   o.saturation_tolerance = 0;
   auto spec = run_train(o);
   ASSERT_TRUE(spec.ok()) << spec.status().to_string();
-  EXPECT_EQ(spec->clamps, 0);
-  EXPECT_GT(spec->rescales, 0);
+  EXPECT_EQ(spec->metrics.counter("clamps"), 0);
+  EXPECT_GT(spec->metrics.counter("rescales"), 0);
   o = options(fresh_student("t64.trove"));
   o.saturation_tolerance = 64;
   auto tol = run_train(o);
   ASSERT_TRUE(tol.ok()) << tol.status().to_string();
-  EXPECT_GT(tol->clamps, 0);
-  EXPECT_LT(tol->rescales, spec->rescales);
+  EXPECT_GT(tol->metrics.counter("clamps"), 0);
+  EXPECT_LT(tol->metrics.counter("rescales"), spec->metrics.counter("rescales"));
   o.saturation_tolerance = 129;
   o.store = fresh_student("bad.trove");
   EXPECT_FALSE(run_train(o).ok());

@@ -159,11 +159,14 @@ Result<std::string> ensure_store(const BenchArgs& a, const std::string& dir, int
   return path;
 }
 
-nlohmann::json stage_json(const StageTimes& t) {
-  return {{"p50_ms", t.p50 * 1e3},
-          {"p90_ms", t.p90 * 1e3},
-          {"p99_ms", t.p99 * 1e3},
-          {"mean_ms", t.mean * 1e3}};
+// One stage's per-batch latency histogram in milliseconds.
+nlohmann::json stage_json(const LatencyHistogram& t) {
+  const double n = static_cast<double>(std::max<int64_t>(1, t.count()));
+  return {{"p50_ms", t.quantile(0.5) * 1e3},
+          {"p90_ms", t.quantile(0.9) * 1e3},
+          {"p99_ms", t.quantile(0.99) * 1e3},
+          {"max_ms", t.quantile(1.0) * 1e3},
+          {"mean_ms", t.sum() / n * 1e3}};
 }
 
 // One layer's figures, per measured batch like the point's.
@@ -172,20 +175,20 @@ nlohmann::json layer_json(const BenchLayerResult& l, const BenchResult& r) {
   nlohmann::json j = {{"name", l.name},
                       {"host_budget_bytes", l.host_budget_bytes},
                       {"host_capacity_records", l.capacity_slots},
-                      {"requested_per_batch", static_cast<double>(l.requested) / nb},
-                      {"unique_per_batch", static_cast<double>(l.unique) / nb},
+                      {"requested_per_batch", static_cast<double>(l.requested()) / nb},
+                      {"unique_per_batch", static_cast<double>(l.unique()) / nb},
                       {"hit_rate", l.hit_rate},
-                      {"misses_per_batch", static_cast<double>(l.misses) / nb},
-                      {"bytes_read_per_batch", static_cast<double>(l.bytes_read) / nb}};
+                      {"misses_per_batch", static_cast<double>(l.misses()) / nb},
+                      {"bytes_read_per_batch", static_cast<double>(l.bytes_read()) / nb}};
   if (l.oracle_hit_rate >= 0) {
     j["cold_run_hit_rate"] = l.achieved_hit_rate_all;
     j["belady_hit_rate"] = l.oracle_hit_rate;
   }
-  if (r.backend == "cuda") {
+  if (r.device_memory) {
     j["device_budget_bytes"] = l.vram_budget_bytes;
     j["device_capacity_records"] = l.device_capacity_slots;
     j["device_hit_rate"] = l.device_hit_rate;
-    j["device_misses_per_batch"] = static_cast<double>(l.device_misses) / nb;
+    j["device_misses_per_batch"] = static_cast<double>(l.metrics.counter("device.misses")) / nb;
     if (l.device_oracle_hit_rate >= 0) {
       j["device_cold_run_hit_rate"] = l.device_hit_rate_all;
       j["device_belady_hit_rate"] = l.device_oracle_hit_rate;
@@ -252,11 +255,12 @@ nlohmann::json device_peers_json(const BenchResult& r, const nlohmann::json& cal
 nlohmann::json lookahead_json(const Point& p, const nlohmann::json& calib) {
   const BenchResult& r = p.result;
   const double nb = static_cast<double>(r.batches);
-  nlohmann::json j = {{"depth", r.lookahead},
-                      {"cross_layer", r.cross_layer},
-                      {"prefetched_per_batch", static_cast<double>(r.prefetched) / nb},
-                      {"records_read_per_batch", static_cast<double>(r.records_read) / nb},
-                      {"stall_ms_per_batch", r.stall.mean * 1e3}};
+  nlohmann::json j = {
+      {"depth", r.lookahead},
+      {"cross_layer", r.cross_layer},
+      {"prefetched_per_batch", static_cast<double>(r.metrics.counter("host.prefetched")) / nb},
+      {"records_read_per_batch", static_cast<double>(r.records_read()) / nb},
+      {"stall_ms_per_batch", r.latency("stall").sum() / nb * 1e3}};
   if (r.predicted_of > 0) {
     j["cross_layer_recall"] = r.recall();
     j["cross_layer_precision"] =
@@ -264,8 +268,8 @@ nlohmann::json lookahead_json(const Point& p, const nlohmann::json& calib) {
   }
   if (calib.contains("disk_iops_ours") && r.seconds > 0) {
     const double iops = calib["disk_iops_ours"].get<double>();
-    const double disk_s = static_cast<double>(r.records_read) / nb / iops;
-    j["disk_utilization"] = static_cast<double>(r.records_read) / (iops * r.seconds);
+    const double disk_s = static_cast<double>(r.records_read()) / nb / iops;
+    j["disk_utilization"] = static_cast<double>(r.records_read()) / (iops * r.seconds);
     j["disk_ms_per_batch_at_calibrated_iops"] = disk_s * 1e3;
     if (r.resident_tokens_per_second > 0) {
       const double resident_s = static_cast<double>(p.batch) / r.resident_tokens_per_second;
@@ -280,8 +284,22 @@ nlohmann::json lookahead_json(const Point& p, const nlohmann::json& calib) {
   return j;
 }
 
+// Host -> device copies' bytes per second over the run's measured batches (0 without copies).
+double h2d_bytes_per_second(const Metrics& m) {
+  const double s = m.real("device.copy_seconds");
+  return s > 0 ? static_cast<double>(m.counter("device.bytes_copied")) / s : 0.0;
+}
+
+// Record bytes the expert kernels read per second of their time.
+double compute_bytes_per_second(const Metrics& m) {
+  const double s = m.real("expert_seconds");
+  return s > 0 ? static_cast<double>(m.counter("record_bytes_used")) / s : 0.0;
+}
+
 nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
   const BenchResult& r = p.result;
+  const Metrics& m = r.metrics;
+  const double nb = static_cast<double>(r.batches);
   nlohmann::json j = {
       {"experts", p.experts},
       {"batch", p.batch},
@@ -298,21 +316,23 @@ nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
       {"batches", r.batches},
       {"tokens_per_second", r.tokens_per_second},
       {"resident_tokens_per_second", r.resident_tokens_per_second},
-      {"requested_per_batch", static_cast<double>(r.requested) / r.batches},
-      {"unique_per_batch", static_cast<double>(r.unique) / r.batches},
+      {"requested_per_batch", static_cast<double>(r.requested()) / nb},
+      {"unique_per_batch", static_cast<double>(r.unique()) / nb},
       {"host_hit_rate", r.hit_rate},
-      {"misses_per_batch", static_cast<double>(r.misses) / r.batches},
-      {"bytes_read_per_batch", static_cast<double>(r.bytes_read) / r.batches},
+      {"misses_per_batch", static_cast<double>(r.misses()) / nb},
+      {"bytes_read_per_batch", static_cast<double>(r.bytes_read()) / nb},
       {"disk_iops", r.iops},
-      {"compute_record_gb_per_second",
-       r.compute_seconds > 0 ? r.record_bytes_used / r.compute_seconds / 1e9 : 0.0},
+      {"compute_record_gb_per_second", compute_bytes_per_second(m) / 1e9},
       {"stages",
-       {{"route", stage_json(r.route)},
-        {"resolve", stage_json(r.resolve)},
-        {"disk", stage_json(r.disk)},
-        {"compute", stage_json(r.compute)},
-        {"stall", stage_json(r.stall)},
-        {"batch", stage_json(r.total)}}},
+       {{"route", stage_json(r.latency("route"))},
+        {"resolve", stage_json(r.latency("resolve"))},
+        {"disk", stage_json(r.latency("disk"))},
+        {"compute", stage_json(r.latency("compute"))},
+        {"stall", stage_json(r.latency("stall"))},
+        {"batch", stage_json(r.latency("batch"))}}},
+      // Everything counted over the measured batches, as the Python side's last_stats names it,
+      // with the per-batch latency histograms in seconds.
+      {"metrics", m.to_json()},
   };
   j["lookahead"] = lookahead_json(p, calib);
   // The figures above are the run's over every layer (budgets: totals, split evenly).
@@ -321,16 +341,16 @@ nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
   for (const BenchLayerResult& l : r.layers) j["layers"].push_back(layer_json(l, r));
   if (!r.resident_skipped.empty()) j["resident_skipped"] = r.resident_skipped;
   j["backend"] = r.backend;
-  if (r.backend == "cuda") {
+  if (r.device_memory) {
     j["device"] = {
         {"vram_budget_bytes", p.vram_bytes},
         {"capacity_records", r.device_capacity_slots},
         {"hit_rate", r.device_hit_rate},
-        {"misses_per_batch", static_cast<double>(r.device_misses) / r.batches},
-        {"h2d_bytes_per_batch", static_cast<double>(r.h2d_bytes) / r.batches},
-        {"h2d_gb_per_second", r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
-        {"pinned", r.h2d_pinned},
-        {"transfer", stage_json(r.transfer)},
+        {"misses_per_batch", static_cast<double>(m.counter("device.misses")) / nb},
+        {"h2d_bytes_per_batch", static_cast<double>(m.counter("device.bytes_copied")) / nb},
+        {"h2d_gb_per_second", h2d_bytes_per_second(m) / 1e9},
+        {"pinned", m.counter("device.pageable_batches") == 0},
+        {"transfer", stage_json(r.latency("transfer"))},
         {"h2d_method", std::string(h2d_method_name(r.h2d_method))},
     };
     // Every method's figures over the whole run (warm-up included: --h2d auto tries them there).
@@ -443,9 +463,9 @@ void print_point(const Point& p, const nlohmann::json& calib) {
   std::printf("\n");
   const double nb = static_cast<double>(r.batches);
   std::printf("  experts/batch %12.0f requested, %.0f unique (%.2f selections per expert)\n",
-              static_cast<double>(r.requested) / nb, static_cast<double>(r.unique) / nb,
-              static_cast<double>(r.requested) / std::max<double>(1, r.unique));
-  if (r.backend == "cuda") {
+              static_cast<double>(r.requested()) / nb, static_cast<double>(r.unique()) / nb,
+              static_cast<double>(r.requested()) / std::max<double>(1, r.unique()));
+  if (r.device_memory) {
     std::printf(
         "  device        %s: %.1f%% hit of unique experts (warm), %s/batch copied host -> "
         "device at %s%s\n",
@@ -454,13 +474,15 @@ void print_point(const Point& p, const nlohmann::json& calib) {
                                .c_str()
                          : "no tier (--vram), every record copied",
         100 * r.device_hit_rate,
-        format_bytes(static_cast<uint64_t>(static_cast<double>(r.h2d_bytes) / nb)).c_str(),
-        format_rate(r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds : 0.0).c_str(),
-        r.h2d_pinned ? "" : " (pageable: pinning failed)");
-    if (calib.contains("h2d_bandwidth") && r.h2d_seconds > 0) {
+        format_bytes(static_cast<uint64_t>(
+                         static_cast<double>(r.metrics.counter("device.bytes_copied")) / nb))
+            .c_str(),
+        format_rate(h2d_bytes_per_second(r.metrics)).c_str(),
+        r.metrics.counter("device.pageable_batches") == 0 ? "" : " (pageable: pinning failed)");
+    if (calib.contains("h2d_bandwidth") && h2d_bytes_per_second(r.metrics) > 0) {
       const double h2d = calib["h2d_bandwidth"].get<double>();
       std::printf("                copies at %.2f of the calibrated H2D %s",
-                  r.h2d_bytes / r.h2d_seconds / h2d, format_rate(h2d).c_str());
+                  h2d_bytes_per_second(r.metrics) / h2d, format_rate(h2d).c_str());
       if (calib.contains("h2d_gather_bandwidth")) {
         std::printf(" (an SM-driven gather of these records: %s)",
                     format_rate(calib["h2d_gather_bandwidth"].get<double>()).c_str());
@@ -486,7 +508,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
           r.device_oracle_hit_rate > 0 ? r.device_hit_rate_all / r.device_oracle_hit_rate : 0.0);
     }
   }
-  if (r.backend == "cuda") print_device_peers(r, calib);
+  if (r.device_memory) print_device_peers(r, calib);
   std::printf("  host tier     %11.1f%% hit of unique experts (warm)", 100 * r.hit_rate);
   if (r.oracle_hit_rate >= 0) {
     std::printf("; from cold %.1f%% vs Belady's %.1f%% (%.2f of the optimum)",
@@ -497,12 +519,12 @@ void print_point(const Point& p, const nlohmann::json& calib) {
   if (nl > 1) {
     for (const BenchLayerResult& l : r.layers) {
       std::printf("    %-12s host %5.1f%% hit, %.0f unique/batch", l.name.c_str(), 100 * l.hit_rate,
-                  static_cast<double>(l.unique) / nb);
+                  static_cast<double>(l.unique()) / nb);
       if (l.oracle_hit_rate >= 0) {
         std::printf("; from cold %.1f%% vs Belady's %.1f%%", 100 * l.achieved_hit_rate_all,
                     100 * l.oracle_hit_rate);
       }
-      if (r.backend == "cuda") {
+      if (r.device_memory) {
         std::printf("; device %.1f%% hit", 100 * l.device_hit_rate);
         if (l.device_oracle_hit_rate >= 0) {
           std::printf(" (from cold %.1f%% vs Belady's %.1f%%)", 100 * l.device_hit_rate_all,
@@ -513,8 +535,8 @@ void print_point(const Point& p, const nlohmann::json& calib) {
     }
   }
   std::printf("  disk          %12.0f misses/batch, %s/batch read, %.0f IOPS while busy",
-              static_cast<double>(r.misses) / nb,
-              format_bytes(static_cast<uint64_t>(static_cast<double>(r.bytes_read) / nb)).c_str(),
+              static_cast<double>(r.misses()) / nb,
+              format_bytes(static_cast<uint64_t>(static_cast<double>(r.bytes_read()) / nb)).c_str(),
               r.iops);
   if (calib.contains("disk_iops_ours")) {
     std::printf(" (calibrated: ours %.0f", calib["disk_iops_ours"].get<double>());
@@ -524,7 +546,7 @@ void print_point(const Point& p, const nlohmann::json& calib) {
     std::printf(")");
   }
   std::printf("\n");
-  const double gbs = r.compute_seconds > 0 ? r.record_bytes_used / r.compute_seconds : 0;
+  const double gbs = compute_bytes_per_second(r.metrics);
   std::printf("  compute       %12s of records read by the expert kernels",
               format_rate(gbs).c_str());
   if (calib.contains("host_read_bandwidth")) {
@@ -555,12 +577,11 @@ void print_point(const Point& p, const nlohmann::json& calib) {
           la["tokens_per_second_over_bound"].get<double>());
     }
   }
-  std::printf("\n  stage ms            p50      p90      p99\n");
-  const std::pair<const char*, const StageTimes*> stages[] = {
-      {"route", &r.route},     {"resolve", &r.resolve}, {"disk", &r.disk},
-      {"compute", &r.compute}, {"stall", &r.stall},     {"batch", &r.total}};
-  for (const auto& [name, t] : stages) {
-    std::printf("    %-10s %9.2f %8.2f %8.2f\n", name, t->p50 * 1e3, t->p90 * 1e3, t->p99 * 1e3);
+  std::printf("\n  stage ms            p50      p90      p99      max\n");
+  for (const char* name : {"route", "resolve", "disk", "compute", "stall", "batch"}) {
+    const LatencyHistogram t = r.latency(name);
+    std::printf("    %-10s %9.2f %8.2f %8.2f %8.2f\n", name, t.quantile(0.5) * 1e3,
+                t.quantile(0.9) * 1e3, t.quantile(0.99) * 1e3, t.quantile(1.0) * 1e3);
   }
 }
 
@@ -702,7 +723,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
     const double seconds = a.calibrate_seconds / 2;
     calibrate("host memory bandwidth", "host_read_bandwidth",
               [&] { return measure_host_read_bandwidth(bw_bytes, a.threads, seconds); });
-    if (device->backend == PeerBackend::kCuda) {
+    if (peer_backend_traits(device->backend).device_memory) {
       calibrate("host -> device bandwidth", "h2d_bandwidth",
                 [&] { return measure_h2d_bandwidth(bw_bytes, seconds); });
       // The SM-driven ceiling at this run's record size (the --h2d gather method's).

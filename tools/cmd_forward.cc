@@ -15,6 +15,11 @@ namespace {
 
 nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardReport& r) {
   const RoutingStats& s = r.stats;
+  const Metrics& m = r.metrics;
+  const int64_t hits = m.counter("host.hits"), misses = m.counter("host.misses");
+  const double expert_seconds = m.real("expert_seconds");
+  const double h2d_seconds = m.real("device.copy_seconds");
+  const auto h2d_bytes = static_cast<double>(m.counter("device.bytes_copied"));
   nlohmann::json j = {
       {"store", opt.store},
       {"generation", {{"number", r.store_generation}, {"manifest_xxh3", r.store_manifest_xxh3}}},
@@ -33,37 +38,44 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
       {"seconds", r.seconds},
       {"tokens_per_second", r.seconds > 0 ? r.tokens / r.seconds : 0.0},
       {"stage_seconds",
-       {{"route", r.route_seconds}, {"acquire", r.acquire_seconds}, {"experts", r.expert_seconds}}},
-      {"record_bytes_used", r.record_bytes_used},
+       {{"route", m.real("route_seconds")},
+        {"acquire", m.real("acquire_seconds")},
+        {"experts", expert_seconds}}},
+      {"record_bytes_used", m.counter("record_bytes_used")},
       {"tiers",
        opt.layer_options.tiers.has_value()
            ? nlohmann::json{{"host_budget_bytes", opt.layer_options.tiers->host_budget_bytes},
                             {"policy", eviction_policy_name(opt.layer_options.tiers->policy)},
-                            {"hits", r.hits},
-                            {"misses", r.misses},
-                            {"hit_rate", r.hits + r.misses > 0
-                                             ? static_cast<double>(r.hits) / (r.hits + r.misses)
-                                             : 0.0},
-                            {"bytes_read", r.bytes_read},
-                            {"disk_seconds", r.disk_seconds},
-                            {"stall_seconds", r.stall_seconds},
+                            {"hits", hits},
+                            {"misses", misses},
+                            {"hit_rate",
+                             hits + misses > 0 ? static_cast<double>(hits) / (hits + misses) : 0.0},
+                            {"bytes_read", m.counter("host.bytes_read")},
+                            {"disk_seconds", m.real("host.disk_seconds")},
+                            {"stall_seconds",
+                             m.real("host.stall_seconds") + m.real("host.prefetch_wait_seconds")},
                             {"lookahead", opt.lookahead},
-                            {"prefetched", r.prefetched}}
+                            {"prefetched", m.counter("host.prefetched")}}
            : nlohmann::json(nullptr)},
-      {"record_bytes_unique", r.record_bytes_unique},
+      {"record_bytes_unique", m.counter("record_bytes_unique")},
       {"device",
        r.device ? nlohmann::json{{"vram_budget_bytes", opt.layer_options.cuda.vram_budget_bytes},
-                                 {"hits", r.device_hits},
-                                 {"misses", r.device_misses},
-                                 {"h2d_bytes", r.h2d_bytes},
-                                 {"h2d_seconds", r.h2d_seconds},
+                                 {"hits", m.counter("device.hits")},
+                                 {"misses", m.counter("device.misses")},
+                                 {"h2d_bytes", m.counter("device.bytes_copied")},
+                                 {"h2d_seconds", h2d_seconds},
                                  {"h2d_gb_per_second",
-                                  r.h2d_seconds > 0 ? r.h2d_bytes / r.h2d_seconds / 1e9 : 0.0},
-                                 {"pinned", r.h2d_pinned},
+                                  h2d_seconds > 0 ? h2d_bytes / h2d_seconds / 1e9 : 0.0},
+                                 {"pinned", m.counter("device.pageable_batches") == 0},
                                  {"h2d_method", r.h2d_method}}
                 : nlohmann::json(nullptr)},
       {"record_gb_per_second",
-       r.expert_seconds > 0 ? r.record_bytes_used / r.expert_seconds / 1e9 : 0.0},
+       expert_seconds > 0
+           ? static_cast<double>(m.counter("record_bytes_used")) / expert_seconds / 1e9
+           : 0.0},
+      // Everything counted, as the Python side's last_stats names it (summed over the batches),
+      // with the per-batch latency histograms (seconds: count, sum, mean, p50, p90, p99, max).
+      {"metrics", m.to_json()},
   };
   if (!opt.routing_output.empty()) j["routing"] = opt.routing_output;
   if (s.batches() > 0) {
@@ -93,6 +105,12 @@ void print_forward_report(const nlohmann::json& j, bool stats) {
   std::printf("  stages: route %.3f s, acquire %.3f s, experts %.3f s (%s of records read)\n",
               st["route"].get<double>(), st["acquire"].get<double>(), st["experts"].get<double>(),
               format_rate(j["record_gb_per_second"].get<double>() * 1e9).c_str());
+  if (const auto& m = j["metrics"]; m.contains("latency") && m["latency"].contains("batch")) {
+    const auto& b = m["latency"]["batch"];
+    std::printf("  batch latency: p50 %.3f ms, p90 %.3f ms, p99 %.3f ms, max %.3f ms\n",
+                b["p50"].get<double>() * 1e3, b["p90"].get<double>() * 1e3,
+                b["p99"].get<double>() * 1e3, b["max"].get<double>() * 1e3);
+  }
   if (const auto& t = j["tiers"]; !t.is_null()) {
     std::printf(
         "  host tier %s (%s): hit rate %.1f%% of unique experts (%lld hits, %lld misses), %s "

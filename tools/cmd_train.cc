@@ -129,7 +129,12 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
     if (!s.ok()) return report_error("train", s);
   }
   const TrainReport& t = *r;
-  const double ups = t.seconds > 0 ? static_cast<double>(t.expert_updates) / t.seconds : 0;
+  const Metrics& m = t.metrics;
+  const double seconds = t.seconds(), update_seconds = t.update_seconds();
+  const double checkpoint_seconds = t.checkpoint_seconds();
+  const int64_t expert_updates = m.counter("expert_updates");
+  const auto checkpoint_bytes = static_cast<uint64_t>(m.counter("checkpoint.bytes_written"));
+  const double ups = seconds > 0 ? static_cast<double>(expert_updates) / seconds : 0;
   nlohmann::json j = {
       {"store", a.store},
       {"layer", a.layers.size() == 1 ? nlohmann::json(a.layers[0]) : nlohmann::json()},
@@ -142,40 +147,46 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
       {"losses", t.losses},
       {"layer_losses", t.layer_losses},
       {"train_router", a.train_router},
-      {"seconds", t.seconds},
-      {"tokens_per_second", t.seconds > 0 ? static_cast<double>(t.tokens) / t.seconds : 0.0},
+      {"seconds", seconds},
+      {"tokens_per_second", seconds > 0 ? static_cast<double>(m.counter("tokens")) / seconds : 0.0},
       {"expert_updates_per_second", ups},
-      {"expert_updates", t.expert_updates},
-      {"rescales", t.rescales},
-      {"clamps", t.clamps},
-      {"checkpoints", t.checkpoints},
-      {"whole_rewrites", t.whole_rewrites},
-      {"checkpoint_seconds", t.checkpoint_seconds},
-      {"checkpoint_bytes_written", t.checkpoint_bytes_written},
-      {"records_written", t.records_written},
-      {"bytes_written_per_step", t.steps > t.start_step
-                                     ? static_cast<double>(t.checkpoint_bytes_written) /
-                                           static_cast<double>(t.steps - t.start_step)
-                                     : 0.0},
+      {"expert_updates", expert_updates},
+      {"rescales", m.counter("rescales")},
+      {"clamps", m.counter("clamps")},
+      {"checkpoints", t.checkpoints()},
+      {"whole_rewrites", m.counter("checkpoint.whole_rewrites")},
+      {"checkpoint_seconds", checkpoint_seconds},
+      {"checkpoint_bytes_written", checkpoint_bytes},
+      {"records_written", m.counter("checkpoint.records_written")},
+      {"bytes_written_per_step",
+       t.steps > t.start_step
+           ? static_cast<double>(checkpoint_bytes) / static_cast<double>(t.steps - t.start_step)
+           : 0.0},
       {"optimizer_bytes_in_memory", t.optimizer_bytes},
       {"peak_dirty_bytes_in_memory", t.peak_dirty_bytes},
+      // Everything counted, with the per-step, per-update and per-checkpoint latency
+      // histograms (seconds: count, sum, mean, p50, p90, p99, max).
+      {"metrics", m.to_json()},
   };
   // What the update and the checkpoints achieved, beside what memory and disk can do.
-  const double update_bw = t.update_seconds > 0 ? t.update_bytes / t.update_seconds : 0;
+  const double update_bw =
+      update_seconds > 0 ? static_cast<double>(m.counter("update.bytes")) / update_seconds : 0;
   const double ckpt_bw =
-      t.checkpoint_seconds > 0 ? t.checkpoint_bytes_written / t.checkpoint_seconds : 0;
-  j["update_seconds"] = t.update_seconds;
+      checkpoint_seconds > 0 ? static_cast<double>(checkpoint_bytes) / checkpoint_seconds : 0;
+  j["update_seconds"] = update_seconds;
   j["update_bytes_per_second"] = update_bw;
   j["checkpoint_bytes_per_second"] = ckpt_bw;
   double mem_bw = 0, disk_bw = 0;
   if (a.limits) {
     // A failed measurement is a warning: the training is done and its report still counts.
-    Result<double> m = measure_host_read_bandwidth(uint64_t{512} << 20, a.threads, 0.5);
+    Result<double> mem = measure_host_read_bandwidth(uint64_t{512} << 20, a.threads, 0.5);
     const std::string dir = std::filesystem::path(a.store).parent_path().string();
     Result<double> d = measure_disk_write_bandwidth(dir.empty() ? "." : dir, uint64_t{256} << 20);
-    if (!m.ok()) TROVE_LOG_WARN("--limits: memory bandwidth: %s", m.status().to_string().c_str());
+    if (!mem.ok()) {
+      TROVE_LOG_WARN("--limits: memory bandwidth: %s", mem.status().to_string().c_str());
+    }
     if (!d.ok()) TROVE_LOG_WARN("--limits: disk bandwidth: %s", d.status().to_string().c_str());
-    mem_bw = m.ok() ? *m : 0;
+    mem_bw = mem.ok() ? *mem : 0;
     disk_bw = d.ok() ? *d : 0;
     auto fraction = [](double x, double limit) {
       return limit > 0 ? nlohmann::json(x / limit) : nlohmann::json();
@@ -201,17 +212,26 @@ int run_train_command(const TrainArgs& a, const GlobalOptions& global) {
                   t.losses.back());
     }
     std::printf("  %.0f tokens/s, %.0f expert updates/s, %lld rescales, %lld groups clamped\n",
-                j["tokens_per_second"].get<double>(), ups, static_cast<long long>(t.rescales),
-                static_cast<long long>(t.clamps));
+                j["tokens_per_second"].get<double>(), ups,
+                static_cast<long long>(m.counter("rescales")),
+                static_cast<long long>(m.counter("clamps")));
+    if (const LatencyHistogram* h = m.histogram("latency.step")) {
+      std::printf("  step latency: p50 %.3f ms, p90 %.3f ms, p99 %.3f ms, max %.3f ms\n",
+                  h->quantile(0.5) * 1e3, h->quantile(0.9) * 1e3, h->quantile(0.99) * 1e3,
+                  h->quantile(1.0) * 1e3);
+    }
     std::printf(
         "  %lld checkpoints (%lld rewrote the store, the rest wrote %lld changed records in "
         "place): %s written, %s per step, %.2f s in all\n",
-        static_cast<long long>(t.checkpoints), static_cast<long long>(t.whole_rewrites),
-        static_cast<long long>(t.records_written), format_bytes(t.checkpoint_bytes_written).c_str(),
+        static_cast<long long>(t.checkpoints()),
+        static_cast<long long>(m.counter("checkpoint.whole_rewrites")),
+        static_cast<long long>(m.counter("checkpoint.records_written")),
+        format_bytes(checkpoint_bytes).c_str(),
         format_bytes(static_cast<uint64_t>(j["bytes_written_per_step"].get<double>())).c_str(),
-        t.checkpoint_seconds);
+        checkpoint_seconds);
     std::printf("  update: %.0f expert updates/s in the update itself, touching %.2f GB/s%s\n",
-                t.update_seconds > 0 ? t.expert_updates / t.update_seconds : 0.0, update_bw / 1e9,
+                update_seconds > 0 ? static_cast<double>(expert_updates) / update_seconds : 0.0,
+                update_bw / 1e9,
                 mem_bw > 0
                     ? str_printf(" = %.2f of the memory's %.1f GB/s streaming read, measured "
                                  "now (the update reads and writes what it touches)",

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <filesystem>
 
+#include "base/stopwatch.h"
 #include "base/strings.h"
 #include "kernels/cpu/ref/quant_ref.h"
 #include "runtime/layer/lookahead.h"
@@ -120,6 +121,7 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     input_failed = !s.ok();
     return s.with_context(where);
   };
+  Stopwatch since_last;  // from the last batch's output (or the start) to this one's
   auto output = [&](int64_t b, std::span<const float> yb, const PeerRouting& routing,
                     const PeerBatchStats& bs) -> Status {
     const int64_t first = b * opt.batch;
@@ -134,26 +136,18 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
     }
     report.stats.add(routing);
     ++report.batches;
-    report.route_seconds += bs.route_seconds;
-    report.acquire_seconds += bs.acquire_seconds;
-    report.expert_seconds += bs.expert_seconds;
-    report.record_bytes_used += bs.record_bytes_used;
-    report.record_bytes_unique += bs.record_bytes_unique;
-    report.hits += bs.fetch.hits;
-    report.misses += bs.fetch.misses;
-    report.prefetched += bs.fetch.prefetched;
-    report.bytes_read += bs.fetch.bytes_read;
-    report.disk_seconds += bs.fetch.disk_seconds;
-    report.stall_seconds += bs.fetch.stall_seconds + bs.fetch.prefetch_wait_seconds;
-    report.device_hits += bs.device.hits;
-    report.device_misses += bs.device.misses;
-    report.h2d_bytes += bs.device.bytes_copied;
-    report.h2d_seconds += bs.device.copy_seconds;
-    report.h2d_pinned = report.h2d_pinned && bs.device.pinned;
+    Metrics m = batch_metrics(bs);
+    m.observe("latency.batch", since_last.seconds());
+    m.observe("latency.route", bs.route_seconds);
+    m.observe("latency.acquire", bs.acquire_seconds);
+    m.observe("latency.experts", bs.expert_seconds);
+    since_last.restart();
+    report.metrics += m;
     if (opt.progress) opt.progress(first + n, T);
     return Status::ok_status();
   };
   const auto start = std::chrono::steady_clock::now();
+  since_last.restart();
   const int64_t batches = (T + opt.batch - 1) / opt.batch;
   Status ran = forward_with_lookahead(layer, batches, opt.lookahead, read_batch, output);
   if (!ran.ok() && !input_failed) {
@@ -165,7 +159,7 @@ Result<ForwardReport> run_forward(const ForwardOptions& opt) {
   }
   TROVE_RETURN_IF_ERROR(ran);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  report.device = !layer.h2d_totals().empty();
+  report.device = peer_backend_traits(opt.layer_options.backend).device_memory;
   report.h2d_method = std::string(h2d_method_name(layer.h2d_method()));
 
   const std::map<std::string, std::string> meta = {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "base/metrics.h"
 #include "base/status.h"
 #include "runtime/layer/peer_layer.h"
 #include "runtime/layer/routing_stats.h"
@@ -54,29 +55,17 @@ struct ForwardReport {
   int64_t tokens = 0;
   int64_t batches = 0;
   double seconds = 0;  // the layer calls (not reading or writing files)
-  double route_seconds = 0;
-  double acquire_seconds = 0;
-  double expert_seconds = 0;
-  uint64_t record_bytes_used = 0;  // summed over batches (see PeerBatchStats)
-  uint64_t record_bytes_unique = 0;
-  // With a host budget (layer_options.tiers): the host tier's unique hits and misses, bytes
-  // read from the store file, the disk's busy time and the time the layer waited for it.
-  int64_t hits = 0;
-  int64_t misses = 0;
-  int64_t prefetched = 0;  // unique experts read ahead of their batch by the look-ahead
-  uint64_t bytes_read = 0;
-  double disk_seconds = 0;
-  double stall_seconds = 0;
-  // An executor that moves records to a device (cuda; `device` says whether this one does): the
-  // device tier's unique hits and misses (misses are every unique expert without one) and the
-  // host -> device copies (bytes, seconds by CUDA events, all pinned).
+  // What the batches did (base/metrics.h), summed with +=: each batch's batch_metrics (tokens,
+  // slots, record bytes, stage seconds, "host.*": the host tier's unique hits and misses, bytes
+  // read, disk and stall seconds, experts read ahead by the look-ahead; "device.*": the device
+  // tier's hits and misses and the host -> device copies), the same names as the Python side's
+  // last_stats, and the per-batch latency histograms "latency.batch" (from one batch's output to
+  // the next's, look-ahead included), "latency.route", "latency.acquire", "latency.experts".
+  Metrics metrics;
+  // Whether the executor moves records to a device memory (ExecutorTraits::device_memory), and
+  // the method misses moved by at the end ("auto": still trying).
   bool device = false;
-  int64_t device_hits = 0;
-  int64_t device_misses = 0;
-  uint64_t h2d_bytes = 0;
-  double h2d_seconds = 0;
-  bool h2d_pinned = true;
-  std::string h2d_method;  // the method misses moved by at the end ("auto": still trying)
+  std::string h2d_method;
   RoutingStats stats{0};
 };
 

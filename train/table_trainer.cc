@@ -226,11 +226,9 @@ Result<nlohmann::json> TableTrainer::step(float lr, int saturation_tolerance,
   }
   ++step_;
   zero_grad();
-  return nlohmann::json{{"experts", u},
-                        {"elements_changed", st.elements_changed},
-                        {"rescales", st.rescales},
-                        {"clamps", st.clamps},
-                        {"scale_inits", st.scale_inits}};
+  nlohmann::json j = train_step_metrics(st, u).to_json();
+  j["experts"] = u;  // the Python side's name for expert_updates
+  return j;
 }
 
 Status TableTrainer::training_rows(std::span<const int64_t> ids, std::vector<float>* down,

@@ -700,7 +700,7 @@ TrainStep update_step(const TrainOptions& o, int64_t step, const std::string& la
 // One optimizer step of one layer: forward, loss, backward, the int4 update of the touched
 // experts and (with --train-router) Adam on the router. Returns the layer's loss.
 Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r,
-                                TrainReport* report) {
+                                Metrics* metrics) {
   const PeerConfig& c = r->stored.config;
   const int64_t T = o.batch;
   r->y.resize(sz(T * c.dim_out));
@@ -754,11 +754,12 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
     std::memcpy(r->dirty_serving->put(id), &r->exported[sz(i) * serving.stride], serving.stride);
     std::copy_n(&r->accum_scratch[sz(i * rows)], rows, &r->accum[sz(id * rows)]);
   }
-  report->update_seconds += update_time.seconds();
-  report->update_bytes +=
-      static_cast<uint64_t>(u) *
-      (2 * training.stride + serving.stride +
-       sizeof(float) * static_cast<uint64_t>(2 * rows + c.expert_width * (c.dim + c.dim_out)));
+  metrics->observe("latency.update", update_time.seconds());
+  metrics->count("update.bytes",
+                 u * static_cast<int64_t>(
+                         2 * training.stride + serving.stride +
+                         sizeof(float) * static_cast<uint64_t>(
+                                             2 * rows + c.expert_width * (c.dim + c.dim_out))));
   if (o.train_router) {
     const float lr = phase_lr(o.lr_phases, step, r->name, true, o.router_lr);
     PeerDenseParams& p = r->student->mutable_params();
@@ -768,14 +769,21 @@ Result<double> train_layer_step(const TrainOptions& o, int64_t step, LayerRun* r
       adam_step(t, router_grad(g, i), r->adam_m[i], r->adam_v[i], lr, step + 1);
     }
   }
-  report->expert_updates += u;
-  report->rescales += st->rescales;
-  report->clamps += st->clamps;
-  report->elements_changed += st->elements_changed;
+  *metrics += train_step_metrics(*st, u);
   return loss;
 }
 
 }  // namespace
+
+Metrics train_step_metrics(const TrainStats& s, int64_t experts) {
+  Metrics m;
+  m.count("expert_updates", experts);
+  m.count("elements_changed", s.elements_changed);
+  m.count("rescales", s.rescales);
+  m.count("clamps", s.clamps);
+  m.count("scale_inits", s.scale_inits);
+  return m;
+}
 
 std::string train_state_layer_name(const std::string& layer) {
   return layer + ".train";
@@ -850,6 +858,7 @@ Result<TrainReport> run_train(const TrainOptions& o) {
 
   auto checkpoint = [&]() -> Status {
     const Stopwatch t0;
+    Metrics cm;
     bool whole = false;  // no state layer yet, or one without the Adam moments now needed
     for (const LayerRun& r : runs)
       whole |= !r.training_base || (o.train_router && !r.has_adam_state);
@@ -858,14 +867,14 @@ Result<TrainReport> run_train(const TrainOptions& o) {
     if (whole) {
       TROVE_RETURN_IF_ERROR(rewrite_store(o, *store, runs, step, &lock));
       struct stat st {};
-      if (::stat(o.store.c_str(), &st) == 0)
-        report.checkpoint_bytes_written += static_cast<uint64_t>(st.st_size);
-      ++report.whole_rewrites;
+      if (::stat(o.store.c_str(), &st) == 0) cm.count("checkpoint.bytes_written", st.st_size);
+      cm.count("checkpoint.whole_rewrites");
     } else {
       TROVE_ASSIGN_OR_RETURN(StoreUpdateStats us, update_store(o, *store, runs, step, lock));
-      report.checkpoint_bytes_written += us.journal_bytes + us.applied_bytes;
+      cm.count("checkpoint.bytes_written",
+               static_cast<int64_t>(us.journal_bytes + us.applied_bytes));
     }
-    report.records_written += dirty;
+    cm.count("checkpoint.records_written", static_cast<int64_t>(dirty));
     // The new generation: every layer's sources opened first, then all swapped in together.
     TROVE_ASSIGN_OR_RETURN(StoreReader reopened, StoreReader::open(o.store, own));
     auto next = std::make_unique<StoreReader>(std::move(reopened));
@@ -889,25 +898,27 @@ Result<TrainReport> run_train(const TrainOptions& o) {
       runs[i].dirty_serving->clear();
     }
     store = std::move(next);
-    report.checkpoint_seconds += t0.seconds();
-    ++report.checkpoints;
+    cm.observe("latency.checkpoint", t0.seconds());
+    report.metrics += cm;
     if (o.checkpointed) o.checkpointed(step);
     return Status::ok_status();
   };
 
   while (step < o.steps) {
     const Stopwatch t0;
+    Metrics sm;  // this step's, over the layers
     double loss = 0;
     for (size_t i = 0; i < runs.size(); ++i) {
-      TROVE_ASSIGN_OR_RETURN(double l, train_layer_step(o, step, &runs[i], &report));
+      TROVE_ASSIGN_OR_RETURN(double l, train_layer_step(o, step, &runs[i], &sm));
       report.layer_losses[i].push_back(l);
       loss += l;
     }
     loss /= static_cast<double>(runs.size());
     ++step;
-    report.seconds += t0.seconds();
+    sm.observe("latency.step", t0.seconds());
+    sm.count("tokens", o.batch);
+    report.metrics += sm;
     report.losses.push_back(loss);
-    report.tokens += o.batch;
     uint64_t dirty = 0;
     for (const LayerRun& r : runs) dirty += r.dirty_bytes();
     report.peak_dirty_bytes = std::max(report.peak_dirty_bytes, dirty);

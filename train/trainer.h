@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "base/metrics.h"
 #include "base/status.h"
 #include "kernels/train.h"
 #include "runtime/tiers/tiered_source.h"
@@ -82,25 +83,39 @@ struct TrainReport {
   int64_t steps = 0;           // the step reached
   std::vector<double> losses;  // one per step run in this call (start_step .. steps-1)
   std::vector<std::vector<double>> layer_losses;  // [layer][step], the same steps
-  double seconds = 0;                             // the steps (not the checkpoints)
-  double update_seconds = 0;  // of which the int4 update: read, update, export the records
-  // Memory the update touched: training records read and written, int4 export written,
-  // accumulators, gradient rows.
-  uint64_t update_bytes = 0;
-  double checkpoint_seconds = 0;
-  int64_t checkpoints = 0;
-  int64_t whole_rewrites = 0;  // checkpoints that rewrote the store (the first one, which adds
-                               // the training state); the others wrote changed records in place
-  uint64_t checkpoint_bytes_written = 0;  // journals + in-place writes + whole rewrites
-  int64_t records_written = 0;            // changed records committed, summed over checkpoints
-  int64_t tokens = 0;
-  int64_t expert_updates = 0;  // unique experts updated, summed over steps
-  int64_t rescales = 0;
-  int64_t clamps = 0;
-  int64_t elements_changed = 0;
+  // What the steps and checkpoints did (base/metrics.h), each step's summed with +=:
+  //   tokens, and of the int4 update (train_step_metrics, summed over the layers):
+  //   expert_updates (unique experts updated), elements_changed, rescales, clamps, scale_inits;
+  //   update.bytes: memory the update touched (training records read and written, int4 export
+  //     written, accumulators, gradient rows);
+  //   checkpoint.whole_rewrites (checkpoints that rewrote the store: the first, which adds the
+  //     training state; the others wrote changed records in place), checkpoint.bytes_written
+  //     (journals + in-place writes + whole rewrites), checkpoint.records_written (changed
+  //     records committed);
+  //   latency histograms: latency.step (each step, all layers; not the checkpoints),
+  //     latency.update (each layer's int4 update: read, update, export the records),
+  //     latency.checkpoint (each checkpoint).
+  Metrics metrics;
+  double seconds() const { return sum_of("latency.step"); }  // the steps, not the checkpoints
+  double update_seconds() const { return sum_of("latency.update"); }
+  double checkpoint_seconds() const { return sum_of("latency.checkpoint"); }
+  int64_t checkpoints() const {
+    const LatencyHistogram* h = metrics.histogram("latency.checkpoint");
+    return h != nullptr ? h->count() : 0;
+  }
   uint64_t optimizer_bytes = 0;   // Adagrad and Adam states, held in memory
   uint64_t peak_dirty_bytes = 0;  // most changed records held in memory between checkpoints
+
+ private:
+  double sum_of(const char* name) const {
+    const LatencyHistogram* h = metrics.histogram(name);
+    return h != nullptr ? h->sum() : 0.0;
+  }
 };
+
+// One int4 update's counts (kernels/train.h: TrainStats) as metrics: expert_updates (the
+// experts given), elements_changed, rescales, clamps, scale_inits.
+Metrics train_step_metrics(const TrainStats& s, int64_t experts);
 
 // Errors: no layer or a layer named twice, a student layer that is not int4, a teacher of
 // other dims, --lr-phases naming a group that is not trained, an input file of another

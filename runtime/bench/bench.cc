@@ -12,6 +12,7 @@
 #include <random>
 
 #include "base/bytes.h"
+#include "base/metrics.h"
 #include "base/numeric.h"
 #include "base/random.h"
 #include "base/stopwatch.h"
@@ -196,21 +197,6 @@ class RoutingSource {
   int64_t trace_tokens_ = 0;
 };
 
-StageTimes stage_times(std::vector<double> v) {
-  StageTimes t;
-  if (v.empty()) return t;
-  std::sort(v.begin(), v.end());
-  auto at = [&](double q) {
-    return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
-  };
-  t.p50 = at(0.50);
-  t.p90 = at(0.90);
-  t.p99 = at(0.99);
-  for (double x : v) t.mean += x;
-  t.mean /= static_cast<double>(v.size());
-  return t;
-}
-
 // Runs one batch on input x: the layer's own routing (pk) or the given one.
 Status run_batch(PeerLayer& layer, RoutingSource& src, int64_t b, int64_t T,
                  std::span<const float> x, PeerRouting* r, std::vector<float>* y,
@@ -345,27 +331,6 @@ Status run_layers(std::vector<BenchLayer>& layers, bool resident, int64_t b, int
     }
   }
   return Status::ok_status();
-}
-
-// Adds a layer's batch figures to `sum` (the ones run_bench reports).
-void add_stats(const PeerBatchStats& s, PeerBatchStats* sum) {
-  sum->slots += s.slots;
-  sum->unique_experts += s.unique_experts;
-  sum->record_bytes_used += s.record_bytes_used;
-  sum->route_seconds += s.route_seconds;
-  sum->acquire_seconds += s.acquire_seconds;
-  sum->expert_seconds += s.expert_seconds;
-  sum->fetch.hits += s.fetch.hits;
-  sum->fetch.misses += s.fetch.misses;
-  sum->fetch.bytes_read += s.fetch.bytes_read;
-  sum->fetch.disk_seconds += s.fetch.disk_seconds;
-  // Waits for prefetch reads are stalls too.
-  sum->fetch.stall_seconds += s.fetch.stall_seconds + s.fetch.prefetch_wait_seconds;
-  sum->device.hits += s.device.hits;
-  sum->device.misses += s.device.misses;
-  sum->device.bytes_copied += s.device.bytes_copied;
-  sum->device.copy_seconds += s.device.copy_seconds;
-  sum->device.pinned = sum->device.pinned && s.device.pinned;
 }
 
 // The measured batches again, through the GPU peers (runtime/bench/device_peers.h): the same inputs
@@ -638,6 +603,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   res.engine = layers[0].tiered->disk().engine_name();
   res.direct_io = layers[0].tiered->disk().direct_io();
   res.backend = std::string(peer_backend_name(opt.backend));
+  res.device_memory = peer_backend_traits(opt.backend).device_memory;
   for (BenchLayer& L : layers) {
     res.table_bytes += L.stored.info->table.bytes;
     L.res.capacity_slots = L.tiered->host().capacity_slots();
@@ -651,7 +617,6 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
   }
 
   const int64_t total = opt.warmup_batches + opt.batches;
-  std::vector<double> route, resolve, disk, compute, stall, wall, transfer;
   std::vector<float> h;  // the residual stream between layers
   int64_t hits_all = 0, unique_all = 0, device_hits_all = 0;
   double measured = 0;
@@ -663,9 +628,10 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         look_ahead(layers, opt.lookahead, b, total, opt.batch).with_context("bench look-ahead"));
     TROVE_RETURN_IF_ERROR(run_layers(layers, false, b, opt.batch, &h, opt.cross_layer));
     const double seconds = start.seconds();
-    PeerBatchStats st;  // summed over the layers
+    Metrics m;  // this batch's, summed over the layers
     for (BenchLayer& L : layers) {
-      add_stats(L.last, &st);
+      const Metrics lm = batch_metrics(L.last);
+      m += lm;
       if (opt.oracle) {
         const std::span<const int64_t> u = L.layer.last_experts();
         L.trace.emplace_back(u.begin(), u.end());
@@ -674,64 +640,42 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       L.device_hits_all += L.last.device.hits;
       L.unique_all += L.last.unique_experts;
       if (b >= opt.warmup_batches) {
-        L.res.requested += L.last.slots;
-        L.res.unique += L.last.unique_experts;
-        L.res.hits += L.last.fetch.hits;
-        L.res.misses += L.last.fetch.misses;
-        L.res.bytes_read += L.last.fetch.bytes_read;
-        L.res.device_hits += L.last.device.hits;
-        L.res.device_misses += L.last.device.misses;
+        L.res.metrics += lm;
         res.predicted_used += L.predicted_used;
         res.predicted_of += L.predicted_of;
         res.predicted += L.predicted_of > 0 ? static_cast<int64_t>(L.predicted_ids.size()) : 0;
-        res.prefetched += L.last.fetch.prefetched;
-        res.records_read += L.last.fetch.misses + L.last.fetch.prefetch_reads;
       }
       L.predicted_used = L.predicted_of = 0;
     }
-    hits_all += st.fetch.hits;
-    device_hits_all += st.device.hits;
-    unique_all += st.unique_experts;
+    hits_all += m.counter("host.hits");
+    device_hits_all += m.counter("device.hits");
+    unique_all += m.counter("unique_experts");
     if (b >= opt.warmup_batches) {
       measured += seconds;
-      wall.push_back(seconds);
-      route.push_back(st.route_seconds);
-      resolve.push_back(st.acquire_seconds);
-      disk.push_back(st.fetch.disk_seconds);
-      compute.push_back(st.expert_seconds);
-      stall.push_back(st.fetch.stall_seconds);
-      transfer.push_back(st.device.copy_seconds);
-      res.device_hits += st.device.hits;
-      res.device_misses += st.device.misses;
-      res.h2d_bytes += st.device.bytes_copied;
-      res.h2d_seconds += st.device.copy_seconds;
-      res.h2d_pinned = res.h2d_pinned && st.device.pinned;
-      res.requested += st.slots;
-      res.unique += st.unique_experts;
-      res.hits += st.fetch.hits;
-      res.misses += st.fetch.misses;
-      res.bytes_read += st.fetch.bytes_read;
-      res.disk_busy_seconds += st.fetch.disk_seconds;
-      res.record_bytes_used += st.record_bytes_used;
-      res.compute_seconds += st.expert_seconds;
+      m.observe("latency.batch", seconds);
+      m.observe("latency.route", m.real("route_seconds"));
+      m.observe("latency.resolve", m.real("acquire_seconds"));
+      m.observe("latency.disk", m.real("host.disk_seconds"));
+      m.observe("latency.compute", m.real("expert_seconds"));
+      // Waits for prefetch reads are stalls too.
+      m.observe("latency.stall",
+                m.real("host.stall_seconds") + m.real("host.prefetch_wait_seconds"));
+      m.observe("latency.transfer", m.real("device.copy_seconds"));
+      res.metrics += m;
     }
     if (opt.progress) opt.progress(b + 1, total);
   }
+  const Metrics& m = res.metrics;
   res.batches = opt.batches;
   res.tokens = opt.batch * opt.batches;  // each token once, through every layer
   res.seconds = measured;
   res.tokens_per_second = measured > 0 ? static_cast<double>(res.tokens) / measured : 0;
-  res.hit_rate =
-      res.unique > 0 ? static_cast<double>(res.hits) / static_cast<double>(res.unique) : 0;
-  res.iops =
-      res.disk_busy_seconds > 0 ? static_cast<double>(res.records_read) / res.disk_busy_seconds : 0;
-  res.route = stage_times(route);
-  res.resolve = stage_times(resolve);
-  res.disk = stage_times(disk);
-  res.compute = stage_times(compute);
-  res.stall = stage_times(stall);
-  res.total = stage_times(wall);
-  res.transfer = stage_times(transfer);
+  auto ratio = [](int64_t part, int64_t whole) {
+    return static_cast<double>(part) / static_cast<double>(std::max<int64_t>(1, whole));
+  };
+  res.hit_rate = ratio(m.counter("host.hits"), m.counter("unique_experts"));
+  const double disk_seconds = m.real("host.disk_seconds");
+  res.iops = disk_seconds > 0 ? static_cast<double>(res.records_read()) / disk_seconds : 0;
   // Each layer chooses its own method; the totals are summed, the method is the first layer's.
   for (const BenchLayer& L : layers) {
     const std::vector<H2dMethodTotals> totals = L.layer.h2d_totals();
@@ -746,14 +690,10 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     }
   }
   res.h2d_method = layers[0].layer.h2d_method();
-  res.device_hit_rate =
-      res.unique > 0 ? static_cast<double>(res.device_hits) / static_cast<double>(res.unique) : 0;
-  auto ratio = [](int64_t part, int64_t whole) {
-    return static_cast<double>(part) / static_cast<double>(std::max<int64_t>(1, whole));
-  };
+  res.device_hit_rate = ratio(m.counter("device.hits"), m.counter("unique_experts"));
   for (BenchLayer& L : layers) {
-    L.res.hit_rate = ratio(L.res.hits, L.res.unique);
-    L.res.device_hit_rate = ratio(L.res.device_hits, L.res.unique);
+    L.res.hit_rate = ratio(L.res.hits(), L.res.unique());
+    L.res.device_hit_rate = ratio(L.res.metrics.counter("device.hits"), L.res.unique());
   }
   if (opt.oracle) {
     // Over every batch from a cold tier, as the policy saw them, beside the policy's own; each
@@ -789,7 +729,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
     // in half of RAM).
     const uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
                          static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-    const bool cuda = opt.backend == PeerBackend::kCuda;
+    const ExecutorTraits traits = peer_backend_traits(opt.backend);
     if (res.table_bytes > ram / 2) {
       res.resident_skipped =
           str_printf("the table%s (%s) would take more than half of this machine's %s of memory",
@@ -804,8 +744,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         PeerLayerOptions ro;
         ro.threads = opt.threads;
         ro.backend = opt.backend;
-        // On the device, resident means the whole table in the device tier.
-        if (cuda) ro.cuda.vram_budget_bytes = L.stored.info->table.bytes;
+        // Resident in the executor's own memory too, where it has one (a device tier).
+        set_resident_options(L.stored.info->table.bytes, &ro);
         Result<PeerLayer> resident =
             PeerLayer::create(L.layer.config(), L.layer.params(), std::move(source), ro);
         if (!resident.ok()) {
@@ -815,8 +755,8 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
         L.resident.emplace(std::move(*resident));
       }
       if (made.ok()) {
-        // Twice over the batches on the device: the first pass fills the device tier.
-        for (int pass = cuda ? 0 : 1; pass < 2; ++pass) {
+        // The executor's fill passes first (a device tier fills), then the measured one.
+        for (int pass = 0; pass <= traits.resident_fill_passes; ++pass) {
           for (BenchLayer& L : layers) {
             L.src.reset();
             for (int64_t b = 0; b < opt.warmup_batches; ++b) {
@@ -831,7 +771,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
           }
           res.resident_tokens_per_second = static_cast<double>(res.tokens) / seconds;
         }
-      } else if (cuda && made.code() == Status::Code::kResourceExhausted) {
+      } else if (traits.device_memory && made.code() == Status::Code::kResourceExhausted) {
         // (Tables larger than the device are no error: the comparison is left out.)
         res.resident_skipped = "the tables do not fit the device: " + made.message();
       } else {
@@ -839,7 +779,7 @@ Result<BenchResult> run_bench(const BenchOptions& opt) {
       }
     }
     for (BenchLayer& L : layers) L.resident.reset();  // (their memory back for what follows)
-    if (opt.backend == PeerBackend::kCuda) {
+    if (traits.device_memory) {
       if (layers.size() == 1) {
         BenchLayer& L = layers[0];
         TROVE_ASSIGN_OR_RETURN(res.device_peers,

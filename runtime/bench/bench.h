@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "base/dtype.h"
+#include "base/metrics.h"
 #include "base/status.h"
 #include "kernels/peer_config.h"
 #include "runtime/bench/device_peers.h"
@@ -72,8 +73,9 @@ struct BenchOptions {
   bool resident_baseline = true;  // also run the same batches with the table in memory
   bool oracle = true;             // Belady's hit rate on the same batches
   int threads = 0;
-  // kCpu or kCuda (kRef works too, slowly). kCuda: vram_budget_bytes > 0 adds the device tier
-  // above the host tier (one per layer), with the host tier's eviction policy.
+  // Any backend (ref works too, slowly). With an executor that has a device memory
+  // (ExecutorTraits::device_memory: cuda), vram_budget_bytes > 0 adds its device tier above the
+  // host tier (one per layer), with the host tier's eviction policy.
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
   H2dMethod h2d = H2dMethod::kAuto;
@@ -88,11 +90,6 @@ struct BenchOptions {
   std::function<void(int64_t, int64_t)> progress;  // (batches done, batches in all)
 };
 
-// Percentiles of per-batch seconds.
-struct StageTimes {
-  double p50 = 0, p90 = 0, p99 = 0, mean = 0;
-};
-
 // One layer of the run: its figures over the measured batches (the cold-run and Belady rates
 // over every batch, as BenchResult's).
 struct BenchLayerResult {
@@ -101,14 +98,15 @@ struct BenchLayerResult {
   uint64_t vram_budget_bytes = 0;
   int64_t capacity_slots = 0;
   int64_t device_capacity_slots = 0;
-  int64_t requested = 0;
-  int64_t unique = 0;
-  int64_t hits = 0;
-  int64_t misses = 0;
+  // Its batch_metrics summed over the measured batches (BenchResult::metrics' names, without
+  // the latency histograms).
+  Metrics metrics;
+  int64_t requested() const { return metrics.counter("slots"); }
+  int64_t unique() const { return metrics.counter("unique_experts"); }
+  int64_t hits() const { return metrics.counter("host.hits"); }
+  int64_t misses() const { return metrics.counter("host.misses"); }
+  uint64_t bytes_read() const { return static_cast<uint64_t>(metrics.counter("host.bytes_read")); }
   double hit_rate = 0;
-  uint64_t bytes_read = 0;
-  int64_t device_hits = 0;
-  int64_t device_misses = 0;
   double device_hit_rate = 0;
   double oracle_hit_rate = -1;  // the host tier's, or with a device tier the device's
   double achieved_hit_rate_all = -1;
@@ -134,61 +132,67 @@ struct BenchResult {
   int64_t tokens = 0;
   double seconds = 0;  // wall time of the measured batches
   double tokens_per_second = 0;
-  int64_t requested = 0;  // expert selections (T * h * k summed)
-  int64_t unique = 0;     // distinct experts per batch, summed
-  int64_t hits = 0;
-  int64_t misses = 0;
+  // The measured batches (base/metrics.h), summed over the layers and the batches: each layer's
+  // batch_metrics ("slots": expert selections, "unique_experts", record bytes, stage seconds,
+  // "host.*": the host tiers' hits, misses, bytes read, disk and stall seconds, look-ahead reads;
+  // "device.*": the device tiers and the host -> device copies), and the per-batch latency
+  // histograms (seconds, all layers' summed per batch) "latency.batch" (wall time),
+  // "latency.route", "latency.resolve", "latency.disk", "latency.compute", "latency.stall"
+  // (prefetch waits included) and "latency.transfer" (host -> device copies).
+  Metrics metrics;
+  int64_t requested() const { return metrics.counter("slots"); }
+  int64_t unique() const { return metrics.counter("unique_experts"); }
+  int64_t hits() const { return metrics.counter("host.hits"); }
+  int64_t misses() const { return metrics.counter("host.misses"); }
+  uint64_t bytes_read() const { return static_cast<uint64_t>(metrics.counter("host.bytes_read")); }
+  // Records read from disk: the misses and what the look-ahead's prefetches read, used or not.
+  int64_t records_read() const {
+    return metrics.counter("host.misses") + metrics.counter("host.prefetch_reads");
+  }
+  // "latency.<stage>"; an empty histogram when the run has none.
+  LatencyHistogram latency(const std::string& stage) const {
+    const LatencyHistogram* h = metrics.histogram("latency." + stage);
+    return h != nullptr ? *h : LatencyHistogram{};
+  }
   double hit_rate = 0;  // hits / unique
   // Over every batch from a cold tier (warm-up included): Belady's hit rate and the policy's,
   // side by side (-1: not run). With a device tier these are the device tier's (the host tier
   // then sees only its misses, a stream the trace does not hold), and the host's are -1.
   double oracle_hit_rate = -1;
   double achieved_hit_rate_all = -1;
-  uint64_t bytes_read = 0;  // from the store file
-  double disk_busy_seconds = 0;
-  double iops = 0;                 // records read (records_read) / disk busy time
-  uint64_t record_bytes_used = 0;  // what the expert kernels read
-  double compute_seconds = 0;
-  // Look-ahead and cross-layer prediction (over the measured batches): unique experts read
-  // ahead of their batch, records read from disk for them in all (their misses and what their
-  // prefetches read, used or not),
+  double iops = 0;  // records_read() / the disk's busy time
+  // Look-ahead and cross-layer prediction (over the measured batches; the reads in metrics),
   // and for the prediction: predicted ∩ used over used, summed over the layers it ran for.
   int lookahead = 0;
   bool cross_layer = false;
-  int64_t prefetched = 0;
-  int64_t records_read = 0;
   int64_t predicted_used = 0;  // predicted ∩ used
   int64_t predicted_of = 0;    // used, of the layers predicted
   int64_t predicted = 0;       // predicted (distinct), for precision
   double recall() const {
     return predicted_of > 0 ? static_cast<double>(predicted_used) / predicted_of : -1;
   }
-  // Per batch, in seconds.
-  StageTimes route, resolve, disk, compute, stall, total;
 
-  // The all-resident run of the same batches (0: not run). kCuda: the whole table in the
-  // device tier, filled by one unmeasured pass over the batches first.
+  // The all-resident run of the same batches (0: not run), with the executor's resident
+  // options (set_resident_options: on a device, the whole table in the device tier, filled by
+  // the executor's unmeasured passes over the batches first).
   double resident_tokens_per_second = 0;
   std::string resident_skipped;  // why it was not run, when asked for (e.g. tables too large)
 
-  // kCuda: the device tier (zeros without one) and the host -> device transfers.
+  // The executor's name ("cpu", "cuda", ...) and whether it has a device memory
+  // (ExecutorTraits::device_memory); with one, the device tier (zeros without one) and the host
+  // -> device transfers.
   std::string backend = "cpu";
+  bool device_memory = false;
   int64_t device_capacity_slots = 0;
-  int64_t device_hits = 0;
-  int64_t device_misses = 0;
-  double device_hit_rate = 0;          // device_hits / unique
+  double device_hit_rate = 0;          // device.hits / unique
   double device_oracle_hit_rate = -1;  // see oracle_hit_rate
   double device_hit_rate_all = -1;
-  uint64_t h2d_bytes = 0;  // copied host -> device (records and tables)
-  double h2d_seconds = 0;  // those copies, by CUDA events
-  bool h2d_pinned = true;  // every staging slab was pinned
-  StageTimes transfer;     // per batch
   // Records moved by each H2D method over the whole run (warm-up included, where --h2d auto
   // tries them), and the method kept at the end.
   std::vector<H2dMethodTotals> h2d_methods;
   H2dMethod h2d_method = H2dMethod::kAuto;
 
-  // kCuda with the resident baseline: the GPU peers on the same measured batches
+  // With a device memory and the resident baseline: the GPU peers on the same measured batches
   // (runtime/bench/device_peers.h): ours all-resident indexed by the routing directly, bf16 gather
   // + einsum, managed memory, and the fused kernel's own time and bytes for the HBM roofline. One
   // layer only: with layers > 1 every peer is skipped, saying so.
@@ -196,7 +200,8 @@ struct BenchResult {
 };
 
 // Runs the benchmark: warm-up batches, then `batches` measured ones over the tiered store, then
-// (when asked) the same measured batches all-resident, and on kCuda through the GPU peers.
+// (when asked) the same measured batches all-resident, and with an executor that has a device
+// memory through the GPU peers.
 // Errors: a store with fewer bench layers than asked (naming the store), layers > 1 with
 // dim_out != dim (no residual stream), a budget share below one batch's working set (before any
 // work, naming the layer), a trace that does not fit the layers.

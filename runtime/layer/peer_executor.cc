@@ -49,10 +49,12 @@ Metrics batch_metrics(const PeerBatchStats& s) {
   m.add("host.stall_seconds", s.fetch.stall_seconds);
   m.count("host.prefetched", s.fetch.prefetched);
   m.add("host.prefetch_wait_seconds", s.fetch.prefetch_wait_seconds);
+  m.count("host.prefetch_reads", s.fetch.prefetch_reads);
   m.count("device.hits", s.device.hits);
   m.count("device.misses", s.device.misses);
   m.count("device.bytes_copied", static_cast<int64_t>(s.device.bytes_copied));
   m.add("device.copy_seconds", s.device.copy_seconds);
+  m.count("device.pageable_batches", s.device.pinned ? 0 : 1);  // copies not all pinned
   return m;
 }
 
@@ -65,6 +67,19 @@ Status PeerExecutor::forward(const PeerDenseParams& params, const float* x, int6
   TROVE_RETURN_IF_ERROR(experts(*routing, source, y, stats));
   if (stats != nullptr) stats->route_seconds = route_seconds;
   return Status::ok_status();
+}
+
+ExecutorTraits peer_backend_traits(PeerBackend b) {
+  ExecutorTraits t;
+  if (b == PeerBackend::kCuda) {
+    t.device_memory = true;
+    t.resident_fill_passes = 1;
+  }
+  return t;
+}
+
+void set_resident_options(uint64_t table_bytes, PeerLayerOptions* options) {
+  if (options->backend == PeerBackend::kCuda) options->cuda.vram_budget_bytes = table_bytes;
 }
 
 Result<std::unique_ptr<PeerExecutor>> make_peer_executor(const PeerConfig& config,

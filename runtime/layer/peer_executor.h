@@ -45,6 +45,19 @@ Result<PeerBackend> parse_peer_backend(std::string_view s);
 // in a build without the CUDA backend. Cheap; for tools to refuse before any work.
 Status check_backend_available(PeerBackend b);
 
+// What the executors of a backend hold besides the host tiers: what the bench, the
+// calibrations and the reports ask instead of which backend runs.
+struct ExecutorTraits {
+  // Records move to a memory of the executor's own (a device tier, host -> device copies):
+  // PeerBatchStats::device, h2d_totals() and h2d_method() carry figures, and the device's
+  // limits (H2D and HBM bandwidth) and its peers (runtime/bench/device_peers.h) apply.
+  bool device_memory = false;
+  // An all-resident run (set_resident_options): unmeasured passes over the batches before the
+  // measured one (cuda: 1, which fills the device tier).
+  int resident_fill_passes = 0;
+};
+ExecutorTraits peer_backend_traits(PeerBackend b);
+
 // Router parameters, canonical arrangement (runtime/convert/layouts.h), owned.
 struct PeerDenseParams {
   std::vector<float> query_weight;  // [h*2*dk, D]
@@ -126,6 +139,11 @@ class PeerExecutor {
 Result<std::unique_ptr<PeerExecutor>> make_peer_executor(const PeerConfig& config,
                                                          const RecordLayout& layout,
                                                          const PeerLayerOptions& options);
+
+// `options` made all-resident for a layer whose table is `table_bytes`, over a source that holds
+// it in memory: where the executor has a memory of its own, the whole table in it (cuda: a
+// device tier of table_bytes). Other options are left as they are.
+void set_resident_options(uint64_t table_bytes, PeerLayerOptions* options);
 
 // The host tier's slot memory the executor options.backend names wants (cuda: pinned and mapped,
 // so that the device tier fills straight from it); null for plain memory.
