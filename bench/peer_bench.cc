@@ -32,7 +32,8 @@
 //   BM_ExpertsBf16VsInt4/N:<N>      the peer comparison: the same routing through a bf16 and
 //                      an int4 table (kernels/cpu/peer.h peer_experts on leased records),
 //                      bf16_ms, int4_ms, time_ratio = bf16/int4, bytes_ratio = 8192/2304, and
-//                      each table's GB/s and fraction of mem_GBps (its Time is both runs).
+//                      each table's GB/s and fraction of mem_GBps (its Time is both runs);
+//                      bf16_best_ms, int4_best_ms: the fastest pass of each (a loaded machine).
 //
 // The expert tables are written directly as records (random int4 codes with fp16 scales in
 // [0.01, 0.1]; bf16 values ~ N(0, 0.05)) rather than quantized from fp32: 1M bf16 records are
@@ -499,10 +500,14 @@ void BM_ExpertsBf16VsInt4(benchmark::State& state, int64_t n) {
   // input_norm is none, so xhat = x.
   bf16.run(x.data(), routing, y.data());  // warm-up
   int4.run(x.data(), routing, y.data());
-  double bf16_s = 0, int4_s = 0;
+  double bf16_s = 0, int4_s = 0, bf16_best = 1e30, int4_best = 1e30;
   for (auto _ : state) {
-    bf16_s += bf16.run(x.data(), routing, y.data());
-    int4_s += int4.run(x.data(), routing, y.data());
+    const double b = bf16.run(x.data(), routing, y.data());
+    const double i = int4.run(x.data(), routing, y.data());
+    bf16_s += b;
+    int4_s += i;
+    bf16_best = std::min(bf16_best, b);
+    int4_best = std::min(int4_best, i);
   }
   bf16.release();
   int4.release();
@@ -514,6 +519,9 @@ void BM_ExpertsBf16VsInt4(benchmark::State& state, int64_t n) {
   const double int4_gbps = slots * int4_record * iterations / int4_s / 1e9;
   state.counters["bf16_ms"] = bf16_s / iterations * 1e3;
   state.counters["int4_ms"] = int4_s / iterations * 1e3;
+  // The fastest pass of each: on a machine others load, the least disturbed.
+  state.counters["bf16_best_ms"] = bf16_best * 1e3;
+  state.counters["int4_best_ms"] = int4_best * 1e3;
   state.counters["time_ratio"] = bf16_s / int4_s;
   state.counters["bytes_ratio"] = bf16_record / int4_record;
   state.counters["bf16_GBps"] = bf16_gbps;
