@@ -758,26 +758,39 @@ TEST(PeerPathsTest, CodedAxpyGivesTheSameBitsOnEveryPathAndWritesNothingPastN) {
 }
 
 // Sub-scores with many exact ties (small integers): every path's top-k' picks the same indices.
+// Integer q and keys make every score exact in any summation order, so the oracle's ids are the
+// answer bit for bit. n below, at and across multiples of 16 (the avx512 top-k' bound takes
+// per-lane maxima of whole 16-score vectors), k' from 1 to past 16 (where it scans instead), and
+// both heavy ties (values in -1..1) and few (-50..50).
 TEST(PeerPathsTest, TiedScoresSelectTheSameIndicesOnEveryPath) {
   const std::vector<CpuPath> paths = supported_paths();
   if (paths.size() < 2) GTEST_SKIP() << "this CPU runs the scalar path only";
-  PeerConfig c = make_config(10, 10, 2, 53, 3, 9, 7);
-  ASSERT_TRUE(c.validate_and_fill().ok());
-  constexpr int64_t kTokens = 70;
-  std::mt19937 rng(43);
-  std::uniform_int_distribution<int> small(-1, 1);
-  std::vector<float> q(sz(kTokens * c.query_rows())), keys(sz(c.key_heads() * 2 * 53 * 3));
-  for (float& v : q) v = static_cast<float>(small(rng));
-  for (float& v : keys) v = static_cast<float>(small(rng));
-  PeerRouterParams p;
-  p.keys = keys.data();
-  PeerRouting want;
-  peer_route_ref(c, p, q.data(), kTokens, &want);
-  for (CpuPath path : paths) {
-    set_cpu_path(path);
-    PeerRouting got;
-    peer_route(c, p, q.data(), kTokens, &got, kThreads);
-    EXPECT_EQ(got.ids, want.ids) << cpu_path_name(path);
+  struct Case {
+    int64_t n, k, kp, range;
+  };
+  const Case cases[] = {{53, 9, 7, 1},  {53, 9, 7, 50},  {16, 4, 16, 1},   {15, 3, 2, 50},
+                        {17, 1, 1, 50}, {32, 8, 8, 1},   {100, 8, 16, 50}, {100, 8, 17, 1},
+                        {512, 8, 8, 1}, {512, 8, 8, 50}, {47, 4, 3, 50},   {64, 16, 5, 1}};
+  for (const Case& k : cases) {
+    PeerConfig c = make_config(10, 10, 2, k.n, 3, k.k, k.kp);
+    ASSERT_TRUE(c.validate_and_fill().ok());
+    constexpr int64_t kTokens = 70;
+    std::mt19937 rng(static_cast<uint32_t>(43 + k.n + k.range));
+    std::uniform_int_distribution<int> small(-static_cast<int>(k.range), static_cast<int>(k.range));
+    std::vector<float> q(sz(kTokens * c.query_rows())), keys(sz(c.key_heads() * 2 * k.n * 3));
+    for (float& v : q) v = static_cast<float>(small(rng));
+    for (float& v : keys) v = static_cast<float>(small(rng));
+    PeerRouterParams p;
+    p.keys = keys.data();
+    PeerRouting want;
+    peer_route_ref(c, p, q.data(), kTokens, &want);
+    for (CpuPath path : paths) {
+      set_cpu_path(path);
+      PeerRouting got;
+      peer_route(c, p, q.data(), kTokens, &got, kThreads);
+      EXPECT_EQ(got.ids, want.ids)
+          << cpu_path_name(path) << " n " << k.n << " k' " << k.kp << " range " << k.range;
+    }
   }
   set_cpu_path(CpuPath::kAuto);
 }

@@ -72,7 +72,7 @@ inline void top_step(const float* s, int64_t i, int64_t kp, int64_t* out, int64_
 }
 
 // The AVX2 path's scan, 16 scores at a time.
-void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+void top_indices_scan(const float* s, int64_t n, int64_t kp, int64_t* out) {
   int64_t size = 0, i = 0;
   for (; i < n && size < kp; ++i) top_step(s, i, kp, out, &size);
   for (; i + 16 <= n; i += 16) {
@@ -174,6 +174,54 @@ void coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
     return quantized_axpy<kQuantGroup, widen_int8_512>(scales, codes, n, alpha, y);
   }
   avx2::peer_kernels().coded_axpy(t, scales, codes, n, alpha, y);
+}
+
+// With kp <= 16 and at least one full vector: a lower bound first, then the scan on the scores
+// at or above it only. Lane j's maximum over the full vectors is one score per lane, 16
+// distinct scores, so the kp-th largest of them, tau, is at most the kp-th largest score: every
+// score of the result is >= tau. The scan (top_step, in index order) over that subset therefore
+// selects what it would over all n, ties included (the result is the kp best of any superset of
+// itself under score descending, index ascending). On random scores few pass tau, where the
+// plain scan inserts ~kp * ln(n / kp) times while its threshold climbs.
+void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  const int64_t full = n / 16 * 16;
+  if (kp > 16 || full == 0) return top_indices_scan(s, n, kp, out);
+  __m512 lane_max = _mm512_loadu_ps(s);
+  for (int64_t i = 16; i < full; i += 16)
+    lane_max = _mm512_max_ps(lane_max, _mm512_loadu_ps(s + i));
+  // tau: the lane maximum with fewer than kp lanes above it and at least kp at or above it.
+  float m[16];
+  _mm512_storeu_ps(m, lane_max);
+  float tau = m[0];
+  for (int j = 0; j < 16; ++j) {
+    const __m512 v = _mm512_set1_ps(m[j]);
+    const int above = __builtin_popcount(_mm512_cmp_ps_mask(lane_max, v, _CMP_GT_OQ));
+    const int at_or_above = __builtin_popcount(_mm512_cmp_ps_mask(lane_max, v, _CMP_GE_OQ));
+    if (above < kp && at_or_above >= kp) tau = m[j];
+  }
+  // top_step's insertion, with the kept scores held here rather than re-read through out[].
+  float kept[16];
+  int64_t size = 0;
+  const auto insert = [&](int64_t i) {
+    const float v = s[i];
+    if (size == kp && !(v > kept[kp - 1])) return;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && kept[pos - 1] < v) {
+      kept[pos] = kept[pos - 1];
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    kept[pos] = v;
+    out[pos] = i;
+  };
+  const __m512 bound = _mm512_set1_ps(tau);
+  for (int64_t i = 0; i < full; i += 16) {
+    unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), bound, _CMP_GE_OQ);
+    for (; mask != 0; mask &= mask - 1) insert(i + __builtin_ctz(mask));
+  }
+  for (int64_t i = full; i < n; ++i) {
+    if (s[i] >= tau) insert(i);
+  }
 }
 
 float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
