@@ -8,7 +8,8 @@ computes with the same values. The script then
      no_grad, best of --repeats after one warm-up pass);
   2. writes the weights as a mikeybeez safetensors checkpoint, packs it with `trove pack` into a
      store per record dtype (f32, bf16, int4 by default) and runs build/bench/peer_cpu_bench on
-     each: the best forward pass and its stages, ExpertDot float and int8, y's error against
+     each: the best forward pass and its stages, ExpertDot float and int8, each with fp32 and
+     bf16 routing (RoutingPrecision), y's error against
      trove's oracle, and the streaming read bandwidth measured in the same process;
   3. checks that trove's f32 y is the PyTorch fp32 module's y (relative Frobenius error), and
      prints a markdown table and the goals of issue 14 beside the measured ratios.
@@ -138,6 +139,10 @@ def main():
     print_table(result)
 
 
+MODE_LABELS = {"float": "", "int8": " (int8 dot)", "bf16_routing": " (bf16 routing)",
+               "int8_bf16_routing": " (int8 dot, bf16 routing)"}
+
+
 def print_table(r):
     t = r["torch"]
     print(f"N = {r['experts']}, D = {r['dim']}, h = {r['heads']}, k = {r['topk']}, "
@@ -151,7 +156,7 @@ def print_table(r):
     for dtype, v in r["trove"].items():
         bw = v["stream_read_bytes_per_second"]
         for mode, m in v["modes"].items():
-            label = f"trove {dtype}" + (" (int8 dot)" if mode == "int8" else "")
+            label = f"trove {dtype}" + MODE_LABELS[mode]
             print(f"| {label} | {m['tokens_per_second']:.0f} | {1e3 * m['route_seconds']:.1f} | "
                   f"{1e3 * m['expert_seconds']:.1f} | {m['route_share']:.2f} | "
                   f"{m['expert_bytes_per_second'] / 1e9:.2f} | "
@@ -159,10 +164,24 @@ def print_table(r):
                   f"{m['y_rel_fro_vs_oracle']:.2e} | "
                   f"{v['y_rel_fro_vs_torch_fp32']:.2e} |")
     print()
+    print("bf16 routing (RoutingPrecision::kBf16) against fp32 routing, same run:")
+    print()
+    print("| system | route ms fp32 | route ms bf16 | route speed-up | selected experts kept | "
+          "y rel. err. vs fp32 routing |")
+    print("|---|---|---|---|---|---|")
+    for dtype, v in r["trove"].items():
+        f, b = v["modes"]["float"], v["modes"].get("bf16_routing")
+        if b is None:
+            continue
+        print(f"| trove {dtype} | {1e3 * f['route_seconds']:.1f} | {1e3 * b['route_seconds']:.1f} | "
+              f"{f['route_seconds'] / b['route_seconds']:.2f} | "
+              f"{b['routing_agreement_vs_f32']:.4f} | {b['y_rel_fro_vs_f32_routing']:.2e} |")
+    print()
     goals = []
     if "int4" in r["trove"]:
         m = r["trove"]["int4"]["modes"]
         best = max(m.values(), key=lambda v: v["tokens_per_second"])
+        goals.append(("int4 routing share < 1/3, fastest mode", best["route_share"]))
         bw = r["trove"]["int4"]["stream_read_bytes_per_second"]
         goals.append(("int4 / PyTorch bf16 >= 2",
                       best["tokens_per_second"] / t["bf16"]["tokens_per_second"]))

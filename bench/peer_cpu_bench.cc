@@ -4,15 +4,17 @@
 //
 //   peer_cpu_bench STORE LAYER INPUT.safetensors [--repeats R] [--threads N] [--y-out FILE]
 //
-// INPUT holds 'x' [T, D]. Each expert mode (ExpertDot::kFloat, and kInt8 on int8/int4 records)
-// runs R + 1 forward passes of the whole batch through PeerLayer (the first warms the mapped
-// table and oneDNN's kernels and is not counted); the fastest pass counts, and its stages
-// (route, acquire, experts) are reported. The expert stage's record bytes / expert seconds is
-// compared with measure_host_read_bandwidth over 1 GiB (runtime/bench/calibrate.h), both on the
-// same threads. Errors of y against the oracle (the _ref kernels, double accumulation) on the same
-// routing: relative Frobenius norm and max |error| / max |y|. --y-out writes y of kFloat as
-// safetensors 'y', for the driver's check that trove and PyTorch compute the same layer.
-// Prints one JSON object.
+// INPUT holds 'x' [T, D]. Each mode (ExpertDot::kFloat, and kInt8 on int8/int4 records; each with
+// fp32 and with bf16 routing, RoutingPrecision) runs R + 1 forward passes of the whole batch
+// through PeerLayer (the first warms the mapped table and oneDNN's kernels and is not counted); the
+// fastest pass counts, and its stages (route, acquire, experts) are reported. The expert stage's
+// record bytes / expert seconds is compared with measure_host_read_bandwidth over 1 GiB
+// (runtime/bench/calibrate.h), both on the same threads. Errors of y against the oracle (the _ref
+// kernels, double accumulation) on the same routing: relative Frobenius norm and max |error| / max
+// |y|. --y-out writes y of kFloat as safetensors 'y', for the driver's check that trove and PyTorch
+// compute the same layer. The bf16-routing modes also report the fraction of fp32 routing's
+// selected experts they select (routing_agreement_vs_f32) and, with the float dot, y's error
+// against fp32 routing's y. Prints one JSON object.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -117,18 +119,34 @@ int run(int argc, char** argv) {
   PeerRouting ref_routing;
   ok_or_die(ref_layer.forward(x, T, y_ref, &ref_routing), "ref forward");
 
-  std::vector<ExpertDot> modes = {ExpertDot::kFloat};
-  if (dtype_is_quantized(layout.dtype)) modes.push_back(ExpertDot::kInt8);
-  for (ExpertDot mode : modes) {
-    options.cpu.expert_dot = mode;
+  struct Mode {
+    const char* name;
+    ExpertDot dot;
+    RoutingPrecision routing;
+  };
+  std::vector<Mode> modes = {{"float", ExpertDot::kFloat, RoutingPrecision::kF32}};
+  if (dtype_is_quantized(layout.dtype)) {
+    modes.push_back({"int8", ExpertDot::kInt8, RoutingPrecision::kF32});
+  }
+  modes.push_back({"bf16_routing", ExpertDot::kFloat, RoutingPrecision::kBf16});
+  if (dtype_is_quantized(layout.dtype)) {
+    modes.push_back({"int8_bf16_routing", ExpertDot::kInt8, RoutingPrecision::kBf16});
+  }
+  // The fp32-routing mode's routing and y, which the bf16-routing modes are compared with.
+  PeerRouting f32_routing;
+  std::vector<float> f32_y;
+  for (const Mode& mode : modes) {
+    options.cpu.expert_dot = mode.dot;
+    options.cpu.routing_precision = mode.routing;
     layer = value_or_die(PeerLayer::open(store, layer_name, options), layer_name);
     std::vector<float> y(static_cast<size_t>(T * config.dim_out));
+    PeerRouting routing;
     PeerBatchStats best;
     double best_seconds = 1e30;
     for (int r = 0; r <= repeats; ++r) {
       PeerBatchStats stats;
       const auto start = std::chrono::steady_clock::now();
-      ok_or_die(layer.forward(x, T, y, nullptr, &stats), "forward");
+      ok_or_die(layer.forward(x, T, y, r == 0 ? &routing : nullptr, &stats), "forward");
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       if (r > 0 && seconds < best_seconds) {
@@ -139,7 +157,11 @@ int run(int argc, char** argv) {
     std::vector<float> y_routed(y.size());
     ok_or_die(layer.forward_routed(x, T, ref_routing, y_routed), "forward_routed");
     const Errors e = errors(y_routed, y_ref);
-    const char* name = mode == ExpertDot::kFloat ? "float" : "int8";
+    const char* name = mode.name;
+    if (mode.dot == ExpertDot::kFloat && mode.routing == RoutingPrecision::kF32) {
+      f32_routing = routing;
+      f32_y = y;
+    }
     report["modes"][name] = {
         {"seconds", best_seconds},
         {"tokens_per_second", static_cast<double>(T) / best_seconds},
@@ -154,7 +176,24 @@ int run(int argc, char** argv) {
         {"y_rel_fro_vs_oracle", e.rel_fro},
         {"y_max_rel_vs_oracle", e.max_rel},
     };
-    if (mode == ExpertDot::kFloat && !y_out.empty()) {
+    if (mode.routing == RoutingPrecision::kBf16) {
+      // Of the experts fp32 routing selects for each (token, head), the fraction bf16 routing
+      // selects too; y of the whole forward against fp32 routing's (same expert dot only).
+      int64_t kept = 0;
+      const int64_t k = config.topk;
+      for (size_t base = 0; base < routing.ids.size(); base += static_cast<size_t>(k)) {
+        for (int64_t s = 0; s < k; ++s) {
+          const int64_t id = f32_routing.ids[base + static_cast<size_t>(s)];
+          for (int64_t u = 0; u < k; ++u) kept += routing.ids[base + static_cast<size_t>(u)] == id;
+        }
+      }
+      report["modes"][name]["routing_agreement_vs_f32"] =
+          static_cast<double>(kept) / static_cast<double>(routing.ids.size());
+      if (mode.dot == ExpertDot::kFloat) {
+        report["modes"][name]["y_rel_fro_vs_f32_routing"] = errors(y, f32_y).rel_fro;
+      }
+    }
+    if (mode.dot == ExpertDot::kFloat && mode.routing == RoutingPrecision::kF32 && !y_out.empty()) {
       const std::vector<int64_t> shape = {T, config.dim_out};
       ok_or_die(
           write_safetensors(y_out,

@@ -81,6 +81,22 @@ enum class ExpertDot {
   kInt8,
 };
 
+// The arithmetic of the router's two products: the query projection q = W_q xhat and the sub-key
+// scores <q, K>.
+enum class RoutingPrecision {
+  // fp32 operands, fp32 accumulation: within the parity tolerances of the oracle.
+  kF32,
+  // Both operands of each product rounded to bf16 (round to nearest even), the products summed
+  // in fp32; the bias, the top-k and the gates stay fp32. The oracle (kernels/cpu/ref/peer_ref.h,
+  // called with kBf16) rounds the same operands and sums in double, so the parity tolerances are
+  // those of kF32 against it; against kF32 the scores move by bf16's rounding (~2^-9 relative
+  // per operand), which can swap experts whose scores are that close: a mode, off by default
+  // (bench/peer_cpu_bench reports how many selected experts it changes). On CPUs with
+  // AVX512_BF16 the CPU backend runs its own vdpbf16ps kernel; elsewhere the rounded operands go
+  // through the fp32 BLAS.
+  kBf16,
+};
+
 // ---- scalar math shared by the backends --------------------------------------------------------
 // TROVE_HD: the CUDA kernels call these very functions. The math is spelled exp/erf/tanh, not
 // std::, so device code finds CUDA's double overloads; on the host both name the C library's

@@ -2,6 +2,7 @@
 // against each other, the checks on every input, corrupt records, and RoutingStats.
 #include "runtime/layer/peer_layer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -130,6 +131,37 @@ TEST(PeerLayer, CpuBackendMatchesTheReferenceBackend) {
   for (size_t i = 0; i < g_cpu.dx.size(); ++i) {
     EXPECT_NEAR(g_cpu.dx[i], g_ref.dx[i], 1e-4 + 1e-4 * std::abs(g_ref.dx[i]));
   }
+}
+
+// CpuExecutorOptions::routing_precision reaches the router: kBf16's scores are not kF32's bits,
+// but within bf16's rounding of them, and its forward runs the experts on its own routing.
+TEST(PeerLayer, CpuBackendRoutesInBf16WhenAsked) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok());
+  PeerLayerOptions bf16_options{PeerBackend::kCpu, 2};
+  bf16_options.cpu.routing_precision = RoutingPrecision::kBf16;
+  auto f32 = PeerLayer::open(*store, "blk.0.peer", {PeerBackend::kCpu, 2});
+  auto bf16 = PeerLayer::open(*store, "blk.0.peer", bf16_options);
+  ASSERT_TRUE(f32.ok() && bf16.ok());
+  const int64_t T = 20;
+  const std::vector<float> x = gaussian(T * 72, 4);
+  std::vector<float> y_f32(T * 72), y_bf16(T * 72), y_routed(T * 72);
+  PeerRouting r_f32, r_bf16;
+  ASSERT_TRUE(f32->forward(x, T, y_f32, &r_f32).ok());
+  ASSERT_TRUE(bf16->forward(x, T, y_bf16, &r_bf16).ok());
+  ASSERT_EQ(r_f32.scores.size(), r_bf16.scores.size());
+  EXPECT_NE(0, std::memcmp(r_f32.scores.data(), r_bf16.scores.data(),
+                           r_f32.scores.size() * sizeof(float)));
+  double max_score = 0;
+  for (float s : r_f32.scores) max_score = std::max(max_score, std::abs(static_cast<double>(s)));
+  for (size_t i = 0; i < r_f32.scores.size(); ++i) {
+    if (r_f32.ids[i] != r_bf16.ids[i]) continue;  // a near-tie may swap experts
+    EXPECT_NEAR(r_bf16.scores[i], r_f32.scores[i], 2e-2 * max_score) << i;
+  }
+  // The fp32 layer run on the bf16 routing gives the bf16 layer's y (the experts are the same).
+  ASSERT_TRUE(f32->forward_routed(x, T, r_bf16, y_routed).ok());
+  EXPECT_EQ(0, std::memcmp(y_routed.data(), y_bf16.data(), y_bf16.size() * sizeof(float)));
 }
 
 // The look-ahead contract: route() now, forward_routed() later gives forward()'s routing and

@@ -477,58 +477,123 @@ TEST_P(PeerParityTest, QueryAndRoutingAreBitIdenticalForAnyThreadCount) {
     SCOPED_TRACE(describe(shape));
     const PeerLayer l = random_layer(shape, 71);
     const PeerRouterParams p = l.router();
-    std::vector<float> q1(sz(l.tokens * c.query_rows()));
-    PeerRouting r1;
-    peer_query(c, p, l.x.data(), l.tokens, q1.data(), 1);
-    peer_route(c, p, q1.data(), l.tokens, &r1, 1);
-    for (int threads : {2, 3, 8}) {
-      const std::string what = "threads " + std::to_string(threads);
-      std::vector<float> q(q1.size(), -1.0f);
-      PeerRouting r;
-      peer_query(c, p, l.x.data(), l.tokens, q.data(), threads);
-      peer_route(c, p, q.data(), l.tokens, &r, threads);
-      expect_bits_equal(q, q1, what + " q");
-      EXPECT_EQ(r.ids, r1.ids) << what;
-      expect_bits_equal(r.scores, r1.scores, what + " scores");
-      expect_bits_equal(r.gates, r1.gates, what + " gates");
+    for (RoutingPrecision precision : {RoutingPrecision::kF32, RoutingPrecision::kBf16}) {
+      std::vector<float> q1(sz(l.tokens * c.query_rows()));
+      PeerRouting r1;
+      peer_query(c, p, l.x.data(), l.tokens, q1.data(), 1, precision);
+      peer_route(c, p, q1.data(), l.tokens, &r1, 1, precision);
+      for (int threads : {2, 3, 8}) {
+        const std::string what =
+            std::string(precision == RoutingPrecision::kBf16 ? "bf16" : "f32") + " threads " +
+            std::to_string(threads);
+        std::vector<float> q(q1.size(), -1.0f);
+        PeerRouting r;
+        peer_query(c, p, l.x.data(), l.tokens, q.data(), threads, precision);
+        peer_route(c, p, q.data(), l.tokens, &r, threads, precision);
+        expect_bits_equal(q, q1, what + " q");
+        EXPECT_EQ(r.ids, r1.ids) << what;
+        expect_bits_equal(r.scores, r1.scores, what + " scores");
+        expect_bits_equal(r.gates, r1.gates, what + " gates");
+      }
     }
   }
 }
 
-// A token's q and routing are the same bits alone, at any place of any batch: the BLAS always
-// runs 64-row blocks (a short last block zero-padded), whose rows round alike wherever they sit.
+// A token's q and routing are the same bits alone, at any place of any batch: the BLAS runs
+// 256- and 64-row blocks (a short last block zero-padded), whose rows round alike wherever they
+// sit (kernels/cpu/peer.cc: kQueryBlock); spans in and across both kinds of block.
 TEST_P(PeerParityTest, QueryAndRoutingOfATokenDoNotDependOnItsBatch) {
   PeerConfig c = make_config(2048, 40, 4, 23, 64, 8, 8);
   c.query_bias = true;
-  const PeerShape shape{150, c, DType::kI4};
+  const PeerShape shape{600, c, DType::kI4};  // two 256-token query blocks, then 64-token ones
   SCOPED_TRACE(describe(shape));
   const PeerLayer l = random_layer(shape, 111);
   const PeerRouterParams p = l.router();
   const int64_t rows = l.config.query_rows(), D = l.config.dim, hk = c.heads * c.topk;
-  std::vector<float> q_all(sz(l.tokens * rows));
-  PeerRouting all;
-  peer_query(l.config, p, l.x.data(), l.tokens, q_all.data(), kThreads);
-  peer_route(l.config, p, q_all.data(), l.tokens, &all, kThreads);
-  // Sub-batches [first, first + count): one token, a block's tail, across a block boundary.
-  const int64_t spans[][2] = {{0, 1}, {149, 1}, {70, 1}, {3, 5}, {60, 10}, {64, 64}, {100, 50}};
-  for (const auto& span : spans) {
-    const int64_t first = span[0], count = span[1];
-    std::vector<float> q(sz(count * rows));
-    PeerRouting r;
-    peer_query(l.config, p, l.x.data() + first * D, count, q.data(), kThreads);
-    peer_route(l.config, p, q.data(), count, &r, kThreads);
-    const std::string what = "tokens " + std::to_string(first) + " + " + std::to_string(count);
-    expect_bits_equal(
-        q, std::vector<float>(q_all.begin() + first * rows, q_all.begin() + (first + count) * rows),
-        what + " q");
-    EXPECT_EQ(r.ids, std::vector<int64_t>(all.ids.begin() + first * hk,
-                                          all.ids.begin() + (first + count) * hk))
-        << what;
-    expect_bits_equal(r.scores,
-                      std::vector<float>(all.scores.begin() + first * hk,
-                                         all.scores.begin() + (first + count) * hk),
-                      what + " scores");
+  for (RoutingPrecision precision : {RoutingPrecision::kF32, RoutingPrecision::kBf16}) {
+    std::vector<float> q_all(sz(l.tokens * rows));
+    PeerRouting all;
+    peer_query(l.config, p, l.x.data(), l.tokens, q_all.data(), kThreads, precision);
+    peer_route(l.config, p, q_all.data(), l.tokens, &all, kThreads, precision);
+    // Sub-batches [first, first + count): one token, a block's tail, across a block boundary.
+    const int64_t spans[][2] = {{0, 1},     {149, 1},   {70, 1},   {3, 5},    {60, 10},
+                                {64, 64},   {100, 50},  {599, 1},  {250, 10}, {0, 256},
+                                {300, 300}, {200, 400}, {512, 88}, {0, 600}};
+    for (const auto& span : spans) {
+      const int64_t first = span[0], count = span[1];
+      std::vector<float> q(sz(count * rows));
+      PeerRouting r;
+      peer_query(l.config, p, l.x.data() + first * D, count, q.data(), kThreads, precision);
+      peer_route(l.config, p, q.data(), count, &r, kThreads, precision);
+      const std::string what = std::string(precision == RoutingPrecision::kBf16 ? "bf16" : "f32") +
+                               " tokens " + std::to_string(first) + " + " + std::to_string(count);
+      expect_bits_equal(
+          q,
+          std::vector<float>(q_all.begin() + first * rows, q_all.begin() + (first + count) * rows),
+          what + " q");
+      EXPECT_EQ(r.ids, std::vector<int64_t>(all.ids.begin() + first * hk,
+                                            all.ids.begin() + (first + count) * hk))
+          << what;
+      expect_bits_equal(r.scores,
+                        std::vector<float>(all.scores.begin() + first * hk,
+                                           all.scores.begin() + (first + count) * hk),
+                        what + " scores");
+    }
   }
+}
+
+// ---- bf16 routing (RoutingPrecision::kBf16) ----------------------------------------------------
+
+// q and the routing in kBf16 against the oracle's kBf16 (the same bf16 operands, summed in
+// double), each step fed the oracle's input, across the sweep's shapes (odd D and dk: a half-empty
+// last pair; n not a multiple of 16: a partial column panel) and at D = 2048.
+void check_bf16_routing(const PeerShape& shape, uint32_t seed) {
+  const std::string what = describe(shape) + " bf16 routing";
+  SCOPED_TRACE(what);
+  const PeerLayer l = random_layer(shape, seed);
+  const PeerConfig& c = l.config;
+  const PeerRouterParams p = l.router();
+  const RefForward ref = ref_forward(l);
+  std::vector<float> want_q(sz(l.tokens * c.query_rows())), got_q(want_q.size(), -1.0f);
+  peer_query_ref(c, p, ref.xhat.data(), l.tokens, want_q.data(), RoutingPrecision::kBf16);
+  peer_query(c, p, ref.xhat.data(), l.tokens, got_q.data(), kThreads, RoutingPrecision::kBf16);
+  expect_close(got_q, want_q, kForwardAbs, kForwardRel, what + " q");
+  PeerRouting want, got;
+  peer_route_ref(c, p, want_q.data(), l.tokens, &want, RoutingPrecision::kBf16);
+  peer_route(c, p, want_q.data(), l.tokens, &got, kThreads, RoutingPrecision::kBf16);
+  expect_routing_close(got, want, what);
+}
+
+TEST_P(PeerParityTest, Bf16RoutingMatchesTheBf16OracleAcrossShapes) {
+  const int64_t token_counts[] = {1, 7, 70, 7, 130};
+  const int64_t dims[][2] = {{37, 37}, {100, 45}, {201, 200}, {45, 100}};
+  for_each_sweep_shape(token_counts, dims, [&](PeerShape shape, uint32_t seed) {
+    if (shape.config.dim_key % 2 == 0) ++shape.config.dim_key;  // odd dk too: a half-empty pair
+    if (shape.config.n_keys == 128) shape.config.dim = std::min<int64_t>(shape.config.dim, 45);
+    shape.dtype = DType::kI8;  // the records do not enter the routing
+    check_bf16_routing(shape, seed);
+  });
+  check_bf16_routing({65, testing::background_width_config(), DType::kI8}, 13);
+  PeerConfig wide = make_config(2048, 40, 4, 40, 64, 8, 8);  // n = 40: panels of 16, 16, 8
+  check_bf16_routing({9, wide, DType::kI8}, 14);
+}
+
+// kBf16 really rounds: its q differs from kF32's, by about bf16's rounding of the operands.
+TEST_P(PeerParityTest, Bf16RoutingDiffersFromF32ByTheOperandsRounding) {
+  PeerConfig c = make_config(512, 40, 2, 30, 32, 4, 4);
+  c.query_bias = true;
+  const PeerLayer l = random_layer({20, c, DType::kI8}, 15);
+  const PeerRouterParams p = l.router();
+  std::vector<float> q32(sz(l.tokens * c.query_rows())), q16(q32.size());
+  peer_query(c, p, l.x.data(), l.tokens, q32.data(), kThreads, RoutingPrecision::kF32);
+  peer_query(c, p, l.x.data(), l.tokens, q16.data(), kThreads, RoutingPrecision::kBf16);
+  double max_q = 0, max_diff = 0;
+  for (size_t i = 0; i < q32.size(); ++i) {
+    max_q = std::max(max_q, std::abs(static_cast<double>(q32[i])));
+    max_diff = std::max(max_diff, std::abs(static_cast<double>(q32[i]) - q16[i]));
+  }
+  EXPECT_GT(max_diff, 1e-4 * max_q);  // bf16 has 8 significant bits: not fp32's rounding
+  EXPECT_LT(max_diff, 3e-2 * max_q);  // but the same product
 }
 
 TEST_P(PeerParityTest, ExpertsInWavesEqualOnePassBitForBit) {
@@ -693,26 +758,39 @@ TEST(PeerPathsTest, CodedAxpyGivesTheSameBitsOnEveryPathAndWritesNothingPastN) {
 }
 
 // Sub-scores with many exact ties (small integers): every path's top-k' picks the same indices.
+// Integer q and keys make every score exact in any summation order, so the oracle's ids are the
+// answer bit for bit. n below, at and across multiples of 16 (the avx512 top-k' bound takes
+// per-lane maxima of whole 16-score vectors), k' from 1 to past 16 (where it scans instead), and
+// both heavy ties (values in -1..1) and few (-50..50).
 TEST(PeerPathsTest, TiedScoresSelectTheSameIndicesOnEveryPath) {
   const std::vector<CpuPath> paths = supported_paths();
   if (paths.size() < 2) GTEST_SKIP() << "this CPU runs the scalar path only";
-  PeerConfig c = make_config(10, 10, 2, 53, 3, 9, 7);
-  ASSERT_TRUE(c.validate_and_fill().ok());
-  constexpr int64_t kTokens = 70;
-  std::mt19937 rng(43);
-  std::uniform_int_distribution<int> small(-1, 1);
-  std::vector<float> q(sz(kTokens * c.query_rows())), keys(sz(c.key_heads() * 2 * 53 * 3));
-  for (float& v : q) v = static_cast<float>(small(rng));
-  for (float& v : keys) v = static_cast<float>(small(rng));
-  PeerRouterParams p;
-  p.keys = keys.data();
-  PeerRouting want;
-  peer_route_ref(c, p, q.data(), kTokens, &want);
-  for (CpuPath path : paths) {
-    set_cpu_path(path);
-    PeerRouting got;
-    peer_route(c, p, q.data(), kTokens, &got, kThreads);
-    EXPECT_EQ(got.ids, want.ids) << cpu_path_name(path);
+  struct Case {
+    int64_t n, k, kp, range;
+  };
+  const Case cases[] = {{53, 9, 7, 1},  {53, 9, 7, 50},  {16, 4, 16, 1},   {15, 3, 2, 50},
+                        {17, 1, 1, 50}, {32, 8, 8, 1},   {100, 8, 16, 50}, {100, 8, 17, 1},
+                        {512, 8, 8, 1}, {512, 8, 8, 50}, {47, 4, 3, 50},   {64, 16, 5, 1}};
+  for (const Case& k : cases) {
+    PeerConfig c = make_config(10, 10, 2, k.n, 3, k.k, k.kp);
+    ASSERT_TRUE(c.validate_and_fill().ok());
+    constexpr int64_t kTokens = 70;
+    std::mt19937 rng(static_cast<uint32_t>(43 + k.n + k.range));
+    std::uniform_int_distribution<int> small(-static_cast<int>(k.range), static_cast<int>(k.range));
+    std::vector<float> q(sz(kTokens * c.query_rows())), keys(sz(c.key_heads() * 2 * k.n * 3));
+    for (float& v : q) v = static_cast<float>(small(rng));
+    for (float& v : keys) v = static_cast<float>(small(rng));
+    PeerRouterParams p;
+    p.keys = keys.data();
+    PeerRouting want;
+    peer_route_ref(c, p, q.data(), kTokens, &want);
+    for (CpuPath path : paths) {
+      set_cpu_path(path);
+      PeerRouting got;
+      peer_route(c, p, q.data(), kTokens, &got, kThreads);
+      EXPECT_EQ(got.ids, want.ids)
+          << cpu_path_name(path) << " n " << k.n << " k' " << k.kp << " range " << k.range;
+    }
   }
   set_cpu_path(CpuPath::kAuto);
 }

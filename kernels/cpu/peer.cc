@@ -5,11 +5,14 @@
 // Thread-count independence, step by step: every parallel loop is a base/thread_pool.h
 // parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
 //   norm, experts: chunks of tokens; each token's row by one thread.
-//   query, route: fixed blocks of kRouteBlock tokens from the batch's first, one single-threaded
-//     BLAS call per block (kernels/cpu/blas.h), so chunk boundaries change no bit. A shorter
-//     last block is zero-padded to kRouteBlock rows, so every call has the same shape (the
-//     library picks its kernels by shape): a token's q and scores do not depend on the batch's
-//     size or the thread count (a one-token run equals the first token of a longer one).
+//   query, route: fixed blocks of tokens from the batch's first, one single-threaded BLAS call
+//     per block (kernels/cpu/blas.h), so chunk boundaries change no bit. Route blocks are
+//     kRouteBlock (64) rows; the query runs 256-row blocks, then 64-row ones (kQueryBlock says
+//     why and what this assumes of the BLAS). A shorter last block is zero-padded to 64 rows, so
+//     no call has an odd shape (the library picks its kernels by shape): a token's q and scores
+//     do not depend on the thread count, nor on the batch (a one-token run equals the first
+//     token of a longer one). RoutingPrecision::kBf16 on the AVX512_BF16 kernel needs no
+//     padding: each of its outputs is a fixed-order sum.
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
 //     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
 //     columns of gamma, key rows, unique experts), each row adding its terms in token order.
@@ -338,6 +341,82 @@ int64_t route_blocks(int64_t T) {
   return (T + kRouteBlock - 1) / kRouteBlock;
 }
 
+// The query projection (K = D, the router's big GEMM) runs whole blocks of kQueryBlock tokens
+// first, then the rest in kRouteBlock blocks as above: oneDNN's single-threaded sgemm ran
+// [M, 2048] x [2048, 512] at 85-95 GFLOP/s for M = 64 and 150 for M = 256 on one core of the
+// dev VM (the sub-key scores, K = dk, gain little). The blocks depend on T only, never on the
+// thread count. A token's q does not depend on its batch provided the BLAS rounds a row alike in
+// 64- and 256-row calls, which oneDNN 2.6 does on every shape measured (each output row is the
+// same K-ordered sum whatever M is, once M is a multiple of 64) and the tests check
+// (QueryAndRoutingOfATokenDoNotDependOnItsBatch crosses both kinds of block); a BLAS that did not
+// would make q depend on whether a token falls in a 256-block, never on the threads.
+constexpr int64_t kQueryBlock = 256;
+
+struct QueryBlock {
+  int64_t t0, rows;  // first token, and rows of the BLAS call (kQueryBlock or kRouteBlock)
+};
+
+int64_t query_blocks(int64_t T) {
+  const int64_t big = T / kQueryBlock;
+  return big + route_blocks(T - big * kQueryBlock);
+}
+
+QueryBlock query_block(int64_t T, int64_t b) {
+  const int64_t big = T / kQueryBlock;
+  if (b < big) return {b * kQueryBlock, kQueryBlock};
+  return {big * kQueryBlock + (b - big) * kRouteBlock, kRouteBlock};
+}
+
+// ---- RoutingPrecision::kBf16 -----------------------------------------------------------------
+// On CPUs with AVX512_BF16 (and the avx512 path active) the router's products run on
+// avx512bf16::gemm_nt (kernels/cpu/peer_kernels.h), whose every output is its pairs summed in
+// order: no padding or fixed blocks needed for thread- or batch-independence. Elsewhere the
+// operands are rounded to bf16, held in fp32, and go through the fp32 BLAS path unchanged.
+bool bf16_kernel_available() {
+  static const bool cpu_has = __builtin_cpu_supports("avx512bf16");
+  return cpu_has && active_cpu_path() == CpuPath::kAvx512;
+}
+
+uint32_t bf16_pair(float lo, float hi) {
+  return static_cast<uint32_t>(fp32_to_bf16(lo)) | (static_cast<uint32_t>(fp32_to_bf16(hi)) << 16);
+}
+
+int64_t bf16_pairs(int64_t k) {
+  return (k + 1) / 2;
+}
+
+// m rows of k floats (row stride lda) as rows of bf16_pairs(k) pairs (row stride bf16_pairs(k)).
+void pack_bf16_rows(const float* a, int64_t m, int64_t k, int64_t lda, uint32_t* out) {
+  const int64_t pairs = bf16_pairs(k);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = a + i * lda;
+    uint32_t* o = out + i * pairs;
+    for (int64_t p = 0; p < k / 2; ++p) o[p] = bf16_pair(row[2 * p], row[2 * p + 1]);
+    if (k % 2 != 0) o[pairs - 1] = bf16_pair(row[k - 1], 0.0f);
+  }
+}
+
+// n rows of k floats (row stride ldb) in avx512bf16::gemm_nt's panels of 16 columns.
+std::vector<uint32_t> pack_bf16_panels(const float* b, int64_t n, int64_t k, int64_t ldb) {
+  const int64_t pairs = bf16_pairs(k), panels = (n + 15) / 16;
+  std::vector<uint32_t> out(static_cast<size_t>(panels * pairs * 16), 0);
+  std::vector<uint32_t> row(static_cast<size_t>(pairs));
+  for (int64_t j = 0; j < n; ++j) {
+    pack_bf16_rows(b + j * ldb, 1, k, ldb, row.data());
+    uint32_t* panel = &out[static_cast<size_t>((j / 16) * pairs * 16 + j % 16)];
+    for (int64_t p = 0; p < pairs; ++p) panel[p * 16] = row[static_cast<size_t>(p)];
+  }
+  return out;
+}
+
+// count floats rounded to bf16, held in fp32.
+std::vector<float> rounded_to_bf16(const float* x, int64_t count) {
+  std::vector<float> out(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i)
+    out[static_cast<size_t>(i)] = bf16_to_fp32(fp32_to_bf16(x[i]));
+  return out;
+}
+
 // The down-row dot of one token: on its fp32 xhat, or (ExpertDot::kInt8 on int8/int4 records)
 // on xhat quantized once per token and shared by its slots.
 class TokenDown {
@@ -412,22 +491,48 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 }
 
 void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
-                int64_t T, float* q, int threads) {
+                int64_t T, float* q, int threads, RoutingPrecision precision) {
   check_common(config, nullptr);
   const int64_t D = config.dim, rows = config.query_rows();
-  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+  if (precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
+    const int64_t pairs = bf16_pairs(D);
+    const std::vector<uint32_t> w = pack_bf16_panels(params.query_weight, rows, D, D);
+    parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> a(static_cast<size_t>(kRouteBlock * pairs));
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+        float* qb = q + t0 * rows;
+        pack_bf16_rows(xhat + t0 * D, m, D, D, a.data());
+        avx512bf16::gemm_nt(m, rows, pairs, a.data(), pairs, w.data(), qb, rows);
+        if (params.query_bias == nullptr) continue;
+        for (int64_t t = 0; t < m; ++t) {
+          for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
+        }
+      }
+    });
+    return;
+  }
+  std::vector<float> rounded_x, rounded_w;  // kBf16 without the kernel: bf16 values in fp32
+  if (precision == RoutingPrecision::kBf16) {
+    rounded_x = rounded_to_bf16(xhat, T * D);
+    rounded_w = rounded_to_bf16(params.query_weight, rows * D);
+    xhat = rounded_x.data();
+  }
+  const float* query_weight =
+      precision == RoutingPrecision::kBf16 ? rounded_w.data() : params.query_weight;
+  parallel_for(query_blocks(T), threads, [&](int64_t begin, int64_t end) {
     std::vector<float> pad_x, pad_q;  // a short last block, zero-padded to kRouteBlock rows
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+      const QueryBlock block = query_block(T, b);
+      const int64_t t0 = block.t0, m = std::min(block.rows, T - t0);
       float* qb = q + t0 * rows;
-      if (m == kRouteBlock) {
-        blas::gemm_nt(m, rows, D, xhat + t0 * D, D, params.query_weight, D, qb, rows);
+      if (m == block.rows) {
+        blas::gemm_nt(m, rows, D, xhat + t0 * D, D, query_weight, D, qb, rows);
       } else {
         pad_x.assign(static_cast<size_t>(kRouteBlock * D), 0.0f);
         pad_q.resize(static_cast<size_t>(kRouteBlock * rows));
         std::memcpy(pad_x.data(), xhat + t0 * D, static_cast<size_t>(m * D) * sizeof(float));
-        blas::gemm_nt(kRouteBlock, rows, D, pad_x.data(), D, params.query_weight, D, pad_q.data(),
-                      rows);
+        blas::gemm_nt(kRouteBlock, rows, D, pad_x.data(), D, query_weight, D, pad_q.data(), rows);
         std::memcpy(qb, pad_q.data(), static_cast<size_t>(m * rows) * sizeof(float));
       }
       if (params.query_bias == nullptr) continue;
@@ -439,12 +544,29 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
 }
 
 void peer_route(const PeerConfig& config, const PeerRouterParams& params, const float* q, int64_t T,
-                PeerRouting* routing, int threads) {
+                PeerRouting* routing, int threads, RoutingPrecision precision) {
   check_common(config, nullptr);
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
   const PeerKernels& kr = kernels();
+  const int64_t key_tables = config.key_heads() * 2;
+  // kBf16: the key tables packed for the kernel, or (without it) q and the keys rounded.
+  const bool bf16_kernel = precision == RoutingPrecision::kBf16 && bf16_kernel_available();
+  const int64_t pairs = bf16_pairs(dk);
+  std::vector<std::vector<uint32_t>> packed_keys;
+  std::vector<float> rounded_q, rounded_keys;
+  const float* keys = params.keys;
+  if (bf16_kernel) {
+    for (int64_t table = 0; table < key_tables; ++table) {
+      packed_keys.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
+    }
+  } else if (precision == RoutingPrecision::kBf16) {
+    rounded_q = rounded_to_bf16(q, T * rows);
+    rounded_keys = rounded_to_bf16(params.keys, key_tables * n * dk);
+    q = rounded_q.data();
+    keys = rounded_keys.data();
+  }
   parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
     // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
     // the merge heap.
@@ -453,10 +575,11 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     std::vector<Candidate> best;
     best.reserve(static_cast<size_t>(k));
     std::vector<float> pad_q;  // a short last block's q, zero-padded to kRouteBlock rows
+    std::vector<uint32_t> q_pairs(bf16_kernel ? static_cast<size_t>(kRouteBlock * pairs) : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
       const float* qb = q + t0 * rows;
-      if (m < kRouteBlock) {
+      if (m < kRouteBlock && !bf16_kernel) {
         pad_q.assign(static_cast<size_t>(kRouteBlock * rows), 0.0f);
         std::memcpy(pad_q.data(), qb, static_cast<size_t>(m * rows) * sizeof(float));
         qb = pad_q.data();
@@ -464,11 +587,17 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
         for (int half = 0; half < 2; ++half) {
+          float* s_half = &scores[static_cast<size_t>(half * kRouteBlock * n)];
+          if (bf16_kernel) {  // the block's m rows
+            pack_bf16_rows(qb + (head * 2 + half) * dk, m, dk, rows, q_pairs.data());
+            avx512bf16::gemm_nt(m, n, pairs, q_pairs.data(), pairs,
+                                packed_keys[static_cast<size_t>(hk * 2 + half)].data(), s_half, n);
+            continue;
+          }
           // s[t][i] = <q[t][head][half], K[hk][half][i]>: [kRouteBlock, dk] x [n, dk]^T, every
           // call the same shape (the padding rows' scores are not read).
           blas::gemm_nt(kRouteBlock, n, dk, qb + (head * 2 + half) * dk, rows,
-                        params.keys + (hk * 2 + half) * n * dk, dk,
-                        &scores[static_cast<size_t>(half * kRouteBlock * n)], n);
+                        keys + (hk * 2 + half) * n * dk, dk, s_half, n);
         }
         for (int64_t t = 0; t < m; ++t) {
           const float* s0 = &scores[static_cast<size_t>(t * n)];
@@ -494,9 +623,19 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
 // prefetchnta, which holds an L1 fill buffer per line); into L2 at 4 slots ahead it ran in
 // 57-68 ms instead of 95-104 ms per 2048-token batch at N = 262K int4 (2 threads, best of 3
 // interleaved runs on a loaded 2-core VM).
+// A burst of a record's 36 prefetches (int4, D = 2048) still stalled the pass on the fill
+// buffers (perf: 91% of the pass's own samples on the instruction after a prefetch), with no
+// dot or axpy to overlap. peer_experts therefore issues the first half of a record's lines
+// before the current slot's down-row dot and the second half before its up-row axpy: the
+// stage's CPU time (both threads, best of 12 passes, N = 262K int4, 3 interleaved rounds) fell
+// from 51-54 ms to 35-40 ms per 2048-token batch (process CPU time: unlike wall time, it does not
+// count the time the others' builds hold the cores).
 constexpr size_t kPrefetchSlots = 4;
+inline void prefetch_lines(const uint8_t* record, size_t begin, size_t end) {
+  for (size_t off = begin; off < end; off += 64) __builtin_prefetch(record + off, 0, 1);
+}
 inline void prefetch_record(const uint8_t* record, size_t bytes) {
-  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(record + off, 0, 1);
+  prefetch_lines(record, 0, bytes);
 }
 
 // gate * activation of one slot: the down-row dot. Shared by both expert passes so a slot
@@ -537,10 +676,12 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
       down.set_token(xhat + t * D);
       for (int64_t s = 0; s < per_token; ++s) {
         const size_t slot = static_cast<size_t>(t * per_token + s);
-        if (slot + kPrefetchSlots < last) {
-          prefetch_record(records[slot + kPrefetchSlots], layout.record_bytes);
-        }
+        const uint8_t* ahead =
+            slot + kPrefetchSlots < last ? records[slot + kPrefetchSlots] : nullptr;
+        const size_t half = layout.record_bytes / 2 / 64 * 64;
+        if (ahead != nullptr) prefetch_lines(ahead, 0, half);
         const float ga = slot_gated_activation(config, down, routing.gates[slot], records[slot]);
+        if (ahead != nullptr) prefetch_lines(ahead, half, layout.record_bytes);
         slot_accumulate(layout, kr, ga, records[slot], Dout, yt);
       }
     }

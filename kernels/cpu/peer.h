@@ -24,11 +24,16 @@ namespace trove {
 void peer_norm(const PeerConfig& config, const float* norm_weight, const float* x, int64_t T,
                float* xhat, int threads = 0);
 
+// `precision` (kernels/peer.h): kBf16 rounds the operands of the query projection and of the
+// sub-key scores to bf16 and sums the products in fp32, as peer_query_ref / peer_route_ref with
+// kBf16 do in double. Its results too are independent of the thread count and of the batch.
 void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
-                int64_t T, float* q, int threads = 0);
+                int64_t T, float* q, int threads = 0,
+                RoutingPrecision precision = RoutingPrecision::kF32);
 
 void peer_route(const PeerConfig& config, const PeerRouterParams& params, const float* q, int64_t T,
-                PeerRouting* routing, int threads = 0);
+                PeerRouting* routing, int threads = 0,
+                RoutingPrecision precision = RoutingPrecision::kF32);
 
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y,

@@ -1,5 +1,7 @@
 // The AVX-512 kernels of the CPU PEER layer: the int8 dot two groups per 512-bit vector with
-// VNNI; the float kernels are the AVX2 ones. Only this file is compiled for AVX-512
+// VNNI, and the int8/int4 records' float dot and axpy one group per two 512-bit vectors (half the
+// instructions of the AVX2 ones: the expert stage on int4 records is bound by them); the other
+// float kernels are the AVX2 ones. Only this file is compiled for AVX-512
 // (F/BW/VL/VNNI); peer.cc calls it after checking the CPU. Same bits as every path
 // (kernels/cpu/peer_kernels.h): lanes 0..7 of the accumulator take the even groups, 8..15 the
 // odd ones, as the AVX2 path's two accumulators do.
@@ -70,7 +72,7 @@ inline void top_step(const float* s, int64_t i, int64_t kp, int64_t* out, int64_
 }
 
 // The AVX2 path's scan, 16 scores at a time.
-void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+void top_indices_scan(const float* s, int64_t n, int64_t kp, int64_t* out) {
   int64_t size = 0, i = 0;
   for (; i < n && size < kp; ++i) top_step(s, i, kp, out, &size);
   for (; i + 16 <= n; i += 16) {
@@ -79,6 +81,147 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
     for (; mask != 0; mask &= mask - 1) top_step(s, i + __builtin_ctz(mask), kp, out, &size);
   }
   for (; i < n; ++i) top_step(s, i, kp, out, &size);
+}
+
+// ---- the float dot and axpy on int8/int4 codes ------------------------------------------------
+// A group's 32 codes as two vectors of 16 fp32 code values (scale not applied): elements 0..15
+// and 16..31. int4: the low nibbles are elements 0..15, the high ones 16..31.
+struct GroupCodes512 {
+  __m512 lo, hi;
+};
+
+inline GroupCodes512 widen_int8_512(const uint8_t* codes) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16));
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))};
+}
+
+inline GroupCodes512 widen_int4_512(const uint8_t* codes) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  const __m128i eight = _mm_set1_epi8(8);
+  const __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, nibble), eight);
+  const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), eight);
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(low)),
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high))};
+}
+
+// Elements of group g that exist, as the masks of its two 16-lane halves.
+inline __mmask16 half_mask(int64_t rest) {
+  return rest >= 16 ? static_cast<__mmask16>(0xffff)
+                    : static_cast<__mmask16>((1u << (rest > 0 ? rest : 0)) - 1u);
+}
+
+// Per group: the 32 products summed in fp32 (two 16-lane halves added), times the group's scale
+// into one of two accumulators (even and odd groups). A partial last group loads x under a mask
+// (nothing past n is read; its padding codes are zero).
+template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
+float quantized_dot(const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
+  const int64_t full = n / kQuantGroup;
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g = 0; g < full; ++g) {
+    const GroupCodes512 c = Widen(codes + g * kBytesPerGroup);
+    const float* xg = x + g * kQuantGroup;
+    const __m512 s =
+        _mm512_fmadd_ps(c.hi, _mm512_loadu_ps(xg + 16), _mm512_mul_ps(c.lo, _mm512_loadu_ps(xg)));
+    acc[g & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(load_scale(scales, g)), acc[g & 1]);
+  }
+  if (const int64_t rest = n - full * kQuantGroup; rest > 0) {
+    const GroupCodes512 c = Widen(codes + full * kBytesPerGroup);
+    const float* xg = x + full * kQuantGroup;
+    const __m512 s =
+        _mm512_fmadd_ps(c.hi, _mm512_maskz_loadu_ps(half_mask(rest - 16), xg + 16),
+                        _mm512_mul_ps(c.lo, _mm512_maskz_loadu_ps(half_mask(rest), xg)));
+    acc[full & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(load_scale(scales, full)), acc[full & 1]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+}
+
+// y[i] = fma(code_i, alpha * scale_g, y[i]) element by element: the bits of the AVX2 path. A
+// partial last group reads and writes y under a mask.
+template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
+void quantized_axpy(const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha, float* y) {
+  const int64_t full = n / kQuantGroup;
+  for (int64_t g = 0; g < full; ++g) {
+    const GroupCodes512 c = Widen(codes + g * kBytesPerGroup);
+    const __m512 a = _mm512_set1_ps(alpha * load_scale(scales, g));
+    float* yg = y + g * kQuantGroup;
+    _mm512_storeu_ps(yg, _mm512_fmadd_ps(c.lo, a, _mm512_loadu_ps(yg)));
+    _mm512_storeu_ps(yg + 16, _mm512_fmadd_ps(c.hi, a, _mm512_loadu_ps(yg + 16)));
+  }
+  if (const int64_t rest = n - full * kQuantGroup; rest > 0) {
+    const GroupCodes512 c = Widen(codes + full * kBytesPerGroup);
+    const __m512 a = _mm512_set1_ps(alpha * load_scale(scales, full));
+    float* yg = y + full * kQuantGroup;
+    const __mmask16 m0 = half_mask(rest), m1 = half_mask(rest - 16);
+    _mm512_mask_storeu_ps(yg, m0, _mm512_fmadd_ps(c.lo, a, _mm512_maskz_loadu_ps(m0, yg)));
+    _mm512_mask_storeu_ps(yg + 16, m1,
+                          _mm512_fmadd_ps(c.hi, a, _mm512_maskz_loadu_ps(m1, yg + 16)));
+  }
+}
+
+// Float records go to the AVX2 kernels.
+float coded_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
+  if (t == DType::kI4) return quantized_dot<kHalf, widen_int4_512>(scales, codes, n, x);
+  if (t == DType::kI8) return quantized_dot<kQuantGroup, widen_int8_512>(scales, codes, n, x);
+  return avx2::peer_kernels().coded_dot(t, scales, codes, n, x);
+}
+
+void coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha,
+                float* y) {
+  if (t == DType::kI4) return quantized_axpy<kHalf, widen_int4_512>(scales, codes, n, alpha, y);
+  if (t == DType::kI8) {
+    return quantized_axpy<kQuantGroup, widen_int8_512>(scales, codes, n, alpha, y);
+  }
+  avx2::peer_kernels().coded_axpy(t, scales, codes, n, alpha, y);
+}
+
+// With kp <= 16 and at least one full vector: a lower bound first, then the scan on the scores
+// at or above it only. Lane j's maximum over the full vectors is one score per lane, 16
+// distinct scores, so the kp-th largest of them, tau, is at most the kp-th largest score: every
+// score of the result is >= tau. The scan (top_step, in index order) over that subset therefore
+// selects what it would over all n, ties included (the result is the kp best of any superset of
+// itself under score descending, index ascending). On random scores few pass tau, where the
+// plain scan inserts ~kp * ln(n / kp) times while its threshold climbs.
+void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  const int64_t full = n / 16 * 16;
+  if (kp > 16 || full == 0) return top_indices_scan(s, n, kp, out);
+  __m512 lane_max = _mm512_loadu_ps(s);
+  for (int64_t i = 16; i < full; i += 16)
+    lane_max = _mm512_max_ps(lane_max, _mm512_loadu_ps(s + i));
+  // tau: the lane maximum with fewer than kp lanes above it and at least kp at or above it.
+  float m[16];
+  _mm512_storeu_ps(m, lane_max);
+  float tau = m[0];
+  for (int j = 0; j < 16; ++j) {
+    const __m512 v = _mm512_set1_ps(m[j]);
+    const int above = __builtin_popcount(_mm512_cmp_ps_mask(lane_max, v, _CMP_GT_OQ));
+    const int at_or_above = __builtin_popcount(_mm512_cmp_ps_mask(lane_max, v, _CMP_GE_OQ));
+    if (above < kp && at_or_above >= kp) tau = m[j];
+  }
+  // top_step's insertion, with the kept scores held here rather than re-read through out[].
+  float kept[16];
+  int64_t size = 0;
+  const auto insert = [&](int64_t i) {
+    const float v = s[i];
+    if (size == kp && !(v > kept[kp - 1])) return;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && kept[pos - 1] < v) {
+      kept[pos] = kept[pos - 1];
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    kept[pos] = v;
+    out[pos] = i;
+  };
+  const __m512 bound = _mm512_set1_ps(tau);
+  for (int64_t i = 0; i < full; i += 16) {
+    unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), bound, _CMP_GE_OQ);
+    for (; mask != 0; mask &= mask - 1) insert(i + __builtin_ctz(mask));
+  }
+  for (int64_t i = full; i < n; ++i) {
+    if (s[i] >= tau) insert(i);
+  }
 }
 
 float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
@@ -129,6 +272,8 @@ float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
 const peer_internal::PeerKernels& peer_kernels() {
   static const peer_internal::PeerKernels kKernels = [] {
     peer_internal::PeerKernels k = avx2::peer_kernels();
+    k.coded_dot = coded_dot;
+    k.coded_axpy = coded_axpy;
     k.top_indices = top_indices;
     k.int8_dot = int8_dot;
     return k;

@@ -72,3 +72,16 @@ namespace trove::avx512 {
 // REQUIRES: AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
 const peer_internal::PeerKernels& peer_kernels();
 }  // namespace trove::avx512
+
+namespace trove::avx512bf16 {
+// The router's products in RoutingPrecision::kBf16 (kernels/cpu/peer.cc): C[m, n] (row stride
+// ldc) = sum over pairs p of A[i][p] . B[j][p], fp32 accumulation with vdpbf16ps. A pair is two
+// bf16 values in a uint32 (element 2p in the low half; an odd k's last pair has a zero high
+// half). A: m rows of `pairs` pairs, row stride lda (in pairs). B packed in panels of 16 columns:
+// b[(panel * pairs + p) * 16 + lane] is column panel * 16 + lane's pair p (columns past n zero).
+// Each C element is its pairs summed in order into one fp32 accumulator starting at 0, so it does
+// not depend on m, on the blocking or on which thread runs it.
+// REQUIRES: the CPU supports AVX-512 F/BW/VL and AVX512_BF16; m, n >= 0, pairs >= 1.
+void gemm_nt(int64_t m, int64_t n, int64_t pairs, const uint32_t* a, int64_t lda, const uint32_t* b,
+             float* c, int64_t ldc);
+}  // namespace trove::avx512bf16

@@ -29,8 +29,8 @@ class CpuExecutor final : public PeerExecutor {
     peer_norm(config_, p.norm_weight, x, T, xhat_.data(), threads_);
     if (routing == nullptr) return Status::ok_status();
     q_.resize(static_cast<size_t>(T * config_.query_rows()));
-    peer_query(config_, p, xhat_.data(), T, q_.data(), threads_);
-    peer_route(config_, p, q_.data(), T, routing, threads_);
+    peer_query(config_, p, xhat_.data(), T, q_.data(), threads_, options_.routing_precision);
+    peer_route(config_, p, q_.data(), T, routing, threads_, options_.routing_precision);
     return Status::ok_status();
   }
 

@@ -19,6 +19,11 @@ struct CpuExecutorOptions {
   // each token's xhat to int8 for integer dot products: faster where compute bounds the stage,
   // outside the fp32 parity tolerances, hence off by default.
   ExpertDot expert_dot = ExpertDot::kFloat;
+  // The router's query projection and sub-key scores (kernels/peer.h): kBf16 rounds their
+  // operands to bf16 (vdpbf16ps on CPUs with AVX512_BF16): faster, may select other experts where
+  // scores are within bf16's rounding of each other, hence off by default. The backward recomputes
+  // q in fp32 (the routing it is given is whichever the forward chose).
+  RoutingPrecision routing_precision = RoutingPrecision::kF32;
 };
 
 // `threads`: 0 for all cores.

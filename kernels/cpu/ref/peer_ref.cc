@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "base/check.h"
+#include "base/half.h"
 #include "kernels/cpu/ref/quant_ref.h"
 
 namespace trove {
@@ -33,16 +34,23 @@ std::vector<int64_t> top_indices(const std::vector<float>& s, int64_t k) {
   return idx;
 }
 
+// x as the router's products read it: itself, or rounded to bf16.
+double operand(float x, RoutingPrecision precision) {
+  return precision == RoutingPrecision::kBf16 ? bf16_to_fp32(fp32_to_bf16(x)) : x;
+}
+
 // Sub-key scores s_c[i] = <q[head][c], K[hk][c][i]> of one token and head.
 std::vector<float> sub_scores(const PeerConfig& c, const PeerRouterParams& p, const float* q_token,
-                              int64_t head, int half) {
+                              int64_t head, int half, RoutingPrecision precision) {
   const int64_t hk = c.shared_keys ? 0 : head;
   const float* qh = q_token + (head * 2 + half) * c.dim_key;
   std::vector<float> s(static_cast<size_t>(c.n_keys));
   for (int64_t i = 0; i < c.n_keys; ++i) {
     const float* key = p.keys + ((hk * 2 + half) * c.n_keys + i) * c.dim_key;
     double acc = 0;
-    for (int64_t j = 0; j < c.dim_key; ++j) acc += static_cast<double>(qh[j]) * key[j];
+    for (int64_t j = 0; j < c.dim_key; ++j) {
+      acc += operand(qh[j], precision) * operand(key[j], precision);
+    }
     s[static_cast<size_t>(i)] = static_cast<float>(acc);
   }
   return s;
@@ -82,13 +90,18 @@ void peer_norm_ref(const PeerConfig& config, const float* norm_weight, const flo
 }
 
 void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
-                    int64_t T, float* q) {
+                    int64_t T, float* q, RoutingPrecision precision) {
   check_common(config, nullptr);
   TROVE_CHECK((params.query_bias != nullptr) == config.query_bias);
   const int64_t rows = config.query_rows();
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t r = 0; r < rows; ++r) {
-      double acc = dot(params.query_weight + r * config.dim, xhat + t * config.dim, config.dim);
+      const float* w = params.query_weight + r * config.dim;
+      const float* xt = xhat + t * config.dim;
+      double acc = 0;
+      for (int64_t d = 0; d < config.dim; ++d) {
+        acc += operand(w[d], precision) * operand(xt[d], precision);
+      }
       if (params.query_bias != nullptr) acc += params.query_bias[r];
       q[t * rows + r] = static_cast<float>(acc);
     }
@@ -96,15 +109,15 @@ void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, co
 }
 
 void peer_route_ref(const PeerConfig& config, const PeerRouterParams& params, const float* q,
-                    int64_t T, PeerRouting* routing) {
+                    int64_t T, PeerRouting* routing, RoutingPrecision precision) {
   check_common(config, nullptr);
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half, n = config.n_keys;
   routing->resize(T, h, k);
   for (int64_t t = 0; t < T; ++t) {
     const float* qt = q + t * config.query_rows();
     for (int64_t head = 0; head < h; ++head) {
-      const std::vector<float> s0 = sub_scores(config, params, qt, head, 0);
-      const std::vector<float> s1 = sub_scores(config, params, qt, head, 1);
+      const std::vector<float> s0 = sub_scores(config, params, qt, head, 0, precision);
+      const std::vector<float> s1 = sub_scores(config, params, qt, head, 1, precision);
       const std::vector<int64_t> top0 = top_indices(s0, kp);
       const std::vector<int64_t> top1 = top_indices(s1, kp);
       struct Candidate {
