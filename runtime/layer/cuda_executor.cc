@@ -42,11 +42,13 @@ Result<H2dMethod> parse_h2d_method(std::string_view s) {
 #include "base/numeric.h"
 #include "base/stopwatch.h"
 #include "base/strings.h"
+#include "kernels/cpu/peer.h"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/peer_cuda.h"
 #include "kernels/cuda/peer_cuda_backward.h"
 #include "kernels/cuda/residency.h"
 #include "runtime/layer/expert_batch.h"
+#include "runtime/layer/expert_waves.h"
 #include "runtime/tiers/expert_cache.h"
 
 namespace trove {
@@ -141,6 +143,10 @@ int method_index(H2dMethod m) {
   return static_cast<int>(m);
 }
 
+// The source's lease on a batch's misses: begun (what is in host memory readable, the disk's on
+// its way), then finished (every record readable) until released.
+enum class SourceLease { kNone, kBegun, kFinished };
+
 }  // namespace
 
 std::shared_ptr<SlotMemory> make_pinned_slot_memory() {
@@ -181,6 +187,10 @@ class CudaExecutor final : public PeerExecutor {
   // The expert pass over `routing` on the x-hat of the last route(), batch_ deduped.
   Status run_experts(const PeerRouting& routing, ExpertSource& source, float* y,
                      DeviceTransferStats* stats);
+  // run_experts' flow in waves, once the source has begun the misses (`pending` of them on
+  // their way from disk) and the CPU's share is chosen; finishes the source's lease (*lease).
+  Status run_waves(const PeerRouting& routing, ExpertSource& source, float* y, size_t pending,
+                   DeviceTransferStats* stats, SourceLease* lease);
   // The counters of a batch that took `start` until now.
   void count(const PeerRouting& routing, const DeviceTransferStats& device,
              const ExpertFetchStats& fetch, const Stopwatch& start, PeerBatchStats* stats) const;
@@ -197,6 +207,8 @@ struct CudaExecutor::Impl {
   CudaPeerContext ctx;
   CudaCopyStream copies;
   CudaEvent copy_start, copy_end, computed;
+  CudaEvent copy_start2, copy_end2;          // the second wave's copies
+  CudaEvent kernel_start;                    // before an expert kernel timed alone (device rate)
   std::vector<CudaEvent> chunk_ready;        // one per chunk, grown
   std::unique_ptr<ExpertCache> device_tier;  // null without --vram
 
@@ -236,6 +248,23 @@ struct CudaExecutor::Impl {
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
   CacheBatch batch;
+  // The flow in waves and the CPU's share (cpu_misses).
+  bool cpu_misses = false;
+  int cpu_threads = 0;
+  MissCostRates rates;  // measured: the CPU's and the device's (H2D: best_batch_rate)
+  SlotWaves waves;
+  CudaDeviceMemory zero_record;  // one record of zeros: the CPU's slots on the device
+  std::vector<uint8_t> on_cpu;   // per unique id: the CPU computes it
+  int64_t cpu_count = 0;         // unique ids on the CPU
+  std::vector<uint8_t> ready_u;  // per unique id: its record is on the device for this wave
+  std::vector<uint32_t> copy_u;  // unique index of each miss copied to the device
+  std::vector<int64_t> t0_ids;   // what T0 admits when the CPU takes some misses
+  std::vector<uint32_t> t0_u;
+  std::vector<int32_t> j_of_u, uses_u, cand_uses;
+  std::vector<uint32_t> cand_j;
+  std::vector<uint8_t> selected;
+  std::vector<const uint8_t*> cpu_records;
+  std::vector<float> xhat_host, y_cpu;
 
   Status route_on_device(const PeerDenseParams& params, const float* x_host, int64_t tokens,
                          bool with_routing, PeerDeviceRouting* r);
@@ -322,7 +351,7 @@ struct CudaExecutor::Impl {
       changed.push_back(id);
     }
     if (committed) {
-      for (uint32_t u : miss_u) {
+      for (uint32_t u : copy_u) {
         resident_host[static_cast<size_t>(unique_ids[u])] = dest[u];
         changed.push_back(unique_ids[u]);
       }
@@ -375,6 +404,55 @@ struct CudaExecutor::Impl {
     resident_stale = false;
     changed.clear();
     return Status::ok_status();
+  }
+
+  // What a batch's copies moved, by `method`, in `seconds` of copy-stream time.
+  void note_copies(H2dMethod method, uint64_t bytes, double seconds) {
+    H2dMethodTotals& t = totals[method_index(method)];
+    ++t.batches;
+    t.bytes += bytes;
+    t.seconds += seconds;
+    if (seconds > 0) {
+      double& best = best_batch_rate[method_index(method)];
+      best = std::max(best, static_cast<double>(bytes) / seconds);
+    }
+  }
+
+  // The device's rate from an expert kernel of `slots` slots between kernel_start and computed.
+  void note_device_rate(int64_t slots) {
+    if (slots <= 0) return;
+    const Result<double> s = CudaEvent::elapsed_seconds(kernel_start, computed);
+    if (s.ok() && *s > 0) rates.device_slots_per_second = static_cast<double>(slots) / *s;
+  }
+
+  Status reserve_zero_record() {
+    if (zero_record.bytes() >= layout.stride) return Status::ok_status();
+    TROVE_RETURN_IF_ERROR(reserve(&zero_record, layout.stride));
+    const std::vector<uint8_t> zeros(layout.stride, 0);
+    TROVE_RETURN_IF_ERROR(copies.copy_async(zero_record.data(), zeros.data(), zeros.size()));
+    return copies.synchronize();
+  }
+
+  // cpu_misses: on_cpu and cpu_count for the misses in host memory (miss_records set) that
+  // choose_cpu_misses gives to the CPU, from the rates measured so far.
+  void choose_cpu_share(std::span<const int32_t> slot_index) {
+    uses_u.assign(on_cpu.size(), 0);
+    for (int32_t u : slot_index) ++uses_u[static_cast<size_t>(u)];
+    cand_j.clear();
+    cand_uses.clear();
+    int64_t candidate_slots = 0;
+    for (size_t j = 0; j < miss_u.size(); ++j) {
+      if (miss_records[j] == nullptr) continue;
+      cand_j.push_back(static_cast<uint32_t>(j));
+      cand_uses.push_back(uses_u[miss_u[j]]);
+      candidate_slots += uses_u[miss_u[j]];
+    }
+    MissCostRates r = rates;
+    for (double b : best_batch_rate) r.h2d_bytes_per_second = std::max(r.h2d_bytes_per_second, b);
+    const std::vector<uint32_t> share = choose_cpu_misses(
+        cand_uses, layout.stride, static_cast<int64_t>(slot_index.size()) - candidate_slots, r);
+    for (uint32_t i : share) on_cpu[miss_u[cand_j[i]]] = 1;
+    cpu_count = static_cast<int64_t>(share.size());
   }
 
   Status reserve_events(int chunks) {
@@ -439,6 +517,8 @@ Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig& confi
   impl->layout = layout;
   impl->h2d = options.h2d;
   impl->pipeline_chunks = options.pipeline_chunks;
+  impl->cpu_misses = options.cpu_misses;
+  impl->cpu_threads = options.cpu_threads;
   for (H2dMethod m : {H2dMethod::kAuto, H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather}) {
     impl->totals[method_index(m)].method = m;
   }
@@ -447,6 +527,9 @@ Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig& confi
   TROVE_ASSIGN_OR_RETURN(impl->copy_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->copy_end, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->computed, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->copy_start2, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->copy_end2, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->kernel_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->routed, CudaEvent::create());
   if (options.vram_budget_bytes > 0) {
     ExpertCacheOptions o;
@@ -587,6 +670,7 @@ Status CudaExecutor::route_resident(const PeerDenseParams& params, const float* 
       const size_t y_bytes = static_cast<size_t>(tokens * c.dim_out) * sizeof(float);
       TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
       auto* yd = reinterpret_cast<float*>(m.y.data());
+      TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
       TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout,
                                                  reinterpret_cast<const float*>(m.xhat.data()),
                                                  tokens, r.gates, pointers, yd));
@@ -642,6 +726,7 @@ Status CudaExecutor::finish_resident(const PeerRouting& routing, float* y,
   TROVE_RETURN_IF_ERROR(s);
   TROVE_RETURN_IF_ERROR(ran);
   TROVE_RETURN_IF_ERROR(copied);
+  m.note_device_rate(static_cast<int64_t>(routing.slots()));
   stats->hits = static_cast<int64_t>(unique_ids.size());
   stats->chunks = 1;
   stats->pinned = m.staging.pinned() || m.staging.bytes() == 0;
@@ -666,24 +751,81 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
   const int chunks = m.chunks_for(T);
   const int64_t chunk_tokens = (T + chunks - 1) / chunks;
 
-  // 1. Where each unique expert's record lives on the device, and which ones must be copied.
+  // 1. Which unique experts the device lacks (miss_u). T0 admits the batch first, except when
+  // the CPU may take some misses (cpu_misses): then T0 is probed, the source answers which
+  // misses are in host memory, and T0 admits only what the device will compute (step 3).
   ExpertCache* t0 = m.device_tier.get();
   m.dest.assign(unique, nullptr);
+  m.on_cpu.assign(unique, 0);
+  m.cpu_count = 0;
+  m.copy_u.clear();
   m.miss_u.clear();
+  bool admitted = false;
+  std::span<const int64_t> t0_ids = unique_ids;  // what T0 admitted
   if (t0 != nullptr) {
     t0->report_requested(static_cast<int64_t>(slots));
-    TROVE_RETURN_IF_ERROR(t0->admit(unique_ids, &m.batch));
-    for (size_t u = 0; u < unique; ++u) m.dest[u] = m.batch.slots[u];
-    m.miss_u.assign(m.batch.miss_index.begin(), m.batch.miss_index.end());
+    if (!m.cpu_misses) {
+      TROVE_RETURN_IF_ERROR(t0->admit(unique_ids, &m.batch));
+      admitted = true;
+      for (size_t u = 0; u < unique; ++u) m.dest[u] = m.batch.slots[u];
+      m.miss_u.assign(m.batch.miss_index.begin(), m.batch.miss_index.end());
+    } else {
+      for (size_t u = 0; u < unique; ++u) {
+        if (!t0->contains(unique_ids[u])) m.miss_u.push_back(static_cast<uint32_t>(u));
+      }
+    }
   } else {
     m.miss_u.resize(unique);
     for (size_t u = 0; u < unique; ++u) m.miss_u[u] = static_cast<uint32_t>(u);
   }
-  const size_t misses = m.miss_u.size();
-  bool acquired = false;
+  size_t misses = m.miss_u.size();
+  // The source's lease on the misses: begun (records in host memory readable, the disk's on
+  // their way), then finished (every record readable) until released.
+  SourceLease lease = SourceLease::kNone;
 
   Status done = [&]() -> Status {
-    // 2. Each miss joins the first chunk whose tokens use it (slots are in token order).
+    // 2. The misses' records, leased from the source until their copies are done: those in host
+    // memory now, the disk's as they land (ExpertSource::begin_acquire / finish_acquire).
+    m.miss_ids.resize(misses);
+    m.miss_records.resize(misses);
+    for (size_t j = 0; j < misses; ++j) m.miss_ids[j] = unique_ids[m.miss_u[j]];
+    TROVE_RETURN_IF_ERROR(source.begin_acquire(m.miss_ids, m.miss_records));
+    lease = SourceLease::kBegun;
+    size_t pending = 0;
+    for (const uint8_t* r : m.miss_records) pending += r == nullptr ? 1 : 0;
+
+    // 3. cpu_misses: the CPU's share among the misses in host memory, then T0's admission of the
+    // rest (its misses are then exactly the probed ones the CPU does not take).
+    if (m.cpu_misses) {
+      m.choose_cpu_share(slot_index);
+      if (t0 != nullptr) {
+        m.t0_ids.clear();
+        m.t0_u.clear();
+        for (size_t u = 0; u < unique; ++u) {
+          if (m.on_cpu[u] != 0) continue;
+          m.t0_ids.push_back(unique_ids[u]);
+          m.t0_u.push_back(static_cast<uint32_t>(u));
+        }
+        t0_ids = m.t0_ids;
+        TROVE_RETURN_IF_ERROR(t0->admit(t0_ids, &m.batch));
+        admitted = true;
+        for (size_t i = 0; i < t0_ids.size(); ++i) m.dest[m.t0_u[i]] = m.batch.slots[i];
+        size_t probed = 0;  // misses not on the CPU, in miss_u order
+        for (uint32_t u : m.miss_u) probed += m.on_cpu[u] == 0 ? 1 : 0;
+        TROVE_CHECK_MSG(m.batch.miss_index.size() == probed,
+                        "the device tier missed %zu experts of a batch, its probe %zu",
+                        m.batch.miss_index.size(), probed);
+      }
+    }
+    if (pending > 0 || m.cpu_count > 0) {
+      return run_waves(routing, source, y, pending, stats, &lease);
+    }
+    const Status finished = source.finish_acquire(m.miss_ids, m.miss_records);
+    lease = finished.ok() ? SourceLease::kFinished : SourceLease::kNone;
+    TROVE_RETURN_IF_ERROR(finished);
+    m.copy_u.assign(m.miss_u.begin(), m.miss_u.end());
+
+    // 4. Each miss joins the first chunk whose tokens use it (slots are in token order).
     m.first_chunk.assign(unique, -1);
     for (size_t s = 0; s < slots; ++s) {
       int32_t& f = m.first_chunk[static_cast<size_t>(slot_index[s])];
@@ -704,20 +846,13 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       TROVE_RETURN_IF_ERROR(reserve(&m.slab, misses * stride));
       for (size_t j = 0; j < misses; ++j) m.dest[m.miss_u[m.order[j]]] = m.slab.data() + j * stride;
     }
-
-    // 3. The misses' records, leased from the source until their copies are done.
-    m.miss_ids.resize(misses);
-    m.miss_records.resize(misses);
-    for (size_t j = 0; j < misses; ++j) m.miss_ids[j] = unique_ids[m.miss_u[j]];
-    TROVE_RETURN_IF_ERROR(source.acquire(m.miss_ids, m.miss_records));
-    acquired = true;
     bool mapped = true;
     for (size_t j = 0; j < misses && mapped; ++j) {
       mapped = source.device_address(m.miss_records[j]) != nullptr;
     }
     const H2dMethod method = misses > 0 ? m.pick_method(mapped) : H2dMethod::kSlab;
 
-    // 4. Tables: [per-slot record addresses][gates] | gather: [sources][destinations] | slab:
+    // 5. Tables: [per-slot record addresses][gates] | gather: [sources][destinations] | slab:
     // [records in chunk order]. The first part is one copy; the rest moves per chunk.
     const size_t gates_at = align_up(slots * sizeof(void*), 256);
     const size_t gather_at = align_up(gates_at + slots * sizeof(float), 256);
@@ -740,7 +875,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       }
     }
 
-    // 5. The pipeline (the header's timeline).
+    // 6. The pipeline (the header's timeline).
     const size_t y_bytes = static_cast<size_t>(T * c.dim_out) * sizeof(float);
     TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
     TROVE_RETURN_IF_ERROR(m.copy_start.record(m.copies));
@@ -758,6 +893,8 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       if (t_count <= 0) continue;
       const size_t first_slot = static_cast<size_t>(t_begin * per_token);
       TROVE_RETURN_IF_ERROR(m.ctx.wait(ready));
+      // One chunk: the kernel alone between the events, for the device's rate (cpu_misses).
+      if (chunks == 1) TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
       TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout, xh + t_begin * c.dim, t_count,
                                                  dev_gates + first_slot, dev_pointers + first_slot,
                                                  yd + t_begin * c.dim_out));
@@ -768,6 +905,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
     TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
     TROVE_RETURN_IF_ERROR(m.copies.synchronize());
     TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
+    if (chunks == 1) m.note_device_rate(static_cast<int64_t>(slots));
 
     TROVE_ASSIGN_OR_RETURN(stats->copy_seconds,
                            CudaEvent::elapsed_seconds(m.copy_start, m.copy_end));
@@ -777,14 +915,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
     stats->method = method;
     stats->chunks = chunks;
     if (misses > 0) {
-      H2dMethodTotals& t = m.totals[method_index(method)];
-      ++t.batches;
-      t.bytes += record_bytes;
-      t.seconds += stats->copy_seconds;
-      if (stats->copy_seconds > 0) {
-        double& best = m.best_batch_rate[method_index(method)];
-        best = std::max(best, static_cast<double>(record_bytes) / stats->copy_seconds);
-      }
+      m.note_copies(method, record_bytes, stats->copy_seconds);
       if (m.h2d == H2dMethod::kAuto && m.chosen == H2dMethod::kAuto &&
           m.trials >= 3 * kTrialBatches) {
         m.chosen = m.fastest();
@@ -795,24 +926,234 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
 
   if (!done.ok()) {
     // Copies or kernels queued before the error may still read the leased records and the
-    // staging memory: let them finish before the leases end.
+    // staging memory: let them finish before the leases end; reads still in flight land first.
     (void)m.copies.synchronize();
     (void)m.ctx.synchronize();
+    if (lease == SourceLease::kBegun) {
+      // An error from finish_acquire leaves nothing acquired.
+      lease = source.finish_acquire(m.miss_ids, m.miss_records).ok() ? SourceLease::kFinished
+                                                                     : SourceLease::kNone;
+    }
   }
-  if (acquired) source.release(m.miss_ids);
-  if (t0 != nullptr) {
+  if (lease == SourceLease::kFinished) source.release(m.miss_ids);
+  if (admitted) {
     m.note_residency(unique_ids, done.ok());
     if (!done.ok()) {
-      t0->abort_fills(unique_ids, m.batch);
+      t0->abort_fills(t0_ids, m.batch);
       return done;
     }
-    t0->commit_fills(unique_ids, m.batch);
-    t0->release(unique_ids);
-    m.try_resident = misses == 0;
+    t0->commit_fills(t0_ids, m.batch);
+    t0->release(t0_ids);
+    m.try_resident = m.copy_u.empty() && m.cpu_count == 0;
   }
   TROVE_RETURN_IF_ERROR(done);
+  misses = m.copy_u.size();
   stats->misses = static_cast<int64_t>(misses);
-  stats->hits = static_cast<int64_t>(unique - misses);
+  stats->hits = static_cast<int64_t>(unique - misses) - m.cpu_count;
+  return Status::ok_status();
+}
+
+// The flow in waves (the header's third timeline): what is on the device or in host memory now
+// is copied and computed at once, the disk's records when they land; each token's slots are
+// summed in their fixed order across the waves (runtime/layer/expert_waves.h), so y is the
+// all-resident y to the bit. The CPU's share (cpu_misses) is computed on the host meanwhile
+// and added to y at the end. Records move by the slab method (the host packs each wave's
+// records into pinned staging; one copy per wave).
+Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source, float* y,
+                               size_t pending, DeviceTransferStats* stats, SourceLease* lease) {
+  Impl& m = *impl_;
+  const std::span<const int64_t> unique_ids = batch_.unique_ids;
+  const std::span<const int32_t> slot_index = batch_.slot_index;
+  const PeerConfig& c = m.config;
+  const size_t slots = routing.slots();
+  const size_t unique = unique_ids.size();
+  const size_t stride = m.layout.stride;
+  const int64_t T = routing.tokens;
+  const int64_t per_token = c.heads * c.topk;
+  const size_t misses = m.miss_u.size();
+  ExpertCache* t0 = m.device_tier.get();
+
+  // Copies in wave order: the misses in host memory, then the disk's (the CPU's share is never
+  // copied; it is chosen among those in host memory).
+  m.order.clear();
+  for (size_t j = 0; j < misses; ++j) {
+    if (m.miss_records[j] != nullptr && m.on_cpu[m.miss_u[j]] == 0) {
+      m.order.push_back(static_cast<uint32_t>(j));
+    }
+  }
+  const size_t first_wave = m.order.size();
+  for (size_t j = 0; j < misses; ++j) {
+    if (m.miss_records[j] == nullptr) m.order.push_back(static_cast<uint32_t>(j));
+  }
+  const size_t copies = m.order.size();
+  m.copy_u.clear();
+  for (uint32_t j : m.order) m.copy_u.push_back(m.miss_u[j]);
+  if (t0 == nullptr) {
+    TROVE_RETURN_IF_ERROR(reserve(&m.slab, copies * stride));
+    for (size_t i = 0; i < copies; ++i) m.dest[m.copy_u[i]] = m.slab.data() + i * stride;
+  }
+  if (m.cpu_count > 0) {
+    // The CPU's slots read a zero record with a zero gate on the device: they add nothing there.
+    TROVE_RETURN_IF_ERROR(m.reserve_zero_record());
+    for (size_t u = 0; u < unique; ++u) {
+      if (m.on_cpu[u] != 0) m.dest[u] = m.zero_record.data();
+    }
+  }
+  m.ready_u.assign(unique, 1);
+  for (size_t j = 0; j < misses; ++j) {
+    if (m.miss_records[j] == nullptr) m.ready_u[m.miss_u[j]] = 0;
+  }
+
+  // Staging: [wave 1: record addresses][gates][wave 1: ranges] | [wave 2: record addresses]
+  // [wave 2: ranges] | [records in wave order]. Each wave's tables are one copy.
+  const size_t pointer_bytes = slots * sizeof(void*);
+  const size_t range_bytes = static_cast<size_t>(2 * T) * sizeof(int32_t);
+  const size_t gates_at = align_up(pointer_bytes, 256);
+  const size_t ranges1_at = align_up(gates_at + slots * sizeof(float), 256);
+  const size_t pointers2_at = align_up(ranges1_at + range_bytes, 256);
+  const size_t ranges2_at = align_up(pointers2_at + pointer_bytes, 256);
+  const size_t tables_bytes = align_up(ranges2_at + range_bytes, 256);
+  const size_t records_at = tables_bytes;
+  TROVE_RETURN_IF_ERROR(reserve(&m.staging, records_at + copies * stride));
+  TROVE_RETURN_IF_ERROR(reserve(&m.tables, tables_bytes));
+  TROVE_RETURN_IF_ERROR(m.reserve_events(2));
+  const size_t y_bytes = static_cast<size_t>(T * c.dim_out) * sizeof(float);
+  TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
+  uint8_t* st = m.staging.data();
+  uint8_t* tb = m.tables.data();
+  const auto* xh = reinterpret_cast<const float*>(m.xhat.data());
+  auto* yd = reinterpret_cast<float*>(m.y.data());
+  const auto* dev_gates = reinterpret_cast<const float*>(tb + gates_at);
+  const auto queue_records = [&](size_t b, size_t e) -> Status {
+    if (e == b) return Status::ok_status();
+    uint8_t* packed = st + records_at;
+    for (size_t i = b; i < e; ++i) {
+      std::memcpy(packed + i * stride, m.miss_records[m.order[i]], stride);
+    }
+    if (t0 == nullptr) {  // contiguous in the device slab, in wave order
+      return m.copies.copy_async(m.slab.data() + b * stride, packed + b * stride, (e - b) * stride);
+    }
+    m.dsts.clear();
+    m.srcs.clear();
+    m.sizes.assign(e - b, stride);
+    for (size_t i = b; i < e; ++i) {
+      m.dsts.push_back(m.dest[m.copy_u[i]]);
+      m.srcs.push_back(packed + i * stride);
+    }
+    return m.copies.copy_batch_async(m.dsts.data(), m.srcs.data(), m.sizes.data(), e - b);
+  };
+
+  // The CPU's share needs x-hat on the host: back before anything else is queued.
+  if (m.cpu_count > 0) {
+    m.xhat_host.resize(static_cast<size_t>(T * c.dim));
+    TROVE_RETURN_IF_ERROR(
+        m.copies.copy_async(m.xhat_host.data(), xh, m.xhat_host.size() * sizeof(float)));
+    TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+  }
+
+  // Wave 1: the device's hits, the host's misses (copied now) and the CPU's (a zero record).
+  auto* pointers1 = reinterpret_cast<const uint8_t**>(st);
+  auto* gates = reinterpret_cast<float*>(st + gates_at);
+  std::memcpy(gates, routing.gates.data(), slots * sizeof(float));
+  for (size_t s = 0; s < slots; ++s) {
+    const auto u = static_cast<size_t>(slot_index[s]);
+    pointers1[s] = m.ready_u[u] != 0 ? m.dest[u] : nullptr;
+    if (m.on_cpu[u] != 0) gates[s] = 0.0f;
+  }
+  m.waves.reset(T, per_token);
+  const std::span<int32_t> ranges1(reinterpret_cast<int32_t*>(st + ranges1_at),
+                                   static_cast<size_t>(2 * T));
+  const int64_t early = m.waves.next(slot_index, m.ready_u, ranges1);
+  TROVE_RETURN_IF_ERROR(m.copy_start.record(m.copies));
+  TROVE_RETURN_IF_ERROR(m.copies.copy_async(tb, st, pointers2_at));
+  TROVE_RETURN_IF_ERROR(queue_records(0, first_wave));
+  TROVE_RETURN_IF_ERROR(m.copy_end.record(m.copies));
+  CudaEvent& ready1 = m.chunk_ready[0];
+  TROVE_RETURN_IF_ERROR(ready1.record(m.copies));
+  if (early > 0) {
+    TROVE_RETURN_IF_ERROR(m.ctx.wait(ready1));
+    if (pending == 0) TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
+    TROVE_RETURN_IF_ERROR(m.ctx.experts_device_ranged(
+        c, m.layout, xh, T, dev_gates, reinterpret_cast<const uint8_t* const*>(tb),
+        reinterpret_cast<const int32_t*>(tb + ranges1_at), yd));
+  }
+  int64_t last_wave = early;
+
+  // The CPU's share while the device computes and the disk reads.
+  if (m.cpu_count > 0) {
+    m.cpu_records.assign(slots, nullptr);
+    m.selected.assign(slots, 0);
+    m.j_of_u.assign(unique, -1);
+    for (size_t j = 0; j < misses; ++j) m.j_of_u[m.miss_u[j]] = static_cast<int32_t>(j);
+    for (size_t s = 0; s < slots; ++s) {
+      const auto u = static_cast<size_t>(slot_index[s]);
+      if (m.on_cpu[u] == 0) continue;
+      m.selected[s] = 1;
+      m.cpu_records[s] = m.miss_records[static_cast<size_t>(m.j_of_u[u])];
+      ++stats->cpu_slots;
+    }
+    m.y_cpu.resize(static_cast<size_t>(T * c.dim_out));
+    const Stopwatch cpu;
+    peer_experts_partial(c, m.layout, m.xhat_host.data(), routing, m.cpu_records.data(),
+                         m.selected.data(), m.y_cpu.data(), m.cpu_threads);
+    stats->cpu_seconds = cpu.seconds();
+    stats->cpu_misses = m.cpu_count;
+    if (stats->cpu_seconds > 0) {
+      m.rates.cpu_slots_per_second = static_cast<double>(stats->cpu_slots) / stats->cpu_seconds;
+    }
+  }
+
+  // Wave 2: the disk's records as they land, each token resuming where wave 1 stopped it.
+  const Status finished = source.finish_acquire(m.miss_ids, m.miss_records);
+  *lease = finished.ok() ? SourceLease::kFinished : SourceLease::kNone;
+  TROVE_RETURN_IF_ERROR(finished);
+  if (pending > 0) {
+    std::fill(m.ready_u.begin(), m.ready_u.end(), 1);
+    auto* pointers2 = reinterpret_cast<const uint8_t**>(st + pointers2_at);
+    for (size_t s = 0; s < slots; ++s) pointers2[s] = m.dest[static_cast<size_t>(slot_index[s])];
+    const std::span<int32_t> ranges2(reinterpret_cast<int32_t*>(st + ranges2_at),
+                                     static_cast<size_t>(2 * T));
+    last_wave = m.waves.next(slot_index, m.ready_u, ranges2);
+    TROVE_RETURN_IF_ERROR(m.copy_start2.record(m.copies));
+    TROVE_RETURN_IF_ERROR(
+        m.copies.copy_async(tb + pointers2_at, st + pointers2_at, tables_bytes - pointers2_at));
+    TROVE_RETURN_IF_ERROR(queue_records(first_wave, copies));
+    TROVE_RETURN_IF_ERROR(m.copy_end2.record(m.copies));
+    CudaEvent& ready2 = m.chunk_ready[1];
+    TROVE_RETURN_IF_ERROR(ready2.record(m.copies));
+    TROVE_RETURN_IF_ERROR(m.ctx.wait(ready2));
+    TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
+    TROVE_RETURN_IF_ERROR(m.ctx.experts_device_ranged(
+        c, m.layout, xh, T, dev_gates, reinterpret_cast<const uint8_t* const*>(tb + pointers2_at),
+        reinterpret_cast<const int32_t*>(tb + ranges2_at), yd));
+  }
+  TROVE_CHECK_MSG(m.waves.done(), "%lld tokens of the batch were not computed",
+                  static_cast<long long>(m.waves.pending_tokens()));
+  TROVE_RETURN_IF_ERROR(m.ctx.record(m.computed));
+  TROVE_RETURN_IF_ERROR(m.copies.wait(m.computed));
+  TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
+  TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+  TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
+  if (m.cpu_count > 0) {
+    const size_t n = m.y_cpu.size();
+    for (size_t i = 0; i < n; ++i) y[i] += m.y_cpu[i];
+  }
+
+  m.note_device_rate(last_wave);
+  TROVE_ASSIGN_OR_RETURN(stats->copy_seconds, CudaEvent::elapsed_seconds(m.copy_start, m.copy_end));
+  if (pending > 0) {
+    TROVE_ASSIGN_OR_RETURN(const double second,
+                           CudaEvent::elapsed_seconds(m.copy_start2, m.copy_end2));
+    stats->copy_seconds += second;
+  }
+  const uint64_t record_bytes = static_cast<uint64_t>(copies) * stride;
+  if (copies > 0) m.note_copies(H2dMethod::kSlab, record_bytes, stats->copy_seconds);
+  stats->bytes_copied = tables_bytes + record_bytes;
+  stats->pinned = m.staging.pinned();
+  stats->method = H2dMethod::kSlab;
+  stats->chunks = 1;
+  stats->waves = pending > 0 ? 2 : 1;
+  stats->early_slots = early;
   return Status::ok_status();
 }
 
