@@ -74,7 +74,7 @@ RunOutput run(PeerLayer& layer, const std::vector<std::vector<float>>& xs) {
 }
 
 PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t stride,
-                              std::shared_ptr<FileOps> file_ops = nullptr) {
+                              std::shared_ptr<FileOps> file_ops = nullptr, int landing_groups = 1) {
   PeerLayerOptions o;
   o.backend = PeerBackend::kCuda;
   o.threads = 2;
@@ -86,6 +86,7 @@ PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t s
     t.io.queue_depth = 8;
     t.io.pread_threads = 3;
     t.io.file_ops = std::move(file_ops);
+    t.landing_groups = landing_groups;
     o.tiers = t;
   }
   return o;
@@ -442,9 +443,10 @@ TEST_F(CudaRuntimeDevice, BackwardMatchesTheCpuLayer) {
 }
 
 // A slow disk (every read 2 ms late): batches whose misses are partly on disk run in waves, the
-// device computing what is resident while the reads are in flight (the first wave's slots), and
-// give the bits of the all-resident run (the records in host memory from the start, no waves)
-// at every device and host budget, and the CPU layer's y within the forward tolerance.
+// device computing what is resident while the reads are in flight (the first wave's slots) and
+// each landing group as it lands, and give the bits of the all-resident run (the records in
+// host memory from the start, no waves) at every device and host budget and landing-group
+// count, and the CPU layer's y within the forward tolerance.
 TEST_F(CudaRuntimeDevice, SlowDiskRunsInWavesAndGivesTheAllResidentBits) {
   ScratchDir dir;
   for (DType dtype : {DType::kI4, DType::kBF16}) {
@@ -461,34 +463,43 @@ TEST_F(CudaRuntimeDevice, SlowDiskRunsInWavesAndGivesTheAllResidentBits) {
     auto resident = PeerLayer::open(*store, "blk.0.peer", cuda_options(0, 0, stride));
     ASSERT_TRUE(resident.ok()) << resident.status().to_string();
     const RunOutput all_resident = run(*resident, xs);
-    for (const auto& [host, vram] :
-         {std::pair{2 * kWorkingSet, int64_t{0}}, std::pair{2 * kWorkingSet, kWorkingSet + 7},
-          std::pair{n, n}}) {
-      SCOPED_TRACE(str_printf("%s, host %lld, vram %lld slots",
-                              std::string(dtype_name(dtype)).c_str(), (long long)host,
-                              (long long)vram));
-      auto slow = std::make_shared<FaultyFileOps>();
-      slow->delay_each_read(std::chrono::microseconds(2000));
-      auto layer = PeerLayer::open(*store, "blk.0.peer", cuda_options(vram, host, stride, slow));
-      ASSERT_TRUE(layer.ok()) << layer.status().to_string();
-      const RunOutput got = run(*layer, xs);
-      int64_t waved = 0, early = 0;
-      for (size_t b = 0; b < got.ys.size(); ++b) {
-        SCOPED_TRACE("batch " + std::to_string(b));
-        testing::expect_bits_equal(got.ys[b], all_resident.ys[b], "y vs all-resident");
-        testing::expect_close(got.ys[b], want.ys[b], kForwardAbs, kForwardRel, "y vs cpu");
-        const DeviceTransferStats& d = got.stats[b].device;
-        if (got.stats[b].fetch.misses > 0) {
-          EXPECT_EQ(d.waves, 2) << "records on disk, yet no waves";
+    for (int groups : {1, 3}) {
+      for (const auto& [host, vram] :
+           {std::pair{2 * kWorkingSet, int64_t{0}}, std::pair{2 * kWorkingSet, kWorkingSet + 7},
+            std::pair{n, n}}) {
+        SCOPED_TRACE(str_printf("%s, host %lld, vram %lld slots, %d landing groups",
+                                std::string(dtype_name(dtype)).c_str(), (long long)host,
+                                (long long)vram, groups));
+        auto slow = std::make_shared<FaultyFileOps>();
+        slow->delay_each_read(std::chrono::microseconds(2000));
+        auto layer =
+            PeerLayer::open(*store, "blk.0.peer", cuda_options(vram, host, stride, slow, groups));
+        ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+        const RunOutput got = run(*layer, xs);
+        int64_t waved = 0, early = 0, most_waves = 0;
+        for (size_t b = 0; b < got.ys.size(); ++b) {
+          SCOPED_TRACE("batch " + std::to_string(b));
+          testing::expect_bits_equal(got.ys[b], all_resident.ys[b], "y vs all-resident");
+          testing::expect_close(got.ys[b], want.ys[b], kForwardAbs, kForwardRel, "y vs cpu");
+          const DeviceTransferStats& d = got.stats[b].device;
+          if (got.stats[b].fetch.misses > 0) {
+            EXPECT_GE(d.waves, 2) << "records on disk, yet no waves";
+            EXPECT_LE(d.waves, 1 + groups);
+          }
+          waved += d.waves >= 2 ? 1 : 0;
+          most_waves = std::max<int64_t>(most_waves, d.waves);
+          early += d.early_slots;
+          EXPECT_LE(d.early_slots, got.stats[b].slots);
+          EXPECT_EQ(d.hits + d.misses, got.stats[b].unique_experts);
         }
-        waved += d.waves == 2 ? 1 : 0;
-        early += d.early_slots;
-        EXPECT_LE(d.early_slots, got.stats[b].slots);
+        EXPECT_GT(slow->reads_seen(), 0u);
+        EXPECT_GT(waved, 0);
+        if (groups > 1) {
+          EXPECT_GT(most_waves, 2) << "no batch computed a landing group before the last";
+        }
+        // A batch with both host hits and disk misses computes some slots before its reads land.
+        EXPECT_GT(early, 0);
       }
-      EXPECT_GT(slow->reads_seen(), 0u);
-      EXPECT_GT(waved, 0);
-      // A batch with both host hits and disk misses computes some slots before its reads land.
-      EXPECT_GT(early, 0);
     }
   }
 }

@@ -207,7 +207,6 @@ struct CudaExecutor::Impl {
   CudaPeerContext ctx;
   CudaCopyStream copies;
   CudaEvent copy_start, copy_end, computed;
-  CudaEvent copy_start2, copy_end2;          // the second wave's copies
   CudaEvent kernel_start;                    // before an expert kernel timed alone (device rate)
   std::vector<CudaEvent> chunk_ready;        // one per chunk, grown
   std::unique_ptr<ExpertCache> device_tier;  // null without --vram
@@ -265,6 +264,12 @@ struct CudaExecutor::Impl {
   std::vector<uint8_t> selected;
   std::vector<const uint8_t*> cpu_records;
   std::vector<float> xhat_host, y_cpu;
+  std::vector<uint32_t> landed;  // ExpertSource::wait_landed's
+  // Per wave of a batch: its tables (record addresses, ranges) on the host and the device, and
+  // its copies' start and end events; grown to the most waves a batch has had.
+  std::vector<PinnedHostBuffer> wave_host;
+  std::vector<CudaDeviceMemory> wave_dev;
+  std::vector<CudaEvent> wave_events;
 
   Status route_on_device(const PeerDenseParams& params, const float* x_host, int64_t tokens,
                          bool with_routing, PeerDeviceRouting* r);
@@ -425,6 +430,18 @@ struct CudaExecutor::Impl {
     if (s.ok() && *s > 0) rates.device_slots_per_second = static_cast<double>(slots) / *s;
   }
 
+  Status reserve_wave(int k, size_t bytes) {
+    const auto n = static_cast<size_t>(k) + 1;
+    if (wave_host.size() < n) wave_host.resize(n);
+    if (wave_dev.size() < n) wave_dev.resize(n);
+    while (wave_events.size() < 2 * n) {
+      TROVE_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::create());
+      wave_events.push_back(std::move(e));
+    }
+    TROVE_RETURN_IF_ERROR(reserve(&wave_host[n - 1], bytes));
+    return reserve(&wave_dev[n - 1], bytes);
+  }
+
   Status reserve_zero_record() {
     if (zero_record.bytes() >= layout.stride) return Status::ok_status();
     TROVE_RETURN_IF_ERROR(reserve(&zero_record, layout.stride));
@@ -527,8 +544,6 @@ Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig& confi
   TROVE_ASSIGN_OR_RETURN(impl->copy_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->copy_end, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->computed, CudaEvent::create());
-  TROVE_ASSIGN_OR_RETURN(impl->copy_start2, CudaEvent::create());
-  TROVE_ASSIGN_OR_RETURN(impl->copy_end2, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->kernel_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->routed, CudaEvent::create());
   if (options.vram_budget_bytes > 0) {
@@ -954,11 +969,12 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
 }
 
 // The flow in waves (the header's third timeline): what is on the device or in host memory now
-// is copied and computed at once, the disk's records when they land; each token's slots are
-// summed in their fixed order across the waves (runtime/layer/expert_waves.h), so y is the
-// all-resident y to the bit. The CPU's share (cpu_misses) is computed on the host meanwhile
-// and added to y at the end. Records move by the slab method (the host packs each wave's
-// records into pinned staging; one copy per wave).
+// is copied and computed at once, the disk's records group by group as they land
+// (ExpertSource::wait_landed, then finish_acquire); each token's slots are summed in their
+// fixed order across the waves (runtime/layer/expert_waves.h), so y is the all-resident y to
+// the bit. The CPU's share (cpu_misses) is computed on the host meanwhile and added to y at the
+// end. Records move by the slab method (the host packs each wave's records into pinned
+// staging; one copy per wave).
 Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source, float* y,
                                size_t pending, DeviceTransferStats* stats, SourceLease* lease) {
   Impl& m = *impl_;
@@ -973,25 +989,19 @@ Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source,
   const size_t misses = m.miss_u.size();
   ExpertCache* t0 = m.device_tier.get();
 
-  // Copies in wave order: the misses in host memory, then the disk's (the CPU's share is never
-  // copied; it is chosen among those in host memory).
+  // Copies in wave order (`order`: miss indices; the first `first_wave` are in host memory
+  // now); the CPU's share is never copied (it is chosen among those in host memory).
   m.order.clear();
+  m.copy_u.clear();
   for (size_t j = 0; j < misses; ++j) {
     if (m.miss_records[j] != nullptr && m.on_cpu[m.miss_u[j]] == 0) {
       m.order.push_back(static_cast<uint32_t>(j));
+      m.copy_u.push_back(m.miss_u[j]);
     }
   }
   const size_t first_wave = m.order.size();
-  for (size_t j = 0; j < misses; ++j) {
-    if (m.miss_records[j] == nullptr) m.order.push_back(static_cast<uint32_t>(j));
-  }
-  const size_t copies = m.order.size();
-  m.copy_u.clear();
-  for (uint32_t j : m.order) m.copy_u.push_back(m.miss_u[j]);
-  if (t0 == nullptr) {
-    TROVE_RETURN_IF_ERROR(reserve(&m.slab, copies * stride));
-    for (size_t i = 0; i < copies; ++i) m.dest[m.copy_u[i]] = m.slab.data() + i * stride;
-  }
+  const size_t copies = first_wave + pending;
+  if (t0 == nullptr) TROVE_RETURN_IF_ERROR(reserve(&m.slab, copies * stride));
   if (m.cpu_count > 0) {
     // The CPU's slots read a zero record with a zero gate on the device: they add nothing there.
     TROVE_RETURN_IF_ERROR(m.reserve_zero_record());
@@ -1004,43 +1014,80 @@ Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source,
     if (m.miss_records[j] == nullptr) m.ready_u[m.miss_u[j]] = 0;
   }
 
-  // Staging: [wave 1: record addresses][gates][wave 1: ranges] | [wave 2: record addresses]
-  // [wave 2: ranges] | [records in wave order]. Each wave's tables are one copy.
-  const size_t pointer_bytes = slots * sizeof(void*);
-  const size_t range_bytes = static_cast<size_t>(2 * T) * sizeof(int32_t);
-  const size_t gates_at = align_up(pointer_bytes, 256);
-  const size_t ranges1_at = align_up(gates_at + slots * sizeof(float), 256);
-  const size_t pointers2_at = align_up(ranges1_at + range_bytes, 256);
-  const size_t ranges2_at = align_up(pointers2_at + pointer_bytes, 256);
-  const size_t tables_bytes = align_up(ranges2_at + range_bytes, 256);
-  const size_t records_at = tables_bytes;
+  // Staging: [gates][records in wave order], the gates copied once; each wave's [record
+  // addresses][ranges] in a buffer of its own (host and device), so no wave's tables are
+  // written while an earlier wave's copy or kernel reads them.
+  const size_t records_at = align_up(slots * sizeof(float), 256);
   TROVE_RETURN_IF_ERROR(reserve(&m.staging, records_at + copies * stride));
-  TROVE_RETURN_IF_ERROR(reserve(&m.tables, tables_bytes));
-  TROVE_RETURN_IF_ERROR(m.reserve_events(2));
+  TROVE_RETURN_IF_ERROR(reserve(&m.tables, slots * sizeof(float)));
+  const size_t ranges_at = align_up(slots * sizeof(void*), 256);
+  const size_t wave_bytes = ranges_at + static_cast<size_t>(2 * T) * sizeof(int32_t);
   const size_t y_bytes = static_cast<size_t>(T * c.dim_out) * sizeof(float);
   TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
-  uint8_t* st = m.staging.data();
-  uint8_t* tb = m.tables.data();
+  uint8_t* packed = m.staging.data() + records_at;
   const auto* xh = reinterpret_cast<const float*>(m.xhat.data());
   auto* yd = reinterpret_cast<float*>(m.y.data());
-  const auto* dev_gates = reinterpret_cast<const float*>(tb + gates_at);
-  const auto queue_records = [&](size_t b, size_t e) -> Status {
-    if (e == b) return Status::ok_status();
-    uint8_t* packed = st + records_at;
+  const auto* dev_gates = reinterpret_cast<const float*>(m.tables.data());
+  auto* gates = reinterpret_cast<float*>(m.staging.data());
+  std::memcpy(gates, routing.gates.data(), slots * sizeof(float));
+  for (size_t s = 0; s < slots; ++s) {
+    if (m.on_cpu[static_cast<size_t>(slot_index[s])] != 0) gates[s] = 0.0f;
+  }
+
+  // Wave k: copies order[b, e) (their records packed at positions b..e-1) and the tables, then
+  // the kernel over each token's next range. Returns the slots it computed in *computed.
+  int waves = 0;
+  int64_t last_wave = 0;
+  const auto queue_wave = [&](size_t b, size_t e, int64_t* computed) -> Status {
+    const int k = waves++;
+    TROVE_RETURN_IF_ERROR(m.reserve_wave(k, wave_bytes));
+    uint8_t* host = m.wave_host[static_cast<size_t>(k)].data();
+    uint8_t* dev = m.wave_dev[static_cast<size_t>(k)].data();
     for (size_t i = b; i < e; ++i) {
-      std::memcpy(packed + i * stride, m.miss_records[m.order[i]], stride);
+      const uint32_t j = m.order[i];
+      std::memcpy(packed + i * stride, m.miss_records[j], stride);
+      if (t0 == nullptr) m.dest[m.miss_u[j]] = m.slab.data() + i * stride;
+      m.ready_u[m.miss_u[j]] = 1;
     }
-    if (t0 == nullptr) {  // contiguous in the device slab, in wave order
-      return m.copies.copy_async(m.slab.data() + b * stride, packed + b * stride, (e - b) * stride);
+    auto* pointers = reinterpret_cast<const uint8_t**>(host);
+    for (size_t s = 0; s < slots; ++s) {
+      const auto u = static_cast<size_t>(slot_index[s]);
+      pointers[s] = m.ready_u[u] != 0 ? m.dest[u] : nullptr;
     }
-    m.dsts.clear();
-    m.srcs.clear();
-    m.sizes.assign(e - b, stride);
-    for (size_t i = b; i < e; ++i) {
-      m.dsts.push_back(m.dest[m.copy_u[i]]);
-      m.srcs.push_back(packed + i * stride);
+    const std::span<int32_t> ranges(reinterpret_cast<int32_t*>(host + ranges_at),
+                                    static_cast<size_t>(2 * T));
+    *computed = m.waves.next(slot_index, m.ready_u, ranges);
+    CudaEvent& start = m.wave_events[static_cast<size_t>(2 * k)];
+    CudaEvent& ready = m.wave_events[static_cast<size_t>(2 * k + 1)];
+    TROVE_RETURN_IF_ERROR(start.record(m.copies));
+    if (k == 0) {
+      TROVE_RETURN_IF_ERROR(m.copies.copy_async(m.tables.data(), gates, slots * sizeof(float)));
     }
-    return m.copies.copy_batch_async(m.dsts.data(), m.srcs.data(), m.sizes.data(), e - b);
+    TROVE_RETURN_IF_ERROR(m.copies.copy_async(dev, host, wave_bytes));
+    if (e > b) {
+      if (t0 == nullptr) {  // contiguous in the device slab, in wave order
+        TROVE_RETURN_IF_ERROR(
+            m.copies.copy_async(m.slab.data() + b * stride, packed + b * stride, (e - b) * stride));
+      } else {
+        m.dsts.clear();
+        m.srcs.clear();
+        m.sizes.assign(e - b, stride);
+        for (size_t i = b; i < e; ++i) {
+          m.dsts.push_back(m.dest[m.miss_u[m.order[i]]]);
+          m.srcs.push_back(packed + i * stride);
+        }
+        TROVE_RETURN_IF_ERROR(
+            m.copies.copy_batch_async(m.dsts.data(), m.srcs.data(), m.sizes.data(), e - b));
+      }
+    }
+    TROVE_RETURN_IF_ERROR(ready.record(m.copies));
+    if (*computed == 0) return Status::ok_status();
+    last_wave = *computed;
+    TROVE_RETURN_IF_ERROR(m.ctx.wait(ready));
+    TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
+    return m.ctx.experts_device_ranged(c, m.layout, xh, T, dev_gates,
+                                       reinterpret_cast<const uint8_t* const*>(dev),
+                                       reinterpret_cast<const int32_t*>(dev + ranges_at), yd);
   };
 
   // The CPU's share needs x-hat on the host: back before anything else is queued.
@@ -1051,33 +1098,9 @@ Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source,
     TROVE_RETURN_IF_ERROR(m.copies.synchronize());
   }
 
-  // Wave 1: the device's hits, the host's misses (copied now) and the CPU's (a zero record).
-  auto* pointers1 = reinterpret_cast<const uint8_t**>(st);
-  auto* gates = reinterpret_cast<float*>(st + gates_at);
-  std::memcpy(gates, routing.gates.data(), slots * sizeof(float));
-  for (size_t s = 0; s < slots; ++s) {
-    const auto u = static_cast<size_t>(slot_index[s]);
-    pointers1[s] = m.ready_u[u] != 0 ? m.dest[u] : nullptr;
-    if (m.on_cpu[u] != 0) gates[s] = 0.0f;
-  }
+  // Wave 1: the device's hits, the host's misses and the CPU's (a zero record).
   m.waves.reset(T, per_token);
-  const std::span<int32_t> ranges1(reinterpret_cast<int32_t*>(st + ranges1_at),
-                                   static_cast<size_t>(2 * T));
-  const int64_t early = m.waves.next(slot_index, m.ready_u, ranges1);
-  TROVE_RETURN_IF_ERROR(m.copy_start.record(m.copies));
-  TROVE_RETURN_IF_ERROR(m.copies.copy_async(tb, st, pointers2_at));
-  TROVE_RETURN_IF_ERROR(queue_records(0, first_wave));
-  TROVE_RETURN_IF_ERROR(m.copy_end.record(m.copies));
-  CudaEvent& ready1 = m.chunk_ready[0];
-  TROVE_RETURN_IF_ERROR(ready1.record(m.copies));
-  if (early > 0) {
-    TROVE_RETURN_IF_ERROR(m.ctx.wait(ready1));
-    if (pending == 0) TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
-    TROVE_RETURN_IF_ERROR(m.ctx.experts_device_ranged(
-        c, m.layout, xh, T, dev_gates, reinterpret_cast<const uint8_t* const*>(tb),
-        reinterpret_cast<const int32_t*>(tb + ranges1_at), yd));
-  }
-  int64_t last_wave = early;
+  TROVE_RETURN_IF_ERROR(queue_wave(0, first_wave, &stats->early_slots));
 
   // The CPU's share while the device computes and the disk reads.
   if (m.cpu_count > 0) {
@@ -1103,31 +1126,38 @@ Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source,
     }
   }
 
-  // Wave 2: the disk's records as they land, each token resuming where wave 1 stopped it.
+  // Then the disk's records, each group as it lands, each token resuming where it stopped.
+  int64_t computed = 0;
+  for (;;) {
+    m.landed.clear();
+    const Status landed = source.wait_landed(m.miss_ids, m.miss_records, &m.landed);
+    if (!landed.ok()) {
+      *lease = SourceLease::kNone;
+      return landed;
+    }
+    if (m.landed.empty()) break;
+    const size_t b = m.order.size();
+    for (uint32_t j : m.landed) {
+      m.order.push_back(j);
+      m.copy_u.push_back(m.miss_u[j]);
+    }
+    TROVE_RETURN_IF_ERROR(queue_wave(b, m.order.size(), &computed));
+  }
   const Status finished = source.finish_acquire(m.miss_ids, m.miss_records);
   *lease = finished.ok() ? SourceLease::kFinished : SourceLease::kNone;
   TROVE_RETURN_IF_ERROR(finished);
-  if (pending > 0) {
-    std::fill(m.ready_u.begin(), m.ready_u.end(), 1);
-    auto* pointers2 = reinterpret_cast<const uint8_t**>(st + pointers2_at);
-    for (size_t s = 0; s < slots; ++s) pointers2[s] = m.dest[static_cast<size_t>(slot_index[s])];
-    const std::span<int32_t> ranges2(reinterpret_cast<int32_t*>(st + ranges2_at),
-                                     static_cast<size_t>(2 * T));
-    last_wave = m.waves.next(slot_index, m.ready_u, ranges2);
-    TROVE_RETURN_IF_ERROR(m.copy_start2.record(m.copies));
-    TROVE_RETURN_IF_ERROR(
-        m.copies.copy_async(tb + pointers2_at, st + pointers2_at, tables_bytes - pointers2_at));
-    TROVE_RETURN_IF_ERROR(queue_records(first_wave, copies));
-    TROVE_RETURN_IF_ERROR(m.copy_end2.record(m.copies));
-    CudaEvent& ready2 = m.chunk_ready[1];
-    TROVE_RETURN_IF_ERROR(ready2.record(m.copies));
-    TROVE_RETURN_IF_ERROR(m.ctx.wait(ready2));
-    TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
-    TROVE_RETURN_IF_ERROR(m.ctx.experts_device_ranged(
-        c, m.layout, xh, T, dev_gates, reinterpret_cast<const uint8_t* const*>(tb + pointers2_at),
-        reinterpret_cast<const int32_t*>(tb + ranges2_at), yd));
+  if (m.order.size() < copies) {
+    const size_t b = m.order.size();
+    for (size_t j = 0; j < misses; ++j) {
+      if (m.ready_u[m.miss_u[j]] == 0) {
+        m.order.push_back(static_cast<uint32_t>(j));
+        m.copy_u.push_back(m.miss_u[j]);
+      }
+    }
+    TROVE_RETURN_IF_ERROR(queue_wave(b, m.order.size(), &computed));
   }
-  TROVE_CHECK_MSG(m.waves.done(), "%lld tokens of the batch were not computed",
+  TROVE_CHECK_MSG(m.order.size() == copies && m.waves.done(),
+                  "%zu of %zu records copied, %lld tokens not computed", m.order.size(), copies,
                   static_cast<long long>(m.waves.pending_tokens()));
   TROVE_RETURN_IF_ERROR(m.ctx.record(m.computed));
   TROVE_RETURN_IF_ERROR(m.copies.wait(m.computed));
@@ -1140,20 +1170,21 @@ Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source,
   }
 
   m.note_device_rate(last_wave);
-  TROVE_ASSIGN_OR_RETURN(stats->copy_seconds, CudaEvent::elapsed_seconds(m.copy_start, m.copy_end));
-  if (pending > 0) {
-    TROVE_ASSIGN_OR_RETURN(const double second,
-                           CudaEvent::elapsed_seconds(m.copy_start2, m.copy_end2));
-    stats->copy_seconds += second;
+  for (int k = 0; k < waves; ++k) {
+    TROVE_ASSIGN_OR_RETURN(
+        const double seconds,
+        CudaEvent::elapsed_seconds(m.wave_events[static_cast<size_t>(2 * k)],
+                                   m.wave_events[static_cast<size_t>(2 * k + 1)]));
+    stats->copy_seconds += seconds;
   }
   const uint64_t record_bytes = static_cast<uint64_t>(copies) * stride;
   if (copies > 0) m.note_copies(H2dMethod::kSlab, record_bytes, stats->copy_seconds);
-  stats->bytes_copied = tables_bytes + record_bytes;
+  stats->bytes_copied =
+      slots * sizeof(float) + static_cast<uint64_t>(waves) * wave_bytes + record_bytes;
   stats->pinned = m.staging.pinned();
   stats->method = H2dMethod::kSlab;
   stats->chunks = 1;
-  stats->waves = pending > 0 ? 2 : 1;
-  stats->early_slots = early;
+  stats->waves = waves;
   return Status::ok_status();
 }
 
