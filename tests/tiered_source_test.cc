@@ -658,14 +658,32 @@ TEST(TieredSource, LandingGroupsGiveTheResidentLayersBits) {
   const auto xs = batches(41);
   const auto want = run(*resident, xs);
   const size_t stride = resident->record_layout().stride;
-  for (int groups : {2, 5}) {
-    PeerLayerOptions o = tiered(kWorkingSet + 7, stride);
-    o.tiers->landing_groups = groups;
-    auto layer = PeerLayer::open(*store, "blk.0.peer", o);
-    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
-    const auto got = run(*layer, xs);
-    for (size_t b = 0; b < got.size(); ++b) {
-      EXPECT_TRUE(same_bits(got[b], want[b])) << groups << " groups, batch " << b;
+  for (Engine engine : {Engine::kPread, Engine::kIoUring}) {
+    for (int groups : {2, 5}) {
+      for (int depth : {0, 2}) {
+        SCOPED_TRACE(std::string(engine == Engine::kPread ? "pread, " : "io_uring, ") +
+                     std::to_string(groups) + " groups, look-ahead " + std::to_string(depth));
+        PeerLayerOptions o = tiered(kWorkingSet + 7, stride, engine);
+        o.tiers->landing_groups = groups;
+        auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+        if (engine == Engine::kIoUring && io_uring_refused(layer)) continue;
+        ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+        std::vector<PeerBatchStats> stats;
+        const auto got =
+            depth == 0 ? run(*layer, xs, &stats) : run_ahead(*layer, xs, depth, &stats);
+        int64_t misses = 0;
+        for (size_t b = 0; b < got.size(); ++b) {
+          EXPECT_TRUE(same_bits(got[b], want[b])) << "batch " << b;
+          misses += stats[b].fetch.misses;
+        }
+        if (depth == 0) {
+          EXPECT_GT(misses, 0);
+        }
+        auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+        ASSERT_NE(source, nullptr);
+        EXPECT_EQ(source->host().metrics().leased_slots, 0);
+        EXPECT_EQ(source->pending_prefetches(), 0);
+      }
     }
   }
   PeerLayerOptions bad = tiered(kWorkingSet, stride);
