@@ -36,6 +36,16 @@
 // reads one prefetch after another, each the moment the one before lands. A prefetch read that
 // fails is dropped (counted); its batch reads the record again and reports the error.
 //
+// Landing groups (TieredSourceOptions::landing_groups = G > 1): a batch's misses are read in G
+// groups in id order on two readers, group g + 2 started when the caller takes group g, so the disk
+// has group g + 1 to read while the caller computes on group g (ExpertSource::wait_landed):
+//
+//   reader A    ██ group 0 ██┐ ██ group 2 ██┐
+//   reader B    ███ group 1 ███┐ ██ group 3 ██┐
+//   caller      wave 1 (hits) ─┴ group 0 ─────┴ group 1 ─ group 2 ─ ... finish: commit all
+//
+// The fills are committed (or, on a failed read, aborted) together, at finish_acquire.
+//
 // The host tier must hold one batch's working set (its unique experts, all leased while it
 // computes): check_batch() says so before any work. Not thread-safe: one batch at a time (the
 // ExpertCache beneath is the thread-safe part, shared with the device tier later).
