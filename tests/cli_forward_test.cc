@@ -739,6 +739,33 @@ TEST_F(CliForwardStore, HostBudgetGivesTheResidentOutputBitForBitOrAClearErrorFi
   EXPECT_NE(bad.err.find("--host"), std::string::npos) << bad.err;
 }
 
+// --landing-groups reads each batch's misses in groups (the cuda backend computes each as it
+// lands; the cpu one waits for all): the same bytes as all-resident; out of range is refused.
+TEST_F(CliForwardStore, LandingGroupsGiveTheSameBytes) {
+  const int64_t D = layer_.dim;
+  std::mt19937 rng(113);
+  const std::vector<float> x = normal(rng, static_cast<size_t>(23 * D), 1.0);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(write_f32(xin, "x", {23, D}, x));
+  auto store = StoreReader::open(store_);
+  ASSERT_TRUE(store.ok());
+  const uint64_t stride = store->find_layer(kPrefix)->table.stride;
+  const int64_t per_batch = 4 * layer_.heads * layer_.topk;
+  ASSERT_EQ(forward(xin, {"--batch", "4"}).exit_code, 0);
+  const std::string resident = slurp(y_path());
+  for (const char* groups : {"2", "5"}) {
+    SCOPED_TRACE(std::string(groups) + " landing groups");
+    std::remove(y_path().c_str());
+    RunResult r = forward(xin, {"--batch", "4", "--landing-groups", groups, "--host",
+                                std::to_string(static_cast<uint64_t>(per_batch + 3) * stride)});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(slurp(y_path()), resident) << "output differs from the resident one";
+  }
+  RunResult bad = forward(xin, {"--landing-groups", "0"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--landing-groups"), std::string::npos) << bad.err;
+}
+
 // --lookahead routes and prefetches later batches while one computes: the output files are
 // the same bytes as without it and as all-resident, at host budgets from one batch's working set
 // (no room to prefetch: it prefetches less) to the whole table, on both I/O engines; and with

@@ -444,6 +444,64 @@ TEST_F(CudaPeerTest, DeviceFormEqualsHostFormBitForBit) {
   }
 }
 
+// The ranged pass (runtime/layer/cuda_executor.h's waves): each token's slots split at random
+// points into up to three passes, each pass reading only its slots' records (the rest null),
+// give the one-pass bits: every y element is the same fp32 sum continued from y.
+TEST_F(CudaPeerTest, RangedPassesOverAnySplitEqualOnePassBitForBit) {
+  std::mt19937 rng(23);
+  for (DType t : {DType::kI4, DType::kI8, DType::kBF16, DType::kF32}) {
+    for (Activation act : {Activation::kRelu, Activation::kGelu}) {
+      PeerConfig c = make_config(77, 50, 3, 10, 8, 5, 3);
+      c.activation = act;
+      const PeerShape shape{41, c, t};
+      SCOPED_TRACE(describe(shape));
+      const PeerLayer l = random_layer(shape, 17);
+      const PeerConfig& lc = l.config;
+      const RefForward ref = ref_forward(l);
+      const int64_t T = l.tokens;
+      const int64_t S = lc.heads * lc.topk;
+      const DeviceArray<uint8_t> d_table(l.table);
+      const DeviceArray<float> d_xhat(ref.xhat), d_gates(ref.routing.gates);
+      std::vector<const uint8_t*> all(sz(T * S));
+      for (size_t s = 0; s < all.size(); ++s) {
+        all[s] = d_table.get() + sz(ref.routing.ids[s]) * l.layout.stride;
+      }
+      const DeviceArray<const uint8_t*> d_all(all);
+      const DeviceArray<float> d_want(sz(T * lc.dim_out)), d_y(sz(T * lc.dim_out));
+      ASSERT_TRUE(ctx_.experts_device(lc, l.layout, d_xhat.get(), T, d_gates.get(), d_all.get(),
+                                      d_want.get())
+                      .ok());
+      // Per token two cut points in [0, S]: passes [0, a), [a, b), [b, S).
+      std::uniform_int_distribution<int32_t> cut(0, static_cast<int32_t>(S));
+      std::vector<int32_t> a(sz(T)), b(sz(T));
+      for (int64_t i = 0; i < T; ++i) {
+        a[sz(i)] = cut(rng);
+        b[sz(i)] = cut(rng);
+        if (a[sz(i)] > b[sz(i)]) std::swap(a[sz(i)], b[sz(i)]);
+      }
+      for (int pass = 0; pass < 3; ++pass) {
+        std::vector<int32_t> ranges(sz(2 * T));
+        std::vector<const uint8_t*> records(all.size(), nullptr);
+        for (int64_t i = 0; i < T; ++i) {
+          const int32_t begin = pass == 0 ? 0 : pass == 1 ? a[sz(i)] : b[sz(i)];
+          const int32_t end = pass == 0 ? a[sz(i)] : pass == 1 ? b[sz(i)] : static_cast<int32_t>(S);
+          ranges[sz(2 * i)] = begin;
+          ranges[sz(2 * i + 1)] = end;
+          for (int32_t s = begin; s < end; ++s) records[sz(i * S + s)] = all[sz(i * S + s)];
+        }
+        const DeviceArray<int32_t> d_ranges(ranges);
+        const DeviceArray<const uint8_t*> d_records(records);
+        ASSERT_TRUE(ctx_.experts_device_ranged(lc, l.layout, d_xhat.get(), T, d_gates.get(),
+                                               d_records.get(), d_ranges.get(), d_y.get())
+                        .ok());
+        ASSERT_TRUE(ctx_.synchronize().ok());
+      }
+      expect_bits_equal(d_y.to_host(), d_want.to_host(), "three ranged passes");
+      expect_close(d_y.to_host(), ref.y, kForwardAbs, kForwardRel, "ranged y vs oracle");
+    }
+  }
+}
+
 TEST_F(CudaPeerTest, ResultsDoNotChangeBetweenRuns) {
   PeerConfig c = make_config(77, 50, 4, 10, 9, 6, 3);
   c.input_norm = InputNorm::kRms;

@@ -14,10 +14,12 @@
 #include "runtime/bench/synthetic.h"
 #include "runtime/convert/pack.h"
 #include "runtime/layer/cuda_executor.h"
+#include "runtime/layer/lookahead.h"
 #include "runtime/layer/peer_layer.h"
 #include "runtime/layer/store_layer.h"
 #include "runtime/tiers/tiered_source.h"
 #include "storage/store.h"
+#include "tests/fault_injection.h"
 #include "tests/peer_test_util.h"
 #include "tests/runtime_test_util.h"
 #include "tests/test_util.h"
@@ -71,7 +73,8 @@ RunOutput run(PeerLayer& layer, const std::vector<std::vector<float>>& xs) {
   return r;
 }
 
-PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t stride) {
+PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t stride,
+                              std::shared_ptr<FileOps> file_ops = nullptr, int landing_groups = 1) {
   PeerLayerOptions o;
   o.backend = PeerBackend::kCuda;
   o.threads = 2;
@@ -82,6 +85,8 @@ PeerLayerOptions cuda_options(uint64_t vram_slots, uint64_t host_slots, size_t s
     t.io.engine = RecordReaderOptions::Engine::kPread;
     t.io.queue_depth = 8;
     t.io.pread_threads = 3;
+    t.io.file_ops = std::move(file_ops);
+    t.landing_groups = landing_groups;
     o.tiers = t;
   }
   return o;
@@ -435,6 +440,152 @@ TEST_F(CudaRuntimeDevice, BackwardMatchesTheCpuLayer) {
   EXPECT_EQ(got.expert_ids, want.expert_ids);
   testing::expect_close(got.d_down, want.d_down, kGradAbs, kGradRel, "d_down");
   testing::expect_close(got.d_up, want.d_up, kGradAbs, kGradRel, "d_up");
+}
+
+// A slow disk (every read 2 ms late): batches whose misses are partly on disk run in waves, the
+// device computing what is resident while the reads are in flight (the first wave's slots) and
+// each landing group as it lands, and give the bits of the all-resident run (the records in
+// host memory from the start, no waves) at every device and host budget and landing-group
+// count, and the CPU layer's y within the forward tolerance.
+TEST_F(CudaRuntimeDevice, SlowDiskRunsInWavesAndGivesTheAllResidentBits) {
+  ScratchDir dir;
+  for (DType dtype : {DType::kI4, DType::kBF16}) {
+    auto store = StoreReader::open(make_store(dir, dtype));
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    PeerLayerOptions cpu_options;
+    cpu_options.threads = 2;
+    auto cpu = PeerLayer::open(*store, "blk.0.peer", cpu_options);
+    ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+    const auto xs = batches(29);
+    const RunOutput want = run(*cpu, xs);
+    const size_t stride = cpu->record_layout().stride;
+    const int64_t n = cpu->config().num_experts();
+    auto resident = PeerLayer::open(*store, "blk.0.peer", cuda_options(0, 0, stride));
+    ASSERT_TRUE(resident.ok()) << resident.status().to_string();
+    const RunOutput all_resident = run(*resident, xs);
+    for (int groups : {1, 3}) {
+      for (const auto& [host, vram] :
+           {std::pair{2 * kWorkingSet, int64_t{0}}, std::pair{2 * kWorkingSet, kWorkingSet + 7},
+            std::pair{n, n}}) {
+        SCOPED_TRACE(str_printf("%s, host %lld, vram %lld slots, %d landing groups",
+                                std::string(dtype_name(dtype)).c_str(), (long long)host,
+                                (long long)vram, groups));
+        auto slow = std::make_shared<FaultyFileOps>();
+        slow->delay_each_read(std::chrono::microseconds(2000));
+        auto layer =
+            PeerLayer::open(*store, "blk.0.peer", cuda_options(vram, host, stride, slow, groups));
+        ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+        const RunOutput got = run(*layer, xs);
+        int64_t waved = 0, early = 0, most_waves = 0;
+        for (size_t b = 0; b < got.ys.size(); ++b) {
+          SCOPED_TRACE("batch " + std::to_string(b));
+          testing::expect_bits_equal(got.ys[b], all_resident.ys[b], "y vs all-resident");
+          testing::expect_close(got.ys[b], want.ys[b], kForwardAbs, kForwardRel, "y vs cpu");
+          const DeviceTransferStats& d = got.stats[b].device;
+          if (got.stats[b].fetch.misses > 0) {
+            EXPECT_GE(d.waves, 2) << "records on disk, yet no waves";
+            EXPECT_LE(d.waves, 1 + groups);
+          }
+          waved += d.waves >= 2 ? 1 : 0;
+          most_waves = std::max<int64_t>(most_waves, d.waves);
+          early += d.early_slots;
+          EXPECT_LE(d.early_slots, got.stats[b].slots);
+          EXPECT_EQ(d.hits + d.misses, got.stats[b].unique_experts);
+        }
+        EXPECT_GT(slow->reads_seen(), 0u);
+        EXPECT_GT(waved, 0);
+        if (groups > 1) {
+          EXPECT_GT(most_waves, 2) << "no batch computed a landing group before the last";
+        }
+        // A batch with both host hits and disk misses computes some slots before its reads land.
+        EXPECT_GT(early, 0);
+      }
+    }
+  }
+}
+
+// Misses computed where they are: with cpu_misses, the misses in host memory the cost model
+// gives to the CPU are summed there (after a first measured batch the CPU's rate is probed), and
+// y stays within the forward tolerance of the CPU layer's (it is not the all-resident bits: two
+// fp32 partial sums added).
+TEST_F(CudaRuntimeDevice, MissesComputedOnTheCpuStayWithinTheForwardTolerance) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto cpu = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(cpu.ok()) << cpu.status().to_string();
+  const auto xs = batches(31);
+  const RunOutput want = run(*cpu, xs);
+  const size_t stride = cpu->record_layout().stride;
+  const int64_t n = cpu->config().num_experts();
+  for (int64_t vram : {int64_t{0}, kWorkingSet + 7}) {
+    SCOPED_TRACE("vram " + std::to_string(vram) + " slots");
+    auto slow = std::make_shared<FaultyFileOps>();
+    slow->delay_each_read(std::chrono::microseconds(500));
+    PeerLayerOptions o = cuda_options(vram, n, stride, slow);
+    o.cuda.cpu_misses = true;
+    o.cuda.cpu_threads = 2;
+    auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+    const RunOutput got = run(*layer, xs);
+    int64_t on_cpu = 0;
+    for (size_t b = 0; b < got.ys.size(); ++b) {
+      SCOPED_TRACE("batch " + std::to_string(b));
+      testing::expect_close(got.ys[b], want.ys[b], kForwardAbs, kForwardRel, "y vs cpu");
+      const DeviceTransferStats& d = got.stats[b].device;
+      EXPECT_EQ(d.hits + d.misses + d.cpu_misses, got.stats[b].unique_experts);
+      EXPECT_LE(d.cpu_slots, got.stats[b].slots);
+      on_cpu += d.cpu_misses;
+    }
+    EXPECT_GT(on_cpu, 0) << "the CPU's rate was never probed";
+  }
+}
+
+// Look-ahead on the cuda backend: every batch, even one whose experts are all in the device
+// tier, consumes its own prefetch (run_experts always begins a lease on the source, empty when
+// nothing is missing), so no prefetch is left pending or taken by a later batch, and y is the
+// bits of the run without look-ahead.
+TEST_F(CudaRuntimeDevice, LookaheadConsumesOnePrefetchPerBatchEvenWhenAllIsOnTheDevice) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const size_t stride = store->find_layer("blk.0.peer")->table.stride;
+  const auto xs = batches(37);
+  auto plain = PeerLayer::open(*store, "blk.0.peer", cuda_options(0, 0, stride));
+  ASSERT_TRUE(plain.ok()) << plain.status().to_string();
+  const RunOutput want = run(*plain, xs);
+  const int64_t n = plain->config().num_experts();
+  for (int depth : {1, 3}) {
+    SCOPED_TRACE("depth " + std::to_string(depth));
+    auto layer = PeerLayer::open(*store, "blk.0.peer", cuda_options(n, n, stride));
+    ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+    std::vector<std::vector<float>> ys(xs.size());
+    int64_t all_on_device = 0;
+    const Status s = forward_with_lookahead(
+        *layer, kBatches, depth,
+        [&](int64_t b, std::vector<float>* x, int64_t* tokens) {
+          *x = xs[static_cast<size_t>(b)];
+          *tokens = kTokens;
+          return Status::ok_status();
+        },
+        [&](int64_t b, std::span<const float> y, const PeerRouting&, const PeerBatchStats& st) {
+          ys[static_cast<size_t>(b)].assign(y.begin(), y.end());
+          all_on_device += st.device.misses == 0 ? 1 : 0;
+          return Status::ok_status();
+        });
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    for (size_t b = 0; b < ys.size(); ++b) {
+      testing::expect_bits_equal(ys[b], want.ys[b], "batch " + std::to_string(b));
+    }
+    auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+    ASSERT_NE(source, nullptr);
+    const PrefetchStats p = source->prefetch_stats();
+    EXPECT_EQ(p.prefetches, kBatches);
+    EXPECT_EQ(p.dropped, 0);
+    EXPECT_EQ(source->pending_prefetches(), 0) << "a batch did not consume its prefetch";
+    EXPECT_GT(all_on_device, 0) << "no batch found all its experts in the device tier";
+    EXPECT_EQ(source->host().metrics().leased_slots, 0);
+  }
 }
 
 TEST_F(CudaRuntimeDevice, VramBudgetBelowOneBatchIsAClearErrorBeforeAnyWork) {

@@ -16,6 +16,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "base/check.h"
@@ -636,6 +637,72 @@ TEST_P(PeerParityTest, ExpertsInWavesEqualOnePassBitForBit) {
       }
     }
   }
+}
+
+// The cuda executor's misses computed on the CPU (runtime/layer/cuda_executor.h): the CPU sums
+// a chosen subset of each token's slots (the unchosen records may be absent), the device the
+// rest, and y is the fp32 sum of the two. The CPU's part matches the oracle run on the chosen
+// slots alone (the others' gates zero) at many shapes; every slot chosen is peer_experts' bits;
+// and the split's y stays within the forward tolerance of the all-resident y (it is not the same
+// bits: two fp32 partial sums added, instead of one sum in slot order), with the largest error
+// seen printed.
+TEST_P(PeerParityTest, PartialExpertsMatchTheOracleOnTheChosenSlotsAndTheSplitStaysClose) {
+  double worst = 0;  // max |split - all| / max |all|
+  std::mt19937 rng(77);
+  for (DType t : {DType::kI4, DType::kI8, DType::kBF16, DType::kF32}) {
+    for (const auto& [tokens, dim, dim_out] :
+         {std::tuple{1, 32, 16}, std::tuple{37, 77, 50}, std::tuple{130, 96, 33}}) {
+      PeerConfig c = make_config(dim, dim_out, 3, 10, 8, 5, 3);
+      c.activation = tokens == 37 ? Activation::kRelu : Activation::kGelu;
+      const PeerShape shape{tokens, c, t};
+      SCOPED_TRACE(describe(shape));
+      const PeerLayer l = random_layer(shape, 40 + tokens);
+      const RefForward ref = ref_forward(l);
+      const std::vector<const uint8_t*> all = l.slot_records(ref.routing);
+      const size_t out = sz(l.tokens * l.config.dim_out);
+      std::vector<float> whole(out);
+      peer_experts(l.config, l.layout, ref.xhat.data(), ref.routing, all.data(), whole.data(),
+                   kThreads);
+      for (double p : {0.0, 0.2, 0.7, 1.0}) {
+        std::bernoulli_distribution chosen(p);
+        std::vector<uint8_t> selected(all.size());
+        for (uint8_t& s : selected) s = chosen(rng) ? 1 : 0;
+        std::vector<const uint8_t*> cpu_records(all.size(), nullptr);
+        PeerRouting cpu_only = ref.routing, device_only = ref.routing;
+        for (size_t s = 0; s < all.size(); ++s) {
+          if (selected[s] != 0) {
+            cpu_records[s] = all[s];
+            device_only.gates[s] = 0.0f;
+          } else {
+            cpu_only.gates[s] = 0.0f;
+          }
+        }
+        std::vector<float> part(out, std::nanf(""));
+        peer_experts_partial(l.config, l.layout, ref.xhat.data(), ref.routing, cpu_records.data(),
+                             selected.data(), part.data(), kThreads);
+        std::vector<float> oracle(out);
+        peer_experts_ref(l.config, l.layout, ref.xhat.data(), cpu_only, all.data(), oracle.data());
+        expect_close(part, oracle, kForwardAbs, kForwardRel, "chosen part vs oracle");
+        if (p == 1.0) {
+          expect_bits_equal(part, whole, "every slot chosen");
+        }
+        // The device's part (the kernels skip zero gates alike) plus the CPU's.
+        std::vector<float> rest(out);
+        peer_experts(l.config, l.layout, ref.xhat.data(), device_only, all.data(), rest.data(),
+                     kThreads);
+        std::vector<float> split(out);
+        double scale = 0, err = 0;
+        for (size_t i = 0; i < out; ++i) {
+          split[i] = rest[i] + part[i];
+          scale = std::max(scale, std::abs(static_cast<double>(whole[i])));
+          err = std::max(err, std::abs(static_cast<double>(split[i]) - whole[i]));
+        }
+        expect_close(split, whole, kForwardAbs, kForwardRel, "split vs all-resident");
+        if (scale > 0) worst = std::max(worst, err / scale);
+      }
+    }
+  }
+  std::printf("largest |split - all-resident| / max|y|: %.3g\n", worst);
 }
 
 // ---- every path alike --------------------------------------------------------------------------

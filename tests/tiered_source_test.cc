@@ -438,7 +438,7 @@ TEST(TieredSource, LookaheadOutputsEqualTheResidentLayerAtEveryDepthAndBudget) {
 // are left out (no deadlock); a failed prefetch read is the batch's to report.
 class TieredPrefetch : public ::testing::Test {
  protected:
-  void open(int64_t slots, std::shared_ptr<FileOps> ops = nullptr) {
+  void open(int64_t slots, std::shared_ptr<FileOps> ops = nullptr, int landing_groups = 1) {
     store_path_ = make_store(dir_, DType::kI8);
     auto store = StoreReader::open(store_path_);
     ASSERT_TRUE(store.ok()) << store.status().to_string();
@@ -452,6 +452,7 @@ class TieredPrefetch : public ::testing::Test {
     t.io.engine = Engine::kPread;
     t.io.pread_threads = 2;
     t.io.file_ops = std::move(ops);
+    t.landing_groups = landing_groups;
     auto source = TieredExpertSource::open(*store_, *stored_->info, stored_->record, t);
     ASSERT_TRUE(source.ok()) << source.status().to_string();
     source_ = std::move(*source);
@@ -573,6 +574,127 @@ TEST_F(TieredPrefetch, AFailedPrefetchReadIsTheBatchsToReportAndLeavesNothingLea
 // refresh(): after the store is updated in place, resident copies of the changed records take
 // the new bytes with no disk read, others are read through the new generation's checksums,
 // and unchanged residents stay hits; a layer of another geometry is refused.
+// Landing groups: begin_acquire reads a batch's misses in groups (id order, two in flight);
+// wait_landed hands out each group once it lands, every miss exactly once and only with its
+// store bytes, then nothing; finish_acquire ends the batch as one. Hits are there from the start.
+TEST_F(TieredPrefetch, LandingGroupsHandOutEachMissOnceInIdOrder) {
+  for (int groups : {2, 3, 7}) {
+    SCOPED_TRACE(std::to_string(groups) + " groups");
+    ASSERT_NO_FATAL_FAILURE(open(64, nullptr, groups));
+    ASSERT_TRUE(acquire_and_check(range(0, 5)).ok());  // hits for the batch below
+    const std::vector<int64_t> ids = range(0, 20);     // 5 hits, 15 misses
+    std::vector<const uint8_t*> records(ids.size());
+    ASSERT_TRUE(source_->begin_acquire(ids, records).ok());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      EXPECT_EQ(records[i] != nullptr, i < 5) << "expert " << ids[i];
+    }
+    const std::span<const uint8_t> table = store_->mapped_records(*stored_->info);
+    const size_t stride = stored_->record.stride;
+    std::vector<uint32_t> landed;
+    int calls = 0;
+    for (;;) {
+      const size_t before = landed.size();
+      ASSERT_TRUE(source_->wait_landed(ids, records, &landed).ok());
+      if (landed.size() == before) break;
+      ++calls;
+      for (size_t k = before; k < landed.size(); ++k) {
+        const uint32_t i = landed[k];
+        ASSERT_NE(records[i], nullptr);
+        EXPECT_EQ(std::memcmp(records[i], table.data() + static_cast<size_t>(ids[i]) * stride,
+                              stored_->record.record_bytes),
+                  0)
+            << "expert " << ids[i];
+      }
+    }
+    EXPECT_EQ(calls, std::min(groups, 15));
+    std::vector<uint32_t> want;
+    for (uint32_t i = 5; i < 20; ++i) want.push_back(i);
+    EXPECT_EQ(landed, want) << "each miss once, in id order";
+    ASSERT_TRUE(source_->finish_acquire(ids, records).ok());
+    EXPECT_EQ(source_->last_fetch().misses, 15);
+    source_->release(ids);
+    EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+    // Later batches find them resident.
+    ASSERT_TRUE(acquire_and_check(ids).ok());
+    EXPECT_EQ(source_->last_fetch().misses, 0);
+  }
+}
+
+// A read that fails in a landing group (the 9th, while two groups are in flight) is the error of
+// wait_landed or finish_acquire, naming the expert, and leaves nothing acquired or leased; the
+// same batch then reads whole.
+TEST_F(TieredPrefetch, ALandingGroupThatFailsEndsTheBatchWithNothingLeased) {
+  auto faults = std::make_shared<FaultyFileOps>();
+  ASSERT_NO_FATAL_FAILURE(open(64, faults, 3));
+  faults->fail_nth_read(9);
+  const std::vector<int64_t> ids = range(0, 18);  // groups [0, 6), [6, 12), [12, 18)
+  std::vector<const uint8_t*> records(ids.size());
+  ASSERT_TRUE(source_->begin_acquire(ids, records).ok());
+  std::vector<uint32_t> landed;
+  Status s;
+  for (;;) {
+    const size_t before = landed.size();
+    s = source_->wait_landed(ids, records, &landed);
+    if (!s.ok() || landed.size() == before) break;
+  }
+  if (s.ok()) s = source_->finish_acquire(ids, records);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), Status::Code::kIOError) << s.to_string();
+  EXPECT_NE(s.message().find("expert "), std::string::npos) << s.to_string();
+  EXPECT_LT(landed.size(), ids.size());
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+  ASSERT_TRUE(acquire_and_check(ids).ok());
+  EXPECT_EQ(source_->host().metrics().leased_slots, 0);
+}
+
+// The layer over a source reading in landing groups (the cpu executor waits for all of them in
+// finish_acquire) gives the resident layer's bits.
+TEST(TieredSource, LandingGroupsGiveTheResidentLayersBits) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI4));
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto resident = PeerLayer::open(*store, "blk.0.peer");
+  ASSERT_TRUE(resident.ok()) << resident.status().to_string();
+  const auto xs = batches(41);
+  const auto want = run(*resident, xs);
+  const size_t stride = resident->record_layout().stride;
+  for (Engine engine : {Engine::kPread, Engine::kIoUring}) {
+    for (int groups : {2, 5}) {
+      for (int depth : {0, 2}) {
+        SCOPED_TRACE(std::string(engine == Engine::kPread ? "pread, " : "io_uring, ") +
+                     std::to_string(groups) + " groups, look-ahead " + std::to_string(depth));
+        PeerLayerOptions o = tiered(kWorkingSet + 7, stride, engine);
+        o.tiers->landing_groups = groups;
+        auto layer = PeerLayer::open(*store, "blk.0.peer", o);
+        if (engine == Engine::kIoUring && io_uring_refused(layer)) continue;
+        ASSERT_TRUE(layer.ok()) << layer.status().to_string();
+        std::vector<PeerBatchStats> stats;
+        const auto got =
+            depth == 0 ? run(*layer, xs, &stats) : run_ahead(*layer, xs, depth, &stats);
+        int64_t misses = 0;
+        for (size_t b = 0; b < got.size(); ++b) {
+          EXPECT_TRUE(same_bits(got[b], want[b])) << "batch " << b;
+          misses += stats[b].fetch.misses;
+        }
+        if (depth == 0) {
+          EXPECT_GT(misses, 0);
+        }
+        auto* source = dynamic_cast<TieredExpertSource*>(&layer->experts());
+        ASSERT_NE(source, nullptr);
+        EXPECT_EQ(source->host().metrics().leased_slots, 0);
+        EXPECT_EQ(source->pending_prefetches(), 0);
+      }
+    }
+  }
+  PeerLayerOptions bad = tiered(kWorkingSet, stride);
+  bad.tiers->landing_groups = 0;
+  auto refused = PeerLayer::open(*store, "blk.0.peer", bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("landing groups must be at least 1, got 0"),
+            std::string::npos)
+      << refused.status().to_string();
+}
+
 TEST(TieredSource, RefreshKeepsTheTierWarmAcrossAnInPlaceGeneration) {
   ScratchDir dir;
   const std::string path = make_store(dir, DType::kI8);

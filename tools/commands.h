@@ -58,6 +58,7 @@ struct TierFlags {
   std::string policy = "frequency";
   std::string io = "auto";
   int queue_depth = 64;
+  int landing_groups = 1;  // TieredSourceOptions::landing_groups
 };
 void add_tier_flags(CLI::App* cmd, TierFlags* flags);
 TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_bytes);

@@ -15,6 +15,11 @@ void add_tier_flags(CLI::App* cmd, TierFlags* flags) {
   cmd->add_option("--queue-depth", flags->queue_depth, "Disk reads in flight")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
+  cmd->add_option("--landing-groups", flags->landing_groups,
+                  "Read a batch's host-tier misses in this many groups, two in flight, so that\n"
+                  "--device cuda copies and computes each group as it lands (1: one group)")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
 }
 
 TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_bytes) {
@@ -26,6 +31,7 @@ TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_by
                                          : RecordReaderOptions::Engine::kAuto;
   t.io.queue_depth = flags.queue_depth;
   t.io.pread_threads = std::min(flags.queue_depth, 64);
+  t.landing_groups = flags.landing_groups;
   return t;
 }
 

@@ -688,6 +688,35 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
   });
 }
 
+void peer_experts_partial(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                          const PeerRouting& routing, const uint8_t* const* records,
+                          const uint8_t* selected, float* y_part, int threads, ExpertDot dot) {
+  check_common(config, &layout);
+  check_routing(config, routing);
+  const int64_t D = config.dim, Dout = config.dim_out;
+  const int64_t per_token = routing.heads * routing.topk;
+  const PeerKernels& kr = kernels();
+  parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
+    TokenDown down(layout, kr, dot);
+    for (int64_t t = begin; t < end; ++t) {
+      float* yt = y_part + t * Dout;
+      std::fill(yt, yt + Dout, 0.0f);
+      bool token_set = false;
+      for (int64_t s = 0; s < per_token; ++s) {
+        const size_t slot = static_cast<size_t>(t * per_token + s);
+        if (selected[slot] == 0) continue;
+        TROVE_CHECK(records[slot] != nullptr);
+        if (!token_set) {
+          down.set_token(xhat + t * D);
+          token_set = true;
+        }
+        const float ga = slot_gated_activation(config, down, routing.gates[slot], records[slot]);
+        slot_accumulate(layout, kr, ga, records[slot], Dout, yt);
+      }
+    }
+  });
+}
+
 void PeerExpertProgress::reset(int64_t tokens, int64_t slots_per_token) {
   next_slot.assign(static_cast<size_t>(tokens), 0);
   ga.assign(static_cast<size_t>(tokens * slots_per_token), 0.0f);

@@ -65,6 +65,17 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
                          PeerExpertProgress* progress, int threads = 0,
                          ExpertDot dot = ExpertDot::kFloat);
 
+// A chosen part of the expert pass: y_part [T, D_out] = sum over token t's slots s with
+// selected[t * S + s] != 0, in slot order, of gate * act(<u, xhat>) * v; a token with none gets a
+// zero row. Only the selected slots' records are read (the others may be null). For the cuda
+// executor's misses computed on the CPU from the host tier (runtime/layer/cuda_executor.h); with
+// every slot selected, y_part equals peer_experts()'s bit for bit.
+// REQUIRES: as for peer_experts; selected has T * h * k entries.
+void peer_experts_partial(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
+                          const PeerRouting& routing, const uint8_t* const* records,
+                          const uint8_t* selected, float* y_part, int threads = 0,
+                          ExpertDot dot = ExpertDot::kFloat);
+
 void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
                    const RecordLayout& layout, const float* x, int64_t T,
                    const PeerRouting& routing, const uint8_t* const* records, const float* dy,

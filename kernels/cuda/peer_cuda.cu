@@ -564,6 +564,21 @@ Status CudaPeerContext::experts_device(const PeerConfig& config, const RecordLay
                                    impl_->s());
 }
 
+Status CudaPeerContext::experts_device_ranged(const PeerConfig& config, const RecordLayout& layout,
+                                              const float* xhat, int64_t tokens, const float* gates,
+                                              const uint8_t* const* records, const int32_t* ranges,
+                                              float* y) {
+  constexpr const char* kFn = "CudaPeerContext::experts_device_ranged";
+  TROVE_ASSIGN_OR_RETURN(const PeerConfig c, filled_config(kFn, config));
+  TROVE_RETURN_IF_ERROR(
+      check_experts_args(kFn, c, layout, xhat, tokens, gates, "records", records, y));
+  TROVE_RETURN_IF_ERROR(check_pointer(kFn, "ranges", ranges, tokens));
+  if (impl_ == nullptr) return empty_context(kFn);
+  if (tokens == 0) return Status::ok_status();
+  return cuda::launch_peer_experts_ranged(expert_pass(c, layout, tokens), xhat, gates, records,
+                                          ranges, y, impl_->s());
+}
+
 Status CudaPeerContext::experts_device_indexed(const PeerConfig& config, const RecordLayout& layout,
                                                const float* xhat, int64_t tokens,
                                                const float* gates, const uint8_t* table,

@@ -116,6 +116,14 @@ class CudaPeerContext {
   Status experts_device(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                         int64_t tokens, const float* gates, const uint8_t* const* records,
                         float* y);
+  // experts_device over part of each token's slots: token t computes its slots [ranges[2t],
+  // ranges[2t + 1]) and continues the sum y[t] holds when the range does not start at 0, so
+  // calls over consecutive ranges that cover every slot give experts_device's bits, however the
+  // slots were split (runtime/layer/expert_waves.h). Slots outside a call's ranges are not read
+  // (their records may be null). ranges: [T, 2] int32 in device memory.
+  Status experts_device_ranged(const PeerConfig& config, const RecordLayout& layout,
+                               const float* xhat, int64_t tokens, const float* gates,
+                               const uint8_t* const* records, const int32_t* ranges, float* y);
   // As experts_device with the record of slot s at table + record_index[s] * layout.stride:
   // an all-resident table indexed by the routing ids, or a slot pool indexed by slot numbers.
   // REQUIRES: table 16-byte aligned; every record_index[s] within the table.

@@ -218,7 +218,10 @@ struct ExpertArgs {
   float* y;            // [T, D_out]
   int64_t dim;
   int64_t dim_out;
-  int slots;    // S
+  int slots;  // S
+  // Per token [begin, end) of the slots this pass computes, resuming y[t] (ranged pass); null:
+  // all slots, y[t] written afresh.
+  const int32_t* ranges;
   int x_chunk;  // xhat floats staged per pass, a multiple of 32
   Activation activation;
   uint64_t down_scales;
@@ -273,25 +276,26 @@ __device__ float down_dot_lane(const uint8_t* record, const ExpertArgs& a, int64
 }
 
 // Thread's share of phase 2: y[t][e0, e0 + kE) for the 16-byte up-row column starting at
-// element e0, summed over the slots in order.
+// element e0, summed over the slots [s_begin, s_end) in order, from 0 (s_begin == 0) or from
+// what y[t] holds (a ranged pass resuming the token: the same fp32 sum continued).
 template <DType kType, typename Records>
 __device__ void up_column(const ExpertArgs& a, const Records& records, int64_t slot0,
-                          const float* ga, int64_t e0, float* yt) {
+                          const float* ga, int s_begin, int s_end, int64_t e0, float* yt) {
   using C = Codec<kType>;
   constexpr int kE = C::kElems;
   float acc[kE];
 #pragma unroll
-  for (int j = 0; j < kE; ++j) acc[j] = 0.0f;
+  for (int j = 0; j < kE; ++j) acc[j] = s_begin > 0 && e0 + j < a.dim_out ? yt[e0 + j] : 0.0f;
 
   if (C::kQuantized || e0 + kE <= a.dim_out) {
     // Whole vector: kSlotBatch slots' loads issued before their FMAs.
-    for (int s0 = 0; s0 < a.slots; s0 += kSlotBatch) {
+    for (int s0 = s_begin; s0 < s_end; s0 += kSlotBatch) {
       uint4 v[kSlotBatch];
       float f[kSlotBatch];
 #pragma unroll
       for (int b = 0; b < kSlotBatch; ++b) {
         const int s = s0 + b;
-        f[b] = s < a.slots ? ga[s] : 0.0f;
+        f[b] = s < s_end ? ga[s] : 0.0f;
         v[b] = make_uint4(0, 0, 0, 0);
         if (f[b] != 0.0f) {
           const uint8_t* record = records(slot0 + s);
@@ -315,7 +319,7 @@ __device__ void up_column(const ExpertArgs& a, const Records& records, int64_t s
     }
   } else if constexpr (!C::kQuantized) {
     // The row's last, partial vector of a float dtype: element loads, nothing past D_out.
-    for (int s = 0; s < a.slots; ++s) {
+    for (int s = s_begin; s < s_end; ++s) {
       if (ga[s] == 0.0f) continue;
       const uint8_t* codes = records(slot0 + s) + a.up_codes;
       for (int j = 0; j < kE && e0 + j < a.dim_out; ++j) {
@@ -344,6 +348,13 @@ __global__ void __launch_bounds__(kExpertThreads)
   const int64_t t = blockIdx.x;
   const int64_t slot0 = t * a.slots;
   const float* xt = a.xhat + t * a.dim;
+  int s_begin = 0;
+  int s_end = a.slots;
+  if (a.ranges != nullptr) {
+    s_begin = a.ranges[2 * t];
+    s_end = a.ranges[2 * t + 1];
+    if (s_begin >= s_end) return;  // the whole block: nothing of this token in this pass
+  }
 
   for (int s = tid; s < a.slots; s += blockDim.x) zs[s] = 0.0f;
 
@@ -357,13 +368,13 @@ __global__ void __launch_bounds__(kExpertThreads)
     }
     __syncthreads();
     // The slot loop is warp-uniform, so every lane reaches the shuffles in warp_sum.
-    for (int s = warp; s < a.slots; s += kExpertWarps) {
+    for (int s = s_begin + warp; s < s_end; s += kExpertWarps) {
       const float partial = warp_sum(down_dot_lane<kType>(records(slot0 + s), a, c0, c1, xs, lane));
       if (lane == 0) zs[s] += partial;
     }
   }
   __syncthreads();
-  for (int s = tid; s < a.slots; s += blockDim.x) {
+  for (int s = s_begin + tid; s < s_end; s += blockDim.x) {
     // As the CPU path: float(gate * act(z)) with the activation in double.
     zs[s] = static_cast<float>(static_cast<double>(a.gates[slot0 + s]) *
                                activation_ref(a.activation, static_cast<double>(zs[s])));
@@ -378,12 +389,14 @@ __global__ void __launch_bounds__(kExpertThreads)
   const int64_t columns = (padded_out + kE - 1) / kE;
   float* yt = a.y + t * a.dim_out;
   for (int64_t col = tid; col < columns; col += blockDim.x) {
-    up_column<kType>(a, records, slot0, zs, col * kE, yt);
+    up_column<kType>(a, records, slot0, zs, s_begin, s_end, col * kE, yt);
   }
 }
 
-ExpertArgs make_args(const ExpertPass& p, const float* xhat, const float* gates, float* y) {
+ExpertArgs make_args(const ExpertPass& p, const float* xhat, const float* gates, float* y,
+                     const int32_t* ranges = nullptr) {
   ExpertArgs a;
+  a.ranges = ranges;
   a.xhat = xhat;
   a.gates = gates;
   a.y = y;
@@ -436,6 +449,12 @@ size_t expert_pass_smem_bytes(const ExpertPass& pass) {
 Status launch_peer_experts(const ExpertPass& pass, const float* xhat, const float* gates,
                            const uint8_t* const* records, float* y, cudaStream_t stream) {
   return launch(pass, make_args(pass, xhat, gates, y), RecordPointers{records}, stream);
+}
+
+Status launch_peer_experts_ranged(const ExpertPass& pass, const float* xhat, const float* gates,
+                                  const uint8_t* const* records, const int32_t* ranges, float* y,
+                                  cudaStream_t stream) {
+  return launch(pass, make_args(pass, xhat, gates, y, ranges), RecordPointers{records}, stream);
 }
 
 Status launch_peer_experts_indexed(const ExpertPass& pass, const float* xhat, const float* gates,

@@ -41,7 +41,17 @@ size_t expert_pass_smem_bytes(const ExpertPass& pass);
 Status launch_peer_experts(const ExpertPass& pass, const float* xhat, const float* gates,
                            const uint8_t* const* records, float* y, cudaStream_t stream);
 
-// As above with the record of slot s at table + record_index[s] * stride.
+// The ranged pass: token t computes only its slots [ranges[2t], ranges[2t + 1]) (relative to
+// the token), continuing the fp32 sum y[t] holds when the range does not start at 0, so passes
+// over consecutive ranges of every slot give launch_peer_experts' bits (the records a pass does
+// not cover are not read and may be null). runtime/layer/expert_waves.h plans the ranges.
+// REQUIRES: as above; 0 <= begin <= end <= slots per token; y[t] from the previous pass of the
+// token when begin > 0.
+Status launch_peer_experts_ranged(const ExpertPass& pass, const float* xhat, const float* gates,
+                                  const uint8_t* const* records, const int32_t* ranges, float* y,
+                                  cudaStream_t stream);
+
+// As launch_peer_experts with the record of slot s at table + record_index[s] * stride.
 Status launch_peer_experts_indexed(const ExpertPass& pass, const float* xhat, const float* gates,
                                    const uint8_t* table, const int64_t* record_index,
                                    uint64_t stride, float* y, cudaStream_t stream);

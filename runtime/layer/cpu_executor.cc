@@ -34,7 +34,7 @@ class CpuExecutor final : public PeerExecutor {
     return Status::ok_status();
   }
 
-  // Wave 1 on the records that are here, wave 2 on the rest once they land.
+  // Wave 1 on the records that are here, then one wave per landing group, the last on the rest.
   Status experts(const PeerRouting& r, ExpertSource& source, float* y,
                  PeerBatchStats* stats) override {
     Stopwatch start;
@@ -58,6 +58,16 @@ class CpuExecutor final : public PeerExecutor {
       progress_.reset(r.tokens, r.heads * r.topk);
       peer_experts_resume(config_, layout, xhat_.data(), r, batch_.slot_records.data(), y,
                           &progress_, threads_, options_.expert_dot);
+      // Each group of the disk's reads as it lands (a source reading in landing groups), then
+      // the rest.
+      for (;;) {
+        landed_.clear();
+        TROVE_RETURN_IF_ERROR(lease.wait_landed(batch_.unique_records, &landed_));
+        if (landed_.empty()) break;
+        batch_.point_slots();
+        peer_experts_resume(config_, layout, xhat_.data(), r, batch_.slot_records.data(), y,
+                            &progress_, threads_, options_.expert_dot);
+      }
       TROVE_RETURN_IF_ERROR(lease.finish(batch_.unique_records));
       batch_.point_slots();
       peer_experts_resume(config_, layout, xhat_.data(), r, batch_.slot_records.data(), y,
@@ -95,6 +105,7 @@ class CpuExecutor final : public PeerExecutor {
   std::vector<float> xhat_, q_;
   ExpertBatch batch_;
   PeerExpertProgress progress_;
+  std::vector<uint32_t> landed_;
 };
 
 }  // namespace

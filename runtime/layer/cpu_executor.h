@@ -1,7 +1,8 @@
 // The cpu executor (runtime/layer/peer_executor.h): the PEER layer's SIMD + threaded kernels
 // (kernels/cpu/peer.h). Its expert pass overlaps the expert source's fetch: wave 1 runs on the
-// records that are here while the tiers read the rest, wave 2 on those once they land
-// (runtime/tiers/tiered_source.h has the timeline; the result does not depend on which records
+// records that are here while the tiers read the rest, a wave per landing group as each lands
+// (TieredSourceOptions::landing_groups), the last on the rest (runtime/tiers/tiered_source.h
+// has the timeline; the result does not depend on which records
 // came late, kernels/cpu/peer.h: peer_experts_resume).
 #pragma once
 

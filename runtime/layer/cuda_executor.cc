@@ -42,11 +42,13 @@ Result<H2dMethod> parse_h2d_method(std::string_view s) {
 #include "base/numeric.h"
 #include "base/stopwatch.h"
 #include "base/strings.h"
+#include "kernels/cpu/peer.h"
 #include "kernels/cuda/cuda_memory.h"
 #include "kernels/cuda/peer_cuda.h"
 #include "kernels/cuda/peer_cuda_backward.h"
 #include "kernels/cuda/residency.h"
 #include "runtime/layer/expert_batch.h"
+#include "runtime/layer/expert_waves.h"
 #include "runtime/tiers/expert_cache.h"
 
 namespace trove {
@@ -141,6 +143,10 @@ int method_index(H2dMethod m) {
   return static_cast<int>(m);
 }
 
+// The source's lease on a batch's misses: begun (what is in host memory readable, the disk's on
+// its way), then finished (every record readable) until released.
+enum class SourceLease { kNone, kBegun, kFinished };
+
 }  // namespace
 
 std::shared_ptr<SlotMemory> make_pinned_slot_memory() {
@@ -181,6 +187,10 @@ class CudaExecutor final : public PeerExecutor {
   // The expert pass over `routing` on the x-hat of the last route(), batch_ deduped.
   Status run_experts(const PeerRouting& routing, ExpertSource& source, float* y,
                      DeviceTransferStats* stats);
+  // run_experts' flow in waves, once the source has begun the misses (`pending` of them on
+  // their way from disk) and the CPU's share is chosen; finishes the source's lease (*lease).
+  Status run_waves(const PeerRouting& routing, ExpertSource& source, float* y, size_t pending,
+                   DeviceTransferStats* stats, SourceLease* lease);
   // The counters of a batch that took `start` until now.
   void count(const PeerRouting& routing, const DeviceTransferStats& device,
              const ExpertFetchStats& fetch, const Stopwatch& start, PeerBatchStats* stats) const;
@@ -197,6 +207,7 @@ struct CudaExecutor::Impl {
   CudaPeerContext ctx;
   CudaCopyStream copies;
   CudaEvent copy_start, copy_end, computed;
+  CudaEvent kernel_start;                    // before an expert kernel timed alone (device rate)
   std::vector<CudaEvent> chunk_ready;        // one per chunk, grown
   std::unique_ptr<ExpertCache> device_tier;  // null without --vram
 
@@ -236,6 +247,29 @@ struct CudaExecutor::Impl {
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
   CacheBatch batch;
+  // The flow in waves and the CPU's share (cpu_misses).
+  bool cpu_misses = false;
+  int cpu_threads = 0;
+  MissCostRates rates;  // measured: the CPU's and the device's (H2D: best_batch_rate)
+  SlotWaves waves;
+  CudaDeviceMemory zero_record;  // one record of zeros: the CPU's slots on the device
+  std::vector<uint8_t> on_cpu;   // per unique id: the CPU computes it
+  int64_t cpu_count = 0;         // unique ids on the CPU
+  std::vector<uint8_t> ready_u;  // per unique id: its record is on the device for this wave
+  std::vector<uint32_t> copy_u;  // unique index of each miss copied to the device
+  std::vector<int64_t> t0_ids;   // what T0 admits when the CPU takes some misses
+  std::vector<uint32_t> t0_u;
+  std::vector<int32_t> j_of_u, uses_u, cand_uses;
+  std::vector<uint32_t> cand_j;
+  std::vector<uint8_t> selected;
+  std::vector<const uint8_t*> cpu_records;
+  std::vector<float> xhat_host, y_cpu;
+  std::vector<uint32_t> landed;  // ExpertSource::wait_landed's
+  // Per wave of a batch: its tables (record addresses, ranges) on the host and the device, and
+  // its copies' start and end events; grown to the most waves a batch has had.
+  std::vector<PinnedHostBuffer> wave_host;
+  std::vector<CudaDeviceMemory> wave_dev;
+  std::vector<CudaEvent> wave_events;
 
   Status route_on_device(const PeerDenseParams& params, const float* x_host, int64_t tokens,
                          bool with_routing, PeerDeviceRouting* r);
@@ -322,7 +356,7 @@ struct CudaExecutor::Impl {
       changed.push_back(id);
     }
     if (committed) {
-      for (uint32_t u : miss_u) {
+      for (uint32_t u : copy_u) {
         resident_host[static_cast<size_t>(unique_ids[u])] = dest[u];
         changed.push_back(unique_ids[u]);
       }
@@ -375,6 +409,67 @@ struct CudaExecutor::Impl {
     resident_stale = false;
     changed.clear();
     return Status::ok_status();
+  }
+
+  // What a batch's copies moved, by `method`, in `seconds` of copy-stream time.
+  void note_copies(H2dMethod method, uint64_t bytes, double seconds) {
+    H2dMethodTotals& t = totals[method_index(method)];
+    ++t.batches;
+    t.bytes += bytes;
+    t.seconds += seconds;
+    if (seconds > 0) {
+      double& best = best_batch_rate[method_index(method)];
+      best = std::max(best, static_cast<double>(bytes) / seconds);
+    }
+  }
+
+  // The device's rate from an expert kernel of `slots` slots between kernel_start and computed.
+  void note_device_rate(int64_t slots) {
+    if (slots <= 0) return;
+    const Result<double> s = CudaEvent::elapsed_seconds(kernel_start, computed);
+    if (s.ok() && *s > 0) rates.device_slots_per_second = static_cast<double>(slots) / *s;
+  }
+
+  Status reserve_wave(int k, size_t bytes) {
+    const auto n = static_cast<size_t>(k) + 1;
+    if (wave_host.size() < n) wave_host.resize(n);
+    if (wave_dev.size() < n) wave_dev.resize(n);
+    while (wave_events.size() < 2 * n) {
+      TROVE_ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::create());
+      wave_events.push_back(std::move(e));
+    }
+    TROVE_RETURN_IF_ERROR(reserve(&wave_host[n - 1], bytes));
+    return reserve(&wave_dev[n - 1], bytes);
+  }
+
+  Status reserve_zero_record() {
+    if (zero_record.bytes() >= layout.stride) return Status::ok_status();
+    TROVE_RETURN_IF_ERROR(reserve(&zero_record, layout.stride));
+    const std::vector<uint8_t> zeros(layout.stride, 0);
+    TROVE_RETURN_IF_ERROR(copies.copy_async(zero_record.data(), zeros.data(), zeros.size()));
+    return copies.synchronize();
+  }
+
+  // cpu_misses: on_cpu and cpu_count for the misses in host memory (miss_records set) that
+  // choose_cpu_misses gives to the CPU, from the rates measured so far.
+  void choose_cpu_share(std::span<const int32_t> slot_index) {
+    uses_u.assign(on_cpu.size(), 0);
+    for (int32_t u : slot_index) ++uses_u[static_cast<size_t>(u)];
+    cand_j.clear();
+    cand_uses.clear();
+    int64_t candidate_slots = 0;
+    for (size_t j = 0; j < miss_u.size(); ++j) {
+      if (miss_records[j] == nullptr) continue;
+      cand_j.push_back(static_cast<uint32_t>(j));
+      cand_uses.push_back(uses_u[miss_u[j]]);
+      candidate_slots += uses_u[miss_u[j]];
+    }
+    MissCostRates r = rates;
+    for (double b : best_batch_rate) r.h2d_bytes_per_second = std::max(r.h2d_bytes_per_second, b);
+    const std::vector<uint32_t> share = choose_cpu_misses(
+        cand_uses, layout.stride, static_cast<int64_t>(slot_index.size()) - candidate_slots, r);
+    for (uint32_t i : share) on_cpu[miss_u[cand_j[i]]] = 1;
+    cpu_count = static_cast<int64_t>(share.size());
   }
 
   Status reserve_events(int chunks) {
@@ -439,6 +534,8 @@ Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig& confi
   impl->layout = layout;
   impl->h2d = options.h2d;
   impl->pipeline_chunks = options.pipeline_chunks;
+  impl->cpu_misses = options.cpu_misses;
+  impl->cpu_threads = options.cpu_threads;
   for (H2dMethod m : {H2dMethod::kAuto, H2dMethod::kSlab, H2dMethod::kBatch, H2dMethod::kGather}) {
     impl->totals[method_index(m)].method = m;
   }
@@ -447,6 +544,7 @@ Result<std::unique_ptr<PeerExecutor>> make_cuda_executor(const PeerConfig& confi
   TROVE_ASSIGN_OR_RETURN(impl->copy_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->copy_end, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->computed, CudaEvent::create());
+  TROVE_ASSIGN_OR_RETURN(impl->kernel_start, CudaEvent::create());
   TROVE_ASSIGN_OR_RETURN(impl->routed, CudaEvent::create());
   if (options.vram_budget_bytes > 0) {
     ExpertCacheOptions o;
@@ -587,6 +685,7 @@ Status CudaExecutor::route_resident(const PeerDenseParams& params, const float* 
       const size_t y_bytes = static_cast<size_t>(tokens * c.dim_out) * sizeof(float);
       TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
       auto* yd = reinterpret_cast<float*>(m.y.data());
+      TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
       TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout,
                                                  reinterpret_cast<const float*>(m.xhat.data()),
                                                  tokens, r.gates, pointers, yd));
@@ -642,6 +741,7 @@ Status CudaExecutor::finish_resident(const PeerRouting& routing, float* y,
   TROVE_RETURN_IF_ERROR(s);
   TROVE_RETURN_IF_ERROR(ran);
   TROVE_RETURN_IF_ERROR(copied);
+  m.note_device_rate(static_cast<int64_t>(routing.slots()));
   stats->hits = static_cast<int64_t>(unique_ids.size());
   stats->chunks = 1;
   stats->pinned = m.staging.pinned() || m.staging.bytes() == 0;
@@ -666,24 +766,81 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
   const int chunks = m.chunks_for(T);
   const int64_t chunk_tokens = (T + chunks - 1) / chunks;
 
-  // 1. Where each unique expert's record lives on the device, and which ones must be copied.
+  // 1. Which unique experts the device lacks (miss_u). T0 admits the batch first, except when
+  // the CPU may take some misses (cpu_misses): then T0 is probed, the source answers which
+  // misses are in host memory, and T0 admits only what the device will compute (step 3).
   ExpertCache* t0 = m.device_tier.get();
   m.dest.assign(unique, nullptr);
+  m.on_cpu.assign(unique, 0);
+  m.cpu_count = 0;
+  m.copy_u.clear();
   m.miss_u.clear();
+  bool admitted = false;
+  std::span<const int64_t> t0_ids = unique_ids;  // what T0 admitted
   if (t0 != nullptr) {
     t0->report_requested(static_cast<int64_t>(slots));
-    TROVE_RETURN_IF_ERROR(t0->admit(unique_ids, &m.batch));
-    for (size_t u = 0; u < unique; ++u) m.dest[u] = m.batch.slots[u];
-    m.miss_u.assign(m.batch.miss_index.begin(), m.batch.miss_index.end());
+    if (!m.cpu_misses) {
+      TROVE_RETURN_IF_ERROR(t0->admit(unique_ids, &m.batch));
+      admitted = true;
+      for (size_t u = 0; u < unique; ++u) m.dest[u] = m.batch.slots[u];
+      m.miss_u.assign(m.batch.miss_index.begin(), m.batch.miss_index.end());
+    } else {
+      for (size_t u = 0; u < unique; ++u) {
+        if (!t0->contains(unique_ids[u])) m.miss_u.push_back(static_cast<uint32_t>(u));
+      }
+    }
   } else {
     m.miss_u.resize(unique);
     for (size_t u = 0; u < unique; ++u) m.miss_u[u] = static_cast<uint32_t>(u);
   }
-  const size_t misses = m.miss_u.size();
-  bool acquired = false;
+  size_t misses = m.miss_u.size();
+  // The source's lease on the misses: begun (records in host memory readable, the disk's on
+  // their way), then finished (every record readable) until released.
+  SourceLease lease = SourceLease::kNone;
 
   Status done = [&]() -> Status {
-    // 2. Each miss joins the first chunk whose tokens use it (slots are in token order).
+    // 2. The misses' records, leased from the source until their copies are done: those in host
+    // memory now, the disk's as they land (ExpertSource::begin_acquire / finish_acquire).
+    m.miss_ids.resize(misses);
+    m.miss_records.resize(misses);
+    for (size_t j = 0; j < misses; ++j) m.miss_ids[j] = unique_ids[m.miss_u[j]];
+    TROVE_RETURN_IF_ERROR(source.begin_acquire(m.miss_ids, m.miss_records));
+    lease = SourceLease::kBegun;
+    size_t pending = 0;
+    for (const uint8_t* r : m.miss_records) pending += r == nullptr ? 1 : 0;
+
+    // 3. cpu_misses: the CPU's share among the misses in host memory, then T0's admission of the
+    // rest (its misses are then exactly the probed ones the CPU does not take).
+    if (m.cpu_misses) {
+      m.choose_cpu_share(slot_index);
+      if (t0 != nullptr) {
+        m.t0_ids.clear();
+        m.t0_u.clear();
+        for (size_t u = 0; u < unique; ++u) {
+          if (m.on_cpu[u] != 0) continue;
+          m.t0_ids.push_back(unique_ids[u]);
+          m.t0_u.push_back(static_cast<uint32_t>(u));
+        }
+        t0_ids = m.t0_ids;
+        TROVE_RETURN_IF_ERROR(t0->admit(t0_ids, &m.batch));
+        admitted = true;
+        for (size_t i = 0; i < t0_ids.size(); ++i) m.dest[m.t0_u[i]] = m.batch.slots[i];
+        size_t probed = 0;  // misses not on the CPU, in miss_u order
+        for (uint32_t u : m.miss_u) probed += m.on_cpu[u] == 0 ? 1 : 0;
+        TROVE_CHECK_MSG(m.batch.miss_index.size() == probed,
+                        "the device tier missed %zu experts of a batch, its probe %zu",
+                        m.batch.miss_index.size(), probed);
+      }
+    }
+    if (pending > 0 || m.cpu_count > 0) {
+      return run_waves(routing, source, y, pending, stats, &lease);
+    }
+    const Status finished = source.finish_acquire(m.miss_ids, m.miss_records);
+    lease = finished.ok() ? SourceLease::kFinished : SourceLease::kNone;
+    TROVE_RETURN_IF_ERROR(finished);
+    m.copy_u.assign(m.miss_u.begin(), m.miss_u.end());
+
+    // 4. Each miss joins the first chunk whose tokens use it (slots are in token order).
     m.first_chunk.assign(unique, -1);
     for (size_t s = 0; s < slots; ++s) {
       int32_t& f = m.first_chunk[static_cast<size_t>(slot_index[s])];
@@ -704,20 +861,13 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       TROVE_RETURN_IF_ERROR(reserve(&m.slab, misses * stride));
       for (size_t j = 0; j < misses; ++j) m.dest[m.miss_u[m.order[j]]] = m.slab.data() + j * stride;
     }
-
-    // 3. The misses' records, leased from the source until their copies are done.
-    m.miss_ids.resize(misses);
-    m.miss_records.resize(misses);
-    for (size_t j = 0; j < misses; ++j) m.miss_ids[j] = unique_ids[m.miss_u[j]];
-    TROVE_RETURN_IF_ERROR(source.acquire(m.miss_ids, m.miss_records));
-    acquired = true;
     bool mapped = true;
     for (size_t j = 0; j < misses && mapped; ++j) {
       mapped = source.device_address(m.miss_records[j]) != nullptr;
     }
     const H2dMethod method = misses > 0 ? m.pick_method(mapped) : H2dMethod::kSlab;
 
-    // 4. Tables: [per-slot record addresses][gates] | gather: [sources][destinations] | slab:
+    // 5. Tables: [per-slot record addresses][gates] | gather: [sources][destinations] | slab:
     // [records in chunk order]. The first part is one copy; the rest moves per chunk.
     const size_t gates_at = align_up(slots * sizeof(void*), 256);
     const size_t gather_at = align_up(gates_at + slots * sizeof(float), 256);
@@ -740,7 +890,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       }
     }
 
-    // 5. The pipeline (the header's timeline).
+    // 6. The pipeline (the header's timeline).
     const size_t y_bytes = static_cast<size_t>(T * c.dim_out) * sizeof(float);
     TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
     TROVE_RETURN_IF_ERROR(m.copy_start.record(m.copies));
@@ -758,6 +908,8 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       if (t_count <= 0) continue;
       const size_t first_slot = static_cast<size_t>(t_begin * per_token);
       TROVE_RETURN_IF_ERROR(m.ctx.wait(ready));
+      // One chunk: the kernel alone between the events, for the device's rate (cpu_misses).
+      if (chunks == 1) TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
       TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout, xh + t_begin * c.dim, t_count,
                                                  dev_gates + first_slot, dev_pointers + first_slot,
                                                  yd + t_begin * c.dim_out));
@@ -768,6 +920,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
     TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
     TROVE_RETURN_IF_ERROR(m.copies.synchronize());
     TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
+    if (chunks == 1) m.note_device_rate(static_cast<int64_t>(slots));
 
     TROVE_ASSIGN_OR_RETURN(stats->copy_seconds,
                            CudaEvent::elapsed_seconds(m.copy_start, m.copy_end));
@@ -777,14 +930,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
     stats->method = method;
     stats->chunks = chunks;
     if (misses > 0) {
-      H2dMethodTotals& t = m.totals[method_index(method)];
-      ++t.batches;
-      t.bytes += record_bytes;
-      t.seconds += stats->copy_seconds;
-      if (stats->copy_seconds > 0) {
-        double& best = m.best_batch_rate[method_index(method)];
-        best = std::max(best, static_cast<double>(record_bytes) / stats->copy_seconds);
-      }
+      m.note_copies(method, record_bytes, stats->copy_seconds);
       if (m.h2d == H2dMethod::kAuto && m.chosen == H2dMethod::kAuto &&
           m.trials >= 3 * kTrialBatches) {
         m.chosen = m.fastest();
@@ -795,24 +941,250 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
 
   if (!done.ok()) {
     // Copies or kernels queued before the error may still read the leased records and the
-    // staging memory: let them finish before the leases end.
+    // staging memory: let them finish before the leases end; reads still in flight land first.
     (void)m.copies.synchronize();
     (void)m.ctx.synchronize();
+    if (lease == SourceLease::kBegun) {
+      // An error from finish_acquire leaves nothing acquired.
+      lease = source.finish_acquire(m.miss_ids, m.miss_records).ok() ? SourceLease::kFinished
+                                                                     : SourceLease::kNone;
+    }
   }
-  if (acquired) source.release(m.miss_ids);
-  if (t0 != nullptr) {
+  if (lease == SourceLease::kFinished) source.release(m.miss_ids);
+  if (admitted) {
     m.note_residency(unique_ids, done.ok());
     if (!done.ok()) {
-      t0->abort_fills(unique_ids, m.batch);
+      t0->abort_fills(t0_ids, m.batch);
       return done;
     }
-    t0->commit_fills(unique_ids, m.batch);
-    t0->release(unique_ids);
-    m.try_resident = misses == 0;
+    t0->commit_fills(t0_ids, m.batch);
+    t0->release(t0_ids);
+    m.try_resident = m.copy_u.empty() && m.cpu_count == 0;
   }
   TROVE_RETURN_IF_ERROR(done);
+  misses = m.copy_u.size();
   stats->misses = static_cast<int64_t>(misses);
-  stats->hits = static_cast<int64_t>(unique - misses);
+  stats->hits = static_cast<int64_t>(unique - misses) - m.cpu_count;
+  return Status::ok_status();
+}
+
+// The flow in waves (the header's third timeline): what is on the device or in host memory now
+// is copied and computed at once, the disk's records group by group as they land
+// (ExpertSource::wait_landed, then finish_acquire); each token's slots are summed in their
+// fixed order across the waves (runtime/layer/expert_waves.h), so y is the all-resident y to
+// the bit. The CPU's share (cpu_misses) is computed on the host meanwhile and added to y at the
+// end. Records move by the slab method (the host packs each wave's records into pinned
+// staging; one copy per wave).
+Status CudaExecutor::run_waves(const PeerRouting& routing, ExpertSource& source, float* y,
+                               size_t pending, DeviceTransferStats* stats, SourceLease* lease) {
+  Impl& m = *impl_;
+  const std::span<const int64_t> unique_ids = batch_.unique_ids;
+  const std::span<const int32_t> slot_index = batch_.slot_index;
+  const PeerConfig& c = m.config;
+  const size_t slots = routing.slots();
+  const size_t unique = unique_ids.size();
+  const size_t stride = m.layout.stride;
+  const int64_t T = routing.tokens;
+  const int64_t per_token = c.heads * c.topk;
+  const size_t misses = m.miss_u.size();
+  ExpertCache* t0 = m.device_tier.get();
+
+  // Copies in wave order (`order`: miss indices; the first `first_wave` are in host memory
+  // now); the CPU's share is never copied (it is chosen among those in host memory).
+  m.order.clear();
+  m.copy_u.clear();
+  for (size_t j = 0; j < misses; ++j) {
+    if (m.miss_records[j] != nullptr && m.on_cpu[m.miss_u[j]] == 0) {
+      m.order.push_back(static_cast<uint32_t>(j));
+      m.copy_u.push_back(m.miss_u[j]);
+    }
+  }
+  const size_t first_wave = m.order.size();
+  const size_t copies = first_wave + pending;
+  if (t0 == nullptr) TROVE_RETURN_IF_ERROR(reserve(&m.slab, copies * stride));
+  if (m.cpu_count > 0) {
+    // The CPU's slots read a zero record with a zero gate on the device: they add nothing there.
+    TROVE_RETURN_IF_ERROR(m.reserve_zero_record());
+    for (size_t u = 0; u < unique; ++u) {
+      if (m.on_cpu[u] != 0) m.dest[u] = m.zero_record.data();
+    }
+  }
+  m.ready_u.assign(unique, 1);
+  for (size_t j = 0; j < misses; ++j) {
+    if (m.miss_records[j] == nullptr) m.ready_u[m.miss_u[j]] = 0;
+  }
+
+  // Staging: [gates][records in wave order], the gates copied once; each wave's [record
+  // addresses][ranges] in a buffer of its own (host and device), so no wave's tables are
+  // written while an earlier wave's copy or kernel reads them.
+  const size_t records_at = align_up(slots * sizeof(float), 256);
+  TROVE_RETURN_IF_ERROR(reserve(&m.staging, records_at + copies * stride));
+  TROVE_RETURN_IF_ERROR(reserve(&m.tables, slots * sizeof(float)));
+  const size_t ranges_at = align_up(slots * sizeof(void*), 256);
+  const size_t wave_bytes = ranges_at + static_cast<size_t>(2 * T) * sizeof(int32_t);
+  const size_t y_bytes = static_cast<size_t>(T * c.dim_out) * sizeof(float);
+  TROVE_RETURN_IF_ERROR(reserve(&m.y, y_bytes));
+  uint8_t* packed = m.staging.data() + records_at;
+  const auto* xh = reinterpret_cast<const float*>(m.xhat.data());
+  auto* yd = reinterpret_cast<float*>(m.y.data());
+  const auto* dev_gates = reinterpret_cast<const float*>(m.tables.data());
+  auto* gates = reinterpret_cast<float*>(m.staging.data());
+  std::memcpy(gates, routing.gates.data(), slots * sizeof(float));
+  for (size_t s = 0; s < slots; ++s) {
+    if (m.on_cpu[static_cast<size_t>(slot_index[s])] != 0) gates[s] = 0.0f;
+  }
+
+  // Wave k: copies order[b, e) (their records packed at positions b..e-1) and the tables, then
+  // the kernel over each token's next range. Returns the slots it computed in *computed.
+  int waves = 0;
+  int64_t last_wave = 0;
+  const auto queue_wave = [&](size_t b, size_t e, int64_t* computed) -> Status {
+    const int k = waves++;
+    TROVE_RETURN_IF_ERROR(m.reserve_wave(k, wave_bytes));
+    uint8_t* host = m.wave_host[static_cast<size_t>(k)].data();
+    uint8_t* dev = m.wave_dev[static_cast<size_t>(k)].data();
+    for (size_t i = b; i < e; ++i) {
+      const uint32_t j = m.order[i];
+      std::memcpy(packed + i * stride, m.miss_records[j], stride);
+      if (t0 == nullptr) m.dest[m.miss_u[j]] = m.slab.data() + i * stride;
+      m.ready_u[m.miss_u[j]] = 1;
+    }
+    auto* pointers = reinterpret_cast<const uint8_t**>(host);
+    for (size_t s = 0; s < slots; ++s) {
+      const auto u = static_cast<size_t>(slot_index[s]);
+      pointers[s] = m.ready_u[u] != 0 ? m.dest[u] : nullptr;
+    }
+    const std::span<int32_t> ranges(reinterpret_cast<int32_t*>(host + ranges_at),
+                                    static_cast<size_t>(2 * T));
+    *computed = m.waves.next(slot_index, m.ready_u, ranges);
+    CudaEvent& start = m.wave_events[static_cast<size_t>(2 * k)];
+    CudaEvent& ready = m.wave_events[static_cast<size_t>(2 * k + 1)];
+    TROVE_RETURN_IF_ERROR(start.record(m.copies));
+    if (k == 0) {
+      TROVE_RETURN_IF_ERROR(m.copies.copy_async(m.tables.data(), gates, slots * sizeof(float)));
+    }
+    TROVE_RETURN_IF_ERROR(m.copies.copy_async(dev, host, wave_bytes));
+    if (e > b) {
+      if (t0 == nullptr) {  // contiguous in the device slab, in wave order
+        TROVE_RETURN_IF_ERROR(
+            m.copies.copy_async(m.slab.data() + b * stride, packed + b * stride, (e - b) * stride));
+      } else {
+        m.dsts.clear();
+        m.srcs.clear();
+        m.sizes.assign(e - b, stride);
+        for (size_t i = b; i < e; ++i) {
+          m.dsts.push_back(m.dest[m.miss_u[m.order[i]]]);
+          m.srcs.push_back(packed + i * stride);
+        }
+        TROVE_RETURN_IF_ERROR(
+            m.copies.copy_batch_async(m.dsts.data(), m.srcs.data(), m.sizes.data(), e - b));
+      }
+    }
+    TROVE_RETURN_IF_ERROR(ready.record(m.copies));
+    if (*computed == 0) return Status::ok_status();
+    last_wave = *computed;
+    TROVE_RETURN_IF_ERROR(m.ctx.wait(ready));
+    TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
+    return m.ctx.experts_device_ranged(c, m.layout, xh, T, dev_gates,
+                                       reinterpret_cast<const uint8_t* const*>(dev),
+                                       reinterpret_cast<const int32_t*>(dev + ranges_at), yd);
+  };
+
+  // The CPU's share needs x-hat on the host: back before anything else is queued.
+  if (m.cpu_count > 0) {
+    m.xhat_host.resize(static_cast<size_t>(T * c.dim));
+    TROVE_RETURN_IF_ERROR(
+        m.copies.copy_async(m.xhat_host.data(), xh, m.xhat_host.size() * sizeof(float)));
+    TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+  }
+
+  // Wave 1: the device's hits, the host's misses and the CPU's (a zero record).
+  m.waves.reset(T, per_token);
+  TROVE_RETURN_IF_ERROR(queue_wave(0, first_wave, &stats->early_slots));
+
+  // The CPU's share while the device computes and the disk reads.
+  if (m.cpu_count > 0) {
+    m.cpu_records.assign(slots, nullptr);
+    m.selected.assign(slots, 0);
+    m.j_of_u.assign(unique, -1);
+    for (size_t j = 0; j < misses; ++j) m.j_of_u[m.miss_u[j]] = static_cast<int32_t>(j);
+    for (size_t s = 0; s < slots; ++s) {
+      const auto u = static_cast<size_t>(slot_index[s]);
+      if (m.on_cpu[u] == 0) continue;
+      m.selected[s] = 1;
+      m.cpu_records[s] = m.miss_records[static_cast<size_t>(m.j_of_u[u])];
+      ++stats->cpu_slots;
+    }
+    m.y_cpu.resize(static_cast<size_t>(T * c.dim_out));
+    const Stopwatch cpu;
+    peer_experts_partial(c, m.layout, m.xhat_host.data(), routing, m.cpu_records.data(),
+                         m.selected.data(), m.y_cpu.data(), m.cpu_threads);
+    stats->cpu_seconds = cpu.seconds();
+    stats->cpu_misses = m.cpu_count;
+    if (stats->cpu_seconds > 0) {
+      m.rates.cpu_slots_per_second = static_cast<double>(stats->cpu_slots) / stats->cpu_seconds;
+    }
+  }
+
+  // Then the disk's records, each group as it lands, each token resuming where it stopped.
+  int64_t computed = 0;
+  for (;;) {
+    m.landed.clear();
+    const Status landed = source.wait_landed(m.miss_ids, m.miss_records, &m.landed);
+    if (!landed.ok()) {
+      *lease = SourceLease::kNone;
+      return landed;
+    }
+    if (m.landed.empty()) break;
+    const size_t b = m.order.size();
+    for (uint32_t j : m.landed) {
+      m.order.push_back(j);
+      m.copy_u.push_back(m.miss_u[j]);
+    }
+    TROVE_RETURN_IF_ERROR(queue_wave(b, m.order.size(), &computed));
+  }
+  const Status finished = source.finish_acquire(m.miss_ids, m.miss_records);
+  *lease = finished.ok() ? SourceLease::kFinished : SourceLease::kNone;
+  TROVE_RETURN_IF_ERROR(finished);
+  if (m.order.size() < copies) {
+    const size_t b = m.order.size();
+    for (size_t j = 0; j < misses; ++j) {
+      if (m.ready_u[m.miss_u[j]] == 0) {
+        m.order.push_back(static_cast<uint32_t>(j));
+        m.copy_u.push_back(m.miss_u[j]);
+      }
+    }
+    TROVE_RETURN_IF_ERROR(queue_wave(b, m.order.size(), &computed));
+  }
+  TROVE_CHECK_MSG(m.order.size() == copies && m.waves.done(),
+                  "%zu of %zu records copied, %lld tokens not computed", m.order.size(), copies,
+                  static_cast<long long>(m.waves.pending_tokens()));
+  TROVE_RETURN_IF_ERROR(m.ctx.record(m.computed));
+  TROVE_RETURN_IF_ERROR(m.copies.wait(m.computed));
+  TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
+  TROVE_RETURN_IF_ERROR(m.copies.synchronize());
+  TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
+  if (m.cpu_count > 0) {
+    const size_t n = m.y_cpu.size();
+    for (size_t i = 0; i < n; ++i) y[i] += m.y_cpu[i];
+  }
+
+  m.note_device_rate(last_wave);
+  for (int k = 0; k < waves; ++k) {
+    TROVE_ASSIGN_OR_RETURN(
+        const double seconds,
+        CudaEvent::elapsed_seconds(m.wave_events[static_cast<size_t>(2 * k)],
+                                   m.wave_events[static_cast<size_t>(2 * k + 1)]));
+    stats->copy_seconds += seconds;
+  }
+  const uint64_t record_bytes = static_cast<uint64_t>(copies) * stride;
+  if (copies > 0) m.note_copies(H2dMethod::kSlab, record_bytes, stats->copy_seconds);
+  stats->bytes_copied =
+      slots * sizeof(float) + static_cast<uint64_t>(waves) * wave_bytes + record_bytes;
+  stats->pinned = m.staging.pinned();
+  stats->method = H2dMethod::kSlab;
+  stats->chunks = 1;
+  stats->waves = waves;
   return Status::ok_status();
 }
 

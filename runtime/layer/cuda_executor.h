@@ -44,6 +44,22 @@
 // backward() routes on the device as forward() does and runs the CUDA backward
 // (kernels/cuda/peer_cuda_backward.h) on the records leased from the source.
 //
+// Records on disk. The source's lease on T0's misses is taken in two halves (ExpertSource::
+// begin_acquire, finish_acquire): when some of them are still on disk, the batch runs in waves
+// instead of the pipeline above, so the device never waits on the disk before it starts:
+//
+//   host     begin: host-tier misses, pack ┐          finish (disk lands), pack ┐
+//   disk           ████ reads of the misses on disk ████┘                      │
+//   copies               tables 1 + records ─►e1                 tables 2 + records ─►e2 ─ y
+//   ctx                    wait e1: slots [0, first not here) │ wait e2: the rest ─┘
+//
+// Each wave gives every token the slots from where it stopped to its first slot whose record
+// is not on the device (runtime/layer/expert_waves.h), and the ranged kernel continues the
+// token's fp32 sum from y, so y is the same bits whatever was resident or late. With
+// cpu_misses, misses in host memory that the cost model gives to the CPU are summed there
+// (kernels/cpu/peer.h: peer_experts_partial) while the device computes, and added to y at the
+// end; on the device their slots read a zero record with a zero gate.
+//
 // batch and gather need records in pinned, mapped memory (a host tier from
 // make_pinned_slot_memory()); any other source is moved by slab. H2dMethod::kAuto gives each
 // method that applies two batches with misses, then keeps the one with the most bytes per
@@ -100,6 +116,16 @@ struct DeviceTransferStats {
   bool pinned = true;         // the staging slab was pinned (false: the pageable fallback)
   H2dMethod method = H2dMethod::kSlab;  // how the misses moved
   int chunks = 0;                       // pipeline chunks
+  // The flow in waves (records on disk when the batch began, or misses computed on the CPU):
+  // the waves run (0: the chunked pipeline), and the expert kernels of the first wave queued
+  // before the disk's records landed.
+  int waves = 0;
+  int64_t early_slots = 0;  // (token, expert) slots the first wave computed
+  // CudaExecutorOptions::cpu_misses: the device-tier misses computed on the CPU from the host
+  // tier (not copied; not in misses), their (token, expert) slots and the CPU's time on them.
+  int64_t cpu_misses = 0;
+  int64_t cpu_slots = 0;
+  double cpu_seconds = 0;
 };
 
 // PeerLayerOptions::cuda.
@@ -114,6 +140,16 @@ struct CudaExecutorOptions {
   // A batch's transfer and expert kernel run in this many chunks of tokens, chunk c's kernel
   // overlapping chunk c + 1's transfer. 0: one per 256 tokens, 1 to 4.
   int pipeline_chunks = 0;
+  // Misses computed where they are (Fiddler's placement): a device-tier miss whose record is in
+  // the host tier may be computed on the CPU (kernels/cpu/peer.h: peer_experts_partial) instead
+  // of being copied, chosen per batch from the rates measured in the run (H2D bytes/s, the
+  // CPU's and the device's (token, expert) contributions/s; runtime/layer/expert_waves.h:
+  // choose_cpu_misses). y is then the device's sum plus the CPU's, added in fp32: within the
+  // forward tolerance of the all-resident y, not bit-identical to it (the largest error seen in
+  // tests/peer_parity_test.cc is 1.2e-7 of max|y|). Off by default: y is then bit-identical to
+  // the all-resident y whatever was resident.
+  bool cpu_misses = false;
+  int cpu_threads = 0;  // threads of the CPU's share; 0: all cores
 };
 
 // OK when a CUDA device is usable; else kNotSupported saying why (no device, or a build without

@@ -60,6 +60,13 @@ Status ExpertLease::finish(std::span<const uint8_t*> records) {
   return s;
 }
 
+Status ExpertLease::wait_landed(std::span<const uint8_t*> records, std::vector<uint32_t>* landed) {
+  TROVE_CHECK(held_);
+  Status s = source_.wait_landed(ids_, records, landed);
+  if (!s.ok()) held_ = false;
+  return s;
+}
+
 Status ExpertLease::all(ExpertBatch& b) {
   TROVE_RETURN_IF_ERROR(begin(b.unique_ids, b.unique_records));
   TROVE_RETURN_IF_ERROR(finish(b.unique_records));

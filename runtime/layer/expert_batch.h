@@ -41,6 +41,8 @@ class ExpertLease {
   // source has let go of everything). REQUIRES: `ids` outlives the lease.
   Status begin(std::span<const int64_t> ids, std::span<const uint8_t*> records);
   Status finish(std::span<const uint8_t*> records);
+  // ExpertSource::wait_landed: the next group of records on their way; an error ends the lease.
+  Status wait_landed(std::span<const uint8_t*> records, std::vector<uint32_t>* landed);
   // begin and finish of b's unique experts, then b's slot_records.
   Status all(ExpertBatch& b);
 

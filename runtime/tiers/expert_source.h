@@ -72,6 +72,18 @@ class ExpertSource {
   virtual Status finish_acquire(std::span<const int64_t>, std::span<const uint8_t*>) {
     return Status::ok_status();
   }
+  // Between begin_acquire() and finish_acquire(), for a caller that computes on records as they
+  // land: waits until the next group of the records on their way is readable, sets records[i]
+  // for them and appends their indices i to *landed. Returns OK leaving *landed as it was once
+  // nothing is left on its way (finish_acquire() then waits for nothing). An error is as
+  // finish_acquire()'s: nothing stays acquired (no finish_acquire(), no release). The default:
+  // one group, which finish_acquire() waits for.
+  // REQUIRES: the ids and records of the begin_acquire() just before it.
+  virtual Status wait_landed(std::span<const int64_t> /*ids*/,
+                             std::span<const uint8_t*> /*records*/,
+                             std::vector<uint32_t>* /*landed*/) {
+    return Status::ok_status();
+  }
   // OK when one batch may lease `max_unique` distinct experts at once. A source with a bounded
   // tier says otherwise (resource_exhausted naming the budget, and `what` the batch) so callers
   // can refuse a batch size before any work. The default: any batch fits.

@@ -40,6 +40,7 @@ TieredExpertSource::~TieredExpertSource() {
   // A batch begun and never finished: let its reads land before the slots go away.
   if (in_flight_) {
     (void)reader_->wait();
+    if (second_reader_ != nullptr) (void)second_reader_->wait();
     cache_->abort_fills(batch_ids_, batch_);
   }
   for (auto& p : groups_) end(*p);
@@ -50,6 +51,11 @@ Result<std::unique_ptr<TieredExpertSource>> TieredExpertSource::open(
     const TieredSourceOptions& options) {
   TROVE_CHECK(layout.stride == layer.table.stride);
   std::unique_ptr<TieredExpertSource> source(new TieredExpertSource(store, layer, layout));
+  if (options.landing_groups < 1) {
+    return Status::invalid_argument(
+               str_printf("landing groups must be at least 1, got %d", options.landing_groups))
+        .with_context(source->describe());
+  }
   ExpertCacheOptions cache;
   cache.budget_bytes = options.host_budget_bytes;
   cache.slot_bytes = layout.stride;
@@ -62,6 +68,12 @@ Result<std::unique_ptr<TieredExpertSource>> TieredExpertSource::open(
   auto reader = RecordReader::open(store.path(), options.io);
   if (!reader.ok()) return reader.status().with_context(source->describe());
   source->reader_ = std::move(reader).value();
+  if (options.landing_groups > 1) {
+    auto second = RecordReader::open(store.path(), options.io);
+    if (!second.ok()) return second.status().with_context(source->describe());
+    source->second_reader_ = std::move(second).value();
+    source->landing_groups_ = options.landing_groups;
+  }
   source->io_ = options.io;
   source->filling_.assign(static_cast<size_t>(layer.table.count), 0);
   return source;
@@ -149,7 +161,22 @@ Status TieredExpertSource::begin_acquire(std::span<const int64_t> ids,
   const RecordReaderStats before = reader_->stats();
   disk_busy_ = before.busy_seconds;
   disk_bytes_ = before.bytes_read;
-  Status started = reader_->start(reads_);
+  group_begin_.clear();
+  started_groups_ = landed_groups_ = 0;
+  Status started;
+  if (landing_groups_ > 1 && reads_.size() > 1) {
+    // Groups of equal size in id order, two in flight at a time.
+    const size_t groups = std::min(static_cast<size_t>(landing_groups_), reads_.size());
+    for (size_t g = 0; g <= groups; ++g) group_begin_.push_back(reads_.size() * g / groups);
+    const RecordReaderStats second = second_reader_->stats();
+    second_busy_ = second.busy_seconds;
+    second_bytes_ = second.bytes_read;
+    started = start_group(0);
+    if (started.ok()) started = start_group(1);
+    if (!started.ok()) (void)wait_groups();
+  } else {
+    started = reader_->start(reads_);
+  }
   if (!started.ok()) {
     cache_->abort_fills(ids, batch_);
     return started.with_context(describe());
@@ -167,13 +194,33 @@ Status TieredExpertSource::finish_acquire(std::span<const int64_t> ids,
                                           std::span<const uint8_t*> records) {
   TROVE_CHECK(in_flight_ && ids.size() == batch_.slots.size());
   const Stopwatch start;
-  Status s = reader_->wait();
-  last_.stall_seconds += start.seconds();
+  Status s;
+  if (group_begin_.empty()) {
+    s = reader_->wait();
+  } else {
+    while (s.ok() && landed_groups_ < static_cast<int>(group_begin_.size()) - 1) {
+      s = land_next_group();
+    }
+    if (!s.ok()) (void)wait_groups();
+  }
+  return finish_batch(ids, records, s, start.seconds());
+}
+
+Status TieredExpertSource::finish_batch(std::span<const int64_t> ids,
+                                        std::span<const uint8_t*> records, const Status& s,
+                                        double stalled) {
+  last_.stall_seconds += stalled;
   in_flight_ = false;
   mark_filling(ids, batch_, false);
   const RecordReaderStats after = reader_->stats();
   last_.disk_seconds += after.busy_seconds - disk_busy_;
   last_.bytes_read += after.bytes_read - disk_bytes_;
+  if (!group_begin_.empty()) {
+    // The two readers' busy times, summed (they overlap: an upper bound of the disk's time).
+    const RecordReaderStats second = second_reader_->stats();
+    last_.disk_seconds += second.busy_seconds - second_busy_;
+    last_.bytes_read += second.bytes_read - second_bytes_;
+  }
   if (!s.ok()) {
     cache_->abort_fills(ids, batch_);
     return s.with_context(describe());
@@ -181,6 +228,59 @@ Status TieredExpertSource::finish_acquire(std::span<const int64_t> ids,
   cache_->commit_fills(ids, batch_);
   for (uint32_t i : batch_.miss_index) records[i] = batch_.slots[i];
   return Status::ok_status();
+}
+
+Status TieredExpertSource::wait_landed(std::span<const int64_t> ids,
+                                       std::span<const uint8_t*> records,
+                                       std::vector<uint32_t>* landed) {
+  TROVE_CHECK(in_flight_ && ids.size() == batch_.slots.size());
+  const int groups = static_cast<int>(group_begin_.size()) - 1;
+  if (group_begin_.empty() || landed_groups_ == groups) return Status::ok_status();
+  const Stopwatch start;
+  const int g = landed_groups_;
+  const Status s = land_next_group();
+  if (!s.ok()) {
+    (void)wait_groups();
+    return finish_batch(ids, records, s, start.seconds());
+  }
+  last_.stall_seconds += start.seconds();
+  // reads_[r] is the read of miss miss_index[r].
+  for (size_t r = group_begin_[static_cast<size_t>(g)];
+       r < group_begin_[static_cast<size_t>(g) + 1]; ++r) {
+    const uint32_t i = batch_.miss_index[r];
+    records[i] = batch_.slots[i];
+    landed->push_back(i);
+  }
+  return Status::ok_status();
+}
+
+Status TieredExpertSource::start_group(int g) {
+  const size_t b = group_begin_[static_cast<size_t>(g)];
+  const size_t e = group_begin_[static_cast<size_t>(g) + 1];
+  TROVE_RETURN_IF_ERROR(
+      group_reader(g)->start(std::span<const RecordRead>(reads_).subspan(b, e - b)));
+  ++started_groups_;
+  return Status::ok_status();
+}
+
+Status TieredExpertSource::land_next_group() {
+  const int g = landed_groups_;
+  TROVE_CHECK(g < started_groups_);
+  Status s = group_reader(g)->wait();
+  ++landed_groups_;
+  if (s.ok() && started_groups_ < static_cast<int>(group_begin_.size()) - 1) {
+    s = start_group(started_groups_);
+  }
+  return s;
+}
+
+Status TieredExpertSource::wait_groups() {
+  Status first;
+  for (; landed_groups_ < started_groups_; ++landed_groups_) {
+    const Status s = group_reader(landed_groups_)->wait();
+    if (first.ok() && !s.ok()) first = s;
+  }
+  return first;
 }
 
 Status TieredExpertSource::acquire(std::span<const int64_t> ids,

@@ -36,6 +36,16 @@
 // reads one prefetch after another, each the moment the one before lands. A prefetch read that
 // fails is dropped (counted); its batch reads the record again and reports the error.
 //
+// Landing groups (TieredSourceOptions::landing_groups = G > 1): a batch's misses are read in G
+// groups in id order on two readers, group g + 2 started when the caller takes group g, so the disk
+// has group g + 1 to read while the caller computes on group g (ExpertSource::wait_landed):
+//
+//   reader A    ██ group 0 ██┐ ██ group 2 ██┐
+//   reader B    ███ group 1 ███┐ ██ group 3 ██┐
+//   caller      wave 1 (hits) ─┴ group 0 ─────┴ group 1 ─ group 2 ─ ... finish: commit all
+//
+// The fills are committed (or, on a failed read, aborted) together, at finish_acquire.
+//
 // The host tier must hold one batch's working set (its unique experts, all leased while it
 // computes): check_batch() says so before any work. Not thread-safe: one batch at a time (the
 // ExpertCache beneath is the thread-safe part, shared with the device tier later).
@@ -67,6 +77,11 @@ struct TieredSourceOptions {
   // mapped memory (runtime/layer/cuda_executor.h) so the device tier's fills come straight from
   // the slots.
   std::shared_ptr<SlotMemory> host_memory;
+  // A batch's misses are read in this many groups, in id order, two in flight at a time (each
+  // on its own reader, so the disk never idles between them), and wait_landed() hands out each
+  // group as it lands: the cuda executor copies and computes a group while the next is read.
+  // 1: one group (wait_landed() has nothing to hand out; finish_acquire() waits for all).
+  int landing_groups = 1;
 };
 
 // What the look-ahead did over a source's life (TieredExpertSource::prefetch).
@@ -106,6 +121,8 @@ class TieredExpertSource final : public ExpertSource {
   void release(std::span<const int64_t> ids) override;
   Status begin_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
   Status finish_acquire(std::span<const int64_t> ids, std::span<const uint8_t*> records) override;
+  Status wait_landed(std::span<const int64_t> ids, std::span<const uint8_t*> records,
+                     std::vector<uint32_t>* landed) override;
   ExpertFetchStats last_fetch() const override { return last_; }
   void prefetch(std::span<const int64_t> ids) override;
   void drop_prefetches() override;
@@ -154,6 +171,16 @@ class TieredExpertSource final : public ExpertSource {
   // Settles every prefetch if one has a fill among `ids`, so an admit of them does not wait on
   // this source's own reads. Returns the seconds it waited.
   double settle_overlapping(std::span<const int64_t> ids);
+  // Starts landing group g of reads_ on reader g % 2 (landing_groups > 1).
+  Status start_group(int g);
+  // Waits for the oldest group in flight, then starts the next one not started.
+  Status land_next_group();
+  // Waits for every group in flight (after an error); the first error.
+  Status wait_groups();
+  // The end of the batch in flight once its reads are done (`s`: how they went; `stalled`: the
+  // seconds waited now): commits its fills and sets its records, or drops them on error.
+  Status finish_batch(std::span<const int64_t> ids, std::span<const uint8_t*> records,
+                      const Status& s, double stalled);
   void mark_filling(std::span<const int64_t> ids, const CacheBatch& batch, bool on);
 
   const StoreReader* store_;
@@ -171,6 +198,15 @@ class TieredExpertSource final : public ExpertSource {
   double disk_busy_ = 0;     // reader's busy_seconds at begin_acquire
   uint64_t disk_bytes_ = 0;  // reader's bytes_read at begin_acquire
   ExpertFetchStats last_;
+  // Landing groups (landing_groups > 1): reads_[group_begin_[g], group_begin_[g + 1]) is group g;
+  // groups landed_groups_ .. started_groups_ - 1 are in flight, group g on readers_[g % 2].
+  int landing_groups_ = 1;
+  std::vector<size_t> group_begin_;
+  int started_groups_ = 0, landed_groups_ = 0;
+  std::unique_ptr<RecordReader> second_reader_;
+  double second_busy_ = 0;
+  uint64_t second_bytes_ = 0;
+  RecordReader* group_reader(int g) { return g % 2 == 0 ? reader_.get() : second_reader_.get(); }
 
   // Look-ahead.
   RecordReaderOptions io_;
