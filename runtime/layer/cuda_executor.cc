@@ -899,6 +899,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
     const auto* dev_gates = reinterpret_cast<const float*>(m.tables.data() + gates_at);
     const auto* xh = reinterpret_cast<const float*>(m.xhat.data());
     auto* yd = reinterpret_cast<float*>(m.y.data());
+    int64_t timed_slots = 0;  // the last chunk's: its kernel alone between the events
     for (int ch = 0; ch < chunks; ++ch) {
       TROVE_RETURN_IF_ERROR(m.queue_chunk(method, ch, gather_at, records_at));
       CudaEvent& ready = m.chunk_ready[static_cast<size_t>(ch)];
@@ -908,8 +909,12 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
       if (t_count <= 0) continue;
       const size_t first_slot = static_cast<size_t>(t_begin * per_token);
       TROVE_RETURN_IF_ERROR(m.ctx.wait(ready));
-      // One chunk: the kernel alone between the events, for the device's rate (cpu_misses).
-      if (chunks == 1) TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
+      // The last chunk's kernel, after the earlier chunks' on the same stream, is timed alone:
+      // the device's rate for cpu_misses' cost model, whatever the chunking.
+      if (t_begin + t_count >= T) {
+        TROVE_RETURN_IF_ERROR(m.ctx.record(m.kernel_start));
+        timed_slots = t_count * per_token;
+      }
       TROVE_RETURN_IF_ERROR(m.ctx.experts_device(c, m.layout, xh + t_begin * c.dim, t_count,
                                                  dev_gates + first_slot, dev_pointers + first_slot,
                                                  yd + t_begin * c.dim_out));
@@ -920,7 +925,7 @@ Status CudaExecutor::run_experts(const PeerRouting& routing, ExpertSource& sourc
     TROVE_RETURN_IF_ERROR(m.copies.copy_async(y, yd, y_bytes));
     TROVE_RETURN_IF_ERROR(m.copies.synchronize());
     TROVE_RETURN_IF_ERROR(m.ctx.synchronize());
-    if (chunks == 1) m.note_device_rate(static_cast<int64_t>(slots));
+    m.note_device_rate(timed_slots);
 
     TROVE_ASSIGN_OR_RETURN(stats->copy_seconds,
                            CudaEvent::elapsed_seconds(m.copy_start, m.copy_end));
