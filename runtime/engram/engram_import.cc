@@ -1,13 +1,28 @@
 #include "runtime/engram/engram_import.h"
 
 #include <cstring>
-#include <regex>
 
 #include "base/strings.h"
 
 namespace trove {
 
 namespace {
+
+// The model layer a prefix names: the number after a "layers." component ("model.layers.5.engram"
+// -> 5), or -1 where there is none (informational: config.layer_idx).
+int64_t layer_index(const std::string& prefix) {
+  for (size_t at = prefix.find("layers."); at != std::string::npos;
+       at = prefix.find("layers.", at + 1)) {
+    if (at != 0 && prefix[at - 1] != '.') continue;
+    const size_t begin = at + 7;
+    size_t end = begin;
+    while (end < prefix.size() && prefix[end] >= '0' && prefix[end] <= '9') ++end;
+    if (end > begin && end - begin <= 9 && (end == prefix.size() || prefix[end] == '.')) {
+      return std::stoll(prefix.substr(begin, end - begin));
+    }
+  }
+  return -1;
+}
 
 struct Finder {
   const std::vector<const SafetensorsFile*>& files;
@@ -128,9 +143,7 @@ Result<ImportedEngram> import_engram(const std::vector<const SafetensorsFile*>& 
   TROVE_RETURN_IF_ERROR(check_shape(*norm_k, {c.hidden}));
   TROVE_RETURN_IF_ERROR(check_shape(*norm_q, {c.hidden}));
   TROVE_RETURN_IF_ERROR(check_shape(*conv, {c.hidden, 1, c.kernel_size}));
-  std::smatch m;
-  static const std::regex kLayer(R"((?:^|\.)layers\.(\d+)(?:\.|$))");
-  c.layer_idx = std::regex_search(prefix, m, kLayer) ? std::stoll(m[1].str()) : -1;
+  c.layer_idx = layer_index(prefix);
   Status valid = c.validate();
   if (!valid.ok())
     return Status::invalid_argument("engram layer " + prefix + ": " + valid.message());
