@@ -181,7 +181,8 @@ TEST_P(EngramKernels, RowGradsMatchTheOracleAndTheDenseSum) {
         engram_row_grads(ids.data(), n, dy.data(), ld, d, &u, &g);
         ASSERT_EQ(u_ref, u);
         ASSERT_EQ(g_ref.size(), g.size());
-        ASSERT_EQ(0, std::memcmp(g_ref.data(), g.data(), g.size() * 4)) << n << " " << d;
+        ASSERT_TRUE(g.empty() || std::memcmp(g_ref.data(), g.data(), g.size() * 4) == 0)
+            << n << " " << d;
         // Against a dense gradient (double) on the touched rows.
         std::map<int64_t, std::vector<double>> dense;
         for (int64_t i = 0; i < n; ++i) {

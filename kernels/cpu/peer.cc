@@ -914,8 +914,8 @@ void peer_backward(const PeerConfig& config, const PeerRouterParams& params,
   parallel_for((rows + kRouteBlock - 1) / kRouteBlock, threads, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * kRouteBlock, m = std::min(kRouteBlock, rows - r0);
-      blas::gemm_tn(m, D, T, &dq[sz(r0)], rows, xhat.data(), D, &grads->d_query_weight[sz(r0 * D)],
-                    D);
+      blas::gemm_tn(m, D, T, dq.data() + r0, rows, xhat.data(), D,
+                    grads->d_query_weight.data() + r0 * D, D);
     }
   });
   grads->d_query_bias.clear();
