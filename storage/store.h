@@ -215,6 +215,17 @@ class StoreReader {
   std::unique_ptr<Impl> impl_;
 };
 
+// Copies layer `info` of `store` into `w` whole (begin_layer .. end_layer), as a rewrite of the
+// store keeps its other layers: records in chunks through checked reads (a bad sector is an error
+// naming the record), each chunk handed to `patch(first, count, chunk)` first when given (it may
+// overwrite records first .. first + count); dense tensors as stored, except those for which
+// `dense(name)` returns a tensor.
+using StoreRecordPatch = std::function<void(uint64_t first, uint64_t count, uint8_t* chunk)>;
+using StoreDensePatch = std::function<const std::vector<float>*(const std::string& name)>;
+Status copy_store_layer(const StoreReader& store, const StoreLayerInfo& info, StoreWriter* w,
+                        const StoreRecordPatch& patch = nullptr,
+                        const StoreDensePatch& dense = nullptr);
+
 // XXH3-64 with seed 0, the store's checksum.
 uint64_t store_checksum(std::span<const uint8_t> bytes);
 

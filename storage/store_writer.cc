@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -339,6 +340,35 @@ Status StoreWriter::finish(StoreLock* lock) {
   TROVE_RETURN_IF_ERROR(committed);
   w.finished = true;
   return {};
+}
+
+Status copy_store_layer(const StoreReader& store, const StoreLayerInfo& info, StoreWriter* w,
+                        const StoreRecordPatch& patch, const StoreDensePatch& dense) {
+  const StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
+                             info.table.stride};
+  TROVE_RETURN_IF_ERROR(w->begin_layer(info.name, info.info, table));
+  const uint64_t stride = info.table.stride;
+  std::vector<int64_t> ids;
+  std::vector<uint8_t> chunk;
+  for (uint64_t first = 0; first < info.table.count; first += 4096) {
+    const uint64_t count = std::min<uint64_t>(4096, info.table.count - first);
+    ids.resize(count);
+    for (uint64_t i = 0; i < count; ++i) ids[i] = static_cast<int64_t>(first + i);
+    chunk.resize(count * stride);
+    TROVE_RETURN_IF_ERROR(store.read_records(info, ids, chunk));
+    if (patch) patch(first, count, chunk.data());
+    TROVE_RETURN_IF_ERROR(w->append_records(chunk));
+  }
+  for (const StoreDenseInfo& d : info.dense) {
+    const std::vector<float>* replaced = dense ? dense(d.name) : nullptr;
+    if (replaced != nullptr) {
+      TROVE_RETURN_IF_ERROR(w->add_dense(d.name, d.shape, *replaced));
+      continue;
+    }
+    TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store.read_dense(info, d.name));
+    TROVE_RETURN_IF_ERROR(w->add_dense(d.name, d.shape, v));
+  }
+  return w->end_layer();
 }
 
 }  // namespace trove

@@ -275,35 +275,27 @@ Result<nlohmann::json> TableTrainer::checkpoint() {
     TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(path_, store_->provenance()));
     const int64_t n = stored_.config.num_experts();
     for (const StoreLayerInfo& info : store_->layers()) {
-      const StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
-                                 info.table.stride};
-      TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
-      // Every table in chunks through checked reads (verified; a bad sector is an error naming
-      // the expert), the trained layer's changed records replaced.
+      if (info.name != name_) {
+        TROVE_RETURN_IF_ERROR(copy_store_layer(*store_, info, &w));
+        continue;
+      }
+      // The trained layer: its changed records and the router as trained replaced.
       const size_t stride = info.table.stride;
-      std::vector<int64_t> ids_chunk;
-      std::vector<uint8_t> chunk;
-      for (size_t first = 0; first < info.table.count; first += 4096) {
-        const size_t count = std::min<size_t>(4096, info.table.count - first);
-        ids_chunk.resize(count);
-        for (size_t i = 0; i < count; ++i) ids_chunk[i] = static_cast<int64_t>(first + i);
-        chunk.resize(count * stride);
-        TROVE_RETURN_IF_ERROR(store_->read_records(info, ids_chunk, chunk));
-        for (size_t i = 0; info.name == name_ && i < count; ++i) {
-          if (const uint8_t* changed = dirty_serving_.find(static_cast<int64_t>(first + i))) {
-            std::memcpy(&chunk[i * stride], changed, stride);
-          }
-        }
-        TROVE_RETURN_IF_ERROR(w.append_records(chunk));
-      }
-      for (const StoreDenseInfo& d : info.dense) {
-        TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store_->read_dense(info, d.name));
-        for (int i = 0; info.name == name_ && i < 4; ++i) {
-          if (d.name == kRouterTensors[i]) v = router_tensor(router, i);
-        }
-        TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, v));
-      }
-      TROVE_RETURN_IF_ERROR(w.end_layer());
+      TROVE_RETURN_IF_ERROR(copy_store_layer(
+          *store_, info, &w,
+          [&](uint64_t first, uint64_t count, uint8_t* chunk) {
+            for (uint64_t i = 0; i < count; ++i) {
+              if (const uint8_t* changed = dirty_serving_.find(static_cast<int64_t>(first + i))) {
+                std::memcpy(chunk + i * stride, changed, stride);
+              }
+            }
+          },
+          [&](const std::string& dense) -> const std::vector<float>* {
+            for (int i = 0; i < 4; ++i) {
+              if (dense == kRouterTensors[i]) return &router_tensor(router, i);
+            }
+            return nullptr;
+          }));
     }
     const StoreTableSpec table{"int8", static_cast<uint64_t>(n), training_.record_bytes,
                                training_.stride};

@@ -203,24 +203,34 @@ nlohmann::json EngramTrainer::state_info() const {
   return info;
 }
 
+Status EngramTrainer::changed_records(const StoreLayerInfo& layer, const EngramRowLayout& l,
+                                      std::vector<int64_t>* recs, std::vector<uint8_t>* bytes,
+                                      const std::function<void(const uint8_t*, uint8_t*)>& put) {
+  std::set<int64_t> changed;
+  for (int64_t g : dirty_) changed.insert(g / l.rows_per_record);
+  recs->assign(changed.begin(), changed.end());
+  bytes->resize(recs->size() * l.record_bytes);
+  if (!recs->empty()) TROVE_RETURN_IF_ERROR(store_->read_records(layer, *recs, *bytes));
+  for (size_t i = 0; i < recs->size(); ++i) {
+    const int64_t first = (*recs)[i] * l.rows_per_record;
+    for (auto it = rows_.lower_bound(first);
+         it != rows_.end() && it->first < first + l.rows_per_record; ++it) {
+      put(it->second.data(), bytes->data() + i * l.record_bytes +
+                                 static_cast<size_t>(it->first - first) * l.row_bytes);
+    }
+  }
+  return {};
+}
+
 Result<uint64_t> EngramTrainer::checkpoint(const StoreUpdateOptions& update) {
   TROVE_RETURN_IF_ERROR(check_open());
   // The served records of the changed rows, re-encoded from the training view.
   const EngramRowLayout& s = stored_.rows;
-  std::set<int64_t> dirty_recs;
-  for (int64_t g : dirty_) dirty_recs.insert(g / s.rows_per_record);
-  std::vector<int64_t> recs(dirty_recs.begin(), dirty_recs.end());
-  std::vector<uint8_t> served(recs.size() * s.record_bytes);
-  if (!recs.empty()) TROVE_RETURN_IF_ERROR(store_->read_records(*layer_, recs, served));
-  for (size_t i = 0; i < recs.size(); ++i) {
-    uint8_t* record = served.data() + i * s.record_bytes;
-    const int64_t first = recs[i] * s.rows_per_record;
-    for (auto it = rows_.lower_bound(first);
-         it != rows_.end() && it->first < first + s.rows_per_record; ++it) {
-      engram_train_export_row(s, training_, it->second.data(),
-                              record + static_cast<size_t>(it->first - first) * s.row_bytes);
-    }
-  }
+  std::vector<int64_t> recs;
+  std::vector<uint8_t> served;
+  TROVE_RETURN_IF_ERROR(changed_records(
+      *layer_, s, &recs, &served,
+      [&](const uint8_t* row, uint8_t* out) { engram_train_export_row(s, training_, row, out); }));
   Result<uint64_t> generation = [&]() -> Result<uint64_t> {
     if (state_ == nullptr) {
       TROVE_RETURN_IF_ERROR(rewrite_with_state(recs, served));
@@ -246,35 +256,21 @@ Status EngramTrainer::rewrite_with_state(std::span<const int64_t> recs,
   // (ours included) keep the old file's inode, which the rename leaves as it was.
   TROVE_ASSIGN_OR_RETURN(StoreLock lock, StoreLock::acquire(path_));
   TROVE_ASSIGN_OR_RETURN(StoreWriter w, StoreWriter::create(path_, store_->provenance()));
-  std::vector<int64_t> ids;
-  std::vector<uint8_t> chunk;
   for (const StoreLayerInfo& info : store_->layers()) {
-    const StoreTableSpec table{info.table.dtype, info.table.count, info.table.record_bytes,
-                               info.table.stride};
-    TROVE_RETURN_IF_ERROR(w.begin_layer(info.name, info.info, table));
-    // Every table through checked reads (a bad sector is an error naming the record), this
-    // layer's changed records replaced.
+    if (&info != layer_) {
+      TROVE_RETURN_IF_ERROR(copy_store_layer(*store_, info, &w));
+      continue;
+    }
+    // This layer's changed records (`recs`, ascending) replaced.
     const size_t stride = info.table.stride;
-    size_t next = 0;  // the next of `recs` to place
-    for (size_t first = 0; first < info.table.count; first += 4096) {
-      const size_t count = std::min<size_t>(4096, info.table.count - first);
-      ids.resize(count);
-      for (size_t i = 0; i < count; ++i) ids[i] = static_cast<int64_t>(first + i);
-      chunk.resize(count * stride);
-      TROVE_RETURN_IF_ERROR(store_->read_records(info, ids, chunk));
-      for (;
-           &info == layer_ && next < recs.size() && static_cast<size_t>(recs[next]) < first + count;
-           ++next) {
-        std::memcpy(&chunk[(static_cast<size_t>(recs[next]) - first) * stride],
-                    &served[next * stride], stride);
-      }
-      TROVE_RETURN_IF_ERROR(w.append_records(chunk));
-    }
-    for (const StoreDenseInfo& d : info.dense) {
-      TROVE_ASSIGN_OR_RETURN(std::vector<float> v, store_->read_dense(info, d.name));
-      TROVE_RETURN_IF_ERROR(w.add_dense(d.name, d.shape, v));
-    }
-    TROVE_RETURN_IF_ERROR(w.end_layer());
+    size_t next = 0;
+    TROVE_RETURN_IF_ERROR(
+        copy_store_layer(*store_, info, &w, [&](uint64_t first, uint64_t count, uint8_t* chunk) {
+          for (; next < recs.size() && static_cast<uint64_t>(recs[next]) < first + count; ++next) {
+            std::memcpy(chunk + (static_cast<uint64_t>(recs[next]) - first) * stride,
+                        &served[next * stride], stride);
+          }
+        }));
   }
   // The state layer: every row's training view, the trainer's where it has one, else imported
   // from the served row it had before this checkpoint (untouched rows did not change).
@@ -285,6 +281,7 @@ Status EngramTrainer::rewrite_with_state(std::span<const int64_t> recs,
                              training_.record_bytes};
   TROVE_RETURN_IF_ERROR(w.begin_layer(engram_state_layer_name(name_), state_info(), table));
   const int64_t chunk_records = 1024;
+  std::vector<int64_t> ids;
   std::vector<uint8_t> old_served, out;
   for (int64_t r0 = 0; r0 < records; r0 += chunk_records) {
     const int64_t nrec = std::min(chunk_records, records - r0);
@@ -317,21 +314,12 @@ Status EngramTrainer::rewrite_with_state(std::span<const int64_t> recs,
 Result<uint64_t> EngramTrainer::update_in_place(std::span<const int64_t> recs,
                                                 std::span<const uint8_t> served,
                                                 const StoreUpdateOptions& update) {
-  // The state layer's changed records: read, the trainer's rows laid over them.
-  std::set<int64_t> dirty_recs;
-  for (int64_t g : dirty_) dirty_recs.insert(g / training_.rows_per_record);
-  std::vector<int64_t> trecs(dirty_recs.begin(), dirty_recs.end());
-  std::vector<uint8_t> training(trecs.size() * training_.record_bytes);
-  if (!trecs.empty()) TROVE_RETURN_IF_ERROR(store_->read_records(*state_, trecs, training));
-  for (size_t i = 0; i < trecs.size(); ++i) {
-    const int64_t first = trecs[i] * training_.rows_per_record;
-    for (auto it = rows_.lower_bound(first);
-         it != rows_.end() && it->first < first + training_.rows_per_record; ++it) {
-      std::memcpy(training.data() + i * training_.record_bytes +
-                      static_cast<size_t>(it->first - first) * training_.row_bytes,
-                  it->second.data(), training_.row_bytes);
-    }
-  }
+  // The state layer's changed records: the trainer's rows as they are.
+  std::vector<int64_t> trecs;
+  std::vector<uint8_t> training;
+  TROVE_RETURN_IF_ERROR(changed_records(
+      *state_, training_, &trecs, &training,
+      [&](const uint8_t* row, uint8_t* out) { std::memcpy(out, row, training_.row_bytes); }));
   const nlohmann::json info = state_info();
   const std::string state = state_->name;
   // Our own reader would pin the generation the commit replaces: closed around it.

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -83,6 +84,11 @@ class EngramTrainer {
   // from the served int4 row (b = 16 q).
   Result<uint8_t*> training_row(int64_t g);
   nlohmann::json state_info() const;
+  // The records of `layer` (rows laid out as `l`) that hold rows changed since the checkpoint,
+  // read into `bytes`, each changed row's training view written over its place by `put`.
+  Status changed_records(const StoreLayerInfo& layer, const EngramRowLayout& l,
+                         std::vector<int64_t>* recs, std::vector<uint8_t>* bytes,
+                         const std::function<void(const uint8_t*, uint8_t*)>& put);
   // The first checkpoint: the store rewritten with `served` (records `recs`) and the state layer.
   Status rewrite_with_state(std::span<const int64_t> recs, std::span<const uint8_t> served);
   // Later checkpoints: both layers' changed records and the accumulators as one generation.
