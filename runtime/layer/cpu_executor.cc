@@ -75,11 +75,7 @@ class CpuExecutor final : public PeerExecutor {
       TROVE_CHECK(progress_.done());
     }
     if (stats != nullptr) {
-      count_batch(r, batch_, layout.record_bytes, stats);
-      stats->fetch = source.last_fetch();
-      stats->acquire_seconds = acquire_seconds;
-      // Time blocked on the disk is the fetch's, not the kernels'.
-      stats->expert_seconds = std::max(0.0, start.seconds() - stats->fetch.stall_seconds);
+      report_host_batch(r, batch_, source, acquire_seconds, start.seconds(), stats);
     }
     return Status::ok_status();
   }

@@ -92,4 +92,12 @@ void count_batch(const PeerRouting& r, const ExpertBatch& b, uint64_t record_byt
   stats->record_bytes_unique = record_bytes * b.unique_ids.size();
 }
 
+void report_host_batch(const PeerRouting& r, const ExpertBatch& b, const ExpertSource& source,
+                       double acquire_seconds, double seconds, PeerBatchStats* stats) {
+  count_batch(r, b, source.layout().record_bytes, stats);
+  stats->fetch = source.last_fetch();
+  stats->acquire_seconds = acquire_seconds;
+  stats->expert_seconds = std::max(0.0, seconds - stats->fetch.stall_seconds);
+}
+
 }  // namespace trove

@@ -58,5 +58,9 @@ PeerRouterParams router_params(const PeerDenseParams& params);
 // The counters every executor reports the same way: tokens, slots, unique experts, record bytes.
 void count_batch(const PeerRouting& r, const ExpertBatch& b, uint64_t record_bytes,
                  PeerBatchStats* stats);
+// A host executor's batch: count_batch, the source's fetch, and the expert time (`seconds` since
+// the batch began, less the time blocked on the disk, which is the fetch's, not the kernels').
+void report_host_batch(const PeerRouting& r, const ExpertBatch& b, const ExpertSource& source,
+                       double acquire_seconds, double seconds, PeerBatchStats* stats);
 
 }  // namespace trove

@@ -48,10 +48,7 @@ class RefExecutor final : public PeerExecutor {
       peer_experts_ref(config_, layout, xhat_.data(), r, batch_.slot_records.data(), y);
     }
     if (stats != nullptr) {
-      count_batch(r, batch_, layout.record_bytes, stats);
-      stats->fetch = source.last_fetch();
-      stats->acquire_seconds = acquire_seconds;
-      stats->expert_seconds = std::max(0.0, start.seconds() - stats->fetch.stall_seconds);
+      report_host_batch(r, batch_, source, acquire_seconds, start.seconds(), stats);
     }
     return Status::ok_status();
   }
