@@ -549,13 +549,18 @@ class Engram(nn.Module):
         """Begins reading the rows of tokens [B, T]; the forward over the same tokens finishes.
         A prefetch of other tokens is dropped; one of the same tokens already on its way
         continues."""
-        if self._pending is not None:
-            old, _ = self._pending
-            if old.shape == tokens.shape and torch.equal(old, tokens.detach().cpu()):
-                return
+        if self._pending_ids(tokens) is not None:
+            return
         ids = self.hash(tokens)
         self._core.prefetch(ids, ids.shape[1] * ids.shape[2])
         self._pending = (tokens.detach().cpu().clone(), ids)
+
+    def _pending_ids(self, tokens):
+        """The hashed ids of the pending prefetch when it is of `tokens`, else None."""
+        if self._pending is None:
+            return None
+        old, ids = self._pending
+        return ids if old.shape == tokens.shape and torch.equal(old, tokens.detach().cpu()) else None
 
     def prefetch_next(self, tokens):
         """Queues the rows of the batch after the one being computed, tokens [B, T]: their reads
@@ -571,12 +576,8 @@ class Engram(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens have shape {tuple(tokens.shape)}; expected [B, T]")
         b, t = tokens.shape
-        ids = None
-        if self._pending is not None:
-            old, old_ids = self._pending
-            self._pending = None
-            if old.shape == tokens.shape and torch.equal(old, tokens.detach().cpu()):
-                ids = old_ids
+        ids = self._pending_ids(tokens)
+        self._pending = None
         if ids is None:
             ids = self.hash(tokens)
         rows = _EngramLookup.apply(self._anchor, self, ids, b, t)
