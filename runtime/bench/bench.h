@@ -92,20 +92,24 @@ struct BenchOptions {
 
 // One layer of the run: its figures over the measured batches (the cold-run and Belady rates
 // over every batch, as BenchResult's).
-struct BenchLayerResult {
-  std::string name;
-  uint64_t host_budget_bytes = 0;  // its share of the run's
-  uint64_t vram_budget_bytes = 0;
-  int64_t capacity_slots = 0;
-  int64_t device_capacity_slots = 0;
-  // Its batch_metrics summed over the measured batches (BenchResult::metrics' names, without
-  // the latency histograms).
+// A bench's counters (base/metrics.h), and the ones its report reads by name.
+struct BenchCounts {
   Metrics metrics;
   int64_t requested() const { return metrics.counter("slots"); }
   int64_t unique() const { return metrics.counter("unique_experts"); }
   int64_t hits() const { return metrics.counter("host.hits"); }
   int64_t misses() const { return metrics.counter("host.misses"); }
   uint64_t bytes_read() const { return static_cast<uint64_t>(metrics.counter("host.bytes_read")); }
+};
+
+struct BenchLayerResult : BenchCounts {
+  std::string name;
+  uint64_t host_budget_bytes = 0;  // its share of the run's
+  uint64_t vram_budget_bytes = 0;
+  int64_t capacity_slots = 0;
+  int64_t device_capacity_slots = 0;
+  // metrics: its batch_metrics summed over the measured batches (BenchResult::metrics' names,
+  // without the latency histograms).
   double hit_rate = 0;
   double device_hit_rate = 0;
   double oracle_hit_rate = -1;  // the host tier's, or with a device tier the device's
@@ -117,7 +121,7 @@ struct BenchLayerResult {
 // Figures of the whole run: counts and per-batch times are sums over the layers, rates are
 // their ratios (Belady's: its hits over all layers / their unique experts), and tokens count a
 // token once however many layers it passed.
-struct BenchResult {
+struct BenchResult : BenchCounts {
   PeerConfig config;
   std::string record_dtype;
   uint64_t record_bytes = 0;
@@ -132,19 +136,14 @@ struct BenchResult {
   int64_t tokens = 0;
   double seconds = 0;  // wall time of the measured batches
   double tokens_per_second = 0;
-  // The measured batches (base/metrics.h), summed over the layers and the batches: each layer's
+  // metrics: the measured batches, summed over the layers and the batches: each layer's
   // batch_metrics ("slots": expert selections, "unique_experts", record bytes, stage seconds,
   // "host.*": the host tiers' hits, misses, bytes read, disk and stall seconds, look-ahead reads;
   // "device.*": the device tiers and the host -> device copies), and the per-batch latency
   // histograms (seconds, all layers' summed per batch) "latency.batch" (wall time),
   // "latency.route", "latency.resolve", "latency.disk", "latency.compute", "latency.stall"
   // (prefetch waits included) and "latency.transfer" (host -> device copies).
-  Metrics metrics;
-  int64_t requested() const { return metrics.counter("slots"); }
-  int64_t unique() const { return metrics.counter("unique_experts"); }
-  int64_t hits() const { return metrics.counter("host.hits"); }
-  int64_t misses() const { return metrics.counter("host.misses"); }
-  uint64_t bytes_read() const { return static_cast<uint64_t>(metrics.counter("host.bytes_read")); }
+
   // Records read from disk: the misses and what the look-ahead's prefetches read, used or not.
   int64_t records_read() const {
     return metrics.counter("host.misses") + metrics.counter("host.prefetch_reads");
