@@ -8,8 +8,8 @@ computes with the same values. The script then
      no_grad, best of --repeats after one warm-up pass);
   2. writes the weights as a mikeybeez safetensors checkpoint, packs it with `trove pack` into a
      store per record dtype (f32, bf16, int4 by default) and runs build/bench/peer_cpu_bench on
-     each: the best forward pass and its stages, ExpertDot float and int8, each with fp32 and
-     bf16 routing (RoutingPrecision), y's error against
+     each: the best forward pass and its stages, ExpertDot float and int8, each with fp32, bf16
+     and int8 routing (RoutingPrecision), y's error against
      trove's oracle, and the streaming read bandwidth measured in the same process;
   3. checks that trove's f32 y is the PyTorch fp32 module's y (relative Frobenius error), and
      prints a markdown table and the goals of issue 14 beside the measured ratios.
@@ -140,7 +140,9 @@ def main():
 
 
 MODE_LABELS = {"float": "", "int8": " (int8 dot)", "bf16_routing": " (bf16 routing)",
-               "int8_bf16_routing": " (int8 dot, bf16 routing)"}
+               "int8_bf16_routing": " (int8 dot, bf16 routing)",
+               "int8_routing": " (int8 routing)",
+               "int8_int8_routing": " (int8 dot, int8 routing)"}
 
 
 def print_table(r):
@@ -164,18 +166,21 @@ def print_table(r):
                   f"{m['y_rel_fro_vs_oracle']:.2e} | "
                   f"{v['y_rel_fro_vs_torch_fp32']:.2e} |")
     print()
-    print("bf16 routing (RoutingPrecision::kBf16) against fp32 routing, same run:")
+    print("bf16 and int8 routing (RoutingPrecision::kBf16, kInt8) against fp32 routing, same run:")
     print()
-    print("| system | route ms fp32 | route ms bf16 | route speed-up | selected experts kept | "
-          "y rel. err. vs fp32 routing |")
-    print("|---|---|---|---|---|---|")
+    print("| system | routing | route ms fp32 | route ms | route speed-up | "
+          "selected experts kept | y rel. err. vs fp32 routing |")
+    print("|---|---|---|---|---|---|---|")
     for dtype, v in r["trove"].items():
-        f, b = v["modes"]["float"], v["modes"].get("bf16_routing")
-        if b is None:
-            continue
-        print(f"| trove {dtype} | {1e3 * f['route_seconds']:.1f} | {1e3 * b['route_seconds']:.1f} | "
-              f"{f['route_seconds'] / b['route_seconds']:.2f} | "
-              f"{b['routing_agreement_vs_f32']:.4f} | {b['y_rel_fro_vs_f32_routing']:.2e} |")
+        f = v["modes"]["float"]
+        for name in ("bf16", "int8"):
+            b = v["modes"].get(f"{name}_routing")
+            if b is None:
+                continue
+            print(f"| trove {dtype} | {name} | {1e3 * f['route_seconds']:.1f} | "
+                  f"{1e3 * b['route_seconds']:.1f} | "
+                  f"{f['route_seconds'] / b['route_seconds']:.2f} | "
+                  f"{b['routing_agreement_vs_f32']:.4f} | {b['y_rel_fro_vs_f32_routing']:.2e} |")
     print()
     goals = []
     if "int4" in r["trove"]:
@@ -186,6 +191,9 @@ def print_table(r):
         goals.append(("int4 / PyTorch bf16 >= 2",
                       best["tokens_per_second"] / t["bf16"]["tokens_per_second"]))
         goals.append(("int4 routing share < 1/3", m["float"]["route_share"]))
+        if "int8_routing" in m:
+            goals.append(("int4 routing share < 1/3, int8 routing",
+                          m["int8_routing"]["route_share"]))
         goals.append(("int4 expert stage / stream read >= 0.7",
                       m["float"]["expert_bytes_per_second"] / bw))
     if "f32" in r["trove"]:

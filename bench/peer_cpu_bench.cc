@@ -132,6 +132,10 @@ int run(int argc, char** argv) {
   if (dtype_is_quantized(layout.dtype)) {
     modes.push_back({"int8_bf16_routing", ExpertDot::kInt8, RoutingPrecision::kBf16});
   }
+  modes.push_back({"int8_routing", ExpertDot::kFloat, RoutingPrecision::kInt8});
+  if (dtype_is_quantized(layout.dtype)) {
+    modes.push_back({"int8_int8_routing", ExpertDot::kInt8, RoutingPrecision::kInt8});
+  }
   // The fp32-routing mode's routing and y, which the bf16-routing modes are compared with.
   PeerRouting f32_routing;
   std::vector<float> f32_y;
@@ -176,8 +180,8 @@ int run(int argc, char** argv) {
         {"y_rel_fro_vs_oracle", e.rel_fro},
         {"y_max_rel_vs_oracle", e.max_rel},
     };
-    if (mode.routing == RoutingPrecision::kBf16) {
-      // Of the experts fp32 routing selects for each (token, head), the fraction bf16 routing
+    if (mode.routing != RoutingPrecision::kF32) {
+      // Of the experts fp32 routing selects for each (token, head), the fraction this routing
       // selects too; y of the whole forward against fp32 routing's (same expert dot only).
       int64_t kept = 0;
       const int64_t k = config.topk;

@@ -95,7 +95,36 @@ enum class RoutingPrecision {
   // AVX512_BF16 the CPU backend runs its own vdpbf16ps kernel; elsewhere the rounded operands go
   // through the fp32 BLAS.
   kBf16,
+  // Both operands of each product quantized symmetrically to integers, one scale per row, and
+  // multiplied exactly in integers (oneDNN's u8s8s32 GEMM on the CPU: VNNI where the CPU has it,
+  // about 4x fp32's rate on the dev VM). The activation rows (a token's xhat; a token's q for
+  // one head and half) take codes in [-127, 127], the weight rows (a row of W_q; one sub-key) in
+  // [-64, 64], so that no product pair overflows the 16-bit sums of CPUs without VNNI: the
+  // integer results are exact on every CPU, path and blocking. Then
+  //   q = (float(acc) * scale_x) * scale_w (+ b_q),  score = (float(acc) * scale_q) * scale_k,
+  // each rounded once per operation in that order (routing_quantize_row gives the codes and the
+  // scale). Every path, the oracle included, gives the same bits. Against kF32 the scores move
+  // by the quantization (~1% of a row's largest element per operand), which swaps experts whose
+  // scores are that close: a mode, off by default (bench/peer_cpu_bench reports how many
+  // selected experts it changes).
+  kInt8,
 };
+
+// "float" "int8"; "f32" "bf16" "int8" (the CLI's --expert-dot and --routing-math values).
+inline const char* expert_dot_name(ExpertDot d) {
+  return d == ExpertDot::kInt8 ? "int8" : "float";
+}
+inline const char* routing_precision_name(RoutingPrecision p) {
+  return p == RoutingPrecision::kInt8 ? "int8" : p == RoutingPrecision::kBf16 ? "bf16" : "f32";
+}
+
+// RoutingPrecision::kInt8's row quantizer, the rule every implementation follows: for a row of n
+// floats and `levels` (127 or 64), amax = max |v|; inv = levels / amax (fp32);
+// code = clamp(rint(v * inv), -levels, levels); scale = amax / levels (fp32). A row of zeros,
+// or one whose inv overflows (amax below ~levels * 2^-128), gets zero codes and scale 0; a row
+// holding a NaN or an infinity gets zero codes and a NaN scale, so its products are NaN.
+inline constexpr int kRoutingActivationLevels = 127;
+inline constexpr int kRoutingWeightLevels = 64;
 
 // ---- scalar math shared by the backends --------------------------------------------------------
 // TROVE_HD: the CUDA kernels call these very functions. The math is spelled exp/erf/tanh, not

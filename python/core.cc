@@ -95,7 +95,7 @@ class Layer {
  public:
   Layer(const std::string& path, const std::string& name, const std::string& host,
         const std::string& policy, const std::string& backend, const std::string& vram, int threads,
-        bool verify, bool train, int lookahead, int64_t batch)
+        bool verify, bool train, int lookahead, int64_t batch, const std::string& routing_math)
       : lookahead_(lookahead), batch_(batch) {
     if (lookahead < 0 || lookahead > kMaxLookahead) {
       throw nb::value_error(
@@ -108,6 +108,19 @@ class Layer {
     }
     PeerLayerOptions o;
     o.backend = take(parse_peer_backend(backend));
+    if (routing_math == "bf16" || routing_math == "int8") {
+      if (o.backend != PeerBackend::kCpu || train) {
+        throw nb::value_error(("routing_math='" + routing_math +
+                               "' is a mode of the CPU backend's inference; use device='cpu' "
+                               "and leave it out for training (routing_math='f32')")
+                                  .c_str());
+      }
+      o.cpu.routing_precision =
+          routing_math == "int8" ? RoutingPrecision::kInt8 : RoutingPrecision::kBf16;
+    } else if (routing_math != "f32") {
+      throw nb::value_error(
+          ("routing_math='" + routing_math + "': expected 'f32', 'bf16' or 'int8'").c_str());
+    }
     o.threads = threads;
     o.verify_checksums = verify;
     if (!host.empty()) {
@@ -387,11 +400,12 @@ NB_MODULE(_core, m) {
 
   nb::class_<Layer>(m, "Layer")
       .def(nb::init<const std::string&, const std::string&, const std::string&, const std::string&,
-                    const std::string&, const std::string&, int, bool, bool, int, int64_t>(),
+                    const std::string&, const std::string&, int, bool, bool, int, int64_t,
+                    const std::string&>(),
            nb::arg("path"), nb::arg("name"), nb::arg("host") = "", nb::arg("policy") = "frequency",
            nb::arg("backend") = "cpu", nb::arg("vram") = "", nb::arg("threads") = 0,
            nb::arg("verify") = true, nb::arg("train") = false, nb::arg("lookahead") = 0,
-           nb::arg("batch") = 4096)
+           nb::arg("batch") = 4096, nb::arg("routing_math") = "f32")
       .def("config_json", &Layer::config_json)
       .def_prop_ro("training", &Layer::training)
       .def("step", &Layer::step, nb::arg("lr"), nb::arg("saturation_tolerance"),

@@ -1016,6 +1016,39 @@ TEST_F(CliForwardStore, VramNeedsDeviceCudaAndRefDoesNotRunThere) {
   EXPECT_EQ(r.exit_code, 2) << r.err;  // CLI11's usage error
 }
 
+// --routing-math reaches the CPU layer: int8 and bf16 routing give other bytes than f32 (their
+// scores are not f32's), the same bytes at any thread count, and the report names the modes;
+// the modes are refused where they do not exist (the reference backend).
+TEST_F(CliForwardStore, RoutingMathReachesTheCpuLayerAndIsRefusedElsewhere) {
+  const int64_t D = layer_.dim;
+  std::mt19937 rng(123);
+  const std::string xin = dir_.file("x.safetensors");
+  ASSERT_NO_FATAL_FAILURE(
+      write_f32(xin, "x", {kTokens, D}, normal(rng, static_cast<size_t>(kTokens * D), 1.0)));
+  ASSERT_EQ(forward(xin).exit_code, 0);
+  const std::string f32 = slurp(y_path());
+  for (const char* math : {"bf16", "int8"}) {
+    SCOPED_TRACE(math);
+    RunResult r = forward(xin, {"--routing-math", math, "--threads", "1"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const std::string one_thread = slurp(y_path());
+    EXPECT_NE(one_thread, f32) << "--routing-math " << math << " gave f32 routing's bytes";
+    r = run(dir_, {"forward", store_, "--layer", kPrefix, "-i", xin, "-o", y_path(), "--json",
+                   "--routing-math", math, "--expert-dot", "int8", "--threads", "3"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const nlohmann::json j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j["routing_math"], math);
+    EXPECT_EQ(j["expert_dot"], "int8");
+    EXPECT_EQ(slurp(y_path()), one_thread) << "f32 records: the int8 dot falls back to float";
+  }
+  std::remove(y_path().c_str());
+  expect_rejected(xin, {"--routing-math int8", "CPU backend", "--backend cpu"},
+                  {"--routing-math", "int8", "--backend", "ref"});
+  RunResult bad = forward(xin, {"--routing-math", "fp8"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.err;  // CLI11's usage error
+  EXPECT_NE(bad.err.find("--routing-math"), std::string::npos) << bad.err;
+}
+
 TEST_F(CliForwardStore, DeviceCudaEqualsDeviceCpuAtSeveralVramAndHostBudgets) {
   if (!have_cuda()) {
     GTEST_SKIP() << "no CUDA device: " << check_backend_available(PeerBackend::kCuda).message();

@@ -85,6 +85,10 @@ void expect_routing_close(const PeerRouting& got, const PeerRouting& want,
   testing::expect_routing_close(got, want, kRoutingTolerance, what);
 }
 
+std::string precision_name(RoutingPrecision p) {
+  return routing_precision_name(p);
+}
+
 // ---- the steps on both implementations ---------------------------------------------------------
 
 // The optimized steps, each fed the oracle's input to that step.
@@ -478,15 +482,14 @@ TEST_P(PeerParityTest, QueryAndRoutingAreBitIdenticalForAnyThreadCount) {
     SCOPED_TRACE(describe(shape));
     const PeerLayer l = random_layer(shape, 71);
     const PeerRouterParams p = l.router();
-    for (RoutingPrecision precision : {RoutingPrecision::kF32, RoutingPrecision::kBf16}) {
+    for (RoutingPrecision precision :
+         {RoutingPrecision::kF32, RoutingPrecision::kBf16, RoutingPrecision::kInt8}) {
       std::vector<float> q1(sz(l.tokens * c.query_rows()));
       PeerRouting r1;
       peer_query(c, p, l.x.data(), l.tokens, q1.data(), 1, precision);
       peer_route(c, p, q1.data(), l.tokens, &r1, 1, precision);
       for (int threads : {2, 3, 8}) {
-        const std::string what =
-            std::string(precision == RoutingPrecision::kBf16 ? "bf16" : "f32") + " threads " +
-            std::to_string(threads);
+        const std::string what = precision_name(precision) + " threads " + std::to_string(threads);
         std::vector<float> q(q1.size(), -1.0f);
         PeerRouting r;
         peer_query(c, p, l.x.data(), l.tokens, q.data(), threads, precision);
@@ -511,7 +514,8 @@ TEST_P(PeerParityTest, QueryAndRoutingOfATokenDoNotDependOnItsBatch) {
   const PeerLayer l = random_layer(shape, 111);
   const PeerRouterParams p = l.router();
   const int64_t rows = l.config.query_rows(), D = l.config.dim, hk = c.heads * c.topk;
-  for (RoutingPrecision precision : {RoutingPrecision::kF32, RoutingPrecision::kBf16}) {
+  for (RoutingPrecision precision :
+       {RoutingPrecision::kF32, RoutingPrecision::kBf16, RoutingPrecision::kInt8}) {
     std::vector<float> q_all(sz(l.tokens * rows));
     PeerRouting all;
     peer_query(l.config, p, l.x.data(), l.tokens, q_all.data(), kThreads, precision);
@@ -526,8 +530,8 @@ TEST_P(PeerParityTest, QueryAndRoutingOfATokenDoNotDependOnItsBatch) {
       PeerRouting r;
       peer_query(l.config, p, l.x.data() + first * D, count, q.data(), kThreads, precision);
       peer_route(l.config, p, q.data(), count, &r, kThreads, precision);
-      const std::string what = std::string(precision == RoutingPrecision::kBf16 ? "bf16" : "f32") +
-                               " tokens " + std::to_string(first) + " + " + std::to_string(count);
+      const std::string what = precision_name(precision) + " tokens " + std::to_string(first) +
+                               " + " + std::to_string(count);
       expect_bits_equal(
           q,
           std::vector<float>(q_all.begin() + first * rows, q_all.begin() + (first + count) * rows),
@@ -595,6 +599,108 @@ TEST_P(PeerParityTest, Bf16RoutingDiffersFromF32ByTheOperandsRounding) {
   }
   EXPECT_GT(max_diff, 1e-4 * max_q);  // bf16 has 8 significant bits: not fp32's rounding
   EXPECT_LT(max_diff, 3e-2 * max_q);  // but the same product
+}
+
+// ---- int8 routing (RoutingPrecision::kInt8) ----------------------------------------------------
+
+// q and the routing in kInt8 against the oracle's kInt8: the products are exact integers and
+// the scaling is the same operations, so every bit agrees, on every path; each step fed the
+// oracle's input.
+void check_int8_routing(const PeerShape& shape, uint32_t seed) {
+  const std::string what = describe(shape) + " int8 routing";
+  SCOPED_TRACE(what);
+  const PeerLayer l = random_layer(shape, seed);
+  const PeerConfig& c = l.config;
+  const PeerRouterParams p = l.router();
+  const RefForward ref = ref_forward(l);
+  std::vector<float> want_q(sz(l.tokens * c.query_rows())), got_q(want_q.size(), -1.0f);
+  peer_query_ref(c, p, ref.xhat.data(), l.tokens, want_q.data(), RoutingPrecision::kInt8);
+  peer_query(c, p, ref.xhat.data(), l.tokens, got_q.data(), kThreads, RoutingPrecision::kInt8);
+  expect_bits_equal(got_q, want_q, what + " q");
+  PeerRouting want, got;
+  peer_route_ref(c, p, want_q.data(), l.tokens, &want, RoutingPrecision::kInt8);
+  peer_route(c, p, want_q.data(), l.tokens, &got, kThreads, RoutingPrecision::kInt8);
+  EXPECT_EQ(got.ids, want.ids) << what;
+  expect_bits_equal(got.scores, want.scores, what + " scores");
+  expect_bits_equal(got.gates, want.gates, what + " gates");
+}
+
+TEST_P(PeerParityTest, Int8RoutingMatchesTheInt8OracleBitForBitAcrossShapes) {
+  const int64_t token_counts[] = {1, 7, 70, 7, 130};
+  const int64_t dims[][2] = {{37, 37}, {100, 45}, {201, 200}, {45, 100}};
+  for_each_sweep_shape(token_counts, dims, [&](PeerShape shape, uint32_t seed) {
+    if (shape.config.dim_key % 2 == 0) ++shape.config.dim_key;  // odd dk: a partial vector
+    if (shape.config.n_keys == 128) shape.config.dim = std::min<int64_t>(shape.config.dim, 45);
+    shape.dtype = DType::kI8;  // the records do not enter the routing
+    check_int8_routing(shape, seed);
+  });
+  check_int8_routing({65, testing::background_width_config(), DType::kI8}, 13);
+  PeerConfig wide = make_config(2048, 40, 4, 40, 64, 8, 8);
+  wide.query_bias = true;
+  check_int8_routing({300, wide, DType::kI8}, 14);  // a 256-token query block and a short one
+}
+
+// Rows the quantizer must not scale: all zeros (zero codes, scale 0: q is the bias), a NaN or an
+// infinity (a NaN scale: q is NaN, as kF32 gives NaN), values so small that levels / amax
+// overflows (treated as zeros), and rows mixing huge and tiny values (codes saturate at +-127).
+// The same on every path, against the oracle.
+TEST_P(PeerParityTest, Int8RoutingQuantizesZeroNonFiniteAndTinyRowsByTheRule) {
+  PeerConfig c = make_config(70, 40, 2, 11, 9, 4, 4);
+  c.query_bias = true;
+  c.input_norm = InputNorm::kNone;
+  const PeerLayer l = random_layer({6, c, DType::kI8}, 21);
+  const PeerRouterParams p = l.router();
+  std::vector<float> x = l.x;
+  const int64_t D = c.dim, rows = c.query_rows();
+  std::fill(x.begin(), x.begin() + D, 0.0f);                    // token 0: zeros
+  x[sz(D + 5)] = std::numeric_limits<float>::quiet_NaN();       // token 1: a NaN
+  x[sz(2 * D + 69)] = -std::numeric_limits<float>::infinity();  // token 2: an infinity
+  for (int64_t d = 0; d < D; ++d) x[sz(3 * D + d)] = 1e-39f;    // token 3: inv overflows
+  x[sz(4 * D + 3)] = 3e38f;                                     // token 4: one huge value
+  std::vector<float> want(sz(l.tokens * rows)), got(want.size(), -1.0f);
+  peer_query_ref(c, p, x.data(), l.tokens, want.data(), RoutingPrecision::kInt8);
+  peer_query(c, p, x.data(), l.tokens, got.data(), kThreads, RoutingPrecision::kInt8);
+  for (int64_t r = 0; r < rows; ++r) {
+    EXPECT_EQ(got[sz(r)], p.query_bias[r]) << "zero row, q " << r;
+    EXPECT_TRUE(std::isnan(got[sz(rows + r)])) << "NaN row, q " << r;
+    EXPECT_TRUE(std::isnan(got[sz(2 * rows + r)])) << "infinite row, q " << r;
+    EXPECT_EQ(got[sz(3 * rows + r)], p.query_bias[r]) << "tiny row, q " << r;
+  }
+  for (int64_t i = 0; i < l.tokens * rows; ++i) {
+    if (std::isnan(want[sz(i)])) continue;
+    EXPECT_EQ(std::memcmp(&got[sz(i)], &want[sz(i)], sizeof(float)), 0)
+        << "q " << i << ": " << got[sz(i)] << " vs " << want[sz(i)];
+  }
+}
+
+// kInt8 really quantizes: its q differs from kF32's by about the codes' rounding, a percent or so
+// of the largest |q|, and its routing keeps most of kF32's experts.
+TEST_P(PeerParityTest, Int8RoutingDiffersFromF32ByTheQuantization) {
+  PeerConfig c = make_config(512, 40, 2, 30, 32, 4, 4);
+  c.query_bias = true;
+  const PeerLayer l = random_layer({40, c, DType::kI8}, 15);
+  const PeerRouterParams p = l.router();
+  std::vector<float> q32(sz(l.tokens * c.query_rows())), q8(q32.size());
+  peer_query(c, p, l.x.data(), l.tokens, q32.data(), kThreads, RoutingPrecision::kF32);
+  peer_query(c, p, l.x.data(), l.tokens, q8.data(), kThreads, RoutingPrecision::kInt8);
+  double max_q = 0, max_diff = 0;
+  for (size_t i = 0; i < q32.size(); ++i) {
+    max_q = std::max(max_q, std::abs(static_cast<double>(q32[i])));
+    max_diff = std::max(max_diff, std::abs(static_cast<double>(q32[i]) - q8[i]));
+  }
+  EXPECT_GT(max_diff, 1e-4 * max_q);  // not fp32's rounding
+  EXPECT_LT(max_diff, 5e-2 * max_q);  // but the same product
+  PeerRouting r32, r8;
+  peer_route(c, p, q32.data(), l.tokens, &r32, kThreads, RoutingPrecision::kF32);
+  peer_route(c, p, q8.data(), l.tokens, &r8, kThreads, RoutingPrecision::kInt8);
+  int64_t kept = 0;
+  const size_t k = static_cast<size_t>(c.topk);
+  for (size_t base = 0; base < r32.ids.size(); base += k) {
+    for (size_t s = 0; s < k; ++s) {
+      kept += std::count(r8.ids.begin() + base, r8.ids.begin() + base + k, r32.ids[base + s]);
+    }
+  }
+  EXPECT_GT(static_cast<double>(kept), 0.8 * static_cast<double>(r32.ids.size()));
 }
 
 TEST_P(PeerParityTest, ExpertsInWavesEqualOnePassBitForBit) {

@@ -25,6 +25,8 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
       {"generation", {{"number", r.store_generation}, {"manifest_xxh3", r.store_manifest_xxh3}}},
       {"layer", opt.layer},
       {"backend", peer_backend_name(opt.layer_options.backend)},
+      {"routing_math", routing_precision_name(opt.layer_options.cpu.routing_precision)},
+      {"expert_dot", expert_dot_name(opt.layer_options.cpu.expert_dot)},
       {"input",
        {{"file", opt.input},
         {"tensor", r.input_tensor},
@@ -170,6 +172,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
   struct Args {
     std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
     std::string host, device = "cpu", vram, h2d = "auto";
+    std::string routing_math = "f32", expert_dot = "float";
     TierFlags tier;
     int64_t batch = 4096;
     int lookahead = 0;
@@ -212,6 +215,18 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
                   "cpu (SIMD + threads) or ref (the plain reference kernels, slow; for checking)")
       ->check(CLI::IsMember({"cpu", "ref"}))
       ->capture_default_str();
+  cmd->add_option("--routing-math", args->routing_math,
+                  "With --backend cpu: the router's two products in f32, bf16 (operands rounded\n"
+                  "to bf16) or int8 (operands quantized per row, exact integer products: about\n"
+                  "4x f32's GEMM rate; may swap experts whose scores are within ~1%)")
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}))
+      ->capture_default_str();
+  cmd->add_option("--expert-dot", args->expert_dot,
+                  "With --backend cpu on int8/int4 records: the down-row dot products on the\n"
+                  "float activations (float), or on activations quantized per 32-group to int8\n"
+                  "(int8: integer dot products, VNNI where the CPU has it; error ~1e-2 relative)")
+      ->check(CLI::IsMember({"float", "int8"}))
+      ->capture_default_str();
   cmd->add_option("--device", args->device,
                   "cpu, or cuda: the layer on the CUDA device (records copied to it per batch,\n"
                   "or kept in a device tier of --vram bytes)")
@@ -236,6 +251,16 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
       global.exit_code = report_error("forward", device.status());
       return;
     }
+    if ((args->routing_math != "f32" || args->expert_dot != "float") &&
+        device->backend != PeerBackend::kCpu) {
+      global.exit_code = report_error(
+          "forward",
+          Status::invalid_argument("--routing-math " + args->routing_math + " --expert-dot " +
+                                   args->expert_dot +
+                                   ": these modes are the CPU backend's (leave them out, or use "
+                                   "--backend cpu --device cpu)"));
+      return;
+    }
     ForwardOptions opt;
     opt.store = args->store;
     opt.layer = args->layer;
@@ -251,6 +276,12 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.layer_options.cuda.h2d = device->h2d;
     opt.layer_options.cuda.vram_policy = parse_eviction_policy(args->tier.policy).value();
     opt.layer_options.verify_checksums = !args->no_verify;
+    opt.layer_options.cpu.routing_precision = args->routing_math == "int8" ? RoutingPrecision::kInt8
+                                              : args->routing_math == "bf16"
+                                                  ? RoutingPrecision::kBf16
+                                                  : RoutingPrecision::kF32;
+    opt.layer_options.cpu.expert_dot =
+        args->expert_dot == "int8" ? ExpertDot::kInt8 : ExpertDot::kFloat;
     if (!args->host.empty()) {
       opt.layer_options.tiers = tier_options(args->tier, parse_bytes(args->host).value());
     }

@@ -1,4 +1,4 @@
-// oneDNN's sgemm, one thread per call (kernels/cpu/blas.h says why).
+// oneDNN's GEMMs, one thread per call (kernels/cpu/blas.h says why).
 #include "kernels/cpu/blas.h"
 
 #include <omp.h>
@@ -66,6 +66,24 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
              int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   TROVE_CHECK(lda >= k && ldb >= n);
   sgemm('N', 'N', m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+void gemm_nt_int8(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda, const int8_t* b,
+                  int64_t ldb, int32_t* c, int64_t ldc) {
+  TROVE_CHECK(m >= 0 && n >= 0 && k >= 0 && lda >= k && ldb >= k && ldc >= n);
+  TROVE_CHECK(k < (int64_t{1} << 31) / (127 * 64));
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0);
+    return;
+  }
+  const OneThreadForThisCall one_thread;
+  const int32_t c_offset = 0;
+  const dnnl_status_t status = dnnl_gemm_u8s8s32('N', 'T', 'F', m, n, k, 1.0f, a, lda, 128, b, ldb,
+                                                 0, 0.0f, c, ldc, &c_offset);
+  TROVE_CHECK_MSG(status == dnnl_success, "dnnl_gemm_u8s8s32(%lld, %lld, %lld) failed: %d",
+                  static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
+                  static_cast<int>(status));
 }
 
 }  // namespace trove::blas

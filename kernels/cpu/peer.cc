@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -178,8 +179,27 @@ float scalar_int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int6
   return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy, scalar_axpy,
-                                        scalar_top_indices, scalar_int8_dot};
+float scalar_routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(v[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  std::memset(codes, 0, static_cast<size_t>(std::max<int64_t>(n, 0)));
+  if (!finite) return std::numeric_limits<float>::quiet_NaN();
+  const float lv = static_cast<float>(levels);
+  const float inv = lv / amax;
+  if (amax == 0.0f || !std::isfinite(inv)) return 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    codes[i] = static_cast<int8_t>(std::min(std::max(std::rint(v[i] * inv), -lv), lv));
+  }
+  return amax / lv;
+}
+
+constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy,
+                                        scalar_axpy,      scalar_top_indices,
+                                        scalar_int8_dot,  scalar_routing_quantize};
 
 const PeerKernels& kernels() {
   switch (active_cpu_path()) {
@@ -417,6 +437,54 @@ std::vector<float> rounded_to_bf16(const float* x, int64_t count) {
   return out;
 }
 
+// ---- RoutingPrecision::kInt8 -----------------------------------------------------------------
+// The weight rows (W_q, the sub-keys) are quantized once per call, the activation rows (xhat, a
+// head's half of q) per block, as the GEMM's unsigned operand (code + 128); the exact integer
+// products (blas::gemm_nt_int8) are then scaled as kernels/peer.h says. Integer sums are exact,
+// so no padding is needed: a token's q and scores do not depend on its batch or on the threads.
+struct Int8Rows {
+  std::vector<int8_t> codes;  // rows x n
+  std::vector<float> scales;  // per row
+};
+
+Int8Rows quantize_weight_rows(const PeerKernels& kr, const float* w, int64_t rows, int64_t n,
+                              int threads) {
+  Int8Rows out{std::vector<int8_t>(static_cast<size_t>(rows * n)),
+               std::vector<float>(static_cast<size_t>(rows))};
+  parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      out.scales[static_cast<size_t>(r)] =
+          kr.routing_quantize(w + r * n, n, kRoutingWeightLevels, &out.codes[r * n]);
+    }
+  });
+  return out;
+}
+
+// m activation rows of n floats (row stride ld) as codes + 128, [m, n], and their scales.
+void quantize_activation_rows(const PeerKernels& kr, const float* x, int64_t m, int64_t n,
+                              int64_t ld, uint8_t* out, float* scales) {
+  for (int64_t i = 0; i < m; ++i) {
+    uint8_t* row = out + i * n;
+    scales[i] = kr.routing_quantize(x + i * ld, n, kRoutingActivationLevels,
+                                    reinterpret_cast<int8_t*>(row));
+    for (int64_t j = 0; j < n; ++j) row[j] ^= 0x80;  // two's complement code + 128
+  }
+}
+
+// C[i, j] = (float(acc[i, j]) * scale_a[i]) * scale_b[j], rounded once per operation.
+void scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
+                    const float* scale_b, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t* a = acc + i * n;
+    float* out = c + i * ldc;
+    const float sa = scale_a[i];
+    for (int64_t j = 0; j < n; ++j) {
+      const float scaled = static_cast<float>(a[j]) * sa;
+      out[j] = scaled * scale_b[j];
+    }
+  }
+}
+
 // The down-row dot of one token: on its fp32 xhat, or (ExpertDot::kInt8 on int8/int4 records)
 // on xhat quantized once per token and shared by its slots.
 class TokenDown {
@@ -512,6 +580,31 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
     });
     return;
   }
+  if (precision == RoutingPrecision::kInt8) {
+    const PeerKernels& kr = kernels();
+    const Int8Rows w = quantize_weight_rows(kr, params.query_weight, rows, D, threads);
+    parallel_for(query_blocks(T), threads, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> a;
+      std::vector<float> scale_x;
+      std::vector<int32_t> acc;
+      for (int64_t b = begin; b < end; ++b) {
+        const QueryBlock block = query_block(T, b);
+        const int64_t t0 = block.t0, m = std::min(block.rows, T - t0);
+        a.resize(static_cast<size_t>(m * D));
+        scale_x.resize(static_cast<size_t>(m));
+        acc.resize(static_cast<size_t>(m * rows));
+        quantize_activation_rows(kr, xhat + t0 * D, m, D, D, a.data(), scale_x.data());
+        blas::gemm_nt_int8(m, rows, D, a.data(), D, w.codes.data(), D, acc.data(), rows);
+        float* qb = q + t0 * rows;
+        scale_products(acc.data(), m, rows, scale_x.data(), w.scales.data(), qb, rows);
+        if (params.query_bias == nullptr) continue;
+        for (int64_t t = 0; t < m; ++t) {
+          for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
+        }
+      }
+    });
+    return;
+  }
   std::vector<float> rounded_x, rounded_w;  // kBf16 without the kernel: bf16 values in fp32
   if (precision == RoutingPrecision::kBf16) {
     rounded_x = rounded_to_bf16(xhat, T * D);
@@ -557,6 +650,9 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   std::vector<std::vector<uint32_t>> packed_keys;
   std::vector<float> rounded_q, rounded_keys;
   const float* keys = params.keys;
+  const bool int8 = precision == RoutingPrecision::kInt8;
+  Int8Rows int8_keys;
+  if (int8) int8_keys = quantize_weight_rows(kr, params.keys, key_tables * n, dk, threads);
   if (bf16_kernel) {
     for (int64_t table = 0; table < key_tables; ++table) {
       packed_keys.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
@@ -576,10 +672,13 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     best.reserve(static_cast<size_t>(k));
     std::vector<float> pad_q;  // a short last block's q, zero-padded to kRouteBlock rows
     std::vector<uint32_t> q_pairs(bf16_kernel ? static_cast<size_t>(kRouteBlock * pairs) : 0);
+    std::vector<uint8_t> q_codes(int8 ? static_cast<size_t>(kRouteBlock * dk) : 0);
+    std::vector<float> q_scales(int8 ? static_cast<size_t>(kRouteBlock) : 0);
+    std::vector<int32_t> acc(int8 ? static_cast<size_t>(kRouteBlock * n) : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
       const float* qb = q + t0 * rows;
-      if (m < kRouteBlock && !bf16_kernel) {
+      if (m < kRouteBlock && !bf16_kernel && !int8) {
         pad_q.assign(static_cast<size_t>(kRouteBlock * rows), 0.0f);
         std::memcpy(pad_q.data(), qb, static_cast<size_t>(m * rows) * sizeof(float));
         qb = pad_q.data();
@@ -592,6 +691,16 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
             pack_bf16_rows(qb + (head * 2 + half) * dk, m, dk, rows, q_pairs.data());
             avx512bf16::gemm_nt(m, n, pairs, q_pairs.data(), pairs,
                                 packed_keys[static_cast<size_t>(hk * 2 + half)].data(), s_half, n);
+            continue;
+          }
+          if (int8) {  // the block's m rows
+            const int64_t table = hk * 2 + half;
+            quantize_activation_rows(kr, qb + (head * 2 + half) * dk, m, dk, rows, q_codes.data(),
+                                     q_scales.data());
+            blas::gemm_nt_int8(m, n, dk, q_codes.data(), dk, &int8_keys.codes[table * n * dk], dk,
+                               acc.data(), n);
+            scale_products(acc.data(), m, n, q_scales.data(), &int8_keys.scales[table * n], s_half,
+                           n);
             continue;
           }
           // s[t][i] = <q[t][head][half], K[hk][half][i]>: [kRouteBlock, dk] x [n, dk]^T, every

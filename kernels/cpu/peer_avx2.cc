@@ -11,8 +11,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels/quant.h"
 
@@ -276,10 +278,57 @@ void axpy(float alpha, const float* x, int64_t n, float* y) {
   float_axpy<load8_f32, load1_f32>(reinterpret_cast<const uint8_t*>(x), n, alpha, y);
 }
 
+// ---- RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule) --------------------------
+
+float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax8 = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, x));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, amax8);
+  float amax = 0.0f;
+  for (float l : lanes) amax = std::max(amax, l);
+  bool finite = _mm256_movemask_ps(unordered) == 0;
+  for (; i < n; ++i) {
+    finite = finite && std::isfinite(v[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  std::memset(codes, 0, static_cast<size_t>(n));
+  if (!finite || std::isinf(amax)) return std::numeric_limits<float>::quiet_NaN();
+  const float lv = static_cast<float>(levels);
+  const float inv = lv / amax;
+  if (amax == 0.0f || !std::isfinite(inv)) return 0.0f;
+  const __m256 inv8 = _mm256_set1_ps(inv), hi = _mm256_set1_ps(lv), lo = _mm256_set1_ps(-lv);
+  const auto code8 = [&](const float* p) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), inv8),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+  };
+  i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i w01 = _mm256_packs_epi32(code8(v + i), code8(v + i + 8));
+    const __m256i w23 = _mm256_packs_epi32(code8(v + i + 16), code8(v + i + 24));
+    const __m256i b = _mm256_packs_epi16(w01, w23);  // 128-bit lanes interleave the quads
+    const __m256i ordered =
+        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), ordered);
+  }
+  for (; i < n; ++i) {
+    codes[i] = static_cast<int8_t>(std::min(std::max(std::rint(v[i] * inv), -lv), lv));
+  }
+  return amax / lv;
+}
+
 }  // namespace
 
 const PeerKernels& peer_kernels() {
-  static constexpr PeerKernels kKernels = {coded_dot, coded_axpy, axpy, top_indices, int8_dot};
+  static constexpr PeerKernels kKernels = {coded_dot,   coded_axpy, axpy,
+                                           top_indices, int8_dot,   routing_quantize};
   return kKernels;
 }
 

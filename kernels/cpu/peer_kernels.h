@@ -54,6 +54,9 @@ struct PeerKernels {
   // REQUIRES: t is kI8 or kI4; x.groups == quant_groups(n).
   float (*int8_dot)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
                     const Int8Activations& x);
+  // RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule): codes[0..n) and the
+  // returned scale. REQUIRES: levels is 127 or 64.
+  float (*routing_quantize)(const float* v, int64_t n, int levels, int8_t* codes);
 };
 
 }  // namespace trove::peer_internal

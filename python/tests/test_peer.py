@@ -145,6 +145,25 @@ def test_lookahead_gives_the_batches_outputs_bit_for_bit_and_reads_ahead(tmp_pat
         tt.PEER.open(tmp_path / "l.trove", host="200KiB", lookahead=-1)
 
 
+def test_routing_math_int8_keeps_most_experts_and_is_refused_for_training(tmp_path):
+    torch.manual_seed(7)
+    m = BackgroundPeer(dim=128, num_experts=4096, heads=2, topk=4, dim_key=16)
+    f32 = tt.PEER.from_module(m, tmp_path / "r.trove", quant="int8")
+    int8 = tt.PEER.open(tmp_path / "r.trove", routing_math="int8")
+    x = torch.randn(200, 128)
+    ids32, ids8 = f32.routing(x)[0], int8.routing(x)[0]
+    assert not torch.equal(ids32, ids8)  # the products are quantized: some scores move
+    kept = sum(len(set(a.tolist()) & set(b.tolist()))
+               for a, b in zip(ids32.reshape(-1, 4), ids8.reshape(-1, 4)))
+    assert kept > 0.8 * ids32.numel()
+    assert torch.equal(int8(x), tt.PEER.open(tmp_path / "r.trove", routing_math="int8",
+                                             threads=1)(x))
+    with pytest.raises(ValueError, match="routing_math='fp8'"):
+        tt.PEER.open(tmp_path / "r.trove", routing_math="fp8")
+    with pytest.raises(ValueError, match="training"):
+        tt.PEER.open(tmp_path / "r.trove", routing_math="int8")._enable_training()
+
+
 # ---- gradients ------------------------------------------------------------------------------
 
 def smooth_layer(tmp_path):

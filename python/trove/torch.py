@@ -173,7 +173,7 @@ class PEER(nn.Module):
 
     @classmethod
     def open(cls, store, layer=None, host=None, device="cpu", vram=None, policy="frequency",
-             threads=0, verify=True, lookahead=0, batch=4096):
+             threads=0, verify=True, lookahead=0, batch=4096, routing_math="f32"):
         """Layer `layer` of the store at `store` (the only layer when None).
 
         host: a byte budget ("8GiB", "10%" is not accepted here) for a host tier over the store
@@ -182,6 +182,10 @@ class PEER(nn.Module):
         lookahead: with it > 0, a forward of more than `batch` tokens runs in batches of `batch`
         tokens, the next `lookahead` ones routed and their missing records read from disk while
         one computes (within the host budget); the output is the same bit for bit.
+        routing_math: the router's two products on the CPU in "f32", "bf16" or "int8" (per-row
+        int8 operands, exact integer products: faster, and may swap experts whose scores are
+        within about 1%; inference only). kernels/peer.h's RoutingPrecision says exactly what
+        each computes.
         """
         store = os.fspath(store)
         if layer is None:
@@ -193,7 +197,8 @@ class PEER(nn.Module):
         if backend is None:
             raise ValueError(f"device {device!r}: trove runs layers on 'cpu' or 'cuda'")
         args = dict(host=_bytes_arg(host), policy=policy, backend=backend, vram=_bytes_arg(vram),
-                    threads=threads, verify=verify, lookahead=lookahead, batch=batch)
+                    threads=threads, verify=verify, lookahead=lookahead, batch=batch,
+                    routing_math=routing_math)
         peer = cls(_core.Layer(store, layer, **args), store, layer)
         peer._open_args = args
         return peer

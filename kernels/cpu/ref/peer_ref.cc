@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <vector>
@@ -39,12 +40,59 @@ double operand(float x, RoutingPrecision precision) {
   return precision == RoutingPrecision::kBf16 ? bf16_to_fp32(fp32_to_bf16(x)) : x;
 }
 
+// A row as RoutingPrecision::kInt8 quantizes it (kernels/peer.h's rule, written out plainly).
+struct QuantizedRow {
+  std::vector<int64_t> codes;
+  float scale = 0.0f;
+};
+
+QuantizedRow quantize_routing_row_ref(const float* v, int64_t n, int levels) {
+  QuantizedRow row;
+  row.codes.assign(static_cast<size_t>(n), 0);
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(v[i])) {
+      row.scale = std::numeric_limits<float>::quiet_NaN();
+      return row;
+    }
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  const float lv = static_cast<float>(levels);
+  const float inv = lv / amax;
+  if (amax == 0.0f || !std::isfinite(inv)) return row;
+  for (int64_t i = 0; i < n; ++i) {
+    const float code = std::min(std::max(std::nearbyint(v[i] * inv), -lv), lv);
+    row.codes[static_cast<size_t>(i)] = static_cast<int64_t>(code);
+  }
+  row.scale = amax / lv;
+  return row;
+}
+
+// The exact integer product of two quantized rows, scaled as kernels/peer.h says.
+float int8_product(const QuantizedRow& activation, const QuantizedRow& weight) {
+  int64_t acc = 0;
+  for (size_t i = 0; i < activation.codes.size(); ++i) acc += activation.codes[i] * weight.codes[i];
+  float out = static_cast<float>(acc);
+  out = out * activation.scale;
+  out = out * weight.scale;
+  return out;
+}
+
 // Sub-key scores s_c[i] = <q[head][c], K[hk][c][i]> of one token and head.
 std::vector<float> sub_scores(const PeerConfig& c, const PeerRouterParams& p, const float* q_token,
                               int64_t head, int half, RoutingPrecision precision) {
   const int64_t hk = c.shared_keys ? 0 : head;
   const float* qh = q_token + (head * 2 + half) * c.dim_key;
   std::vector<float> s(static_cast<size_t>(c.n_keys));
+  if (precision == RoutingPrecision::kInt8) {
+    const QuantizedRow qq = quantize_routing_row_ref(qh, c.dim_key, kRoutingActivationLevels);
+    for (int64_t i = 0; i < c.n_keys; ++i) {
+      const float* key = p.keys + ((hk * 2 + half) * c.n_keys + i) * c.dim_key;
+      s[static_cast<size_t>(i)] =
+          int8_product(qq, quantize_routing_row_ref(key, c.dim_key, kRoutingWeightLevels));
+    }
+    return s;
+  }
   for (int64_t i = 0; i < c.n_keys; ++i) {
     const float* key = p.keys + ((hk * 2 + half) * c.n_keys + i) * c.dim_key;
     double acc = 0;
@@ -94,6 +142,23 @@ void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, co
   check_common(config, nullptr);
   TROVE_CHECK((params.query_bias != nullptr) == config.query_bias);
   const int64_t rows = config.query_rows();
+  if (precision == RoutingPrecision::kInt8) {
+    std::vector<QuantizedRow> w;
+    for (int64_t r = 0; r < rows; ++r) {
+      w.push_back(quantize_routing_row_ref(params.query_weight + r * config.dim, config.dim,
+                                           kRoutingWeightLevels));
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const QuantizedRow xt =
+          quantize_routing_row_ref(xhat + t * config.dim, config.dim, kRoutingActivationLevels);
+      for (int64_t r = 0; r < rows; ++r) {
+        float out = int8_product(xt, w[static_cast<size_t>(r)]);
+        if (params.query_bias != nullptr) out = out + params.query_bias[r];
+        q[t * rows + r] = out;
+      }
+    }
+    return;
+  }
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t r = 0; r < rows; ++r) {
       const float* w = params.query_weight + r * config.dim;

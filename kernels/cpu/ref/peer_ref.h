@@ -24,13 +24,15 @@ void peer_norm_ref(const PeerConfig& config, const float* norm_weight, const flo
                    float* xhat);
 
 // Step 2: q [T, h*2*dk] = W_q xhat (+ b_q). RoutingPrecision::kBf16: W_q and xhat rounded to
-// bf16 (round to nearest even) before the product; b_q is not rounded.
+// bf16 (round to nearest even) before the product; b_q is not rounded. kInt8: both quantized
+// per row and multiplied in integers, then scaled (kernels/peer.h).
 void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
                     int64_t T, float* q, RoutingPrecision precision = RoutingPrecision::kF32);
 
 // Steps 3-5: sub-key scores, per-half top-k', k'^2 merge, final top-k and gates.
 // `routing` is resized to [T, h, k]. RoutingPrecision::kBf16: q and the keys rounded to bf16
-// before the sub-key scores; everything after them as in kF32.
+// before the sub-key scores (kInt8: quantized per row, kernels/peer.h); everything after them as
+// in kF32.
 void peer_route_ref(const PeerConfig& config, const PeerRouterParams& params, const float* q,
                     int64_t T, PeerRouting* routing,
                     RoutingPrecision precision = RoutingPrecision::kF32);
