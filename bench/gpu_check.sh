@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh tests   # build, every CUDA test, memcheck + racecheck   (~5 min)
 #   bash bench/gpu_check.sh bench   # bench --device cuda, background config, 262K and 1M (~5 min)
 #   bash bench/gpu_check.sh big     # 4M experts x 2 layers under --vram 16GiB vs resident (~5 min)
+#   bash bench/gpu_check.sh prefetch  # look-ahead from disk, --cpu-misses vs copies (~7 min)
 #   bash bench/gpu_check.sh lease   # all of it in priority order until GPU_CHECK_SECONDS (540)
 #
 # A lease is minutes: build build-gpu here (cmake -DTROVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
@@ -163,7 +164,23 @@ run_big() {
     --host 48GiB --batches "${BIG_BATCHES:-16}" --warmup "${BIG_WARMUP:-8}"
 }
 
+# Issue 17 on the device: look-ahead 0, 1, 2 with most records on disk (host 10%) under a device
+# tier, and device-tier misses computed on the CPU (--cpu-misses) against the same run without.
+run_prefetch() {
+  bench bench_1m_disk_lookahead 200 --experts 1M --routing zipf:1.09 --host 10% --vram 4GiB \
+    --lookahead 0,1,2 --batches 16 --warmup 4
+  bench bench_1m_copy_misses 120 --experts 1M --routing zipf:1.09 --host 100% --vram 2GiB \
+    --batches 16 --warmup 4 --no-calibrate
+  bench bench_1m_cpu_misses 120 --experts 1M --routing zipf:1.09 --host 100% --vram 2GiB \
+    --cpu-misses --batches 16 --warmup 4 --no-calibrate
+}
+
 case $STAGE in
+  prefetch)
+    build
+    run_prefetch
+    summary
+    ;;
   tests)
     # shellcheck disable=SC2086
     build $TESTS

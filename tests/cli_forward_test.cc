@@ -1004,7 +1004,11 @@ TEST_F(CliForwardStore, VramNeedsDeviceCudaAndRefDoesNotRunThere) {
   expect_rejected(xin, {"--backend ref", "--device cuda"},
                   {"--device", "cuda", "--backend", "ref"});
   expect_rejected(xin, {"--h2d gather", "needs --device cuda"}, {"--h2d", "gather"});
-  RunResult r = run(dir_, {"bench", "--vram", "1GiB", "--experts", "1024"});
+  expect_rejected(xin, {"--cpu-misses", "needs --device cuda"}, {"--cpu-misses"});
+  RunResult r = run(dir_, {"bench", "--cpu-misses", "--experts", "1024"});
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_NE(r.err.find("--cpu-misses"), std::string::npos) << r.err;
+  r = run(dir_, {"bench", "--vram", "1GiB", "--experts", "1024"});
   EXPECT_EQ(r.exit_code, 1) << r.err;
   EXPECT_NE(r.err.find("needs --device cuda"), std::string::npos) << r.err;
   r = run(dir_, {"bench", "--h2d", "batch", "--experts", "1024"});

@@ -39,7 +39,7 @@ struct BenchArgs {
   int64_t batches = 32, warmup = 8;
   int64_t layers = 1;
   double calibrate_seconds = 2.0;
-  bool no_resident = false, no_calibrate = false, no_fio = false;
+  bool no_resident = false, no_calibrate = false, no_fio = false, cpu_misses = false;
   uint64_t seed = 1;
 };
 
@@ -352,6 +352,8 @@ nlohmann::json point_json(const Point& p, const nlohmann::json& calib) {
         {"pinned", m.counter("device.pageable_batches") == 0},
         {"transfer", stage_json(r.latency("transfer"))},
         {"h2d_method", std::string(h2d_method_name(r.h2d_method))},
+        {"cpu_misses_per_batch", static_cast<double>(m.counter("device.cpu_misses")) / nb},
+        {"cpu_seconds_per_batch", m.real("device.cpu_seconds") / nb},
     };
     // Every method's figures over the whole run (warm-up included: --h2d auto tries them there).
     nlohmann::json methods = nlohmann::json::array();
@@ -591,7 +593,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
   const bool talk = !global.json && !global.quiet;
   auto fail = [](const Status& s) { return report_error("bench", s); };
   // The device first, before any store is written.
-  Result<DeviceChoice> device = choose_device(a.device, a.vram, "cpu", a.h2d);
+  Result<DeviceChoice> device = choose_device(a.device, a.vram, "cpu", a.h2d, a.cpu_misses);
   if (!device.ok()) return fail(device.status());
   Result<DType> dtype = parse_dtype(a.quant);
   if (!dtype.ok()) return fail(dtype.status());
@@ -862,6 +864,7 @@ int run_bench_command(const BenchArgs& a, const GlobalOptions& global, nlohmann:
               o.backend = device->backend;
               o.vram_budget_bytes = device->vram_budget_bytes;
               o.h2d = device->h2d;
+              o.cpu_misses = a.cpu_misses;
               p.vram_bytes = device->vram_budget_bytes;
               o.seed = a.seed;
               o.lookahead = depth;
@@ -1073,6 +1076,7 @@ void add_bench(CLI::App& app, GlobalOptions& global) {
                   "the total, N x (budget / N)")
       ->check(valid_bytes);
   add_h2d_flag(cmd, &a->h2d);
+  add_cpu_misses_flag(cmd, &a->cpu_misses);
   cmd->add_option(
       "--store", a->store,
       "Folder for the synthetic stores (kept and reused by later runs; put it on the\n"

@@ -69,7 +69,10 @@ nlohmann::json forward_report_json(const ForwardOptions& opt, const ForwardRepor
                                  {"h2d_gb_per_second",
                                   h2d_seconds > 0 ? h2d_bytes / h2d_seconds / 1e9 : 0.0},
                                  {"pinned", m.counter("device.pageable_batches") == 0},
-                                 {"h2d_method", r.h2d_method}}
+                                 {"h2d_method", r.h2d_method},
+                                 {"cpu_misses", m.counter("device.cpu_misses")},
+                                 {"cpu_slots", m.counter("device.cpu_slots")},
+                                 {"cpu_seconds", m.real("device.cpu_seconds")}}
                 : nlohmann::json(nullptr)},
       {"record_gb_per_second",
        expert_seconds > 0
@@ -173,6 +176,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     std::string store, layer, input, input_tensor, output, routing, dtype, backend = "cpu";
     std::string host, device = "cpu", vram, h2d = "auto";
     std::string routing_math = "f32", expert_dot = "float";
+    bool cpu_misses = false;
     TierFlags tier;
     int64_t batch = 4096;
     int lookahead = 0;
@@ -237,6 +241,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
                   "records stay there between batches. Default: none, copied per batch")
       ->check(valid_bytes);
   add_h2d_flag(cmd, &args->h2d);
+  add_cpu_misses_flag(cmd, &args->cpu_misses);
   cmd->add_flag("--no-verify", args->no_verify,
                 "Skip the checksum of each record on its first use (not recommended)");
   cmd->add_option("--host", args->host,
@@ -246,7 +251,8 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
   add_tier_flags(cmd, &args->tier);
   cmd->callback([args, &global] {
     // The device first, before any file is read.
-    Result<DeviceChoice> device = choose_device(args->device, args->vram, args->backend, args->h2d);
+    Result<DeviceChoice> device =
+        choose_device(args->device, args->vram, args->backend, args->h2d, args->cpu_misses);
     if (!device.ok()) {
       global.exit_code = report_error("forward", device.status());
       return;
@@ -274,6 +280,7 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     opt.layer_options.backend = device->backend;
     opt.layer_options.cuda.vram_budget_bytes = device->vram_budget_bytes;
     opt.layer_options.cuda.h2d = device->h2d;
+    opt.layer_options.cuda.cpu_misses = args->cpu_misses;
     opt.layer_options.cuda.vram_policy = parse_eviction_policy(args->tier.policy).value();
     opt.layer_options.verify_checksums = !args->no_verify;
     opt.layer_options.cpu.routing_precision = args->routing_math == "int8" ? RoutingPrecision::kInt8

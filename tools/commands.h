@@ -67,14 +67,17 @@ TieredSourceOptions tier_options(const TierFlags& flags, uint64_t host_budget_by
 // before any work: --device cuda on a machine without a usable device is kNotSupported
 // "no CUDA device is available (...); run without --device cuda"; --vram needs --device cuda;
 // --backend ref (the CPU oracle) does not run on the device.
-// --h2d (auto unless given) needs --device cuda.
+// --h2d (auto unless given) and --cpu-misses need --device cuda.
 struct DeviceChoice {
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
   H2dMethod h2d = H2dMethod::kAuto;
 };
 Result<DeviceChoice> choose_device(const std::string& device, const std::string& vram,
-                                   const std::string& backend, const std::string& h2d = "auto");
+                                   const std::string& backend, const std::string& h2d = "auto",
+                                   bool cpu_misses = false);
+// --cpu-misses (CudaExecutorOptions::cpu_misses), for `trove forward` and `trove bench`.
+void add_cpu_misses_flag(CLI::App* cmd, bool* cpu_misses);
 // --h2d auto|slab|batch|gather: how records reach the device (PeerLayerOptions::h2d).
 void add_h2d_flag(CLI::App* cmd, std::string* h2d);
 

@@ -45,10 +45,24 @@ void add_h2d_flag(CLI::App* cmd, std::string* h2d) {
       ->capture_default_str();
 }
 
+void add_cpu_misses_flag(CLI::App* cmd, bool* cpu_misses) {
+  cmd->add_flag("--cpu-misses", *cpu_misses,
+                "With --device cuda and --host: compute some device-tier misses on the CPU from\n"
+                "the host tier instead of copying them (Fiddler's placement), as many as the\n"
+                "rates measured in the run say pay; y is then within fp32 rounding of the\n"
+                "all-resident y, not the same bits");
+}
+
 Result<DeviceChoice> choose_device(const std::string& device, const std::string& vram,
-                                   const std::string& backend, const std::string& h2d) {
+                                   const std::string& backend, const std::string& h2d,
+                                   bool cpu_misses) {
   DeviceChoice choice;
   TROVE_ASSIGN_OR_RETURN(choice.h2d, parse_h2d_method(h2d));
+  if (device != "cuda" && cpu_misses) {
+    return Status::invalid_argument(
+        "--cpu-misses splits the device's misses between the device and the CPU; it needs "
+        "--device cuda (on the CPU every expert is computed there already)");
+  }
   if (device != "cuda" && choice.h2d != H2dMethod::kAuto) {
     return Status::invalid_argument("--h2d " + h2d +
                                     " says how records reach the device; it needs --device cuda");

@@ -539,6 +539,7 @@ Result<std::vector<BenchLayer>> open_bench_layers(const StoreReader& store,
     lo.backend = opt.backend;
     lo.cuda.vram_budget_bytes = vram_share;
     lo.cuda.h2d = opt.h2d;
+    lo.cuda.cpu_misses = opt.cpu_misses;
     lo.cuda.vram_policy = opt.policy;
     TieredSourceOptions tiers;
     tiers.host_budget_bytes = host_share;

@@ -79,6 +79,7 @@ struct BenchOptions {
   PeerBackend backend = PeerBackend::kCpu;
   uint64_t vram_budget_bytes = 0;
   H2dMethod h2d = H2dMethod::kAuto;
+  bool cpu_misses = false;  // CudaExecutorOptions::cpu_misses
   uint64_t seed = 1;
   // Look-ahead (runtime/layer/lookahead.h): each layer whose routing is known before its input
   // (every layer of a synthetic or trace workload; the first of pk) routes batches b+1..b+N and

@@ -55,6 +55,9 @@ Metrics batch_metrics(const PeerBatchStats& s) {
   m.count("device.bytes_copied", static_cast<int64_t>(s.device.bytes_copied));
   m.add("device.copy_seconds", s.device.copy_seconds);
   m.count("device.pageable_batches", s.device.pinned ? 0 : 1);  // copies not all pinned
+  m.count("device.cpu_misses", s.device.cpu_misses);
+  m.count("device.cpu_slots", s.device.cpu_slots);
+  m.add("device.cpu_seconds", s.device.cpu_seconds);
   return m;
 }
 
