@@ -96,7 +96,7 @@ class Layer {
   Layer(const std::string& path, const std::string& name, const std::string& host,
         const std::string& policy, const std::string& backend, const std::string& vram, int threads,
         bool verify, bool train, int lookahead, int64_t batch, const std::string& routing_math)
-      : lookahead_(lookahead), batch_(batch) {
+      : lookahead_(lookahead), batch_(batch), routing_math_(routing_math) {
     if (lookahead < 0 || lookahead > kMaxLookahead) {
       throw nb::value_error(
           str_printf("lookahead=%d: expected 0 (off) to %d batches", lookahead, kMaxLookahead)
@@ -246,6 +246,12 @@ class Layer {
     check_size(x, static_cast<size_t>(T * c.dim), "x");
     check_size(dy, static_cast<size_t>(T * c.dim_out), "dy");
     check_size(dx, x.size(), "dx");
+    if (routing_math_ != "f32") {
+      throw nb::value_error(("backward through a layer opened with routing_math='" + routing_math_ +
+                             "': its gradients are those of f32 routing; open it with "
+                             "routing_math='f32' to train or differentiate")
+                                .c_str());
+    }
     {
       nb::gil_scoped_release unlocked;
       check(layer().backward(in_span(x), T, in_span(dy), &grads_));
@@ -312,6 +318,7 @@ class Layer {
  private:
   int lookahead_ = 0;  // forward(): batches routed and prefetched ahead (0: one call)
   int64_t batch_ = 0;  // forward() with look-ahead: tokens per batch
+  std::string routing_math_ = "f32";  // the router's products (backward needs f32)
   std::unique_ptr<TableTrainer> trainer_;
   std::unique_ptr<StoreReader> store_;
   std::optional<PeerLayer> layer_;

@@ -1048,6 +1048,8 @@ TEST_F(CliForwardStore, RoutingMathReachesTheCpuLayerAndIsRefusedElsewhere) {
   std::remove(y_path().c_str());
   expect_rejected(xin, {"--routing-math int8", "CPU backend", "--backend cpu"},
                   {"--routing-math", "int8", "--backend", "ref"});
+  expect_rejected(xin, {"--expert-dot int8 is a mode of the CPU backend"},
+                  {"--expert-dot", "int8", "--backend", "ref"});
   RunResult bad = forward(xin, {"--routing-math", "fp8"});
   EXPECT_EQ(bad.exit_code, 2) << bad.err;  // CLI11's usage error
   EXPECT_NE(bad.err.find("--routing-math"), std::string::npos) << bad.err;

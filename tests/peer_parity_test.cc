@@ -645,32 +645,61 @@ TEST_P(PeerParityTest, Int8RoutingMatchesTheInt8OracleBitForBitAcrossShapes) {
 // overflows (treated as zeros), and rows mixing huge and tiny values (codes saturate at +-127).
 // The same on every path, against the oracle.
 TEST_P(PeerParityTest, Int8RoutingQuantizesZeroNonFiniteAndTinyRowsByTheRule) {
-  PeerConfig c = make_config(70, 40, 2, 11, 9, 4, 4);
+  PeerConfig c = make_config(70, 40, 2, 11, 9, 4, 4);  // D = 70: two 32-blocks, a 6-element tail
   c.query_bias = true;
   c.input_norm = InputNorm::kNone;
-  const PeerLayer l = random_layer({6, c, DType::kI8}, 21);
-  const PeerRouterParams p = l.router();
+  const PeerLayer l = random_layer({9, c, DType::kI8}, 21);
+  PeerRouterParams p = l.router();
   std::vector<float> x = l.x;
   const int64_t D = c.dim, rows = c.query_rows();
-  std::fill(x.begin(), x.begin() + D, 0.0f);                    // token 0: zeros
-  x[sz(D + 5)] = std::numeric_limits<float>::quiet_NaN();       // token 1: a NaN
-  x[sz(2 * D + 69)] = -std::numeric_limits<float>::infinity();  // token 2: an infinity
-  for (int64_t d = 0; d < D; ++d) x[sz(3 * D + d)] = 1e-39f;    // token 3: inv overflows
-  x[sz(4 * D + 3)] = 3e38f;                                     // token 4: one huge value
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::fill(x.begin(), x.begin() + D, 0.0f);                  // token 0: zeros
+  x[sz(D + 5)] = nan;                                         // token 1: a NaN, vector part
+  x[sz(2 * D + 69)] = -inf;                                   // token 2: an infinity, tail
+  for (int64_t d = 0; d < D; ++d) x[sz(3 * D + d)] = 1e-39f;  // token 3: inv overflows
+  x[sz(4 * D + 3)] = 3e38f;                                   // token 4: one huge value
+  x[sz(5 * D + 10)] = inf;                                    // token 5: an infinity, vector part
+  x[sz(6 * D + 68)] = nan;                                    // token 6: a NaN, tail
+  // Weight rows by the same rule: a zero row of W_q (its q is the bias) and a tiny one.
+  std::vector<float> w(p.query_weight, p.query_weight + rows * D);
+  std::fill(w.begin() + 2 * D, w.begin() + 3 * D, 0.0f);
+  std::fill(w.begin() + 5 * D, w.begin() + 6 * D, 1e-39f);
+  p.query_weight = w.data();
   std::vector<float> want(sz(l.tokens * rows)), got(want.size(), -1.0f);
   peer_query_ref(c, p, x.data(), l.tokens, want.data(), RoutingPrecision::kInt8);
   peer_query(c, p, x.data(), l.tokens, got.data(), kThreads, RoutingPrecision::kInt8);
   for (int64_t r = 0; r < rows; ++r) {
     EXPECT_EQ(got[sz(r)], p.query_bias[r]) << "zero row, q " << r;
-    EXPECT_TRUE(std::isnan(got[sz(rows + r)])) << "NaN row, q " << r;
-    EXPECT_TRUE(std::isnan(got[sz(2 * rows + r)])) << "infinite row, q " << r;
+    for (int64_t t : {1, 2, 5, 6}) EXPECT_TRUE(std::isnan(got[sz(t * rows + r)])) << t << ", " << r;
     EXPECT_EQ(got[sz(3 * rows + r)], p.query_bias[r]) << "tiny row, q " << r;
   }
+  for (int64_t t : {0, 3, 4, 7, 8}) {
+    EXPECT_EQ(got[sz(t * rows + 2)], p.query_bias[2]) << "zero W_q row, token " << t;
+    EXPECT_EQ(got[sz(t * rows + 5)], p.query_bias[5]) << "tiny W_q row, token " << t;
+  }
   for (int64_t i = 0; i < l.tokens * rows; ++i) {
+    EXPECT_EQ(std::isnan(got[sz(i)]), std::isnan(want[sz(i)])) << "q " << i;
     if (std::isnan(want[sz(i)])) continue;
     EXPECT_EQ(std::memcmp(&got[sz(i)], &want[sz(i)], sizeof(float)), 0)
         << "q " << i << ": " << got[sz(i)] << " vs " << want[sz(i)];
   }
+  // Sub-key scores: a zero key and a zero head-half of q score 0 (the routing's ids and scores
+  // as the oracle's).
+  std::vector<float> keys(p.keys, p.keys + c.key_heads() * 2 * c.n_keys * c.dim_key);
+  std::fill(keys.begin() + 3 * c.dim_key, keys.begin() + 4 * c.dim_key, 0.0f);
+  p.keys = keys.data();
+  std::vector<float> q = want;
+  for (float& v : q) v = std::isfinite(v) && std::abs(v) < 1e30f ? v : 0.5f;  // scores finite
+  std::fill(q.begin() + 7 * rows, q.begin() + 7 * rows + c.dim_key, 0.0f);
+  PeerRouting want_r, got_r;
+  peer_route_ref(c, p, q.data(), l.tokens, &want_r, RoutingPrecision::kInt8);
+  peer_route(c, p, q.data(), l.tokens, &got_r, kThreads, RoutingPrecision::kInt8);
+  for (size_t i = 0; i < want_r.ids.size(); ++i) {
+    EXPECT_EQ(got_r.ids[i], want_r.ids[i])
+        << "slot " << i << ": scores " << got_r.scores[i] << " vs " << want_r.scores[i];
+  }
+  expect_bits_equal(got_r.scores, want_r.scores, "scores");
 }
 
 // kInt8 really quantizes: its q differs from kF32's by about the codes' rounding, a percent or so

@@ -259,12 +259,12 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
     }
     if ((args->routing_math != "f32" || args->expert_dot != "float") &&
         device->backend != PeerBackend::kCpu) {
+      const std::string flag = args->routing_math != "f32" ? "--routing-math " + args->routing_math
+                                                           : "--expert-dot " + args->expert_dot;
       global.exit_code = report_error(
           "forward",
-          Status::invalid_argument("--routing-math " + args->routing_math + " --expert-dot " +
-                                   args->expert_dot +
-                                   ": these modes are the CPU backend's (leave them out, or use "
-                                   "--backend cpu --device cpu)"));
+          Status::invalid_argument(flag + " is a mode of the CPU backend (leave it out, or "
+                                          "use --backend cpu --device cpu)"));
       return;
     }
     ForwardOptions opt;

@@ -11,10 +11,8 @@
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 #include "kernels/quant.h"
 
@@ -281,6 +279,9 @@ void axpy(float alpha, const float* x, int64_t n, float* y) {
 // ---- RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule) --------------------------
 
 float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
+  // Compiler builtins and plain comparisons, not std::max/rint/isfinite: an inline library
+  // function instantiated here would be compiled for AVX2, and a non-inlined (-O0) copy could be
+  // the one the linker keeps for the portable path too.
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 amax8 = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
   int64_t i = 0;
@@ -292,17 +293,18 @@ float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
   float lanes[8];
   _mm256_storeu_ps(lanes, amax8);
   float amax = 0.0f;
-  for (float l : lanes) amax = std::max(amax, l);
+  for (float l : lanes) amax = l > amax ? l : amax;
   bool finite = _mm256_movemask_ps(unordered) == 0;
   for (; i < n; ++i) {
-    finite = finite && std::isfinite(v[i]);
-    amax = std::max(amax, std::fabs(v[i]));
+    const float a = __builtin_fabsf(v[i]);
+    finite = finite && __builtin_isfinite(v[i]);
+    amax = a > amax ? a : amax;
   }
-  std::memset(codes, 0, static_cast<size_t>(n));
-  if (!finite || std::isinf(amax)) return std::numeric_limits<float>::quiet_NaN();
+  std::memset(codes, 0, static_cast<size_t>(n > 0 ? n : 0));
+  if (!finite || __builtin_isinf(amax)) return __builtin_nanf("");
   const float lv = static_cast<float>(levels);
   const float inv = lv / amax;
-  if (amax == 0.0f || !std::isfinite(inv)) return 0.0f;
+  if (amax == 0.0f || !__builtin_isfinite(inv)) return 0.0f;
   const __m256 inv8 = _mm256_set1_ps(inv), hi = _mm256_set1_ps(lv), lo = _mm256_set1_ps(-lv);
   const auto code8 = [&](const float* p) {
     const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), inv8),
@@ -318,8 +320,11 @@ float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
         _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), ordered);
   }
-  for (; i < n; ++i) {
-    codes[i] = static_cast<int8_t>(std::min(std::max(std::rint(v[i] * inv), -lv), lv));
+  for (; i < n; ++i) {  // the vector loop's operations on one element
+    const __m128 r = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(v[i] * inv),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const float c = _mm_cvtss_f32(r);
+    codes[i] = static_cast<int8_t>(c > lv ? lv : c < -lv ? -lv : c);
   }
   return amax / lv;
 }

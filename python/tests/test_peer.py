@@ -162,6 +162,9 @@ def test_routing_math_int8_keeps_most_experts_and_is_refused_for_training(tmp_pa
         tt.PEER.open(tmp_path / "r.trove", routing_math="fp8")
     with pytest.raises(ValueError, match="training"):
         tt.PEER.open(tmp_path / "r.trove", routing_math="int8")._enable_training()
+    xg = x[:8].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="backward through a layer opened with routing_math"):
+        int8(xg).sum().backward()
 
 
 # ---- gradients ------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 #include "runtime/layer/peer_executor.h"
 
+#include <algorithm>
+
 #include "base/stopwatch.h"
 #include "base/strings.h"
 #include "runtime/layer/cpu_executor.h"
@@ -113,6 +115,16 @@ Result<std::unique_ptr<PeerExecutor>> make_peer_executor(const PeerConfig& confi
                    std::string(peer_backend_name(options.backend)).c_str()));
   }
   if (options.backend == PeerBackend::kRef) return make_ref_executor(config);
+  // kInt8's integer sums hold k * 127 * 64 in int32 (kernels/cpu/blas.h: gemm_nt_int8).
+  constexpr int64_t kMaxInt8K = ((int64_t{1} << 31) - 1) / (127 * 64);
+  if (options.cpu.routing_precision == RoutingPrecision::kInt8 &&
+      std::max(config.dim, config.dim_key) > kMaxInt8K) {
+    return Status::invalid_argument(str_printf(
+        "int8 routing sums D = %lld (dk = %lld) products in int32; it takes D and dk up to %lld "
+        "(use f32 or bf16 routing)",
+        static_cast<long long>(config.dim), static_cast<long long>(config.dim_key),
+        static_cast<long long>(kMaxInt8K)));
+  }
   return make_cpu_executor(config, options.threads, options.cpu);
 }
 
