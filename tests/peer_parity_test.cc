@@ -583,20 +583,32 @@ TEST_P(PeerParityTest, Bf16RoutingMatchesTheBf16OracleAcrossShapes) {
   check_bf16_routing({9, wide, DType::kI8}, 14);
 }
 
+// q of kF32 and of `precision` on the same layer, the largest |q| of kF32 and |difference|.
+struct QueryPair {
+  std::vector<float> q32, q;
+  double max_q = 0, max_diff = 0;
+};
+QueryPair query_pair(const PeerLayer& l, RoutingPrecision precision) {
+  const PeerConfig& c = l.config;
+  const PeerRouterParams p = l.router();
+  QueryPair r{std::vector<float>(sz(l.tokens * c.query_rows())), {}};
+  r.q.resize(r.q32.size());
+  peer_query(c, p, l.x.data(), l.tokens, r.q32.data(), kThreads, RoutingPrecision::kF32);
+  peer_query(c, p, l.x.data(), l.tokens, r.q.data(), kThreads, precision);
+  for (size_t i = 0; i < r.q32.size(); ++i) {
+    r.max_q = std::max(r.max_q, std::abs(static_cast<double>(r.q32[i])));
+    r.max_diff = std::max(r.max_diff, std::abs(static_cast<double>(r.q32[i]) - r.q[i]));
+  }
+  return r;
+}
+
 // kBf16 really rounds: its q differs from kF32's, by about bf16's rounding of the operands.
 TEST_P(PeerParityTest, Bf16RoutingDiffersFromF32ByTheOperandsRounding) {
   PeerConfig c = make_config(512, 40, 2, 30, 32, 4, 4);
   c.query_bias = true;
   const PeerLayer l = random_layer({20, c, DType::kI8}, 15);
-  const PeerRouterParams p = l.router();
-  std::vector<float> q32(sz(l.tokens * c.query_rows())), q16(q32.size());
-  peer_query(c, p, l.x.data(), l.tokens, q32.data(), kThreads, RoutingPrecision::kF32);
-  peer_query(c, p, l.x.data(), l.tokens, q16.data(), kThreads, RoutingPrecision::kBf16);
-  double max_q = 0, max_diff = 0;
-  for (size_t i = 0; i < q32.size(); ++i) {
-    max_q = std::max(max_q, std::abs(static_cast<double>(q32[i])));
-    max_diff = std::max(max_diff, std::abs(static_cast<double>(q32[i]) - q16[i]));
-  }
+  const QueryPair qs = query_pair(l, RoutingPrecision::kBf16);
+  const double max_q = qs.max_q, max_diff = qs.max_diff;
   EXPECT_GT(max_diff, 1e-4 * max_q);  // bf16 has 8 significant bits: not fp32's rounding
   EXPECT_LT(max_diff, 3e-2 * max_q);  // but the same product
 }
@@ -709,14 +721,9 @@ TEST_P(PeerParityTest, Int8RoutingDiffersFromF32ByTheQuantization) {
   c.query_bias = true;
   const PeerLayer l = random_layer({40, c, DType::kI8}, 15);
   const PeerRouterParams p = l.router();
-  std::vector<float> q32(sz(l.tokens * c.query_rows())), q8(q32.size());
-  peer_query(c, p, l.x.data(), l.tokens, q32.data(), kThreads, RoutingPrecision::kF32);
-  peer_query(c, p, l.x.data(), l.tokens, q8.data(), kThreads, RoutingPrecision::kInt8);
-  double max_q = 0, max_diff = 0;
-  for (size_t i = 0; i < q32.size(); ++i) {
-    max_q = std::max(max_q, std::abs(static_cast<double>(q32[i])));
-    max_diff = std::max(max_diff, std::abs(static_cast<double>(q32[i]) - q8[i]));
-  }
+  const QueryPair qs = query_pair(l, RoutingPrecision::kInt8);
+  const double max_q = qs.max_q, max_diff = qs.max_diff;
+  const std::vector<float>&q32 = qs.q32, &q8 = qs.q;
   EXPECT_GT(max_diff, 1e-4 * max_q);  // not fp32's rounding
   EXPECT_LT(max_diff, 5e-2 * max_q);  // but the same product
   PeerRouting r32, r8;
