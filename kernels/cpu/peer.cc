@@ -7,12 +7,12 @@
 //   norm, experts: chunks of tokens; each token's row by one thread.
 //   query, route: fixed blocks of tokens from the batch's first, one single-threaded BLAS call
 //     per block (kernels/cpu/blas.h), so chunk boundaries change no bit. Route blocks are
-//     kRouteBlock (64) rows; the query runs 256-row blocks, then 64-row ones (kQueryBlock says
-//     why and what this assumes of the BLAS). A shorter last block is zero-padded to 64 rows, so
-//     no call has an odd shape (the library picks its kernels by shape): a token's q and scores
-//     do not depend on the thread count, nor on the batch (a one-token run equals the first
-//     token of a longer one). RoutingPrecision::kBf16 on the AVX512_BF16 kernel needs no
-//     padding: each of its outputs is a fixed-order sum.
+//     kRouteBlock (64) rows; the query runs 256-row blocks, then 64-row ones, where the BLAS
+//     rounds a row alike in both (kQueryBlock says why and how that is probed). A shorter last
+//     block is zero-padded to 64 rows, so no call has an odd shape (the library picks its kernels
+//     by shape): a token's q and scores do not depend on the thread count, nor on the batch (a
+//     one-token run equals the first token of a longer one). RoutingPrecision::kBf16 on the
+//     AVX512_BF16 kernel needs no padding: each of its outputs is a fixed-order sum.
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
 //     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
 //     columns of gamma, key rows, unique experts), each row adding its terms in token order.
@@ -25,6 +25,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -365,26 +367,63 @@ int64_t route_blocks(int64_t T) {
 // first, then the rest in kRouteBlock blocks as above: oneDNN's single-threaded sgemm ran
 // [M, 2048] x [2048, 512] at 85-95 GFLOP/s for M = 64 and 150 for M = 256 on one core of the
 // dev VM (the sub-key scores, K = dk, gain little). The blocks depend on T only, never on the
-// thread count. A token's q does not depend on its batch provided the BLAS rounds a row alike in
-// 64- and 256-row calls, which oneDNN 2.6 does on every shape measured (each output row is the
-// same K-ordered sum whatever M is, once M is a multiple of 64) and the tests check
-// (QueryAndRoutingOfATokenDoNotDependOnItsBatch crosses both kinds of block); a BLAS that did not
-// would make q depend on whether a token falls in a 256-block, never on the threads.
+// thread count. A token's q does not depend on its batch only if the BLAS rounds a row alike in
+// 64- and 256-row calls. oneDNN's AVX-512 sgemm does on every shape measured; its AVX2 kernels
+// (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) do not. So the 256-row blocks are used only for
+// a shape where a probe finds the two alike (fp32_query_block); elsewhere every block has 64 rows.
+// The tests cross both kinds of block under each oneDNN ISA (QueryAndRoutingOfATokenDoNot-
+// DependOnItsBatch, run again by ctest with ONEDNN_MAX_CPU_ISA=AVX2 and AVX512_CORE).
 constexpr int64_t kQueryBlock = 256;
 
-struct QueryBlock {
-  int64_t t0, rows;  // first token, and rows of the BLAS call (kQueryBlock or kRouteBlock)
-};
-
-int64_t query_blocks(int64_t T) {
-  const int64_t big = T / kQueryBlock;
-  return big + route_blocks(T - big * kQueryBlock);
+// True when blas::gemm_nt's one [kQueryBlock, k] x [k, n] call gives the bits of its rows in
+// kRouteBlock-row calls, for the operands' strides as peer_query passes them: probed once per
+// (k, n) and process on pseudo-random operands. A summation order that differs between the two
+// kernels shows in a few of the 256 n rows of k-term sums, so equal bits mean the same order.
+bool big_query_block_rounds_alike(int64_t k, int64_t n) {
+  static std::mutex mu;
+  static std::map<std::pair<int64_t, int64_t>, bool> probed;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = probed.find({k, n});
+  if (it != probed.end()) return it->second;
+  uint32_t state = 0x9e3779b9u;
+  auto next = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23);
+  };
+  std::vector<float> a(static_cast<size_t>(kQueryBlock * k)), b(static_cast<size_t>(n * k));
+  for (float& v : a) v = next();
+  for (float& v : b) v = next();
+  std::vector<float> whole(static_cast<size_t>(kQueryBlock * n)), parts(whole.size());
+  blas::gemm_nt(kQueryBlock, n, k, a.data(), k, b.data(), k, whole.data(), n);
+  for (int64_t r = 0; r < kQueryBlock; r += kRouteBlock) {
+    blas::gemm_nt(kRouteBlock, n, k, &a[static_cast<size_t>(r * k)], k, b.data(), k,
+                  &parts[static_cast<size_t>(r * n)], n);
+  }
+  const bool alike = std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float)) == 0;
+  probed.emplace(std::make_pair(k, n), alike);
+  return alike;
 }
 
-QueryBlock query_block(int64_t T, int64_t b) {
-  const int64_t big = T / kQueryBlock;
-  if (b < big) return {b * kQueryBlock, kQueryBlock};
-  return {big * kQueryBlock + (b - big) * kRouteBlock, kRouteBlock};
+// The rows of peer_query's big blocks for its fp32 BLAS path at [*, k] x [k, n].
+int64_t fp32_query_block(int64_t k, int64_t n) {
+  return big_query_block_rounds_alike(k, n) ? kQueryBlock : kRouteBlock;
+}
+
+struct QueryBlock {
+  int64_t t0, rows;  // first token, and rows of the BLAS call (big or kRouteBlock)
+};
+
+// Blocks of big rows (kQueryBlock or kRouteBlock) from the batch's first token, then the rest
+// in kRouteBlock blocks.
+int64_t query_blocks(int64_t T, int64_t big) {
+  const int64_t whole = T / big;
+  return whole + route_blocks(T - whole * big);
+}
+
+QueryBlock query_block(int64_t T, int64_t big, int64_t b) {
+  const int64_t whole = T / big;
+  if (b < whole) return {b * big, big};
+  return {whole * big + (b - whole) * kRouteBlock, kRouteBlock};
 }
 
 // ---- RoutingPrecision::kBf16 -----------------------------------------------------------------
@@ -583,12 +622,12 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   if (precision == RoutingPrecision::kInt8) {
     const PeerKernels& kr = kernels();
     const Int8Rows w = quantize_weight_rows(kr, params.query_weight, rows, D, threads);
-    parallel_for(query_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    parallel_for(query_blocks(T, kQueryBlock), threads, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> a;
       std::vector<float> scale_x;
       std::vector<int32_t> acc;
       for (int64_t b = begin; b < end; ++b) {
-        const QueryBlock block = query_block(T, b);
+        const QueryBlock block = query_block(T, kQueryBlock, b);
         const int64_t t0 = block.t0, m = std::min(block.rows, T - t0);
         a.resize(static_cast<size_t>(m * D));
         scale_x.resize(static_cast<size_t>(m));
@@ -613,10 +652,11 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   }
   const float* query_weight =
       precision == RoutingPrecision::kBf16 ? rounded_w.data() : params.query_weight;
-  parallel_for(query_blocks(T), threads, [&](int64_t begin, int64_t end) {
+  const int64_t big = T >= kQueryBlock ? fp32_query_block(D, rows) : kQueryBlock;
+  parallel_for(query_blocks(T, big), threads, [&](int64_t begin, int64_t end) {
     std::vector<float> pad_x, pad_q;  // a short last block, zero-padded to kRouteBlock rows
     for (int64_t b = begin; b < end; ++b) {
-      const QueryBlock block = query_block(T, b);
+      const QueryBlock block = query_block(T, big, b);
       const int64_t t0 = block.t0, m = std::min(block.rows, T - t0);
       float* qb = q + t0 * rows;
       if (m == block.rows) {
