@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include <algorithm>
 #include <cstring>
 
 #include "kernels/cpu/peer_kernels.h"
@@ -96,14 +97,16 @@ inline GroupCodes512 widen_int8_512(const uint8_t* codes) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))};
 }
 
+// int4 through a 16-entry table: each byte zero-extended to a 32-bit lane, vpermps picks
+// table[lane & 15] (the low nibble), then table[lane >> 4] (the high one). Four instructions where
+// masking, shifting, unbiasing, widening and converting took ten; the same exact values.
 inline GroupCodes512 widen_int4_512(const uint8_t* codes) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-  const __m128i nibble = _mm_set1_epi8(0x0f);
-  const __m128i eight = _mm_set1_epi8(8);
-  const __m128i low = _mm_sub_epi8(_mm_and_si128(bytes, nibble), eight);
-  const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), eight);
-  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(low)),
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high))};
+  const __m512 values = _mm512_setr_ps(-8.0f, -7.0f, -6.0f, -5.0f, -4.0f, -3.0f, -2.0f, -1.0f, 0.0f,
+                                       1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f);
+  const __m512i bytes =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  return {_mm512_permutexvar_ps(bytes, values),
+          _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), values)};
 }
 
 // Elements of group g that exist, as the masks of its two 16-lane halves.
@@ -112,19 +115,29 @@ inline __mmask16 half_mask(int64_t rest) {
                     : static_cast<__mmask16>((1u << (rest > 0 ? rest : 0)) - 1u);
 }
 
+// Scales of groups [g, g + count) widened to fp32 (times alpha, rounded as alpha * scale is) in
+// out[0..count), count <= 16: one conversion for 16 groups, and each group's broadcast a load.
+inline void widen_scales(const uint8_t* scales, int64_t g, int64_t count, float alpha, float* out) {
+  const __mmask16 m = half_mask(count);
+  const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + 2 * g));
+  _mm512_storeu_ps(out, _mm512_mul_ps(s, _mm512_set1_ps(alpha)));
+}
+
 // Per group: the 32 products summed in fp32 (two 16-lane halves added), times the group's scale
 // into one of two accumulators (even and odd groups). A partial last group loads x under a mask
-// (nothing past n is read; its padding codes are zero).
+// (nothing past n is read; its padding codes are zero). alpha = 1 in widen_scales is exact.
 template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
 float quantized_dot(const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
-  const int64_t full = n / kQuantGroup;
+  const int64_t full = n / kQuantGroup, groups = quant_groups(n);
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  float sc[16];
   for (int64_t g = 0; g < full; ++g) {
+    if (g % 16 == 0) widen_scales(scales, g, std::min<int64_t>(16, groups - g), 1.0f, sc);
     const GroupCodes512 c = Widen(codes + g * kBytesPerGroup);
     const float* xg = x + g * kQuantGroup;
     const __m512 s =
         _mm512_fmadd_ps(c.hi, _mm512_loadu_ps(xg + 16), _mm512_mul_ps(c.lo, _mm512_loadu_ps(xg)));
-    acc[g & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(load_scale(scales, g)), acc[g & 1]);
+    acc[g & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(sc[g % 16]), acc[g & 1]);
   }
   if (const int64_t rest = n - full * kQuantGroup; rest > 0) {
     const GroupCodes512 c = Widen(codes + full * kBytesPerGroup);
@@ -141,10 +154,12 @@ float quantized_dot(const uint8_t* scales, const uint8_t* codes, int64_t n, cons
 // partial last group reads and writes y under a mask.
 template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
 void quantized_axpy(const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha, float* y) {
-  const int64_t full = n / kQuantGroup;
+  const int64_t full = n / kQuantGroup, groups = quant_groups(n);
+  float sc[16];
   for (int64_t g = 0; g < full; ++g) {
+    if (g % 16 == 0) widen_scales(scales, g, std::min<int64_t>(16, groups - g), alpha, sc);
     const GroupCodes512 c = Widen(codes + g * kBytesPerGroup);
-    const __m512 a = _mm512_set1_ps(alpha * load_scale(scales, g));
+    const __m512 a = _mm512_set1_ps(sc[g % 16]);
     float* yg = y + g * kQuantGroup;
     _mm512_storeu_ps(yg, _mm512_fmadd_ps(c.lo, a, _mm512_loadu_ps(yg)));
     _mm512_storeu_ps(yg + 16, _mm512_fmadd_ps(c.hi, a, _mm512_loadu_ps(yg + 16)));
