@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <string>
@@ -197,6 +198,26 @@ TEST(CliConcurrency, ForwardDuringInPlaceCheckpointsReadsOneWholeGenerationEachR
       runs.size(), kSteps - 1, total, compared.size());
 }
 
+// True once process pid holds an exclusive flock (a store writer's lock), polled in /proc/locks
+// ("N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF"); false if it exits or the time runs out.
+bool holds_exclusive_flock(pid_t pid, std::chrono::seconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const std::string needle = " " + std::to_string(pid) + " ";
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::ifstream locks("/proc/locks");
+    for (std::string line; std::getline(locks, line);) {
+      if (line.find("FLOCK") != std::string::npos && line.find("WRITE") != std::string::npos &&
+          line.find(needle) != std::string::npos) {
+        return true;
+      }
+    }
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) == pid) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
 TEST(CliConcurrency, SecondTrainerIsBusyAtOnceAndReadersDoNotEndTheFirst) {
   ScratchDir dir;
   SyntheticCheckpoint spec;
@@ -225,10 +246,13 @@ TEST(CliConcurrency, SecondTrainerIsBusyAtOnceAndReadersDoNotEndTheFirst) {
   };
   ASSERT_EQ(run(dir, train_args(1)).exit_code, 0);
   const pid_t first = spawn(train_args(400), dir.file("t1.out"), dir.file("t1.err"));
-  // Give it time to take its lock (it does so before any training).
+  // Wait until it holds its lock (before any training), seen in /proc/locks without touching the
+  // lock: a second trainer started earlier could take the lock first and run to the end (the CI
+  // machine, 2 loaded cores, once did so).
+  ASSERT_TRUE(holds_exclusive_flock(first, std::chrono::seconds(60)))
+      << "the first trainer never took its lock: " << slurp(dir.file("t1.err"));
   bool refused = false;
   for (int attempt = 0; attempt < 200 && !refused; ++attempt) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
     RunResult second = run(dir, train_args(400));
     if (second.exit_code != 0 && second.err.find("busy") != std::string::npos) refused = true;
     EXPECT_EQ(second.err.find("Corruption"), std::string::npos) << second.err;
