@@ -104,27 +104,32 @@ TEST(CliConcurrency, ForwardDuringInPlaceCheckpointsReadsOneWholeGenerationEachR
                                 {})
                   .ok());
 
+  // Snapshots: a pinned reader in this process sees a generation no commit can change while it
+  // is open, so a copy taken meanwhile is that generation whole.
+  std::map<std::string, std::string> snapshots;  // identity -> file
+  auto snapshot = [&] {
+    Result<StoreReader> r = StoreReader::open(store);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    const std::string id = identity(r->generation(), r->manifest_xxh3());
+    if (snapshots.count(id) == 0) {
+      const std::string copy = dir.file("snap-" + id + ".trove");
+      std::filesystem::copy_file(store, copy, std::filesystem::copy_options::overwrite_existing);
+      snapshots[id] = copy;
+    }
+  };
+  // The generations before and after the trainer are snapshotted here, the ones between by a
+  // thread polling while it runs: on a loaded machine the poll can miss most of those, and the
+  // first and last hold the forwards that start before the trainer's first commit and end after
+  // its last.
+  snapshot();
+
   // The trainer: 40 more steps, a checkpoint (an in-place commit) after each.
   const int kSteps = 41;
   const pid_t trainer = spawn(train_args(kSteps), dir.file("train.out"), dir.file("train.err"));
   std::atomic<bool> trainer_done{false};
-
-  // Snapshots: a pinned reader in this process sees a generation no commit can change while it
-  // is open, so a copy taken meanwhile is that generation whole.
-  std::map<std::string, std::string> snapshots;  // identity -> file
   std::thread snapshotter([&] {
     while (!trainer_done) {
-      {
-        Result<StoreReader> r = StoreReader::open(store);
-        ASSERT_TRUE(r.ok()) << r.status().to_string();
-        const std::string id = identity(r->generation(), r->manifest_xxh3());
-        if (snapshots.count(id) == 0) {
-          const std::string copy = dir.file("snap-" + id + ".trove");
-          std::filesystem::copy_file(store, copy,
-                                     std::filesystem::copy_options::overwrite_existing);
-          snapshots[id] = copy;
-        }
-      }
+      snapshot();
       std::this_thread::sleep_for(std::chrono::milliseconds(3));
     }
   });
@@ -156,6 +161,7 @@ TEST(CliConcurrency, ForwardDuringInPlaceCheckpointsReadsOneWholeGenerationEachR
     ASSERT_LT(i, 2000) << "the trainer did not finish";
   }
   snapshotter.join();
+  snapshot();
   const std::string train_err = slurp(dir.file("train.err"));
   EXPECT_EQ(train_err.find("Corruption"), std::string::npos) << train_err;
 
