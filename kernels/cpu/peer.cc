@@ -32,6 +32,7 @@
 
 #include "base/check.h"
 #include "base/half.h"
+#include "base/random.h"
 #include "base/thread_pool.h"
 #include "kernels/cpu/blas.h"
 #include "kernels/cpu/peer_kernels.h"
@@ -370,9 +371,10 @@ int64_t route_blocks(int64_t T) {
 // thread count. A token's q does not depend on its batch only if the BLAS rounds a row alike in
 // 64- and 256-row calls. oneDNN's AVX-512 sgemm does on every shape measured; its AVX2 kernels
 // (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) do not. So the 256-row blocks are used only for
-// a shape where a probe finds the two alike (fp32_query_block); elsewhere every block has 64 rows.
-// The tests cross both kinds of block under each oneDNN ISA (QueryAndRoutingOfATokenDoNot-
-// DependOnItsBatch, run again by ctest with ONEDNN_MAX_CPU_ISA=AVX2 and AVX512_CORE).
+// a shape where a probe finds the two alike (big_query_block_rounds_alike); elsewhere every block
+// has 64 rows. The tests cross both kinds of block under each oneDNN ISA
+// (QueryAndRoutingOfATokenDoNot- DependOnItsBatch, run again by ctest with ONEDNN_MAX_CPU_ISA=AVX2
+// and AVX512_CORE).
 constexpr int64_t kQueryBlock = 256;
 
 // True when blas::gemm_nt's one [kQueryBlock, k] x [k, n] call gives the bits of its rows in
@@ -385,14 +387,9 @@ bool big_query_block_rounds_alike(int64_t k, int64_t n) {
   const std::lock_guard<std::mutex> lock(mu);
   const auto it = probed.find({k, n});
   if (it != probed.end()) return it->second;
-  uint32_t state = 0x9e3779b9u;
-  auto next = [&state] {
-    state = state * 1664525u + 1013904223u;
-    return static_cast<float>(static_cast<int32_t>(state >> 8) - (1 << 23)) / (1 << 23);
-  };
   std::vector<float> a(static_cast<size_t>(kQueryBlock * k)), b(static_cast<size_t>(n * k));
-  for (float& v : a) v = next();
-  for (float& v : b) v = next();
+  fill_gaussian(a, 1.0, 1);
+  fill_gaussian(b, 1.0, 2);
   std::vector<float> whole(static_cast<size_t>(kQueryBlock * n)), parts(whole.size());
   blas::gemm_nt(kQueryBlock, n, k, a.data(), k, b.data(), k, whole.data(), n);
   for (int64_t r = 0; r < kQueryBlock; r += kRouteBlock) {
@@ -402,11 +399,6 @@ bool big_query_block_rounds_alike(int64_t k, int64_t n) {
   const bool alike = std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float)) == 0;
   probed.emplace(std::make_pair(k, n), alike);
   return alike;
-}
-
-// The rows of peer_query's big blocks for its fp32 BLAS path at [*, k] x [k, n].
-int64_t fp32_query_block(int64_t k, int64_t n) {
-  return big_query_block_rounds_alike(k, n) ? kQueryBlock : kRouteBlock;
 }
 
 struct QueryBlock {
@@ -652,7 +644,8 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   }
   const float* query_weight =
       precision == RoutingPrecision::kBf16 ? rounded_w.data() : params.query_weight;
-  const int64_t big = T >= kQueryBlock ? fp32_query_block(D, rows) : kQueryBlock;
+  const int64_t big =
+      T < kQueryBlock || big_query_block_rounds_alike(D, rows) ? kQueryBlock : kRouteBlock;
   parallel_for(query_blocks(T, big), threads, [&](int64_t begin, int64_t end) {
     std::vector<float> pad_x, pad_q;  // a short last block, zero-padded to kRouteBlock rows
     for (int64_t b = begin; b < end; ++b) {
