@@ -372,9 +372,8 @@ int64_t route_blocks(int64_t T) {
 // 64- and 256-row calls. oneDNN's AVX-512 sgemm does on every shape measured; its AVX2 kernels
 // (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) do not. So the 256-row blocks are used only for
 // a shape where a probe finds the two alike (big_query_block_rounds_alike); elsewhere every block
-// has 64 rows. The tests cross both kinds of block under each oneDNN ISA
-// (QueryAndRoutingOfATokenDoNot- DependOnItsBatch, run again by ctest with ONEDNN_MAX_CPU_ISA=AVX2
-// and AVX512_CORE).
+// has 64 rows. The tests cross both kinds of block under each oneDNN ISA: ctest runs
+// QueryAndRoutingOfATokenDoNotDependOnItsBatch again with ONEDNN_MAX_CPU_ISA=AVX2 and AVX512_CORE.
 constexpr int64_t kQueryBlock = 256;
 
 // True when blas::gemm_nt's one [kQueryBlock, k] x [k, n] call gives the bits of its rows in
