@@ -903,6 +903,51 @@ TEST(PeerPathsTest, Int8DotGivesTheSameBitsOnEveryPathAndMatchesTheQuantizedOrac
   }
 }
 
+// peer_experts runs a token's down-row dots several rows at a time, interleaved: each row keeps
+// the bits of its dot alone, on every path, for every dtype, at lengths with partial last groups
+// and odd group counts, and for counts that leave a partial block of rows.
+TEST(PeerPathsTest, DotsOfSeveralRowsGiveEachRowTheBitsOfItsDotAlone) {
+  const std::vector<CpuPath> paths = supported_paths();
+  std::mt19937 rng(29);
+  std::vector<int64_t> lengths;
+  for (int64_t n = 1; n <= 70; ++n) lengths.push_back(n);
+  lengths.push_back(2047);
+  lengths.push_back(2048);
+  constexpr int64_t kRows = 9;
+  for (CpuPath p : paths) {
+    set_cpu_path(p);
+    for (DType t : {DType::kI4, DType::kI8, DType::kBF16, DType::kF16, DType::kF32}) {
+      for (int64_t n : lengths) {
+        const RecordLayout l = layout_of(t, n, n);
+        std::vector<uint8_t> table(l.stride * kRows);
+        std::vector<const uint8_t*> records;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const std::vector<float> w = normal_values(sz(n), 1.0, &rng);
+          pack_record_ref(l, w.data(), w.data(), &table[sz(r) * l.stride]);
+          records.push_back(&table[sz(r) * l.stride]);
+        }
+        const std::vector<float> x = normal_values(sz(n), 1.0, &rng);
+        for (ExpertDot dot : {ExpertDot::kFloat, ExpertDot::kInt8}) {
+          for (int64_t count = 0; count <= kRows; ++count) {
+            std::vector<float> got(sz(kRows), -1.0f);
+            record_down_dots(l, records.data(), count, x.data(), got.data(), dot);
+            for (int64_t r = 0; r < kRows; ++r) {
+              const float want = r >= count ? -1.0f
+                                 : dot == ExpertDot::kFloat
+                                     ? record_down_dot(l, records[sz(r)], x.data())
+                                     : record_down_dot_int8(l, records[sz(r)], x.data());
+              ASSERT_EQ(std::memcmp(&got[sz(r)], &want, sizeof(float)), 0)
+                  << dtype_name(t) << " n " << n << " count " << count << " row " << r << " on "
+                  << cpu_path_name(p) << ": " << got[sz(r)] << " vs " << want;
+            }
+          }
+        }
+      }
+    }
+  }
+  set_cpu_path(CpuPath::kAuto);
+}
+
 // The up-row axpy is element-wise (y[i] = fma(code_i, alpha * scale_g, y[i])), so every SIMD
 // path, whatever its vector width, gives the same bits (the scalar path rounds the product
 // apart: within one rounding of them), and none writes past n (partial last groups; y one

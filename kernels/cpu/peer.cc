@@ -43,6 +43,7 @@ namespace trove {
 
 namespace {
 
+using peer_internal::CodedRow;
 using peer_internal::Int8Activations;
 using peer_internal::PeerKernels;
 
@@ -200,9 +201,14 @@ float scalar_routing_quantize(const float* v, int64_t n, int levels, int8_t* cod
   return amax / lv;
 }
 
-constexpr PeerKernels kScalarKernels = {scalar_coded_dot, scalar_coded_axpy,
-                                        scalar_axpy,      scalar_top_indices,
-                                        scalar_int8_dot,  scalar_routing_quantize};
+constexpr PeerKernels kScalarKernels = {scalar_coded_dot,
+                                        peer_internal::dots_one_by_one<scalar_coded_dot>,
+                                        scalar_coded_axpy,
+                                        scalar_axpy,
+                                        scalar_top_indices,
+                                        scalar_int8_dot,
+                                        peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
+                                        scalar_routing_quantize};
 
 const PeerKernels& kernels() {
   switch (active_cpu_path()) {
@@ -275,10 +281,6 @@ void check_routing(const PeerConfig& c, const PeerRouting& routing) {
 }
 
 // A record's down row and up row as coded rows.
-struct CodedRow {
-  const uint8_t* scales;
-  const uint8_t* codes;
-};
 CodedRow down_row(const RecordLayout& l, const uint8_t* record) {
   return {record + l.down_scales_offset, record + l.down_codes_offset};
 }
@@ -541,6 +543,17 @@ class TokenDown {
     return kr_.coded_dot(layout_.dtype, down.scales, down.codes, layout_.dim, xhat_t_);
   }
 
+  // dot() of records[0..count), count <= kDotRows, into out: the same bits, rows interleaved.
+  void dots(const uint8_t* const* records, int count, float* out) const {
+    CodedRow rows[peer_internal::kDotRows];
+    for (int r = 0; r < count; ++r) rows[r] = down_row(layout_, records[r]);
+    if (use_int8_) {
+      kr_.int8_dots(layout_.dtype, rows, count, layout_.dim, quantized_[0].view(), out);
+    } else {
+      kr_.coded_dots(layout_.dtype, rows, count, layout_.dim, xhat_t_, out);
+    }
+  }
+
  private:
   const RecordLayout& layout_;
   const PeerKernels& kr_;
@@ -562,6 +575,16 @@ float record_down_dot_int8(const RecordLayout& layout, const uint8_t* record, co
   TokenDown down(layout, kernels(), ExpertDot::kInt8);
   down.set_token(x);
   return down.dot(record);
+}
+
+void record_down_dots(const RecordLayout& layout, const uint8_t* const* records, int64_t count,
+                      const float* x, float* out, ExpertDot dot) {
+  TokenDown down(layout, kernels(), dot);
+  down.set_token(x);
+  for (int64_t r = 0; r < count; r += peer_internal::kDotRows) {
+    down.dots(records + r, static_cast<int>(std::min<int64_t>(peer_internal::kDotRows, count - r)),
+              out + r);
+  }
 }
 
 void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y) {
@@ -758,33 +781,41 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   });
 }
 
-// How many slots ahead peer_experts prefetches records, and the prefetch itself (every cache
-// line of the record's useful bytes, into L2: prefetcht2). The expert stage waits on memory
-// (perf put 96% of the pass's own samples on the prefetch instructions at 2 slots ahead with
-// prefetchnta, which holds an L1 fill buffer per line); into L2 at 4 slots ahead it ran in
-// 57-68 ms instead of 95-104 ms per 2048-token batch at N = 262K int4 (2 threads, best of 3
-// interleaved runs on a loaded 2-core VM).
-// A burst of a record's 36 prefetches (int4, D = 2048) still stalled the pass on the fill
-// buffers (perf: 91% of the pass's own samples on the instruction after a prefetch), with no
-// dot or axpy to overlap. peer_experts therefore issues the first half of a record's lines
-// before the current slot's down-row dot and the second half before its up-row axpy: the
-// stage's CPU time (both threads, best of 12 passes, N = 262K int4, 3 interleaved rounds) fell
-// from 51-54 ms to 35-40 ms per 2048-token batch (process CPU time: unlike wall time, it does not
-// count the time the others' builds hold the cores).
-constexpr size_t kPrefetchSlots = 4;
+// Records sit at random addresses, so each one starts a fresh stream of cache misses that the
+// hardware prefetcher learns too late: peer_experts fetches them into L2 (prefetcht2) one token
+// ahead, the first half of each record's lines (its scales and down row, mostly) while the
+// token's dots run and the second half while its axpys run, so that neither phase issues a
+// burst with no work to overlap (a burst of a record's 36 prefetches, int4 at D = 2048, stalled
+// the pass on the fill buffers: perf put 91% of its samples on the instruction after a prefetch).
 inline void prefetch_lines(const uint8_t* record, size_t begin, size_t end) {
   for (size_t off = begin; off < end; off += 64) __builtin_prefetch(record + off, 0, 1);
 }
-inline void prefetch_record(const uint8_t* record, size_t bytes) {
-  prefetch_lines(record, 0, bytes);
+
+// The share of a float row of n elements that slots [s, s + count) of per_token fetch: the next
+// token's xhat and y rows arrive while this token works, not when it starts.
+inline void prefetch_rows(const float* row, int64_t n, int64_t s, int64_t count, int64_t per_token,
+                          bool write) {
+  const int64_t lines = (n * 4 + 63) / 64;
+  const int64_t begin = lines * s / per_token, end = lines * (s + count) / per_token;
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t l = begin; l < end; ++l) {
+    if (write) {
+      __builtin_prefetch(p + l * 64, 1, 1);
+    } else {
+      __builtin_prefetch(p + l * 64, 0, 1);
+    }
+  }
 }
 
-// gate * activation of one slot: the down-row dot. Shared by both expert passes so a slot
-// computes to the same bits in either.
+// gate * act(z) of one slot. Shared by every expert pass so a slot computes to the same bits in
+// each.
+inline float gated_activation(const PeerConfig& config, float z, float gate) {
+  return static_cast<float>(gate * activation_ref(config.activation, z));
+}
+
 inline float slot_gated_activation(const PeerConfig& config, const TokenDown& down, float gate,
                                    const uint8_t* record) {
-  const float z = down.dot(record);
-  return static_cast<float>(gate * activation_ref(config.activation, z));
+  return gated_activation(config, down.dot(record), gate);
 }
 
 inline void slot_accumulate(const RecordLayout& layout, const PeerKernels& kr, float ga,
@@ -794,6 +825,10 @@ inline void slot_accumulate(const RecordLayout& layout, const PeerKernels& kr, f
   kr.coded_axpy(layout.dtype, up.scales, up.codes, dim_out, ga, yt);
 }
 
+// Per token two phases: the down-row dots of all its slots, kDotRows at a time (interleaved rows
+// overlap their accumulation chains: the int8 dot's 16 lane accumulators each take every group
+// of a row in order, so one row alone waits on the FMA latency), then the up-row axpys in slot
+// order. Each slot's dot and axpy are those of peer_experts_resume, so y is the same bits.
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y, int threads,
                   ExpertDot dot) {
@@ -802,28 +837,43 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
   const int64_t D = config.dim, Dout = config.dim_out;
   const int64_t per_token = routing.heads * routing.topk;
   const PeerKernels& kr = kernels();
+  const size_t half = layout.record_bytes / 2 / 64 * 64;
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
     TokenDown down(layout, kr, dot);
-    // Records sit at random addresses, so each one starts a fresh stream of cache misses that
-    // the hardware prefetcher learns too late: fetch the records kPrefetchSlots ahead.
-    const size_t first = static_cast<size_t>(begin * per_token);
+    std::vector<float> ga(static_cast<size_t>(per_token));
     const size_t last = static_cast<size_t>(end * per_token);
-    for (size_t s = first; s < std::min(last, first + kPrefetchSlots); ++s) {
-      prefetch_record(records[s], layout.record_bytes);
+    // The first token's records, which no earlier token fetched.
+    for (size_t s = static_cast<size_t>(begin * per_token);
+         s < std::min(last, static_cast<size_t>((begin + 1) * per_token)); ++s) {
+      prefetch_lines(records[s], 0, layout.record_bytes);
     }
     for (int64_t t = begin; t < end; ++t) {
+      const size_t first = static_cast<size_t>(t * per_token);
+      const bool next = first + 2 * static_cast<size_t>(per_token) <= last;
+      down.set_token(xhat + t * D);
+      for (int64_t s = 0; s < per_token; s += peer_internal::kDotRows) {
+        const int count =
+            static_cast<int>(std::min<int64_t>(peer_internal::kDotRows, per_token - s));
+        const size_t slot = first + static_cast<size_t>(s);
+        if (next) {
+          for (int r = 0; r < count; ++r) prefetch_lines(records[slot + per_token + r], 0, half);
+          prefetch_rows(y + (t + 1) * Dout, Dout, s, count, per_token, /*write=*/true);
+        }
+        float z[peer_internal::kDotRows];
+        down.dots(&records[slot], count, z);
+        for (int r = 0; r < count; ++r) {
+          ga[static_cast<size_t>(s + r)] = gated_activation(config, z[r], routing.gates[slot + r]);
+        }
+      }
       float* yt = y + t * Dout;
       std::fill(yt, yt + Dout, 0.0f);
-      down.set_token(xhat + t * D);
       for (int64_t s = 0; s < per_token; ++s) {
-        const size_t slot = static_cast<size_t>(t * per_token + s);
-        const uint8_t* ahead =
-            slot + kPrefetchSlots < last ? records[slot + kPrefetchSlots] : nullptr;
-        const size_t half = layout.record_bytes / 2 / 64 * 64;
-        if (ahead != nullptr) prefetch_lines(ahead, 0, half);
-        const float ga = slot_gated_activation(config, down, routing.gates[slot], records[slot]);
-        if (ahead != nullptr) prefetch_lines(ahead, half, layout.record_bytes);
-        slot_accumulate(layout, kr, ga, records[slot], Dout, yt);
+        const size_t slot = first + static_cast<size_t>(s);
+        if (next) {
+          prefetch_lines(records[slot + per_token], half, layout.record_bytes);
+          prefetch_rows(xhat + (t + 1) * D, D, s, 1, per_token, /*write=*/false);
+        }
+        slot_accumulate(layout, kr, ga[static_cast<size_t>(s)], records[slot], Dout, yt);
       }
     }
   });

@@ -88,5 +88,10 @@ float record_down_dot(const RecordLayout& layout, const uint8_t* record, const f
 // int8/int4 record's codes (the float dot where kInt8 falls back to it).
 float record_down_dot_int8(const RecordLayout& layout, const uint8_t* record, const float* x);
 void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y);
+// The down-row dots of records[0..count) against one x as peer_experts computes a token's
+// slots, several rows interleaved: out[r] has the bits of record_down_dot (dot = kFloat) or
+// record_down_dot_int8 (kInt8) for records[r].
+void record_down_dots(const RecordLayout& layout, const uint8_t* const* records, int64_t count,
+                      const float* x, float* out, ExpertDot dot = ExpertDot::kFloat);
 
 }  // namespace trove

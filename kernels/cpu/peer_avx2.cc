@@ -332,8 +332,9 @@ float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
 }  // namespace
 
 const PeerKernels& peer_kernels() {
-  static constexpr PeerKernels kKernels = {coded_dot,   coded_axpy, axpy,
-                                           top_indices, int8_dot,   routing_quantize};
+  static constexpr PeerKernels kKernels = {
+      coded_dot, peer_internal::dots_one_by_one<coded_dot>,     coded_axpy,      axpy, top_indices,
+      int8_dot,  peer_internal::int8_dots_one_by_one<int8_dot>, routing_quantize};
   return kKernels;
 }
 

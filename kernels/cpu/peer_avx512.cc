@@ -126,28 +126,65 @@ inline void widen_scales(const uint8_t* scales, int64_t g, int64_t count, float 
 // Per group: the 32 products summed in fp32 (two 16-lane halves added), times the group's scale
 // into one of two accumulators (even and odd groups). A partial last group loads x under a mask
 // (nothing past n is read; its padding codes are zero). alpha = 1 in widen_scales is exact.
-template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
-float quantized_dot(const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
+// R rows against the same x, interleaved: each row's operations are those of R = 1 in the same
+// order (the same bits); R chains hide the latency of one.
+template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*), int R>
+void quantized_dots(const peer_internal::CodedRow* rows, int64_t n, const float* x, float* out) {
   const int64_t full = n / kQuantGroup, groups = quant_groups(n);
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  float sc[16];
+  __m512 acc[R][2];
+  float sc[R][16];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t g = 0; g < full; ++g) {
-    if (g % 16 == 0) widen_scales(scales, g, std::min<int64_t>(16, groups - g), 1.0f, sc);
-    const GroupCodes512 c = Widen(codes + g * kBytesPerGroup);
+    if (g % 16 == 0) {
+      for (int r = 0; r < R; ++r) {
+        widen_scales(rows[r].scales, g, std::min<int64_t>(16, groups - g), 1.0f, sc[r]);
+      }
+    }
     const float* xg = x + g * kQuantGroup;
-    const __m512 s =
-        _mm512_fmadd_ps(c.hi, _mm512_loadu_ps(xg + 16), _mm512_mul_ps(c.lo, _mm512_loadu_ps(xg)));
-    acc[g & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(sc[g % 16]), acc[g & 1]);
+    const __m512 x_lo = _mm512_loadu_ps(xg), x_hi = _mm512_loadu_ps(xg + 16);
+    for (int r = 0; r < R; ++r) {
+      const GroupCodes512 c = Widen(rows[r].codes + g * kBytesPerGroup);
+      const __m512 s = _mm512_fmadd_ps(c.hi, x_hi, _mm512_mul_ps(c.lo, x_lo));
+      acc[r][g & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(sc[r][g % 16]), acc[r][g & 1]);
+    }
   }
   if (const int64_t rest = n - full * kQuantGroup; rest > 0) {
-    const GroupCodes512 c = Widen(codes + full * kBytesPerGroup);
     const float* xg = x + full * kQuantGroup;
-    const __m512 s =
-        _mm512_fmadd_ps(c.hi, _mm512_maskz_loadu_ps(half_mask(rest - 16), xg + 16),
-                        _mm512_mul_ps(c.lo, _mm512_maskz_loadu_ps(half_mask(rest), xg)));
-    acc[full & 1] = _mm512_fmadd_ps(s, _mm512_set1_ps(load_scale(scales, full)), acc[full & 1]);
+    const __m512 x_lo = _mm512_maskz_loadu_ps(half_mask(rest), xg);
+    const __m512 x_hi = _mm512_maskz_loadu_ps(half_mask(rest - 16), xg + 16);
+    for (int r = 0; r < R; ++r) {
+      const GroupCodes512 c = Widen(rows[r].codes + full * kBytesPerGroup);
+      const __m512 s = _mm512_fmadd_ps(c.hi, x_hi, _mm512_mul_ps(c.lo, x_lo));
+      acc[r][full & 1] =
+          _mm512_fmadd_ps(s, _mm512_set1_ps(load_scale(rows[r].scales, full)), acc[r][full & 1]);
+    }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
+float quantized_dot(const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
+  const peer_internal::CodedRow row = {scales, codes};
+  float out;
+  quantized_dots<kBytesPerGroup, Widen, 1>(&row, n, x, &out);
+  return out;
+}
+
+// rows[0..count) in blocks of at most kDotRows.
+template <int kBytesPerGroup, GroupCodes512 (*Widen)(const uint8_t*)>
+void quantized_dots_any(const peer_internal::CodedRow* rows, int count, int64_t n, const float* x,
+                        float* out) {
+  static_assert(peer_internal::kDotRows == 4);
+  switch (count) {
+    case 4:
+      return quantized_dots<kBytesPerGroup, Widen, 4>(rows, n, x, out);
+    case 3:
+      return quantized_dots<kBytesPerGroup, Widen, 3>(rows, n, x, out);
+    case 2:
+      return quantized_dots<kBytesPerGroup, Widen, 2>(rows, n, x, out);
+    default:
+      return quantized_dots<kBytesPerGroup, Widen, 1>(rows, n, x, out);
+  }
 }
 
 // y[i] = fma(code_i, alpha * scale_g, y[i]) element by element: the bits of the AVX2 path. A
@@ -176,6 +213,15 @@ void quantized_axpy(const uint8_t* scales, const uint8_t* codes, int64_t n, floa
 }
 
 // Float records go to the AVX2 kernels.
+void coded_dots(DType t, const peer_internal::CodedRow* rows, int count, int64_t n, const float* x,
+                float* out) {
+  if (t == DType::kI4) return quantized_dots_any<kHalf, widen_int4_512>(rows, count, n, x, out);
+  if (t == DType::kI8) {
+    return quantized_dots_any<kQuantGroup, widen_int8_512>(rows, count, n, x, out);
+  }
+  avx2::peer_kernels().coded_dots(t, rows, count, n, x, out);
+}
+
 float coded_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, const float* x) {
   if (t == DType::kI4) return quantized_dot<kHalf, widen_int4_512>(scales, codes, n, x);
   if (t == DType::kI8) return quantized_dot<kQuantGroup, widen_int8_512>(scales, codes, n, x);
@@ -239,47 +285,93 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   }
 }
 
-float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
-               const peer_internal::Int8Activations& x) {
-  (void)n;
-  __m512 acc = _mm512_setzero_ps();
+// The lane sums of groups g and g + 1 of an int8/int4 row (lanes 0..7: group g's, 8..15: g + 1's).
+inline __m512i int8_lanes_pair(DType t, const uint8_t* codes, int64_t g, __m512i xq,
+                               const int32_t* int4_bias) {
+  if (t == DType::kI4) {
+    return _mm512_dpbusd_epi32(_mm512_loadu_si512(int4_bias + g * 8),
+                               int4_nibbles_pair(codes + g * kHalf), xq);
+  }
+  // |w| * (x_code negated where w < 0) = w * x_code.
+  const __m512i w = _mm512_loadu_si512(codes + g * 32);
+  const __m512i sx = _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xq);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+}
+
+// R rows against the same activations, interleaved as in quantized_dots: each row's bits are
+// those of R = 1. Per row one accumulator: lanes 0..7 take the even groups, 8..15 the odd ones.
+template <int R>
+void int8_dots_n(DType t, const peer_internal::CodedRow* rows,
+                 const peer_internal::Int8Activations& x, float* out) {
+  __m512 acc[R];
+  // s_g = scale_w[g] * scale_x[g] for 16 groups at a time (the same fp32 products as one by
+  // one); a pair's vector (s_g in lanes 0..7, s_g+1 in 8..15) is one permute of them.
+  __m512 scales16[R];
+  for (int r = 0; r < R; ++r) acc[r] = scales16[r] = _mm512_setzero_ps();
+  const __m512i pair_index = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   int64_t g = 0;
   for (; g + 2 <= x.groups; g += 2) {
+    if (g % 16 == 0) {
+      const __mmask16 m = half_mask(x.groups - g);
+      const __m512 sx = _mm512_maskz_loadu_ps(m, x.scales + g);
+      for (int r = 0; r < R; ++r) {
+        scales16[r] =
+            _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rows[r].scales + 2 * g)), sx);
+      }
+    }
     const __m512i xq = _mm512_loadu_si512(x.codes + g * 32);
-    __m512i lanes;
-    if (t == DType::kI4) {
-      lanes = _mm512_dpbusd_epi32(_mm512_loadu_si512(x.int4_bias + g * 8),
-                                  int4_nibbles_pair(codes + g * kHalf), xq);
-    } else {
-      // |w| * (x_code negated where w < 0) = w * x_code.
-      const __m512i w = _mm512_loadu_si512(codes + g * 32);
-      const __m512i sx =
-          _mm512_mask_sub_epi8(xq, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xq);
-      lanes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sx);
+    const __m512i index = _mm512_add_epi32(pair_index, _mm512_set1_epi32(static_cast<int>(g % 16)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i lanes = int8_lanes_pair(t, rows[r].codes, g, xq, x.int4_bias);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), _mm512_permutexvar_ps(index, scales16[r]),
+                               acc[r]);
     }
-    const __m512 s =
-        _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(load_scale(scales, g) * x.scales[g]),
-                             _mm512_set1_ps(load_scale(scales, g + 1) * x.scales[g + 1]));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lanes), s, acc);
   }
-  __m256 even = _mm512_castps512_ps256(acc);
-  const __m256 odd = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
-  if (g < x.groups) {  // a last, even-numbered group: lanes 0..7 only
-    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.codes + g * 32));
-    __m256i lanes;
-    if (t == DType::kI4) {
-      lanes = _mm256_dpbusd_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.int4_bias + g * 8)),
-          int4_nibbles(codes + g * kHalf), xq);
-    } else {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 32));
-      lanes =
-          _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xq, w));
+  for (int r = 0; r < R; ++r) {
+    __m256 even = _mm512_castps512_ps256(acc[r]);
+    const __m256 odd = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1));
+    if (g < x.groups) {  // a last, even-numbered group: lanes 0..7 only
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.codes + g * 32));
+      const uint8_t* codes = rows[r].codes;
+      __m256i lanes;
+      if (t == DType::kI4) {
+        lanes = _mm256_dpbusd_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.int4_bias + g * 8)),
+            int4_nibbles(codes + g * kHalf), xq);
+      } else {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 32));
+        lanes = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w),
+                                    _mm256_sign_epi8(xq, w));
+      }
+      const float s = load_scale(rows[r].scales, g) * x.scales[g];
+      even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(s), even);
     }
-    const float s = load_scale(scales, g) * x.scales[g];
-    even = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(s), even);
+    out[r] = horizontal_sum(_mm256_add_ps(even, odd));
   }
-  return horizontal_sum(_mm256_add_ps(even, odd));
+}
+
+void int8_dots(DType t, const peer_internal::CodedRow* rows, int count, int64_t n,
+               const peer_internal::Int8Activations& x, float* out) {
+  (void)n;
+  static_assert(peer_internal::kDotRows == 4);
+  switch (count) {
+    case 4:
+      return int8_dots_n<4>(t, rows, x, out);
+    case 3:
+      return int8_dots_n<3>(t, rows, x, out);
+    case 2:
+      return int8_dots_n<2>(t, rows, x, out);
+    default:
+      return int8_dots_n<1>(t, rows, x, out);
+  }
+}
+
+float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
+               const peer_internal::Int8Activations& x) {
+  const peer_internal::CodedRow row = {scales, codes};
+  float out;
+  int8_dots(t, &row, 1, n, x, &out);
+  return out;
 }
 
 }  // namespace
@@ -288,9 +380,11 @@ const peer_internal::PeerKernels& peer_kernels() {
   static const peer_internal::PeerKernels kKernels = [] {
     peer_internal::PeerKernels k = avx2::peer_kernels();
     k.coded_dot = coded_dot;
+    k.coded_dots = coded_dots;
     k.coded_axpy = coded_axpy;
     k.top_indices = top_indices;
     k.int8_dot = int8_dot;
+    k.int8_dots = int8_dots;
     return k;
   }();
   return kKernels;

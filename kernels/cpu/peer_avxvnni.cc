@@ -64,6 +64,7 @@ const peer_internal::PeerKernels& peer_kernels() {
   static const peer_internal::PeerKernels kKernels = [] {
     peer_internal::PeerKernels k = avx2::peer_kernels();
     k.int8_dot = int8_dot;
+    k.int8_dots = peer_internal::int8_dots_one_by_one<int8_dot>;
     return k;
   }();
   return kKernels;

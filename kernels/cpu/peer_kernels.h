@@ -36,11 +36,25 @@ struct Int8Activations {
                                        // int4 lane sums nibble * x_code + bias = q * x_code
 };
 
+// One coded row: its fp16 group scales (int8/int4) and its codes.
+struct CodedRow {
+  const uint8_t* scales = nullptr;
+  const uint8_t* codes = nullptr;
+};
+
+// The most rows coded_dots and int8_dots take at once.
+constexpr int kDotRows = 4;
+
 // The inner loops of one CPU path.
 struct PeerKernels {
   // sum_i row[i] * x[i].
   float (*coded_dot)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
                      const float* x);
+  // coded_dot of `count` rows (1 <= count <= kDotRows) against the same x, out[r] for rows[r]:
+  // each row's bits are coded_dot's (a path may run the rows interleaved, so that one row's
+  // accumulation chain waits while another's works).
+  void (*coded_dots)(DType t, const CodedRow* rows, int count, int64_t n, const float* x,
+                     float* out);
   // y[i] += alpha * row[i].
   void (*coded_axpy)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n, float alpha,
                      float* y);
@@ -54,10 +68,25 @@ struct PeerKernels {
   // REQUIRES: t is kI8 or kI4; x.groups == quant_groups(n).
   float (*int8_dot)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
                     const Int8Activations& x);
+  // int8_dot of `count` rows (1 <= count <= kDotRows), as coded_dots is to coded_dot.
+  void (*int8_dots)(DType t, const CodedRow* rows, int count, int64_t n, const Int8Activations& x,
+                    float* out);
   // RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule): codes[0..n) and the
   // returned scale. REQUIRES: levels is 127 or 64.
   float (*routing_quantize)(const float* v, int64_t n, int levels, int8_t* codes);
 };
+
+// coded_dots and int8_dots one row after another, for the paths without interleaved versions.
+template <float (*Dot)(DType, const uint8_t*, const uint8_t*, int64_t, const float*)>
+void dots_one_by_one(DType t, const CodedRow* rows, int count, int64_t n, const float* x,
+                     float* out) {
+  for (int r = 0; r < count; ++r) out[r] = Dot(t, rows[r].scales, rows[r].codes, n, x);
+}
+template <float (*Dot)(DType, const uint8_t*, const uint8_t*, int64_t, const Int8Activations&)>
+void int8_dots_one_by_one(DType t, const CodedRow* rows, int count, int64_t n,
+                          const Int8Activations& x, float* out) {
+  for (int r = 0; r < count; ++r) out[r] = Dot(t, rows[r].scales, rows[r].codes, n, x);
+}
 
 }  // namespace trove::peer_internal
 
