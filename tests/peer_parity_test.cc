@@ -381,7 +381,8 @@ TEST_P(PeerParityTest, Int8ActivationsMatchTheOracleOnTheQuantizedActivations) {
 }
 
 // Float records have no integer codes, and a token whose xhat the int8 quantizer cannot take
-// (beyond quant_max_abs(kI8), here 1e30) falls back to the float dot: the same bits as kFloat.
+// (beyond quant_max_abs(kI8), here 1e30; NaN; -inf) falls back to the float dot: the same bits
+// as kFloat. The bad values sit in a first, a middle and a last, partial vector of the row.
 TEST_P(PeerParityTest, Int8ActivationsFallBackToTheFloatDotWhereTheyCannotApply) {
   PeerConfig c = make_config(70, 50, 2, 9, 6, 4, 3);
   for (DType t : kAllDTypes) {
@@ -389,7 +390,9 @@ TEST_P(PeerParityTest, Int8ActivationsFallBackToTheFloatDotWhereTheyCannotApply)
     SCOPED_TRACE(describe(shape));
     const PeerLayer l = random_layer(shape, 81);
     RefForward ref = ref_forward(l);
-    ref.xhat[sz(5 * c.dim + 3)] = 1e30f;  // token 5
+    ref.xhat[sz(5 * c.dim + 3)] = 1e30f;                                            // token 5
+    ref.xhat[sz(7 * c.dim + c.dim - 1)] = std::numeric_limits<float>::quiet_NaN();  // token 7
+    ref.xhat[sz(9 * c.dim + 40)] = -std::numeric_limits<float>::infinity();         // token 9
     const std::vector<float> exact = experts_y(l, ref, ref.xhat.data(), ExpertDot::kFloat);
     const std::vector<float> int8 = experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8);
     if (!dtype_is_quantized(t)) {
@@ -400,6 +403,8 @@ TEST_P(PeerParityTest, Int8ActivationsFallBackToTheFloatDotWhereTheyCannotApply)
       return std::vector<float>(y.begin() + token * c.dim_out, y.begin() + (token + 1) * c.dim_out);
     };
     expect_bits_equal(row(int8, 5), row(exact, 5), "token 5, out of the int8 range");
+    expect_bits_equal(row(int8, 7), row(exact, 7), "token 7, NaN in the last vector");
+    expect_bits_equal(row(int8, 9), row(exact, 9), "token 9, -inf");
     EXPECT_NE(row(int8, 4), row(exact, 4)) << "token 4 should take the int8 dot";
   }
 }

@@ -201,14 +201,35 @@ float scalar_routing_quantize(const float* v, int64_t n, int levels, int8_t* cod
   return amax / lv;
 }
 
-constexpr PeerKernels kScalarKernels = {scalar_coded_dot,
-                                        peer_internal::dots_one_by_one<scalar_coded_dot>,
-                                        scalar_coded_axpy,
-                                        scalar_axpy,
-                                        scalar_top_indices,
-                                        scalar_int8_dot,
-                                        peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
-                                        scalar_routing_quantize};
+}  // namespace
+
+bool peer_internal::portable_quantize_activations(const float* x, int64_t n, int8_t* codes,
+                                                  uint16_t* half_scales, float* scales,
+                                                  int32_t* int4_bias) {
+  if (!quant_check_range(DType::kI8, x, n).ok()) return false;
+  quantize_row_int8(x, n, half_scales, codes);
+  const int64_t groups = quant_groups(n);
+  for (int64_t g = 0; g < groups; ++g) scales[g] = fp16_to_fp32(half_scales[g]);
+  for (int64_t lane = 0; lane < groups * 8; ++lane) {
+    const int8_t* q = &codes[4 * lane];
+    int4_bias[lane] = -8 * (q[0] + q[1] + q[2] + q[3]);
+  }
+  return true;
+}
+
+namespace {
+
+constexpr PeerKernels kScalarKernels = {
+    .coded_dot = scalar_coded_dot,
+    .coded_dots = peer_internal::dots_one_by_one<scalar_coded_dot>,
+    .coded_axpy = scalar_coded_axpy,
+    .axpy = scalar_axpy,
+    .top_indices = scalar_top_indices,
+    .int8_dot = scalar_int8_dot,
+    .int8_dots = peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
+    .quantize_activations = peer_internal::portable_quantize_activations,
+    .routing_quantize = scalar_routing_quantize,
+};
 
 const PeerKernels& kernels() {
   switch (active_cpu_path()) {
@@ -239,17 +260,9 @@ class TokenActivations {
 
   // False (and nothing usable) when x is out of the int8 quantizer's range (non-finite, or
   // beyond quant_max_abs): the caller takes the float dot for this token.
-  bool quantize(const float* x) {
-    if (!quant_check_range(DType::kI8, x, n_).ok()) return false;
-    quantize_row_int8(x, n_, half_scales_.data(), codes_.data());
-    for (int64_t g = 0; g < groups_; ++g) {
-      scales_[static_cast<size_t>(g)] = fp16_to_fp32(half_scales_[static_cast<size_t>(g)]);
-    }
-    for (size_t lane = 0; lane < int4_bias_.size(); ++lane) {
-      const int8_t* q = &codes_[4 * lane];
-      int4_bias_[lane] = -8 * (q[0] + q[1] + q[2] + q[3]);
-    }
-    return true;
+  bool quantize(const PeerKernels& kr, const float* x) {
+    return kr.quantize_activations(x, n_, codes_.data(), half_scales_.data(), scales_.data(),
+                                   int4_bias_.data());
   }
 
   Int8Activations view() const {
@@ -531,7 +544,7 @@ class TokenDown {
   // Before the token's slots.
   void set_token(const float* xhat_t) {
     xhat_t_ = xhat_t;
-    use_int8_ = !quantized_.empty() && quantized_[0].quantize(xhat_t);
+    use_int8_ = !quantized_.empty() && quantized_[0].quantize(kr_, xhat_t);
   }
 
   float dot(const uint8_t* record) const {

@@ -333,8 +333,16 @@ float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
 
 const PeerKernels& peer_kernels() {
   static constexpr PeerKernels kKernels = {
-      coded_dot, peer_internal::dots_one_by_one<coded_dot>,     coded_axpy,      axpy, top_indices,
-      int8_dot,  peer_internal::int8_dots_one_by_one<int8_dot>, routing_quantize};
+      .coded_dot = coded_dot,
+      .coded_dots = peer_internal::dots_one_by_one<coded_dot>,
+      .coded_axpy = coded_axpy,
+      .axpy = axpy,
+      .top_indices = top_indices,
+      .int8_dot = int8_dot,
+      .int8_dots = peer_internal::int8_dots_one_by_one<int8_dot>,
+      .quantize_activations = peer_internal::portable_quantize_activations,
+      .routing_quantize = routing_quantize,
+  };
   return kKernels;
 }
 

@@ -18,6 +18,7 @@
 #include <cstring>
 
 #include "kernels/cpu/peer_kernels.h"
+#include "kernels/cpu/quant.h"
 #include "kernels/quant.h"
 
 namespace trove::avx512 {
@@ -374,6 +375,39 @@ float int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
   return out;
 }
 
+// portable_quantize_activations' results (the same bits: the range test is quant_check_range's
+// comparison, quantize_row_int8 is shared, the rest is exact) with the range test, the scales'
+// widening and the int4 lane sums 16 at a time.
+bool quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
+                          float* scales, int32_t* int4_bias) {
+  const __m512 limit = _mm512_set1_ps(quant_max_abs(DType::kI8));
+  __mmask16 in_range = 0xffff;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = half_mask(n - i);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i));
+    in_range &= _mm512_cmp_ps_mask(a, limit, _CMP_LE_OQ);  // NaN compares false
+  }
+  if (in_range != 0xffff) return false;
+  quantize_row_int8(x, n, half_scales, codes);
+  const int64_t groups = quant_groups(n);
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 m = half_mask(groups - g);
+    _mm512_mask_storeu_ps(scales + g, m,
+                          _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, half_scales + g)));
+  }
+  // Lane sums of 4 codes: vpdpbusd with unsigned ones against the signed codes. groups * 32
+  // codes = groups * 8 lanes, 16 lanes per vector; a last half vector under a mask.
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i minus_eight = _mm512_set1_epi32(-8);
+  for (int64_t lane = 0; lane < groups * 8; lane += 16) {
+    const __mmask16 m = half_mask(groups * 8 - lane);
+    const __m512i q = _mm512_maskz_loadu_epi32(m, codes + 4 * lane);
+    const __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q);
+    _mm512_mask_storeu_epi32(int4_bias + lane, m, _mm512_mullo_epi32(sum, minus_eight));
+  }
+  return true;
+}
+
 }  // namespace
 
 const peer_internal::PeerKernels& peer_kernels() {
@@ -385,6 +419,7 @@ const peer_internal::PeerKernels& peer_kernels() {
     k.top_indices = top_indices;
     k.int8_dot = int8_dot;
     k.int8_dots = int8_dots;
+    k.quantize_activations = quantize_activations;
     return k;
   }();
   return kKernels;

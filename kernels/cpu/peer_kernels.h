@@ -71,10 +71,20 @@ struct PeerKernels {
   // int8_dot of `count` rows (1 <= count <= kDotRows), as coded_dots is to coded_dot.
   void (*int8_dots)(DType t, const CodedRow* rows, int count, int64_t n, const Int8Activations& x,
                     float* out);
+  // ExpertDot::kInt8's quantizer of a token's xhat (n elements, groups = quant_groups(n)): codes
+  // [groups * 32] (0 past n) and half_scales [groups] by quantize_row_int8, scales [groups]
+  // widened, int4_bias [groups * 8] as Int8Activations defines it. False, with nothing usable
+  // written, when x fails quant_check_range for int8 (non-finite or beyond quant_max_abs).
+  bool (*quantize_activations)(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
+                               float* scales, int32_t* int4_bias);
   // RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule): codes[0..n) and the
   // returned scale. REQUIRES: levels is 127 or 64.
   float (*routing_quantize)(const float* v, int64_t n, int levels, int8_t* codes);
 };
+
+// quantize_activations in portable code (kernels/cpu/peer.cc), for the paths without their own.
+bool portable_quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
+                                   float* scales, int32_t* int4_bias);
 
 // coded_dots and int8_dots one row after another, for the paths without interleaved versions.
 template <float (*Dot)(DType, const uint8_t*, const uint8_t*, int64_t, const float*)>

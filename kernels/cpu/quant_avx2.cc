@@ -2,7 +2,8 @@
 // file is compiled with -mavx2 -mfma -mf16c; kernels/cpu/quant.cc calls it after checking the
 // CPU. Why the bits agree:
 //   - each group's scale comes from the shared scalar helpers (quant_avx2.h) applied to the
-//     same absmax / first largest element, which max and compare find exactly in any order;
+//     same absmax / first largest element, which max and compare find exactly in any order,
+//     rounded to fp16 by F16C (round to nearest even: fp32_to_fp16's bits, as convert_row_f16);
 //   - x / d is _mm256_div_ps by the widened scale (IEEE division, like the scalar `/`; a
 //     multiply by 1/d would round differently), _mm256_round_ps with an explicit
 //     round-to-nearest-even (what std::nearbyint does in the default mode), then a clamp;
@@ -22,6 +23,11 @@ namespace trove::avx2 {
 namespace {
 
 constexpr int kHalf = kQuantGroup / 2;
+
+// F16C's conversions, in place of the portable fp32_to_fp16 / fp16_to_fp32 calls.
+inline uint16_t to_half(float f) {
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
 
 inline __m256 abs_ps(__m256 v) {
   return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
@@ -56,8 +62,8 @@ void quantize_group_int8(const float* x, uint16_t* scale, int8_t* codes) {
   const __m256 v3 = _mm256_loadu_ps(x + 24);
   const __m256 a =
       _mm256_max_ps(_mm256_max_ps(abs_ps(v0), abs_ps(v1)), _mm256_max_ps(abs_ps(v2), abs_ps(v3)));
-  const uint16_t d = quant_internal::int8_group_scale(horizontal_max(a));
-  const float dw = fp16_to_fp32(d);
+  const uint16_t d = to_half(quant_internal::int8_group_scale_fp32(horizontal_max(a)));
+  const float dw = _cvtsh_ss(d);
   *scale = d;
   if (dw == 0.0f) {
     std::memset(codes, 0, kQuantGroup);
@@ -92,8 +98,8 @@ void quantize_group_int4(const float* x, uint16_t* scale, uint8_t* codes) {
         mask_of(a0) | (mask_of(a1) << 8) | (mask_of(a2) << 16) | (mask_of(a3) << 24);
     m = x[__builtin_ctz(mask)];
   }
-  const uint16_t d = quant_internal::int4_group_scale(m);
-  const float dw = fp16_to_fp32(d);
+  const uint16_t d = to_half(quant_internal::int4_group_scale_fp32(m));
+  const float dw = _cvtsh_ss(d);
   *scale = d;
   if (dw == 0.0f) {
     std::memset(codes, 0x88, kHalf);
@@ -115,7 +121,7 @@ void quantize_group_int4(const float* x, uint16_t* scale, uint8_t* codes) {
 }
 
 void dequantize_group_int8(uint16_t scale, const int8_t* codes, float* y) {
-  const __m256 d = _mm256_set1_ps(fp16_to_fp32(scale));
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(scale));
   for (int k = 0; k < 4; ++k) {
     const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
     _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)), d));
@@ -123,7 +129,7 @@ void dequantize_group_int8(uint16_t scale, const int8_t* codes, float* y) {
 }
 
 void dequantize_group_int4(uint16_t scale, const uint8_t* codes, float* y) {
-  const __m256 d = _mm256_set1_ps(fp16_to_fp32(scale));
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(scale));
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
   const __m128i nibble = _mm_set1_epi8(0x0f);
   const __m128i eight = _mm_set1_epi8(8);

@@ -13,14 +13,20 @@ namespace trove {
 namespace quant_internal {
 
 // int8: d = fp16(absmax / 127). absmax >= 0, so d is +0 for an all-zero group.
+inline float int8_group_scale_fp32(float absmax) {
+  return absmax / 127.0f;
+}
 inline uint16_t int8_group_scale(float absmax) {
-  return fp32_to_fp16(absmax / 127.0f);
+  return fp32_to_fp16(int8_group_scale_fp32(absmax));
 }
 
 // int4: d = fp16(m / -8), m the first element of largest magnitude (+0 for an all-zero group,
 // which gives d = -0 exactly as ggml's Q4_0 loop does).
+inline float int4_group_scale_fp32(float m) {
+  return m / -8.0f;
+}
 inline uint16_t int4_group_scale(float m) {
-  return fp32_to_fp16(m / -8.0f);
+  return fp32_to_fp16(int4_group_scale_fp32(m));
 }
 
 }  // namespace quant_internal
