@@ -7,30 +7,38 @@
 namespace trove {
 
 void ExpertBatch::dedupe(const PeerRouting& r, int64_t num_experts) {
-  if (index_of_expert.empty()) index_of_expert.assign(static_cast<size_t>(num_experts), -1);
-  unique_ids.clear();
-  // The marks are scattered over N entries: each slot's is prefetched 16 slots ahead.
-  constexpr size_t kAhead = 16;
-  for (size_t s = 0; s < r.ids.size(); ++s) {
-    if (s + kAhead < r.ids.size()) {
-      __builtin_prefetch(&index_of_expert[static_cast<size_t>(r.ids[s + kAhead])], 1);
-    }
-    const int64_t id = r.ids[s];
-    int32_t& mark = index_of_expert[static_cast<size_t>(id)];
-    if (mark < 0) {
-      mark = 0;
-      unique_ids.push_back(id);
-    }
+  const size_t words = static_cast<size_t>((num_experts + 63) / 64);
+  if (present.size() != words) {
+    present.assign(words, 0);
+    touched.assign((words + 63) / 64, 0);
+    rank_base.assign(words, 0);
   }
-  std::sort(unique_ids.begin(), unique_ids.end());
-  for (size_t u = 0; u < unique_ids.size(); ++u) {
-    index_of_expert[static_cast<size_t>(unique_ids[u])] = static_cast<int32_t>(u);
+  for (const int64_t id : r.ids) {
+    const auto w = static_cast<size_t>(id >> 6);
+    present[w] |= uint64_t{1} << (id & 63);
+    touched[w >> 6] |= uint64_t{1} << (w & 63);
+  }
+  unique_ids.clear();
+  int32_t count = 0;
+  for (size_t t = 0; t < touched.size(); ++t) {
+    for (uint64_t summary = touched[t]; summary != 0; summary &= summary - 1) {
+      const size_t w = t * 64 + static_cast<size_t>(__builtin_ctzll(summary));
+      rank_base[w] = count;
+      for (uint64_t bits = present[w]; bits != 0; bits &= bits - 1) {
+        unique_ids.push_back(static_cast<int64_t>(w * 64) + __builtin_ctzll(bits));
+        ++count;
+      }
+    }
+    touched[t] = 0;
   }
   slot_index.resize(r.ids.size());
   for (size_t s = 0; s < r.ids.size(); ++s) {
-    slot_index[s] = index_of_expert[static_cast<size_t>(r.ids[s])];
+    const int64_t id = r.ids[s];
+    const auto w = static_cast<size_t>(id >> 6);
+    const uint64_t below = present[w] & ((uint64_t{1} << (id & 63)) - 1);
+    slot_index[s] = rank_base[w] + __builtin_popcountll(below);
   }
-  for (int64_t id : unique_ids) index_of_expert[static_cast<size_t>(id)] = -1;
+  for (const int64_t id : unique_ids) present[static_cast<size_t>(id >> 6)] = 0;
   unique_records.resize(unique_ids.size());
   slot_records.resize(r.ids.size());
 }

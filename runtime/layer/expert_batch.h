@@ -14,15 +14,21 @@
 
 namespace trove {
 
-// One batch's distinct experts. Dedupe goes through a flat id -> index array (4 bytes per
-// expert, all -1 between calls) instead of a search per slot: a batch has tens of thousands of
-// slots, and this runs on the critical path of every layer call.
+// One batch's distinct experts. This runs on the critical path of every layer call with tens of
+// thousands of slots, so dedupe neither sorts nor searches: it sets a bit per slot's expert in
+// a bitmap of the N experts and a bit per touched 64-expert word in a summary, then walks the
+// summary's set bits in order (the ids come out ascending), noting each touched word's rank
+// base; a slot's index is its word's base plus the set bits below it. O(slots + N / 4096), and
+// both bitmaps are all zero again between calls. (A sort of the ids took 2.8 ms of a 28 ms
+// forward at N = 262K, 2048 tokens.)
 struct ExpertBatch {
   std::vector<int64_t> unique_ids;             // ascending
   std::vector<int32_t> slot_index;             // per slot: its index in unique_ids
   std::vector<const uint8_t*> unique_records;  // per unique id (sized by dedupe)
   std::vector<const uint8_t*> slot_records;    // per slot (point_slots)
-  std::vector<int32_t> index_of_expert;        // [N], see above
+  std::vector<uint64_t> present;               // [ceil(N / 64)], see above
+  std::vector<uint64_t> touched;               // [ceil(N / 4096)]: words of `present` in use
+  std::vector<int32_t> rank_base;              // [ceil(N / 64)]: valid for touched words
 
   // unique_ids and slot_index of `r`, whose ids are in [0, num_experts).
   void dedupe(const PeerRouting& r, int64_t num_experts);
