@@ -217,6 +217,21 @@ bool peer_internal::portable_quantize_activations(const float* x, int64_t n, int
   return true;
 }
 
+// C[i, j] = (float(acc[i, j]) * scale_a[i]) * scale_b[j], rounded once per operation.
+void peer_internal::portable_scale_products(const int32_t* acc, int64_t m, int64_t n,
+                                            const float* scale_a, const float* scale_b, float* c,
+                                            int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t* a = acc + i * n;
+    float* out = c + i * ldc;
+    const float sa = scale_a[i];
+    for (int64_t j = 0; j < n; ++j) {
+      const float scaled = static_cast<float>(a[j]) * sa;
+      out[j] = scaled * scale_b[j];
+    }
+  }
+}
+
 namespace {
 
 constexpr PeerKernels kScalarKernels = {
@@ -228,6 +243,7 @@ constexpr PeerKernels kScalarKernels = {
     .int8_dot = scalar_int8_dot,
     .int8_dots = peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
     .quantize_activations = peer_internal::portable_quantize_activations,
+    .scale_products = peer_internal::portable_scale_products,
     .routing_quantize = scalar_routing_quantize,
 };
 
@@ -516,20 +532,6 @@ void quantize_activation_rows(const PeerKernels& kr, const float* x, int64_t m, 
   }
 }
 
-// C[i, j] = (float(acc[i, j]) * scale_a[i]) * scale_b[j], rounded once per operation.
-void scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
-                    const float* scale_b, float* c, int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i) {
-    const int32_t* a = acc + i * n;
-    float* out = c + i * ldc;
-    const float sa = scale_a[i];
-    for (int64_t j = 0; j < n; ++j) {
-      const float scaled = static_cast<float>(a[j]) * sa;
-      out[j] = scaled * scale_b[j];
-    }
-  }
-}
-
 // The down-row dot of one token: on its fp32 xhat, or (ExpertDot::kInt8 on int8/int4 records)
 // on xhat quantized once per token and shared by its slots.
 class TokenDown {
@@ -662,7 +664,7 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
         quantize_activation_rows(kr, xhat + t0 * D, m, D, D, a.data(), scale_x.data());
         blas::gemm_nt_int8(m, rows, D, a.data(), D, w.codes.data(), D, acc.data(), rows);
         float* qb = q + t0 * rows;
-        scale_products(acc.data(), m, rows, scale_x.data(), w.scales.data(), qb, rows);
+        kr.scale_products(acc.data(), m, rows, scale_x.data(), w.scales.data(), qb, rows);
         if (params.query_bias == nullptr) continue;
         for (int64_t t = 0; t < m; ++t) {
           for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
@@ -767,8 +769,8 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
                                      q_scales.data());
             blas::gemm_nt_int8(m, n, dk, q_codes.data(), dk, &int8_keys.codes[table * n * dk], dk,
                                acc.data(), n);
-            scale_products(acc.data(), m, n, q_scales.data(), &int8_keys.scales[table * n], s_half,
-                           n);
+            kr.scale_products(acc.data(), m, n, q_scales.data(), &int8_keys.scales[table * n],
+                              s_half, n);
             continue;
           }
           // s[t][i] = <q[t][head][half], K[hk][half][i]>: [kRouteBlock, dk] x [n, dk]^T, every

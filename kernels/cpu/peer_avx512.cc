@@ -408,6 +408,23 @@ bool quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* ha
   return true;
 }
 
+// portable_scale_products 16 columns at a time (the same two roundings per element).
+void scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
+                    const float* scale_b, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t* a = acc + i * n;
+    float* out = c + i * ldc;
+    const __m512 sa = _mm512_set1_ps(scale_a[i]);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = half_mask(n - j);
+      const __m512 scaled =
+          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, a + j)), sa);
+      _mm512_mask_storeu_ps(out + j, k,
+                            _mm512_mul_ps(scaled, _mm512_maskz_loadu_ps(k, scale_b + j)));
+    }
+  }
+}
+
 }  // namespace
 
 const peer_internal::PeerKernels& peer_kernels() {
@@ -420,6 +437,7 @@ const peer_internal::PeerKernels& peer_kernels() {
     k.int8_dot = int8_dot;
     k.int8_dots = int8_dots;
     k.quantize_activations = quantize_activations;
+    k.scale_products = scale_products;
     return k;
   }();
   return kKernels;

@@ -77,6 +77,10 @@ struct PeerKernels {
   // written, when x fails quant_check_range for int8 (non-finite or beyond quant_max_abs).
   bool (*quantize_activations)(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
                                float* scales, int32_t* int4_bias);
+  // RoutingPrecision::kInt8's products from the integer GEMM: c[i * ldc + j] =
+  // (float(acc[i * n + j]) * scale_a[i]) * scale_b[j], each multiply rounded to fp32.
+  void (*scale_products)(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
+                         const float* scale_b, float* c, int64_t ldc);
   // RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule): codes[0..n) and the
   // returned scale. REQUIRES: levels is 127 or 64.
   float (*routing_quantize)(const float* v, int64_t n, int levels, int8_t* codes);
@@ -85,6 +89,10 @@ struct PeerKernels {
 // quantize_activations in portable code (kernels/cpu/peer.cc), for the paths without their own.
 bool portable_quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
                                    float* scales, int32_t* int4_bias);
+
+// scale_products in portable code (kernels/cpu/peer.cc).
+void portable_scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
+                             const float* scale_b, float* c, int64_t ldc);
 
 // coded_dots and int8_dots one row after another, for the paths without interleaved versions.
 template <float (*Dot)(DType, const uint8_t*, const uint8_t*, int64_t, const float*)>
