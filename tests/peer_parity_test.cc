@@ -526,9 +526,12 @@ TEST_P(PeerParityTest, QueryAndRoutingOfATokenDoNotDependOnItsBatch) {
     peer_query(l.config, p, l.x.data(), l.tokens, q_all.data(), kThreads, precision);
     peer_route(l.config, p, q_all.data(), l.tokens, &all, kThreads, precision);
     // Sub-batches [first, first + count): one token, a block's tail, across a block boundary.
-    const int64_t spans[][2] = {{0, 1},     {149, 1},   {70, 1},   {3, 5},    {60, 10},
-                                {64, 64},   {100, 50},  {599, 1},  {250, 10}, {0, 256},
-                                {300, 300}, {200, 400}, {512, 88}, {0, 600}};
+    // Short last blocks of 1 to 63 tokens are padded to 16, 32, 48 or 64 rows (short_block_rows):
+    // counts at and across each of those.
+    const int64_t spans[][2] = {{0, 1},     {149, 1},  {70, 1},   {3, 5},   {60, 10}, {64, 64},
+                                {100, 50},  {599, 1},  {250, 10}, {0, 256}, {7, 16},  {30, 17},
+                                {90, 32},   {41, 33},  {10, 48},  {5, 49},  {1, 63},  {300, 300},
+                                {200, 400}, {512, 88}, {0, 600}};
     for (const auto& span : spans) {
       const int64_t first = span[0], count = span[1];
       std::vector<float> q(sz(count * rows));

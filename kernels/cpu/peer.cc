@@ -9,8 +9,9 @@
 //     per block (kernels/cpu/blas.h), so chunk boundaries change no bit. Route blocks are
 //     kRouteBlock (64) rows; the query runs 256-row blocks, then 64-row ones, where the BLAS
 //     rounds a row alike in both (kQueryBlock says why and how that is probed). A shorter last
-//     block is zero-padded to 64 rows, so no call has an odd shape (the library picks its kernels
-//     by shape): a token's q and scores do not depend on the thread count, nor on the batch (a
+//     block is zero-padded to 16, 32, 48 or 64 rows, the fewest whose calls a probe finds
+//     rounding a row as 64-row calls do (short_block_rows; the library picks its kernels by
+//     shape): a token's q and scores do not depend on the thread count, nor on the batch (a
 //     one-token run equals the first token of a longer one). RoutingPrecision::kBf16 on the
 //     AVX512_BF16 kernel needs no padding: each of its outputs is a fixed-order sum.
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
@@ -21,6 +22,7 @@
 #include "kernels/cpu/peer.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -407,28 +409,53 @@ int64_t route_blocks(int64_t T) {
 // QueryAndRoutingOfATokenDoNotDependOnItsBatch again with ONEDNN_MAX_CPU_ISA=AVX2 and AVX512_CORE.
 constexpr int64_t kQueryBlock = 256;
 
-// True when blas::gemm_nt's one [kQueryBlock, k] x [k, n] call gives the bits of its rows in
-// kRouteBlock-row calls, for the operands' strides as peer_query passes them: probed once per
-// (k, n) and process on pseudo-random operands. A summation order that differs between the two
-// kernels shows in a few of the 256 n rows of k-term sums, so equal bits mean the same order.
-bool big_query_block_rounds_alike(int64_t k, int64_t n) {
+// True when blas::gemm_nt's calls of `small` rows give the bits that one [big, k] x [k, n] call
+// gives the same rows, wherever in the big call those rows sit (a token is at any row of its
+// block in one batch and at row 0 of a short block in another), for A's row stride lda and B's
+// k as peer_query and peer_route pass them: small calls at offsets 0, 1, 3, 7, ... and the last
+// one that fits, compared with the big call's rows there. Probed once per (big, small, k, n,
+// lda) and process on pseudo-random operands; a summation order that differs shows in a few of
+// the rows of k-term sums, so equal bits mean the same order.
+bool blocks_round_alike(int64_t big, int64_t small, int64_t k, int64_t n, int64_t lda) {
   static std::mutex mu;
-  static std::map<std::pair<int64_t, int64_t>, bool> probed;
+  static std::map<std::array<int64_t, 5>, bool> probed;
+  const std::array<int64_t, 5> key = {big, small, k, n, lda};
   const std::lock_guard<std::mutex> lock(mu);
-  const auto it = probed.find({k, n});
+  const auto it = probed.find(key);
   if (it != probed.end()) return it->second;
-  std::vector<float> a(static_cast<size_t>(kQueryBlock * k)), b(static_cast<size_t>(n * k));
+  std::vector<float> a(static_cast<size_t>(big * lda)), b(static_cast<size_t>(n * k));
   fill_gaussian(a, 1.0, 1);
   fill_gaussian(b, 1.0, 2);
-  std::vector<float> whole(static_cast<size_t>(kQueryBlock * n)), parts(whole.size());
-  blas::gemm_nt(kQueryBlock, n, k, a.data(), k, b.data(), k, whole.data(), n);
-  for (int64_t r = 0; r < kQueryBlock; r += kRouteBlock) {
-    blas::gemm_nt(kRouteBlock, n, k, &a[static_cast<size_t>(r * k)], k, b.data(), k,
-                  &parts[static_cast<size_t>(r * n)], n);
+  std::vector<float> whole(static_cast<size_t>(big * n)), part(static_cast<size_t>(small * n));
+  blas::gemm_nt(big, n, k, a.data(), lda, b.data(), k, whole.data(), n);
+  bool alike = true;
+  std::vector<int64_t> offsets;
+  for (int64_t o = 0; o + small <= big; o = 2 * o + 1) offsets.push_back(o);
+  offsets.push_back(big - small);
+  for (const int64_t o : offsets) {
+    blas::gemm_nt(small, n, k, &a[static_cast<size_t>(o * lda)], lda, b.data(), k, part.data(), n);
+    alike = alike && std::memcmp(part.data(), &whole[static_cast<size_t>(o * n)],
+                                 part.size() * sizeof(float)) == 0;
   }
-  const bool alike = std::memcmp(whole.data(), parts.data(), whole.size() * sizeof(float)) == 0;
-  probed.emplace(std::make_pair(k, n), alike);
+  probed.emplace(key, alike);
   return alike;
+}
+
+bool big_query_block_rounds_alike(int64_t k, int64_t n) {
+  return blocks_round_alike(kQueryBlock, kRouteBlock, k, n, k);
+}
+
+// The rows of the BLAS call for a batch's short last block of m < kRouteBlock tokens: m padded
+// with zero rows to the fewest of 16, 32 or 48 rows whose calls round a row as a kRouteBlock-row
+// call does (probed), else to kRouteBlock. A token's q and scores then do not depend on its
+// batch, while one token alone (decoding) computes 16 rows rather than 64: oneDNN's AVX-512
+// sgemm gives the 64-row bits from 16 rows up (not at 1 to 8, where it takes other kernels),
+// its AVX2 one at 16 and 48 but not 32.
+int64_t short_block_rows(int64_t m, int64_t k, int64_t n, int64_t lda) {
+  for (const int64_t rows : {16, 32, 48}) {
+    if (m <= rows && blocks_round_alike(kRouteBlock, rows, k, n, lda)) return rows;
+  }
+  return kRouteBlock;
 }
 
 struct QueryBlock {
@@ -684,7 +711,7 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   const int64_t big =
       T < kQueryBlock || big_query_block_rounds_alike(D, rows) ? kQueryBlock : kRouteBlock;
   parallel_for(query_blocks(T, big), threads, [&](int64_t begin, int64_t end) {
-    std::vector<float> pad_x, pad_q;  // a short last block, zero-padded to kRouteBlock rows
+    std::vector<float> pad_x, pad_q;  // a short last block, zero-padded (short_block_rows)
     for (int64_t b = begin; b < end; ++b) {
       const QueryBlock block = query_block(T, big, b);
       const int64_t t0 = block.t0, m = std::min(block.rows, T - t0);
@@ -692,10 +719,11 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
       if (m == block.rows) {
         blas::gemm_nt(m, rows, D, xhat + t0 * D, D, query_weight, D, qb, rows);
       } else {
-        pad_x.assign(static_cast<size_t>(kRouteBlock * D), 0.0f);
-        pad_q.resize(static_cast<size_t>(kRouteBlock * rows));
+        const int64_t padded = short_block_rows(m, D, rows, D);
+        pad_x.assign(static_cast<size_t>(padded * D), 0.0f);
+        pad_q.resize(static_cast<size_t>(padded * rows));
         std::memcpy(pad_x.data(), xhat + t0 * D, static_cast<size_t>(m * D) * sizeof(float));
-        blas::gemm_nt(kRouteBlock, rows, D, pad_x.data(), D, query_weight, D, pad_q.data(), rows);
+        blas::gemm_nt(padded, rows, D, pad_x.data(), D, query_weight, D, pad_q.data(), rows);
         std::memcpy(qb, pad_q.data(), static_cast<size_t>(m * rows) * sizeof(float));
       }
       if (params.query_bias == nullptr) continue;
@@ -740,7 +768,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));
     std::vector<Candidate> best;
     best.reserve(static_cast<size_t>(k));
-    std::vector<float> pad_q;  // a short last block's q, zero-padded to kRouteBlock rows
+    std::vector<float> pad_q;  // a short last block's q, zero-padded (short_block_rows)
     std::vector<uint32_t> q_pairs(bf16_kernel ? static_cast<size_t>(kRouteBlock * pairs) : 0);
     std::vector<uint8_t> q_codes(int8 ? static_cast<size_t>(kRouteBlock * dk) : 0);
     std::vector<float> q_scales(int8 ? static_cast<size_t>(kRouteBlock) : 0);
@@ -748,8 +776,11 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
       const float* qb = q + t0 * rows;
+      // The fp32 BLAS's rows: a short block padded as short_block_rows says.
+      int64_t blas_rows = kRouteBlock;
       if (m < kRouteBlock && !bf16_kernel && !int8) {
-        pad_q.assign(static_cast<size_t>(kRouteBlock * rows), 0.0f);
+        blas_rows = short_block_rows(m, dk, n, rows);
+        pad_q.assign(static_cast<size_t>(blas_rows * rows), 0.0f);
         std::memcpy(pad_q.data(), qb, static_cast<size_t>(m * rows) * sizeof(float));
         qb = pad_q.data();
       }
@@ -773,9 +804,9 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
                               s_half, n);
             continue;
           }
-          // s[t][i] = <q[t][head][half], K[hk][half][i]>: [kRouteBlock, dk] x [n, dk]^T, every
-          // call the same shape (the padding rows' scores are not read).
-          blas::gemm_nt(kRouteBlock, n, dk, qb + (head * 2 + half) * dk, rows,
+          // s[t][i] = <q[t][head][half], K[hk][half][i]>: [blas_rows, dk] x [n, dk]^T (the
+          // padding rows' scores are not read).
+          blas::gemm_nt(blas_rows, n, dk, qb + (head * 2 + half) * dk, rows,
                         keys + (hk * 2 + half) * n * dk, dk, s_half, n);
         }
         for (int64_t t = 0; t < m; ++t) {
