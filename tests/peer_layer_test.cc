@@ -1,6 +1,7 @@
 // PeerLayer through the runtime API: the same layer from a store and from memory, backends
 // against each other, the checks on every input, corrupt records, and RoutingStats.
 #include "runtime/layer/peer_layer.h"
+#include "kernels/cpu/peer.h"
 
 #include <algorithm>
 #include <cmath>
@@ -162,6 +163,55 @@ TEST(PeerLayer, CpuBackendRoutesInBf16WhenAsked) {
   // The fp32 layer run on the bf16 routing gives the bf16 layer's y (the experts are the same).
   ASSERT_TRUE(f32->forward_routed(x, T, r_bf16, y_routed).ok());
   EXPECT_EQ(0, std::memcmp(y_routed.data(), y_bf16.data(), y_bf16.size() * sizeof(float)));
+}
+
+// The CPU executor keeps the router's weights prepared for int8 and bf16 routing across calls:
+// its routing equals the kernels' with weights made in the call, and a change through
+// mutable_params() (the trainer's step) reaches the next call rather than the kept copy.
+TEST(PeerLayer, CpuBackendsPreparedRouterWeightsFollowAParameterChange) {
+  ScratchDir dir;
+  auto store = StoreReader::open(make_store(dir, DType::kI8));
+  ASSERT_TRUE(store.ok());
+  for (RoutingPrecision precision : {RoutingPrecision::kInt8, RoutingPrecision::kBf16}) {
+    SCOPED_TRACE(static_cast<int>(precision));
+    PeerLayerOptions options{PeerBackend::kCpu, 2};
+    options.cpu.routing_precision = precision;
+    auto layer = PeerLayer::open(*store, "blk.0.peer", options);
+    ASSERT_TRUE(layer.ok());
+    const PeerConfig& c = layer->config();
+    const int64_t T = 20;
+    const std::vector<float> x = gaussian(T * c.dim, 6);
+    std::vector<float> y(T * c.dim_out);
+    // The kernels' routing with the weights made in the call, on the layer's current params.
+    const auto routing_of = [&](const PeerDenseParams& d) {
+      PeerRouterParams p;
+      p.query_weight = d.query_weight.data();
+      p.query_bias = d.query_bias.empty() ? nullptr : d.query_bias.data();
+      p.keys = d.keys.data();
+      p.norm_weight = d.norm_weight.empty() ? nullptr : d.norm_weight.data();
+      std::vector<float> xhat(x.size()), q(T * c.query_rows());
+      peer_norm(c, p.norm_weight, x.data(), T, xhat.data(), 1);
+      peer_query(c, p, xhat.data(), T, q.data(), 1, precision);
+      PeerRouting r;
+      peer_route(c, p, q.data(), T, &r, 1, precision);
+      return r;
+    };
+    PeerRouting before, after;
+    ASSERT_TRUE(layer->forward(x, T, y, &before).ok());
+    const PeerRouting want_before = routing_of(layer->params());
+    EXPECT_EQ(before.ids, want_before.ids);
+    EXPECT_EQ(0, std::memcmp(before.scores.data(), want_before.scores.data(),
+                             before.scores.size() * sizeof(float)));
+    PeerDenseParams& params = layer->mutable_params();
+    for (float& w : params.query_weight) w *= 0.5f;
+    for (float& k : params.keys) k = -k;  // the other end of each sub-key ranking
+    ASSERT_TRUE(layer->forward(x, T, y, &after).ok());
+    const PeerRouting want_after = routing_of(layer->params());
+    EXPECT_EQ(after.ids, want_after.ids);
+    EXPECT_EQ(0, std::memcmp(after.scores.data(), want_after.scores.data(),
+                             after.scores.size() * sizeof(float)));
+    EXPECT_NE(after.ids, before.ids);
+  }
 }
 
 // The look-ahead contract: route() now, forward_routed() later gives forward()'s routing and

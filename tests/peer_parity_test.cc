@@ -577,6 +577,33 @@ void check_bf16_routing(const PeerShape& shape, uint32_t seed) {
   expect_routing_close(got, want, what);
 }
 
+// peer_prepare_router's weights, made once, give the bits of the weights each call makes, for
+// every precision, with shared and per-head keys, at a shape with a short last block.
+TEST_P(PeerParityTest, PreparedRouterWeightsGiveTheBitsOfWeightsMadeInTheCall) {
+  for (bool shared : {false, true}) {
+    PeerConfig c = make_config(96, 40, 3, 21, 12, 5, 4);
+    c.shared_keys = shared;
+    c.query_bias = true;
+    const PeerShape shape{70, c, DType::kI4};
+    SCOPED_TRACE(describe(shape));
+    const PeerLayer l = random_layer(shape, 131);
+    const PeerRouterParams p = l.router();
+    for (RoutingPrecision precision :
+         {RoutingPrecision::kF32, RoutingPrecision::kBf16, RoutingPrecision::kInt8}) {
+      const PeerRouterWeights w = peer_prepare_router(l.config, p, precision, kThreads);
+      std::vector<float> q_made(sz(l.tokens * l.config.query_rows())), q_kept(q_made.size());
+      PeerRouting made, kept;
+      peer_query(l.config, p, l.x.data(), l.tokens, q_made.data(), kThreads, precision);
+      peer_query(l.config, p, l.x.data(), l.tokens, q_kept.data(), kThreads, precision, &w);
+      expect_bits_equal(q_kept, q_made, precision_name(precision) + " q");
+      peer_route(l.config, p, q_made.data(), l.tokens, &made, kThreads, precision);
+      peer_route(l.config, p, q_made.data(), l.tokens, &kept, kThreads, precision, &w);
+      EXPECT_EQ(kept.ids, made.ids) << precision_name(precision);
+      expect_bits_equal(kept.scores, made.scores, precision_name(precision) + " scores");
+    }
+  }
+}
+
 TEST_P(PeerParityTest, Bf16RoutingMatchesTheBf16OracleAcrossShapes) {
   const int64_t token_counts[] = {1, 7, 70, 7, 130};
   const int64_t dims[][2] = {{37, 37}, {100, 45}, {201, 200}, {45, 100}};

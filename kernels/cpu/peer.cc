@@ -530,22 +530,17 @@ std::vector<float> rounded_to_bf16(const float* x, int64_t count) {
 // head's half of q) per block, as the GEMM's unsigned operand (code + 128); the exact integer
 // products (blas::gemm_nt_int8) are then scaled as kernels/peer.h says. Integer sums are exact,
 // so no padding is needed: a token's q and scores do not depend on its batch or on the threads.
-struct Int8Rows {
-  std::vector<int8_t> codes;  // rows x n
-  std::vector<float> scales;  // per row
-};
-
-Int8Rows quantize_weight_rows(const PeerKernels& kr, const float* w, int64_t rows, int64_t n,
-                              int threads) {
-  Int8Rows out{std::vector<int8_t>(static_cast<size_t>(rows * n)),
-               std::vector<float>(static_cast<size_t>(rows))};
+// W's rows of n floats quantized by kRoutingWeightLevels' rule: codes [rows, n], scales [rows].
+void quantize_weight_rows(const PeerKernels& kr, const float* w, int64_t rows, int64_t n,
+                          int threads, std::vector<int8_t>* codes, std::vector<float>* scales) {
+  codes->resize(static_cast<size_t>(rows * n));
+  scales->resize(static_cast<size_t>(rows));
   parallel_for(rows, threads, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      out.scales[static_cast<size_t>(r)] =
-          kr.routing_quantize(w + r * n, n, kRoutingWeightLevels, &out.codes[r * n]);
+      (*scales)[static_cast<size_t>(r)] =
+          kr.routing_quantize(w + r * n, n, kRoutingWeightLevels, &(*codes)[r * n]);
     }
   });
-  return out;
 }
 
 // m activation rows of n floats (row stride ld) as codes + 128, [m, n], and their scales.
@@ -604,6 +599,33 @@ class TokenDown {
   bool use_int8_ = false;
 };
 
+// The W_q part (keys = false) or the key tables' part (keys = true) of peer_prepare_router.
+PeerRouterWeights prepare_router(const PeerConfig& config, const PeerRouterParams& params,
+                                 RoutingPrecision precision, int threads, bool keys) {
+  PeerRouterWeights w;
+  w.precision = precision;
+  const int64_t D = config.dim, rows = config.query_rows();
+  const int64_t n = config.n_keys, dk = config.dim_key, key_tables = config.key_heads() * 2;
+  if (precision == RoutingPrecision::kInt8) {
+    if (keys) {
+      quantize_weight_rows(kernels(), params.keys, key_tables * n, dk, threads, &w.key_codes,
+                           &w.key_scales);
+    } else {
+      quantize_weight_rows(kernels(), params.query_weight, rows, D, threads, &w.query_codes,
+                           &w.query_scales);
+    }
+  } else if (precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
+    if (keys) {
+      for (int64_t table = 0; table < key_tables; ++table) {
+        w.key_panels.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
+      }
+    } else {
+      w.query_panels = pack_bf16_panels(params.query_weight, rows, D, D);
+    }
+  }
+  return w;
+}
+
 }  // namespace
 
 // ---- public entry points ---------------------------------------------------------------------
@@ -653,13 +675,31 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
   });
 }
 
+PeerRouterWeights peer_prepare_router(const PeerConfig& config, const PeerRouterParams& params,
+                                      RoutingPrecision precision, int threads) {
+  check_common(config, nullptr);
+  PeerRouterWeights w = prepare_router(config, params, precision, threads, /*keys=*/false);
+  PeerRouterWeights k = prepare_router(config, params, precision, threads, /*keys=*/true);
+  w.key_codes = std::move(k.key_codes);
+  w.key_scales = std::move(k.key_scales);
+  w.key_panels = std::move(k.key_panels);
+  return w;
+}
+
 void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
-                int64_t T, float* q, int threads, RoutingPrecision precision) {
+                int64_t T, float* q, int threads, RoutingPrecision precision,
+                const PeerRouterWeights* weights) {
   check_common(config, nullptr);
   const int64_t D = config.dim, rows = config.query_rows();
+  PeerRouterWeights made;
+  if (weights == nullptr && precision != RoutingPrecision::kF32) {
+    made = prepare_router(config, params, precision, threads, /*keys=*/false);
+    weights = &made;
+  }
+  TROVE_CHECK(weights == nullptr || weights->precision == precision);
   if (precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
     const int64_t pairs = bf16_pairs(D);
-    const std::vector<uint32_t> w = pack_bf16_panels(params.query_weight, rows, D, D);
+    const std::vector<uint32_t>& w = weights->query_panels;
     parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
       std::vector<uint32_t> a(static_cast<size_t>(kRouteBlock * pairs));
       for (int64_t b = begin; b < end; ++b) {
@@ -677,7 +717,6 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   }
   if (precision == RoutingPrecision::kInt8) {
     const PeerKernels& kr = kernels();
-    const Int8Rows w = quantize_weight_rows(kr, params.query_weight, rows, D, threads);
     parallel_for(query_blocks(T, kQueryBlock), threads, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> a;
       std::vector<float> scale_x;
@@ -689,9 +728,11 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
         scale_x.resize(static_cast<size_t>(m));
         acc.resize(static_cast<size_t>(m * rows));
         quantize_activation_rows(kr, xhat + t0 * D, m, D, D, a.data(), scale_x.data());
-        blas::gemm_nt_int8(m, rows, D, a.data(), D, w.codes.data(), D, acc.data(), rows);
+        blas::gemm_nt_int8(m, rows, D, a.data(), D, weights->query_codes.data(), D, acc.data(),
+                           rows);
         float* qb = q + t0 * rows;
-        kr.scale_products(acc.data(), m, rows, scale_x.data(), w.scales.data(), qb, rows);
+        kr.scale_products(acc.data(), m, rows, scale_x.data(), weights->query_scales.data(), qb,
+                          rows);
         if (params.query_bias == nullptr) continue;
         for (int64_t t = 0; t < m; ++t) {
           for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
@@ -735,8 +776,15 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
 }
 
 void peer_route(const PeerConfig& config, const PeerRouterParams& params, const float* q, int64_t T,
-                PeerRouting* routing, int threads, RoutingPrecision precision) {
+                PeerRouting* routing, int threads, RoutingPrecision precision,
+                const PeerRouterWeights* weights) {
   check_common(config, nullptr);
+  PeerRouterWeights made;
+  if (weights == nullptr && precision != RoutingPrecision::kF32) {
+    made = prepare_router(config, params, precision, threads, /*keys=*/true);
+    weights = &made;
+  }
+  TROVE_CHECK(weights == nullptr || weights->precision == precision);
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
@@ -745,17 +793,10 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   // kBf16: the key tables packed for the kernel, or (without it) q and the keys rounded.
   const bool bf16_kernel = precision == RoutingPrecision::kBf16 && bf16_kernel_available();
   const int64_t pairs = bf16_pairs(dk);
-  std::vector<std::vector<uint32_t>> packed_keys;
   std::vector<float> rounded_q, rounded_keys;
   const float* keys = params.keys;
   const bool int8 = precision == RoutingPrecision::kInt8;
-  Int8Rows int8_keys;
-  if (int8) int8_keys = quantize_weight_rows(kr, params.keys, key_tables * n, dk, threads);
-  if (bf16_kernel) {
-    for (int64_t table = 0; table < key_tables; ++table) {
-      packed_keys.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
-    }
-  } else if (precision == RoutingPrecision::kBf16) {
+  if (precision == RoutingPrecision::kBf16 && !bf16_kernel) {
     rounded_q = rounded_to_bf16(q, T * rows);
     rounded_keys = rounded_to_bf16(params.keys, key_tables * n * dk);
     q = rounded_q.data();
@@ -791,16 +832,17 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
           if (bf16_kernel) {  // the block's m rows
             pack_bf16_rows(qb + (head * 2 + half) * dk, m, dk, rows, q_pairs.data());
             avx512bf16::gemm_nt(m, n, pairs, q_pairs.data(), pairs,
-                                packed_keys[static_cast<size_t>(hk * 2 + half)].data(), s_half, n);
+                                weights->key_panels[static_cast<size_t>(hk * 2 + half)].data(),
+                                s_half, n);
             continue;
           }
           if (int8) {  // the block's m rows
             const int64_t table = hk * 2 + half;
             quantize_activation_rows(kr, qb + (head * 2 + half) * dk, m, dk, rows, q_codes.data(),
                                      q_scales.data());
-            blas::gemm_nt_int8(m, n, dk, q_codes.data(), dk, &int8_keys.codes[table * n * dk], dk,
-                               acc.data(), n);
-            kr.scale_products(acc.data(), m, n, q_scales.data(), &int8_keys.scales[table * n],
+            blas::gemm_nt_int8(m, n, dk, q_codes.data(), dk, &weights->key_codes[table * n * dk],
+                               dk, acc.data(), n);
+            kr.scale_products(acc.data(), m, n, q_scales.data(), &weights->key_scales[table * n],
                               s_half, n);
             continue;
           }

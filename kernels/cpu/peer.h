@@ -24,16 +24,35 @@ namespace trove {
 void peer_norm(const PeerConfig& config, const float* norm_weight, const float* x, int64_t T,
                float* xhat, int threads = 0);
 
+// The router's weights in the form a RoutingPrecision computes with, made once for as long as
+// they do not change (the CPU executor remakes them after a trainer's step): kInt8's per-row
+// codes and scales of W_q and of the key tables (kernels/peer.h's rule); kBf16's column panels
+// of both for the AVX512_BF16 kernel where it runs; nothing for kF32. Making them costs 0.3 ms
+// (int8) and 0.7 ms (bf16) for a 2048 x 512 W_q: most of a one-token call.
+struct PeerRouterWeights {
+  RoutingPrecision precision = RoutingPrecision::kF32;
+  std::vector<int8_t> query_codes, key_codes;     // kInt8: [h*2*dk, D], [hk*2*n, dk]
+  std::vector<float> query_scales, key_scales;    // kInt8: one per row of each
+  std::vector<uint32_t> query_panels;             // kBf16 kernel: W_q packed (peer.cc)
+  std::vector<std::vector<uint32_t>> key_panels;  // kBf16 kernel: each key table packed
+};
+PeerRouterWeights peer_prepare_router(const PeerConfig& config, const PeerRouterParams& params,
+                                      RoutingPrecision precision, int threads = 0);
+
 // `precision` (kernels/peer.h): kBf16 rounds the operands of the query projection and of the
 // sub-key scores to bf16 and sums the products in fp32, as peer_query_ref / peer_route_ref with
 // kBf16 do in double. Its results too are independent of the thread count and of the batch.
+// `weights`: peer_prepare_router's for these params and precision, or nullptr to make them in
+// the call; the same bits either way.
 void peer_query(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
                 int64_t T, float* q, int threads = 0,
-                RoutingPrecision precision = RoutingPrecision::kF32);
+                RoutingPrecision precision = RoutingPrecision::kF32,
+                const PeerRouterWeights* weights = nullptr);
 
 void peer_route(const PeerConfig& config, const PeerRouterParams& params, const float* q, int64_t T,
                 PeerRouting* routing, int threads = 0,
-                RoutingPrecision precision = RoutingPrecision::kF32);
+                RoutingPrecision precision = RoutingPrecision::kF32,
+                const PeerRouterWeights* weights = nullptr);
 
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y,

@@ -1,6 +1,7 @@
 #include "runtime/layer/cpu_executor.h"
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "base/check.h"
@@ -20,7 +21,7 @@ class CpuExecutor final : public PeerExecutor {
 
   std::string_view name() const override { return "cpu"; }
   Status check_batch(int64_t, const std::string&) const override { return Status::ok_status(); }
-  void params_changed() override {}
+  void params_changed() override { router_weights_.reset(); }
 
   Status route(const PeerDenseParams& params, const float* x, int64_t T,
                PeerRouting* routing) override {
@@ -29,8 +30,13 @@ class CpuExecutor final : public PeerExecutor {
     peer_norm(config_, p.norm_weight, x, T, xhat_.data(), threads_);
     if (routing == nullptr) return Status::ok_status();
     q_.resize(static_cast<size_t>(T * config_.query_rows()));
-    peer_query(config_, p, xhat_.data(), T, q_.data(), threads_, options_.routing_precision);
-    peer_route(config_, p, q_.data(), T, routing, threads_, options_.routing_precision);
+    const RoutingPrecision precision = options_.routing_precision;
+    if (precision != RoutingPrecision::kF32 && !router_weights_) {
+      router_weights_ = peer_prepare_router(config_, p, precision, threads_);
+    }
+    const PeerRouterWeights* weights = router_weights_ ? &*router_weights_ : nullptr;
+    peer_query(config_, p, xhat_.data(), T, q_.data(), threads_, precision, weights);
+    peer_route(config_, p, q_.data(), T, routing, threads_, precision, weights);
     return Status::ok_status();
   }
 
@@ -101,6 +107,9 @@ class CpuExecutor final : public PeerExecutor {
   std::vector<float> xhat_, q_;
   ExpertBatch batch_;
   PeerExpertProgress progress_;
+  // The router's weights prepared for options_.routing_precision (int8 codes, bf16 panels):
+  // made at the first route() after construction or params_changed().
+  std::optional<PeerRouterWeights> router_weights_;
   std::vector<uint32_t> landed_;
 };
 
