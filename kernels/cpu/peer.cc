@@ -5,7 +5,10 @@
 // Thread-count independence, step by step: every parallel loop is a base/thread_pool.h
 // parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
 //   norm, experts: chunks of tokens; each token's row by one thread.
-//   query, route: fixed blocks of tokens from the batch's first, one single-threaded BLAS call
+//   query, route: on the AVX-512 path the fp32 router products run on gemm_nt_panels
+//     (peer_avx512.cc), where each output is one fma chain over k in order: no bit depends on
+//     the block, the batch or the thread, and a short block is not padded. Elsewhere: fixed
+//     blocks of tokens from the batch's first, one single-threaded BLAS call
 //     per block (kernels/cpu/blas.h), so chunk boundaries change no bit. Route blocks are
 //     kRouteBlock (64) rows; the query runs 256-row blocks, then 64-row ones, where the BLAS
 //     rounds a row alike in both (kQueryBlock says why and how that is probed). A shorter last
@@ -219,6 +222,16 @@ bool peer_internal::portable_quantize_activations(const float* x, int64_t n, int
   return true;
 }
 
+std::vector<float> peer_internal::pack_f32_panels(const float* b, int64_t n, int64_t k,
+                                                  int64_t ldb) {
+  std::vector<float> out(static_cast<size_t>((n + 15) / 16 * k * 16), 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    float* panel = &out[static_cast<size_t>(j / 16 * k * 16 + j % 16)];
+    for (int64_t kk = 0; kk < k; ++kk) panel[kk * 16] = b[j * ldb + kk];
+  }
+  return out;
+}
+
 // C[i, j] = (float(acc[i, j]) * scale_a[i]) * scale_b[j], rounded once per operation.
 void peer_internal::portable_scale_products(const int32_t* acc, int64_t m, int64_t n,
                                             const float* scale_a, const float* scale_b, float* c,
@@ -245,6 +258,7 @@ constexpr PeerKernels kScalarKernels = {
     .int8_dot = scalar_int8_dot,
     .int8_dots = peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
     .quantize_activations = peer_internal::portable_quantize_activations,
+    .gemm_nt_panels = nullptr,
     .scale_products = peer_internal::portable_scale_products,
     .routing_quantize = scalar_routing_quantize,
 };
@@ -622,6 +636,15 @@ PeerRouterWeights prepare_router(const PeerConfig& config, const PeerRouterParam
     } else {
       w.query_panels = pack_bf16_panels(params.query_weight, rows, D, D);
     }
+  } else if (precision == RoutingPrecision::kF32 && kernels().gemm_nt_panels != nullptr) {
+    if (keys) {
+      for (int64_t table = 0; table < key_tables; ++table) {
+        w.key_panels_f32.push_back(
+            peer_internal::pack_f32_panels(params.keys + table * n * dk, n, dk, dk));
+      }
+    } else {
+      w.query_panels_f32 = peer_internal::pack_f32_panels(params.query_weight, rows, D, D);
+    }
   }
   return w;
 }
@@ -683,6 +706,7 @@ PeerRouterWeights peer_prepare_router(const PeerConfig& config, const PeerRouter
   w.key_codes = std::move(k.key_codes);
   w.key_scales = std::move(k.key_scales);
   w.key_panels = std::move(k.key_panels);
+  w.key_panels_f32 = std::move(k.key_panels_f32);
   return w;
 }
 
@@ -692,11 +716,27 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   check_common(config, nullptr);
   const int64_t D = config.dim, rows = config.query_rows();
   PeerRouterWeights made;
-  if (weights == nullptr && precision != RoutingPrecision::kF32) {
+  if (weights == nullptr) {
     made = prepare_router(config, params, precision, threads, /*keys=*/false);
     weights = &made;
   }
-  TROVE_CHECK(weights == nullptr || weights->precision == precision);
+  TROVE_CHECK(weights->precision == precision);
+  if (!weights->query_panels_f32.empty() && kernels().gemm_nt_panels != nullptr) {
+    // kF32 on the fixed-order GEMM: blocks of any size, no padding.
+    const PeerKernels& kr = kernels();
+    parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+        float* qb = q + t0 * rows;
+        kr.gemm_nt_panels(m, rows, D, xhat + t0 * D, D, weights->query_panels_f32.data(), qb, rows);
+        if (params.query_bias == nullptr) continue;
+        for (int64_t t = 0; t < m; ++t) {
+          for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
+        }
+      }
+    });
+    return;
+  }
   if (precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
     const int64_t pairs = bf16_pairs(D);
     const std::vector<uint32_t>& w = weights->query_panels;
@@ -780,11 +820,12 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
                 const PeerRouterWeights* weights) {
   check_common(config, nullptr);
   PeerRouterWeights made;
-  if (weights == nullptr && precision != RoutingPrecision::kF32) {
+  if (weights == nullptr) {
     made = prepare_router(config, params, precision, threads, /*keys=*/true);
     weights = &made;
   }
-  TROVE_CHECK(weights == nullptr || weights->precision == precision);
+  TROVE_CHECK(weights->precision == precision);
+  const bool f32_panels = !weights->key_panels_f32.empty() && kernels().gemm_nt_panels != nullptr;
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
@@ -819,7 +860,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
       const float* qb = q + t0 * rows;
       // The fp32 BLAS's rows: a short block padded as short_block_rows says.
       int64_t blas_rows = kRouteBlock;
-      if (m < kRouteBlock && !bf16_kernel && !int8) {
+      if (m < kRouteBlock && !bf16_kernel && !int8 && !f32_panels) {
         blas_rows = short_block_rows(m, dk, n, rows);
         pad_q.assign(static_cast<size_t>(blas_rows * rows), 0.0f);
         std::memcpy(pad_q.data(), qb, static_cast<size_t>(m * rows) * sizeof(float));
@@ -843,6 +884,12 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
             blas::gemm_nt_int8(m, n, dk, q_codes.data(), dk, &weights->key_codes[table * n * dk],
                                dk, acc.data(), n);
             kr.scale_products(acc.data(), m, n, q_scales.data(), &weights->key_scales[table * n],
+                              s_half, n);
+            continue;
+          }
+          if (f32_panels) {  // the block's m rows, each in a fixed order
+            kr.gemm_nt_panels(m, n, dk, qb + (head * 2 + half) * dk, rows,
+                              weights->key_panels_f32[static_cast<size_t>(hk * 2 + half)].data(),
                               s_half, n);
             continue;
           }

@@ -28,13 +28,18 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 // they do not change (the CPU executor remakes them after a trainer's step): kInt8's per-row
 // codes and scales of W_q and of the key tables (kernels/peer.h's rule); kBf16's column panels
 // of both for the AVX512_BF16 kernel where it runs; nothing for kF32. Making them costs 0.3 ms
-// (int8) and 0.7 ms (bf16) for a 2048 x 512 W_q: most of a one-token call.
+// (int8) and 0.7 ms (bf16) for a 2048 x 512 W_q: most of a one-token call. kF32 on the AVX-512
+// path: both packed for its fixed-order GEMM.
 struct PeerRouterWeights {
   RoutingPrecision precision = RoutingPrecision::kF32;
   std::vector<int8_t> query_codes, key_codes;     // kInt8: [h*2*dk, D], [hk*2*n, dk]
   std::vector<float> query_scales, key_scales;    // kInt8: one per row of each
   std::vector<uint32_t> query_panels;             // kBf16 kernel: W_q packed (peer.cc)
   std::vector<std::vector<uint32_t>> key_panels;  // kBf16 kernel: each key table packed
+  // kF32 where the CPU path has its fixed-order GEMM (AVX-512): W_q and each key table packed
+  // for it (kernels/cpu/peer_kernels.h's pack_f32_panels).
+  std::vector<float> query_panels_f32;
+  std::vector<std::vector<float>> key_panels_f32;
 };
 PeerRouterWeights peer_prepare_router(const PeerConfig& config, const PeerRouterParams& params,
                                       RoutingPrecision precision, int threads = 0);

@@ -408,6 +408,79 @@ bool quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* ha
   return true;
 }
 
+// gemm_nt_panels: tiles of R rows x P panels (16 columns each) over a block of kKBlock k-steps;
+// per step P panel loads, R broadcasts of A and R * P FMAs into accumulators held in registers.
+// Across k-blocks an element's chain continues from its value stored in C (fp32 in, fp32 out:
+// no rounding added), so each element is the fma chain over k in order from 0 whatever the tile.
+// 4 x 4 tiles over 256 k-steps ran a [64, 2048] x [2048, 512] block at 215 GFLOP/s on 2 threads of
+// the dev VM's Zen 4, where oneDNN's sgemm gave 133 (199 for 256-row blocks).
+constexpr int64_t kKBlock = 256;
+
+template <int R, int P>
+void panel_tile(const float* a, int64_t lda, const float* b, int64_t k, int64_t k0, int64_t k1,
+                float* c, int64_t ldc, int64_t cols) {
+  __m512 acc[R][P];
+  for (int p = 0; p < P; ++p) {
+    const __mmask16 m = half_mask(cols - 16 * p);
+    for (int r = 0; r < R; ++r) {
+      acc[r][p] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, c + r * ldc + 16 * p);
+    }
+  }
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    __m512 panel[P];
+    for (int p = 0; p < P; ++p) panel[p] = _mm512_loadu_ps(b + (p * k + kk) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + kk]);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(av, panel[p], acc[r][p]);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const __mmask16 m = half_mask(cols - 16 * p);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(c + r * ldc + 16 * p, m, acc[r][p]);
+  }
+}
+
+void gemm_nt_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* b_panels, float* c, int64_t ldc) {
+  constexpr int kRows = 4, kPanels = 4;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  const int64_t panels = (n + 15) / 16;
+  for (int64_t k0 = 0; k0 < k; k0 += kKBlock) {
+    const int64_t k1 = std::min(k, k0 + kKBlock);
+    int64_t p0 = 0;
+    for (; p0 < panels; p0 += kPanels) {
+      const int count = static_cast<int>(std::min<int64_t>(kPanels, panels - p0));
+      const float* b = b_panels + p0 * k * 16;
+      const int64_t cols = n - p0 * 16;
+      int64_t i = 0;
+      for (; i + kRows <= m; i += kRows) {
+        if (count == kPanels) {
+          panel_tile<kRows, kPanels>(a + i * lda, lda, b, k, k0, k1, c + i * ldc + p0 * 16, ldc,
+                                     cols);
+        } else {
+          for (int p = 0; p < count; ++p) {
+            panel_tile<kRows, 1>(a + i * lda, lda, b + p * k * 16, k, k0, k1,
+                                 c + i * ldc + (p0 + p) * 16, ldc, cols - 16 * p);
+          }
+        }
+      }
+      for (; i < m; ++i) {
+        if (count == kPanels) {
+          panel_tile<1, kPanels>(a + i * lda, lda, b, k, k0, k1, c + i * ldc + p0 * 16, ldc, cols);
+        } else {
+          for (int p = 0; p < count; ++p) {
+            panel_tile<1, 1>(a + i * lda, lda, b + p * k * 16, k, k0, k1,
+                             c + i * ldc + (p0 + p) * 16, ldc, cols - 16 * p);
+          }
+        }
+      }
+    }
+  }
+}
+
 // portable_scale_products 16 columns at a time (the same two roundings per element).
 void scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
                     const float* scale_b, float* c, int64_t ldc) {
@@ -438,6 +511,7 @@ const peer_internal::PeerKernels& peer_kernels() {
     k.int8_dots = int8_dots;
     k.quantize_activations = quantize_activations;
     k.scale_products = scale_products;
+    k.gemm_nt_panels = gemm_nt_panels;
     return k;
   }();
   return kKernels;

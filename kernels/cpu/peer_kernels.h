@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "base/dtype.h"
 
@@ -41,6 +42,10 @@ struct CodedRow {
   const uint8_t* scales = nullptr;
   const uint8_t* codes = nullptr;
 };
+
+// B [n, k] (row stride ldb) as gemm_nt_panels takes it: panels of 16 rows of B, each k x 16
+// floats (element [j][kk] at ((j / 16) * k + kk) * 16 + j % 16), rows past n zero.
+std::vector<float> pack_f32_panels(const float* b, int64_t n, int64_t k, int64_t ldb);
 
 // The most rows coded_dots and int8_dots take at once.
 constexpr int kDotRows = 4;
@@ -77,6 +82,12 @@ struct PeerKernels {
   // written, when x fails quant_check_range for int8 (non-finite or beyond quant_max_abs).
   bool (*quantize_activations)(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
                                float* scales, int32_t* int4_bias);
+  // RoutingPrecision::kF32's router products in a fixed order: C[m, n] (row stride ldc) =
+  // A[m, k] (row stride lda) B[n, k]^T with B packed by pack_f32_panels; each element is one
+  // fma chain over k = 0, 1, ... from 0, so no bit depends on m, on the row's place in A, on
+  // the blocking or on the thread. nullptr on paths without it: they use the BLAS.
+  void (*gemm_nt_panels)(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                         const float* b_panels, float* c, int64_t ldc);
   // RoutingPrecision::kInt8's products from the integer GEMM: c[i * ldc + j] =
   // (float(acc[i * n + j]) * scale_a[i]) * scale_b[j], each multiply rounded to fp32.
   void (*scale_products)(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,

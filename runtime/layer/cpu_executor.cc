@@ -31,7 +31,7 @@ class CpuExecutor final : public PeerExecutor {
     if (routing == nullptr) return Status::ok_status();
     q_.resize(static_cast<size_t>(T * config_.query_rows()));
     const RoutingPrecision precision = options_.routing_precision;
-    if (precision != RoutingPrecision::kF32 && !router_weights_) {
+    if (!router_weights_) {
       router_weights_ = peer_prepare_router(config_, p, precision, threads_);
     }
     const PeerRouterWeights* weights = router_weights_ ? &*router_weights_ : nullptr;
@@ -107,7 +107,8 @@ class CpuExecutor final : public PeerExecutor {
   std::vector<float> xhat_, q_;
   ExpertBatch batch_;
   PeerExpertProgress progress_;
-  // The router's weights prepared for options_.routing_precision (int8 codes, bf16 panels):
+  // The router's weights prepared for options_.routing_precision (int8 codes, bf16 or fp32
+  // panels):
   // made at the first route() after construction or params_changed().
   std::optional<PeerRouterWeights> router_weights_;
   std::vector<uint32_t> landed_;
