@@ -411,6 +411,15 @@ int64_t route_blocks(int64_t T) {
   return (T + kRouteBlock - 1) / kRouteBlock;
 }
 
+// Tokens per block where no bit depends on the block (the fixed-order fp32 GEMM, the bf16
+// kernel, exact int8 products): kRouteBlock, or fewer (a multiple of 4) so that a small batch
+// still gives every thread a block. (A 64-token batch ran on one of the two cores.)
+int64_t free_block_rows(int64_t T, int threads) {
+  const int64_t workers = resolve_thread_count(threads);
+  const int64_t per = (T + workers - 1) / workers;
+  return std::clamp<int64_t>((per + 3) / 4 * 4, 4, kRouteBlock);
+}
+
 // The query projection (K = D, the router's big GEMM) runs whole blocks of kQueryBlock tokens
 // first, then the rest in kRouteBlock blocks as above: oneDNN's single-threaded sgemm ran
 // [M, 2048] x [2048, 512] at 85-95 GFLOP/s for M = 64 and 150 for M = 256 on one core of the
@@ -724,9 +733,10 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   if (!weights->query_panels_f32.empty() && kernels().gemm_nt_panels != nullptr) {
     // kF32 on the fixed-order GEMM: blocks of any size, no padding.
     const PeerKernels& kr = kernels();
-    parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+    const int64_t block = free_block_rows(T, threads);
+    parallel_for((T + block - 1) / block, threads, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+        const int64_t t0 = b * block, m = std::min(block, T - t0);
         float* qb = q + t0 * rows;
         kr.gemm_nt_panels(m, rows, D, xhat + t0 * D, D, weights->query_panels_f32.data(), qb, rows);
         if (params.query_bias == nullptr) continue;
@@ -740,10 +750,11 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   if (precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
     const int64_t pairs = bf16_pairs(D);
     const std::vector<uint32_t>& w = weights->query_panels;
-    parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
-      std::vector<uint32_t> a(static_cast<size_t>(kRouteBlock * pairs));
+    const int64_t block = free_block_rows(T, threads);
+    parallel_for((T + block - 1) / block, threads, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> a(static_cast<size_t>(block * pairs));
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+        const int64_t t0 = b * block, m = std::min(block, T - t0);
         float* qb = q + t0 * rows;
         pack_bf16_rows(xhat + t0 * D, m, D, D, a.data());
         avx512bf16::gemm_nt(m, rows, pairs, a.data(), pairs, w.data(), qb, rows);
@@ -843,7 +854,11 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     q = rounded_q.data();
     keys = rounded_keys.data();
   }
-  parallel_for(route_blocks(T), threads, [&](int64_t begin, int64_t end) {
+  // Blocks of kRouteBlock tokens on oneDNN's fp32 sgemm (whose bits depend on the call's shape),
+  // of free_block_rows where no bit depends on the block.
+  const int64_t block =
+      bf16_kernel || int8 || f32_panels ? free_block_rows(T, threads) : kRouteBlock;
+  parallel_for((T + block - 1) / block, threads, [&](int64_t begin, int64_t end) {
     // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
     // the merge heap.
     std::vector<float> scores(static_cast<size_t>(2 * kRouteBlock * n));
@@ -856,7 +871,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     std::vector<float> q_scales(int8 ? static_cast<size_t>(kRouteBlock) : 0);
     std::vector<int32_t> acc(int8 ? static_cast<size_t>(kRouteBlock * n) : 0);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t t0 = b * kRouteBlock, m = std::min(kRouteBlock, T - t0);
+      const int64_t t0 = b * block, m = std::min(block, T - t0);
       const float* qb = q + t0 * rows;
       // The fp32 BLAS's rows: a short block padded as short_block_rows says.
       int64_t blas_rows = kRouteBlock;
