@@ -150,11 +150,17 @@ class PeerParityTest : public testing::CpuPathTest {};
 
 // ---- code-level dot and axpy -------------------------------------------------------------------
 
+// Row lengths 1..up_to, then `more`: every partial last group and odd group count, then sizes.
+std::vector<int64_t> lengths_up_to(int64_t up_to, std::initializer_list<int64_t> more) {
+  std::vector<int64_t> lengths;
+  for (int64_t n = 1; n <= up_to; ++n) lengths.push_back(n);
+  lengths.insert(lengths.end(), more);
+  return lengths;
+}
+
 TEST_P(PeerParityTest, RecordDotAndAxpyMatchTheDequantizedRowOnEveryLength) {
   std::mt19937 rng(7);
-  std::vector<int64_t> lengths;
-  for (int64_t n = 1; n <= 200; ++n) lengths.push_back(n);
-  lengths.push_back(2048);
+  const std::vector<int64_t> lengths = lengths_up_to(200, {2048});
   for (DType t : kAllDTypes) {
     for (int64_t n : lengths) {
       const RecordLayout l = layout_of(t, n, n);
@@ -900,9 +906,7 @@ std::vector<CpuPath> supported_paths() {
 TEST(PeerPathsTest, Int8DotGivesTheSameBitsOnEveryPathAndMatchesTheQuantizedOracle) {
   const std::vector<CpuPath> paths = supported_paths();
   std::mt19937 rng(19);
-  std::vector<int64_t> lengths;
-  for (int64_t n = 1; n <= 200; ++n) lengths.push_back(n);
-  lengths.push_back(2048);
+  const std::vector<int64_t> lengths = lengths_up_to(200, {2048});
   for (DType t : {DType::kI8, DType::kI4}) {
     for (int64_t n : lengths) {
       const RecordLayout l = layout_of(t, n, n);
@@ -944,10 +948,7 @@ TEST(PeerPathsTest, Int8DotGivesTheSameBitsOnEveryPathAndMatchesTheQuantizedOrac
 TEST(PeerPathsTest, DotsOfSeveralRowsGiveEachRowTheBitsOfItsDotAlone) {
   const std::vector<CpuPath> paths = supported_paths();
   std::mt19937 rng(29);
-  std::vector<int64_t> lengths;
-  for (int64_t n = 1; n <= 70; ++n) lengths.push_back(n);
-  lengths.push_back(2047);
-  lengths.push_back(2048);
+  const std::vector<int64_t> lengths = lengths_up_to(70, {2047, 2048});
   constexpr int64_t kRows = 9;
   for (CpuPath p : paths) {
     set_cpu_path(p);
@@ -991,10 +992,7 @@ TEST(PeerPathsTest, CodedAxpyGivesTheSameBitsOnEveryPathAndWritesNothingPastN) {
   const std::vector<CpuPath> paths = supported_paths();
   constexpr float kSentinel = 12345.0f;
   std::mt19937 rng(23);
-  std::vector<int64_t> lengths;
-  for (int64_t n = 1; n <= 100; ++n) lengths.push_back(n);
-  lengths.push_back(2048);
-  lengths.push_back(2047);
+  const std::vector<int64_t> lengths = lengths_up_to(100, {2048, 2047});
   for (DType t : {DType::kI4, DType::kI8, DType::kBF16, DType::kF16, DType::kF32}) {
     for (int64_t n : lengths) {
       const RecordLayout l = layout_of(t, n, n);
