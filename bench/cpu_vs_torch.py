@@ -89,13 +89,25 @@ def main():
     p.add_argument("--dtypes", default="f32,bf16,int4", help="trove record dtypes to run")
     p.add_argument("--build", default=os.path.join(os.path.dirname(__file__), "..", "build"))
     p.add_argument("--workdir", default=None,
-                   help="where the checkpoint and stores go (default: a temp dir)")
+                   help="where the checkpoint and stores go, kept (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write every figure here")
     a = p.parse_args()
+    if a.workdir:
+        os.makedirs(a.workdir, exist_ok=True)
+        result = run(a, a.workdir)
+    else:  # the checkpoint is 2-4 GB at the issue's configs: nothing is left behind
+        with tempfile.TemporaryDirectory(prefix="cpu_vs_torch-") as work:
+            result = run(a, work)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print_table(result)
+
+
+def run(a, work):
+    """Times both systems on the same weights and tokens in `work`; returns every figure."""
     trove = os.path.join(a.build, "trove")
     bench = os.path.join(a.build, "bench", "peer_cpu_bench")
-    work = a.workdir or tempfile.mkdtemp(prefix="cpu_vs_torch-")
-    os.makedirs(work, exist_ok=True)
 
     torch.manual_seed(1)
     layer = BackgroundPeer(a.dim, a.experts, a.heads, a.topk, a.dim_key)
@@ -132,11 +144,7 @@ def main():
         r["y_rel_fro_vs_torch_fp32"] = float((y - y_torch).norm() / y_torch.norm())
         result["trove"][dtype] = r
         os.remove(store)
-
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
-    print_table(result)
+    return result
 
 
 MODE_LABELS = {"float": "", "int8": " (int8 dot)", "bf16_routing": " (bf16 routing)",
