@@ -34,6 +34,7 @@ struct PeerRouterWeights {
   RoutingPrecision precision = RoutingPrecision::kF32;
   std::vector<int8_t> query_codes, key_codes;     // kInt8: [h*2*dk, D], [hk*2*n, dk]
   std::vector<float> query_scales, key_scales;    // kInt8: one per row of each
+  std::vector<int32_t> query_code_offsets;        // kInt8: 128 * each W_q row's code sum
   std::vector<uint32_t> query_panels;             // kBf16 kernel: W_q packed (peer.cc)
   std::vector<std::vector<uint32_t>> key_panels;  // kBf16 kernel: each key table packed
   // kF32 where the CPU path has its fixed-order GEMM (AVX-512): W_q and each key table packed

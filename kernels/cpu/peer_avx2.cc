@@ -341,6 +341,7 @@ const PeerKernels& peer_kernels() {
       .int8_dot = int8_dot,
       .int8_dots = peer_internal::int8_dots_one_by_one<int8_dot>,
       .quantize_activations = peer_internal::portable_quantize_activations,
+      .int8_products_few = nullptr,
       .gemm_nt_panels = nullptr,
       .scale_products = peer_internal::portable_scale_products,
       .routing_quantize = routing_quantize,

@@ -408,6 +408,35 @@ bool quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* ha
   return true;
 }
 
+// int8_products_few for R activation rows: per row of b, R accumulators of 64-byte vpdpbusd
+// (the last chunk under a byte mask, zeros adding nothing), each reduced to its sum.
+template <int R>
+void int8_few_rows(int64_t n, int64_t k, const uint8_t* a, int64_t lda, const int8_t* b,
+                   int64_t ldb, const int32_t* b_offsets, int32_t* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int8_t* bj = b + j * ldb;
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int64_t kk = 0; kk < k; kk += 64) {
+      const __mmask64 m = k - kk >= 64 ? ~__mmask64{0} : (__mmask64{1} << (k - kk)) - 1;
+      const __m512i bv = _mm512_maskz_loadu_epi8(m, bj + kk);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_maskz_loadu_epi8(m, a + r * lda + kk), bv);
+      }
+    }
+    for (int r = 0; r < R; ++r) c[r * ldc + j] = _mm512_reduce_add_epi32(acc[r]) - b_offsets[j];
+  }
+}
+
+void int8_products_few(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
+                       const int8_t* b, int64_t ldb, const int32_t* b_offsets, int32_t* c,
+                       int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4)
+    int8_few_rows<4>(n, k, a + i * lda, lda, b, ldb, b_offsets, c + i * ldc, ldc);
+  for (; i < m; ++i) int8_few_rows<1>(n, k, a + i * lda, lda, b, ldb, b_offsets, c + i * ldc, ldc);
+}
+
 // gemm_nt_panels: tiles of R rows x P panels (16 columns each) over a block of kKBlock k-steps;
 // per step P panel loads, R broadcasts of A and R * P FMAs into accumulators held in registers.
 // Across k-blocks an element's chain continues from its value stored in C (fp32 in, fp32 out:
@@ -512,6 +541,7 @@ const peer_internal::PeerKernels& peer_kernels() {
     k.quantize_activations = quantize_activations;
     k.scale_products = scale_products;
     k.gemm_nt_panels = gemm_nt_panels;
+    k.int8_products_few = int8_products_few;
     return k;
   }();
   return kKernels;

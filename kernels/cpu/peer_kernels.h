@@ -82,6 +82,13 @@ struct PeerKernels {
   // written, when x fails quant_check_range for int8 (non-finite or beyond quant_max_abs).
   bool (*quantize_activations)(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
                                float* scales, int32_t* int4_bias);
+  // RoutingPrecision::kInt8's integer products for a few activation rows (decoding), where
+  // oneDNN's u8s8s32 GEMM costs ~0.15 ms of setup: c[i * ldc + j] = sum_kk (a[i * lda + kk] -
+  // 128) * b[j * ldb + kk] for i < m, j < n, given b_offsets[j] = 128 * (sum of b's row j), exact
+  // (the bits of blas::gemm_nt_int8). nullptr on paths without it.
+  void (*int8_products_few)(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
+                            const int8_t* b, int64_t ldb, const int32_t* b_offsets, int32_t* c,
+                            int64_t ldc);
   // RoutingPrecision::kF32's router products in a fixed order: C[m, n] (row stride ldc) =
   // A[m, k] (row stride lda) B[n, k]^T with B packed by pack_f32_panels; each element is one
   // fma chain over k = 0, 1, ... from 0, so no bit depends on m, on the row's place in A, on
