@@ -601,15 +601,13 @@ class TokenDown {
   }
 
   float dot(const uint8_t* record) const {
-    const CodedRow down = down_row(layout_, record);
-    if (use_int8_) {
-      return kr_.int8_dot(layout_.dtype, down.scales, down.codes, layout_.dim,
-                          quantized_[0].view());
-    }
-    return kr_.coded_dot(layout_.dtype, down.scales, down.codes, layout_.dim, xhat_t_);
+    float z;
+    dots(&record, 1, &z);
+    return z;
   }
 
-  // dot() of records[0..count), count <= kDotRows, into out: the same bits, rows interleaved.
+  // dot() of records[0..count), count <= kDotRows, into out: each the bits of its dot alone (the
+  // kernels run the rows interleaved).
   void dots(const uint8_t* const* records, int count, float* out) const {
     CodedRow rows[peer_internal::kDotRows];
     for (int r = 0; r < count; ++r) rows[r] = down_row(layout_, records[r]);
@@ -628,46 +626,51 @@ class TokenDown {
   bool use_int8_ = false;
 };
 
-// The W_q part (keys = false) or the key tables' part (keys = true) of peer_prepare_router.
-PeerRouterWeights prepare_router(const PeerConfig& config, const PeerRouterParams& params,
-                                 RoutingPrecision precision, int threads, bool keys) {
-  PeerRouterWeights w;
-  w.precision = precision;
+// peer_prepare_router's W_q part, into *w (whose precision is set).
+void prepare_query_weights(const PeerConfig& config, const PeerRouterParams& params, int threads,
+                           PeerRouterWeights* w) {
   const int64_t D = config.dim, rows = config.query_rows();
+  if (w->precision == RoutingPrecision::kInt8) {
+    quantize_weight_rows(kernels(), params.query_weight, rows, D, threads, &w->query_codes,
+                         &w->query_scales);
+    w->query_code_offsets.assign(static_cast<size_t>(rows), 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t sum = 0;
+      for (int64_t j = 0; j < D; ++j) sum += w->query_codes[static_cast<size_t>(r * D + j)];
+      w->query_code_offsets[static_cast<size_t>(r)] = 128 * sum;
+    }
+  } else if (w->precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
+    w->query_panels = pack_bf16_panels(params.query_weight, rows, D, D);
+  } else if (w->precision == RoutingPrecision::kF32 && kernels().gemm_nt_panels != nullptr) {
+    w->query_panels_f32 = peer_internal::pack_f32_panels(params.query_weight, rows, D, D);
+  }
+}
+
+// peer_prepare_router's key-table part, into *w (whose precision is set).
+void prepare_key_weights(const PeerConfig& config, const PeerRouterParams& params, int threads,
+                         PeerRouterWeights* w) {
   const int64_t n = config.n_keys, dk = config.dim_key, key_tables = config.key_heads() * 2;
-  if (precision == RoutingPrecision::kInt8) {
-    if (keys) {
-      quantize_weight_rows(kernels(), params.keys, key_tables * n, dk, threads, &w.key_codes,
-                           &w.key_scales);
-    } else {
-      quantize_weight_rows(kernels(), params.query_weight, rows, D, threads, &w.query_codes,
-                           &w.query_scales);
-      w.query_code_offsets.assign(static_cast<size_t>(rows), 0);
-      for (int64_t r = 0; r < rows; ++r) {
-        int32_t sum = 0;
-        for (int64_t j = 0; j < D; ++j) sum += w.query_codes[static_cast<size_t>(r * D + j)];
-        w.query_code_offsets[static_cast<size_t>(r)] = 128 * sum;
-      }
+  if (w->precision == RoutingPrecision::kInt8) {
+    quantize_weight_rows(kernels(), params.keys, key_tables * n, dk, threads, &w->key_codes,
+                         &w->key_scales);
+  } else if (w->precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
+    for (int64_t table = 0; table < key_tables; ++table) {
+      w->key_panels.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
     }
-  } else if (precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
-    if (keys) {
-      for (int64_t table = 0; table < key_tables; ++table) {
-        w.key_panels.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
-      }
-    } else {
-      w.query_panels = pack_bf16_panels(params.query_weight, rows, D, D);
-    }
-  } else if (precision == RoutingPrecision::kF32 && kernels().gemm_nt_panels != nullptr) {
-    if (keys) {
-      for (int64_t table = 0; table < key_tables; ++table) {
-        w.key_panels_f32.push_back(
-            peer_internal::pack_f32_panels(params.keys + table * n * dk, n, dk, dk));
-      }
-    } else {
-      w.query_panels_f32 = peer_internal::pack_f32_panels(params.query_weight, rows, D, D);
+  } else if (w->precision == RoutingPrecision::kF32 && kernels().gemm_nt_panels != nullptr) {
+    for (int64_t table = 0; table < key_tables; ++table) {
+      w->key_panels_f32.push_back(
+          peer_internal::pack_f32_panels(params.keys + table * n * dk, n, dk, dk));
     }
   }
-  return w;
+}
+
+// q[t][r] += b_q[r] for the m rows of a block (no-op without a bias).
+void add_query_bias(const float* bias, int64_t m, int64_t rows, float* qb) {
+  if (bias == nullptr) return;
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += bias[r];
+  }
 }
 
 }  // namespace
@@ -722,12 +725,10 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 PeerRouterWeights peer_prepare_router(const PeerConfig& config, const PeerRouterParams& params,
                                       RoutingPrecision precision, int threads) {
   check_common(config, nullptr);
-  PeerRouterWeights w = prepare_router(config, params, precision, threads, /*keys=*/false);
-  PeerRouterWeights k = prepare_router(config, params, precision, threads, /*keys=*/true);
-  w.key_codes = std::move(k.key_codes);
-  w.key_scales = std::move(k.key_scales);
-  w.key_panels = std::move(k.key_panels);
-  w.key_panels_f32 = std::move(k.key_panels_f32);
+  PeerRouterWeights w;
+  w.precision = precision;
+  prepare_query_weights(config, params, threads, &w);
+  prepare_key_weights(config, params, threads, &w);
   return w;
 }
 
@@ -738,7 +739,8 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
   const int64_t D = config.dim, rows = config.query_rows();
   PeerRouterWeights made;
   if (weights == nullptr) {
-    made = prepare_router(config, params, precision, threads, /*keys=*/false);
+    made.precision = precision;
+    prepare_query_weights(config, params, threads, &made);
     weights = &made;
   }
   TROVE_CHECK(weights->precision == precision);
@@ -751,10 +753,7 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
         const int64_t t0 = b * block, m = std::min(block, T - t0);
         float* qb = q + t0 * rows;
         kr.gemm_nt_panels(m, rows, D, xhat + t0 * D, D, weights->query_panels_f32.data(), qb, rows);
-        if (params.query_bias == nullptr) continue;
-        for (int64_t t = 0; t < m; ++t) {
-          for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
-        }
+        add_query_bias(params.query_bias, m, rows, qb);
       }
     });
     return;
@@ -770,10 +769,7 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
         float* qb = q + t0 * rows;
         pack_bf16_rows(xhat + t0 * D, m, D, D, a.data());
         avx512bf16::gemm_nt(m, rows, pairs, a.data(), pairs, w.data(), qb, rows);
-        if (params.query_bias == nullptr) continue;
-        for (int64_t t = 0; t < m; ++t) {
-          for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
-        }
+        add_query_bias(params.query_bias, m, rows, qb);
       }
     });
     return;
@@ -805,10 +801,7 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
         float* qb = q + t0 * rows;
         kr.scale_products(acc.data(), m, rows, scale_x.data(), weights->query_scales.data(), qb,
                           rows);
-        if (params.query_bias == nullptr) continue;
-        for (int64_t t = 0; t < m; ++t) {
-          for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
-        }
+        add_query_bias(params.query_bias, m, rows, qb);
       }
     });
     return;
@@ -839,10 +832,7 @@ void peer_query(const PeerConfig& config, const PeerRouterParams& params, const 
         blas::gemm_nt(padded, rows, D, pad_x.data(), D, query_weight, D, pad_q.data(), rows);
         std::memcpy(qb, pad_q.data(), static_cast<size_t>(m * rows) * sizeof(float));
       }
-      if (params.query_bias == nullptr) continue;
-      for (int64_t t = 0; t < m; ++t) {
-        for (int64_t r = 0; r < rows; ++r) qb[t * rows + r] += params.query_bias[r];
-      }
+      add_query_bias(params.query_bias, m, rows, qb);
     }
   });
 }
@@ -853,7 +843,8 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   check_common(config, nullptr);
   PeerRouterWeights made;
   if (weights == nullptr) {
-    made = prepare_router(config, params, precision, threads, /*keys=*/true);
+    made.precision = precision;
+    prepare_key_weights(config, params, threads, &made);
     weights = &made;
   }
   TROVE_CHECK(weights->precision == precision);
