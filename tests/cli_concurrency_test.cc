@@ -134,9 +134,17 @@ TEST(CliConcurrency, ForwardDuringInPlaceCheckpointsReadsOneWholeGenerationEachR
     }
   });
 
-  // Forward runs, alternating the resident path and the host tier, until the trainer is done.
+  // Forward runs, alternating the resident path and the host tier, while the trainer runs; then
+  // more against the last generation (snapshotted as soon as the trainer is seen to end) until
+  // four runs have a snapshot to compare with, however few of the generations between the poll
+  // caught on a loaded machine.
   std::vector<ForwardRun> runs;
-  for (int i = 0; !trainer_done || runs.size() < 4; ++i) {
+  auto comparable = [&] {
+    int n = 0;
+    for (const ForwardRun& f : runs) n += snapshots.count(f.id) != 0;
+    return n;
+  };
+  for (int i = 0; !trainer_done || comparable() < 4; ++i) {
     ForwardRun f;
     const std::string y = dir.file("y" + std::to_string(i) + ".safetensors");
     f.args = {"forward", store, "--layer",   "p", "--input", dir.file("x.safetensors"), "-o", y,
@@ -157,11 +165,11 @@ TEST(CliConcurrency, ForwardDuringInPlaceCheckpointsReadsOneWholeGenerationEachR
       trainer_done = true;
       EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
           << "the trainer failed: " << slurp(dir.file("train.err"));
+      snapshotter.join();
+      snapshot();
     }
     ASSERT_LT(i, 2000) << "the trainer did not finish";
   }
-  snapshotter.join();
-  snapshot();
   const std::string train_err = slurp(dir.file("train.err"));
   EXPECT_EQ(train_err.find("Corruption"), std::string::npos) << train_err;
 
