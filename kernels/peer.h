@@ -78,6 +78,16 @@ enum class ExpertDot {
   // activations' quantization error (bench/peer_cpu_bench reports it on y), far beyond the fp32
   // tolerances, hence a mode. Every CPU path gives the same bits. Float records, and tokens
   // whose xhat the int8 quantizer cannot take (non-finite, |x| > quant_max_abs(kI8)), use kFloat.
+  //
+  // The up rows are summed in integers too. For a token's slots r with a gated activation
+  // ga_r != 0 and each group g of the up rows: c_rg = ga_r * w_rg (w the group's fp16 scale,
+  // fp32 product), a_g = max_r |c_rg|, inv_g = 32767 / a_g, d_g = a_g / 32767 (fp32); the
+  // coefficient codes k_rg = clamp(rint(c_rg * inv_g), -32767, 32767) (0 for the whole group
+  // when a_g is 0 or inv_g is not finite); then y[32g + i] = float(sum_r k_rg * q_rgi) * d_g with
+  // q the records' signed codes and the sum exact in 32 bits. Each coefficient moves by at most
+  // half a code, 1.5e-5 of its group's largest: far below the dot's quantization error. A token
+  // with more than 512 such slots (where the sum could overflow) or with a non-finite c_rg takes
+  // the float axpys.
   kInt8,
 };
 

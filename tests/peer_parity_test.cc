@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "base/check.h"
+#include "base/half.h"
 #include "kernels/cpu/peer.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/ref/peer_ref.h"
@@ -348,9 +349,115 @@ std::vector<float> experts_y(const PeerLayer& l, const RefForward& ref, const fl
   return y;
 }
 
+// ---- ExpertDot::kInt8's integer up rows --------------------------------------------------------
+
+// Signed code i of an int8/int4 row (kernels/record.h's packing).
+int row_code(DType t, const uint8_t* codes, int64_t i) {
+  const int64_t g = i / kQuantGroup, j = i % kQuantGroup;
+  if (t == DType::kI8) return static_cast<int8_t>(codes[sz(i)]);
+  const uint8_t b = codes[sz(g * kQuantGroup / 2 + j % (kQuantGroup / 2))];
+  return (j < kQuantGroup / 2 ? b & 0x0f : b >> 4) - 8;
+}
+
+// The rule of kernels/peer.h, written out plainly: per group, the coefficients ga * w (fp32), their
+// largest magnitude, codes rounded at 32767 levels, one exact integer sum per element, times d.
+// Also the bound on |y - the exact sum| that the coefficients' rounding allows (half a code each).
+struct UpRule {
+  std::vector<float> y;
+  std::vector<double> bound;
+};
+UpRule int_up_rule(const RecordLayout& l, const std::vector<const uint8_t*>& records,
+                   const std::vector<float>& ga) {
+  const int64_t n = l.dim_out;
+  UpRule out{std::vector<float>(sz(n)), std::vector<double>(sz(n))};
+  for (int64_t g = 0; g < quant_groups(n); ++g) {
+    std::vector<float> c;
+    std::vector<const uint8_t*> rows;
+    float amax = 0.0f;
+    for (size_t r = 0; r < records.size(); ++r) {
+      if (ga[r] == 0.0f) continue;
+      uint16_t h;
+      std::memcpy(&h, records[r] + l.up_scales_offset + 2 * g, 2);
+      c.push_back(ga[r] * fp16_to_fp32(h));
+      rows.push_back(records[r] + l.up_codes_offset);
+      amax = std::max(amax, std::fabs(c.back()));
+    }
+    float inv = 32767.0f / amax;
+    if (amax == 0.0f || !std::isfinite(inv)) inv = 0.0f;
+    const float d = amax / 32767.0f;
+    for (int64_t i = g * kQuantGroup; i < std::min(n, (g + 1) * kQuantGroup); ++i) {
+      int64_t acc = 0;
+      for (size_t r = 0; r < c.size(); ++r) {
+        const float k = std::min(std::max(std::rint(c[r] * inv), -32767.0f), 32767.0f);
+        acc += static_cast<int64_t>(k) * row_code(l.dtype, rows[r], i);
+        out.bound[sz(i)] +=
+            (inv == 0.0f ? std::fabs(c[r]) : 0.5 * d) * std::abs(row_code(l.dtype, rows[r], i));
+      }
+      out.y[sz(i)] = static_cast<float>(acc) * d;
+    }
+  }
+  return out;
+}
+
+// Per element of y, how far ExpertDot::kInt8's integer up rows may move it from the oracle's sum
+// (int_up_rule's bound), each slot's gated activation taken from the oracle's dot on the
+// quantized activations xq.
+std::vector<double> int_up_bounds(const PeerLayer& l, const PeerRouting& routing,
+                                  const std::vector<float>& xq) {
+  const PeerConfig& c = l.config;
+  const RecordLayout& lay = l.layout;
+  const int64_t per_token = routing.heads * routing.topk, groups = quant_groups(c.dim_out);
+  std::vector<double> bound(sz(l.tokens * c.dim_out), 0.0);
+  const std::vector<const uint8_t*> records = l.slot_records(routing);
+  std::vector<float> down(sz(c.dim)), up(sz(c.dim_out));
+  for (int64_t t = 0; t < l.tokens; ++t) {
+    std::vector<double> ga(sz(per_token)), amax(sz(groups), 0.0);
+    for (int64_t s = 0; s < per_token; ++s) {
+      const uint8_t* r = records[sz(t * per_token + s)];
+      unpack_record_ref(lay, r, down.data(), up.data());
+      double z = 0;
+      for (int64_t i = 0; i < c.dim; ++i)
+        z += static_cast<double>(down[sz(i)]) * xq[sz(t * c.dim + i)];
+      ga[sz(s)] = routing.gates[sz(t * per_token + s)] * activation_ref(c.activation, z);
+      for (int64_t g = 0; g < groups; ++g) {
+        uint16_t h;
+        std::memcpy(&h, r + lay.up_scales_offset + 2 * g, 2);
+        amax[sz(g)] = std::max(amax[sz(g)], std::fabs(ga[sz(s)] * fp16_to_fp32(h)));
+      }
+    }
+    for (int64_t s = 0; s < per_token; ++s) {
+      const uint8_t* codes = records[sz(t * per_token + s)] + lay.up_codes_offset;
+      for (int64_t i = 0; i < c.dim_out; ++i) {
+        const double d = amax[sz(i / kQuantGroup)] / 32767.0;
+        bound[sz(t * c.dim_out + i)] += 0.505 * d * std::abs(row_code(lay.dtype, codes, i));
+      }
+    }
+  }
+  return bound;
+}
+
+// expect_close's forward tolerances plus the integer up rows' bound.
+void expect_close_within(const std::vector<float>& got, const std::vector<float>& want,
+                         const std::vector<double>& bound, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 0;
+  for (float w : want) scale = std::max(scale, std::abs(static_cast<double>(w)));
+  size_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+    const double tol = kForwardAbs * scale + kForwardRel * std::abs(want[i]) + bound[i];
+    if (!(err <= tol) && bad++ == 0) {
+      ADD_FAILURE() << what << ": element " << i << " got " << got[i] << " want " << want[i]
+                    << " (tolerance " << tol << ", of it the integer up rows' " << bound[i] << ")";
+    }
+  }
+  EXPECT_EQ(bad, 0u) << what;
+}
+
 // The integer dot is exact per lane of 4 products and the oracle's dot on the dequantized
-// activations is exact in double, so the two differ by the fp32 sums alone: the forward
-// tolerances hold, at the sweep's odd widths (partial last groups) and every activation.
+// activations is exact in double, so the two differ by the fp32 sums and by the up rows'
+// coefficients rounded to 32767 levels (int_up_bounds): those hold at the sweep's odd widths
+// (partial last groups) and every activation.
 TEST_P(PeerParityTest, Int8ActivationsMatchTheOracleOnTheQuantizedActivations) {
   const int64_t token_counts[] = {1, 7, 40, 7, 128};
   const int64_t dims[][2] = {{37, 37}, {100, 45}, {200, 200}, {45, 100}};
@@ -368,8 +475,8 @@ TEST_P(PeerParityTest, Int8ActivationsMatchTheOracleOnTheQuantizedActivations) {
     std::vector<float> want(sz(l.tokens * l.config.dim_out));
     const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
     peer_experts_ref(l.config, l.layout, xq.data(), ref.routing, records.data(), want.data());
-    expect_close(experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8), want, kForwardAbs,
-                 kForwardRel, "y (int8 activations)");
+    expect_close_within(experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8), want,
+                        int_up_bounds(l, ref.routing, xq), "y (int8 activations)");
     ++checked;
   });
   EXPECT_GT(checked, 10);
@@ -381,14 +488,16 @@ TEST_P(PeerParityTest, Int8ActivationsMatchTheOracleOnTheQuantizedActivations) {
     std::vector<float> want(sz(l.tokens * l.config.dim_out));
     const std::vector<const uint8_t*> records = l.slot_records(ref.routing);
     peer_experts_ref(l.config, l.layout, xq.data(), ref.routing, records.data(), want.data());
-    expect_close(experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8), want, kForwardAbs,
-                 kForwardRel, "D = 2048 " + std::string(dtype_name(t)));
+    expect_close_within(experts_y(l, ref, ref.xhat.data(), ExpertDot::kInt8), want,
+                        int_up_bounds(l, ref.routing, xq),
+                        "D = 2048 " + std::string(dtype_name(t)));
   }
 }
 
 // Float records have no integer codes, and a token whose xhat the int8 quantizer cannot take
 // (beyond quant_max_abs(kI8), here 1e30; NaN; -inf) falls back to the float dot: the same bits
-// as kFloat. The bad values sit in a first, a middle and a last, partial vector of the row.
+// as kFloat's dots, then the up rows by the integer rule (or kFloat's axpys, for NaN). The bad
+// values sit in a first, a middle and a last, partial vector of the row.
 TEST_P(PeerParityTest, Int8ActivationsFallBackToTheFloatDotWhereTheyCannotApply) {
   PeerConfig c = make_config(70, 50, 2, 9, 6, 4, 3);
   for (DType t : kAllDTypes) {
@@ -408,9 +517,26 @@ TEST_P(PeerParityTest, Int8ActivationsFallBackToTheFloatDotWhereTheyCannotApply)
     const auto row = [&](const std::vector<float>& y, int64_t token) {
       return std::vector<float>(y.begin() + token * c.dim_out, y.begin() + (token + 1) * c.dim_out);
     };
-    expect_bits_equal(row(int8, 5), row(exact, 5), "token 5, out of the int8 range");
-    expect_bits_equal(row(int8, 7), row(exact, 7), "token 7, NaN in the last vector");
-    expect_bits_equal(row(int8, 9), row(exact, 9), "token 9, -inf");
+    // The float dot's gated activations, then the up rows by the integer rule where it takes
+    // them (the float axpys where a coefficient is not finite: token 7's NaN).
+    const int64_t per_token = c.heads * c.topk;
+    const std::vector<const uint8_t*> all = l.slot_records(ref.routing);
+    const auto float_dot_row = [&](int64_t token) {
+      std::vector<float> ga(sz(per_token)), y(sz(c.dim_out));
+      const uint8_t* const* records = &all[sz(token * per_token)];
+      for (int64_t s = 0; s < per_token; ++s) {
+        const float z = record_down_dot(l.layout, records[s], &ref.xhat[sz(token * c.dim)]);
+        ga[sz(s)] = static_cast<float>(ref.routing.gates[sz(token * per_token + s)] *
+                                       activation_ref(c.activation, z));
+      }
+      if (!record_up_int(l.layout, records, ga.data(), per_token, y.data()))
+        return row(exact, token);
+      return y;
+    };
+    expect_bits_equal(row(int8, 5), float_dot_row(5), "token 5, out of the int8 range");
+    expect_bits_equal(row(int8, 7), float_dot_row(7), "token 7, NaN in the last vector");
+    expect_bits_equal(row(int8, 7), row(exact, 7), "token 7, NaN: the float axpys too");
+    expect_bits_equal(row(int8, 9), float_dot_row(9), "token 9, -inf");
     EXPECT_NE(row(int8, 4), row(exact, 4)) << "token 4 should take the int8 dot";
   }
 }
@@ -869,6 +995,16 @@ TEST_P(PeerParityTest, PartialExpertsMatchTheOracleOnTheChosenSlotsAndTheSplitSt
         if (p == 1.0) {
           expect_bits_equal(part, whole, "every slot chosen");
         }
+        if (dtype_is_quantized(t)) {
+          // ExpertDot::kInt8 sums the chosen slots' up rows as a token's whole set: the bits of
+          // peer_experts with the other slots' gates zero (their gated activations skipped).
+          std::vector<float> part8(out, std::nanf("")), want8(out);
+          peer_experts_partial(l.config, l.layout, ref.xhat.data(), ref.routing, cpu_records.data(),
+                               selected.data(), part8.data(), kThreads, ExpertDot::kInt8);
+          peer_experts(l.config, l.layout, ref.xhat.data(), cpu_only, all.data(), want8.data(),
+                       kThreads, ExpertDot::kInt8);
+          expect_bits_equal(part8, want8, "int8: the chosen part");
+        }
         // The device's part (the kernels skip zero gates alike) plus the CPU's.
         std::vector<float> rest(out);
         peer_experts(l.config, l.layout, ref.xhat.data(), device_only, all.data(), rest.data(),
@@ -1042,6 +1178,121 @@ TEST(PeerPathsTest, CodedAxpyGivesTheSameBitsOnEveryPathAndWritesNothingPastN) {
       }
     }
   }
+}
+
+// Every path sums a token's up rows to the rule's bits, writes nothing past n, and lands within
+// the rule's bound of the exact sum: row lengths with every partial last group and odd group
+// counts (the avx512 int4 kernel takes two groups at once), odd and even slot counts, zero gated
+// activations among them, coefficients spanning 2^-20..2^10.
+TEST(PeerPathsTest, IntegerUpRowsFollowTheRuleBitForBitOnEveryPath) {
+  constexpr float kSentinel = 12345.0f;
+  std::mt19937 rng(29);
+  std::uniform_real_distribution<float> exponent(-20.0f, 10.0f);
+  int checked = 0;
+  for (DType t : {DType::kI4, DType::kI8}) {
+    for (int64_t n : lengths_up_to(70, {96, 127, 1000, 2048})) {
+      for (int count : {1, 2, 3, 8, 32, 33}) {
+        const RecordLayout l = layout_of(t, 4, n);
+        std::vector<std::vector<uint8_t>> store(sz(count), std::vector<uint8_t>(l.stride));
+        std::vector<const uint8_t*> records;
+        std::vector<float> ga(sz(count));
+        const std::vector<float> down(4, 0.5f);
+        for (int r = 0; r < count; ++r) {
+          const std::vector<float> up = normal_values(sz(n), 1.0, &rng);
+          pack_record_ref(l, down.data(), up.data(), store[sz(r)].data());
+          records.push_back(store[sz(r)].data());
+          ga[sz(r)] = r % 5 == 3 ? 0.0f : normal_values(1, 1.0, &rng)[0] * std::exp2(exponent(rng));
+        }
+        const UpRule want = int_up_rule(l, records, ga);
+        // The exact sum, in double on the dequantized rows.
+        std::vector<double> exact(sz(n), 0.0);
+        std::vector<float> down_f(4), up_f(sz(n));
+        for (int r = 0; r < count; ++r) {
+          unpack_record_ref(l, records[sz(r)], down_f.data(), up_f.data());
+          for (int64_t i = 0; i < n; ++i)
+            exact[sz(i)] += static_cast<double>(ga[sz(r)]) * up_f[sz(i)];
+        }
+        const std::string what = std::string(dtype_name(t)) + " n " + std::to_string(n) +
+                                 " slots " + std::to_string(count);
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_NEAR(want.y[sz(i)], exact[sz(i)],
+                      want.bound[sz(i)] * 1.001 + 1e-6 * std::fabs(exact[sz(i)]) + 1e-37)
+              << what << " element " << i;
+        }
+        for (CpuPath p : supported_paths()) {
+          set_cpu_path(p);
+          std::vector<float> y(sz(n) + 1 + kQuantGroup, kSentinel);
+          ASSERT_TRUE(record_up_int(l, records.data(), ga.data(), count, y.data() + 1)) << what;
+          EXPECT_EQ(y[0], kSentinel) << what;
+          for (size_t i = sz(1 + n); i < y.size(); ++i) {
+            ASSERT_EQ(y[i], kSentinel) << what << " wrote past n on " << cpu_path_name(p);
+          }
+          EXPECT_EQ(std::memcmp(y.data() + 1, want.y.data(), sz(n) * sizeof(float)), 0)
+              << what << " on " << cpu_path_name(p);
+          ++checked;
+        }
+        set_cpu_path(CpuPath::kAuto);
+      }
+    }
+  }
+  EXPECT_GT(checked, 500);
+}
+
+// The rule's edges on every path: a group too small to scale (inv overflows) sums to zero, all
+// gated activations zero give a zero row, and a non-finite coefficient (ga inf or NaN, or
+// ga * w overflowing), more than 512 nonzero slots, or float records leave y alone and answer
+// false (the caller takes the float axpys).
+TEST(PeerPathsTest, IntegerUpRowsTakeTheRulesEdgeCases) {
+  std::mt19937 rng(31);
+  for (CpuPath p : supported_paths()) {
+    set_cpu_path(p);
+    for (DType t : {DType::kI4, DType::kI8}) {
+      const std::string what = std::string(dtype_name(t)) + " on " + cpu_path_name(p);
+      const int64_t n = 45;
+      const RecordLayout l = layout_of(t, 4, n);
+      std::vector<std::vector<uint8_t>> store(3, std::vector<uint8_t>(l.stride));
+      std::vector<const uint8_t*> records;
+      const std::vector<float> down(4, 0.5f);
+      for (auto& r : store) {
+        const std::vector<float> up = normal_values(sz(n), 1.0, &rng);
+        pack_record_ref(l, down.data(), up.data(), r.data());
+        records.push_back(r.data());
+      }
+      std::vector<float> y(sz(n), -1.0f);
+      const std::vector<float> tiny = {1e-36f, -2e-37f, 0.0f};
+      ASSERT_TRUE(record_up_int(l, records.data(), tiny.data(), 3, y.data())) << what;
+      EXPECT_EQ(y, int_up_rule(l, records, tiny).y) << what;
+      EXPECT_EQ(y, std::vector<float>(sz(n), 0.0f)) << what << ": tiny coefficients";
+      std::fill(y.begin(), y.end(), -1.0f);
+      const std::vector<float> zeros(3, 0.0f);
+      ASSERT_TRUE(record_up_int(l, records.data(), zeros.data(), 3, y.data())) << what;
+      EXPECT_EQ(y, std::vector<float>(sz(n), 0.0f)) << what << ": zero gated activations";
+      for (float bad : {std::numeric_limits<float>::infinity(), std::nanf(""), 1e34f}) {
+        // 1e34 times the largest fp16 scale (65504, in record 1's last group) overflows.
+        std::vector<uint8_t> big = store[1];
+        const uint16_t largest = 0x7bff;
+        std::memcpy(big.data() + l.up_scales_offset + 2 * (quant_groups(n) - 1), &largest, 2);
+        const std::vector<const uint8_t*> rows = {records[0], big.data(), records[2]};
+        std::fill(y.begin(), y.end(), -1.0f);
+        const std::vector<float> ga = {0.5f, bad, 1.0f};
+        EXPECT_FALSE(record_up_int(l, rows.data(), ga.data(), 3, y.data())) << what << " " << bad;
+        EXPECT_EQ(y, std::vector<float>(sz(n), -1.0f)) << what << " " << bad;
+      }
+      std::vector<const uint8_t*> many(513, records[0]);
+      std::vector<float> ga(513, 0.25f);
+      EXPECT_FALSE(record_up_int(l, many.data(), ga.data(), 513, y.data())) << what;
+      ga[7] = 0.0f;  // 512 nonzero: taken
+      EXPECT_TRUE(record_up_int(l, many.data(), ga.data(), 513, y.data())) << what;
+      EXPECT_EQ(y, int_up_rule(l, many, ga).y) << what << ": 512 slots";
+    }
+    const RecordLayout f = layout_of(DType::kBF16, 4, 45);
+    std::vector<uint8_t> record(f.stride, 0);
+    const uint8_t* r = record.data();
+    const float one = 1.0f;
+    std::vector<float> y(45, -1.0f);
+    EXPECT_FALSE(record_up_int(f, &r, &one, 1, y.data())) << "bf16 records";
+  }
+  set_cpu_path(CpuPath::kAuto);
 }
 
 // Sub-scores with many exact ties (small integers): every path's top-k' picks the same indices.

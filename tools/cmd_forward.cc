@@ -228,7 +228,8 @@ void add_forward(CLI::App& app, GlobalOptions& global) {
   cmd->add_option("--expert-dot", args->expert_dot,
                   "With --backend cpu on int8/int4 records: the down-row dot products on the\n"
                   "float activations (float), or on activations quantized per 32-group to int8\n"
-                  "(int8: integer dot products, VNNI where the CPU has it; error ~1e-2 relative)")
+                  "(int8: integer dot products, VNNI where the CPU has it, and the up rows summed\n"
+                  "in integers with 16-bit coefficients; error ~1e-2 relative)")
       ->check(CLI::IsMember({"float", "int8"}))
       ->capture_default_str();
   cmd->add_option("--device", args->device,

@@ -222,6 +222,66 @@ bool peer_internal::portable_quantize_activations(const float* x, int64_t n, int
   return true;
 }
 
+bool peer_internal::portable_up_coefficients(const CodedRow* rows, const float* ga, int count,
+                                             int64_t n, float* work, int32_t* pairs, int32_t* bias,
+                                             float* scales) {
+  const int64_t groups = quant_groups(n), stride = up_stride(groups);
+  float* amax = scales;  // d_g replaces a_g at the end
+  float* inv = work + count * stride;
+  std::fill(amax, amax + stride, 0.0f);
+  for (int r = 0; r < count; ++r) {
+    float* c = work + r * stride;
+    for (int64_t g = 0; g < stride; ++g) {
+      c[g] = g < groups ? ga[r] * scalar_scale(rows[r].scales, g) : 0.0f;
+      if (!std::isfinite(c[g])) return false;
+      amax[g] = std::max(amax[g], std::fabs(c[g]));
+    }
+  }
+  const float levels = static_cast<float>(kUpLevels);
+  for (int64_t g = 0; g < stride; ++g) {
+    inv[g] = levels / amax[g];
+    if (amax[g] == 0.0f || !std::isfinite(inv[g])) inv[g] = 0.0f;
+    scales[g] = amax[g] / levels;
+    bias[g] = 0;
+  }
+  for (int p = 0; p < (count + 1) / 2; ++p) {
+    for (int64_t g = 0; g < stride; ++g) {
+      int32_t k[2] = {0, 0};
+      for (int h = 0; h < 2 && 2 * p + h < count; ++h) {
+        const float v = std::rint(work[(2 * p + h) * stride + g] * inv[g]);
+        k[h] = static_cast<int32_t>(std::min(std::max(v, -levels), levels));
+      }
+      bias[g] -= 8 * (k[0] + k[1]);
+      pairs[p * stride + g] =
+          static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint16_t>(k[0])) |
+                               static_cast<uint32_t>(static_cast<uint16_t>(k[1])) << 16);
+    }
+  }
+  return true;
+}
+
+void peer_internal::portable_int_up(DType t, const CodedRow* rows, int64_t n,
+                                    const UpCoefficients& c, float* y) {
+  const int64_t stride = up_stride(c.groups);
+  for (int64_t g = 0; g < c.groups; ++g) {
+    const int64_t base = g * kQuantGroup;
+    const int64_t len = std::min<int64_t>(kQuantGroup, n - base);
+    for (int64_t j = 0; j < len; ++j) {
+      int32_t acc = t == DType::kI4 ? c.bias[g] : 0;
+      for (int r = 0; r < c.count; ++r) {
+        const uint32_t pair = static_cast<uint32_t>(c.pairs[r / 2 * stride + g]);
+        const int32_t k = static_cast<int16_t>(r % 2 == 0 ? pair & 0xffff : pair >> 16);
+        const uint8_t* group = rows[r].codes + g * group_code_bytes(t);
+        // int4: the nibble u, the bias adding -8 * k (scalar_quant_code is u - 8).
+        const int32_t q =
+            t == DType::kI4 ? scalar_quant_code(t, group, j) + 8 : scalar_quant_code(t, group, j);
+        acc += k * q;
+      }
+      y[base + j] = static_cast<float>(acc) * c.scales[g];
+    }
+  }
+}
+
 std::vector<float> peer_internal::pack_f32_panels(const float* b, int64_t n, int64_t k,
                                                   int64_t ldb) {
   std::vector<float> out(static_cast<size_t>((n + 15) / 16 * k * 16), 0.0f);
@@ -262,6 +322,8 @@ constexpr PeerKernels kScalarKernels = {
     .gemm_nt_panels = nullptr,
     .scale_products = peer_internal::portable_scale_products,
     .routing_quantize = scalar_routing_quantize,
+    .up_coefficients = peer_internal::portable_up_coefficients,
+    .int_up = peer_internal::portable_int_up,
 };
 
 const PeerKernels& kernels() {
@@ -626,6 +688,62 @@ class TokenDown {
   bool use_int8_ = false;
 };
 
+// A token's up rows summed in integers as ExpertDot::kInt8 says (kernels/peer.h), in buffers kept
+// across the tokens of a thread.
+class TokenUp {
+ public:
+  TokenUp(const RecordLayout& layout, const PeerKernels& kr, ExpertDot dot, int64_t slots)
+      : layout_(layout),
+        kr_(kr),
+        enabled_(dot == ExpertDot::kInt8 && dtype_is_quantized(layout.dtype)) {
+    if (!enabled_) return;
+    const int64_t stride = peer_internal::up_stride(quant_groups(layout.dim_out));
+    rows_.resize(static_cast<size_t>(slots));
+    ga_.resize(static_cast<size_t>(slots));
+    work_.resize(static_cast<size_t>((slots + 1) * stride));
+    pairs_.resize(static_cast<size_t>((slots + 1) / 2 * stride));
+    bias_.resize(static_cast<size_t>(stride));
+    scales_.resize(static_cast<size_t>(stride));
+  }
+
+  // Whether accumulate() can take tokens (ExpertDot::kInt8 on int8/int4 records).
+  bool enabled() const { return enabled_; }
+
+  // y_t = the sum over slots [0, count) of ga[s] * up row of records[s], written whole (slots
+  // with ga 0 skipped); false, with y_t untouched, where the rule sends the token to the float
+  // axpys (not kInt8, float records, more than kUpMaxSlots such slots, a non-finite c_rg).
+  bool accumulate(const uint8_t* const* records, const float* ga, int64_t count, float* yt) {
+    if (!enabled_) return false;
+    int used = 0;
+    for (int64_t s = 0; s < count; ++s) {
+      if (ga[s] == 0.0f) continue;
+      rows_[static_cast<size_t>(used)] = up_row(layout_, records[s]);
+      ga_[static_cast<size_t>(used++)] = ga[s];
+    }
+    if (used > peer_internal::kUpMaxSlots) return false;
+    const int64_t n = layout_.dim_out;
+    if (used == 0) {
+      std::fill(yt, yt + n, 0.0f);
+      return true;
+    }
+    if (!kr_.up_coefficients(rows_.data(), ga_.data(), used, n, work_.data(), pairs_.data(),
+                             bias_.data(), scales_.data())) {
+      return false;
+    }
+    kr_.int_up(layout_.dtype, rows_.data(), n,
+               {quant_groups(n), used, pairs_.data(), bias_.data(), scales_.data()}, yt);
+    return true;
+  }
+
+ private:
+  const RecordLayout& layout_;
+  const PeerKernels& kr_;
+  const bool enabled_;
+  std::vector<CodedRow> rows_;
+  std::vector<float> ga_, work_, scales_;
+  std::vector<int32_t> pairs_, bias_;
+};
+
 // peer_prepare_router's W_q part, into *w (whose precision is set).
 void prepare_query_weights(const PeerConfig& config, const PeerRouterParams& params, int threads,
                            PeerRouterWeights* w) {
@@ -696,6 +814,12 @@ void record_down_dots(const RecordLayout& layout, const uint8_t* const* records,
     down.dots(records + r, static_cast<int>(std::min<int64_t>(peer_internal::kDotRows, count - r)),
               out + r);
   }
+}
+
+bool record_up_int(const RecordLayout& layout, const uint8_t* const* records, const float* ga,
+                   int64_t count, float* y) {
+  TokenUp up(layout, kernels(), ExpertDot::kInt8, count);
+  return up.accumulate(records, ga, count, y);
 }
 
 void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alpha, float* y) {
@@ -987,10 +1111,21 @@ inline void slot_accumulate(const RecordLayout& layout, const PeerKernels& kr, f
   kr.coded_axpy(layout.dtype, up.scales, up.codes, dim_out, ga, yt);
 }
 
+// y_t = the sum over slots [0, count) of ga[s] * up row of records[s]: the integer sums where
+// ExpertDot::kInt8 takes the token, else the float axpys in slot order.
+void token_up(TokenUp& up, const RecordLayout& layout, const PeerKernels& kr,
+              const uint8_t* const* records, const float* ga, int64_t count, float* yt) {
+  if (up.accumulate(records, ga, count, yt)) return;
+  std::fill(yt, yt + layout.dim_out, 0.0f);
+  for (int64_t s = 0; s < count; ++s)
+    slot_accumulate(layout, kr, ga[s], records[s], layout.dim_out, yt);
+}
+
 // Per token two phases: the down-row dots of all its slots, kDotRows at a time (interleaved rows
 // overlap their accumulation chains: the int8 dot's 16 lane accumulators each take every group
-// of a row in order, so one row alone waits on the FMA latency), then the up-row axpys in slot
-// order. Each slot's dot and axpy are those of peer_experts_resume, so y is the same bits.
+// of a row in order, so one row alone waits on the FMA latency), then the up rows: the axpys in
+// slot order, or kInt8's integer sums (token_up). Each slot's dot, and each token's up rows, are
+// computed as peer_experts_resume and peer_experts_partial compute them, so y is the same bits.
 void peer_experts(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                   const PeerRouting& routing, const uint8_t* const* records, float* y, int threads,
                   ExpertDot dot) {
@@ -1002,6 +1137,7 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
   const size_t half = layout.record_bytes / 2 / 64 * 64;
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
     TokenDown down(layout, kr, dot);
+    TokenUp up(layout, kr, dot, per_token);
     std::vector<float> ga(static_cast<size_t>(per_token));
     const size_t last = static_cast<size_t>(end * per_token);
     // The first token's records, which no earlier token fetched.
@@ -1018,7 +1154,10 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
             static_cast<int>(std::min<int64_t>(peer_internal::kDotRows, per_token - s));
         const size_t slot = first + static_cast<size_t>(s);
         if (next) {
-          for (int r = 0; r < count; ++r) prefetch_lines(records[slot + per_token + r], 0, half);
+          for (int r = 0; r < count; ++r) {
+            prefetch_lines(records[slot + per_token + r], 0,
+                           up.enabled() ? layout.record_bytes : half);
+          }
           prefetch_rows(y + (t + 1) * Dout, Dout, s, count, per_token, /*write=*/true);
         }
         float z[peer_internal::kDotRows];
@@ -1028,6 +1167,10 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
         }
       }
       float* yt = y + t * Dout;
+      if (up.accumulate(&records[first], ga.data(), per_token, yt)) {
+        if (next) prefetch_rows(xhat + (t + 1) * D, D, 0, per_token, per_token, /*write=*/false);
+        continue;
+      }
       std::fill(yt, yt + Dout, 0.0f);
       for (int64_t s = 0; s < per_token; ++s) {
         const size_t slot = first + static_cast<size_t>(s);
@@ -1051,8 +1194,27 @@ void peer_experts_partial(const PeerConfig& config, const RecordLayout& layout, 
   const PeerKernels& kr = kernels();
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
     TokenDown down(layout, kr, dot);
+    TokenUp up(layout, kr, dot, per_token);
+    std::vector<const uint8_t*> chosen;
+    std::vector<float> chosen_ga;
     for (int64_t t = begin; t < end; ++t) {
       float* yt = y_part + t * Dout;
+      if (up.enabled()) {  // the selected slots' up rows summed as one token's
+        chosen.clear();
+        chosen_ga.clear();
+        for (int64_t s = 0; s < per_token; ++s) {
+          const size_t slot = static_cast<size_t>(t * per_token + s);
+          if (selected[slot] == 0) continue;
+          TROVE_CHECK(records[slot] != nullptr);
+          if (chosen.empty()) down.set_token(xhat + t * D);
+          chosen.push_back(records[slot]);
+          chosen_ga.push_back(
+              slot_gated_activation(config, down, routing.gates[slot], records[slot]));
+        }
+        token_up(up, layout, kr, chosen.data(), chosen_ga.data(),
+                 static_cast<int64_t>(chosen.size()), yt);
+        continue;
+      }
       std::fill(yt, yt + Dout, 0.0f);
       bool token_set = false;
       for (int64_t s = 0; s < per_token; ++s) {
@@ -1091,11 +1253,37 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
   std::atomic<int64_t> pending{0};
   parallel_for(routing.tokens, threads, [&](int64_t begin, int64_t end) {
     TokenDown down(layout, kr, dot);
+    TokenUp up(layout, kr, dot, per_token);
     int64_t unfinished = 0;
     for (int64_t t = begin; t < end; ++t) {
       int32_t& next = p.next_slot[static_cast<size_t>(t)];
       if (next == per_token) continue;
       float* yt = y + t * Dout;
+      if (up.enabled()) {  // the token's up rows summed at once, when all its records are here
+        bool ready = true, token_set = false;
+        for (int64_t s = 0; s < per_token; ++s) {
+          const size_t slot = static_cast<size_t>(t * per_token + s);
+          if (records[slot] == nullptr) {
+            ready = false;
+            continue;
+          }
+          if (p.has_ga[slot] != 0) continue;
+          if (!token_set) {
+            down.set_token(xhat + t * D);
+            token_set = true;
+          }
+          p.ga[slot] = slot_gated_activation(config, down, routing.gates[slot], records[slot]);
+          p.has_ga[slot] = 1;
+        }
+        if (!ready) {
+          ++unfinished;
+          continue;
+        }
+        const size_t first = static_cast<size_t>(t * per_token);
+        token_up(up, layout, kr, &records[first], &p.ga[first], per_token, yt);
+        next = static_cast<int32_t>(per_token);
+        continue;
+      }
       if (next == 0) std::fill(yt, yt + Dout, 0.0f);  // nothing accumulated yet
       bool blocked = false;
       bool token_set = false;

@@ -69,8 +69,10 @@ void peer_experts(const PeerConfig& config, const RecordLayout& layout, const fl
 // "not here yet". Each call continues every token from where the previous call stopped: it
 // accumulates the token's slots in order up to its first slot not ready, and computes the
 // gated activation of every ready slot beyond it for later (the down-row dot is half of a
-// slot's work). Once every record has been ready in some call, y equals peer_experts()'s bit
-// for bit: the same operations in the same order, whatever the waves.
+// slot's work). With ExpertDot::kInt8 on int8/int4 records a token's up rows are one integer
+// sum over all its slots, so the token is accumulated in the call where its last record is ready
+// (its earlier records must still be given). Once every record has been ready in some call, y
+// equals peer_experts()'s bit for bit: the same operations in the same order, whatever the waves.
 struct PeerExpertProgress {
   std::vector<int32_t> next_slot;  // per token: its first slot not yet accumulated into y
   std::vector<float> ga;           // per slot: gate * activation, once computed
@@ -91,11 +93,12 @@ void peer_experts_resume(const PeerConfig& config, const RecordLayout& layout, c
                          ExpertDot dot = ExpertDot::kFloat);
 
 // A chosen part of the expert pass: y_part [T, D_out] = sum over token t's slots s with
-// selected[t * S + s] != 0, in slot order, of gate * act(<u, xhat>) * v; a token with none gets a
-// zero row. Only the selected slots' records are read (the others may be null). For the cuda
-// executor's misses computed on the CPU from the host tier (runtime/layer/cuda_executor.h); with
-// every slot selected, y_part equals peer_experts()'s bit for bit.
-// REQUIRES: as for peer_experts; selected has T * h * k entries.
+// selected[t * S + s] != 0, in slot order, of gate * act(<u, xhat>) * v (with ExpertDot::kInt8,
+// the selected slots as the token's whole set); a token with none gets a zero row. Only the
+// selected slots' records are read (the others may be null). For the cuda executor's misses
+// computed on the CPU from the host tier (runtime/layer/cuda_executor.h); with every slot selected,
+// y_part equals peer_experts()'s bit for bit. REQUIRES: as for peer_experts; selected has T * h * k
+// entries.
 void peer_experts_partial(const PeerConfig& config, const RecordLayout& layout, const float* xhat,
                           const PeerRouting& routing, const uint8_t* const* records,
                           const uint8_t* selected, float* y_part, int threads = 0,
@@ -118,5 +121,10 @@ void record_up_axpy(const RecordLayout& layout, const uint8_t* record, float alp
 // record_down_dot_int8 (kInt8) for records[r].
 void record_down_dots(const RecordLayout& layout, const uint8_t* const* records, int64_t count,
                       const float* x, float* out, ExpertDot dot = ExpertDot::kFloat);
+// One token's up rows as peer_experts sums them with ExpertDot::kInt8: y[0..D_out) = the sum over
+// records[0..count) of ga[r] * up row, by the integer rule of kernels/peer.h (y written whole);
+// false, with y untouched, where that rule sends the token to the float axpys.
+bool record_up_int(const RecordLayout& layout, const uint8_t* const* records, const float* ga,
+                   int64_t count, float* y);
 
 }  // namespace trove

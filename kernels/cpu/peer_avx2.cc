@@ -11,8 +11,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels/quant.h"
 
@@ -329,6 +331,118 @@ float routing_quantize(const float* v, int64_t n, int levels, int8_t* codes) {
   return amax / lv;
 }
 
+// ExpertDot::kInt8's up-row coefficients, 8 groups at a time: the operations of
+// portable_up_coefficients (fp16 scales through F16C, exact).
+bool up_coefficients(const peer_internal::CodedRow* rows, const float* ga, int count, int64_t n,
+                     float* work, int32_t* pairs, int32_t* bias, float* scales) {
+  const int64_t groups = quant_groups(n), stride = peer_internal::up_stride(groups);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  float* amax = scales;  // d_g replaces a_g at the end
+  for (int64_t g = 0; g < stride; g += 8) _mm256_storeu_ps(amax + g, _mm256_setzero_ps());
+  __m256 bad = _mm256_setzero_ps();
+  for (int r = 0; r < count; ++r) {
+    const __m256 a = _mm256_set1_ps(ga[r]);
+    float* c = work + r * stride;
+    for (int64_t g = 0; g < stride; g += 8) {
+      __m256 v = _mm256_setzero_ps();
+      if (g + 8 <= groups) {
+        v = _mm256_mul_ps(a, _mm256_cvtph_ps(_mm_loadu_si128(
+                                 reinterpret_cast<const __m128i*>(rows[r].scales + 2 * g))));
+      } else if (g < groups) {  // the last groups: nothing past the row is read
+        uint16_t half[8] = {};
+        std::memcpy(half, rows[r].scales + 2 * g, static_cast<size_t>(groups - g) * 2);
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(half)));
+        const __m256 mask = _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(groups - g)), lanes));
+        v = _mm256_and_ps(_mm256_mul_ps(a, w), mask);
+      }
+      _mm256_storeu_ps(c + g, v);
+      const __m256 av = _mm256_andnot_ps(sign, v);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(av, largest, _CMP_NLE_UQ));
+      _mm256_storeu_ps(amax + g, _mm256_max_ps(_mm256_loadu_ps(amax + g), av));
+    }
+  }
+  if (_mm256_movemask_ps(bad) != 0) return false;
+  const __m256 levels = _mm256_set1_ps(static_cast<float>(peer_internal::kUpLevels));
+  float* inv = work + count * stride;
+  for (int64_t g = 0; g < stride; g += 8) {
+    const __m256 am = _mm256_loadu_ps(amax + g);
+    const __m256 i = _mm256_div_ps(levels, am);
+    const __m256 usable = _mm256_and_ps(_mm256_cmp_ps(am, _mm256_setzero_ps(), _CMP_NEQ_OQ),
+                                        _mm256_cmp_ps(i, largest, _CMP_LE_OQ));
+    _mm256_storeu_ps(inv + g, _mm256_and_ps(i, usable));
+    _mm256_storeu_ps(scales + g, _mm256_div_ps(am, levels));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bias + g), _mm256_setzero_si256());
+  }
+  const __m256i hi_levels = _mm256_set1_epi32(peer_internal::kUpLevels);
+  const __m256i lo_levels = _mm256_set1_epi32(-peer_internal::kUpLevels);
+  const auto code = [&](int r, int64_t g) {
+    const __m256 v =
+        _mm256_mul_ps(_mm256_loadu_ps(work + r * stride + g), _mm256_loadu_ps(inv + g));
+    return _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(v), lo_levels), hi_levels);
+  };
+  for (int p = 0; p < (count + 1) / 2; ++p) {
+    for (int64_t g = 0; g < stride; g += 8) {
+      const __m256i ka = code(2 * p, g);
+      const __m256i kb = 2 * p + 1 < count ? code(2 * p + 1, g) : _mm256_setzero_si256();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + p * stride + g),
+                          _mm256_or_si256(_mm256_and_si256(ka, _mm256_set1_epi32(0xffff)),
+                                          _mm256_slli_epi32(kb, 16)));
+      __m256i* b = reinterpret_cast<__m256i*>(bias + g);
+      _mm256_storeu_si256(b, _mm256_sub_epi32(_mm256_loadu_si256(b),
+                                              _mm256_slli_epi32(_mm256_add_epi32(ka, kb), 3)));
+    }
+  }
+  return true;
+}
+
+// ExpertDot::kInt8's up rows: per group, two slots at a time, their codes interleaved into
+// 16-bit pairs (slot 2p's code, slot 2p + 1's) that vpmaddwd multiplies by the pair of
+// coefficient codes and sums into 32-bit lanes: exact, so the bits are portable_int_up's.
+void int_up(DType t, const peer_internal::CodedRow* rows, int64_t n,
+            const peer_internal::UpCoefficients& c, float* y) {
+  const int64_t stride = peer_internal::up_stride(c.groups);
+  const int pairs = (c.count + 1) / 2;
+  const __m256i nibble = _mm256_set1_epi16(0x0f);
+  for (int64_t g = 0; g < c.groups; ++g) {
+    __m256i acc[4];  // elements 0..7, 8..15, 16..23, 24..31
+    for (__m256i& a : acc) a = _mm256_set1_epi32(t == DType::kI4 ? c.bias[g] : 0);
+    for (int p = 0; p < pairs; ++p) {
+      const uint8_t* a = rows[2 * p].codes;
+      const uint8_t* b = 2 * p + 1 < c.count ? rows[2 * p + 1].codes : a;  // its k is 0
+      const __m256i k = _mm256_set1_epi32(c.pairs[p * stride + g]);
+      if (t == DType::kI4) {
+        const __m128i xa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + g * 16));
+        const __m128i xb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + g * 16));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(xa, xb));  // bytes 0..7
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(xa, xb));  // bytes 8..15
+        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_and_si256(lo, nibble), k));
+        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_and_si256(hi, nibble), k));
+        acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_srli_epi16(lo, 4), k));
+        acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_srli_epi16(hi, 4), k));
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          const __m128i xa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + g * 32 + h * 16));
+          const __m128i xb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + g * 32 + h * 16));
+          const __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(xa, xb));
+          const __m256i hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(xa, xb));
+          acc[2 * h] = _mm256_add_epi32(acc[2 * h], _mm256_madd_epi16(lo, k));
+          acc[2 * h + 1] = _mm256_add_epi32(acc[2 * h + 1], _mm256_madd_epi16(hi, k));
+        }
+      }
+    }
+    const __m256 d = _mm256_set1_ps(c.scales[g]);
+    const int64_t len = std::min<int64_t>(kQuantGroup, n - g * kQuantGroup);
+    float out[32];
+    for (int q = 0; q < 4; ++q) {
+      _mm256_storeu_ps(out + 8 * q, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[q]), d));
+    }
+    std::memcpy(y + g * kQuantGroup, out, static_cast<size_t>(len) * sizeof(float));
+  }
+}
+
 }  // namespace
 
 const PeerKernels& peer_kernels() {
@@ -345,6 +459,8 @@ const PeerKernels& peer_kernels() {
       .gemm_nt_panels = nullptr,
       .scale_products = peer_internal::portable_scale_products,
       .routing_quantize = routing_quantize,
+      .up_coefficients = up_coefficients,
+      .int_up = int_up,
   };
   return kKernels;
 }

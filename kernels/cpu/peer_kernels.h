@@ -50,6 +50,26 @@ std::vector<float> pack_f32_panels(const float* b, int64_t n, int64_t k, int64_t
 // The most rows coded_dots and int8_dots take at once.
 constexpr int kDotRows = 4;
 
+// ExpertDot::kInt8's up rows (kernels/peer.h gives the rule): the levels of the coefficient codes
+// and the most slots one integer sum takes (512 * 32767 * 128 < 2^31).
+constexpr int kUpLevels = 32767;
+constexpr int kUpMaxSlots = 512;
+
+// A token's up-row coefficients for int_up, `count` slots over `groups` groups, each array with
+// row stride up_stride(groups) (entries past groups are 0):
+struct UpCoefficients {
+  int64_t groups = 0;
+  int count = 0;
+  const int32_t* pairs = nullptr;  // [(count + 1) / 2][stride]: the codes k of slots 2p (low 16
+                                   // bits) and 2p + 1 (high 16 bits; 0 past count) of group g
+  const int32_t* bias = nullptr;   // [stride]: -8 * sum_r k_rg, so that int4's nibbles u sum as
+                                   // their signed codes u - 8
+  const float* scales = nullptr;   // [stride]: d_g
+};
+constexpr int64_t up_stride(int64_t groups) {
+  return (groups + 15) / 16 * 16;
+}
+
 // The inner loops of one CPU path.
 struct PeerKernels {
   // sum_i row[i] * x[i].
@@ -102,11 +122,25 @@ struct PeerKernels {
   // RoutingPrecision::kInt8's row quantizer (kernels/peer.h's rule): codes[0..n) and the
   // returned scale. REQUIRES: levels is 127 or 64.
   float (*routing_quantize)(const float* v, int64_t n, int levels, int8_t* codes);
+  // ExpertDot::kInt8's coefficients of a token's up rows (rows[count], 1 <= count <=
+  // kUpMaxSlots, int8/int4, ga[r] != 0): k, bias and d by the rule in kernels/peer.h, into
+  // pairs, bias and scales as UpCoefficients lays them out; work holds (count + 1) * stride
+  // floats. False, with nothing usable written, when some c_rg is not finite.
+  bool (*up_coefficients)(const CodedRow* rows, const float* ga, int count, int64_t n, float* work,
+                          int32_t* pairs, int32_t* bias, float* scales);
+  // y[0..n) = the rows summed with coefficients c (kernels/peer.h), y overwritten (nothing past
+  // n written): exact integer sums, so every path gives the same bits.
+  void (*int_up)(DType t, const CodedRow* rows, int64_t n, const UpCoefficients& c, float* y);
 };
 
 // quantize_activations in portable code (kernels/cpu/peer.cc), for the paths without their own.
 bool portable_quantize_activations(const float* x, int64_t n, int8_t* codes, uint16_t* half_scales,
                                    float* scales, int32_t* int4_bias);
+
+// up_coefficients and int_up in portable code (kernels/cpu/peer.cc).
+bool portable_up_coefficients(const CodedRow* rows, const float* ga, int count, int64_t n,
+                              float* work, int32_t* pairs, int32_t* bias, float* scales);
+void portable_int_up(DType t, const CodedRow* rows, int64_t n, const UpCoefficients& c, float* y);
 
 // scale_products in portable code (kernels/cpu/peer.cc).
 void portable_scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
