@@ -224,7 +224,7 @@ inline void top_step(const float* s, int64_t i, int64_t kp, int64_t* out, int64_
 // Once the list is full, 8 scores at a time are compared with its last; only those above it
 // take the scalar step, in index order (the threshold only rises, so the result is the scalar
 // scan's).
-void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+void top_indices_scan(const float* s, int64_t n, int64_t kp, int64_t* out) {
   int64_t size = 0, i = 0;
   for (; i < n && size < kp; ++i) top_step(s, i, kp, out, &size);
   for (; i + 8 <= n; i += 8) {
@@ -234,6 +234,78 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
     for (; mask != 0; mask &= mask - 1) top_step(s, i + __builtin_ctz(mask), kp, out, &size);
   }
   for (; i < n; ++i) top_step(s, i, kp, out, &size);
+}
+
+// The scan above waits, per 8 scores, on two dependent loads (the list's last index, then its
+// score). Here no pass depends on the one before: the maxima of the 16 lanes (element i in lane
+// i % 16) bound the answer from below (tau, the kp-th largest of them: at least kp scores are >=
+// tau, so every one of the kp best is), and only the scores >= tau, in index order, take the
+// scan's insertion: the scan's result, as the avx512 path computes it.
+void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  const int64_t full = n / 16 * 16;
+  if (kp > 16 || full == 0) return top_indices_scan(s, n, kp, out);
+  __m256 lo = _mm256_loadu_ps(s), hi = _mm256_loadu_ps(s + 8);
+  for (int64_t i = 16; i < full; i += 16) {
+    lo = _mm256_max_ps(lo, _mm256_loadu_ps(s + i));
+    hi = _mm256_max_ps(hi, _mm256_loadu_ps(s + i + 8));
+  }
+  float m[16];
+  _mm256_storeu_ps(m, lo);
+  _mm256_storeu_ps(m + 8, hi);
+  const auto count = [&](__m256 v, int predicate) {
+    const int a = _mm256_movemask_ps(_mm256_cmp_ps(lo, v, predicate));
+    const int b = _mm256_movemask_ps(_mm256_cmp_ps(hi, v, predicate));
+    return __builtin_popcount(static_cast<unsigned>(a)) +
+           __builtin_popcount(static_cast<unsigned>(b));
+  };
+  float tau = m[0];
+  for (int j = 0; j < 16; ++j) {
+    const __m256 v = _mm256_set1_ps(m[j]);
+    if (count(v, _CMP_GT_OQ) < kp && count(v, _CMP_GE_OQ) >= kp) tau = m[j];
+  }
+  // top_step's insertion, with the kept scores held here rather than re-read through out[].
+  float kept[16];
+  int64_t size = 0;
+  const auto insert = [&](int64_t i) {
+    const float v = s[i];
+    if (size == kp && !(v > kept[kp - 1])) return;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && kept[pos - 1] < v) {
+      kept[pos] = kept[pos - 1];
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    kept[pos] = v;
+    out[pos] = i;
+  };
+  const __m256 bound = _mm256_set1_ps(tau);
+  for (int64_t i = 0; i < full; i += 8) {
+    unsigned mask = static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), bound, _CMP_GE_OQ)));
+    for (; mask != 0; mask &= mask - 1) insert(i + __builtin_ctz(mask));
+  }
+  for (int64_t i = full; i < n; ++i) {
+    if (s[i] >= tau) insert(i);
+  }
+}
+
+// RoutingPrecision::kInt8's products from the integer GEMM, 8 columns at a time: each multiply
+// rounded as portable_scale_products rounds it.
+void scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
+                    const float* scale_b, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int32_t* a = acc + i * n;
+    float* out = c + i * ldc;
+    const float sa = scale_a[i];
+    const __m256 va = _mm256_set1_ps(sa);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 scaled = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j))), va);
+      _mm256_storeu_ps(out + j, _mm256_mul_ps(scaled, _mm256_loadu_ps(scale_b + j)));
+    }
+    for (; j < n; ++j) out[j] = static_cast<float>(a[j]) * sa * scale_b[j];
+  }
 }
 
 // ---- the int8 dot (kernels/cpu/peer_kernels.h gives the order every path follows) ----------
@@ -457,7 +529,7 @@ const PeerKernels& peer_kernels() {
       .quantize_activations = peer_internal::portable_quantize_activations,
       .int8_products_few = nullptr,
       .gemm_nt_panels = nullptr,
-      .scale_products = peer_internal::portable_scale_products,
+      .scale_products = scale_products,
       .routing_quantize = routing_quantize,
       .up_coefficients = up_coefficients,
       .int_up = int_up,
