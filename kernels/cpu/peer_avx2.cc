@@ -252,32 +252,22 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   float m[16];
   _mm256_storeu_ps(m, lo);
   _mm256_storeu_ps(m + 8, hi);
-  const auto count = [&](__m256 v, int predicate) {
-    const int a = _mm256_movemask_ps(_mm256_cmp_ps(lo, v, predicate));
-    const int b = _mm256_movemask_ps(_mm256_cmp_ps(hi, v, predicate));
-    return __builtin_popcount(static_cast<unsigned>(a)) +
-           __builtin_popcount(static_cast<unsigned>(b));
+  // tau: the lane maximum with fewer than kp lanes above it and at least kp at or above it.
+  const auto lanes = [](__m256 gt_lo, __m256 gt_hi) {
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(gt_lo))) +
+           __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(gt_hi)));
   };
   float tau = m[0];
   for (int j = 0; j < 16; ++j) {
     const __m256 v = _mm256_set1_ps(m[j]);
-    if (count(v, _CMP_GT_OQ) < kp && count(v, _CMP_GE_OQ) >= kp) tau = m[j];
+    const int above = lanes(_mm256_cmp_ps(lo, v, _CMP_GT_OQ), _mm256_cmp_ps(hi, v, _CMP_GT_OQ));
+    const int at_or_above =
+        lanes(_mm256_cmp_ps(lo, v, _CMP_GE_OQ), _mm256_cmp_ps(hi, v, _CMP_GE_OQ));
+    if (above < kp && at_or_above >= kp) tau = m[j];
   }
-  // top_step's insertion, with the kept scores held here rather than re-read through out[].
   float kept[16];
   int64_t size = 0;
-  const auto insert = [&](int64_t i) {
-    const float v = s[i];
-    if (size == kp && !(v > kept[kp - 1])) return;
-    int64_t pos = size < kp ? size++ : kp - 1;
-    while (pos > 0 && kept[pos - 1] < v) {
-      kept[pos] = kept[pos - 1];
-      out[pos] = out[pos - 1];
-      --pos;
-    }
-    kept[pos] = v;
-    out[pos] = i;
-  };
+  const auto insert = [&](int64_t i) { peer_internal::top_insert(s, i, kp, kept, out, &size); };
   const __m256 bound = _mm256_set1_ps(tau);
   for (int64_t i = 0; i < full; i += 8) {
     unsigned mask = static_cast<unsigned>(

@@ -261,21 +261,9 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
     const int at_or_above = __builtin_popcount(_mm512_cmp_ps_mask(lane_max, v, _CMP_GE_OQ));
     if (above < kp && at_or_above >= kp) tau = m[j];
   }
-  // top_step's insertion, with the kept scores held here rather than re-read through out[].
   float kept[16];
   int64_t size = 0;
-  const auto insert = [&](int64_t i) {
-    const float v = s[i];
-    if (size == kp && !(v > kept[kp - 1])) return;
-    int64_t pos = size < kp ? size++ : kp - 1;
-    while (pos > 0 && kept[pos - 1] < v) {
-      kept[pos] = kept[pos - 1];
-      out[pos] = out[pos - 1];
-      --pos;
-    }
-    kept[pos] = v;
-    out[pos] = i;
-  };
+  const auto insert = [&](int64_t i) { peer_internal::top_insert(s, i, kp, kept, out, &size); };
   const __m512 bound = _mm512_set1_ps(tau);
   for (int64_t i = 0; i < full; i += 16) {
     unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), bound, _CMP_GE_OQ);

@@ -146,6 +146,24 @@ void portable_int_up(DType t, const CodedRow* rows, int64_t n, const UpCoefficie
 void portable_scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
                              const float* scale_b, float* c, int64_t ldc);
 
+// The insertion step of the top-k' scan (scalar_top_indices in kernels/cpu/peer.cc) with the
+// kept scores held in kept[] beside their indices in out[]: s[i] enters when the list (*size
+// entries, kp <= 16) is not full or when it beats the kp-th kept strictly, after every kept score
+// not smaller. static: each SIMD file keeps its own copy, compiled for its instructions.
+static inline void top_insert(const float* s, int64_t i, int64_t kp, float* kept, int64_t* out,
+                              int64_t* size) {
+  const float v = s[i];
+  if (*size == kp && !(v > kept[kp - 1])) return;
+  int64_t pos = *size < kp ? (*size)++ : kp - 1;
+  while (pos > 0 && kept[pos - 1] < v) {
+    kept[pos] = kept[pos - 1];
+    out[pos] = out[pos - 1];
+    --pos;
+  }
+  kept[pos] = v;
+  out[pos] = i;
+}
+
 // coded_dots and int8_dots one row after another, for the paths without interleaved versions.
 template <float (*Dot)(DType, const uint8_t*, const uint8_t*, int64_t, const float*)>
 void dots_one_by_one(DType t, const CodedRow* rows, int count, int64_t n, const float* x,
