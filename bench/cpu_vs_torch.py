@@ -10,7 +10,9 @@ computes with the same values. The script then
      store per record dtype (f32, bf16, int4 by default) and runs build/bench/peer_cpu_bench on
      each: the best forward pass and its stages, ExpertDot float and int8, each with fp32, bf16
      and int8 routing (RoutingPrecision), y's error against
-     trove's oracle, and the streaming read bandwidth measured in the same process;
+     trove's oracle, and two ceilings measured in the same process: the streaming read
+     bandwidth and the rate of reading the same number of whole records at random from a table
+     of the layer's size (the expert stage's reads with nothing computed);
   3. checks that trove's f32 y is the PyTorch fp32 module's y (relative Frobenius error), and
      prints a markdown table and the goals of issue 14 beside the measured ratios.
 
@@ -159,18 +161,20 @@ def print_table(r):
           f"dk = {r['dim_key']}, {r['tokens']} tokens; torch threads {r['torch_threads']}")
     print()
     print("| system | tokens/s | route ms | experts ms | route share | expert GB/s | "
-          "of stream read | y rel. err. vs oracle | vs torch fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "of stream read | of random record read | y rel. err. vs oracle | vs torch fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in ("fp32", "bf16"):
-        print(f"| PyTorch {name} | {t[name]['tokens_per_second']:.0f} | | | | | | | |")
+        print(f"| PyTorch {name} | {t[name]['tokens_per_second']:.0f} | | | | | | | | |")
     for dtype, v in r["trove"].items():
         bw = v["stream_read_bytes_per_second"]
+        rec = v["record_read_bytes_per_second"]
         for mode, m in v["modes"].items():
             label = f"trove {dtype}" + MODE_LABELS[mode]
             print(f"| {label} | {m['tokens_per_second']:.0f} | {1e3 * m['route_seconds']:.1f} | "
                   f"{1e3 * m['expert_seconds']:.1f} | {m['route_share']:.2f} | "
                   f"{m['expert_bytes_per_second'] / 1e9:.2f} | "
                   f"{m['expert_bytes_per_second'] / bw:.2f} (of {bw / 1e9:.1f} GB/s) | "
+                  f"{m['expert_bytes_per_second'] / rec:.2f} (of {rec / 1e9:.1f} GB/s) | "
                   f"{m['y_rel_fro_vs_oracle']:.2e} | "
                   f"{v['y_rel_fro_vs_torch_fp32']:.2e} |")
     print()
@@ -204,6 +208,8 @@ def print_table(r):
                           m["int8_routing"]["route_share"]))
         goals.append(("int4 expert stage / stream read >= 0.7",
                       m["float"]["expert_bytes_per_second"] / bw))
+        rec = r["trove"]["int4"]["record_read_bytes_per_second"]
+        goals.append(("(random record read / stream read: the stage's ceiling)", rec / bw))
     if "f32" in r["trove"]:
         f = r["trove"]["f32"]["modes"]["float"]
         goals.append(("f32 / PyTorch fp32 >= 1.5",

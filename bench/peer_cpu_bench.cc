@@ -8,8 +8,10 @@
 // fp32 and with bf16 routing, RoutingPrecision) runs R + 1 forward passes of the whole batch
 // through PeerLayer (the first warms the mapped table and oneDNN's kernels and is not counted); the
 // fastest pass counts, and its stages (route, acquire, experts) are reported. The expert stage's
-// record bytes / expert seconds is compared with measure_host_read_bandwidth over 1 GiB
-// (runtime/bench/calibrate.h), both on the same threads. Errors of y against the oracle (the _ref
+// record bytes / expert seconds is compared with measure_host_read_bandwidth over 1 GiB and
+// with measure_host_record_read_bandwidth (the same number of records of the layer's stride read
+// at random from a table of its size, nothing computed: the stage's own ceiling), all three on
+// the same threads (runtime/bench/calibrate.h). Errors of y against the oracle (the _ref
 // kernels, double accumulation) on the same routing: relative Frobenius norm and max |error| / max
 // |y|. --y-out writes y of kFloat as safetensors 'y', for the driver's check that trove and PyTorch
 // compute the same layer. The bf16-routing modes also report the fraction of fp32 routing's
@@ -213,6 +215,13 @@ int run(int argc, char** argv) {
   // between the passes above.
   report["stream_read_bytes_per_second"] =
       value_or_die(measure_host_read_bandwidth(uint64_t{1} << 30, threads, 1.0), "read bandwidth");
+  // The expert stage's own ceiling: a table of this layer's size read as whole records at random,
+  // one per (token, head, slot), with nothing computed.
+  report["record_read_bytes_per_second"] =
+      value_or_die(measure_host_record_read_bandwidth(
+                       layout.stride, static_cast<uint64_t>(config.num_experts()),
+                       static_cast<uint64_t>(T * config.heads * config.topk), threads, 1.0),
+                   "record read bandwidth");
   std::printf("%s\n", report.dump(2).c_str());
   return 0;
 }

@@ -60,6 +60,35 @@ TEST(HostBandwidth, IsPositiveAndFinite) {
   EXPECT_GT(*one, 0);
 }
 
+TEST(RecordReadBandwidth, IsPositiveFiniteAndBelowTheMachinesLimits) {
+  // 4096 records of 2304 bytes (int4 at D = 2048), 8192 picks, repeats included.
+  Result<double> bw = measure_host_record_read_bandwidth(2304, 4096, 8192, 0, 0.02);
+  ASSERT_TRUE(bw.ok()) << bw.status().to_string();
+  EXPECT_TRUE(std::isfinite(*bw));
+  EXPECT_GT(*bw, 1e8);
+  EXPECT_LT(*bw, 1e13);
+  // One record, read once by each of more threads than picks: still a rate.
+  Result<double> one = measure_host_record_read_bandwidth(64, 1, 1, 4, 0);
+  ASSERT_TRUE(one.ok()) << one.status().to_string();
+  EXPECT_GT(*one, 0);
+}
+
+TEST(RecordReadBandwidth, RejectsBadArgumentsNamingThem) {
+  auto stride = measure_host_record_read_bandwidth(100, 16, 16, 1, 0);
+  ASSERT_TRUE(stride.status().is_invalid_argument());
+  EXPECT_NE(stride.status().message().find("stride 100"), std::string::npos);
+  EXPECT_TRUE(measure_host_record_read_bandwidth(0, 16, 16, 1, 0).status().is_invalid_argument());
+  EXPECT_TRUE(measure_host_record_read_bandwidth(64, 0, 16, 1, 0).status().is_invalid_argument());
+  EXPECT_TRUE(measure_host_record_read_bandwidth(64, 16, 0, 1, 0).status().is_invalid_argument());
+  EXPECT_TRUE(measure_host_record_read_bandwidth(64, 16, 16, -1, 0).status().is_invalid_argument());
+  EXPECT_TRUE(
+      measure_host_record_read_bandwidth(64, 16, 16, 1, NAN).status().is_invalid_argument());
+  auto huge = measure_host_record_read_bandwidth(uint64_t{1} << 40, uint64_t{1} << 30, 1, 1, 0);
+  ASSERT_FALSE(huge.ok());
+  EXPECT_NE(huge.status().message().find("too large"), std::string::npos)
+      << huge.status().to_string();
+}
+
 TEST(DiskWriteBandwidth, IsPositiveLeavesNoFileAndNamesABadFolder) {
   testing::ScratchDir dir;
   auto bw = measure_disk_write_bandwidth(dir.path(), 4 << 20);

@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -23,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -477,6 +479,110 @@ Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double m
     sink = sink + sum.load(std::memory_order_relaxed);
   }
   return pass_bytes / std::max(best, 1e-9);
+}
+
+// ---- measure_host_record_read_bandwidth ------------------------------------------------------
+
+namespace {
+
+constexpr int64_t kLineLanes = 64 / sizeof(Lanes);
+// The record whose lines a thread prefetches is this many picks ahead of the one it sums, and
+// it issues them kPrefetchChunk at a time, each chunk before as many lines of its own. On 2 Zen 3
+// cores (2026-12-06, 2304-byte records in a 604 MB table) this read 0.54-0.57 of the stream
+// read; a whole record's 36 lines at once, 1 to 16 records ahead, 0.43-0.49; no prefetching 0.34.
+constexpr uint64_t kPrefetchAhead = 2;
+constexpr int64_t kPrefetchChunk = 6;
+
+uint64_t sum_records(const Lanes* table, uint64_t stride, const uint32_t* picks, uint64_t count) {
+  const int64_t lines = static_cast<int64_t>(stride / 64);
+  const int64_t record_lanes = static_cast<int64_t>(stride / sizeof(Lanes));
+  Lanes a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (uint64_t i = 0; i < count; ++i) {
+    const Lanes* r = table + picks[i] * record_lanes;
+    const char* ahead =
+        i + kPrefetchAhead < count
+            ? reinterpret_cast<const char*>(table + picks[i + kPrefetchAhead] * record_lanes)
+            : nullptr;
+    for (int64_t l0 = 0; l0 < lines; l0 += kPrefetchChunk) {
+      const int64_t l1 = std::min(lines, l0 + kPrefetchChunk);
+      if (ahead != nullptr) {
+        for (int64_t l = l0; l < l1; ++l) __builtin_prefetch(ahead + l * 64, 0, 1);
+      }
+      for (const Lanes* b = r + l0 * kLineLanes; b < r + l1 * kLineLanes; b += kLineLanes) {
+        a0 += b[0];
+        a1 += b[1];
+        a2 += b[2];
+        a3 += b[3];
+      }
+    }
+  }
+  const Lanes total = (a0 + a1) + (a2 + a3);
+  return total[0] + total[1];
+}
+
+}  // namespace
+
+Result<double> measure_host_record_read_bandwidth(uint64_t stride, uint64_t records, uint64_t picks,
+                                                  int threads, double min_seconds) {
+  if (stride == 0 || stride % 64 != 0) {
+    return Status::invalid_argument(
+        str_printf("record stride %llu must be a positive multiple of 64 bytes", llu(stride)));
+  }
+  if (records < 1 || records > (uint64_t{1} << 32)) {
+    return Status::invalid_argument(
+        str_printf("record count %llu must be in [1, 2^32]", llu(records)));
+  }
+  if (picks < 1) return Status::invalid_argument("pick count must be >= 1");
+  if (threads < 0) {
+    return Status::invalid_argument(str_printf("thread count %d must be >= 0", threads));
+  }
+  if (!(min_seconds >= 0) || !std::isfinite(min_seconds)) {
+    return Status::invalid_argument(str_printf("duration %g s must be >= 0", min_seconds));
+  }
+  if (records > std::numeric_limits<uint64_t>::max() / stride) {
+    return Status::invalid_argument(str_printf("a table of %llu records of %llu bytes is too large",
+                                               llu(records), llu(stride)));
+  }
+  const uint64_t bytes = records * stride;
+  void* table = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (table == MAP_FAILED) {
+    return Status::resource_exhausted(
+        str_printf("allocating %llu bytes for the record read measurement failed", llu(bytes)));
+  }
+  struct Unmap {
+    void* p;
+    uint64_t n;
+    ~Unmap() { ::munmap(p, n); }
+  } unmap{table, bytes};
+  if (bytes >= (uint64_t{32} << 20)) ::madvise(table, bytes, MADV_HUGEPAGE);  // advice only
+  const int workers = resolve_thread_count(threads);
+  Lanes* data = static_cast<Lanes*>(table);
+  const int64_t lanes = static_cast<int64_t>(bytes / sizeof(Lanes));
+  parallel_for(lanes, workers, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      data[i] = Lanes{static_cast<uint64_t>(i), ~static_cast<uint64_t>(i)};
+    }
+  });
+  std::vector<uint32_t> order(static_cast<size_t>(picks));
+  std::mt19937_64 rng(0x74726f7665ULL);  // "trove"
+  std::uniform_int_distribution<uint64_t> pick(0, records - 1);
+  for (uint32_t& p : order) p = static_cast<uint32_t>(pick(rng));
+
+  double best = INFINITY;
+  volatile uint64_t sink = 0;  // the sums are used, so the reads cannot be dropped
+  const Clock::time_point start = Clock::now();
+  for (int pass = 0; pass < 2 || seconds_since(start) < min_seconds; ++pass) {
+    std::atomic<uint64_t> sum{0};
+    const Clock::time_point t0 = Clock::now();
+    parallel_for(static_cast<int64_t>(picks), workers, [&](int64_t begin, int64_t end) {
+      sum.fetch_add(
+          sum_records(data, stride, order.data() + begin, static_cast<uint64_t>(end - begin)),
+          std::memory_order_relaxed);
+    });
+    best = std::min(best, seconds_since(t0));
+    sink = sink + sum.load(std::memory_order_relaxed);
+  }
+  return static_cast<double>(picks) * static_cast<double>(stride) / std::max(best, 1e-9);
 }
 
 // ---- measure_disk_iops ----------------------------------------------------------------------

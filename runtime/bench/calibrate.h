@@ -45,6 +45,20 @@ namespace trove {
 // cannot be allocated.
 Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double min_seconds);
 
+// Bytes per second of reading whole records at random host addresses, as the CPU expert stage
+// reads them, and nothing else: its ceiling, where measure_host_read_bandwidth is the memory's.
+// A table of `records` records `stride` bytes apart (allocated and written once, 2 MiB pages
+// requested as ResidentStoreExpertSource requests them), `picks` uniformly random record indices
+// (a fixed seed) split over `threads` (0: every core); each thread sums its records' lines in
+// pick order while it prefetches the record two picks ahead a few lines at a time between its
+// own reads (a record's lines prefetched in one burst stall the core on its fill buffers). Whole
+// passes are timed until `min_seconds` have passed (at least two), the best counting; bytes are
+// picks * stride, repeats included. Errors: invalid_argument for a stride that is not a positive
+// multiple of 64, records or picks < 1, threads < 0 or a negative/non-finite min_seconds;
+// resource_exhausted when the table cannot be allocated.
+Result<double> measure_host_record_read_bandwidth(uint64_t stride, uint64_t records, uint64_t picks,
+                                                  int threads, double min_seconds);
+
 // Bytes per second of host -> device copies on the current CUDA device: `bytes` of pinned host
 // memory copied to device memory by one cudaMemcpyAsync per pass, timed by CUDA events, passes
 // until `min_seconds` have passed (at least two), the best counting. The ceiling for the device
