@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <limits>
 #include <map>
@@ -78,6 +79,36 @@ uint64_t sum_blocks(const Lanes* p, int64_t begin, int64_t end) {
   }
   const Lanes total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
   return total[0] + total[1];
+}
+
+// Units [0, n) of `lanes_per_unit` lanes each, written with distinct values by the threads of
+// parallel_for(n, workers), so each slice's pages are faulted in (and on NUMA machines placed)
+// where the same split reads them.
+void fill_lanes(Lanes* data, int64_t n, int64_t lanes_per_unit, int workers) {
+  parallel_for(n, workers, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * lanes_per_unit; i < end * lanes_per_unit; ++i) {
+      data[i] = Lanes{static_cast<uint64_t>(i), ~static_cast<uint64_t>(i)};
+    }
+  });
+}
+
+// The least seconds of a pass of sum over [0, n) split by parallel_for(n, workers); passes
+// repeat until min_seconds have passed (at least two). The sums are used, so no read is dropped.
+double best_pass_seconds(int64_t n, int workers, double min_seconds,
+                         const std::function<uint64_t(int64_t, int64_t)>& sum) {
+  double best = INFINITY;
+  volatile uint64_t sink = 0;
+  const Clock::time_point start = Clock::now();
+  for (int pass = 0; pass < 2 || seconds_since(start) < min_seconds; ++pass) {
+    std::atomic<uint64_t> total{0};
+    const Clock::time_point t0 = Clock::now();
+    parallel_for(n, workers, [&](int64_t begin, int64_t end) {
+      total.fetch_add(sum(begin, end), std::memory_order_relaxed);
+    });
+    best = std::min(best, seconds_since(t0));
+    sink = sink + total.load(std::memory_order_relaxed);
+  }
+  return best;
 }
 
 struct FreeDeleter {
@@ -457,28 +488,10 @@ Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double m
         str_printf("allocating %llu bytes for the host bandwidth measurement failed", llu(bytes)));
   }
   Lanes* data = buffer.get();
-  // Written by the threads that read it later (same chunks), so each slice's pages are faulted
-  // in, and on NUMA machines placed, where they are read.
-  parallel_for(blocks, workers, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * kBlockLanes; i < end * kBlockLanes; ++i) {
-      data[i] = Lanes{static_cast<uint64_t>(i), ~static_cast<uint64_t>(i)};
-    }
-  });
-
-  const double pass_bytes = static_cast<double>(blocks) * kBlockBytes;
-  double best = INFINITY;
-  volatile uint64_t sink = 0;  // the sums are used, so the reads cannot be dropped
-  const Clock::time_point start = Clock::now();
-  for (int pass = 0; pass < 2 || seconds_since(start) < min_seconds; ++pass) {
-    std::atomic<uint64_t> sum{0};
-    const Clock::time_point t0 = Clock::now();
-    parallel_for(blocks, workers, [&](int64_t begin, int64_t end) {
-      sum.fetch_add(sum_blocks(data, begin, end), std::memory_order_relaxed);
-    });
-    best = std::min(best, seconds_since(t0));
-    sink = sink + sum.load(std::memory_order_relaxed);
-  }
-  return pass_bytes / std::max(best, 1e-9);
+  fill_lanes(data, blocks, kBlockLanes, workers);
+  const double best = best_pass_seconds(
+      blocks, workers, min_seconds, [&](int64_t b, int64_t e) { return sum_blocks(data, b, e); });
+  return static_cast<double>(blocks) * kBlockBytes / std::max(best, 1e-9);
 }
 
 // ---- measure_host_record_read_bandwidth ------------------------------------------------------
@@ -557,31 +570,16 @@ Result<double> measure_host_record_read_bandwidth(uint64_t stride, uint64_t reco
   if (bytes >= (uint64_t{32} << 20)) ::madvise(table, bytes, MADV_HUGEPAGE);  // advice only
   const int workers = resolve_thread_count(threads);
   Lanes* data = static_cast<Lanes*>(table);
-  const int64_t lanes = static_cast<int64_t>(bytes / sizeof(Lanes));
-  parallel_for(lanes, workers, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      data[i] = Lanes{static_cast<uint64_t>(i), ~static_cast<uint64_t>(i)};
-    }
-  });
+  // Faulted in before the timing (its records are read at random, by any thread).
+  fill_lanes(data, static_cast<int64_t>(bytes / 64), kLineLanes, workers);
   std::vector<uint32_t> order(static_cast<size_t>(picks));
   std::mt19937_64 rng(0x74726f7665ULL);  // "trove"
   std::uniform_int_distribution<uint64_t> pick(0, records - 1);
   for (uint32_t& p : order) p = static_cast<uint32_t>(pick(rng));
-
-  double best = INFINITY;
-  volatile uint64_t sink = 0;  // the sums are used, so the reads cannot be dropped
-  const Clock::time_point start = Clock::now();
-  for (int pass = 0; pass < 2 || seconds_since(start) < min_seconds; ++pass) {
-    std::atomic<uint64_t> sum{0};
-    const Clock::time_point t0 = Clock::now();
-    parallel_for(static_cast<int64_t>(picks), workers, [&](int64_t begin, int64_t end) {
-      sum.fetch_add(
-          sum_records(data, stride, order.data() + begin, static_cast<uint64_t>(end - begin)),
-          std::memory_order_relaxed);
-    });
-    best = std::min(best, seconds_since(t0));
-    sink = sink + sum.load(std::memory_order_relaxed);
-  }
+  const double best = best_pass_seconds(
+      static_cast<int64_t>(picks), workers, min_seconds, [&](int64_t b, int64_t e) {
+        return sum_records(data, stride, order.data() + b, static_cast<uint64_t>(e - b));
+      });
   return static_cast<double>(picks) * static_cast<double>(stride) / std::max(best, 1e-9);
 }
 
