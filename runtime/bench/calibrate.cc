@@ -10,7 +10,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -38,6 +37,7 @@
 #include "base/numeric.h"
 #include "base/strings.h"
 #include "base/thread_pool.h"
+#include "runtime/tiers/expert_cache.h"
 #include "storage/file.h"
 
 extern char** environ;
@@ -90,6 +90,17 @@ void fill_lanes(Lanes* data, int64_t n, int64_t lanes_per_unit, int workers) {
       data[i] = Lanes{static_cast<uint64_t>(i), ~static_cast<uint64_t>(i)};
     }
   });
+}
+
+// The thread count (0: every core) and the least duration of a bandwidth measurement.
+Status check_threads_and_duration(int threads, double min_seconds) {
+  if (threads < 0) {
+    return Status::invalid_argument(str_printf("thread count %d must be >= 0", threads));
+  }
+  if (!(min_seconds >= 0) || !std::isfinite(min_seconds)) {
+    return Status::invalid_argument(str_printf("duration %g s must be >= 0", min_seconds));
+  }
+  return Status::ok_status();
 }
 
 // The least seconds of a pass of sum over [0, n) split by parallel_for(n, workers); passes
@@ -473,12 +484,7 @@ Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double m
     return Status::invalid_argument(
         str_printf("host bandwidth buffer of %llu bytes is too small (at least 4096)", llu(bytes)));
   }
-  if (threads < 0) {
-    return Status::invalid_argument(str_printf("thread count %d must be >= 0", threads));
-  }
-  if (!(min_seconds >= 0) || !std::isfinite(min_seconds)) {
-    return Status::invalid_argument(str_printf("duration %g s must be >= 0", min_seconds));
-  }
+  TROVE_RETURN_IF_ERROR(check_threads_and_duration(threads, min_seconds));
   const int workers = resolve_thread_count(threads);
   const int64_t blocks = static_cast<int64_t>(bytes / kBlockBytes);
   std::unique_ptr<Lanes, FreeDeleter> buffer(
@@ -546,30 +552,26 @@ Result<double> measure_host_record_read_bandwidth(uint64_t stride, uint64_t reco
         str_printf("record count %llu must be in [1, 2^32]", llu(records)));
   }
   if (picks < 1) return Status::invalid_argument("pick count must be >= 1");
-  if (threads < 0) {
-    return Status::invalid_argument(str_printf("thread count %d must be >= 0", threads));
-  }
-  if (!(min_seconds >= 0) || !std::isfinite(min_seconds)) {
-    return Status::invalid_argument(str_printf("duration %g s must be >= 0", min_seconds));
-  }
+  TROVE_RETURN_IF_ERROR(check_threads_and_duration(threads, min_seconds));
   if (records > std::numeric_limits<uint64_t>::max() / stride) {
     return Status::invalid_argument(str_printf("a table of %llu records of %llu bytes is too large",
                                                llu(records), llu(stride)));
   }
-  const uint64_t bytes = records * stride;
-  void* table = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (table == MAP_FAILED) {
+  const size_t bytes = static_cast<size_t>(records * stride);
+  // The host tier's blocks: anonymous memory with huge pages advised, as record tables get.
+  Result<uint8_t*> table = allocate_host_block(bytes);
+  if (!table.ok()) {
     return Status::resource_exhausted(
-        str_printf("allocating %llu bytes for the record read measurement failed", llu(bytes)));
+        str_printf("allocating %llu bytes for the record read measurement failed: %s", llu(bytes),
+                   table.status().message().c_str()));
   }
-  struct Unmap {
-    void* p;
-    uint64_t n;
-    ~Unmap() { ::munmap(p, n); }
-  } unmap{table, bytes};
-  if (bytes >= (uint64_t{32} << 20)) ::madvise(table, bytes, MADV_HUGEPAGE);  // advice only
+  struct Release {
+    uint8_t* p;
+    size_t n;
+    ~Release() { free_host_block(p, n); }
+  } release{*table, bytes};
   const int workers = resolve_thread_count(threads);
-  Lanes* data = static_cast<Lanes*>(table);
+  Lanes* data = reinterpret_cast<Lanes*>(*table);
   // Faulted in before the timing (its records are read at random, by any thread).
   fill_lanes(data, static_cast<int64_t>(bytes / 64), kLineLanes, workers);
   std::vector<uint32_t> order(static_cast<size_t>(picks));

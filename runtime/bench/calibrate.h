@@ -47,8 +47,8 @@ Result<double> measure_host_read_bandwidth(uint64_t bytes, int threads, double m
 
 // Bytes per second of reading whole records at random host addresses, as the CPU expert stage
 // reads them, and nothing else: its ceiling, where measure_host_read_bandwidth is the memory's.
-// A table of `records` records `stride` bytes apart (allocated and written once, 2 MiB pages
-// requested as ResidentStoreExpertSource requests them), `picks` uniformly random record indices
+// A table of `records` records `stride` bytes apart (allocate_host_block's memory, huge pages
+// advised, written once), `picks` uniformly random record indices
 // (a fixed seed) split over `threads` (0: every core); each thread sums its records' lines in
 // pick order while it prefetches the record two picks ahead a few lines at a time between its
 // own reads (a record's lines prefetched in one burst stall the core on its fill buffers). Whole
