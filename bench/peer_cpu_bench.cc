@@ -3,6 +3,7 @@
 // the background's PyTorch module on the same weights and tokens in the same run.
 //
 //   peer_cpu_bench STORE LAYER INPUT.safetensors [--repeats R] [--threads N] [--y-out FILE]
+//                  [--modes NAME,NAME...]
 //
 // INPUT holds 'x' [T, D]. Each mode (ExpertDot::kFloat, and kInt8 on int8/int4 records; each with
 // fp32 and with bf16 routing, RoutingPrecision) runs R + 1 forward passes of the whole batch
@@ -16,7 +17,8 @@
 // |y|. --y-out writes y of kFloat as safetensors 'y', for the driver's check that trove and PyTorch
 // compute the same layer. The bf16-routing modes also report the fraction of fp32 routing's
 // selected experts they select (routing_agreement_vs_f32) and, with the float dot, y's error
-// against fp32 routing's y. Prints one JSON object.
+// against fp32 routing's y. --modes runs only the named modes (for a profiler; the comparisons
+// with fp32 routing need "float" among them). Prints one JSON object.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -71,11 +73,11 @@ Errors errors(const std::vector<float>& got, const std::vector<float>& want) {
 int run(int argc, char** argv) {
   if (argc < 4) {
     die("usage: peer_cpu_bench STORE LAYER INPUT.safetensors [--repeats R] [--threads N] "
-        "[--y-out FILE]");
+        "[--y-out FILE] [--modes NAME,NAME...]");
   }
   const std::string store_path = argv[1], layer_name = argv[2], input_path = argv[3];
   int repeats = 5, threads = 0;
-  std::string y_out;
+  std::string y_out, only_modes;
   for (int i = 4; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--repeats") {
@@ -84,6 +86,8 @@ int run(int argc, char** argv) {
       threads = std::atoi(argv[i + 1]);
     } else if (flag == "--y-out") {
       y_out = argv[i + 1];
+    } else if (flag == "--modes") {
+      only_modes = "," + std::string(argv[i + 1]) + ",";
     } else {
       die("unknown flag " + flag);
     }
@@ -138,6 +142,12 @@ int run(int argc, char** argv) {
   if (dtype_is_quantized(layout.dtype)) {
     modes.push_back({"int8_int8_routing", ExpertDot::kInt8, RoutingPrecision::kInt8});
   }
+  if (!only_modes.empty()) {
+    std::erase_if(modes, [&](const Mode& m) {
+      return only_modes.find("," + std::string(m.name) + ",") == std::string::npos;
+    });
+    if (modes.empty()) die("--modes names none of this store's modes");
+  }
   // The fp32-routing mode's routing and y, which the bf16-routing modes are compared with.
   PeerRouting f32_routing;
   std::vector<float> f32_y;
@@ -182,7 +192,7 @@ int run(int argc, char** argv) {
         {"y_rel_fro_vs_oracle", e.rel_fro},
         {"y_max_rel_vs_oracle", e.max_rel},
     };
-    if (mode.routing != RoutingPrecision::kF32) {
+    if (mode.routing != RoutingPrecision::kF32 && !f32_routing.ids.empty()) {
       // Of the experts fp32 routing selects for each (token, head), the fraction this routing
       // selects too; y of the whole forward against fp32 routing's (same expert dot only).
       int64_t kept = 0;

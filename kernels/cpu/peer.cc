@@ -16,7 +16,11 @@
 //     rounding a row as 64-row calls do (short_block_rows; the library picks its kernels by
 //     shape): a token's q and scores do not depend on the thread count, nor on the batch (a
 //     one-token run equals the first token of a longer one). RoutingPrecision::kBf16 on the
-//     AVX512_BF16 kernel needs no padding: each of its outputs is a fixed-order sum.
+//     AVX512_BF16 kernel needs no padding: each of its outputs is a fixed-order sum. kInt8's
+//     products are exact integers: on paths with int8_scores (AVX2 and up) the sub-key scores
+//     of kScoreTile tokens are computed and selected at once, while in L1.
+//   route's selection (top-k' per half, the merge of the halves, the gates) is per (token,
+//     head), by rules that give one answer whatever the path (kernels/cpu/peer_kernels.h).
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
 //     sums over tokens are then formed by partitioning the summed-into rows (rows of W_q,
 //     columns of gamma, key rows, unique experts), each row adding its terms in token order.
@@ -292,6 +296,24 @@ std::vector<float> peer_internal::pack_f32_panels(const float* b, int64_t n, int
   return out;
 }
 
+peer_internal::Int8Panels peer_internal::pack_int8_panels(const int8_t* b, int64_t n, int64_t k,
+                                                          int64_t ldb) {
+  const int64_t quads = (k + 3) / 4, rows = (n + 15) / 16 * 16;
+  Int8Panels out;
+  out.codes.assign(static_cast<size_t>(rows * quads * 4), 0);
+  out.offsets.assign(static_cast<size_t>(rows), 0);
+  for (int64_t j = 0; j < n; ++j) {
+    int32_t sum = 0;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const int8_t code = b[j * ldb + kk];
+      out.codes[static_cast<size_t>(((j / 8) * quads + kk / 4) * 32 + (j % 8) * 4 + kk % 4)] = code;
+      sum += code;
+    }
+    out.offsets[static_cast<size_t>(j)] = 128 * sum;
+  }
+  return out;
+}
+
 // C[i, j] = (float(acc[i, j]) * scale_a[i]) * scale_b[j], rounded once per operation.
 void peer_internal::portable_scale_products(const int32_t* acc, int64_t m, int64_t n,
                                             const float* scale_a, const float* scale_b, float* c,
@@ -309,17 +331,70 @@ void peer_internal::portable_scale_products(const int32_t* acc, int64_t m, int64
 
 namespace {
 
+struct Candidate {
+  float score;
+  int64_t id;
+};
+
+// Score descending, then id ascending: the order of routing slots.
+bool better(const Candidate& a, const Candidate& b) {
+  return a.score != b.score ? a.score > b.score : a.id < b.id;
+}
+
+}  // namespace
+
+// A heap of the k best (its front the worst kept). Rows and columns are scanned best first and
+// a scan stops at the first sum strictly below the worst kept: fp32 addition is monotone, so
+// nothing later in that row (or, for the first column, in any later row) can enter, ties
+// included.
+void peer_internal::portable_merge_top(const float* s0, const float* s1, const int64_t* top0,
+                                       const int64_t* top1, int64_t kp, int64_t n, int64_t k,
+                                       int64_t* ids, float* scores) {
+  constexpr int64_t kOnStack = 64;
+  Candidate on_stack[kOnStack];
+  std::vector<Candidate> on_heap(static_cast<size_t>(k > kOnStack ? k : 0));
+  Candidate* const best = k > kOnStack ? on_heap.data() : on_stack;
+  int64_t size = 0;
+  for (int64_t a = 0; a < kp; ++a) {
+    const float si = s0[top0[a]];
+    if (size == k && si + s1[top1[0]] < best[0].score) break;
+    for (int64_t b = 0; b < kp; ++b) {
+      const Candidate c{si + s1[top1[b]], top0[a] * n + top1[b]};
+      if (size < k) {
+        best[size++] = c;
+        std::push_heap(best, best + size, better);
+        continue;
+      }
+      if (c.score < best[0].score) break;
+      if (better(c, best[0])) {
+        std::pop_heap(best, best + size, better);
+        best[size - 1] = c;
+        std::push_heap(best, best + size, better);
+      }
+    }
+  }
+  std::sort_heap(best, best + size, better);
+  for (int64_t s = 0; s < size; ++s) {
+    ids[s] = best[s].id;
+    scores[s] = best[s].score;
+  }
+}
+
+namespace {
+
 constexpr PeerKernels kScalarKernels = {
     .coded_dot = scalar_coded_dot,
     .coded_dots = peer_internal::dots_one_by_one<scalar_coded_dot>,
     .coded_axpy = scalar_coded_axpy,
     .axpy = scalar_axpy,
     .top_indices = scalar_top_indices,
+    .merge_top = peer_internal::portable_merge_top,
     .int8_dot = scalar_int8_dot,
     .int8_dots = peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
     .quantize_activations = peer_internal::portable_quantize_activations,
     .int8_products_few = nullptr,
     .gemm_nt_panels = nullptr,
+    .int8_scores = nullptr,
     .scale_products = peer_internal::portable_scale_products,
     .routing_quantize = scalar_routing_quantize,
     .up_coefficients = peer_internal::portable_up_coefficients,
@@ -403,44 +478,6 @@ double inverse_rms(const float* x, int64_t D, float eps) {
   return 1.0 / std::sqrt(ss / static_cast<double>(D) + eps);
 }
 
-struct Candidate {
-  float score;
-  int64_t id;
-};
-
-// Score descending, then id ascending: the order of routing slots.
-bool better(const Candidate& a, const Candidate& b) {
-  return a.score != b.score ? a.score > b.score : a.id < b.id;
-}
-
-// The k best of the kp^2 sums s0[top0[a]] + s1[top1[b]], best first, into `best` (a heap whose
-// front is the worst kept). Rows and columns are scanned best first and a scan stops at the
-// first sum strictly below the worst kept: fp32 addition is monotone, so nothing later in that
-// row (or, for the first column, in any later row) can enter, ties included.
-void merge_halves(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
-                  int64_t kp, int64_t n, int64_t k, std::vector<Candidate>* best) {
-  best->clear();
-  for (int64_t a = 0; a < kp; ++a) {
-    const float si = s0[top0[a]];
-    if (static_cast<int64_t>(best->size()) == k && si + s1[top1[0]] < best->front().score) break;
-    for (int64_t b = 0; b < kp; ++b) {
-      const Candidate c{si + s1[top1[b]], top0[a] * n + top1[b]};
-      if (static_cast<int64_t>(best->size()) < k) {
-        best->push_back(c);
-        std::push_heap(best->begin(), best->end(), better);
-        continue;
-      }
-      if (c.score < best->front().score) break;
-      if (better(c, best->front())) {
-        std::pop_heap(best->begin(), best->end(), better);
-        best->back() = c;
-        std::push_heap(best->begin(), best->end(), better);
-      }
-    }
-  }
-  std::sort_heap(best->begin(), best->end(), better);
-}
-
 // d loss / d score of each of a head's k slots, given dg = d loss / d gate.
 void gate_backward(Gate gate, const float* scores, const float* gates, const double* dg, int64_t k,
                    double* dscore) {
@@ -469,6 +506,10 @@ void gate_backward(Gate gate, const float* scores, const float* gates, const dou
 // 64 tokens: the sub-scores of a block's (head, half) pair, 64 x n floats, stay in L2 up to
 // n = 2048 while the two halves are merged, and a block is big enough for the GEMM kernels.
 constexpr int64_t kRouteBlock = 64;
+
+// Tokens whose sub-scores PeerKernels::int8_scores computes at once before they are selected:
+// 2 x 4 x n floats, 32 KB at n = 1024.
+constexpr int64_t kScoreTile = 4;
 
 // Up to this many tokens a block of the int8 query runs PeerKernels::int8_products_few where the
 // path has it: one token's query took 0.19 ms through oneDNN, most of it the call's setup; at 16
@@ -771,6 +812,12 @@ void prepare_key_weights(const PeerConfig& config, const PeerRouterParams& param
   if (w->precision == RoutingPrecision::kInt8) {
     quantize_weight_rows(kernels(), params.keys, key_tables * n, dk, threads, &w->key_codes,
                          &w->key_scales);
+    if (kernels().int8_scores != nullptr) {
+      for (int64_t table = 0; table < key_tables; ++table) {
+        w->key_panels_int8.push_back(
+            peer_internal::pack_int8_panels(&w->key_codes[table * n * dk], n, dk, dk));
+      }
+    }
   } else if (w->precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
     for (int64_t table = 0; table < key_tables; ++table) {
       w->key_panels.push_back(pack_bf16_panels(params.keys + table * n * dk, n, dk, dk));
@@ -973,6 +1020,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   }
   TROVE_CHECK(weights->precision == precision);
   const bool f32_panels = !weights->key_panels_f32.empty() && kernels().gemm_nt_panels != nullptr;
+  const bool int8_panels = !weights->key_panels_int8.empty() && kernels().int8_scores != nullptr;
   const int64_t h = config.heads, k = config.topk, kp = config.topk_per_half;
   const int64_t n = config.n_keys, dk = config.dim_key, rows = config.query_rows();
   routing->resize(T, h, k);
@@ -999,12 +1047,10 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
     // the merge heap.
     std::vector<float> scores(static_cast<size_t>(2 * kRouteBlock * n));
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));
-    std::vector<Candidate> best;
-    best.reserve(static_cast<size_t>(k));
     std::vector<float> pad_q;  // a short last block's q, zero-padded (short_block_rows)
     std::vector<uint32_t> q_pairs(bf16_kernel ? static_cast<size_t>(kRouteBlock * pairs) : 0);
-    std::vector<uint8_t> q_codes(int8 ? static_cast<size_t>(kRouteBlock * dk) : 0);
-    std::vector<float> q_scales(int8 ? static_cast<size_t>(kRouteBlock) : 0);
+    std::vector<uint8_t> q_codes(int8 ? static_cast<size_t>(2 * kRouteBlock * dk) : 0);
+    std::vector<float> q_scales(int8 ? static_cast<size_t>(2 * kRouteBlock) : 0);
     std::vector<int32_t> acc(int8 ? static_cast<size_t>(kRouteBlock * n) : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * block, m = std::min(block, T - t0);
@@ -1017,8 +1063,43 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
         std::memcpy(pad_q.data(), qb, static_cast<size_t>(m * rows) * sizeof(float));
         qb = pad_q.data();
       }
+      // Token t of the block's selection from its two rows of sub-scores.
+      const auto select = [&](const float* s0, const float* s1, int64_t t, int64_t head) {
+        kr.top_indices(s0, n, kp, top.data());
+        kr.top_indices(s1, n, kp, top.data() + kp);
+        const size_t base = static_cast<size_t>(((t0 + t) * h + head) * k);
+        kr.merge_top(s0, s1, top.data(), top.data() + kp, kp, n, k, &routing->ids[base],
+                     &routing->scores[base]);
+        gates_ref(config.gate, &routing->scores[base], k, &routing->gates[base]);
+      };
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
+        if (int8_panels) {
+          // Both halves' codes first, then kScoreTile tokens at a time: their scores are
+          // selected while in L1 (the block's whole [2][64][n] did not stay in L2 at n = 1024).
+          for (int half = 0; half < 2; ++half) {
+            quantize_activation_rows(kr, qb + (head * 2 + half) * dk, m, dk, rows,
+                                     &q_codes[static_cast<size_t>(half * kRouteBlock * dk)],
+                                     &q_scales[static_cast<size_t>(half * kRouteBlock)]);
+          }
+          for (int64_t t = 0; t < m; t += kScoreTile) {
+            const int64_t tile = std::min(kScoreTile, m - t);
+            for (int half = 0; half < 2; ++half) {
+              const int64_t table = hk * 2 + half;
+              kr.int8_scores(tile, n, dk,
+                             &q_codes[static_cast<size_t>((half * kRouteBlock + t) * dk)], dk,
+                             weights->key_panels_int8[static_cast<size_t>(table)],
+                             &q_scales[static_cast<size_t>(half * kRouteBlock + t)],
+                             &weights->key_scales[table * n],
+                             &scores[static_cast<size_t>(half * kScoreTile * n)], n);
+            }
+            for (int64_t u = 0; u < tile; ++u) {
+              select(&scores[static_cast<size_t>(u * n)],
+                     &scores[static_cast<size_t>((kScoreTile + u) * n)], t + u, head);
+            }
+          }
+          continue;
+        }
         for (int half = 0; half < 2; ++half) {
           float* s_half = &scores[static_cast<size_t>(half * kRouteBlock * n)];
           if (bf16_kernel) {  // the block's m rows
@@ -1051,16 +1132,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
         }
         for (int64_t t = 0; t < m; ++t) {
           const float* s0 = &scores[static_cast<size_t>(t * n)];
-          const float* s1 = s0 + kRouteBlock * n;
-          kr.top_indices(s0, n, kp, top.data());
-          kr.top_indices(s1, n, kp, top.data() + kp);
-          merge_halves(s0, s1, top.data(), top.data() + kp, kp, n, k, &best);
-          const size_t base = static_cast<size_t>(((t0 + t) * h + head) * k);
-          for (int64_t s = 0; s < k; ++s) {
-            routing->ids[base + s] = best[s].id;
-            routing->scores[base + s] = best[s].score;
-          }
-          gates_ref(config.gate, &routing->scores[base], k, &routing->gates[base]);
+          select(s0, s0 + kRouteBlock * n, t, head);
         }
       }
     }

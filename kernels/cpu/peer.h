@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/cpu/peer_kernels.h"
 #include "kernels/peer.h"
 #include "kernels/record.h"
 
@@ -32,9 +33,11 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 // path: both packed for its fixed-order GEMM.
 struct PeerRouterWeights {
   RoutingPrecision precision = RoutingPrecision::kF32;
-  std::vector<int8_t> query_codes, key_codes;     // kInt8: [h*2*dk, D], [hk*2*n, dk]
-  std::vector<float> query_scales, key_scales;    // kInt8: one per row of each
-  std::vector<int32_t> query_code_offsets;        // kInt8: 128 * each W_q row's code sum
+  std::vector<int8_t> query_codes, key_codes;   // kInt8: [h*2*dk, D], [hk*2*n, dk]
+  std::vector<float> query_scales, key_scales;  // kInt8: one per row of each
+  std::vector<int32_t> query_code_offsets;      // kInt8: 128 * each W_q row's code sum
+  // kInt8 where the CPU path has int8_scores: each key table packed for it.
+  std::vector<peer_internal::Int8Panels> key_panels_int8;
   std::vector<uint32_t> query_panels;             // kBf16 kernel: W_q packed (peer.cc)
   std::vector<std::vector<uint32_t>> key_panels;  // kBf16 kernel: each key table packed
   // kF32 where the CPU path has its fixed-order GEMM (AVX-512): W_q and each key table packed

@@ -236,11 +236,34 @@ void top_indices_scan(const float* s, int64_t n, int64_t kp, int64_t* out) {
   for (; i < n; ++i) top_step(s, i, kp, out, &size);
 }
 
+// Left-packing of 8 lanes: for each movemask, the lanes whose bit is set, in order, then zeros.
+struct PackTable {
+  int32_t lanes[256][8];
+};
+constexpr PackTable make_pack_table() {
+  PackTable t{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int out = 0;
+    for (int lane = 0; lane < 8; ++lane) {
+      if (mask & (1 << lane)) t.lanes[mask][out++] = lane;
+    }
+  }
+  return t;
+}
+alignas(32) constexpr PackTable kPackTable = make_pack_table();
+
+// The most scores at or above the bound that top_indices ranks; more (many ties at the bound)
+// take the insertion scan.
+constexpr int kMaxRanked = 64;
+
 // The scan above waits, per 8 scores, on two dependent loads (the list's last index, then its
 // score). Here no pass depends on the one before: the maxima of the 16 lanes (element i in lane
 // i % 16) bound the answer from below (tau, the kp-th largest of them: at least kp scores are >=
-// tau, so every one of the kp best is), and only the scores >= tau, in index order, take the
-// scan's insertion: the scan's result, as the avx512 path computes it.
+// tau, so every one of the kp best is). The scores >= tau (about 10 of 512 gaussian ones at kp =
+// 8) are packed, in index order, without a branch per score; each takes as its rank the number
+// of them that come before it (greater, or equal at a lower index), and the kp of rank < kp are
+// the answer: the scan's result, as the avx512 path computes it. Many ties at tau (more than
+// kMaxRanked scores >= tau), or a NaN bound, take the scan's insertion over the scores >= tau.
 void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   const int64_t full = n / 16 * 16;
   if (kp > 16 || full == 0) return top_indices_scan(s, n, kp, out);
@@ -265,10 +288,71 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
         lanes(_mm256_cmp_ps(lo, v, _CMP_GE_OQ), _mm256_cmp_ps(hi, v, _CMP_GE_OQ));
     if (above < kp && at_or_above >= kp) tau = m[j];
   }
+  // The scores >= tau and their indices, packed in index order (room for one more vector).
+  alignas(32) float value[kMaxRanked + 8];
+  alignas(32) int32_t index[kMaxRanked + 8];
+  int count = 0;
+  const __m256 bound = _mm256_set1_ps(tau);
+  __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < full; i += 8) {
+    const __m256 v = _mm256_loadu_ps(s + i);
+    const unsigned mask =
+        static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, bound, _CMP_GE_OQ)));
+    if (count <= kMaxRanked) {
+      const __m256i pack =
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(kPackTable.lanes[mask]));
+      _mm256_storeu_ps(value + count, _mm256_permutevar8x32_ps(v, pack));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(index + count),
+                          _mm256_permutevar8x32_epi32(at, pack));
+    }
+    count += __builtin_popcount(mask);
+    at = _mm256_add_epi32(at, _mm256_set1_epi32(8));
+  }
+  for (int64_t i = full; i < n; ++i) {
+    if (s[i] >= tau) {
+      if (count < kMaxRanked) {
+        value[count] = s[i];
+        index[count] = static_cast<int32_t>(i);
+      }
+      ++count;
+    }
+  }
+  // Fewer than kp only when tau is a NaN (a row of NaNs): the scan's insertion, as before.
+  if (count >= kp && count <= kMaxRanked) {
+    const int vectors = (count + 7) / 8;
+    for (int j = count; j < vectors * 8; ++j) value[j] = -std::numeric_limits<float>::infinity();
+    // rank[j] counts the candidates i that come before j: v_i > v_j, or v_i == v_j and i < j
+    // (a true compare is -1, so it is subtracted). Padding lanes sit past every candidate.
+    __m256i rank[kMaxRanked / 8 + 1];
+    for (int v = 0; v < vectors; ++v) rank[v] = _mm256_setzero_si256();
+    for (int i = 0; i < count; ++i) {
+      const __m256 vi = _mm256_set1_ps(value[i]);
+      const __m256i ii = _mm256_set1_epi32(i);
+      __m256i position = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int v = 0; v < vectors; ++v) {
+        const __m256 vj = _mm256_load_ps(value + 8 * v);
+        const __m256i greater = _mm256_castps_si256(_mm256_cmp_ps(vi, vj, _CMP_GT_OQ));
+        const __m256i equal_before =
+            _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(vi, vj, _CMP_EQ_OQ)),
+                             _mm256_cmpgt_epi32(position, ii));
+        rank[v] = _mm256_sub_epi32(rank[v], _mm256_or_si256(greater, equal_before));
+        position = _mm256_add_epi32(position, _mm256_set1_epi32(8));
+      }
+    }
+    // "Comes before" orders the candidates totally (none is a NaN: NaN >= tau is false), so
+    // the ranks are 0..count-1, each once.
+    alignas(32) int32_t ranks[kMaxRanked + 8];
+    for (int v = 0; v < vectors; ++v) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ranks + 8 * v), rank[v]);
+    }
+    int at_rank[kMaxRanked + 8];
+    for (int j = 0; j < count; ++j) at_rank[ranks[j]] = j;
+    for (int64_t r = 0; r < kp; ++r) out[r] = index[at_rank[r]];
+    return;
+  }
   float kept[16];
   int64_t size = 0;
   const auto insert = [&](int64_t i) { peer_internal::top_insert(s, i, kp, kept, out, &size); };
-  const __m256 bound = _mm256_set1_ps(tau);
   for (int64_t i = 0; i < full; i += 8) {
     unsigned mask = static_cast<unsigned>(
         _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), bound, _CMP_GE_OQ)));
@@ -276,6 +360,175 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   }
   for (int64_t i = full; i < n; ++i) {
     if (s[i] >= tau) insert(i);
+  }
+}
+
+// merge_top without the heap's data-dependent branches (most of portable_merge_top's time). A sum
+// (a, b) is at most each sum (a' <= a, b' <= b), fp32 addition being monotone, so only the sums
+// with (a + 1)(b + 1) <= k can be among the k best. Each of those takes the rank of the number of
+// them strictly greater; when ranks 0..k-1 are all taken and exactly k of all kp^2 sums are >=
+// the k-th, the k best are distinct and no other sum ties them: the answer is the heap's.
+// Otherwise (ties among the best, a sum outside the candidates rounding equal to the k-th, a
+// sum that is not a number, kp or k above 16) the heap merges.
+void merge_top(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
+               int64_t kp, int64_t n, int64_t k, int64_t* ids, float* scores) {
+  if (kp > 16 || k > 16) {
+    return peer_internal::portable_merge_top(s0, s1, top0, top1, kp, n, k, ids, scores);
+  }
+  const float low = -std::numeric_limits<float>::infinity();
+  alignas(32) float row[16], col[16];
+  for (int64_t a = 0; a < 16; ++a) {
+    row[a] = a < kp ? s0[top0[a]] : low;
+    col[a] = a < kp ? s1[top1[a]] : low;
+  }
+  // The candidates, padded to whole vectors with -inf (never greater than a finite sum).
+  constexpr int kMaxCandidates = 56;  // sum over a of min(16, 16 / (a + 1)) = 50
+  alignas(32) float sum[kMaxCandidates];
+  uint8_t pos_a[kMaxCandidates], pos_b[kMaxCandidates];
+  int count = 0;
+  int64_t cols = std::min(kp, k);
+  for (int64_t a = 0; a < std::min(kp, k); ++a) {
+    while ((a + 1) * cols > k) --cols;  // cols = min(kp, k / (a + 1)), without a division
+    for (int64_t b = 0; b < cols; ++b) {
+      sum[count] = row[a] + col[b];
+      pos_a[count] = static_cast<uint8_t>(a);
+      pos_b[count] = static_cast<uint8_t>(b);
+      ++count;
+    }
+  }
+  const int vectors = (count + 7) / 8;
+  for (int i = count; i < vectors * 8; ++i) sum[i] = low;
+  // rank[i] = the number of candidates strictly greater, 8 candidates at a time (a true compare
+  // is -1, so it is subtracted).
+  __m256i ranks[kMaxCandidates / 8];
+  for (int j = 0; j < vectors; ++j) ranks[j] = _mm256_setzero_si256();
+  for (int i = 0; i < count; ++i) {
+    const __m256 v = _mm256_set1_ps(sum[i]);
+    for (int j = 0; j < vectors; ++j) {
+      ranks[j] = _mm256_sub_epi32(
+          ranks[j], _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_load_ps(sum + 8 * j), _CMP_GT_OQ)));
+    }
+  }
+  alignas(32) int32_t rank[kMaxCandidates];
+  for (int j = 0; j < vectors; ++j) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rank + 8 * j), ranks[j]);
+  }
+  int at_rank[kMaxCandidates];
+  uint64_t taken = 0;
+  for (int i = 0; i < count; ++i) {
+    taken |= uint64_t{1} << rank[i];
+    at_rank[rank[i]] = i;
+  }
+  // Ranks 0..k-1 each taken (two equal sums take one rank and leave the next empty; two taking
+  // the same rank with all of 0..k-1 taken make k + 1 sums >= the k-th, which the count below
+  // catches).
+  const uint64_t first_k = (uint64_t{1} << k) - 1;
+  bool exact = (taken & first_k) == first_k;
+  if (exact) {
+    const __m256 kth = _mm256_set1_ps(sum[at_rank[k - 1]]);
+    const __m256 col_lo = _mm256_load_ps(col), col_hi = _mm256_load_ps(col + 8);
+    int at_least = 0;
+    for (int64_t a = 0; a < kp; ++a) {
+      const __m256 r = _mm256_set1_ps(row[a]);
+      at_least += __builtin_popcount(static_cast<unsigned>(
+          _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(r, col_lo), kth, _CMP_GE_OQ))));
+      if (kp > 8) {
+        at_least += __builtin_popcount(static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(r, col_hi), kth, _CMP_GE_OQ))));
+      }
+    }
+    exact = at_least == k;
+  }
+  if (!exact) return peer_internal::portable_merge_top(s0, s1, top0, top1, kp, n, k, ids, scores);
+  for (int64_t r = 0; r < k; ++r) {
+    const int i = at_rank[r];
+    ids[r] = top0[pos_a[i]] * n + top1[pos_b[i]];
+    scores[r] = sum[i];
+  }
+}
+
+// int8_scores: tiles of R activation rows x 16 keys (two panels). Per quad of k, each row's 4
+// codes (+128) are broadcast, multiplied with the 8 keys' 4 codes of each panel by vpmaddubsw
+// (|a pair sum| <= 2 * 255 * 64 < 2^15: exact) and summed to 32 bits by vpmaddwd, so every sum
+// is the exact integer; then minus the key's offset and scaled as portable_scale_products does.
+inline int32_t activation_quad(const uint8_t* row, int64_t q, int64_t k) {
+  int32_t quad = 0;  // bytes past k multiply zero codes
+  std::memcpy(&quad, row + 4 * q, static_cast<size_t>(std::min<int64_t>(4, k - 4 * q)));
+  return quad;
+}
+
+template <int R>
+void int8_score_rows(int64_t n, int64_t k, const uint8_t* a, int64_t lda,
+                     const peer_internal::Int8Panels& b, const float* scale_a, const float* scale_b,
+                     float* c, int64_t ldc) {
+  const int64_t quads = (k + 3) / 4, whole = k / 4;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t j = 0; j < n; j += 16) {
+    const int8_t* panel = &b.codes[static_cast<size_t>((j / 8) * quads * 32)];
+    __m256i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    const auto step = [&](int64_t q, const int32_t* quad) {
+      const __m256i k0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * 32));
+      const __m256i k1 =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (quads + q) * 32));
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_set1_epi32(quad[r]);
+        acc[r][0] =
+            _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, k0), ones));
+        acc[r][1] =
+            _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, k1), ones));
+      }
+    };
+    for (int64_t q = 0; q < whole; ++q) {
+      int32_t quad[R];
+      for (int r = 0; r < R; ++r) std::memcpy(&quad[r], a + r * lda + 4 * q, 4);
+      step(q, quad);
+    }
+    if (whole < quads) {
+      int32_t quad[R];
+      for (int r = 0; r < R; ++r) quad[r] = activation_quad(a + r * lda, whole, k);
+      step(whole, quad);
+    }
+    for (int half = 0; half < 2; ++half) {
+      const int64_t col = j + 8 * half;
+      if (col >= n) break;
+      const __m256i offset = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(&b.offsets[static_cast<size_t>(col)]));
+      for (int r = 0; r < R; ++r) {
+        const __m256 scaled = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][half], offset)), _mm256_set1_ps(scale_a[r]));
+        float* out = c + r * ldc + col;
+        if (col + 8 <= n) {
+          _mm256_storeu_ps(out, _mm256_mul_ps(scaled, _mm256_loadu_ps(scale_b + col)));
+        } else {  // the last columns: scale_b and c end at n
+          alignas(32) float part[8];
+          _mm256_store_ps(part, scaled);
+          for (int64_t e = 0; e < n - col; ++e) out[e] = part[e] * scale_b[col + e];
+        }
+      }
+    }
+  }
+}
+
+void int8_scores(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
+                 const peer_internal::Int8Panels& b, const float* scale_a, const float* scale_b,
+                 float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    int8_score_rows<4>(n, k, a + i * lda, lda, b, scale_a + i, scale_b, c + i * ldc, ldc);
+  }
+  switch (m - i) {
+    case 3:
+      int8_score_rows<3>(n, k, a + i * lda, lda, b, scale_a + i, scale_b, c + i * ldc, ldc);
+      break;
+    case 2:
+      int8_score_rows<2>(n, k, a + i * lda, lda, b, scale_a + i, scale_b, c + i * ldc, ldc);
+      break;
+    case 1:
+      int8_score_rows<1>(n, k, a + i * lda, lda, b, scale_a + i, scale_b, c + i * ldc, ldc);
+      break;
+    default:
+      break;
   }
 }
 
@@ -514,11 +767,13 @@ const PeerKernels& peer_kernels() {
       .coded_axpy = coded_axpy,
       .axpy = axpy,
       .top_indices = top_indices,
+      .merge_top = merge_top,
       .int8_dot = int8_dot,
       .int8_dots = peer_internal::int8_dots_one_by_one<int8_dot>,
       .quantize_activations = peer_internal::portable_quantize_activations,
       .int8_products_few = nullptr,
       .gemm_nt_panels = nullptr,
+      .int8_scores = int8_scores,
       .scale_products = scale_products,
       .routing_quantize = routing_quantize,
       .up_coefficients = up_coefficients,

@@ -47,6 +47,16 @@ struct CodedRow {
 // floats (element [j][kk] at ((j / 16) * k + kk) * 16 + j % 16), rows past n zero.
 std::vector<float> pack_f32_panels(const float* b, int64_t n, int64_t k, int64_t ldb);
 
+// RoutingPrecision::kInt8's key codes b [n, k] (row stride ldb) as int8_scores takes them: panels
+// of 8 rows, each quads = ceil(k / 4) blocks of 8 rows x 4 codes (element [j][kk] at
+// ((j / 8) * quads + kk / 4) * 32 + (j % 8) * 4 + kk % 4), with zero codes past k and past n
+// rounded up to 16 rows; `offsets` [n rounded up to 16]: 128 * the sum of row j's codes.
+struct Int8Panels {
+  std::vector<int8_t> codes;
+  std::vector<int32_t> offsets;
+};
+Int8Panels pack_int8_panels(const int8_t* b, int64_t n, int64_t k, int64_t ldb);
+
 // The most rows coded_dots and int8_dots take at once.
 constexpr int kDotRows = 4;
 
@@ -89,6 +99,11 @@ struct PeerKernels {
   // enters only when strictly greater than the kp-th kept). Every path gives the same indices.
   // REQUIRES: 1 <= kp <= n, s finite.
   void (*top_indices)(const float* s, int64_t n, int64_t kp, int64_t* out);
+  // The k best of the kp^2 sums s0[top0[a]] + s1[top1[b]] (top0, top1: the halves' top_indices,
+  // best first), best first, ties lower id top0[a] * n + top1[b] first: ids[0..k) and
+  // scores[0..k). Every path gives portable_merge_top's result. REQUIRES: 1 <= k <= kp^2.
+  void (*merge_top)(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
+                    int64_t kp, int64_t n, int64_t k, int64_t* ids, float* scores);
   // sum_i row[i] * x[i] for an int8 or int4 row (t) against x quantized (above).
   // REQUIRES: t is kI8 or kI4; x.groups == quant_groups(n).
   float (*int8_dot)(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
@@ -115,6 +130,14 @@ struct PeerKernels {
   // the blocking or on the thread. nullptr on paths without it: they use the BLAS.
   void (*gemm_nt_panels)(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                          const float* b_panels, float* c, int64_t ldc);
+  // RoutingPrecision::kInt8's sub-key scores of a block, the integer GEMM and scale_products in
+  // one pass: c[i * ldc + j] = (float(acc) * scale_a[i]) * scale_b[j] for i < m, j < n, with
+  // acc = sum_kk (a[i * lda + kk] - 128) * b[j][kk] exact and b packed by pack_int8_panels: the
+  // bits of blas::gemm_nt_int8 followed by scale_products. nullptr on paths without it.
+  // REQUIRES: the codes of b in [-64, 64] (kRoutingWeightLevels).
+  void (*int8_scores)(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
+                      const Int8Panels& b, const float* scale_a, const float* scale_b, float* c,
+                      int64_t ldc);
   // RoutingPrecision::kInt8's products from the integer GEMM: c[i * ldc + j] =
   // (float(acc[i * n + j]) * scale_a[i]) * scale_b[j], each multiply rounded to fp32.
   void (*scale_products)(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
@@ -141,6 +164,11 @@ bool portable_quantize_activations(const float* x, int64_t n, int8_t* codes, uin
 bool portable_up_coefficients(const CodedRow* rows, const float* ga, int count, int64_t n,
                               float* work, int32_t* pairs, int32_t* bias, float* scales);
 void portable_int_up(DType t, const CodedRow* rows, int64_t n, const UpCoefficients& c, float* y);
+
+// merge_top in portable code (kernels/cpu/peer.cc): a heap of the k best, rows and columns
+// scanned best first.
+void portable_merge_top(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
+                        int64_t kp, int64_t n, int64_t k, int64_t* ids, float* scores);
 
 // scale_products in portable code (kernels/cpu/peer.cc).
 void portable_scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,

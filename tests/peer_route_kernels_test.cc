@@ -1,0 +1,209 @@
+// The routing step's inner loops (kernels/cpu/peer_kernels.h) on every SIMD path this CPU runs,
+// each against a plain oracle: top_indices against a stable sort, merge_top against the heap
+// merge (portable_merge_top), int8_scores against oneDNN's integer GEMM followed by
+// portable_scale_products, bit for bit. Rows with heavy ties, all-equal rows (past the ranked
+// candidates' limit), signed zeros, and sizes below, at and across the vector widths.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/blas.h"
+#include "kernels/cpu/peer_kernels.h"
+#include "kernels/cpu/quant.h"
+
+namespace trove {
+namespace {
+
+using peer_internal::PeerKernels;
+
+size_t sz(int64_t v) {
+  return static_cast<size_t>(v);
+}
+
+// The SIMD paths' tables this CPU can run (the scalar table is the portable code these tests
+// compare with).
+std::vector<std::pair<CpuPath, const PeerKernels*>> simd_tables() {
+  std::vector<std::pair<CpuPath, const PeerKernels*>> out;
+  if (cpu_path_supported(CpuPath::kAvx2)) out.emplace_back(CpuPath::kAvx2, &avx2::peer_kernels());
+  if (cpu_path_supported(CpuPath::kAvxVnni)) {
+    out.emplace_back(CpuPath::kAvxVnni, &avxvnni::peer_kernels());
+  }
+  if (cpu_path_supported(CpuPath::kAvx512)) {
+    out.emplace_back(CpuPath::kAvx512, &avx512::peer_kernels());
+  }
+  return out;
+}
+
+// The kp largest, best first, ties lower index first.
+std::vector<int64_t> stable_top(const std::vector<float>& s, int64_t kp) {
+  std::vector<int64_t> order(s.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return s[sz(a)] > s[sz(b)]; });
+  order.resize(sz(kp));
+  return order;
+}
+
+// Rows of n scores of several kinds: gaussian, small integers (many ties), all equal, signed
+// zeros among negatives, and a few equal maxima above gaussian noise.
+std::vector<std::vector<float>> score_rows(int64_t n, std::mt19937* rng) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> small(-2, 2);
+  std::vector<std::vector<float>> rows(5, std::vector<float>(sz(n)));
+  for (int64_t i = 0; i < n; ++i) {
+    rows[0][sz(i)] = normal(*rng);
+    rows[1][sz(i)] = static_cast<float>(small(*rng));
+    rows[2][sz(i)] = 0.75f;
+    rows[3][sz(i)] = i % 3 == 0 ? -0.0f : i % 3 == 1 ? 0.0f : -1.0f - normal(*rng) * normal(*rng);
+    rows[4][sz(i)] = i % 7 == 2 ? 5.0f : normal(*rng);
+  }
+  return rows;
+}
+
+TEST(PeerRouteKernelsTest, TopIndicesMatchAStableSortOnEveryPath) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
+  std::mt19937 rng(5);
+  int checked = 0;
+  for (int64_t n : {1, 7, 15, 16, 17, 31, 32, 33, 100, 512, 1000, 1024}) {
+    for (const std::vector<float>& s : score_rows(n, &rng)) {
+      for (int64_t kp : {1, 2, 3, 5, 8, 9, 15, 16, 17}) {
+        if (kp > n) continue;
+        const std::vector<int64_t> want = stable_top(s, kp);
+        for (const auto& [path, kr] : tables) {
+          std::vector<int64_t> got(sz(kp), -1);
+          kr->top_indices(s.data(), n, kp, got.data());
+          ASSERT_EQ(got, want) << cpu_path_name(path) << " n " << n << " k' " << kp
+                               << " first score " << s[0];
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 300);
+}
+
+TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
+  std::mt19937 rng(7);
+  int checked = 0;
+  for (int64_t n : {4, 33, 512}) {
+    const std::vector<std::vector<float>> rows = score_rows(n, &rng);
+    for (size_t kind = 0; kind < rows.size(); ++kind) {
+      const std::vector<float>& s0 = rows[kind];
+      // The other half: a different row of the same kind.
+      const std::vector<float> s1 = score_rows(n, &rng)[kind];
+      for (int64_t kp : {1, 2, 3, 4, 8, 16, 17}) {
+        if (kp > n) continue;
+        const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
+        for (int64_t k : {int64_t{1}, int64_t{2}, kp, std::min<int64_t>(kp * kp, 8),
+                          std::min<int64_t>(kp * kp, 16), kp * kp}) {
+          std::vector<int64_t> want_ids(sz(k), -1), got_ids(sz(k), -1);
+          std::vector<float> want_scores(sz(k), NAN), got_scores(sz(k), NAN);
+          peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n,
+                                            k, want_ids.data(), want_scores.data());
+          for (const auto& [path, kr] : tables) {
+            kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, got_ids.data(),
+                          got_scores.data());
+            const std::string what = std::string(cpu_path_name(path)) + " n " + std::to_string(n) +
+                                     " kind " + std::to_string(kind) + " k' " + std::to_string(kp) +
+                                     " k " + std::to_string(k);
+            ASSERT_EQ(got_ids, want_ids) << what;
+            ASSERT_EQ(std::memcmp(got_scores.data(), want_scores.data(), sz(k) * sizeof(float)), 0)
+                << what;
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 200);
+}
+
+// Distinct best sums, but one outside the AVX2 merge's candidates ((a + 1)(b + 1) > k) rounds
+// equal to the k-th: -2^25 + 1 and -2^25 + 0.5 are both -2^25 in fp32. Its id is the lower, so
+// it is the k-th.
+TEST(PeerRouteKernelsTest, MergeTopTakesASumRoundingEqualToTheKthByTheLowerId) {
+  const int64_t n = 2, kp = 2, k = 3;
+  const std::vector<float> s0 = {0.0f, -33554432.0f}, s1 = {0.5f, 1.0f};
+  const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
+  ASSERT_EQ(top1, (std::vector<int64_t>{1, 0}));
+  std::vector<int64_t> want_ids(sz(k));
+  std::vector<float> want_scores(sz(k));
+  peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k,
+                                    want_ids.data(), want_scores.data());
+  // Best first: 0 + 1 (id 1), 0 + 0.5 (id 0), then the tie at -2^25: ids 2 (s1[0]) and 3.
+  EXPECT_EQ(want_ids, (std::vector<int64_t>{1, 0, 2}));
+  EXPECT_EQ(want_scores, (std::vector<float>{1.0f, 0.5f, -33554432.0f}));
+  for (const auto& [path, kr] : simd_tables()) {
+    std::vector<int64_t> ids(sz(k), -1);
+    std::vector<float> scores(sz(k));
+    kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, ids.data(),
+                  scores.data());
+    EXPECT_EQ(ids, want_ids) << cpu_path_name(path);
+    EXPECT_EQ(scores, want_scores) << cpu_path_name(path);
+  }
+}
+
+TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProducts) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
+  constexpr float kSentinel = -12345.0f;
+  constexpr int64_t kPad = 3;  // columns of c past n, which must stay untouched
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> activation(1, 255), weight(-64, 64);
+  std::uniform_real_distribution<float> scale(1e-4f, 1e-1f);
+  int checked = 0;
+  for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 17}) {
+    for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 31, 33, 100}) {
+      for (int64_t k : {1, 2, 3, 4, 5, 7, 8, 63, 64, 65}) {
+        std::vector<uint8_t> a(sz(m * k));
+        std::vector<int8_t> b(sz(n * k));
+        // Random codes, with the extremes at the start of each (255 * 64 pairs at their largest).
+        for (size_t i = 0; i < a.size(); ++i) {
+          a[i] = static_cast<uint8_t>(i < 8 ? (i % 2 ? 1 : 255) : activation(rng));
+        }
+        for (size_t i = 0; i < b.size(); ++i) {
+          b[i] = static_cast<int8_t>(i < 8 ? (i % 2 ? -64 : 64) : weight(rng));
+        }
+        std::vector<float> scale_a(sz(m)), scale_b(sz(n));
+        for (float& v : scale_a) v = scale(rng);
+        for (float& v : scale_b) v = scale(rng);
+        std::vector<int32_t> acc(sz(m * n));
+        blas::gemm_nt_int8(m, n, k, a.data(), k, b.data(), k, acc.data(), n);
+        std::vector<float> want(sz(m * n));
+        peer_internal::portable_scale_products(acc.data(), m, n, scale_a.data(), scale_b.data(),
+                                               want.data(), n);
+        const peer_internal::Int8Panels panels = peer_internal::pack_int8_panels(b.data(), n, k, k);
+        for (const auto& [path, kr] : tables) {
+          if (kr->int8_scores == nullptr) continue;
+          const int64_t ldc = n + kPad;
+          std::vector<float> c(sz(m * ldc), kSentinel);
+          kr->int8_scores(m, n, k, a.data(), k, panels, scale_a.data(), scale_b.data(), c.data(),
+                          ldc);
+          const std::string what = std::string(cpu_path_name(path)) + " m " + std::to_string(m) +
+                                   " n " + std::to_string(n) + " k " + std::to_string(k);
+          for (int64_t i = 0; i < m; ++i) {
+            ASSERT_EQ(std::memcmp(&c[sz(i * ldc)], &want[sz(i * n)], sz(n) * sizeof(float)), 0)
+                << what << " row " << i;
+            for (int64_t j = n; j < ldc; ++j) {
+              ASSERT_EQ(c[sz(i * ldc + j)], kSentinel) << what << " wrote past n in row " << i;
+            }
+          }
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 800);
+}
+
+}  // namespace
+}  // namespace trove
