@@ -1,8 +1,9 @@
 // The routing step's inner loops (kernels/cpu/peer_kernels.h) on every SIMD path this CPU runs,
 // each against a plain oracle: top_indices against a stable sort, merge_top against the heap
 // merge (portable_merge_top), int8_scores against oneDNN's integer GEMM followed by
-// portable_scale_products, bit for bit. Rows with heavy ties, all-equal rows (past the ranked
-// candidates' limit), signed zeros, and sizes below, at and across the vector widths.
+// portable_scale_products, gemm_nt_panels against std::fma chains, bit for bit. Rows with heavy
+// ties, all-equal rows (past the ranked candidates' limit), signed zeros, and sizes below, at and
+// across the vector widths.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -203,6 +204,57 @@ TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProduct
     }
   }
   EXPECT_GT(checked, 800);
+}
+
+// The fixed-order fp32 GEMM (RoutingPrecision::kF32's products on the SIMD paths): each element
+// one fma chain over k in order from 0, so its bits are std::fma's in a loop, across the k-blocks
+// (256 steps), the partial last panel (n % 16) and every row count; nothing written past n.
+TEST(PeerRouteKernelsTest, GemmNtPanelsIsOneFmaChainPerElement) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
+  constexpr float kSentinel = -12345.0f;
+  constexpr int64_t kPad = 5;
+  std::mt19937 rng(13);
+  std::normal_distribution<float> normal;
+  int checked = 0;
+  for (int64_t m : {1, 2, 3, 4, 5, 9}) {
+    for (int64_t n : {1, 7, 15, 16, 17, 33, 100}) {
+      for (int64_t k : {1, 2, 63, 64, 255, 256, 257, 600}) {
+        const int64_t lda = k + 3;
+        std::vector<float> a(sz(m * lda)), b(sz(n * k));
+        for (float& v : a) v = normal(rng);
+        for (float& v : b) v = normal(rng);
+        const std::vector<float> panels = peer_internal::pack_f32_panels(b.data(), n, k, k);
+        std::vector<float> want(sz(m * n));
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            float acc = 0.0f;
+            for (int64_t kk = 0; kk < k; ++kk) {
+              acc = std::fma(a[sz(i * lda + kk)], b[sz(j * k + kk)], acc);
+            }
+            want[sz(i * n + j)] = acc;
+          }
+        }
+        for (const auto& [path, kr] : tables) {
+          if (kr->gemm_nt_panels == nullptr) continue;
+          const int64_t ldc = n + kPad;
+          std::vector<float> c(sz(m * ldc), kSentinel);
+          kr->gemm_nt_panels(m, n, k, a.data(), lda, panels.data(), c.data(), ldc);
+          const std::string what = std::string(cpu_path_name(path)) + " m " + std::to_string(m) +
+                                   " n " + std::to_string(n) + " k " + std::to_string(k);
+          for (int64_t i = 0; i < m; ++i) {
+            ASSERT_EQ(std::memcmp(&c[sz(i * ldc)], &want[sz(i * n)], sz(n) * sizeof(float)), 0)
+                << what << " row " << i;
+            for (int64_t j = n; j < ldc; ++j) {
+              ASSERT_EQ(c[sz(i * ldc + j)], kSentinel) << what << " wrote past n in row " << i;
+            }
+          }
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 300);
 }
 
 }  // namespace

@@ -5,20 +5,20 @@
 // Thread-count independence, step by step: every parallel loop is a base/thread_pool.h
 // parallel_for whose chunks write disjoint outputs, each output computed in a fixed order.
 //   norm, experts: chunks of tokens; each token's row by one thread.
-//   query, route: on the AVX-512 path the fp32 router products run on gemm_nt_panels
-//     (peer_avx512.cc), where each output is one fma chain over k in order: no bit depends on
-//     the block, the batch or the thread, and a short block is not padded. Elsewhere: fixed
-//     blocks of tokens from the batch's first, one single-threaded BLAS call
-//     per block (kernels/cpu/blas.h), so chunk boundaries change no bit. Route blocks are
-//     kRouteBlock (64) rows; the query runs 256-row blocks, then 64-row ones, where the BLAS
-//     rounds a row alike in both (kQueryBlock says why and how that is probed). A shorter last
-//     block is zero-padded to 16, 32, 48 or 64 rows, the fewest whose calls a probe finds
-//     rounding a row as 64-row calls do (short_block_rows; the library picks its kernels by
-//     shape): a token's q and scores do not depend on the thread count, nor on the batch (a
-//     one-token run equals the first token of a longer one). RoutingPrecision::kBf16 on the
-//     AVX512_BF16 kernel needs no padding: each of its outputs is a fixed-order sum. kInt8's
-//     products are exact integers: on paths with int8_scores (AVX2 and up) the sub-key scores
-//     of kScoreTile tokens are computed and selected at once, while in L1.
+//   query, route: on the AVX2 and AVX-512 paths the fp32 router products run on gemm_nt_panels
+//     (peer_avx2.cc, peer_avx512.cc: the same bits), where each output is one fma chain over k in
+//     order: no bit depends on the block, the batch or the thread, and a short block is not padded.
+//     Elsewhere: fixed blocks of tokens from the batch's first, one single-threaded BLAS call per
+//     block (kernels/cpu/blas.h), so chunk boundaries change no bit. Route blocks are kRouteBlock
+//     (64) rows; the query runs 256-row blocks, then 64-row ones, where the BLAS rounds a row alike
+//     in both (kQueryBlock says why and how that is probed). A shorter last block is zero-padded to
+//     16, 32, 48 or 64 rows, the fewest whose calls a probe finds rounding a row as 64-row calls do
+//     (short_block_rows; the library picks its kernels by shape): a token's q and scores do not
+//     depend on the thread count, nor on the batch (a one-token run equals the first token of a
+//     longer one). RoutingPrecision::kBf16 on the AVX512_BF16 kernel needs no padding: each of its
+//     outputs is a fixed-order sum. kInt8's products are exact integers: on paths with int8_scores
+//     (AVX2 and up) the sub-key scores of kScoreTile tokens are computed and selected at once,
+//     while in L1.
 //   route's selection (top-k' per half, the merge of the halves, the gates) is per (token,
 //     head), by rules that give one answer whatever the path (kernels/cpu/peer_kernels.h).
 //   backward: per-token work (chunks of tokens) writes per-token or per-slot results; the
@@ -1074,24 +1074,32 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
       };
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
-        if (int8_panels) {
-          // Both halves' codes first, then kScoreTile tokens at a time: their scores are
+        if (int8_panels || f32_panels) {
+          // kScoreTile tokens at a time (kInt8: both halves' codes first): their scores are
           // selected while in L1 (the block's whole [2][64][n] did not stay in L2 at n = 1024).
-          for (int half = 0; half < 2; ++half) {
-            quantize_activation_rows(kr, qb + (head * 2 + half) * dk, m, dk, rows,
-                                     &q_codes[static_cast<size_t>(half * kRouteBlock * dk)],
-                                     &q_scales[static_cast<size_t>(half * kRouteBlock)]);
+          if (int8_panels) {
+            for (int half = 0; half < 2; ++half) {
+              quantize_activation_rows(kr, qb + (head * 2 + half) * dk, m, dk, rows,
+                                       &q_codes[static_cast<size_t>(half * kRouteBlock * dk)],
+                                       &q_scales[static_cast<size_t>(half * kRouteBlock)]);
+            }
           }
           for (int64_t t = 0; t < m; t += kScoreTile) {
             const int64_t tile = std::min(kScoreTile, m - t);
             for (int half = 0; half < 2; ++half) {
               const int64_t table = hk * 2 + half;
-              kr.int8_scores(tile, n, dk,
-                             &q_codes[static_cast<size_t>((half * kRouteBlock + t) * dk)], dk,
-                             weights->key_panels_int8[static_cast<size_t>(table)],
-                             &q_scales[static_cast<size_t>(half * kRouteBlock + t)],
-                             &weights->key_scales[table * n],
-                             &scores[static_cast<size_t>(half * kScoreTile * n)], n);
+              float* s_tile = &scores[static_cast<size_t>(half * kScoreTile * n)];
+              if (int8_panels) {
+                kr.int8_scores(tile, n, dk,
+                               &q_codes[static_cast<size_t>((half * kRouteBlock + t) * dk)], dk,
+                               weights->key_panels_int8[static_cast<size_t>(table)],
+                               &q_scales[static_cast<size_t>(half * kRouteBlock + t)],
+                               &weights->key_scales[table * n], s_tile, n);
+              } else {  // each score one fma chain in order: no bit depends on the tile
+                kr.gemm_nt_panels(tile, n, dk, qb + t * rows + (head * 2 + half) * dk, rows,
+                                  weights->key_panels_f32[static_cast<size_t>(table)].data(),
+                                  s_tile, n);
+              }
             }
             for (int64_t u = 0; u < tile; ++u) {
               select(&scores[static_cast<size_t>(u * n)],
@@ -1116,12 +1124,6 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
             blas::gemm_nt_int8(m, n, dk, q_codes.data(), dk, &weights->key_codes[table * n * dk],
                                dk, acc.data(), n);
             kr.scale_products(acc.data(), m, n, q_scales.data(), &weights->key_scales[table * n],
-                              s_half, n);
-            continue;
-          }
-          if (f32_panels) {  // the block's m rows, each in a fixed order
-            kr.gemm_nt_panels(m, n, dk, qb + (head * 2 + half) * dk, rows,
-                              weights->key_panels_f32[static_cast<size_t>(hk * 2 + half)].data(),
                               s_half, n);
             continue;
           }

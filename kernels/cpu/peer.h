@@ -1,6 +1,7 @@
 // The optimized CPU PEER layer: the steps of kernels/cpu/ref/peer_ref.h with threads over
-// tokens. The query projection and the sub-key scores are GEMMs through a BLAS
-// (kernels/cpu/blas.h, oneDNN) on fixed blocks of tokens; the expert stage runs SIMD dot
+// tokens. The query projection and the sub-key scores are GEMMs: on the SIMD paths trove's own
+// fixed-order fp32 and exact int8 kernels, elsewhere a BLAS (kernels/cpu/blas.h, oneDNN) on
+// fixed blocks of tokens; the expert stage runs SIMD dot
 // products and axpys straight on the int4/int8/bf16/f16 codes of a record (per-group fp16
 // scales applied to the group's partial sum; no dequantized copy of a record), with AVX2
 // (+FMA/F16C), AVX-VNNI or AVX-512 VNNI as the CPU has them (kernels/cpu/quant.h's CpuPath
@@ -29,8 +30,8 @@ void peer_norm(const PeerConfig& config, const float* norm_weight, const float* 
 // they do not change (the CPU executor remakes them after a trainer's step): kInt8's per-row
 // codes and scales of W_q and of the key tables (kernels/peer.h's rule); kBf16's column panels
 // of both for the AVX512_BF16 kernel where it runs; nothing for kF32. Making them costs 0.3 ms
-// (int8) and 0.7 ms (bf16) for a 2048 x 512 W_q: most of a one-token call. kF32 on the AVX-512
-// path: both packed for its fixed-order GEMM.
+// (int8) and 0.7 ms (bf16) for a 2048 x 512 W_q: most of a one-token call. kF32 on the AVX2
+// and AVX-512 paths: both packed for their fixed-order GEMM.
 struct PeerRouterWeights {
   RoutingPrecision precision = RoutingPrecision::kF32;
   std::vector<int8_t> query_codes, key_codes;   // kInt8: [h*2*dk, D], [hk*2*n, dk]
@@ -40,7 +41,7 @@ struct PeerRouterWeights {
   std::vector<peer_internal::Int8Panels> key_panels_int8;
   std::vector<uint32_t> query_panels;             // kBf16 kernel: W_q packed (peer.cc)
   std::vector<std::vector<uint32_t>> key_panels;  // kBf16 kernel: each key table packed
-  // kF32 where the CPU path has its fixed-order GEMM (AVX-512): W_q and each key table packed
+  // kF32 where the CPU path has its fixed-order GEMM (AVX2, AVX-512): W_q and each key table packed
   // for it (kernels/cpu/peer_kernels.h's pack_f32_panels).
   std::vector<float> query_panels_f32;
   std::vector<std::vector<float>> key_panels_f32;

@@ -532,6 +532,87 @@ void int8_scores(int64_t m, int64_t n, int64_t k, const uint8_t* a, int64_t lda,
   }
 }
 
+// gemm_nt_panels (the AVX-512 path's, kernels/cpu/peer_avx512.cc, in 8-wide halves of each
+// 16-column panel): tiles of R rows x 16 columns over a block of kKBlock k-steps, per step two
+// panel loads, R broadcasts of A and 2R FMAs into accumulators held in registers (R = 4: the 8
+// chains that keep Zen 3's two FMA pipes busy at latency 4). Across k-blocks an element's chain
+// continues from its value stored in C, so each element is the fma chain over k in order from 0:
+// the AVX-512 path's bits.
+constexpr int64_t kKBlock = 256;
+
+// acc[r][h] with the loops unrolled: GCC 12 kept separate lo[R] / hi[R] arrays in memory,
+// storing them at every step (a third of the FMA rate).
+template <int R>
+void panel_tile(const float* a, int64_t lda, const float* panel, int64_t k0, int64_t k1, float* c,
+                int64_t ldc) {
+  __m256 acc[R][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      acc[r][h] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * ldc + 8 * h);
+    }
+  }
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    __m256 b[2];
+    for (int h = 0; h < 2; ++h) b[h] = _mm256_loadu_ps(panel + kk * 16 + 8 * h);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_set1_ps(a[r * lda + kk]);
+      for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(av, b[h], acc[r][h]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(c + r * ldc + 8 * h, acc[r][h]);
+  }
+}
+
+// R rows of one panel; the last panel's fewer than 16 columns go through a 16-wide buffer (AMD's
+// masked stores are microcoded and slow).
+template <int R>
+void panel_rows(const float* a, int64_t lda, const float* panel, int64_t k0, int64_t k1, float* c,
+                int64_t ldc, int64_t cols) {
+  if (cols >= 16) return panel_tile<R>(a, lda, panel, k0, k1, c, ldc);
+  alignas(32) float part[R * 16] = {};
+  for (int r = 0; r < R; ++r) std::copy(c + r * ldc, c + r * ldc + cols, part + r * 16);
+  panel_tile<R>(a, lda, panel, k0, k1, part, 16);
+  for (int r = 0; r < R; ++r) std::copy(part + r * 16, part + r * 16 + cols, c + r * ldc);
+}
+
+void gemm_nt_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* b_panels, float* c, int64_t ldc) {
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  const int64_t panels = (n + 15) / 16;
+  for (int64_t k0 = 0; k0 < k; k0 += kKBlock) {
+    const int64_t k1 = std::min(k, k0 + kKBlock);
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* panel = b_panels + p * k * 16;
+      const int64_t cols = n - p * 16;
+      float* cp = c + p * 16;
+      int64_t i = 0;
+      for (; i + 4 <= m; i += 4) {
+        panel_rows<4>(a + i * lda, lda, panel, k0, k1, cp + i * ldc, ldc, cols);
+      }
+      switch (m - i) {
+        case 3:
+          panel_rows<3>(a + i * lda, lda, panel, k0, k1, cp + i * ldc, ldc, cols);
+          break;
+        case 2:
+          panel_rows<2>(a + i * lda, lda, panel, k0, k1, cp + i * ldc, ldc, cols);
+          break;
+        case 1:
+          panel_rows<1>(a + i * lda, lda, panel, k0, k1, cp + i * ldc, ldc, cols);
+          break;
+        default:
+          break;
+      }
+    }
+  }
+}
+
 // RoutingPrecision::kInt8's products from the integer GEMM, 8 columns at a time: each multiply
 // rounded as portable_scale_products rounds it.
 void scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
@@ -772,7 +853,7 @@ const PeerKernels& peer_kernels() {
       .int8_dots = peer_internal::int8_dots_one_by_one<int8_dot>,
       .quantize_activations = peer_internal::portable_quantize_activations,
       .int8_products_few = nullptr,
-      .gemm_nt_panels = nullptr,
+      .gemm_nt_panels = gemm_nt_panels,
       .int8_scores = int8_scores,
       .scale_products = scale_products,
       .routing_quantize = routing_quantize,
