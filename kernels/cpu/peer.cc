@@ -1045,13 +1045,15 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   parallel_for((T + block - 1) / block, threads, [&](int64_t begin, int64_t end) {
     // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
     // the merge heap.
-    std::vector<float> scores(static_cast<size_t>(2 * kRouteBlock * n));
+    // [half][token][n]: a tile's tokens where they are selected at once, else the block's.
+    const bool tiles = int8_panels || f32_panels;
+    std::vector<float> scores(static_cast<size_t>(2 * (tiles ? kScoreTile : kRouteBlock) * n));
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));
     std::vector<float> pad_q;  // a short last block's q, zero-padded (short_block_rows)
     std::vector<uint32_t> q_pairs(bf16_kernel ? static_cast<size_t>(kRouteBlock * pairs) : 0);
     std::vector<uint8_t> q_codes(int8 ? static_cast<size_t>(2 * kRouteBlock * dk) : 0);
     std::vector<float> q_scales(int8 ? static_cast<size_t>(2 * kRouteBlock) : 0);
-    std::vector<int32_t> acc(int8 ? static_cast<size_t>(kRouteBlock * n) : 0);
+    std::vector<int32_t> acc(int8 && !int8_panels ? static_cast<size_t>(kRouteBlock * n) : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t t0 = b * block, m = std::min(block, T - t0);
       const float* qb = q + t0 * rows;
@@ -1074,7 +1076,7 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
       };
       for (int64_t head = 0; head < h; ++head) {
         const int64_t hk = config.shared_keys ? 0 : head;
-        if (int8_panels || f32_panels) {
+        if (tiles) {
           // kScoreTile tokens at a time (kInt8: both halves' codes first): their scores are
           // selected while in L1 (the block's whole [2][64][n] did not stay in L2 at n = 1024).
           if (int8_panels) {
