@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -126,6 +127,40 @@ TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
     }
   }
   EXPECT_GT(checked, 200);
+}
+
+// A NaN sub-score among the selected (a NaN query row's scores): every path merges as the heap
+// does, wherever the NaN sits.
+TEST(PeerRouteKernelsTest, MergeTopWithANanScoreGivesTheHeapMergesResult) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
+  std::mt19937 rng(17);
+  const int64_t n = 40;
+  int checked = 0;
+  for (int64_t kp : {2, 4, 8, 16}) {
+    for (int64_t at : {int64_t{0}, int64_t{1}, kp - 1}) {
+      for (int64_t k : {int64_t{1}, int64_t{2}, std::min<int64_t>(kp * kp, 8), kp * kp}) {
+        std::vector<float> s0 = score_rows(n, &rng)[0], s1 = score_rows(n, &rng)[0];
+        const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
+        s0[sz(top0[sz(at)])] = std::numeric_limits<float>::quiet_NaN();
+        std::vector<int64_t> want_ids(sz(k), -1), got_ids(sz(k), -1);
+        std::vector<float> want_scores(sz(k), 0.0f), got_scores(sz(k), 0.0f);
+        peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k,
+                                          want_ids.data(), want_scores.data());
+        for (const auto& [path, kr] : tables) {
+          kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, got_ids.data(),
+                        got_scores.data());
+          const std::string what = std::string(cpu_path_name(path)) + " k' " + std::to_string(kp) +
+                                   " NaN at " + std::to_string(at) + " k " + std::to_string(k);
+          ASSERT_EQ(got_ids, want_ids) << what;
+          ASSERT_EQ(std::memcmp(got_scores.data(), want_scores.data(), sz(k) * sizeof(float)), 0)
+              << what;
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 30);
 }
 
 // Distinct best sums, but one outside the AVX2 merge's candidates ((a + 1)(b + 1) > k) rounds

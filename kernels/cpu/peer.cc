@@ -507,8 +507,8 @@ void gate_backward(Gate gate, const float* scores, const float* gates, const dou
 // n = 2048 while the two halves are merged, and a block is big enough for the GEMM kernels.
 constexpr int64_t kRouteBlock = 64;
 
-// Tokens whose sub-scores PeerKernels::int8_scores computes at once before they are selected:
-// 2 x 4 x n floats, 32 KB at n = 1024.
+// Tokens whose sub-scores the SIMD paths (int8_scores, gemm_nt_panels) compute at once before
+// they are selected: 2 x 4 x n floats, 32 KB at n = 1024, so the top-k' reads them from L1.
 constexpr int64_t kScoreTile = 4;
 
 // Up to this many tokens a block of the int8 query runs PeerKernels::int8_products_few where the
@@ -1043,9 +1043,8 @@ void peer_route(const PeerConfig& config, const PeerRouterParams& params, const 
   const int64_t block =
       bf16_kernel || int8 || f32_panels ? free_block_rows(T, threads) : kRouteBlock;
   parallel_for((T + block - 1) / block, threads, [&](int64_t begin, int64_t end) {
-    // One head's sub-scores of a block, [half][token in block][n], the per-half selections and
-    // the merge heap.
-    // [half][token][n]: a tile's tokens where they are selected at once, else the block's.
+    // One head's sub-scores, [half][token][n]: of a tile's tokens where they are selected at
+    // once, else of the block's; the per-half selections.
     const bool tiles = int8_panels || f32_panels;
     std::vector<float> scores(static_cast<size_t>(2 * (tiles ? kScoreTile : kRouteBlock) * n));
     std::vector<int64_t> top(static_cast<size_t>(2 * kp));

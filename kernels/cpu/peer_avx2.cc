@@ -422,8 +422,15 @@ void merge_top(const float* s0, const float* s1, const int64_t* top0, const int6
   // Ranks 0..k-1 each taken (two equal sums take one rank and leave the next empty; two taking
   // the same rank with all of 0..k-1 taken make k + 1 sums >= the k-th, which the count below
   // catches).
+  // A NaN among the candidates (which hold the heap's first k) leaves it to the heap; outside
+  // them one never enters.
+  unsigned nan = 0;
+  for (int j = 0; j < vectors; ++j) {
+    const __m256 v = _mm256_load_ps(sum + 8 * j);
+    nan |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  }
   const uint64_t first_k = (uint64_t{1} << k) - 1;
-  bool exact = (taken & first_k) == first_k;
+  bool exact = nan == 0 && (taken & first_k) == first_k;
   if (exact) {
     const __m256 kth = _mm256_set1_ps(sum[at_rank[k - 1]]);
     const __m256 col_lo = _mm256_load_ps(col), col_hi = _mm256_load_ps(col + 8);
