@@ -68,6 +68,28 @@ std::vector<std::vector<float>> score_rows(int64_t n, std::mt19937* rng) {
   return rows;
 }
 
+// Every SIMD path's merge_top against portable_merge_top, ids and score bits.
+::testing::AssertionResult merges_as_the_heap(
+    const std::vector<std::pair<CpuPath, const PeerKernels*>>& tables, const std::vector<float>& s0,
+    const std::vector<float>& s1, const std::vector<int64_t>& top0,
+    const std::vector<int64_t>& top1, int64_t kp, int64_t n, int64_t k) {
+  std::vector<int64_t> want_ids(sz(k), -1), got_ids(sz(k), -1);
+  std::vector<float> want_scores(sz(k), 0.0f), got_scores(sz(k), 0.0f);
+  peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k,
+                                    want_ids.data(), want_scores.data());
+  for (const auto& [path, kr] : tables) {
+    kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, got_ids.data(),
+                  got_scores.data());
+    if (got_ids != want_ids ||
+        std::memcmp(got_scores.data(), want_scores.data(), sz(k) * sizeof(float)) != 0) {
+      return ::testing::AssertionFailure()
+             << cpu_path_name(path) << " differs from the heap merge (first id " << got_ids[0]
+             << " against " << want_ids[0] << ")";
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
 TEST(PeerRouteKernelsTest, TopIndicesMatchAStableSortOnEveryPath) {
   const auto tables = simd_tables();
   if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
@@ -107,21 +129,9 @@ TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
         const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
         for (int64_t k : {int64_t{1}, int64_t{2}, kp, std::min<int64_t>(kp * kp, 8),
                           std::min<int64_t>(kp * kp, 16), kp * kp}) {
-          std::vector<int64_t> want_ids(sz(k), -1), got_ids(sz(k), -1);
-          std::vector<float> want_scores(sz(k), NAN), got_scores(sz(k), NAN);
-          peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n,
-                                            k, want_ids.data(), want_scores.data());
-          for (const auto& [path, kr] : tables) {
-            kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, got_ids.data(),
-                          got_scores.data());
-            const std::string what = std::string(cpu_path_name(path)) + " n " + std::to_string(n) +
-                                     " kind " + std::to_string(kind) + " k' " + std::to_string(kp) +
-                                     " k " + std::to_string(k);
-            ASSERT_EQ(got_ids, want_ids) << what;
-            ASSERT_EQ(std::memcmp(got_scores.data(), want_scores.data(), sz(k) * sizeof(float)), 0)
-                << what;
-            ++checked;
-          }
+          ASSERT_TRUE(merges_as_the_heap(tables, s0, s1, top0, top1, kp, n, k))
+              << "n " << n << " kind " << kind << " k' " << kp << " k " << k;
+          checked += static_cast<int>(tables.size());
         }
       }
     }
@@ -143,20 +153,9 @@ TEST(PeerRouteKernelsTest, MergeTopWithANanScoreGivesTheHeapMergesResult) {
         std::vector<float> s0 = score_rows(n, &rng)[0], s1 = score_rows(n, &rng)[0];
         const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
         s0[sz(top0[sz(at)])] = std::numeric_limits<float>::quiet_NaN();
-        std::vector<int64_t> want_ids(sz(k), -1), got_ids(sz(k), -1);
-        std::vector<float> want_scores(sz(k), 0.0f), got_scores(sz(k), 0.0f);
-        peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k,
-                                          want_ids.data(), want_scores.data());
-        for (const auto& [path, kr] : tables) {
-          kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, got_ids.data(),
-                        got_scores.data());
-          const std::string what = std::string(cpu_path_name(path)) + " k' " + std::to_string(kp) +
-                                   " NaN at " + std::to_string(at) + " k " + std::to_string(k);
-          ASSERT_EQ(got_ids, want_ids) << what;
-          ASSERT_EQ(std::memcmp(got_scores.data(), want_scores.data(), sz(k) * sizeof(float)), 0)
-              << what;
-          ++checked;
-        }
+        ASSERT_TRUE(merges_as_the_heap(tables, s0, s1, top0, top1, kp, n, k))
+            << "k' " << kp << " NaN at " << at << " k " << k;
+        checked += static_cast<int>(tables.size());
       }
     }
   }
@@ -178,14 +177,7 @@ TEST(PeerRouteKernelsTest, MergeTopTakesASumRoundingEqualToTheKthByTheLowerId) {
   // Best first: 0 + 1 (id 1), 0 + 0.5 (id 0), then the tie at -2^25: ids 2 (s1[0]) and 3.
   EXPECT_EQ(want_ids, (std::vector<int64_t>{1, 0, 2}));
   EXPECT_EQ(want_scores, (std::vector<float>{1.0f, 0.5f, -33554432.0f}));
-  for (const auto& [path, kr] : simd_tables()) {
-    std::vector<int64_t> ids(sz(k), -1);
-    std::vector<float> scores(sz(k));
-    kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, ids.data(),
-                  scores.data());
-    EXPECT_EQ(ids, want_ids) << cpu_path_name(path);
-    EXPECT_EQ(scores, want_scores) << cpu_path_name(path);
-  }
+  EXPECT_TRUE(merges_as_the_heap(simd_tables(), s0, s1, top0, top1, kp, n, k));
 }
 
 TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProducts) {
