@@ -90,6 +90,23 @@ std::vector<std::vector<float>> score_rows(int64_t n, std::mt19937* rng) {
   return ::testing::AssertionSuccess();
 }
 
+// c [m, ldc] holds want [m, n] bit for bit, and `sentinel` past n in every row.
+::testing::AssertionResult rows_match(const std::vector<float>& c, int64_t ldc,
+                                      const std::vector<float>& want, int64_t m, int64_t n,
+                                      float sentinel) {
+  for (int64_t i = 0; i < m; ++i) {
+    if (std::memcmp(&c[sz(i * ldc)], &want[sz(i * n)], sz(n) * sizeof(float)) != 0) {
+      return ::testing::AssertionFailure() << "row " << i << " differs";
+    }
+    for (int64_t j = n; j < ldc; ++j) {
+      if (c[sz(i * ldc + j)] != sentinel) {
+        return ::testing::AssertionFailure() << "row " << i << " written past n at " << j;
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
 TEST(PeerRouteKernelsTest, TopIndicesMatchAStableSortOnEveryPath) {
   const auto tables = simd_tables();
   if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
@@ -218,13 +235,7 @@ TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProduct
                           ldc);
           const std::string what = std::string(cpu_path_name(path)) + " m " + std::to_string(m) +
                                    " n " + std::to_string(n) + " k " + std::to_string(k);
-          for (int64_t i = 0; i < m; ++i) {
-            ASSERT_EQ(std::memcmp(&c[sz(i * ldc)], &want[sz(i * n)], sz(n) * sizeof(float)), 0)
-                << what << " row " << i;
-            for (int64_t j = n; j < ldc; ++j) {
-              ASSERT_EQ(c[sz(i * ldc + j)], kSentinel) << what << " wrote past n in row " << i;
-            }
-          }
+          ASSERT_TRUE(rows_match(c, ldc, want, m, n, kSentinel)) << what;
           ++checked;
         }
       }
@@ -269,13 +280,7 @@ TEST(PeerRouteKernelsTest, GemmNtPanelsIsOneFmaChainPerElement) {
           kr->gemm_nt_panels(m, n, k, a.data(), lda, panels.data(), c.data(), ldc);
           const std::string what = std::string(cpu_path_name(path)) + " m " + std::to_string(m) +
                                    " n " + std::to_string(n) + " k " + std::to_string(k);
-          for (int64_t i = 0; i < m; ++i) {
-            ASSERT_EQ(std::memcmp(&c[sz(i * ldc)], &want[sz(i * n)], sz(n) * sizeof(float)), 0)
-                << what << " row " << i;
-            for (int64_t j = n; j < ldc; ++j) {
-              ASSERT_EQ(c[sz(i * ldc + j)], kSentinel) << what << " wrote past n in row " << i;
-            }
-          }
+          ASSERT_TRUE(rows_match(c, ldc, want, m, n, kSentinel)) << what;
           ++checked;
         }
       }
