@@ -1333,6 +1333,46 @@ TEST(PeerPathsTest, TiedScoresSelectTheSameIndicesOnEveryPath) {
   set_cpu_path(CpuPath::kAuto);
 }
 
+// A token whose q is NaN (an input row with a NaN or an infinity): its sub-scores are NaN in
+// fp32 and in int8 routing (a NaN row scale), and every path must still give it the scalar
+// path's experts, in any batch, never indices left from another token.
+TEST(PeerPathsTest, ANanQueryRowRoutesAlikeOnEveryPathAndInAnyBatch) {
+  PeerConfig c = make_config(10, 10, 2, 40, 8, 4, 4);
+  ASSERT_TRUE(c.validate_and_fill().ok());
+  constexpr int64_t kTokens = 3;
+  std::mt19937 rng(47);
+  std::vector<float> q = normal_values(sz(kTokens * c.query_rows()), 1.0, &rng);
+  const std::vector<float> keys = normal_values(sz(c.key_heads() * 2 * 40 * 8), 1.0, &rng);
+  for (int64_t r = 0; r < c.query_rows(); ++r) {
+    q[sz(c.query_rows() + r)] = std::numeric_limits<float>::quiet_NaN();
+  }
+  PeerRouterParams p;
+  p.keys = keys.data();
+  for (RoutingPrecision precision : {RoutingPrecision::kF32, RoutingPrecision::kInt8}) {
+    set_cpu_path(CpuPath::kScalar);
+    PeerRouting want;
+    peer_route(c, p, q.data(), kTokens, &want, 1, precision);
+    const size_t per_token = sz(c.heads * c.topk);
+    const std::vector<int64_t> want_nan(want.ids.begin() + per_token,
+                                        want.ids.begin() + 2 * per_token);
+    for (int64_t id : want_nan) {
+      ASSERT_GE(id, 0);
+      ASSERT_LT(id, c.num_experts());
+    }
+    for (CpuPath path : supported_paths()) {
+      set_cpu_path(path);
+      const std::string what =
+          std::string(cpu_path_name(path)) + " " + routing_precision_name(precision) + " routing";
+      PeerRouting batch, alone;
+      peer_route(c, p, q.data(), kTokens, &batch, kThreads, precision);
+      EXPECT_EQ(batch.ids, want.ids) << what;
+      peer_route(c, p, q.data() + c.query_rows(), 1, &alone, 1, precision);
+      EXPECT_EQ(alone.ids, want_nan) << what << ", the token alone";
+    }
+  }
+  set_cpu_path(CpuPath::kAuto);
+}
+
 INSTANTIATE_TEST_SUITE_P(CpuPaths, PeerParityTest,
                          ::testing::Values(CpuPath::kScalar, CpuPath::kAvx2, CpuPath::kAvxVnni,
                                            CpuPath::kAvx512),

@@ -52,6 +52,25 @@ std::vector<int64_t> stable_top(const std::vector<float>& s, int64_t kp) {
   return order;
 }
 
+// The scan every path's top_indices must equal (kernels/cpu/peer.cc's scalar_top_indices): a
+// sorted list, an element entering when the list is not full or when strictly greater than its
+// last. A NaN among the first kp stays in the list; one later never enters.
+std::vector<int64_t> scan_top(const std::vector<float>& s, int64_t kp) {
+  std::vector<int64_t> out(sz(kp));
+  int64_t size = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(s.size()); ++i) {
+    const float v = s[sz(i)];
+    if (size == kp && !(v > s[sz(out[sz(kp - 1)])])) continue;
+    int64_t pos = size < kp ? size++ : kp - 1;
+    while (pos > 0 && s[sz(out[sz(pos - 1)])] < v) {
+      out[sz(pos)] = out[sz(pos - 1)];
+      --pos;
+    }
+    out[sz(pos)] = i;
+  }
+  return out;
+}
+
 // Rows of n scores of several kinds: gaussian, small integers (many ties), all equal, signed
 // zeros among negatives, and a few equal maxima above gaussian noise.
 std::vector<std::vector<float>> score_rows(int64_t n, std::mt19937* rng) {
@@ -112,11 +131,13 @@ TEST(PeerRouteKernelsTest, TopIndicesMatchAStableSortOnEveryPath) {
   if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
   std::mt19937 rng(5);
   int checked = 0;
-  for (int64_t n : {1, 7, 15, 16, 17, 31, 32, 33, 100, 512, 1000, 1024}) {
+  // n = 64, 65, 72, 80: all-equal rows put 64 or more scores at the bound (the ranked limit).
+  for (int64_t n : {1, 7, 15, 16, 17, 31, 32, 33, 64, 65, 72, 80, 100, 512, 1000, 1024}) {
     for (const std::vector<float>& s : score_rows(n, &rng)) {
       for (int64_t kp : {1, 2, 3, 5, 8, 9, 15, 16, 17}) {
         if (kp > n) continue;
         const std::vector<int64_t> want = stable_top(s, kp);
+        ASSERT_EQ(scan_top(s, kp), want) << "the oracles disagree";
         for (const auto& [path, kr] : tables) {
           std::vector<int64_t> got(sz(kp), -1);
           kr->top_indices(s.data(), n, kp, got.data());
@@ -128,6 +149,44 @@ TEST(PeerRouteKernelsTest, TopIndicesMatchAStableSortOnEveryPath) {
     }
   }
   EXPECT_GT(checked, 300);
+}
+
+// Rows with NaNs (a NaN query row gives a half of NaN scores): every path gives the scan's
+// indices, wherever the NaNs are, so that no path reads indices it did not write.
+TEST(PeerRouteKernelsTest, TopIndicesOfRowsWithNansAreTheScansOnEveryPath) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937 rng(19);
+  int checked = 0;
+  for (int64_t n : {16, 17, 32, 40, 512}) {
+    std::vector<std::vector<float>> rows;
+    rows.push_back(std::vector<float>(sz(n), nan));  // all NaN
+    for (int64_t at : {int64_t{0}, int64_t{1}, int64_t{15}, n / 2, n - 1}) {
+      std::vector<float> row = score_rows(n, &rng)[0];
+      row[sz(at)] = nan;
+      rows.push_back(row);
+    }
+    std::vector<float> every_other = score_rows(n, &rng)[0];
+    for (int64_t i = 0; i < n; i += 2) every_other[sz(i)] = nan;
+    rows.push_back(every_other);
+    std::vector<float> with_inf = score_rows(n, &rng)[0];
+    with_inf[sz(n / 3)] = std::numeric_limits<float>::infinity();
+    with_inf[sz(n - 1)] = -std::numeric_limits<float>::infinity();
+    rows.push_back(with_inf);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      for (int64_t kp : {1, 4, 8, 16}) {
+        const std::vector<int64_t> want = scan_top(rows[r], kp);
+        for (const auto& [path, kr] : tables) {
+          std::vector<int64_t> got(sz(kp), -7);
+          kr->top_indices(rows[r].data(), n, kp, got.data());
+          ASSERT_EQ(got, want) << cpu_path_name(path) << " n " << n << " row " << r << " k' " << kp;
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 100);
 }
 
 TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
@@ -208,21 +267,26 @@ TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProduct
   int checked = 0;
   for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 17}) {
     for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 31, 33, 100}) {
-      for (int64_t k : {1, 2, 3, 4, 5, 7, 8, 63, 64, 65}) {
-        std::vector<uint8_t> a(sz(m * k));
+      for (int64_t k : {1, 2, 3, 4, 5, 7, 8, 63, 64, 65, 128, 129}) {
+        // Rows of a with a stride past k for odd m; every code at its extreme (255 x 64, the
+        // largest pair sums) for k = 128.
+        const int64_t lda = m % 2 == 1 ? k + 5 : k;
+        const bool extreme = k == 128;
+        std::vector<uint8_t> a(sz(m * lda));
         std::vector<int8_t> b(sz(n * k));
-        // Random codes, with the extremes at the start of each (255 * 64 pairs at their largest).
+        // Random codes, with the extremes at the start of each.
         for (size_t i = 0; i < a.size(); ++i) {
-          a[i] = static_cast<uint8_t>(i < 8 ? (i % 2 ? 1 : 255) : activation(rng));
+          a[i] = static_cast<uint8_t>(extreme ? 255 : i < 8 ? (i % 2 ? 1 : 255) : activation(rng));
         }
         for (size_t i = 0; i < b.size(); ++i) {
-          b[i] = static_cast<int8_t>(i < 8 ? (i % 2 ? -64 : 64) : weight(rng));
+          b[i] = static_cast<int8_t>(extreme || i < 8 ? (i % 2 ? -64 : 64) : weight(rng));
+          if (extreme && i % 3 == 0) b[i] = 64;
         }
         std::vector<float> scale_a(sz(m)), scale_b(sz(n));
         for (float& v : scale_a) v = scale(rng);
         for (float& v : scale_b) v = scale(rng);
         std::vector<int32_t> acc(sz(m * n));
-        blas::gemm_nt_int8(m, n, k, a.data(), k, b.data(), k, acc.data(), n);
+        blas::gemm_nt_int8(m, n, k, a.data(), lda, b.data(), k, acc.data(), n);
         std::vector<float> want(sz(m * n));
         peer_internal::portable_scale_products(acc.data(), m, n, scale_a.data(), scale_b.data(),
                                                want.data(), n);
@@ -231,7 +295,7 @@ TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProduct
           if (kr->int8_scores == nullptr) continue;
           const int64_t ldc = n + kPad;
           std::vector<float> c(sz(m * ldc), kSentinel);
-          kr->int8_scores(m, n, k, a.data(), k, panels, scale_a.data(), scale_b.data(), c.data(),
+          kr->int8_scores(m, n, k, a.data(), lda, panels, scale_a.data(), scale_b.data(), c.data(),
                           ldc);
           const std::string what = std::string(cpu_path_name(path)) + " m " + std::to_string(m) +
                                    " n " + std::to_string(n) + " k " + std::to_string(k);
@@ -241,7 +305,7 @@ TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProduct
       }
     }
   }
-  EXPECT_GT(checked, 800);
+  EXPECT_GT(checked, 1000);
 }
 
 // The fixed-order fp32 GEMM (RoutingPrecision::kF32's products on the SIMD paths): each element

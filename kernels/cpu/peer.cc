@@ -298,6 +298,9 @@ std::vector<float> peer_internal::pack_f32_panels(const float* b, int64_t n, int
 
 peer_internal::Int8Panels peer_internal::pack_int8_panels(const int8_t* b, int64_t n, int64_t k,
                                                           int64_t ldb) {
+  // int8_scores' 32-bit sums of (code + 128) * code: 255 * 64 * k < 2^31.
+  TROVE_CHECK_MSG(k < (int64_t{1} << 31) / (255 * 64), "pack_int8_panels: k = %lld is too long",
+                  static_cast<long long>(k));
   const int64_t quads = (k + 3) / 4, rows = (n + 15) / 16 * 16;
   Int8Panels out;
   out.codes.assign(static_cast<size_t>(rows * quads * 4), 0);

@@ -263,11 +263,18 @@ constexpr int kMaxRanked = 64;
 // 8) are packed, in index order, without a branch per score; each takes as its rank the number
 // of them that come before it (greater, or equal at a lower index), and the kp of rank < kp are
 // the answer: the scan's result, as the avx512 path computes it. Many ties at tau (more than
-// kMaxRanked scores >= tau), or a NaN bound, take the scan's insertion over the scores >= tau.
+// kMaxRanked scores >= tau) take the scan's insertion over the scores >= tau; a NaN among the
+// first kp scores or a NaN bound, the whole scan (a NaN elsewhere never enters either answer).
 void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   const int64_t full = n / 16 * 16;
   if (kp > 16 || full == 0) return top_indices_scan(s, n, kp, out);
   __m256 lo = _mm256_loadu_ps(s), hi = _mm256_loadu_ps(s + 8);
+  // A NaN among the first kp enters the scan's list (it fills unconditionally) and stays: the
+  // scan's answer then is not the kp best of the rest, so the scan gives it.
+  const unsigned nan_head =
+      static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(lo, lo, _CMP_UNORD_Q))) |
+      static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(hi, hi, _CMP_UNORD_Q))) << 8;
+  if ((nan_head & ((1u << kp) - 1)) != 0) return top_indices_scan(s, n, kp, out);
   for (int64_t i = 16; i < full; i += 16) {
     lo = _mm256_max_ps(lo, _mm256_loadu_ps(s + i));
     hi = _mm256_max_ps(hi, _mm256_loadu_ps(s + i + 8));
@@ -317,8 +324,9 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
       ++count;
     }
   }
-  // Fewer than kp only when tau is a NaN (a row of NaNs): the scan's insertion, as before.
-  if (count >= kp && count <= kMaxRanked) {
+  // Fewer than kp only when NaNs hide the bound (tau a NaN, a row of NaNs): the scan.
+  if (count < kp) return top_indices_scan(s, n, kp, out);
+  if (count <= kMaxRanked) {
     const int vectors = (count + 7) / 8;
     for (int j = count; j < vectors * 8; ++j) value[j] = -std::numeric_limits<float>::infinity();
     // rank[j] counts the candidates i that come before j: v_i > v_j, or v_i == v_j and i < j
@@ -471,7 +479,7 @@ void int8_score_rows(int64_t n, int64_t k, const uint8_t* a, int64_t lda,
   const int64_t quads = (k + 3) / 4, whole = k / 4;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t j = 0; j < n; j += 16) {
-    const int8_t* panel = &b.codes[static_cast<size_t>((j / 8) * quads * 32)];
+    const int8_t* panel = b.codes.data() + (j / 8) * quads * 32;
     __m256i acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     const auto step = [&](int64_t q, const int32_t* quad) {
@@ -581,7 +589,9 @@ void panel_rows(const float* a, int64_t lda, const float* panel, int64_t k0, int
                 int64_t ldc, int64_t cols) {
   if (cols >= 16) return panel_tile<R>(a, lda, panel, k0, k1, c, ldc);
   alignas(32) float part[R * 16] = {};
-  for (int r = 0; r < R; ++r) std::copy(c + r * ldc, c + r * ldc + cols, part + r * 16);
+  if (k0 > 0) {  // the chains so far
+    for (int r = 0; r < R; ++r) std::copy(c + r * ldc, c + r * ldc + cols, part + r * 16);
+  }
   panel_tile<R>(a, lda, panel, k0, k1, part, 16);
   for (int r = 0; r < R; ++r) std::copy(part + r * 16, part + r * 16 + cols, c + r * ldc);
 }

@@ -249,6 +249,10 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   const int64_t full = n / 16 * 16;
   if (kp > 16 || full == 0) return top_indices_scan(s, n, kp, out);
   __m512 lane_max = _mm512_loadu_ps(s);
+  // A NaN among the first kp enters the scan's list (it fills unconditionally) and stays: the
+  // scan's answer then is not the kp best of the rest, so the scan gives it.
+  const unsigned nan_head = _mm512_cmp_ps_mask(lane_max, lane_max, _CMP_UNORD_Q);
+  if ((nan_head & ((1u << kp) - 1)) != 0) return top_indices_scan(s, n, kp, out);
   for (int64_t i = 16; i < full; i += 16)
     lane_max = _mm512_max_ps(lane_max, _mm512_loadu_ps(s + i));
   // tau: the lane maximum with fewer than kp lanes above it and at least kp at or above it.
@@ -272,6 +276,8 @@ void top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   for (int64_t i = full; i < n; ++i) {
     if (s[i] >= tau) insert(i);
   }
+  // Fewer than kp only when NaNs hide the bound (tau a NaN, a row of NaNs): the scan.
+  if (size < kp) top_indices_scan(s, n, kp, out);
 }
 
 // The lane sums of groups g and g + 1 of an int8/int4 row (lanes 0..7: group g's, 8..15: g + 1's).
