@@ -106,8 +106,10 @@ enum class RoutingPrecision {
   // through the fp32 BLAS.
   kBf16,
   // Both operands of each product quantized symmetrically to integers, one scale per row, and
-  // multiplied exactly in integers (oneDNN's u8s8s32 GEMM on the CPU: VNNI where the CPU has it,
-  // about 4x fp32's rate on the dev VM). The activation rows (a token's xhat; a token's q for
+  // multiplied exactly in integers (oneDNN's u8s8s32 GEMM for the query projection, VNNI where
+  // the CPU has it, about 4x fp32's rate on the Zen 4 dev VM and 2x on an AVX2-only Zen 3; the
+  // sub-key scores on the SIMD paths' int8_scores). The activation rows (a token's xhat; a token's
+  // q for
   // one head and half) take codes in [-127, 127], the weight rows (a row of W_q; one sub-key) in
   // [-64, 64], so that no product pair overflows the 16-bit sums of CPUs without VNNI: the
   // integer results are exact on every CPU, path and blocking. Then
