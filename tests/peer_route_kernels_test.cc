@@ -1,6 +1,7 @@
 // The routing step's inner loops (kernels/cpu/peer_kernels.h) on every SIMD path this CPU runs,
-// each against a plain oracle: top_indices against a stable sort, merge_top against the heap
-// merge (portable_merge_top), int8_scores against oneDNN's integer GEMM followed by
+// each against a plain oracle: top_indices against top_indices_ref (a stable sort) and, for rows
+// with NaNs, the scalar path's scan; merge_top against merge_top_ref (all sums sorted) and, with
+// NaNs, the scalar path's heap; int8_scores against oneDNN's integer GEMM followed by
 // portable_scale_products, gemm_nt_panels against std::fma chains, bit for bit. Rows with heavy
 // ties, all-equal rows (past the ranked candidates' limit), signed zeros, and sizes below, at and
 // across the vector widths.
@@ -10,7 +11,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -18,6 +18,7 @@
 #include "kernels/cpu/blas.h"
 #include "kernels/cpu/peer_kernels.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/ref/peer_ref.h"
 
 namespace trove {
 namespace {
@@ -28,8 +29,8 @@ size_t sz(int64_t v) {
   return static_cast<size_t>(v);
 }
 
-// The SIMD paths' tables this CPU can run (the scalar table is the portable code these tests
-// compare with).
+// The SIMD paths' tables this CPU can run (the scalar path's portable functions are checked
+// beside them).
 std::vector<std::pair<CpuPath, const PeerKernels*>> simd_tables() {
   std::vector<std::pair<CpuPath, const PeerKernels*>> out;
   if (cpu_path_supported(CpuPath::kAvx2)) out.emplace_back(CpuPath::kAvx2, &avx2::peer_kernels());
@@ -42,32 +43,16 @@ std::vector<std::pair<CpuPath, const PeerKernels*>> simd_tables() {
   return out;
 }
 
-// The kp largest, best first, ties lower index first.
-std::vector<int64_t> stable_top(const std::vector<float>& s, int64_t kp) {
-  std::vector<int64_t> order(s.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return s[sz(a)] > s[sz(b)]; });
-  order.resize(sz(kp));
-  return order;
-}
-
-// The scan every path's top_indices must equal (kernels/cpu/peer.cc's scalar_top_indices): a
-// sorted list, an element entering when the list is not full or when strictly greater than its
-// last. A NaN among the first kp stays in the list; one later never enters.
-std::vector<int64_t> scan_top(const std::vector<float>& s, int64_t kp) {
+// top_indices_ref's answer (a stable sort) and the scalar path's (the insertion scan, which
+// also defines the answer for rows with NaNs).
+std::vector<int64_t> ref_top(const std::vector<float>& s, int64_t kp) {
   std::vector<int64_t> out(sz(kp));
-  int64_t size = 0;
-  for (int64_t i = 0; i < static_cast<int64_t>(s.size()); ++i) {
-    const float v = s[sz(i)];
-    if (size == kp && !(v > s[sz(out[sz(kp - 1)])])) continue;
-    int64_t pos = size < kp ? size++ : kp - 1;
-    while (pos > 0 && s[sz(out[sz(pos - 1)])] < v) {
-      out[sz(pos)] = out[sz(pos - 1)];
-      --pos;
-    }
-    out[sz(pos)] = i;
-  }
+  top_indices_ref(s.data(), static_cast<int64_t>(s.size()), kp, out.data());
+  return out;
+}
+std::vector<int64_t> portable_top(const std::vector<float>& s, int64_t kp) {
+  std::vector<int64_t> out(sz(kp));
+  peer_internal::portable_top_indices(s.data(), static_cast<int64_t>(s.size()), kp, out.data());
   return out;
 }
 
@@ -87,23 +72,37 @@ std::vector<std::vector<float>> score_rows(int64_t n, std::mt19937* rng) {
   return rows;
 }
 
-// Every SIMD path's merge_top against portable_merge_top, ids and score bits.
-::testing::AssertionResult merges_as_the_heap(
-    const std::vector<std::pair<CpuPath, const PeerKernels*>>& tables, const std::vector<float>& s0,
-    const std::vector<float>& s1, const std::vector<int64_t>& top0,
-    const std::vector<int64_t>& top1, int64_t kp, int64_t n, int64_t k) {
-  std::vector<int64_t> want_ids(sz(k), -1), got_ids(sz(k), -1);
-  std::vector<float> want_scores(sz(k), 0.0f), got_scores(sz(k), 0.0f);
-  peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k,
-                                    want_ids.data(), want_scores.data());
-  for (const auto& [path, kr] : tables) {
-    kr->merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, got_ids.data(),
-                  got_scores.data());
-    if (got_ids != want_ids ||
-        std::memcmp(got_scores.data(), want_scores.data(), sz(k) * sizeof(float)) != 0) {
+// A merge's answer: ids and scores.
+struct Merged {
+  std::vector<int64_t> ids;
+  std::vector<float> scores;
+};
+using MergeFn = void (*)(const float*, const float*, const int64_t*, const int64_t*, int64_t,
+                         int64_t, int64_t, int64_t*, float*);
+Merged merged_by(MergeFn merge, const std::vector<float>& s0, const std::vector<float>& s1,
+                 const std::vector<int64_t>& top0, const std::vector<int64_t>& top1, int64_t kp,
+                 int64_t n, int64_t k) {
+  Merged m{std::vector<int64_t>(sz(k), -1), std::vector<float>(sz(k), 0.0f)};
+  merge(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, m.ids.data(), m.scores.data());
+  return m;
+}
+
+// Each table's merge_top (and, with `portable`, portable_merge_top) gives `want`: ids and score
+// bits.
+::testing::AssertionResult merges_give(
+    const Merged& want, const std::vector<std::pair<CpuPath, const PeerKernels*>>& tables,
+    bool portable, const std::vector<float>& s0, const std::vector<float>& s1,
+    const std::vector<int64_t>& top0, const std::vector<int64_t>& top1, int64_t kp, int64_t n,
+    int64_t k) {
+  std::vector<std::pair<const char*, MergeFn>> merges;
+  if (portable) merges.emplace_back("portable", peer_internal::portable_merge_top);
+  for (const auto& [path, kr] : tables) merges.emplace_back(cpu_path_name(path), kr->merge_top);
+  for (const auto& [name, merge] : merges) {
+    const Merged got = merged_by(merge, s0, s1, top0, top1, kp, n, k);
+    if (got.ids != want.ids ||
+        std::memcmp(got.scores.data(), want.scores.data(), sz(k) * sizeof(float)) != 0) {
       return ::testing::AssertionFailure()
-             << cpu_path_name(path) << " differs from the heap merge (first id " << got_ids[0]
-             << " against " << want_ids[0] << ")";
+             << name << " differs (first id " << got.ids[0] << " against " << want.ids[0] << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -136,8 +135,8 @@ TEST(PeerRouteKernelsTest, TopIndicesMatchAStableSortOnEveryPath) {
     for (const std::vector<float>& s : score_rows(n, &rng)) {
       for (int64_t kp : {1, 2, 3, 5, 8, 9, 15, 16, 17}) {
         if (kp > n) continue;
-        const std::vector<int64_t> want = stable_top(s, kp);
-        ASSERT_EQ(scan_top(s, kp), want) << "the oracles disagree";
+        const std::vector<int64_t> want = ref_top(s, kp);
+        ASSERT_EQ(portable_top(s, kp), want) << "scalar path, n " << n << " k' " << kp;
         for (const auto& [path, kr] : tables) {
           std::vector<int64_t> got(sz(kp), -1);
           kr->top_indices(s.data(), n, kp, got.data());
@@ -176,7 +175,7 @@ TEST(PeerRouteKernelsTest, TopIndicesOfRowsWithNansAreTheScansOnEveryPath) {
     rows.push_back(with_inf);
     for (size_t r = 0; r < rows.size(); ++r) {
       for (int64_t kp : {1, 4, 8, 16}) {
-        const std::vector<int64_t> want = scan_top(rows[r], kp);
+        const std::vector<int64_t> want = portable_top(rows[r], kp);
         for (const auto& [path, kr] : tables) {
           std::vector<int64_t> got(sz(kp), -7);
           kr->top_indices(rows[r].data(), n, kp, got.data());
@@ -189,7 +188,7 @@ TEST(PeerRouteKernelsTest, TopIndicesOfRowsWithNansAreTheScansOnEveryPath) {
   EXPECT_GT(checked, 100);
 }
 
-TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
+TEST(PeerRouteKernelsTest, MergeTopMatchesTheOracleOnEveryPath) {
   const auto tables = simd_tables();
   if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
   std::mt19937 rng(7);
@@ -202,10 +201,12 @@ TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
       const std::vector<float> s1 = score_rows(n, &rng)[kind];
       for (int64_t kp : {1, 2, 3, 4, 8, 16, 17}) {
         if (kp > n) continue;
-        const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
+        const std::vector<int64_t> top0 = ref_top(s0, kp), top1 = ref_top(s1, kp);
         for (int64_t k : {int64_t{1}, int64_t{2}, kp, std::min<int64_t>(kp * kp, 8),
                           std::min<int64_t>(kp * kp, 16), kp * kp}) {
-          ASSERT_TRUE(merges_as_the_heap(tables, s0, s1, top0, top1, kp, n, k))
+          if (k > kp * kp) continue;  // REQUIRES k <= k'^2 (k = 2 at k' = 1)
+          const Merged want = merged_by(merge_top_ref, s0, s1, top0, top1, kp, n, k);
+          ASSERT_TRUE(merges_give(want, tables, true, s0, s1, top0, top1, kp, n, k))
               << "n " << n << " kind " << kind << " k' " << kp << " k " << k;
           checked += static_cast<int>(tables.size());
         }
@@ -217,7 +218,7 @@ TEST(PeerRouteKernelsTest, MergeTopGivesTheHeapMergesResultOnEveryPath) {
 
 // A NaN sub-score among the selected (a NaN query row's scores): every path merges as the heap
 // does, wherever the NaN sits.
-TEST(PeerRouteKernelsTest, MergeTopWithANanScoreGivesTheHeapMergesResult) {
+TEST(PeerRouteKernelsTest, MergeTopWithANanScoreGivesTheScalarPathsResult) {
   const auto tables = simd_tables();
   if (tables.empty()) GTEST_SKIP() << "this CPU runs the scalar path only";
   std::mt19937 rng(17);
@@ -227,9 +228,12 @@ TEST(PeerRouteKernelsTest, MergeTopWithANanScoreGivesTheHeapMergesResult) {
     for (int64_t at : {int64_t{0}, int64_t{1}, kp - 1}) {
       for (int64_t k : {int64_t{1}, int64_t{2}, std::min<int64_t>(kp * kp, 8), kp * kp}) {
         std::vector<float> s0 = score_rows(n, &rng)[0], s1 = score_rows(n, &rng)[0];
-        const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
+        const std::vector<int64_t> top0 = ref_top(s0, kp), top1 = ref_top(s1, kp);
         s0[sz(top0[sz(at)])] = std::numeric_limits<float>::quiet_NaN();
-        ASSERT_TRUE(merges_as_the_heap(tables, s0, s1, top0, top1, kp, n, k))
+        // The oracle's sort takes no NaN: the scalar path's heap defines the answer.
+        const Merged want =
+            merged_by(peer_internal::portable_merge_top, s0, s1, top0, top1, kp, n, k);
+        ASSERT_TRUE(merges_give(want, tables, false, s0, s1, top0, top1, kp, n, k))
             << "k' " << kp << " NaN at " << at << " k " << k;
         checked += static_cast<int>(tables.size());
       }
@@ -244,16 +248,13 @@ TEST(PeerRouteKernelsTest, MergeTopWithANanScoreGivesTheHeapMergesResult) {
 TEST(PeerRouteKernelsTest, MergeTopTakesASumRoundingEqualToTheKthByTheLowerId) {
   const int64_t n = 2, kp = 2, k = 3;
   const std::vector<float> s0 = {0.0f, -33554432.0f}, s1 = {0.5f, 1.0f};
-  const std::vector<int64_t> top0 = stable_top(s0, kp), top1 = stable_top(s1, kp);
+  const std::vector<int64_t> top0 = ref_top(s0, kp), top1 = ref_top(s1, kp);
   ASSERT_EQ(top1, (std::vector<int64_t>{1, 0}));
-  std::vector<int64_t> want_ids(sz(k));
-  std::vector<float> want_scores(sz(k));
-  peer_internal::portable_merge_top(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k,
-                                    want_ids.data(), want_scores.data());
+  const Merged want = merged_by(merge_top_ref, s0, s1, top0, top1, kp, n, k);
   // Best first: 0 + 1 (id 1), 0 + 0.5 (id 0), then the tie at -2^25: ids 2 (s1[0]) and 3.
-  EXPECT_EQ(want_ids, (std::vector<int64_t>{1, 0, 2}));
-  EXPECT_EQ(want_scores, (std::vector<float>{1.0f, 0.5f, -33554432.0f}));
-  EXPECT_TRUE(merges_as_the_heap(simd_tables(), s0, s1, top0, top1, kp, n, k));
+  EXPECT_EQ(want.ids, (std::vector<int64_t>{1, 0, 2}));
+  EXPECT_EQ(want.scores, (std::vector<float>{1.0f, 0.5f, -33554432.0f}));
+  EXPECT_TRUE(merges_give(want, simd_tables(), true, s0, s1, top0, top1, kp, n, k));
 }
 
 TEST(PeerRouteKernelsTest, Int8ScoresGiveTheBitsOfTheIntegerGemmThenScaleProducts) {
@@ -321,7 +322,7 @@ TEST(PeerRouteKernelsTest, GemmNtPanelsIsOneFmaChainPerElement) {
   int checked = 0;
   for (int64_t m : {1, 2, 3, 4, 5, 9}) {
     for (int64_t n : {1, 7, 15, 16, 17, 33, 100}) {
-      for (int64_t k : {1, 2, 63, 64, 255, 256, 257, 600}) {
+      for (int64_t k : {0, 1, 2, 63, 64, 255, 256, 257, 600}) {  // k = 0: C = 0
         const int64_t lda = k + 3;
         std::vector<float> a(sz(m * lda)), b(sz(n * k));
         for (float& v : a) v = normal(rng);

@@ -155,9 +155,11 @@ void scalar_axpy(float alpha, const float* x, int64_t n, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+}  // namespace
+
 // Keeps a sorted list and scans ascending, so an element enters only when strictly greater than
 // the list's last (an equal score has a higher index) and goes after every element not smaller.
-void scalar_top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
+void peer_internal::portable_top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
   int64_t size = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = s[i];
@@ -170,6 +172,8 @@ void scalar_top_indices(const float* s, int64_t n, int64_t kp, int64_t* out) {
     out[pos] = i;
   }
 }
+
+namespace {
 
 // The int8 dot in the order kernels/cpu/peer_kernels.h fixes for every path.
 float scalar_int8_dot(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
@@ -296,6 +300,22 @@ std::vector<float> peer_internal::pack_f32_panels(const float* b, int64_t n, int
   return out;
 }
 
+namespace {
+
+// 128 * the code sum of each of `rows` rows of n codes (row stride ld): what the integer
+// products of activations stored as code + 128 subtract.
+std::vector<int32_t> code_offsets(const int8_t* codes, int64_t rows, int64_t n, int64_t ld) {
+  std::vector<int32_t> out(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += codes[r * ld + j];
+    out[static_cast<size_t>(r)] = 128 * sum;
+  }
+  return out;
+}
+
+}  // namespace
+
 peer_internal::Int8Panels peer_internal::pack_int8_panels(const int8_t* b, int64_t n, int64_t k,
                                                           int64_t ldb) {
   // int8_scores' 32-bit sums of (code + 128) * code: 255 * 64 * k < 2^31.
@@ -304,16 +324,14 @@ peer_internal::Int8Panels peer_internal::pack_int8_panels(const int8_t* b, int64
   const int64_t quads = (k + 3) / 4, rows = (n + 15) / 16 * 16;
   Int8Panels out;
   out.codes.assign(static_cast<size_t>(rows * quads * 4), 0);
-  out.offsets.assign(static_cast<size_t>(rows), 0);
   for (int64_t j = 0; j < n; ++j) {
-    int32_t sum = 0;
     for (int64_t kk = 0; kk < k; ++kk) {
-      const int8_t code = b[j * ldb + kk];
-      out.codes[static_cast<size_t>(((j / 8) * quads + kk / 4) * 32 + (j % 8) * 4 + kk % 4)] = code;
-      sum += code;
+      out.codes[static_cast<size_t>(((j / 8) * quads + kk / 4) * 32 + (j % 8) * 4 + kk % 4)] =
+          b[j * ldb + kk];
     }
-    out.offsets[static_cast<size_t>(j)] = 128 * sum;
   }
+  out.offsets = code_offsets(b, n, k, ldb);
+  out.offsets.resize(static_cast<size_t>(rows), 0);  // the padding rows' codes are zero
   return out;
 }
 
@@ -390,7 +408,7 @@ constexpr PeerKernels kScalarKernels = {
     .coded_dots = peer_internal::dots_one_by_one<scalar_coded_dot>,
     .coded_axpy = scalar_coded_axpy,
     .axpy = scalar_axpy,
-    .top_indices = scalar_top_indices,
+    .top_indices = peer_internal::portable_top_indices,
     .merge_top = peer_internal::portable_merge_top,
     .int8_dot = scalar_int8_dot,
     .int8_dots = peer_internal::int8_dots_one_by_one<scalar_int8_dot>,
@@ -795,12 +813,7 @@ void prepare_query_weights(const PeerConfig& config, const PeerRouterParams& par
   if (w->precision == RoutingPrecision::kInt8) {
     quantize_weight_rows(kernels(), params.query_weight, rows, D, threads, &w->query_codes,
                          &w->query_scales);
-    w->query_code_offsets.assign(static_cast<size_t>(rows), 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      int32_t sum = 0;
-      for (int64_t j = 0; j < D; ++j) sum += w->query_codes[static_cast<size_t>(r * D + j)];
-      w->query_code_offsets[static_cast<size_t>(r)] = 128 * sum;
-    }
+    w->query_code_offsets = code_offsets(w->query_codes.data(), rows, D, D);
   } else if (w->precision == RoutingPrecision::kBf16 && bf16_kernel_available()) {
     w->query_panels = pack_bf16_panels(params.query_weight, rows, D, D);
   } else if (w->precision == RoutingPrecision::kF32 && kernels().gemm_nt_panels != nullptr) {

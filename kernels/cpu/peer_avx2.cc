@@ -208,7 +208,7 @@ void coded_axpy(DType t, const uint8_t* scales, const uint8_t* codes, int64_t n,
   }
 }
 
-// One step of the top-k' scan (kernels/cpu/peer.cc's scalar_top_indices): element i enters
+// One step of the top-k' scan (kernels/cpu/peer.cc's portable_top_indices): element i enters
 // when the list is not full or it beats the list's last strictly.
 inline void top_step(const float* s, int64_t i, int64_t kp, int64_t* out, int64_t* size) {
   const float v = s[i];
@@ -598,12 +598,9 @@ void panel_rows(const float* a, int64_t lda, const float* panel, int64_t k0, int
 
 void gemm_nt_panels(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                     const float* b_panels, float* c, int64_t ldc) {
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
-    return;
-  }
   const int64_t panels = (n + 15) / 16;
-  for (int64_t k0 = 0; k0 < k; k0 += kKBlock) {
+  // At least one k-block: with k = 0 the tiles store their zeroed accumulators, C = 0.
+  for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += kKBlock) {
     const int64_t k1 = std::min(k, k0 + kKBlock);
     for (int64_t p = 0; p < panels; ++p) {
       const float* panel = b_panels + p * k * 16;

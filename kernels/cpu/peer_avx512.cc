@@ -60,7 +60,7 @@ inline __m256i int4_nibbles(const uint8_t* codes) {
   return _mm256_set_m128i(high, low);
 }
 
-// One step of the top-k' scan (kernels/cpu/peer.cc's scalar_top_indices): element i enters
+// One step of the top-k' scan (kernels/cpu/peer.cc's portable_top_indices): element i enters
 // when the list is not full or it beats the list's last strictly.
 inline void top_step(const float* s, int64_t i, int64_t kp, int64_t* out, int64_t* size) {
   const float v = s[i];

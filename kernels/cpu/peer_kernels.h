@@ -96,12 +96,14 @@ struct PeerKernels {
   // y[i] += alpha * x[i].
   void (*axpy)(float alpha, const float* x, int64_t n, float* y);
   // Indices of the kp largest of s[0..n), best first; ties: lower index first (an element
-  // enters only when strictly greater than the kp-th kept). Every path gives the same indices.
-  // REQUIRES: 1 <= kp <= n, s finite.
+  // enters only when strictly greater than the kp-th kept): top_indices_ref's answer. Every path
+  // gives portable_top_indices' indices, NaNs included (a NaN among the first kp stays in the
+  // list, one later never enters). REQUIRES: 1 <= kp <= n.
   void (*top_indices)(const float* s, int64_t n, int64_t kp, int64_t* out);
   // The k best of the kp^2 sums s0[top0[a]] + s1[top1[b]] (top0, top1: the halves' top_indices,
   // best first), best first, ties lower id top0[a] * n + top1[b] first: ids[0..k) and
-  // scores[0..k). Every path gives portable_merge_top's result. REQUIRES: 1 <= k <= kp^2.
+  // scores[0..k), merge_top_ref's answer. Every path gives portable_merge_top's result, NaNs
+  // included. REQUIRES: 1 <= k <= kp^2.
   void (*merge_top)(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
                     int64_t kp, int64_t n, int64_t k, int64_t* ids, float* scores);
   // sum_i row[i] * x[i] for an int8 or int4 row (t) against x quantized (above).
@@ -165,6 +167,9 @@ bool portable_up_coefficients(const CodedRow* rows, const float* ga, int count, 
                               float* work, int32_t* pairs, int32_t* bias, float* scales);
 void portable_int_up(DType t, const CodedRow* rows, int64_t n, const UpCoefficients& c, float* y);
 
+// top_indices in portable code (kernels/cpu/peer.cc): the insertion scan, the scalar path's.
+void portable_top_indices(const float* s, int64_t n, int64_t kp, int64_t* out);
+
 // merge_top in portable code (kernels/cpu/peer.cc): a heap of the k best, rows and columns
 // scanned best first.
 void portable_merge_top(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
@@ -174,7 +179,7 @@ void portable_merge_top(const float* s0, const float* s1, const int64_t* top0, c
 void portable_scale_products(const int32_t* acc, int64_t m, int64_t n, const float* scale_a,
                              const float* scale_b, float* c, int64_t ldc);
 
-// The insertion step of the top-k' scan (scalar_top_indices in kernels/cpu/peer.cc) with the
+// The insertion step of the top-k' scan (portable_top_indices in kernels/cpu/peer.cc) with the
 // kept scores held in kept[] beside their indices in out[]: s[i] enters when the list (*size
 // entries, kp <= 16) is not full or when it beats the kp-th kept strictly, after every kept score
 // not smaller. static: each SIMD file keeps its own copy, compiled for its instructions.

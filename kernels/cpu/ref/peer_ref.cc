@@ -26,15 +26,6 @@ void check_common(const PeerConfig& c, const RecordLayout* layout) {
   }
 }
 
-// Indices of the k largest values, best first; ties: lower index first.
-std::vector<int64_t> top_indices(const std::vector<float>& s, int64_t k) {
-  std::vector<int64_t> idx(s.size());
-  std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return s[a] > s[b]; });
-  idx.resize(static_cast<size_t>(k));
-  return idx;
-}
-
 // x as the router's products read it: itself, or rounded to bf16.
 double operand(float x, RoutingPrecision precision) {
   return precision == RoutingPrecision::kBf16 ? bf16_to_fp32(fp32_to_bf16(x)) : x;
@@ -173,6 +164,34 @@ void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, co
   }
 }
 
+void top_indices_ref(const float* s, int64_t n, int64_t kp, int64_t* out) {
+  std::vector<int64_t> idx(static_cast<size_t>(n));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return s[a] > s[b]; });
+  std::copy(idx.begin(), idx.begin() + kp, out);
+}
+
+void merge_top_ref(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
+                   int64_t kp, int64_t n, int64_t k, int64_t* ids, float* scores) {
+  struct Candidate {
+    float score;
+    int64_t id;
+  };
+  std::vector<Candidate> cand;
+  for (int64_t a = 0; a < kp; ++a) {
+    for (int64_t b = 0; b < kp; ++b) {
+      cand.push_back({s0[top0[a]] + s1[top1[b]], top0[a] * n + top1[b]});
+    }
+  }
+  std::sort(cand.begin(), cand.end(), [](const Candidate& x, const Candidate& y) {
+    return x.score != y.score ? x.score > y.score : x.id < y.id;
+  });
+  for (int64_t r = 0; r < k; ++r) {
+    ids[r] = cand[static_cast<size_t>(r)].id;
+    scores[r] = cand[static_cast<size_t>(r)].score;
+  }
+}
+
 void peer_route_ref(const PeerConfig& config, const PeerRouterParams& params, const float* q,
                     int64_t T, PeerRouting* routing, RoutingPrecision precision) {
   check_common(config, nullptr);
@@ -183,24 +202,12 @@ void peer_route_ref(const PeerConfig& config, const PeerRouterParams& params, co
     for (int64_t head = 0; head < h; ++head) {
       const std::vector<float> s0 = sub_scores(config, params, qt, head, 0, precision);
       const std::vector<float> s1 = sub_scores(config, params, qt, head, 1, precision);
-      const std::vector<int64_t> top0 = top_indices(s0, kp);
-      const std::vector<int64_t> top1 = top_indices(s1, kp);
-      struct Candidate {
-        float score;
-        int64_t id;
-      };
-      std::vector<Candidate> cand;
-      for (int64_t i : top0) {
-        for (int64_t j : top1) cand.push_back({s0[i] + s1[j], i * n + j});
-      }
-      std::sort(cand.begin(), cand.end(), [](const Candidate& a, const Candidate& b) {
-        return a.score != b.score ? a.score > b.score : a.id < b.id;
-      });
+      std::vector<int64_t> top0(static_cast<size_t>(kp)), top1(static_cast<size_t>(kp));
+      top_indices_ref(s0.data(), n, kp, top0.data());
+      top_indices_ref(s1.data(), n, kp, top1.data());
       const size_t base = static_cast<size_t>((t * h + head) * k);
-      for (int64_t s = 0; s < k; ++s) {
-        routing->ids[base + s] = cand[s].id;
-        routing->scores[base + s] = cand[s].score;
-      }
+      merge_top_ref(s0.data(), s1.data(), top0.data(), top1.data(), kp, n, k, &routing->ids[base],
+                    &routing->scores[base]);
       gates_ref(config.gate, &routing->scores[base], k, &routing->gates[base]);
     }
   }

@@ -29,6 +29,15 @@ void peer_norm_ref(const PeerConfig& config, const float* norm_weight, const flo
 void peer_query_ref(const PeerConfig& config, const PeerRouterParams& params, const float* xhat,
                     int64_t T, float* q, RoutingPrecision precision = RoutingPrecision::kF32);
 
+// Step 4, per half: the indices of the kp largest of s[0..n), best first; ties: lower index
+// first (a stable sort). REQUIRES: 1 <= kp <= n, s finite.
+void top_indices_ref(const float* s, int64_t n, int64_t kp, int64_t* out);
+
+// Step 5: the k best of the kp^2 sums s0[top0[a]] + s1[top1[b]], best first; ties: lower id
+// top0[a] * n + top1[b] first (all sums sorted). REQUIRES: 1 <= k <= kp^2, the sums not NaN.
+void merge_top_ref(const float* s0, const float* s1, const int64_t* top0, const int64_t* top1,
+                   int64_t kp, int64_t n, int64_t k, int64_t* ids, float* scores);
+
 // Steps 3-5: sub-key scores, per-half top-k', k'^2 merge, final top-k and gates.
 // `routing` is resized to [T, h, k]. RoutingPrecision::kBf16: q and the keys rounded to bf16
 // before the sub-key scores (kInt8: quantized per row, kernels/peer.h); everything after them as
